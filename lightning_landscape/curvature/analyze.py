@@ -1,0 +1,145 @@
+"""One Lanczos run, several answers: top eigenvalues, the most negative one, the trace and the
+spectral density, paying for the run once.
+
+The run starts from a Gaussian probe, so it is at the same time (i) a Lanczos run for the
+extreme eigenvalues, (ii) the first SLQ probe of the density (Ghorbani et al. 2019), and (iii) the
+deflation subspace of the trace: tr(QᵀHQ) = Σ α_j is exact on the Krylov space, and Hutchinson
+probes of (I − QQᵀ)H(I − QQᵀ) estimate the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lightning_landscape.curvature._utils import (
+    check_positive_int,
+    gaussian,
+    make_generator,
+    resolve_seed,
+)
+from lightning_landscape.curvature.density import DensityResult, quadrature
+from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
+from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.trace import TraceResult, deflated_hutchinson
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What :func:`analyze` found.
+
+    Attributes:
+        top: the ``top_k`` largest eigenpairs.
+        smallest: the most negative eigenpair (None unless asked).
+        trace: the trace estimate (None unless asked).
+        density: the SLQ density (None unless asked).
+        num_matvecs: total products of the whole analysis.
+        lanczos_steps: length of the shared Lanczos run.
+    """
+
+    top: EigenResult
+    smallest: EigenResult | None
+    trace: TraceResult | None
+    density: DensityResult | None
+    num_matvecs: int
+    lanczos_steps: int
+
+
+def analyze(
+    op: LinearOperator,
+    *,
+    top_k: int = 1,
+    smallest: bool = False,
+    trace: bool = False,
+    trace_probes: int = 50,
+    density: bool = False,
+    density_steps: int = 100,
+    density_probes: int = 1,
+    tol: float = 1e-3,
+    max_steps: int | None = None,
+    seed: int | None = None,
+) -> AnalysisResult:
+    """Top eigenvalues, and optionally the most negative eigenvalue, trace and density, from one
+    shared Lanczos run.
+
+    Args:
+        op: the operator.
+        top_k: number of largest eigenvalues.
+        smallest: also the most negative eigenvalue.
+        trace: also the trace, deflated on the Lanczos basis.
+        trace_probes: Hutchinson probes of the deflated remainder.
+        density: also the spectral density (the run lasts at least ``density_steps``).
+        density_steps: Lanczos steps per density probe.
+        density_probes: density probes; the first is the shared run, the others run batched.
+        tol: residual tolerance of the eigenvalues, relative to the spectral scale.
+        max_steps: cap on the shared run; default ``min(dim, max(100, 20·top_k, density_steps))``.
+        seed: seed of every probe (identical on every rank); ``None`` draws one.
+
+    Returns:
+        An :class:`AnalysisResult` with the total cost.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments, naming them.
+
+    Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
+    ``trace_probes`` and ``(density_probes − 1) · density_steps`` products.
+    """
+    _validate(top_k, "largest", tol, max_steps)
+    check_positive_int("trace_probes", trace_probes)
+    check_positive_int("density_steps", density_steps)
+    check_positive_int("density_probes", density_probes)
+    gen = make_generator(resolve_seed(seed))
+    before = op.num_matvecs
+    d = op.dim
+    cap = max_steps if max_steps is not None else max(100, 20 * top_k, density_steps)
+    min_steps = min(density_steps, cap) if density else 0
+
+    def stop(alphas: torch.Tensor, betas: torch.Tensor) -> bool:
+        if not torch.isfinite(alphas).all():
+            return True
+        if alphas.shape[1] < min_steps:
+            return False
+        done = is_converged(alphas[0], betas[0], top_k, "largest", tol, d)
+        if smallest:
+            done = done and is_converged(alphas[0], betas[0], 1, "smallest", tol, d)
+        return done
+
+    start = gaussian((density_probes, d), gen, op.dtype, op.device)
+    run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop)
+    steps = run.num_steps
+    top = extract(run, top_k, "largest", tol, steps, d)
+    low = extract(run, 1, "smallest", tol, steps, d) if smallest else None
+
+    trace_result = None
+    if trace:
+        if not run.finite:
+            trace_result = TraceResult(math.nan, math.nan, 0, "auto", steps)
+        else:
+            exact = float(run.alphas[0].sum())
+            probes = 0 if steps >= d else trace_probes
+            mean, stderr, n = deflated_hutchinson(op, run.basis[0], probes, gen)
+            trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
+
+    density_result = None
+    if density:
+        nodes, weights = quadrature(run)
+        rows_n, rows_w = list(nodes), list(weights)
+        if density_probes > 1 and run.finite:
+            extra = lanczos(op, start[1:], density_steps, generator=gen)
+            n2, w2 = quadrature(extra)
+            rows_n += list(n2)
+            rows_w += list(w2)
+        nodes, weights = _stack(rows_n, rows_w)
+        density_result = DensityResult(nodes, weights, op.num_matvecs - before, d)
+    return AnalysisResult(top, low, trace_result, density_result, op.num_matvecs - before, steps)
+
+
+def _stack(nodes: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack probes of unequal length; missing slots repeat the last node with weight 0."""
+    m = max(x.numel() for x in nodes)
+    out_n = [torch.cat([x, x[-1:].expand(m - x.numel())]) for x in nodes]
+    out_w = [torch.cat([w, w.new_zeros(m - w.numel())]) for w in weights]
+    return torch.stack(out_n), torch.stack(out_w)

@@ -1,0 +1,54 @@
+"""The exact Hessian as a dense matrix: the oracle for tests, and for users of small models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape.curvature._utils import default_batch_size, flatten, resolve_params
+from lightning_landscape.curvature.hvp import guard
+
+
+def dense_hessian(
+    loss_fn: Callable[[Any], Tensor],
+    params: nn.Module | Iterable[Tensor],
+    batches: Sequence[Any],
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """The exact Hessian H = Σ_b n_b H_b / Σ_b n_b, one row per coordinate (d backward passes of
+    the gradient per batch). Single process: it does not reduce across ranks.
+
+    Args:
+        loss_fn: ``loss_fn(batch) -> scalar`` (mean over the batch).
+        params: tensors or a module (its trainable parameters).
+        batches: the batches.
+        batch_size_fn: size of a batch; default the leading size of its first tensor.
+        seed: RNG seed for the forward (dropout), as in :class:`HessianOperator`.
+
+    Returns:
+        A ``(d, d)`` tensor in the parameters' dtype.
+    """
+    module = params if isinstance(params, nn.Module) else None
+    plist = resolve_params(params)
+    size_fn = batch_size_fn or default_batch_size
+    d = sum(p.numel() for p in plist)
+    H = torch.zeros(d, d, dtype=plist[0].dtype, device=plist[0].device)
+    total = 0
+    with guard(module, plist, seed):
+        for batch in batches:
+            n = int(size_fn(batch))
+            grads = torch.autograd.grad(loss_fn(batch), plist, create_graph=True, allow_unused=True)
+            g = flatten([torch.zeros_like(p) if x is None else x for x, p in zip(grads, plist)])
+            for i in range(d):
+                if not g[i].requires_grad:
+                    continue
+                row = torch.autograd.grad(g[i], plist, retain_graph=True, allow_unused=True)
+                H[i].add_(flatten([torch.zeros_like(p) if r is None else r for r, p in zip(row, plist)]),
+                          alpha=n)
+            total += n
+    return H.div_(total)

@@ -1,0 +1,129 @@
+"""Hessian-vector products (Pearlmutter 1994), batched over blocks of vectors.
+
+Measured on CPU (torch 2.13, see ``benchmarks/``): the kinds differ by what they recompute per
+product. ``double_backward`` builds the gradient graph per product (forward + backward + one
+more backward); ``cached`` keeps the gradient graph of each batch and pays one backward per
+product; ``func`` is torch.func forward-over-reverse ``jvp(jacrev(f))`` (``jvp(grad(f))`` raises on
+``F.mse_loss`` in torch 2.13). Blocks of k vectors go through ``is_grads_batched`` (vmap) in one
+backward instead of k.
+
+None of them touches ``.grad``: everything goes through ``torch.autograd.grad`` or ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape.curvature._utils import flatten, unflatten
+
+
+def flat_grad(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool = False) -> Tensor:
+    """Flat gradient of ``loss``; parameters the loss does not reach get zeros."""
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+
+
+def gradient_graph(loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any) -> Tensor:
+    """The flat gradient of one batch's loss with its graph kept for later products."""
+    with torch.enable_grad():
+        return flat_grad(loss_fn(batch), params, create_graph=True)
+
+
+def hvp_from_graph(grad: Tensor, params: Sequence[Tensor], Vt: Tensor, retain: bool = True) -> Tensor:
+    """``(H V)ᵀ`` for a ``(k, dim)`` block from a gradient with its graph (one batched backward)."""
+    if not grad.requires_grad:  # the loss is linear in the parameters: H = 0
+        return torch.zeros_like(Vt)
+    k = Vt.shape[0]
+    if k == 1:
+        out = torch.autograd.grad(grad, params, Vt[0], retain_graph=retain, allow_unused=True)
+        return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(out, params)])[None]
+    out = torch.autograd.grad(
+        grad, params, Vt, retain_graph=retain, allow_unused=True, is_grads_batched=True
+    )
+    return torch.cat(
+        [
+            (torch.zeros(k, p.numel(), dtype=Vt.dtype, device=Vt.device) if g is None
+             else g.reshape(k, -1))
+            for g, p in zip(out, params)
+        ],
+        dim=1,
+    )
+
+
+def hvp_double_backward(
+    loss_fn: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    batch: Any,
+    Vt: Tensor,
+    module: nn.Module | None = None,
+) -> Tensor:
+    """``(H_b V)ᵀ`` by double backward: build the gradient graph, then one batched backward."""
+    return hvp_from_graph(gradient_graph(loss_fn, params, batch), params, Vt, retain=False)
+
+
+class _LossOf(nn.Module):
+    """Holds the measured module so ``functional_call`` can substitute its parameters."""
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[Any], Tensor]) -> None:
+        super().__init__()
+        self.m = module
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss_fn(batch)
+
+
+def hvp_func(
+    loss_fn: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    batch: Any,
+    Vt: Tensor,
+    module: nn.Module | None = None,
+) -> Tensor:
+    """``(H_b V)ᵀ`` by torch.func forward-over-reverse, vmapped over the block."""
+    if module is None:
+        raise ValueError("the 'func' product needs the module that `loss_fn` calls.")
+    wrapper = _LossOf(module, loss_fn)
+    names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
+    frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}
+
+    def loss_of(*ps: Tensor) -> Tensor:
+        return torch.func.functional_call(
+            wrapper, {**frozen, **dict(zip(names, ps))}, (batch,), strict=False
+        )
+
+    primals = tuple(p.detach() for p in params)
+
+    def one(v: Tensor) -> Tensor:
+        tangents = tuple(unflatten(v, params))
+        _, hv = torch.func.jvp(
+            torch.func.jacrev(loss_of, argnums=tuple(range(len(primals)))), primals, tangents
+        )
+        return flatten(hv)
+
+    if Vt.shape[0] == 1:
+        return one(Vt[0])[None]
+    return torch.func.vmap(one, randomness="same")(Vt)
+
+
+@contextlib.contextmanager
+def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iterator[None]:
+    """Run forwards with a fixed RNG (same dropout masks every product), the global RNG
+    untouched, and the module's buffers restored bit for bit afterwards."""
+    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+    saved = [b.detach().clone() for b in module.buffers()] if module is not None else []
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=True), torch.enable_grad():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        if module is not None:
+            with torch.no_grad():
+                for b, s in zip(module.buffers(), saved, strict=True):
+                    if not torch.equal(b, s):
+                        b.copy_(s)

@@ -1,0 +1,126 @@
+"""Lanczos iteration with full reorthogonalization, on several independent chains at once.
+
+Each chain builds an orthonormal Krylov basis q_1, q_2, ... of the operator from its start vector
+and the tridiagonal T = Qᵀ H Q (diagonal α, off-diagonal β). Full reorthogonalization (classical
+Gram-Schmidt, twice) keeps Q orthonormal in floating point, so Ritz values do not repeat ("ghost"
+eigenvalues) and the basis can deflate a trace estimate. When a chain's Krylov space is exhausted
+(β ≈ 0) it continues from a fresh random vector orthogonal to its basis, with β = 0 in T: the
+eigenvalues of T are then exact eigenvalues of the operator. Chains share each operator product
+(one batched matmat per step), so b chains of m steps cost b·m products in m batched calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_landscape.curvature._utils import gaussian
+from lightning_landscape.curvature.operator import LinearOperator
+
+
+@dataclass(frozen=True)
+class LanczosRun:
+    """The output of :func:`lanczos`.
+
+    Attributes:
+        alphas: ``(b, m)`` float64 diagonals of the tridiagonals.
+        betas: ``(b, m)`` float64 off-diagonals; ``betas[:, j]`` couples steps j and j+1, and the
+            last column is the norm of the final residual (the Ritz residual scale).
+        basis: ``(b, m, dim)`` orthonormal Krylov bases, in the operator's dtype.
+        finite: False if a product returned NaN/inf (the run stopped there).
+    """
+
+    alphas: Tensor
+    betas: Tensor
+    basis: Tensor
+    finite: bool
+
+    @property
+    def num_steps(self) -> int:
+        return self.alphas.shape[1]
+
+    def tridiagonal(self, chain: int = 0) -> Tensor:
+        a, b = self.alphas[chain], self.betas[chain, :-1]
+        return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+    def ritz(self, chain: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values (ascending), eigenvectors of T, and residual bounds |β_m s_m,i|."""
+        return ritz(self.alphas[chain], self.betas[chain])
+
+
+def ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigen-decomposition of the tridiagonal (α, β[:-1]) with residual bounds |β[-1] · s_last|."""
+    T = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, S, (betas[-1] * S[-1]).abs()
+
+
+def lanczos(
+    op: LinearOperator,
+    start: Tensor,
+    max_steps: int,
+    *,
+    generator: torch.Generator,
+    should_stop: Callable[[Tensor, Tensor], bool] | None = None,
+) -> LanczosRun:
+    """Run ``b`` Lanczos chains with full reorthogonalization.
+
+    Args:
+        op: the symmetric operator.
+        start: ``(b, dim)`` start vectors (normalized here).
+        max_steps: at most this many steps (capped at ``dim``); one product per chain per step.
+        generator: CPU generator for restart vectors after an exhausted Krylov space.
+        should_stop: ``should_stop(alphas, betas) -> bool`` called after every step with the
+            float64 ``(b, j)`` coefficients so far; True ends the run.
+
+    Returns:
+        A :class:`LanczosRun`.
+    """
+    b, d = start.shape
+    m = min(int(max_steps), d)
+    dtype, device = op.dtype, op.device
+    Q = torch.zeros(b, m, d, dtype=dtype, device=device)
+    alphas = torch.zeros(b, m, dtype=torch.float64)
+    betas = torch.zeros(b, m, dtype=torch.float64)
+    q = start.to(dtype=dtype, device=device)
+    q = q / q.norm(dim=1, keepdim=True)
+    eps = torch.finfo(dtype).eps
+    scale = torch.zeros(b, dtype=torch.float64)
+    finite = True
+    steps = 0
+    for j in range(m):
+        Q[:, j] = q
+        w = op.matmat(q.T).T.contiguous()
+        if not torch.isfinite(w).all():
+            finite = False
+            alphas[:, j] = float("nan")
+            betas[:, j] = float("nan")
+            steps = j + 1
+            break
+        alpha = (w * q).sum(dim=1)
+        basis = Q[:, : j + 1]
+        for _ in range(2):
+            w -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, w))
+        beta = w.norm(dim=1)
+        alphas[:, j] = alpha.double().cpu()
+        betas[:, j] = beta.double().cpu()
+        scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
+        steps = j + 1
+        if should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps]):
+            break
+        if j + 1 == m:
+            break
+        small = betas[:, j] <= 100 * eps * d**0.5 * torch.clamp(scale, min=1e-300)
+        if small.any():  # exhausted Krylov space: restart orthogonally, with β = 0 in T
+            fresh = gaussian((b, d), generator, dtype, device)
+            for _ in range(2):
+                fresh -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, fresh))
+            for c in torch.nonzero(small).flatten().tolist():
+                w[c] = fresh[c]
+                betas[c, j] = 0.0
+            beta = torch.where(small.to(device), w.norm(dim=1), beta)
+        q = w / beta[:, None]
+    return LanczosRun(alphas[:, :steps], betas[:, :steps], Q[:, :steps], finite)

@@ -1,0 +1,192 @@
+"""Linear operators: the Hessian of a loss over fixed batches, and a dense matrix wrapper.
+
+The Hessian is represented as H = Σ_b n_b H_b / Σ_b n_b, where H_b is the Hessian of the mean loss
+of batch b (n_b samples), so batches of unequal size are weighted exactly. Under torch.distributed
+every rank holds its own batches; sums of n_b H_b v and of n_b are reduced across ranks, so every
+rank gets the Hessian of the union of all shards (one all-reduce of one flat vector per product).
+
+Hessian-vector products (Pearlmutter 1994) come in three kinds, see :mod:`.hvp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape.curvature import hvp as _hvp
+from lightning_landscape.curvature._utils import default_batch_size, resolve_params
+from lightning_landscape.curvature.distributed import all_reduce_sum_, is_distributed
+
+HVPMode = Literal["double_backward", "cached", "func"]
+
+
+class LinearOperator:
+    """A symmetric linear operator on flat vectors: ``matvec``, ``matmat``, ``@``, ``dim``,
+    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self) -> None:
+        self.num_matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``H v`` for a flat vector ``v`` of length ``dim``."""
+        if v.dim() != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"`v` must have shape ({self.dim},), got {tuple(v.shape)}.")
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``H V`` for a ``(dim, k)`` block (products batched where the kind allows)."""
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"`V` must have shape ({self.dim}, k), got {tuple(V.shape)}.")
+        out = self._matmat(V.T.to(dtype=self.dtype, device=self.device).contiguous())
+        self.num_matvecs += V.shape[1]
+        return out.T
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def _matmat(self, Vt: Tensor) -> Tensor:  # (k, dim) -> (k, dim)
+        raise NotImplementedError
+
+
+class MatrixOperator(LinearOperator):
+    """Wrap a dense symmetric matrix as an operator (for tests and small problems).
+
+    Example::
+
+        op = MatrixOperator(Q @ torch.diag(eigs) @ Q.T)
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        super().__init__()
+        if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError("`matrix` must be a square 2-D tensor.")
+        self.matrix = matrix
+        self.dim = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def _matmat(self, Vt: Tensor) -> Tensor:
+        return Vt @ self.matrix.T
+
+
+class HessianOperator(LinearOperator):
+    """The Hessian of a batch-averaged loss as a linear operator.
+
+    Args:
+        loss_fn: ``loss_fn(batch) -> scalar tensor``, the loss of one batch, mean-reduced over
+            its samples.
+        params: the tensors to differentiate with respect to (an ``nn.Module`` means its
+            trainable parameters). When a module is given its buffers (BatchNorm statistics)
+            are restored after every product.
+        batches: the batches; every product visits all of them.
+        batch_size_fn: ``batch_size_fn(batch) -> int``; default: leading size of the batch's first
+            tensor.
+        distributed: reduce across ranks when a process group with several ranks is initialized.
+        hvp: the kind of Hessian-vector product: ``"double_backward"`` (Pearlmutter, a backward
+            of the gradient's graph built afresh per product), ``"cached"`` (the gradient graph
+            of every batch is built once and kept: one backward per product, memory of all the
+            graphs), ``"func"`` (torch.func forward-over-reverse ``jvp(jacrev)``; needs ``params``
+            to be an ``nn.Module`` that ``loss_fn`` calls).
+        seed: seed for any randomness in the forward (dropout in train mode): the same masks
+            are replayed for every product, so the operator is a fixed matrix. The global RNG
+            is left untouched.
+
+    Raises:
+        TypeError: if ``loss_fn`` is not callable or ``params``/``batches`` have the wrong type.
+        ValueError: if ``batches`` is empty, ``hvp`` is unknown, or a batch size is not positive.
+
+    Example::
+
+        op = HessianOperator(lambda b: F.cross_entropy(model(b[0]), b[1]), model, batches)
+        hv = op @ torch.randn(op.dim)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any], Tensor],
+        params: nn.Module | Iterable[Tensor],
+        batches: Sequence[Any],
+        *,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        distributed: bool = True,
+        hvp: HVPMode = "double_backward",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+        if hvp not in ("double_backward", "cached", "func"):
+            raise ValueError(
+                f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}."
+            )
+        if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
+            raise TypeError(
+                f"`batches` must be a sequence of batches, got {type(batches).__name__}."
+            )
+        if len(batches) == 0:
+            raise ValueError("`batches` is empty.")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError("`batch_size_fn` must be callable or None.")
+        self.module = params if isinstance(params, nn.Module) else None
+        if hvp == "func" and self.module is None:
+            raise ValueError("`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls.")
+        self.params = resolve_params(params)
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.hvp = hvp
+        self.seed = int(seed)
+        self.distributed = is_distributed(distributed)
+        size_fn = batch_size_fn or default_batch_size
+        self.batch_sizes = [int(size_fn(b)) for b in self.batches]
+        for i, n in enumerate(self.batch_sizes):
+            if n < 1:
+                raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
+        first = self.params[0]
+        self.dtype = first.dtype
+        self.device = first.device
+        self.dim = sum(p.numel() for p in self.params)
+        total = torch.tensor([float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device)
+        self.total_size = float(all_reduce_sum_(total, self.distributed).item())
+        self._cache: list[Any] | None = None
+
+    @property
+    def local_size(self) -> int:
+        """Number of samples on this rank."""
+        return sum(self.batch_sizes)
+
+    def _matmat(self, Vt: Tensor) -> Tensor:
+        acc = torch.zeros_like(Vt)
+        with _hvp.guard(self.module, self.params, self.seed):
+            if self.hvp == "cached":
+                if self._cache is None:
+                    self._cache = [
+                        _hvp.gradient_graph(self.loss_fn, self.params, b) for b in self.batches
+                    ]
+                for n, graph in zip(self.batch_sizes, self._cache, strict=True):
+                    acc.add_(_hvp.hvp_from_graph(graph, self.params, Vt), alpha=n)
+            else:
+                product = _hvp.hvp_func if self.hvp == "func" else _hvp.hvp_double_backward
+                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
+                    acc.add_(product(self.loss_fn, self.params, batch, Vt, self.module), alpha=n)
+        all_reduce_sum_(acc, self.distributed)
+        return acc.div_(self.total_size)
+
+    def release(self) -> None:
+        """Free the cached gradient graphs (``hvp="cached"``)."""
+        self._cache = None
+
+    def gradient(self) -> Tensor:
+        """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
+        acc = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with _hvp.guard(self.module, self.params, self.seed):
+            for n, batch in zip(self.batch_sizes, self.batches, strict=True):
+                acc.add_(_hvp.flat_grad(self.loss_fn(batch), self.params), alpha=n)
+        all_reduce_sum_(acc, self.distributed)
+        return acc.div_(self.total_size)
