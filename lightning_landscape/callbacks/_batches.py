@@ -1,0 +1,69 @@
+"""The fixed batches a monitor measures on: drawn once per fit, the same at every measurement."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+try:  # pytorch-lightning >= 2.0
+    from pytorch_lightning.utilities import CombinedLoader
+except ImportError:  # pragma: no cover
+    CombinedLoader = ()  # type: ignore[assignment,misc]
+
+
+def _first_loader(source: Any) -> Iterable:
+    if isinstance(source, CombinedLoader):
+        source = source.iterables
+    if isinstance(source, dict):
+        source = next(iter(source.values()))
+    elif isinstance(source, list | tuple) and source and not isinstance(source[0], torch.Tensor):
+        if all(isinstance(s, Iterable) for s in source):
+            source = source[0]
+    return source
+
+
+def draw_batches(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    num_batches: int,
+    dataloader: Iterable | None = None,
+    seed: int = 0,
+) -> list[Any]:
+    """Draw ``num_batches`` batches from ``dataloader`` (or the trainer's train dataloader) and
+    move them to the module's device through Lightning's batch-transfer hooks.
+
+    The draw happens under a forked, seeded RNG: the global RNG is untouched and a resumed run
+    draws the same batches again (for a shuffling loader, through the same seed). Under DDP each
+    rank draws from its own shard (the loader's ``DistributedSampler``).
+
+    Raises:
+        ValueError: if no dataloader is available or it yields no batch.
+    """
+    source = dataloader
+    if source is None:
+        source = trainer.train_dataloader
+        if source is None:
+            trainer.fit_loop.setup_data()
+            source = trainer.train_dataloader
+    if source is None:
+        raise ValueError("no training dataloader to draw the monitor's batches from.")
+    loader = _first_loader(source)
+    devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+    sampler = getattr(loader, "sampler", None)
+    epoch = getattr(sampler, "epoch", None)
+    try:
+        if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(0)  # the same shard order at fit start and after a resume
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            batches = list(itertools.islice(iter(loader), num_batches))
+    finally:
+        if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+    if not batches:
+        raise ValueError("the dataloader yielded no batch for the monitor.")
+    return [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]

@@ -1,0 +1,107 @@
+"""Logging for self-scheduled measurements: scalars to every logger and to ``callback_metrics``,
+figures and histograms to TensorBoard (PNG copies next to the logs)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning per process for each key (on rank zero)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        rank_zero_warn(message)
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Write scalars to every logger at ``step`` (default: the global step) and to
+    ``trainer.callback_metrics`` so ``ModelCheckpoint``/``EarlyStopping`` can monitor them."""
+    step = trainer.global_step if step is None else step
+    clean = {k: float(v) for k, v in metrics.items()}
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(clean, step=step)
+    for k, v in clean.items():
+        trainer.callback_metrics[k] = torch.tensor(v)
+
+
+def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
+    """The SummaryWriter of the first TensorBoard logger (rank zero only); warns once if there is
+    a logger but none is TensorBoard."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    if trainer.loggers:
+        warn_once(
+            f"no-tb-{what}",
+            f"lightning-landscape logs {what} to TensorBoard only; no TensorBoardLogger is "
+            "attached, so they are skipped (scalars are still logged).",
+        )
+    return None
+
+
+def figure_dir(trainer: pl.Trainer) -> str | None:
+    """Folder for PNG copies of the figures: ``<log_dir>/figures``."""
+    for logger in trainer.loggers:
+        if getattr(logger, "log_dir", None):
+            return os.path.join(logger.log_dir, "figures")
+    return None
+
+
+def log_figure(trainer: pl.Trainer, tag: str, figure: Any, step: int | None = None) -> None:
+    """Send a matplotlib figure to TensorBoard and save a PNG copy; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    step = trainer.global_step if step is None else step
+    try:
+        writer = tensorboard(trainer, "figures")
+        if trainer.is_global_zero:
+            folder = figure_dir(trainer)
+            if folder is not None:
+                os.makedirs(folder, exist_ok=True)
+                name = tag.replace("/", "_") + f"_step{step}.png"
+                figure.savefig(os.path.join(folder, name), dpi=100)
+        if writer is not None:
+            writer.add_figure(tag, figure, global_step=step, close=False)
+    finally:
+        plt.close(figure)
+
+
+def log_histogram(
+    trainer: pl.Trainer,
+    tag: str,
+    edges: torch.Tensor,
+    counts: torch.Tensor,
+    step: int | None = None,
+) -> None:
+    """A TensorBoard histogram from bucket edges (n+1) and counts (n)."""
+    writer = tensorboard(trainer, "histograms")
+    if writer is None:
+        return
+    step = trainer.global_step if step is None else step
+    centers = (edges[1:] + edges[:-1]) / 2
+    num = float(counts.sum())
+    if not num > 0 or not math.isfinite(num):
+        return
+    writer.add_histogram_raw(
+        tag,
+        min=float(edges[0]),
+        max=float(edges[-1]),
+        num=num,
+        sum=float((centers * counts).sum()),
+        sum_squares=float((centers**2 * counts).sum()),
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=step,
+    )

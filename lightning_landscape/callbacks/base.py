@@ -1,0 +1,231 @@
+"""The shared base of the package's measuring callbacks.
+
+A :class:`LandscapeMonitor` owns a :class:`~.schedule.Schedule`, a set of fixed batches drawn
+once per fit, the module's own loss (``training_step`` or a user ``loss_fn``), the
+save-and-restore context that keeps training bit-identical, and the logging of scalars and
+figures. Subclasses implement :meth:`LandscapeMonitor.measure`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._batches import draw_batches
+from lightning_landscape.callbacks._context import (
+    Mode,
+    cast_batch,
+    measurement_dtype,
+    measuring,
+    module_loss,
+)
+from lightning_landscape.callbacks.schedule import Schedule
+from lightning_landscape.curvature._utils import check_positive_int
+
+
+class MeasureContext:
+    """What a measurement works with (built fresh for each measurement).
+
+    Attributes:
+        module: the LightningModule (unwrapped, never the DDP wrapper).
+        params: its trainable parameters.
+        batches: this rank's fixed batches (on the module's device, in the measurement dtype).
+        loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
+        seed: the monitor's seed, identical on every rank.
+        step, epoch: the global step and completed-epoch count of this measurement.
+    """
+
+    def __init__(self, module, params, batches, loss_fn, seed, step, epoch) -> None:
+        self.module = module
+        self.params = params
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.step = step
+        self.epoch = epoch
+
+
+class LandscapeMonitor(Callback):
+    """Base of the measuring callbacks (see the subclasses for what they log).
+
+    Args:
+        epochs, every_n_epochs, every_n_steps: the :class:`Schedule` (exactly one; default
+            ``every_n_epochs=1``). Epoch e means the weights after e completed epochs (0 = start).
+        num_batches: fixed training batches per rank, drawn at the start of fit.
+        dataloader: draw the fixed batches from this iterable instead of the train dataloader.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``.
+        mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
+        seed: seed of every random probe and direction (identical on all ranks).
+
+    Raises:
+        TypeError, ValueError: on invalid arguments, naming them.
+    """
+
+    namespace = "landscape"
+
+    def __init__(
+        self,
+        *,
+        epochs: Iterable[int] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        num_batches: int = 4,
+        dataloader: Iterable | None = None,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        mode: Mode = "eval",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if epochs is None and every_n_epochs is None and every_n_steps is None:
+            every_n_epochs = 1
+        self.schedule = Schedule(epochs, every_n_epochs, every_n_steps)
+        check_positive_int("num_batches", num_batches)
+        if mode not in ("eval", "train"):
+            raise ValueError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable or None, got {type(loss_fn).__name__}.")
+        if dataloader is not None and not isinstance(dataloader, Iterable):
+            raise TypeError(f"`dataloader` must be iterable, got {type(dataloader).__name__}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r}.")
+        self.num_batches = num_batches
+        self.dataloader = dataloader
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.seed = seed
+        self.done: list[int] = []
+        self.history: list[dict[str, float]] = []
+        self._batches: list[Any] | None = None
+        self._last_step = -1
+
+    # ----------------------------------------------------------------- to implement
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
+    ) -> dict[str, float]:
+        """Compute and return the scalars of one measurement (and log figures). Runs inside the
+        restore context; collectives are fine (every rank runs it)."""
+        raise NotImplementedError
+
+    def nan_metrics(self) -> dict[str, float]:
+        """The keys to log as NaN when a measurement fails."""
+        return {}
+
+    # ----------------------------------------------------------------- Lightning hooks
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(schedule=repr(self.schedule), seed=self.seed)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name:
+            raise ValueError(
+                f"{type(self).__name__} does not support the {name} strategy: sharded parameters "
+                "have no full Hessian-vector product here. Use DDP (strategy='ddp' or 'ddp_spawn')."
+            )
+        if not pl_module.automatic_optimization and self.loss_fn is None:
+            raise ValueError(
+                f"{type(self).__name__}: the module uses manual optimization, so its training_step "
+                "steps the optimizer and cannot serve as the loss; pass "
+                "`loss_fn=lambda pl_module, batch: ...`."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = None
+        self._last_step = -1
+        # Epoch 0 / step 0 at a fresh start; after a resume, the label of the restored weights
+        # (a measurement the checkpoint was saved before) is caught up here.
+        self._maybe_measure(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.schedule.by_step:
+            self._maybe_measure(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.schedule.by_step:
+            self._maybe_measure(trainer, pl_module, trainer.current_epoch + 1, trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = None  # free the fixed batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": list(self.done), "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = [int(x) for x in state_dict.get("done", [])]
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # ----------------------------------------------------------------- machinery
+    def fixed_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """This rank's fixed batches (drawn on first use in a fit)."""
+        if self._batches is None:
+            self._batches = draw_batches(
+                trainer, pl_module, self.num_batches, self.dataloader, self.seed
+            )
+        return self._batches
+
+    def _maybe_measure(self, trainer, pl_module, epoch: int, step: int) -> None:
+        if trainer.sanity_checking or step == self._last_step:
+            return
+        label = self.schedule.label(epoch, step)
+        if not self.schedule.due(epoch, step) or label in self.done:
+            return
+        self._last_step = step
+        metrics = self.run_measurement(trainer, pl_module, epoch, step)
+        self.done.append(label)
+        self.history.append({"epoch": float(epoch), "step": float(step), **metrics})
+
+    def run_measurement(self, trainer, pl_module, epoch: int, step: int) -> dict[str, float]:
+        """Measure now (whatever the schedule), log, and return the scalars."""
+        batches = self.fixed_batches(trainer, pl_module)
+        start = time.perf_counter()
+        with measuring(pl_module, self.mode):
+            dtype = measurement_dtype(pl_module)
+            used = (
+                [cast_batch(b, dtype) for b in batches]
+                if dtype != _dtype_of(pl_module)
+                else batches
+            )
+            ctx = MeasureContext(
+                module=pl_module,
+                params=[p for p in pl_module.parameters() if p.requires_grad],
+                batches=used,
+                loss_fn=module_loss(pl_module, used, self.loss_fn),
+                seed=self.seed,
+                step=step,
+                epoch=epoch,
+            )
+            try:
+                metrics = self.measure(trainer, pl_module, ctx)
+            except (RuntimeError, ValueError, FloatingPointError) as err:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the measurement at epoch {epoch}, step {step} failed "
+                    f"({type(err).__name__}: {err}); NaN is logged and training goes on."
+                )
+                metrics = self.nan_metrics()
+        metrics[f"{self.namespace}/seconds"] = time.perf_counter() - start
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            _logging.warn_once(
+                f"{type(self).__name__}-nan",
+                f"{type(self).__name__}: non-finite values at step {step} ({', '.join(bad[:4])}); "
+                "is the loss NaN/inf at these weights? NaN is logged and training goes on.",
+            )
+        _logging.log_scalars(trainer, metrics, step)
+        return metrics
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32

@@ -1,0 +1,269 @@
+"""HessianMonitor: the Hessian of the training loss, measured during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
+from lightning_landscape.curvature._utils import check_positive_int
+from lightning_landscape.curvature.operator import HVPMode
+
+
+class HessianMonitor(LandscapeMonitor):
+    """Top eigenvalues, most negative eigenvalue, trace and spectral density of the Hessian of
+    the training loss, at chosen epochs, on one device or many.
+
+    The Hessian is H = Σ_b n_b ∇²L_b / Σ_b n_b over ``num_batches`` fixed training batches per
+    rank (drawn once at the start of fit, so measurements compare the same landscape; under DDP
+    the union of every rank's batches). One Lanczos run (full reorthogonalization) gives the
+    top-k eigenvalues, the most negative one (saddles, Dauphin et al. 2014), the deflation basis
+    of the trace (exact on the Krylov space, Hutchinson 1989 on the rest) and the first probe of
+    the spectral density (stochastic Lanczos quadrature, Ghorbani, Krishnan, Xiao 2019).
+    The edge-of-stability ratio λ_max · lr / 2 (Cohen et al. 2021) is about 1 when full-batch
+    gradient descent sits at the edge of stability.
+
+    Args:
+        top_k: number of largest eigenvalues.
+        min_eigenvalue: also the most negative eigenvalue.
+        trace: also the trace (with its standard error).
+        density: also the spectral density (a TensorBoard figure on a log scale and a histogram).
+        tol: residual tolerance of the eigenvalues, relative to the spectral scale.
+        max_matvecs: cap on the Lanczos run.
+        trace_probes: Hutchinson probes of the deflated remainder.
+        density_steps: Lanczos steps of each density probe (the run lasts at least this long
+            when ``density``).
+        density_probes: density probes (the first is the shared run).
+        per_module: ``True`` for every submodule that owns trainable parameters, or a list of
+            submodule names: also the top eigenvalue and trace of each diagonal block of H
+            (that submodule's parameters, the others held fixed).
+        hvp: the Hessian-vector product kind (see :class:`~lightning_landscape.curvature.HessianOperator`).
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
+            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+            or manual optimization without ``loss_fn``.
+
+    Logged metrics (at the global step of each measurement):
+        - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
+        - ``hessian/min_eigenvalue``: the most negative (smallest) eigenvalue.
+        - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
+        - ``hessian/eos_ratio``: λ_max · lr / 2, lr of the first parameter group.
+        - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
+        - ``hessian/converged``: 1 if the eigenvalues met ``tol``.
+        - ``hessian/seconds``: wall time of the measurement.
+        - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
+          ``hessian/<module>/num_matvecs``: per diagonal block, with ``per_module``.
+        - figure ``hessian/spectral_density`` and histogram ``hessian/eigenvalue_histogram``
+          with ``density``.
+
+    Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
+    ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
+    gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[HessianMonitor(every_n_epochs=1, top_k=3, density=True)])
+    """
+
+    namespace = "hessian"
+
+    def __init__(
+        self,
+        *,
+        top_k: int = 1,
+        min_eigenvalue: bool = True,
+        trace: bool = True,
+        density: bool = False,
+        tol: float = 1e-3,
+        max_matvecs: int = 200,
+        trace_probes: int = 50,
+        density_steps: int = 80,
+        density_probes: int = 1,
+        per_module: bool | Sequence[str] = False,
+        hvp: HVPMode = "double_backward",
+        epochs: Iterable[int] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        num_batches: int = 4,
+        dataloader: Iterable | None = None,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        mode: Mode = "eval",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            epochs=epochs,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            num_batches=num_batches,
+            dataloader=dataloader,
+            loss_fn=loss_fn,
+            mode=mode,
+            seed=seed,
+        )
+        for name, value in (
+            ("top_k", top_k),
+            ("max_matvecs", max_matvecs),
+            ("trace_probes", trace_probes),
+            ("density_steps", density_steps),
+            ("density_probes", density_probes),
+        ):
+            check_positive_int(name, value)
+        for name, value in (
+            ("min_eigenvalue", min_eigenvalue),
+            ("trace", trace),
+            ("density", density),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
+            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
+        if hvp not in ("double_backward", "cached", "func"):
+            raise ValueError(f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}.")
+        if not isinstance(per_module, bool):
+            if (
+                isinstance(per_module, str)
+                or not isinstance(per_module, Sequence)
+                or not all(isinstance(n, str) for n in per_module)
+            ):
+                raise TypeError(
+                    f"`per_module` must be a bool or a list of module names, got {per_module!r}."
+                )
+            per_module = list(per_module)
+        self.top_k = top_k
+        self.min_eigenvalue = min_eigenvalue
+        self.trace = trace
+        self.density = density
+        self.tol = float(tol)
+        self.max_matvecs = max_matvecs
+        self.trace_probes = trace_probes
+        self.density_steps = density_steps
+        self.density_probes = density_probes
+        self.per_module = per_module
+        self.hvp = hvp
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if isinstance(self.per_module, list):
+            names = dict(pl_module.named_modules())
+            missing = [n for n in self.per_module if n not in names]
+            if missing:
+                raise ValueError(
+                    f"`per_module` names unknown submodules {missing}; known: {sorted(names)[:20]}."
+                )
+
+    def nan_metrics(self) -> dict[str, float]:
+        keys = [f"hessian/eigenvalue_{i + 1}" for i in range(self.top_k)]
+        keys += ["hessian/min_eigenvalue"] if self.min_eigenvalue else []
+        keys += ["hessian/trace", "hessian/trace_stderr"] if self.trace else []
+        keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
+        return dict.fromkeys(keys, math.nan)
+
+    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool):
+        op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+        try:
+            return analyze(
+                op,
+                top_k=top_k,
+                smallest=self.min_eigenvalue and full,
+                trace=self.trace,
+                trace_probes=self.trace_probes,
+                density=self.density and full,
+                density_steps=self.density_steps,
+                density_probes=self.density_probes,
+                tol=self.tol,
+                max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
+                seed=ctx.seed + ctx.step,
+            )
+        finally:
+            op.release()
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
+    ) -> dict[str, float]:
+        result = self._analyze(ctx, ctx.params, self.top_k, full=True)
+        out: dict[str, float] = {}
+        values = result.top.eigenvalues.tolist()
+        for i in range(self.top_k):
+            out[f"hessian/eigenvalue_{i + 1}"] = values[i] if i < len(values) else math.nan
+        if result.smallest is not None:
+            out["hessian/min_eigenvalue"] = float(result.smallest.eigenvalues[0])
+        if result.trace is not None:
+            out["hessian/trace"] = result.trace.estimate
+            out["hessian/trace_stderr"] = result.trace.stderr
+        lr = _first_lr(trainer)
+        out["hessian/eos_ratio"] = out["hessian/eigenvalue_1"] * lr / 2
+        out["hessian/converged"] = float(result.top.converged)
+        total = result.num_matvecs
+        for name, module in _blocks(pl_module, self.per_module):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                continue
+            block = self._analyze(ctx, params, 1, full=False)
+            out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
+            if block.trace is not None:
+                out[f"hessian/{name}/trace"] = block.trace.estimate
+            out[f"hessian/{name}/num_matvecs"] = float(block.num_matvecs)
+            total += block.num_matvecs
+        out["hessian/num_matvecs"] = float(total)
+        if result.density is not None and trainer.is_global_zero:
+            _log_density(trainer, result.density, ctx.step)
+        return out
+
+
+def _first_lr(trainer: pl.Trainer) -> float:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return math.nan
+
+
+def _blocks(
+    module: torch.nn.Module, per_module: bool | list[str]
+) -> list[tuple[str, torch.nn.Module]]:
+    if per_module is False:
+        return []
+    named = dict(module.named_modules())
+    if isinstance(per_module, list):
+        return [(n, named[n]) for n in per_module]
+    return [
+        (n, m)
+        for n, m in named.items()
+        if n and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None:
+    """The SLQ density as a log-scale figure and as a histogram."""
+    if not torch.isfinite(density.nodes).all():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    grid = density.grid(800)
+    values = density.evaluate(grid).clamp(min=1e-12)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(grid.numpy(), values.numpy(), color="tab:blue")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_ylim(bottom=max(float(values.max()) * 1e-8, 1e-12))
+    ax.set_title(f"Hessian eigenvalue density, step {step} (SLQ)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _logging.log_figure(trainer, "hessian/spectral_density", fig, step)
+    edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
+    centers = (edges[1:] + edges[:-1]) / 2
+    width = float(edges[1] - edges[0])
+    counts = density.evaluate(centers) * width * density.dim
+    _logging.log_histogram(trainer, "hessian/eigenvalue_histogram", edges, counts, step)
