@@ -1,0 +1,2 @@
+"""Pure-math pieces of the landscape monitors (no Lightning import): losses over fixed batches
+at moved weights, sharpness, noise statistics, interpolation and projection of trajectories."""
