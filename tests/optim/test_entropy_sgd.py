@@ -1,0 +1,301 @@
+"""EntropySGD without Lightning: arguments, the two oracles of REFERENCES.md section 5, state."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lightning_landscape import EntropySGD
+from lightning_landscape.optim.entropy_sgd import EntropySGD as DirectEntropySGD
+
+
+def _param(n=3, value=1.0):
+    return torch.nn.Parameter(torch.full((n,), value, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- arguments
+def test_exported_from_the_top_level_and_the_subpackage():
+    assert EntropySGD is DirectEntropySGD
+    from lightning_landscape.optim import EntropySGD as FromOptim
+
+    assert FromOptim is EntropySGD
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": -0.1}, ValueError, r"`lr` must be >= 0.0, got -0.1"),
+        ({"lr": "1"}, TypeError, r"`lr` must be a real number, got '1'"),
+        ({"momentum": 1.5}, ValueError, r"`momentum` must be <= 1.0, got 1.5"),
+        ({"dampening": -1}, ValueError, r"`dampening` must be >= 0.0, got -1"),
+        ({"weight_decay": -1e-4}, ValueError, r"`weight_decay` must be >= 0.0"),
+        ({"nesterov": 1}, TypeError, r"`nesterov` must be a bool, got 1"),
+        ({"nesterov": True}, ValueError, r"`nesterov=True` needs `momentum` > 0"),
+        ({"L": 0}, ValueError, r"`L` must be a positive int, got 0"),
+        ({"L": 2.5}, TypeError, r"`L` must be an int, got 2.5"),
+        ({"gamma": 0.0}, ValueError, r"`gamma` must be positive, got 0.0"),
+        ({"scoping": -1e-3}, ValueError, r"`scoping` must be >= 0.0"),
+        ({"sgld_lr": 0}, ValueError, r"`sgld_lr` must be positive, got 0"),
+        ({"noise": float("inf")}, ValueError, r"`noise` must be finite, got inf"),
+        ({"alpha": 1.5}, ValueError, r"`alpha` must be <= 1.0, got 1.5"),
+        ({"alpha": 0.0}, ValueError, r"`alpha=0.0` with `alpha_weights='new'`"),
+        ({"alpha": 1.0, "alpha_weights": "old"}, ValueError, r"gives the new sample weight 0"),
+        ({"noise_scale": "sqrt2"}, ValueError, r"`noise_scale` must be one of"),
+        ({"alpha_weights": "mean"}, ValueError, r"`alpha_weights` must be one of"),
+        ({"outer_gamma": "yes"}, TypeError, r"`outer_gamma` must be a bool, got 'yes'"),
+        ({"mode": "inner"}, ValueError, r"`mode` must be one of \['batches', 'closure'\]"),
+        ({"seed": None}, TypeError, r"`seed` must be an int, got None"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EntropySGD([_param()], **kwargs)
+
+
+def test_closure_mode_refuses_a_missing_closure():
+    opt = EntropySGD([_param()], mode="closure")
+    with pytest.raises(RuntimeError, match=r"mode='closure'\) needs a closure"):
+        opt.step()
+
+
+def test_step_refuses_while_the_anchor_is_swapped_in():
+    p = _param()
+    opt = EntropySGD([p], L=3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.swap_in_anchor()
+    with pytest.raises(RuntimeError, match=r"call `swap_out_anchor\(\)` before `step\(\)`"):
+        opt.step()
+
+
+def test_sparse_gradients_are_refused():
+    p = _param()
+    opt = EntropySGD([p])
+    p.grad = torch.ones_like(p).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_load_state_dict_refuses_a_cycle_position_beyond_L():
+    p = _param()
+    opt = EntropySGD([p], L=5)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    state = opt.state_dict()
+    with pytest.raises(ValueError, match=r"saved 3 Langevin steps into an outer step.*`L=2`"):
+        EntropySGD([_param()], L=2).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- oracles
+def test_quadratic_oracle_mean_and_variance():
+    """f = h/2 x'^2, h=4, gamma=1, x=1, T=0.25, eta'=0.01: mean gamma x/(h+gamma) = 0.2 and
+    variance T/((h+gamma)(1 - eta'(h+gamma)/2)) = 0.0513, both noise conventions at equal T."""
+    h, gamma, temp, sgld_lr, L, chains = 4.0, 1.0, 0.25, 0.01, 600, 4000
+    mean_true = gamma / (h + gamma)
+    var_true = temp / ((h + gamma) * (1 - sgld_lr * (h + gamma) / 2))
+    for noise_scale, noise in [("sqrt_lr", math.sqrt(2 * temp)), ("sqrt_2lr", math.sqrt(temp))]:
+        x = torch.ones(chains, dtype=torch.float64, requires_grad=True)
+        opt = EntropySGD(
+            [x], lr=1.0, L=L, gamma=gamma, scoping=0.0, sgld_lr=sgld_lr, noise=noise,
+            noise_scale=noise_scale, seed=0,
+        )  # fmt: skip
+
+        def closure(x=x):
+            x.grad = h * x.detach()
+
+        samples = []
+        for _ in range(L - 1):
+            opt.step(closure)
+            samples.append(x.detach().clone())
+        chain = torch.stack(samples[200:])  # (steps, chains), burn-in 200 >> 1/(eta'(h+gamma)) = 20
+        # the chains are independent: per-chain averages give honest standard errors
+        per_chain_mean = chain.mean(0)
+        per_chain_var = ((chain - mean_true) ** 2).mean(0)
+        mean_err = per_chain_mean.std() / chains**0.5
+        var_err = per_chain_var.std() / chains**0.5
+        assert abs(per_chain_mean.mean() - mean_true) < 4 * mean_err, per_chain_mean.mean()
+        assert abs(per_chain_var.mean() - var_true) < 4 * var_err, per_chain_var.mean()
+        assert abs(per_chain_var.mean() / var_true - 1) < 0.02
+        opt.step(closure)  # the outer step: lr * gamma = 1 moves x to mu
+        assert opt.outer_step == 1 and opt.inner_step == 0
+        assert x.detach().mean().item() == pytest.approx(mean_true, abs=0.015)
+
+
+def test_quadratic_oracle_without_noise_is_exact():
+    h, gamma = 4.0, 1.0
+    x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    opt = EntropySGD([x], lr=1.0, L=600, gamma=gamma, scoping=0.0, sgld_lr=0.01, noise=0.0)
+
+    def closure():
+        x.grad = h * x.detach()
+
+    for _ in range(600):
+        opt.step(closure)
+    # x <- x - lr * gamma * (x - <x'>) = gamma x / (h + gamma) with lr * gamma = 1
+    assert x.item() == pytest.approx(gamma / (h + gamma), abs=1e-12)
+    assert opt.anchor_distance.item() == pytest.approx(h / (h + gamma), abs=1e-12)
+
+
+def _double_well_grad(x):
+    s1, s2 = 0.08, 0.5
+    sharp = (x / s1**2) * torch.exp(-(x**2) / (2 * s1**2))
+    wide = 0.8 * ((x - 1.5) / s2**2) * torch.exp(-((x - 1.5) ** 2) / (2 * s2**2))
+    return sharp + wide + 0.5 * (x - 0.75)
+
+
+def _double_well_runs(make_optimizer, steps, runs=100, seed=1):
+    """`runs` independent scalar chains from x0 = 0 as one (runs,) tensor; N(0, 1) noise on
+    every gradient stands for mini-batch noise."""
+    x = torch.zeros(runs, dtype=torch.float64, requires_grad=True)
+    opt = make_optimizer([x])
+    gen = torch.Generator().manual_seed(seed)
+
+    def closure():
+        x.grad = _double_well_grad(x.detach()) + torch.randn(runs, generator=gen, dtype=x.dtype)
+
+    for _ in range(steps):
+        opt.step(closure)
+    return x.detach()
+
+
+def test_double_well_oracle_entropy_sgd_ends_wide_sgd_does_not():
+    """Sharp minimum x~0.003 (f''~156), wide x~1.397 (f''~3.5), barrier x~0.239. 300 outer steps
+    of L=50, gamma 0.3 -> 9, eta'=0.01, T=0.5, alpha=0.25 on the new sample, lr 0.25 on x - mu."""
+    barrier = 0.239
+    final = _double_well_runs(
+        lambda params: EntropySGD(
+            params, lr=0.25, L=50, gamma=0.3, scoping=30 ** (1 / 300) - 1, sgld_lr=0.01,
+            noise=1.0, noise_scale="sqrt_lr", alpha=0.25, outer_gamma=False, seed=0,
+        ),
+        steps=300 * 50,
+    )  # fmt: skip
+    assert (final > barrier).sum().item() >= 95
+    assert final[final > barrier].mean().item() == pytest.approx(1.37, abs=0.1)
+    sgd = _double_well_runs(lambda params: torch.optim.SGD(params, lr=0.01), steps=300 * 50)
+    assert (sgd > barrier).sum().item() == 0
+
+
+# ---------------------------------------------------------------------------- mechanics
+def _quadratic_run(opt, p, steps, target):
+    for _ in range(steps):
+
+        def closure():
+            p.grad = (p.detach() - target) * 2.0
+            return ((p.detach() - target) ** 2).sum()
+
+        opt.step(closure)
+
+
+def test_mid_cycle_state_dict_resumes_bit_identically_and_restores_the_sample():
+    kwargs = dict(lr=0.5, momentum=0.9, nesterov=True, L=4, gamma=0.5, sgld_lr=0.1, noise=0.1)
+    target = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    p = _param(5, 0.0)
+    opt = EntropySGD([p], **kwargs)
+    _quadratic_run(opt, p, 10, target)  # 2 outer steps + 2 Langevin steps
+    assert (opt.outer_step, opt.inner_step) == (2, 2)
+    saved_p, saved_state = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    _quadratic_run(opt, p, 9, target)
+
+    q = _param(5, 123.0)  # the sample x' comes from the optimizer state
+    resumed = EntropySGD([q], **kwargs)
+    resumed.load_state_dict(saved_state)
+    assert torch.equal(q.detach(), saved_p)
+    assert "sample" not in resumed.state[q]
+    _quadratic_run(resumed, q, 9, target)
+    assert torch.equal(q.detach(), p.detach())
+    assert (resumed.outer_step, resumed.inner_step) == (opt.outer_step, opt.inner_step)
+
+
+def test_swap_in_and_out_and_state_dict_while_swapped():
+    target = torch.zeros(4, dtype=torch.float64)
+    p = _param(4, 1.0)
+    opt = EntropySGD([p], L=3, noise=0.1, sgld_lr=0.1)
+    assert opt.holds_anchor and not opt.swap_in_anchor()  # nothing to swap at a boundary
+    _quadratic_run(opt, p, 2, target)
+    sample, anchor = p.detach().clone(), opt.state[p]["anchor"].clone()
+    assert torch.equal(anchor, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(opt.anchors()[0], anchor)
+    assert opt.swap_in_anchor() and opt.holds_anchor
+    assert torch.equal(p.detach(), anchor) and torch.equal(opt.anchors()[0], anchor)
+    state = opt.state_dict()  # canonical even while swapped
+    assert torch.equal(state["state"][0]["anchor"], anchor)
+    assert torch.equal(state["state"][0]["sample"], sample)
+    assert not opt.swap_in_anchor()
+    assert opt.swap_out_anchor() and not opt.swap_out_anchor()
+    assert torch.equal(p.detach(), sample)
+
+
+def test_scheduler_reaches_the_outer_step_through_shared_param_groups():
+    p = _param(2, 1.0)
+    opt = EntropySGD([p], lr=1.0, L=2, noise=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    assert opt.base_optimizer.param_groups is opt.param_groups
+    target = torch.zeros(2, dtype=torch.float64)
+    for _ in range(3):
+        _quadratic_run(opt, p, 1, target)
+        sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.125
+    resumed = EntropySGD([_param(2)], lr=1.0, L=2, noise=0.0)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.base_optimizer.param_groups is resumed.param_groups
+    assert resumed.base_optimizer.state is resumed.state
+    assert resumed.param_groups[0]["lr"] == 0.125
+
+
+def test_lr_zero_freezes_the_anchor():
+    p = _param(3, 1.0)
+    opt = EntropySGD([p], lr=0.0, L=2, noise=0.5)
+    _quadratic_run(opt, p, 6, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
+    assert opt.outer_step == 3
+
+
+def test_closure_mode_equals_batch_mode_fed_one_batch_L_times():
+    target = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    kwargs = dict(lr=0.7, momentum=0.5, L=5, gamma=0.2, scoping=0.1, sgld_lr=0.05, noise=0.3)
+    p, q = _param(2, 1.0), _param(2, 1.0)
+    closure_opt = EntropySGD([p], mode="closure", **kwargs)
+    batch_opt = EntropySGD([q], **kwargs)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        p.grad = 2 * (p.detach() - target)
+        return ((p.detach() - target) ** 2).sum()
+
+    first_loss = ((p.detach() - target) ** 2).sum()
+    loss = closure_opt.step(closure)
+    closure_opt.step(closure)
+    assert len(calls) == 10 and loss == first_loss
+    _quadratic_run(batch_opt, q, 10, target)
+    assert torch.equal(p.detach(), q.detach())
+    assert closure_opt.outer_step == 2 and closure_opt.inner_step == 0
+
+
+def test_parameters_without_gradients_stay_put_and_counters_are_plain_ints():
+    used, unused = _param(2, 1.0), _param(2, 5.0)
+    opt = EntropySGD([used, unused], L=2, noise=0.1)
+    for _ in range(4):
+        used.grad = torch.ones_like(used)
+        opt.step()
+    assert torch.equal(unused.detach(), torch.full((2,), 5.0, dtype=torch.float64))
+    extra = opt.state_dict()["entropy_sgd"]
+    assert type(extra["inner_step"]) is int and type(extra["outer_step"]) is int
+    assert extra["generator_state"].dtype == torch.uint8
+
+
+def test_generator_state_from_another_device_kind_warns_and_reseeds():
+    p = _param(2)
+    opt = EntropySGD([p], L=3, noise=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    state["entropy_sgd"]["generator_device"] = "cuda"
+    q = _param(2)
+    resumed = EntropySGD([q], L=3, noise=0.1)
+    resumed.load_state_dict(state)
+    q.grad = torch.ones_like(q)
+    with pytest.warns(UserWarning, match=r"saved on 'cuda' and cannot be restored on 'cpu'"):
+        resumed.step()
