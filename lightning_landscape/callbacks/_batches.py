@@ -16,13 +16,13 @@ except ImportError:  # pragma: no cover
 
 
 def _first_loader(source: Any) -> Iterable:
+    """The first loader of the trainer's train dataloader (CombinedLoader, dict or list)."""
     if isinstance(source, CombinedLoader):
         source = source.iterables
     if isinstance(source, dict):
         source = next(iter(source.values()))
-    elif isinstance(source, list | tuple) and source and not isinstance(source[0], torch.Tensor):
-        if all(isinstance(s, Iterable) for s in source):
-            source = source[0]
+    elif isinstance(source, list | tuple):
+        source = source[0]
     return source
 
 
@@ -43,15 +43,15 @@ def draw_batches(
     Raises:
         ValueError: if no dataloader is available or it yields no batch.
     """
-    source = dataloader
-    if source is None:
+    loader = dataloader
+    if loader is None:
         source = trainer.train_dataloader
         if source is None:
             trainer.fit_loop.setup_data()
             source = trainer.train_dataloader
-    if source is None:
-        raise ValueError("no training dataloader to draw the monitor's batches from.")
-    loader = _first_loader(source)
+        if source is None:
+            raise ValueError("no training dataloader to draw the monitor's batches from.")
+        loader = _first_loader(source)
     devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
     sampler = getattr(loader, "sampler", None)
     epoch = getattr(sampler, "epoch", None)

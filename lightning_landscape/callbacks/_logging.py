@@ -12,13 +12,12 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-_WARNED: set[str] = set()
 
-
-def warn_once(key: str, message: str) -> None:
-    """One warning per process for each key (on rank zero)."""
-    if key not in _WARNED:
-        _WARNED.add(key)
+def warn_once(trainer: pl.Trainer | None, key: str, message: str) -> None:
+    """One warning per trainer (per fit) for each key, on rank zero."""
+    seen = trainer.__dict__.setdefault("_landscape_warned", set()) if trainer is not None else set()
+    if key not in seen:
+        seen.add(key)
         rank_zero_warn(message)
 
 
@@ -44,9 +43,10 @@ def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
             return logger.experiment
     if trainer.loggers:
         warn_once(
-            f"no-tb-{what}",
-            f"lightning-landscape logs {what} to TensorBoard only; no TensorBoardLogger is "
-            "attached, so they are skipped (scalars are still logged).",
+            trainer,
+            "no-tensorboard",
+            "lightning-landscape logs figures and histograms to TensorBoard only; no "
+            "TensorBoardLogger is attached, so they are skipped (scalars are still logged).",
         )
     return None
 

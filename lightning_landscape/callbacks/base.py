@@ -217,6 +217,7 @@ class LandscapeMonitor(Callback):
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             _logging.warn_once(
+                trainer,
                 f"{type(self).__name__}-nan",
                 f"{type(self).__name__}: non-finite values at step {step} ({', '.join(bad[:4])}); "
                 "is the loss NaN/inf at these weights? NaN is logged and training goes on.",

@@ -62,7 +62,8 @@ class HessianMonitor(LandscapeMonitor):
         - ``hessian/converged``: 1 if the eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
         - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
-          ``hessian/<module>/num_matvecs``: per diagonal block, with ``per_module``.
+          ``hessian/<module>/trace_stderr``, ``hessian/<module>/num_matvecs``: per diagonal
+          block, with ``per_module``.
         - figure ``hessian/spectral_density`` and histogram ``hessian/eigenvalue_histogram``
           with ``density``.
 
@@ -212,6 +213,7 @@ class HessianMonitor(LandscapeMonitor):
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
             if block.trace is not None:
                 out[f"hessian/{name}/trace"] = block.trace.estimate
+                out[f"hessian/{name}/trace_stderr"] = block.trace.stderr
             out[f"hessian/{name}/num_matvecs"] = float(block.num_matvecs)
             total += block.num_matvecs
         out["hessian/num_matvecs"] = float(total)

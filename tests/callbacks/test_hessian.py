@@ -1,0 +1,342 @@
+"""HessianMonitor under real Trainers: logged tags and values, bit-identity, DDP, blocks, resume,
+errors."""
+
+import math
+import os
+import types
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_landscape import HessianMonitor
+from lightning_landscape.curvature import HessianOperator, analyze, dense_hessian
+
+
+class Net(pl.LightningModule):
+    def __init__(self, bn: bool = False, dropout: float = 0.0, dtype=torch.float64):
+        super().__init__()
+        layers = [nn.Linear(6, 8)]
+        if bn:
+            layers.append(nn.BatchNorm1d(8))
+        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)]
+        self.net = nn.Sequential(*layers).to(dtype)
+        self.nan = False
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss * math.nan if self.nan else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+
+def dataset(n=40, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    )
+
+
+def trainer(tmp_path, callbacks=(), max_epochs=2, logger=True, **kw):
+    if logger is True:
+        logger = TensorBoardLogger(str(tmp_path), name="tb")
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )
+
+
+def scalars(log_dir):
+    ea = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    ea.Reload()
+    return ea
+
+
+def test_logged_tags_and_value_equal_dense_oracle(tmp_path):
+    pl.seed_everything(0)
+    data = dataset()
+    fixed = [
+        (data.tensors[0][:7], data.tensors[1][:7]),
+        (data.tensors[0][7:20], data.tensors[1][7:20]),
+    ]
+    mon = HessianMonitor(
+        epochs=[0, 2],
+        top_k=3,
+        density=True,
+        tol=1e-10,
+        max_matvecs=400,
+        num_batches=2,
+        dataloader=fixed,
+    )
+    model = Net(bn=True, dropout=0.3)
+    t = trainer(tmp_path, [mon], max_epochs=2)
+    t.fit(model, DataLoader(data, batch_size=8, shuffle=True))
+
+    ea = scalars(t.logger.log_dir)
+    tags = set(ea.Tags()["scalars"])
+    expected = {f"hessian/eigenvalue_{i}" for i in (1, 2, 3)} | {
+        "hessian/min_eigenvalue",
+        "hessian/trace",
+        "hessian/trace_stderr",
+        "hessian/eos_ratio",
+        "hessian/num_matvecs",
+        "hessian/seconds",
+        "hessian/converged",
+    }
+    assert expected <= tags
+    assert "hessian/spectral_density" in ea.Tags()["images"]
+    assert "hessian/eigenvalue_histogram" in ea.Tags()["histograms"]
+    assert [e.step for e in ea.Scalars("hessian/eigenvalue_1")] == [0, t.global_step]
+
+    # The dense Hessian at the final weights on the same batches, in eval mode.
+    model.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    logged = {k: ea.Scalars(k)[-1].value for k in expected}
+    for i in range(3):
+        assert logged[f"hessian/eigenvalue_{i + 1}"] == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+    assert logged["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6)
+    assert abs(logged["hessian/trace"] - float(eig.sum())) <= 3 * logged["hessian/trace_stderr"]
+    assert logged["hessian/eos_ratio"] == pytest.approx(float(eig[-1]) * 0.2 / 2, rel=1e-6)
+    assert t.callback_metrics["hessian/eigenvalue_1"].item() == pytest.approx(
+        float(eig[-1]), rel=1e-6
+    )
+    assert os.listdir(os.path.join(t.logger.log_dir, "figures"))
+
+
+def fit_params(tmp_path, callbacks, epochs=3):
+    pl.seed_everything(7)
+    model = Net(bn=True, dropout=0.5)
+    t = trainer(tmp_path, callbacks, max_epochs=epochs)
+    t.fit(model, DataLoader(dataset(), batch_size=8, shuffle=True))
+    return model.state_dict()
+
+
+def test_training_is_bit_identical_with_the_monitor(tmp_path):
+    plain = fit_params(tmp_path / "a", [])
+    watched = fit_params(
+        tmp_path / "b",
+        [HessianMonitor(every_n_epochs=1, top_k=2, density=True, per_module=True, mode="train")],
+    )
+    watched_eval = fit_params(tmp_path / "c", [HessianMonitor(every_n_epochs=1, density=True)])
+    for k in plain:
+        assert torch.equal(plain[k], watched[k]), k
+        assert torch.equal(plain[k], watched_eval[k]), k
+
+
+def test_per_module_blocks_match_dense_diagonal_blocks(tmp_path):
+    pl.seed_everything(1)
+    data = dataset()
+    fixed = [(data.tensors[0][:16], data.tensors[1][:16])]
+    mon = HessianMonitor(
+        epochs=[1],
+        per_module=["net.0", "net.3"],
+        tol=1e-10,
+        max_matvecs=200,
+        num_batches=1,
+        dataloader=fixed,
+        min_eigenvalue=False,
+    )
+    model = Net()
+    t = trainer(tmp_path, [mon], max_epochs=1)
+    t.fit(model, DataLoader(data, batch_size=8))
+    H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    sizes = [p.numel() for p in model.parameters()]
+    first = sum(sizes[:2])
+    blocks = {"net.0": H[:first, :first], "net.3": H[first:, first:]}
+    got = mon.history[-1]
+    for name, block in blocks.items():
+        eig = torch.linalg.eigvalsh(block)
+        assert got[f"hessian/{name}/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+        err = abs(got[f"hessian/{name}/trace"] - float(eig.sum()))
+        assert err <= 3 * got[f"hessian/{name}/trace_stderr"] + 1e-9
+        assert got[f"hessian/{name}/num_matvecs"] > 0
+    assert (
+        got["hessian/num_matvecs"]
+        > got["hessian/net.0/num_matvecs"] + got["hessian/net.3/num_matvecs"]
+    )
+
+
+def test_resume_continues_the_schedule(tmp_path):
+    data = dataset()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_epochs=1)
+    pl.seed_everything(3)
+    mon = HessianMonitor(every_n_epochs=1, trace=False)
+    t = trainer(tmp_path, [mon, ckpt], max_epochs=2, enable_checkpointing=True)
+    t.fit(Net(), DataLoader(data, batch_size=8))
+    assert mon.done == [0, 1, 2]
+
+    mon2 = HessianMonitor(every_n_epochs=1, trace=False)
+    t2 = trainer(tmp_path, [mon2], max_epochs=4, enable_checkpointing=True)
+    t2.fit(Net(), DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert mon2.done == [0, 1, 2, 3, 4]
+    assert [int(h["epoch"]) for h in mon2.history] == [0, 1, 2, 3, 4]
+    steps = [int(h["step"]) for h in mon2.history]
+    assert steps == sorted(set(steps))
+
+
+def test_nan_loss_warns_and_logs_nan(tmp_path):
+    model = Net()
+    model.nan = True
+    mon = HessianMonitor(epochs=[0])
+    t = trainer(tmp_path, [mon], max_epochs=1, max_steps=1)
+    with pytest.warns(UserWarning, match="non-finite"):
+        t.fit(model, DataLoader(dataset(), batch_size=8))
+    assert math.isnan(mon.history[0]["hessian/eigenvalue_1"])
+
+
+def test_other_logger_gets_scalars_and_one_warning(tmp_path):
+    mon = HessianMonitor(epochs=[0, 1], density=True, trace=False)
+    t = trainer(tmp_path, [mon], max_epochs=1, logger=CSVLogger(str(tmp_path)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(Net(), DataLoader(dataset(), batch_size=8))
+    msgs = [str(w.message) for w in caught if "TensorBoard only" in str(w.message)]
+    assert len(msgs) == 1
+    text = open(os.path.join(t.logger.log_dir, "metrics.csv")).read()
+    assert "hessian/eigenvalue_1" in text
+
+
+def test_half_precision_parameters_are_upcast(tmp_path):
+    mon = HessianMonitor(epochs=[0])
+    model = Net(dtype=torch.float32)
+    t = trainer(tmp_path, [mon], max_epochs=1, max_steps=1, precision="bf16-true")
+    t.fit(model, DataLoader(dataset(dtype=torch.float32), batch_size=8))
+    assert math.isfinite(mon.history[0]["hessian/eigenvalue_1"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_every_n_steps_schedule(tmp_path):
+    mon = HessianMonitor(every_n_steps=2, trace=False, min_eigenvalue=False)
+    t = trainer(tmp_path, [mon], max_epochs=1)
+    t.fit(Net(), DataLoader(dataset(), batch_size=8))  # 5 steps
+    assert mon.done == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"top_k": 0}, ValueError, "`top_k` must be a positive int"),
+        ({"tol": 2.0}, ValueError, "`tol` must be a number in"),
+        ({"trace": "yes"}, TypeError, "`trace` must be a bool"),
+        ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
+        ({"per_module": "net"}, TypeError, "`per_module` must be a bool or a list"),
+        ({"hvp": "fast"}, ValueError, "`hvp` must be"),
+        ({"num_batches": 0}, ValueError, "`num_batches` must be a positive int"),
+        ({"loss_fn": 3}, TypeError, "`loss_fn` must be callable"),
+        ({"epochs": [1], "every_n_steps": 3}, ValueError, "exactly one"),
+        ({"seed": "0"}, TypeError, "`seed` must be an int"),
+        ({"dataloader": 5}, TypeError, "`dataloader` must be iterable"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HessianMonitor(**kwargs)
+
+
+def test_setup_refuses_sharded_strategies_and_manual_optimization():
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    mon = HessianMonitor()
+    module = Net()
+    for cls in (FSDPStrategy, DeepSpeedStrategy):
+        fake = types.SimpleNamespace(strategy=cls.__new__(cls))
+        with pytest.raises(ValueError, match="does not support the"):
+            mon.setup(fake, module, "fit")
+    module.automatic_optimization = False
+    ok = types.SimpleNamespace(strategy=object())
+    with pytest.raises(ValueError, match="manual optimization"):
+        mon.setup(ok, module, "fit")
+    HessianMonitor(loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])).setup(ok, module, "fit")
+
+
+def test_setup_rejects_unknown_block_names(tmp_path):
+    mon = HessianMonitor(per_module=["net.0", "nope"])
+    with pytest.raises(ValueError, match="unknown submodules"):
+        trainer(tmp_path, [mon], max_epochs=1).fit(Net(), DataLoader(dataset(), batch_size=8))
+
+
+# ----------------------------------------------------------------------------- DDP
+class RecordingHessianMonitor(HessianMonitor):
+    """Rank 0 writes what it logged, since ddp_spawn children do not send attributes back."""
+
+    def __init__(self, out, **kw):
+        super().__init__(**kw)
+        self.out = out
+
+    def measure(self, trainer, pl_module, ctx):
+        metrics = super().measure(trainer, pl_module, ctx)
+        if trainer.is_global_zero:
+            torch.save({"metrics": metrics, "sizes": [len(b[1]) for b in ctx.batches]}, self.out)
+        return metrics
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    data = dataset(n=42)
+    pl.seed_everything(5)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {"epochs": [0], "top_k": 2, "num_batches": 3, "tol": 1e-8, "trace_probes": 20, "seed": 11}
+    mon = RecordingHessianMonitor(out, **kw)
+    t = pl.Trainer(
+        max_epochs=1,
+        max_steps=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[mon],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t.fit(model, DataLoader(data, batch_size=8, shuffle=False))
+    got = torch.load(out)
+
+    # The same batches on one process: rank r's shard through the same DistributedSampler.
+    union = []
+    for rank in range(2):
+        idx = list(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False))
+        for i in range(3):
+            chunk = idx[8 * i : 8 * i + 8]
+            union.append((data.tensors[0][chunk], data.tensors[1][chunk]))
+    assert sorted(got["sizes"]) == sorted(len(b[1]) for b in union[:3])
+    single = Net()
+    single.load_state_dict(init)
+    single.eval()
+    op = HessianOperator(lambda b: F.cross_entropy(single(b[0]), b[1]), single, union)
+    ref = analyze(
+        op, top_k=2, smallest=True, trace=True, trace_probes=20, tol=1e-8, max_steps=200, seed=11
+    )
+    m = got["metrics"]
+    assert m["hessian/eigenvalue_1"] == pytest.approx(float(ref.top.eigenvalues[0]), rel=1e-9)
+    assert m["hessian/eigenvalue_2"] == pytest.approx(float(ref.top.eigenvalues[1]), rel=1e-9)
+    assert m["hessian/min_eigenvalue"] == pytest.approx(
+        float(ref.smallest.eigenvalues[0]), rel=1e-9
+    )
+    assert m["hessian/trace"] == pytest.approx(ref.trace.estimate, rel=1e-9)
+    assert m["hessian/num_matvecs"] == ref.num_matvecs
