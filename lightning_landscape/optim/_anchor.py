@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -159,3 +161,27 @@ class AnchorState(Optimizer):
             self._pending_generator = (extra["generator_state"], extra["generator_device"])
         else:
             self._pending_generator = None
+
+
+@contextmanager
+def anchor_in_parameters(optimizers: Iterable[Optimizer]) -> Iterator[None]:
+    """Inside the block, the parameters of every EntropySGD among ``optimizers`` hold the anchor x
+    (other optimizers are ignored); x' is put back on exit, even on error.
+
+    For code that reads the weights between optimizer steps (a monitor measuring the Hessian, a
+    snapshot of the trajectory) and should see the iterate x rather than the Langevin sample x'.
+
+    Args:
+        optimizers: e.g. ``trainer.optimizers``.
+
+    Example::
+
+        with anchor_in_parameters(trainer.optimizers):
+            loss = evaluate(pl_module)
+    """
+    swapped = [opt for opt in optimizers if isinstance(opt, AnchorState) and opt.swap_in_anchor()]
+    try:
+        yield
+    finally:
+        for opt in reversed(swapped):
+            opt.swap_out_anchor()

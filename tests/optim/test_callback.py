@@ -17,16 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EntropySGD, EntropySGDCallback
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and spares the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BASE = dict(lr=0.5, L=3, gamma=0.5, scoping=0.1, sgld_lr=0.1, noise=0.05, alpha=0.75, seed=7)
 
 
@@ -143,20 +133,25 @@ def _loaders(batch_size=8):
     return train, val
 
 
-def _reference_grads(module, batches, repeat=1):
+def _reference_grads(module, batches, repeat=1, accumulate=1):
     """``grad_at`` for :func:`algorithm1`: each call takes the next batch (cycling over the
-    epoch); ``repeat=L`` serves each batch L times (the closure mode)."""
+    epoch); ``repeat=L`` serves each batch L times (the closure mode); ``accumulate=k`` sums the
+    gradients of the next k batches' losses divided by k (Lightning's accumulation)."""
     names = [n for n, _ in module.named_parameters()]
     net = module.net
     state = {"call": 0}
 
     def grad_at(xp):
-        batch = batches[(state["call"] // repeat) % len(batches)]
-        state["call"] += 1
         leaves = [t.detach().requires_grad_(True) for t in xp]
         params = {n.removeprefix("net."): t for n, t in zip(names, leaves, strict=True)}
-        loss = F.mse_loss(functional_call(net, params, (batch[0],)), batch[1])
-        return torch.autograd.grad(loss, leaves)
+        total = None
+        for _ in range(accumulate):
+            batch = batches[(state["call"] // repeat) % len(batches)]
+            state["call"] += 1
+            loss = F.mse_loss(functional_call(net, params, (batch[0],)), batch[1])
+            grads = torch.autograd.grad(loss / accumulate if accumulate > 1 else loss, leaves)
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        return total
 
     return grad_at
 
@@ -210,6 +205,21 @@ def test_matches_plain_algorithm1_under_a_trainer(case):
             assert torch.equal(mine, ref)
     if scheduler:
         assert opt.base_optimizer.param_groups[0]["lr"] == kwargs["lr"] / (1 + steps)
+
+
+def test_gradient_accumulation_averages_batches_into_each_langevin_step():
+    kwargs = {**BASE, "momentum": 0.9}
+    train, _ = _loaders()
+    model = Tiny(kwargs)
+    init = [p.detach().clone() for p in model.parameters()]
+    trainer = _trainer(max_steps=6, accumulate_grad_batches=2)  # 12 batches, 2 outer steps
+    trainer.fit(model, train)
+    history = algorithm1(
+        init, _reference_grads(model, list(train), accumulate=2), outer_steps=2, **kwargs
+    )
+    assert trainer.optimizers[0].outer_step == 2
+    for mine, ref in zip(model.parameters(), history[2], strict=True):
+        assert torch.equal(mine.detach(), ref)
 
 
 # ---------------------------------------------------------------------------- resume

@@ -299,3 +299,18 @@ def test_generator_state_from_another_device_kind_warns_and_reseeds():
     q.grad = torch.ones_like(q)
     with pytest.warns(UserWarning, match=r"saved on 'cuda' and cannot be restored on 'cpu'"):
         resumed.step()
+
+
+def test_anchor_in_parameters_swaps_entropy_sgd_only_and_restores_on_error():
+    from lightning_landscape.optim import anchor_in_parameters
+
+    p, q = _param(3, 1.0), _param(3, 2.0)
+    opt = EntropySGD([p], L=3, noise=0.1)
+    other = torch.optim.SGD([q], lr=0.1)
+    _quadratic_run(opt, p, 1, torch.zeros(3, dtype=torch.float64))
+    sample = p.detach().clone()
+    with pytest.raises(KeyError):
+        with anchor_in_parameters([other, opt]):
+            assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
+            raise KeyError("boom")
+    assert torch.equal(p.detach(), sample) and not opt.holds_anchor
