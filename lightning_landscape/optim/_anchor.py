@@ -72,7 +72,9 @@ class AnchorState(Optimizer):
     @torch.no_grad()
     def _exchange(self) -> None:
         for p in self._params():
-            anchor = self.state[p]["anchor"]
+            anchor = self._anchor_of(p)
+            if anchor is None:  # a parameter added since the cycle began and not stepped yet
+                continue
             tmp = p.detach().clone()
             p.copy_(anchor)
             anchor.copy_(tmp)
@@ -82,7 +84,10 @@ class AnchorState(Optimizer):
         it holds x already). The tensors are live: clone them to keep them."""
         if self.holds_anchor:
             return self._params()
-        return [self.state[p]["anchor"] for p in self._params()]
+        return [p if (a := self._anchor_of(p)) is None else a for p in self._params()]
+
+    def _anchor_of(self, p: Tensor) -> Tensor | None:
+        return self.state.get(p, {}).get("anchor")
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None:
@@ -113,6 +118,8 @@ class AnchorState(Optimizer):
         if self._inner_step > 0:
             for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
                 for p, index in zip(group["params"], saved["params"], strict=True):
+                    if self._anchor_of(p) is None:
+                        continue
                     entry = dict(state_dict["state"][index])
                     live = p.detach().clone()
                     entry["sample"] = entry["anchor"].clone() if self._swapped else live

@@ -45,8 +45,8 @@ class EntropySGD(AnchorState):
     step. The closure is then called once per step, so fp16 gradient scaling (``step()`` without
     a closure), gradient accumulation, clipping and DDP behave as with SGD, and the paper's
     "effective epochs" are just epochs. Between outer steps the parameters hold the sample x', not
-    x: use :class:`~lightning_landscape.optim.EntropySGDCallback` (or :meth:`swap_in_anchor`)
-    to evaluate, test or save x. ``mode="closure"`` is the reference code's behaviour: one
+    x: use :class:`~lightning_landscape.optim.EntropySGDCallback` (or :meth:`swap_in_anchor`,
+    :func:`~lightning_landscape.optim.anchor_in_parameters`) to evaluate, test or save x. ``mode="closure"`` is the reference code's behaviour: one
     :meth:`step` calls the closure ``L`` times on the same batch and ends with the outer update; it
     needs a closure that recomputes the gradient (not fp16 GradScaler, DeepSpeed or gradient
     accumulation).
@@ -180,15 +180,14 @@ class EntropySGD(AnchorState):
     @torch.no_grad()
     def _langevin_step(self) -> None:
         params = self._params()
-        if self._inner_step == 0:  # start of an outer step: x', μ ← x
-            for p in params:
-                state = self.state[p]
-                if "anchor" not in state:
-                    state["anchor"] = p.detach().clone()
-                    state["mean"] = p.detach().clone()
-                else:
-                    state["anchor"].copy_(p)
-                    state["mean"].copy_(p)
+        for p in params:  # start of an outer step (or a parameter new to it): x', μ ← x
+            state = self.state[p]
+            if "anchor" not in state:
+                state["anchor"] = p.detach().clone()
+                state["mean"] = p.detach().clone()
+            elif self._inner_step == 0:
+                state["anchor"].copy_(p)
+                state["mean"].copy_(p)
         gamma = self.current_gamma
         std = langevin_noise_std(self.sgld_lr, self.noise, self.noise_scale)
         generator = self._noise_generator(params[0].device) if std > 0 and params else None
@@ -235,7 +234,8 @@ class EntropySGD(AnchorState):
         Args:
             closure: re-evaluates the model and fills ``.grad``. Optional in ``"batches"`` mode
                 (the gradients already in ``.grad`` are used, as fp16 GradScaler does);
-                required in ``"closure"`` mode, which calls it ``L`` times.
+                required in ``"closure"`` mode, which calls it ``L`` times: there it must zero
+                the gradients before its backward, as Lightning's closure does.
 
         Returns:
             The closure's loss (the first call's in ``"closure"`` mode), or None.

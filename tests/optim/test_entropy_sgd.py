@@ -314,3 +314,20 @@ def test_anchor_in_parameters_swaps_entropy_sgd_only_and_restores_on_error():
             assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
             raise KeyError("boom")
     assert torch.equal(p.detach(), sample) and not opt.holds_anchor
+
+
+def test_a_parameter_group_added_mid_cycle_joins_at_its_current_value():
+    p, q = _param(2, 1.0), _param(2, 3.0)
+    opt = EntropySGD([p], L=3, noise=0.0, sgld_lr=0.1)
+    target = torch.zeros(2, dtype=torch.float64)
+    _quadratic_run(opt, p, 1, target)
+    opt.add_param_group({"params": [q], "lr": 0.5})
+    assert opt.base_optimizer.param_groups[1]["lr"] == 0.5
+    assert opt.swap_in_anchor() and torch.equal(q.detach(), torch.full((2,), 3.0).double())
+    state = opt.state_dict()
+    assert opt.swap_out_anchor()
+    assert "sample" not in state["state"].get(1, {})
+    for _ in range(2):
+        p.grad, q.grad = 2 * p.detach(), 2 * q.detach()
+        opt.step()
+    assert opt.outer_step == 1 and q.detach().max() < 3.0
