@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._context import (
     Mode,
@@ -42,9 +42,11 @@ class MeasureContext:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
         seed: the monitor's seed, identical on every rank.
         step, epoch: the global step and completed-epoch count of this measurement.
+        status: ``status(what, done=None, total=None)`` shows progress in the progress bar.
     """
 
-    def __init__(self, module, params, batches, loss_fn, seed, step, epoch) -> None:
+    def __init__(self, module, params, batches, loss_fn, seed, step, epoch, status=None) -> None:
+        self.status = status or (lambda what, done=None, total=None: None)
         self.module = module
         self.params = params
         self.batches = batches
@@ -106,6 +108,7 @@ class LandscapeMonitor(Callback):
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
         self._last_step = -1
+        self.summary_path: str | None = None
 
     # ----------------------------------------------------------------- to implement
     def measure(
@@ -157,6 +160,9 @@ class LandscapeMonitor(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = None  # free the fixed batches
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
+        if monitors and monitors[0] is self:  # one table for all monitors
+            self.summary_path = _progress.write_summary(trainer, monitors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "history": [dict(h) for h in self.history]}
@@ -187,6 +193,8 @@ class LandscapeMonitor(Callback):
 
     def run_measurement(self, trainer, pl_module, epoch: int, step: int) -> dict[str, float]:
         """Measure now (whatever the schedule), log, and return the scalars."""
+        status = _progress.Status(trainer, type(self).__name__)
+        status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
         start = time.perf_counter()
         with measuring(pl_module, self.mode):
@@ -204,6 +212,7 @@ class LandscapeMonitor(Callback):
                 seed=self.seed,
                 step=step,
                 epoch=epoch,
+                status=status,
             )
             try:
                 metrics = self.measure(trainer, pl_module, ctx)
@@ -223,6 +232,7 @@ class LandscapeMonitor(Callback):
                 "is the loss NaN/inf at these weights? NaN is logged and training goes on.",
             )
         _logging.log_scalars(trainer, metrics, step)
+        status(f"done in {metrics[f'{self.namespace}/seconds']:.1f} s")
         return metrics
 
 

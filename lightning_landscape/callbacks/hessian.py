@@ -169,8 +169,9 @@ class HessianMonitor(LandscapeMonitor):
         keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
         return dict.fromkeys(keys, math.nan)
 
-    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool):
+    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
         op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+        op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
         try:
             return analyze(
                 op,
@@ -191,7 +192,7 @@ class HessianMonitor(LandscapeMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        result = self._analyze(ctx, ctx.params, self.top_k, full=True)
+        result = self._analyze(ctx, ctx.params, self.top_k, full=True, what="full Hessian")
         out: dict[str, float] = {}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
@@ -209,7 +210,7 @@ class HessianMonitor(LandscapeMonitor):
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 continue
-            block = self._analyze(ctx, params, 1, full=False)
+            block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
             if block.trace is not None:
                 out[f"hessian/{name}/trace"] = block.trace.estimate

@@ -33,6 +33,7 @@ class LinearOperator:
 
     def __init__(self) -> None:
         self.num_matvecs = 0
+        self.on_matvec: Callable[[int], None] | None = None  # progress hook: total products so far
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``H v`` for a flat vector ``v`` of length ``dim``."""
@@ -46,6 +47,8 @@ class LinearOperator:
             raise ValueError(f"`V` must have shape ({self.dim}, k), got {tuple(V.shape)}.")
         out = self._matmat(V.T.to(dtype=self.dtype, device=self.device).contiguous())
         self.num_matvecs += V.shape[1]
+        if self.on_matvec is not None:
+            self.on_matvec(self.num_matvecs)
         return out.T
 
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -132,6 +135,8 @@ class HessianOperator(LinearOperator):
             )
         if len(batches) == 0:
             raise ValueError("`batches` is empty.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r}.")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("`batch_size_fn` must be callable or None.")
         self.module = params if isinstance(params, nn.Module) else None
@@ -155,6 +160,8 @@ class HessianOperator(LinearOperator):
         total = torch.tensor([float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device)
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
         self._cache: list[Any] | None = None
+        self._cache_key: tuple = ()
+        self._forward_over_reverse = True
 
     @property
     def local_size(self) -> int:
@@ -163,24 +170,53 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         acc = torch.zeros_like(Vt)
+        if self.hvp == "cached" and self._cache is not None and self._cache_key != self._key():
+            self._cache = None  # parameters updated in place, or train/eval switched: rebuild
         with _hvp.guard(self.module, self.params, self.seed):
             if self.hvp == "cached":
                 if self._cache is None:
+                    self._cache_key = self._key()
                     self._cache = [
                         _hvp.gradient_graph(self.loss_fn, self.params, b) for b in self.batches
                     ]
                 for n, graph in zip(self.batch_sizes, self._cache, strict=True):
                     acc.add_(_hvp.hvp_from_graph(graph, self.params, Vt), alpha=n)
-            else:
-                product = _hvp.hvp_func if self.hvp == "func" else _hvp.hvp_double_backward
+            elif self.hvp == "func":
                 for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                    acc.add_(product(self.loss_fn, self.params, batch, Vt, self.module), alpha=n)
+                    acc.add_(self._func_product(batch, Vt), alpha=n)
+            else:
+                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
+                    product = _hvp.hvp_double_backward(self.loss_fn, self.params, batch, Vt)
+                    acc.add_(product, alpha=n)
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)
 
+    def _func_product(self, batch: Any, Vt: Tensor) -> Tensor:
+        if self._forward_over_reverse:
+            try:
+                return _hvp.hvp_func(self.loss_fn, self.params, batch, Vt, self.module)
+            except RuntimeError as err:  # jvp(grad(F.mse_loss)) in torch 2.13
+                if "ZeroTensor" not in str(err):
+                    raise
+                self._forward_over_reverse = False
+        return _hvp.hvp_func(
+            self.loss_fn, self.params, batch, Vt, self.module, forward_over_reverse=False
+        )
+
+    def _key(self) -> tuple:
+        """What the cached graphs depend on: parameter versions and train/eval flags."""
+        flags = tuple(m.training for m in self.module.modules()) if self.module is not None else ()
+        return tuple(p._version for p in self.params), flags
+
     def release(self) -> None:
-        """Free the cached gradient graphs (``hvp="cached"``)."""
+        """Free the cached gradient graphs (``hvp="cached"``); the next product rebuilds them."""
         self._cache = None
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def gradient(self) -> Tensor:
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
