@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +19,11 @@ from pytorch_lightning.utilities import rank_zero_info
 class Status:
     """Writes ``"<monitor>: <what> <done>/<total>"`` into the train progress bar's postfix."""
 
-    def __init__(self, trainer: pl.Trainer, monitor: str) -> None:
+    def __init__(self, trainer: pl.Trainer, monitor: str, every: float = 0.5) -> None:
         self.bar = None
         self.monitor = monitor
+        self.every = every
+        self.last = 0.0
         cb = trainer.progress_bar_callback
         if trainer.is_global_zero and isinstance(cb, TQDMProgressBar):
             try:
@@ -29,8 +32,10 @@ class Status:
                 self.bar = None
 
     def __call__(self, what: str, done: int | None = None, total: int | None = None) -> None:
-        if self.bar is None:
+        now = time.monotonic()
+        if self.bar is None or (done is not None and now - self.last < self.every):
             return
+        self.last = now
         text = f"{self.monitor}: {what}"
         if done is not None:
             text += f" {done}" + (f"/{total}" if total else "")
