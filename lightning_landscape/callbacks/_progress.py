@@ -82,9 +82,9 @@ def merged_history(monitors: Sequence[Any]) -> list[dict[str, float]]:
 
 
 def write_summary(trainer: pl.Trainer, monitors: Sequence[Any]) -> str | None:
-    """Print the summary table and write ``landscape_summary.csv`` next to the logs (rank 0).
-
-    Returns the CSV path (None when nothing was measured or there is no log directory)."""
+    """Print the summary table and write ``landscape_summary.csv`` in the first logger's
+    ``log_dir`` (rank 0). Returns the CSV path (None when nothing was measured or there is no
+    logger with a log directory)."""
     rows = merged_history(monitors)
     if not rows or not trainer.is_global_zero:
         return None
@@ -94,7 +94,8 @@ def write_summary(trainer: pl.Trainer, monitors: Sequence[Any]) -> str | None:
         folder = getattr(logger, "log_dir", None) or folder
         if folder:
             break
-    folder = folder or trainer.default_root_dir
+    if not folder:  # no logger: the table is printed, no file is written
+        return None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "landscape_summary.csv")
     keys = ["epoch", "step"] + sorted({k for r in rows for k in r} - {"epoch", "step"})
