@@ -45,6 +45,10 @@ class EntropySGDCallback(Callback):
     optimizer once per outer step); two in-place parameter copies for each evaluation run that
     starts mid-cycle; one parameter copy for each checkpoint saved mid-cycle.
 
+    Raises:
+        MisconfigurationException: at ``on_fit_start``, if no optimizer is an EntropySGD, or one
+            in ``mode="closure"`` meets gradient accumulation, fp16 GradScaler or DeepSpeed.
+
     Example::
 
         model = MyModule()  # configure_optimizers returns EntropySGD(self.parameters(), ...)

@@ -389,6 +389,28 @@ def test_callback_refuses_closure_mode_where_it_cannot_work(trainer_kwargs, matc
         _trainer(max_steps=1, **trainer_kwargs).fit(model, train)
 
 
+def _fake_trainer(strategy_cls, mode):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        optimizers=[EntropySGD(Tiny(BASE).parameters(), mode=mode)],
+        accumulate_grad_batches=1,
+        precision_plugin=None,
+        strategy=strategy_cls.__new__(strategy_cls),  # the class is all the check looks at
+        callbacks=[],
+    )
+
+
+def test_callback_refuses_closure_mode_under_deepspeed_and_warns_for_sharding():
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    callback = EntropySGDCallback()
+    with pytest.raises(MisconfigurationException, match="cannot be used with DeepSpeed"):
+        callback.on_fit_start(_fake_trainer(DeepSpeedStrategy, "closure"), None)
+    with pytest.warns(UserWarning, match="under FSDPStrategy is untested"):
+        callback.on_fit_start(_fake_trainer(FSDPStrategy, "batches"), None)
+
+
 def test_callback_warns_about_weights_only_checkpoints(tmp_path):
     train, _ = _loaders()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
