@@ -1,0 +1,329 @@
+"""NoiseTemperatureMonitor in real Trainers: temperature, noise scale, DDP, resume, errors."""
+
+import glob
+import math
+import os
+import types
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from lightning_landscape import NoiseTemperatureMonitor, SharpnessMonitor
+from lightning_landscape.landscape.noise import exact_noise_scale
+from lightning_landscape.landscape.sharpness import (
+    FunctionObjective,
+    adaptive_sharpness,
+    keskar_sharpness,
+    sam_sharpness,
+)
+
+D = torch.float64
+
+
+class Regression(pl.LightningModule):
+    """Linear least squares; float64; optimizer chosen by name (picklable for ddp_spawn)."""
+
+    def __init__(self, d=3, lr=0.1, optimizer="sgd", momentum=0.0, groups=False, decay=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(d, 1).double()
+        self.lr, self.optimizer_name, self.momentum = lr, optimizer, momentum
+        self.groups, self.decay = groups, decay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.lin(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        if self.groups:
+            params = [
+                {"params": [self.lin.weight], "dampening": 0.1},
+                {"params": [self.lin.bias], "lr": self.lr / 2},
+            ]
+        else:
+            params = self.parameters()
+        if self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        if not self.decay:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _decay(step):
+    return 1.0 / (1.0 + step)
+
+
+def _data(n, d=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=D)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=D)[:d] + 0.3 * torch.randn(n, generator=g, dtype=D)
+    return x, y
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    kwargs.setdefault("max_epochs", 2)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=kwargs.pop("devices", 1),
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _scalars(path):
+    """{tag: {step: value}} of every TensorBoard event file under ``path``."""
+    out = {}
+    for folder in sorted(
+        {os.path.dirname(f) for f in glob.glob(f"{path}/**/events.*", recursive=True)}
+    ):
+        acc = EventAccumulator(folder, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def test_temperature_with_accumulation_short_batch_momentum_and_groups(tmp_path):
+    """14 samples, batches of 4 → 4, 4, 4, 2; accumulate 2 → steps over [4, 4] and [4, 2]."""
+    x, y = _data(14)
+    model = Regression(lr=0.2, momentum=0.9, groups=True, decay=True)
+    monitor = NoiseTemperatureMonitor()
+    trainer = _trainer(tmp_path, [monitor], accumulate_grad_batches=2)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = _scalars(tmp_path)
+    assert sorted(logged["noise/temperature"]) == [0, 1, 2, 3]
+    for step in range(4):
+        lr = 0.2 / (1 + step)
+        batch = 8 if step % 2 == 0 else 2 * (2 / (1 / 4 + 1 / 2))  # harmonic size of [4, 2]
+        assert logged["noise/batch_size"][step] == pytest.approx(batch, rel=1e-6)
+        assert logged["noise/temperature"][step] == pytest.approx(lr / (2 * batch), rel=1e-6)
+        assert logged["noise/temperature_momentum"][step] == pytest.approx(
+            lr * 0.9 / (2 * batch * 0.1), rel=1e-6
+        )
+        assert logged["noise/temperature/group_1"][step] == pytest.approx(
+            lr / (4 * batch), rel=1e-6
+        )
+        assert logged["noise/temperature_momentum/group_1"][step] == pytest.approx(
+            lr / (4 * batch * 0.1), rel=1e-6
+        )
+        for key in ("noise/gradient_noise_scale", "noise/trace_covariance", "noise/grad_norm_sq"):
+            assert math.isfinite(logged[key][step])
+    assert "noise/temperature" in trainer.callback_metrics
+    assert monitor.ema.count == 4
+    for p in model.parameters():  # hooks removed after fit
+        assert not p._backward_hooks
+
+
+def test_noise_scale_with_accumulation_converges_to_exact(tmp_path):
+    """lr = 0 keeps the weights fixed; samples drawn with replacement: the EMA of the unbiased
+    estimates converges to the exact tr(Σ)/|G|² from per-sample gradients."""
+    x, y = _data(512)
+    model = Regression(lr=0.0)
+    steps, batch, accumulate = 400, 8, 4
+    sampler = RandomSampler(range(512), replacement=True, num_samples=steps * batch * accumulate)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, sampler=sampler)
+    monitor = NoiseTemperatureMonitor(every_n_steps=1, ema_decay=0.998)
+    trainer = _trainer(tmp_path, [monitor], accumulate_grad_batches=accumulate, max_epochs=1)
+    pl.seed_everything(0)
+    trainer.fit(model, loader)
+    xb = torch.cat([x, torch.ones(512, 1, dtype=D)], 1)
+    residual = model.lin(x).squeeze(-1).detach() - y
+    per_sample = 2 * residual[:, None] * xb  # gradient of (xᵀw + b − y)² in (w, b)
+    exact = exact_noise_scale(per_sample)
+    logged = _scalars(tmp_path)
+    last = max(logged["noise/gradient_noise_scale"])
+    assert last == steps - 1 and monitor.ema.count == steps
+    assert logged["noise/gradient_noise_scale"][last] == pytest.approx(exact.noise_scale, rel=0.1)
+    assert logged["noise/trace_covariance"][last] == pytest.approx(exact.trace_covariance, rel=0.1)
+    assert logged["noise/grad_norm_sq"][last] == pytest.approx(exact.grad_norm_sq, rel=0.1)
+    assert logged["noise/temperature"][last] == 0.0
+
+
+def test_one_device_without_accumulation_logs_temperature_only(tmp_path):
+    x, y = _data(16)
+    monitor = NoiseTemperatureMonitor(every_n_steps=2)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    with pytest.warns(UserWarning, match="no second batch size"):
+        trainer.fit(Regression(optimizer="adam"), DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = _scalars(tmp_path)
+    assert sorted(logged["noise/temperature"]) == [0, 2]  # every 2 of 4 steps
+    assert logged["noise/temperature"][2] == pytest.approx(0.1 / 8, rel=1e-6)
+    noise_keys = {k for k in logged if k.startswith("noise/")}
+    assert noise_keys == {"noise/temperature", "noise/batch_size"}  # Adam: no momentum key
+
+
+def _unreadable(batch):
+    raise ValueError("no size here")
+
+
+def test_batch_size_fn_and_unreadable_batches(tmp_path):
+    x, y = _data(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    monitor = NoiseTemperatureMonitor(batch_size_fn=lambda batch: 100)
+    _trainer(tmp_path / "a", [monitor], accumulate_grad_batches=2, max_epochs=1).fit(
+        Regression(), loader
+    )
+    assert set(_scalars(tmp_path / "a")["noise/batch_size"].values()) == {200.0}
+    monitor = NoiseTemperatureMonitor(batch_size_fn=_unreadable)
+    trainer = _trainer(tmp_path / "b", [monitor], accumulate_grad_batches=2, max_epochs=1)
+    with pytest.warns(UserWarning, match="cannot tell the batch size"):
+        trainer.fit(Regression(), loader)
+    assert not any(k.startswith("noise/") for k in _scalars(tmp_path / "b"))
+    assert monitor.ema.count == 0
+
+
+def test_resume_continues_steps_and_ema(tmp_path):
+    x, y = _data(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    first = NoiseTemperatureMonitor(ema_decay=0.5)
+    trainer = _trainer(tmp_path / "a", [first], accumulate_grad_batches=2, max_epochs=2)
+    trainer.fit(Regression(), loader)
+    ckpt = str(tmp_path / "a.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert first.ema.count == 4
+    second = NoiseTemperatureMonitor(ema_decay=0.5)
+    trainer = _trainer(tmp_path / "b", [second], accumulate_grad_batches=2, max_epochs=4)
+    trainer.fit(Regression(), loader, ckpt_path=ckpt)
+    assert second.ema.count == 8
+    before, after = _scalars(tmp_path / "a"), _scalars(tmp_path / "b")
+    assert sorted(before["noise/temperature"]) == [0, 1, 2, 3]
+    assert sorted(after["noise/temperature"]) == [4, 5, 6, 7]  # no repeat, no skip
+    torch.load(ckpt, weights_only=True)  # the callback state is plain
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="`every_n_steps` must be a positive int"):
+        NoiseTemperatureMonitor(every_n_steps=0)
+    with pytest.raises(TypeError, match="`every_n_steps` must be a positive int"):
+        NoiseTemperatureMonitor(every_n_steps=1.5)
+    with pytest.raises(ValueError, match=r"`ema_decay` must be a number in \[0, 1\)"):
+        NoiseTemperatureMonitor(ema_decay=1.0)
+    with pytest.raises(TypeError, match="`ema_decay` must be a number"):
+        NoiseTemperatureMonitor(ema_decay="0.9")
+    with pytest.raises(TypeError, match="`noise_scale` must be a bool"):
+        NoiseTemperatureMonitor(noise_scale=1)
+    with pytest.raises(TypeError, match="`batch_size_fn` must be callable"):
+        NoiseTemperatureMonitor(batch_size_fn=4)
+
+    class FSDPStrategy:  # the name is what setup checks
+        pass
+
+    fake = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy"):
+        NoiseTemperatureMonitor().setup(fake, Regression(), "fit")
+
+
+# ------------------------------------------------------------------------------------- DDP
+N_DDP, B_DDP, W, A = 20, 4, 2, 2  # 10 samples per rank: batches 4, 4, 2 → steps over [4, 4], [2]
+
+
+class RankShard(torch.utils.data.Sampler):
+    """Rank r gets the samples r, r + W, r + 2W, ... in order (Lightning's own DistributedSampler
+    always shuffles the training data)."""
+
+    def __init__(self, n, world):
+        self.n, self.world = n, world
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(range(rank, self.n, self.world))
+
+    def __len__(self):
+        return len(range(0, self.n, self.world))
+
+
+def _sgd_replay(x, y):
+    """Replay the 2-rank run: per step, the micro-batch gradients of every rank, and the weights
+    after each step."""
+    model = Regression(momentum=0.9, decay=True)
+    theta = torch.cat([model.lin.weight.detach().reshape(-1), model.lin.bias.detach()])
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=D)], 1)
+
+    def grad(idx, th):
+        r = xb[idx] @ th - y[idx]
+        return 2 * (xb[idx] * r[:, None]).mean(0)
+
+    shards = [list(range(r, N_DDP, W)) for r in range(W)]
+    windows = [[(0, 4), (4, 8)], [(8, 10)]]
+    steps, weights, buf, s = [], [theta.clone()], None, 0
+    for _epoch in range(2):
+        for window in windows:
+            smalls = [grad(shards[r][a:b], theta) for r in range(W) for a, b in window]
+            g = sum(smalls) / (W * A)  # DDP mean over ranks of the accumulated Σ_j g_j / A
+            lr = 0.1 / (1 + s)
+            buf = g.clone() if buf is None else 0.9 * buf + g
+            steps.append((lr, window[0][1] - window[0][0] if len(window) == 2 else 2, smalls))
+            theta = theta - lr * buf
+            s += 1
+        weights.append(theta.clone())
+    return steps, weights, xb, shards
+
+
+@pytest.mark.distributed
+def test_ddp_spawn_temperature_noise_scale_and_sharpness(tmp_path):
+    x, y = _data(N_DDP)
+    loader = DataLoader(TensorDataset(x, y), batch_size=B_DDP, sampler=RankShard(N_DDP, W))
+    noise = NoiseTemperatureMonitor(ema_decay=0.0)  # the last step's estimates, unsmoothed
+    sharp = SharpnessMonitor(num_batches=2, ascent_steps=3, average_samples=2, rho=0.05)
+    trainer = _trainer(
+        tmp_path,
+        [noise, sharp],
+        devices=W,
+        strategy="ddp_spawn",
+        accumulate_grad_batches=A,
+        max_epochs=2,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(Regression(momentum=0.9, decay=True), loader)
+    logged = _scalars(tmp_path)
+    steps, weights, xb, shards = _sgd_replay(x, y)
+    assert sorted(logged["noise/temperature"]) == [0, 1, 2, 3]
+    for s, (lr, b, smalls) in enumerate(steps):
+        k = len(smalls) // W
+        # the issue's formula lr / (2 · b · 2 · 2), b = 4 or the short last batch 2
+        assert logged["noise/temperature"][s] == pytest.approx(lr / (2 * b * W * A), rel=1e-6)
+        assert logged["noise/temperature_momentum"][s] == pytest.approx(
+            lr / (2 * b * W * A * 0.1), rel=1e-6
+        )
+        assert logged["noise/batch_size"][s] == pytest.approx(b * W * A, rel=1e-6)
+        # McCandlish's estimators: small = each rank's micro-batch gradient (b samples),
+        # big = their mean (b · W · k samples)
+        small_sq = sum(float(g.pow(2).sum()) for g in smalls) / len(smalls)
+        big_sq = float((sum(smalls) / len(smalls)).pow(2).sum())
+        b_small, b_big = b, b * W * k
+        g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+        trs = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+        assert logged["noise/grad_norm_sq"][s] == pytest.approx(g2, rel=1e-5)
+        assert logged["noise/trace_covariance"][s] == pytest.approx(trs, rel=1e-5)
+        assert logged["noise/gradient_noise_scale"][s] == pytest.approx(trs / g2, rel=1e-5)
+    # sharpness at epochs 0, 1, 2 (steps 0, 2, 4) equals the single-process value on the union
+    # of both ranks' fixed batches (the first 2 batches of each shard)
+    union = [i for r in range(W) for i in shards[r][:8]]
+
+    def loss(theta):
+        return ((xb[union] @ theta - y[union]) ** 2).mean()
+
+    assert sorted(logged["sharpness/sam"]) == [0, 2, 4]
+    for epoch, step in enumerate([0, 2, 4]):
+        w = weights[epoch]
+        sam = sam_sharpness(FunctionObjective(loss), w, 0.05, steps=3)
+        ada = adaptive_sharpness(FunctionObjective(loss), w, 0.5, eta=0.01, steps=3)
+        kes = keskar_sharpness(FunctionObjective(loss), w, 1e-3, steps=3)
+        assert logged["sharpness/sam"][step] == pytest.approx(sam.sharpness, rel=1e-5)
+        assert logged["sharpness/adaptive"][step] == pytest.approx(ada.sharpness, rel=1e-5)
+        assert logged["sharpness/keskar"][step] == pytest.approx(kes.sharpness, rel=1e-5)
+        assert math.isfinite(logged["sharpness/average"][step])
+        assert logged["sharpness/average_stderr"][step] >= 0

@@ -1,0 +1,248 @@
+"""SharpnessMonitor in real Trainers (and both monitors together: training is unchanged)."""
+
+import glob
+import math
+import os
+import types
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape import NoiseTemperatureMonitor, SharpnessMonitor
+from lightning_landscape.landscape.sharpness import (
+    FunctionObjective,
+    adaptive_sharpness,
+    keskar_sharpness,
+    sam_sharpness,
+)
+
+D = torch.float64
+
+
+class Net(pl.LightningModule):
+    """A tiny float64 MLP, with BatchNorm and Dropout when ``bn``."""
+
+    def __init__(self, bn=False, lr=0.1):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [nn.Linear(3, 6)]
+        layers += [nn.BatchNorm1d(6), nn.Dropout(0.3)] if bn else []
+        layers += [nn.Tanh(), nn.Linear(6, 1)]
+        self.net = nn.Sequential(*layers).double()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x).squeeze(-1), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class Manual(Net):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def _data(n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=D)
+    return x, torch.sin(x.sum(1)) + 0.1 * torch.randn(n, generator=g, dtype=D)
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _scalars(path):
+    out = {}
+    for folder in sorted(
+        {os.path.dirname(f) for f in glob.glob(f"{path}/**/events.*", recursive=True)}
+    ):
+        acc = EventAccumulator(folder, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def _flat_loss(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def f(w):
+        params, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = w[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        out = torch.func.functional_call(model.net, {k[4:]: v for k, v in params.items()}, (x,))
+        return F.mse_loss(out.squeeze(-1), y)
+
+    return f, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
+    x, y = _data()
+    fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    monitor = SharpnessMonitor(
+        epochs=[0, 1],
+        rho=[0.01, 0.05],
+        sigma=0.02,
+        ascent_steps=4,
+        average_samples=50,
+        num_batches=2,
+        dataloader=fixed,
+    )
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    model = Net()
+    f, w0 = _flat_loss(Net(), x[:16], y[:16])  # the initial weights
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+    logged = _scalars(tmp_path)
+    keys = {
+        "sharpness/sam_rho0.01",
+        "sharpness/sam_rho0.05",
+        "sharpness/adaptive",
+        "sharpness/average",
+        "sharpness/average_stderr",
+        "sharpness/keskar",
+        "sharpness/num_forward",
+        "sharpness/num_backward",
+        "sharpness/seconds",
+    }
+    assert keys <= set(logged)
+    assert not any(k.startswith("sharpness/sam") and k not in keys for k in logged)
+    assert all(sorted(logged[k]) == [0, 4] for k in keys)  # epoch 0 (step 0), epoch 1 (step 4)
+    for rho in (0.01, 0.05):
+        ref = sam_sharpness(FunctionObjective(f), w0, rho, steps=4)
+        assert logged[f"sharpness/sam_rho{rho}"][0] == pytest.approx(ref.sharpness, rel=1e-5)
+    ref = adaptive_sharpness(FunctionObjective(f), w0, 0.5, eta=0.01, steps=4)
+    assert logged["sharpness/adaptive"][0] == pytest.approx(ref.sharpness, rel=1e-5)
+    ref = keskar_sharpness(FunctionObjective(f), w0, 1e-3, steps=4)
+    assert logged["sharpness/keskar"][0] == pytest.approx(ref.sharpness, rel=1e-5)
+    # average case: σ² tr(H) / 2 to second order (the third-order term cancels by antithesis)
+    h = torch.autograd.functional.hessian(f, w0)
+    truth = 0.02**2 * float(torch.trace(h)) / 2
+    avg, stderr = logged["sharpness/average"][0], logged["sharpness/average_stderr"][0]
+    assert abs(avg - truth) < 3 * stderr + 0.05 * abs(truth)
+    # cost on 2 batches: one base gradient, 3 ascent gradients and 1 loss for each of the two
+    # sam radii and adaptive, at most that for keskar, 2 · 50 losses for average
+    assert logged["sharpness/num_backward"][0] <= 2 * (1 + 4 * 3)
+    assert logged["sharpness/num_forward"][0] >= 2 * (1 + 3 * 4 + 100)
+    assert "sharpness/sam_rho0.05" in trainer.callback_metrics
+    assert monitor.done == [0, 1]
+
+
+def test_bit_identical_training_with_both_monitors(tmp_path):
+    x, y = _data(40)
+
+    def run(callbacks, folder):
+        pl.seed_everything(0)
+        model = Net(bn=True)
+        trainer = _trainer(folder, callbacks, max_epochs=3, accumulate_grad_batches=2)
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+        return model
+
+    plain = run([], tmp_path / "plain")
+    monitors = [
+        NoiseTemperatureMonitor(),
+        SharpnessMonitor(every_n_epochs=1, num_batches=2, ascent_steps=2, average_samples=2),
+        SharpnessMonitor(every_n_epochs=1, num_batches=2, mode="train", seed=1, kinds=["sam"]),
+    ]
+    watched = run(monitors, tmp_path / "watched")
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    logged = _scalars(tmp_path / "watched")
+    assert sorted(logged["sharpness/keskar"]) == [0, 3, 6, 9]
+    assert len(logged["noise/temperature"]) == 9
+    # 5 batches an epoch, accumulate 2: the epoch's last step has one backward pass on one
+    # device, hence no second batch size, and logs the temperature only
+    assert sorted(logged["noise/gradient_noise_scale"]) == [0, 1, 3, 4, 6, 7]
+
+
+def test_resume_continues_the_schedule(tmp_path):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    first = SharpnessMonitor(every_n_epochs=1, kinds=["sam"], ascent_steps=2, num_batches=1)
+    trainer = _trainer(tmp_path / "a", [first], max_epochs=2)
+    trainer.fit(Net(), loader)
+    ckpt = str(tmp_path / "a.ckpt")
+    trainer.save_checkpoint(ckpt)
+    second = SharpnessMonitor(every_n_epochs=1, kinds=["sam"], ascent_steps=2, num_batches=1)
+    trainer = _trainer(tmp_path / "b", [second], max_epochs=4)
+    trainer.fit(Net(), loader, ckpt_path=ckpt)
+    assert first.done == [0, 1, 2]
+    assert second.done == [0, 1, 2, 3, 4]
+    assert sorted(_scalars(tmp_path / "b")["sharpness/sam"]) == [12, 16]  # epochs 3, 4 only
+
+
+def test_nan_loss_logs_nan_and_warns(tmp_path):
+    x, y = _data(16)
+
+    def nan_loss(module, batch):
+        return module.training_step(batch, 0) * math.nan
+
+    monitor = SharpnessMonitor(epochs=[0], loss_fn=nan_loss, kinds=["sam", "average"])
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
+    assert math.isnan(monitor.history[0]["sharpness/sam"])
+    assert math.isnan(monitor.history[0]["sharpness/average"])
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="`kinds` must be a list"):
+        SharpnessMonitor(kinds="sam")
+    with pytest.raises(ValueError, match="`kinds` must be a non-empty subset"):
+        SharpnessMonitor(kinds=["sam", "hessian"])
+    with pytest.raises(ValueError, match="`kinds` must be a non-empty subset"):
+        SharpnessMonitor(kinds=[])
+    with pytest.raises(ValueError, match="`rho` must hold positive numbers"):
+        SharpnessMonitor(rho=[0.05, 0.0])
+    with pytest.raises(ValueError, match="`rho` is empty"):
+        SharpnessMonitor(rho=[])
+    with pytest.raises(TypeError, match="`adaptive_rho` must be a positive number"):
+        SharpnessMonitor(adaptive_rho="0.5")
+    with pytest.raises(ValueError, match="`sigma` must hold positive numbers"):
+        SharpnessMonitor(sigma=-1.0)
+    with pytest.raises(ValueError, match="`epsilon` must hold positive numbers"):
+        SharpnessMonitor(epsilon=math.inf)
+    with pytest.raises(ValueError, match="`ascent_steps` must be a positive int"):
+        SharpnessMonitor(ascent_steps=0)
+    with pytest.raises(ValueError, match="`average_samples` must be >= 2"):
+        SharpnessMonitor(average_samples=1)
+    with pytest.raises(ValueError, match="`eta` must be a non-negative number"):
+        SharpnessMonitor(eta=-0.01)
+    with pytest.raises(TypeError, match="`eta` must be a non-negative number"):
+        SharpnessMonitor(eta=None)
+    with pytest.raises(ValueError, match="`mode` must be 'eval' or 'train'"):
+        SharpnessMonitor(mode="test")
+    with pytest.raises(ValueError, match="give exactly one of"):
+        SharpnessMonitor(every_n_epochs=1, every_n_steps=10)
+
+    class DeepSpeedStrategy:
+        pass
+
+    fake = types.SimpleNamespace(strategy=DeepSpeedStrategy())
+    with pytest.raises(ValueError, match="does not support the DeepSpeedStrategy strategy"):
+        SharpnessMonitor().setup(fake, Net(), "fit")
+    fake = types.SimpleNamespace(strategy=object())
+    with pytest.raises(ValueError, match="manual optimization"):
+        SharpnessMonitor().setup(fake, Manual(), "fit")
