@@ -14,6 +14,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lightning_landscape.landscape.trajectory import InterpolationResult, PCAResult
+
 _SIZE = (6.4, 4.6)
 
 
@@ -50,24 +52,21 @@ def _filled_contour(fig: Figure, ax, xs: Tensor, ys: Tensor, z: Tensor, label: s
 
 
 def interpolation_figure(
-    alphas: Tensor,
-    losses: Tensor,
+    curve: InterpolationResult,
     *,
     start_label: str,
     end_label: str,
-    metric: Tensor | None = None,
     metric_name: str = "metric",
-    barrier: float | None = None,
-    distance: float | None = None,
-    monotonic: bool | None = None,
+    show_monotonic: bool = True,
 ) -> Figure:
-    """Loss (and an optional metric on a second axis) along θ(α) = (1 − α) θ_start + α θ_end,
-    with the chord between the endpoints dashed and the endpoints marked; the barrier, distance
-    and monotonicity, when given, go in the title."""
-    facts = [f"barrier {barrier:.3g}"] if barrier is not None else []
-    facts += [f"distance {distance:.3g}"] if distance is not None else []
-    facts += [("" if monotonic else "not ") + "monotonic"] if monotonic is not None else []
-    title = f"Loss from {start_label} to {end_label}" + ("\n" + ", ".join(facts) if facts else "")
+    """Loss (and the metric in ``curve.values[:, 1]``, if any, on a second axis) along
+    θ(α) = (1 − α) θ_start + α θ_end, with the chord between the endpoints dashed, the endpoints
+    marked, and the barrier, distance and (``show_monotonic``) monotonicity in the title."""
+    facts = [f"barrier {curve.barrier:.3g}", f"distance {curve.distance:.3g}"]
+    facts += [("" if curve.monotonic else "not ") + "monotonic"] if show_monotonic else []
+    title = f"Loss from {start_label} to {end_label}\n" + ", ".join(facts)
+    alphas, losses = curve.alphas, curve.losses
+    metric = curve.values[:, 1] if curve.values.shape[1] > 1 else None
     a, y = _np(alphas), _np(losses)
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
@@ -97,23 +96,23 @@ def interpolation_figure(
 
 
 def trajectory_figure(
+    pca: PCAResult,
     xs: Tensor,
     ys: Tensor,
     z: Tensor,
-    coords: Tensor,
     labels: Sequence[str],
     *,
     current_label: str,
-    explained: Sequence[float],
-    off_plane: float,
 ) -> Figure:
     """The trajectory on its PCA plane (snapshots marked and labelled, the current weights at the
-    origin) over the filled contour of the loss on the plane; the explained variance and the
-    largest off-plane distance in the title."""
+    origin) over the filled contour of the loss ``z`` on the grid ``xs`` × ``ys`` of the plane;
+    the explained variance and the largest off-plane distance in the title."""
+    explained = pca.explained_variance_ratio.tolist()
     title = (
         f"Trajectory on its PCA plane ({100 * sum(explained[:2]):.1f}% of variance)\n"
-        f"loss on the plane; largest snapshot distance from it {off_plane:.3g}"
+        f"loss on the plane; largest snapshot distance from it {float(pca.off_plane.max()):.3g}"
     )
+    coords = pca.coords
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
     _filled_contour(fig, ax, xs, ys, z, "loss on the plane")
@@ -161,6 +160,7 @@ def slice_2d_figure(xs: Tensor, ys: Tensor, z: Tensor, *, where: str = "") -> Fi
     ax.set_xlabel("direction 1 (filter-normalized)")
     ax.set_ylabel("direction 2 (filter-normalized)")
     ax.set_aspect("equal")
+    ax.locator_params(nbins=5)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -32,6 +32,58 @@ ValueFn = Callable[[Tensor], "float | Sequence[float]"]
 _CHUNK = 1 << 20  # columns per block when measuring off-plane residuals
 
 
+class Snapshots:
+    """Flat weight snapshots, copied to CPU in ``dtype``, with the epoch and step of each.
+
+    :meth:`thin` keeps memory bounded: it drops, one at a time, the snapshot whose neighbours are
+    closest in steps (so the kept ones stay spread over the run), never the first (the initial
+    weights) nor the last.
+
+    Args:
+        dtype: the storage dtype.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.tensors: list[Tensor] = []
+        self.epochs: list[int] = []
+        self.steps: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def add(self, theta: Tensor, epoch: int, step: int) -> None:
+        """Store a copy of the flat vector ``theta``."""
+        self.tensors.append(theta.detach().reshape(-1).to("cpu", self.dtype).clone())
+        self.epochs.append(int(epoch))
+        self.steps.append(int(step))
+
+    def thin(self, max_count: int) -> list[int]:
+        """Drop snapshots until at most ``max_count`` (≥ 2) remain; return the dropped indices
+        (each in the list as it was when dropped)."""
+        dropped = []
+        while len(self) > max(max_count, 2):
+            s = self.steps
+            i = min(range(1, len(s) - 1), key=lambda j: (s[j + 1] - s[j - 1], j))
+            for seq in (self.tensors, self.epochs, self.steps):
+                del seq[i]
+            dropped.append(i)
+        return dropped
+
+    def state_dict(self) -> dict:
+        """Plain lists and CPU tensors (loadable with ``weights_only=True``)."""
+        return {
+            "snapshots": list(self.tensors),
+            "snapshot_epochs": list(self.epochs),
+            "snapshot_steps": list(self.steps),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tensors = [t.to("cpu", self.dtype) for t in state.get("snapshots", [])]
+        self.epochs = [int(e) for e in state.get("snapshot_epochs", [])]
+        self.steps = [int(s) for s in state.get("snapshot_steps", [])]
+
+
 def interpolation_alphas(num_points: int, margin: float = 0.0) -> Tensor:
     """``num_points`` evenly spaced α in [−margin, 1 + margin], plus 0 and 1 if missing.
 

@@ -1,0 +1,357 @@
+"""TrajectoryMonitor: the loss along the training path, and pictures of the landscape around it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.curvature._utils import check_positive_int, unflatten
+from lightning_landscape.curvature.distributed import is_distributed
+from lightning_landscape.landscape import plots
+from lightning_landscape.landscape.directions import (
+    filter_normalized_directions,
+    normalization_parameters,
+)
+from lightning_landscape.landscape.evaluate import ParamVector, mean_value
+from lightning_landscape.landscape.trajectory import (
+    Snapshots,
+    interpolate,
+    interpolation_alphas,
+    line_values,
+    pca_plane,
+    plane_grid,
+    surface_values,
+)
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+class TrajectoryMonitor(LandscapeMonitor):
+    """The loss along the training trajectory at chosen epochs, and pictures of the landscape.
+
+    At fit start and at each chosen epoch the trainable parameters are copied (flat, on CPU, in
+    ``snapshot_dtype``). At each chosen epoch, on the fixed batches, the loss (and ``metric_fn``)
+    is evaluated along θ(α) = (1 − α) θ_start + α θ_current from the initial and from the previous
+    snapshot (Goodfellow, Vinyals, Saxe 2015), which usually falls monotonically. The barrier is
+    max_{α∈[0,1]} L(α) − ((1 − α) L(0) + α L(1)). At fit end (and at every measurement with
+    ``pictures_every_measurement``) the landscape picture (Li, Xu, Taylor, Studer, Goldstein 2018):
+    PCA of θ_i − θ_current (section 7; not centered, so the current weights are the origin), the
+    trajectory projected on the two first components over the loss on a ``grid_size`` ×
+    ``grid_size`` grid of that plane; and slices along filter-normalized random directions
+    (section 4: each filter of d rescaled to the norm of the weight filter, zero for biases and
+    normalization layers), 1-D on t ∈ [−1, 1] and 2-D on [−1, 1]². The contour is the loss on the
+    plane, not at the snapshots: the explained variance and the off-plane distance say how
+    faithful it is. Under DDP each rank evaluates its own batches and the sums are reduced; the
+    snapshots, directions and planes are identical on every rank.
+
+    Args:
+        num_points: α values per interpolation curve (and t values of the 1-D slice).
+        alpha_margin: α runs over [−alpha_margin, 1 + alpha_margin] (0 and 1 always included).
+        metric_fn: ``metric_fn(pl_module, batch) -> scalar`` (e.g. accuracy) also evaluated along
+            the interpolation curves (batch-size weighted mean, like the loss).
+        metric_name: its name in keys and figures.
+        grid_size: points per side of the PCA contour and of the 2-D slice.
+        slices: draw the random-direction slices with each picture.
+        picture_at_end: draw the landscape picture at the end of training.
+        pictures_every_measurement: also draw it at every chosen epoch.
+        max_snapshots: cap on stored snapshots (memory max_snapshots · dim · dtype size on CPU,
+            on every rank and in checkpoints). Beyond it the snapshot closest to its neighbours
+            (smallest step gap between its two neighbours) is dropped, with a warning the first
+            time; the initial and the latest snapshots are always kept.
+        snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
+            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+            or manual optimization without ``loss_fn``; at train start, if restored snapshots do
+            not match the number of trainable parameters.
+
+    Logged metrics (at the global step of each measurement; distances in weight units):
+        - ``trajectory/loss`` (and ``trajectory/<metric_name>``): at the current weights.
+        - ``trajectory/distance_from_init``: ‖θ_current − θ_init‖.
+        - ``trajectory/step_distance``: ‖θ_current − θ_previous snapshot‖.
+        - ``trajectory/barrier``, ``trajectory/step_barrier``: barrier of the init→current and
+          prev→current curves (0 if the curve stays under its chord).
+        - ``trajectory/monotonic``: 1 if the init→current loss is non-increasing on [0, 1]
+          (increases below 1e-4 of its range ignored).
+        - ``trajectory/num_snapshots``, ``trajectory/num_evaluations`` (weight points evaluated,
+          each one pass over the fixed batches), ``trajectory/seconds``.
+        - figures ``trajectory/loss_init_to_current``, ``trajectory/loss_prev_to_current``.
+        - with a picture: ``trajectory/pca_explained_variance`` (share of Σ‖θ_i − θ_current‖² on
+          the plane), ``trajectory/off_plane_distance`` (the largest over the snapshots of the
+          distance from the plane), figures ``trajectory/pca_landscape``, and with ``slices``
+          ``trajectory/slice_1d``, ``trajectory/slice_2d``.
+
+    Cost (forward passes over ``num_batches`` batches; twice with ``metric_fn`` on the curves):
+    2 · ``num_points`` per chosen epoch (+2 per curve if the margin puts 0 or 1 off the grid;
+    1 at the first snapshot); per picture ``grid_size``² (PCA plane) + ``num_points`` (1-D
+    slice) + ``grid_size``² (2-D slice). Defaults (21 points, 11 × 11, 2 batches): 84 batch
+    forward passes per epoch, 526 per picture.
+
+    Example::
+
+        monitor = TrajectoryMonitor(epochs=[0, 1, 2, 5, 10, 20], metric_fn=accuracy)
+        trainer = pl.Trainer(max_epochs=20, callbacks=[monitor])
+    """
+
+    namespace = "trajectory"
+
+    def __init__(
+        self,
+        *,
+        num_points: int = 21,
+        alpha_margin: float = 0.0,
+        metric_fn: Callable[[pl.LightningModule, Any], Tensor | float] | None = None,
+        metric_name: str = "metric",
+        grid_size: int = 11,
+        slices: bool = True,
+        picture_at_end: bool = True,
+        pictures_every_measurement: bool = False,
+        max_snapshots: int = 32,
+        snapshot_dtype: torch.dtype | str = torch.float32,
+        epochs: Iterable[int] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        num_batches: int = 2,
+        dataloader: Iterable | None = None,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+        mode: Mode = "eval",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            epochs=epochs,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            num_batches=num_batches,
+            dataloader=dataloader,
+            loss_fn=loss_fn,
+            mode=mode,
+            seed=seed,
+        )
+        self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
+        check_positive_int("grid_size", grid_size)
+        if grid_size < 2:
+            raise ValueError(f"`grid_size` must be at least 2, got {grid_size!r}.")
+        check_positive_int("max_snapshots", max_snapshots)
+        if max_snapshots < 2:
+            raise ValueError(f"`max_snapshots` must be at least 2, got {max_snapshots!r}.")
+        for name, value in (
+            ("slices", slices),
+            ("picture_at_end", picture_at_end),
+            ("pictures_every_measurement", pictures_every_measurement),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if metric_fn is not None and not callable(metric_fn):
+            raise TypeError(f"`metric_fn` must be callable or None, got {metric_fn!r}.")
+        if not isinstance(metric_name, str) or not metric_name or "/" in metric_name:
+            raise ValueError(
+                f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
+            )
+        dtype = _DTYPES.get(snapshot_dtype) if isinstance(snapshot_dtype, str) else snapshot_dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"`snapshot_dtype` must be a floating torch.dtype or one of {sorted(_DTYPES)}, "
+                f"got {snapshot_dtype!r}."
+            )
+        self.num_points, self.alpha_margin = num_points, float(alpha_margin)
+        self.metric_fn, self.metric_name = metric_fn, metric_name
+        self.grid_size, self.slices = grid_size, slices
+        self.picture_at_end = picture_at_end
+        self.pictures_every_measurement = pictures_every_measurement
+        self.max_snapshots, self.snapshot_dtype = max_snapshots, dtype
+        self.snapshots = Snapshots(dtype)
+        self.last_curves: dict[str, Any] = {}
+        self.last_picture: dict[str, Any] = {}
+        self._final = False
+        self._warned_thin = False
+        self._evaluations = 0
+
+    # ----------------------------------------------------------------- snapshots and state
+    def _label(self, i: int) -> str:
+        snaps = self.snapshots
+        return f"step {snaps.steps[i]}" if self.schedule.by_step else f"epoch {snaps.epochs[i]}"
+
+    def _thin(self) -> None:
+        steps = list(self.snapshots.steps)
+        dropped = self.snapshots.thin(self.max_snapshots)
+        if dropped and not self._warned_thin:
+            self._warned_thin = True
+            rank_zero_warn(
+                f"TrajectoryMonitor: more than max_snapshots={self.max_snapshots} snapshots; "
+                f"dropped the one at step {steps[dropped[0]]} and will thin older ones from now "
+                "on (the initial and latest are kept). Raise `max_snapshots` to keep them all."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | self.snapshots.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.snapshots.load_state_dict(state_dict)
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pv = ParamVector([p for p in pl_module.parameters() if p.requires_grad])
+        size = self.snapshots.tensors[0].numel() if len(self.snapshots) else pv.dim
+        if size != pv.dim:
+            raise ValueError(
+                f"TrajectoryMonitor: the restored snapshots have {size} entries but the module "
+                f"has {pv.dim} trainable parameters."
+            )
+        if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
+            self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        drawn = self.pictures_every_measurement and self._last_step == trainer.global_step
+        if self.picture_at_end and not drawn:
+            self._final = True
+            try:
+                self.run_measurement(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+            finally:
+                self._final = False
+
+    def nan_metrics(self) -> dict[str, float]:
+        keys = ["pca_explained_variance", "off_plane_distance"]
+        if not self._final:
+            keys = ["loss", "distance_from_init", "step_distance", "barrier", "step_barrier"]
+            keys += ["monotonic"] + ([self.metric_name] if self.metric_fn else [])
+        return {f"trajectory/{k}": math.nan for k in keys}
+
+    # ----------------------------------------------------------------- measurement
+    def _value_fn(self, ctx: MeasureContext, pv: ParamVector, metric: bool):
+        fns = [ctx.loss_fn]
+        if metric and self.metric_fn is not None:
+            fns.append(lambda batch: self.metric_fn(ctx.module, batch))
+
+        def value(theta: Tensor) -> list[float]:
+            pv.set_(theta)
+            self._evaluations += 1
+            return [mean_value(f, ctx.batches) for f in fns]
+
+        return value
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
+    ) -> dict[str, float]:
+        pv = ParamVector(ctx.params)
+        theta = pv.get()
+        self._evaluations = 0
+        out: dict[str, float] = {}
+        with pv.moved_to(theta):
+            if not self._final:
+                if self.snapshots.steps[-1] != ctx.step:
+                    self.snapshots.add(theta, ctx.epoch, ctx.step)
+                out.update(self._curves(trainer, ctx, pv, theta))
+            if self._final or self.pictures_every_measurement:
+                out.update(self._picture(trainer, ctx, pv, theta))
+        self._thin()
+        out["trajectory/num_snapshots"] = float(len(self.snapshots))
+        out["trajectory/num_evaluations"] = float(self._evaluations)
+        return out
+
+    def _curves(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+        value = self._value_fn(ctx, pv, metric=True)
+        name = f"trajectory/{self.metric_name}"
+        cur = len(self.snapshots) - 1
+        if cur == 0:  # the first snapshot: nothing to interpolate yet
+            vals = value(theta)
+            out = {"trajectory/loss": vals[0], "trajectory/distance_from_init": 0.0}
+            return out | ({name: vals[1]} if len(vals) > 1 else {})
+        curves = {
+            "init_to_current": interpolate(value, self.snapshots.tensors[0], theta, self.alphas)
+        }
+        curves["prev_to_current"] = (
+            curves["init_to_current"]
+            if cur == 1
+            else interpolate(value, self.snapshots.tensors[cur - 1], theta, self.alphas)
+        )
+        self.last_curves = curves
+        init, prev = curves["init_to_current"], curves["prev_to_current"]
+        end = init.values[self.alphas == 1][0].tolist()
+        out = {
+            "trajectory/loss": end[0],
+            "trajectory/distance_from_init": init.distance,
+            "trajectory/step_distance": prev.distance,
+            "trajectory/barrier": init.barrier,
+            "trajectory/step_barrier": prev.barrier,
+            "trajectory/monotonic": float(init.monotonic),
+        } | ({name: end[1]} if len(end) > 1 else {})
+        if _draws(trainer):
+            for key, curve, first in (("init", init, 0), ("prev", prev, cur - 1)):
+                fig = plots.interpolation_figure(
+                    curve, start_label=self._label(first), end_label=self._label(cur),
+                    metric_name=self.metric_name, show_monotonic=key == "init",
+                )  # fmt: skip
+                _logging.log_figure(trainer, f"trajectory/loss_{key}_to_current", fig, ctx.step)
+        return out
+
+    def _picture(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+        value = self._value_fn(ctx, pv, metric=False)
+        out: dict[str, float] = {}
+        self.last_picture = {}
+        here = f"step {ctx.step}" if self.schedule.by_step else f"epoch {ctx.epoch}"
+        others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
+        if others:
+            pca = pca_plane([self.snapshots.tensors[i] for i in others], theta, seed=self.seed)
+            xs, ys = plane_grid(pca.coords, self.grid_size)
+            packed = _same_on_all_ranks(torch.cat([pca.directions.reshape(-1), xs, ys]))
+            g = self.grid_size
+            dirs, xs, ys = packed[: -2 * g].reshape(2, -1), packed[-2 * g : -g], packed[-g:]
+            z = surface_values(value, theta, dirs.to(theta), xs, ys)[..., 0]
+            out["trajectory/pca_explained_variance"] = pca.explained_variance
+            out["trajectory/off_plane_distance"] = float(pca.off_plane.max())
+            self.last_picture = {"pca": pca, "xs": xs, "ys": ys, "loss": z}
+            if _draws(trainer):
+                labels = [self._label(i) for i in others]
+                fig = plots.trajectory_figure(pca, xs, ys, z, labels, current_label=here)
+                _logging.log_figure(trainer, "trajectory/pca_landscape", fig, ctx.step)
+        if self.slices:
+            norm_ids = normalization_parameters(ctx.module)
+            zero = [id(p) in norm_ids for p in ctx.params]
+            weights = unflatten(theta, ctx.params)  # θ itself: the parameters may have moved
+            dirs = filter_normalized_directions(weights, num=2, seed=self.seed, zero=zero)
+            ts = torch.unique(torch.cat([torch.linspace(-1, 1, self.num_points), torch.zeros(1)]))
+            line = line_values(value, theta, dirs[0], ts.double())[:, 0]
+            grid = torch.linspace(-1, 1, self.grid_size, dtype=torch.float64)
+            z2 = surface_values(value, theta, dirs, grid, grid)[..., 0]
+            self.last_picture.update(slice_t=ts, slice_1d=line, slice_grid=grid, slice_2d=z2)
+            if _draws(trainer):
+                fig = plots.slice_1d_figure(ts, line, where=f"at {here}")
+                _logging.log_figure(trainer, "trajectory/slice_1d", fig, ctx.step)
+                fig = plots.slice_2d_figure(grid, grid, z2, where=f"at {here}")
+                _logging.log_figure(trainer, "trajectory/slice_2d", fig, ctx.step)
+        return out
+
+
+def _draws(trainer: pl.Trainer) -> bool:
+    """Whether this process makes figures: rank zero, with a logger to send them to."""
+    return trainer.is_global_zero and bool(trainer.loggers)
+
+
+def _same_on_all_ranks(t: Tensor) -> Tensor:
+    """Rank 0's copy of ``t`` on every rank (a no-op on one process)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().clone()
+    if dist.get_backend() == "nccl":
+        buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.broadcast(buf, src=0)
+    return buf.to(t.device)
