@@ -90,8 +90,8 @@ class TrajectoryMonitor(LandscapeMonitor):
           prev→current curves (0 if the curve stays under its chord).
         - ``trajectory/monotonic``: 1 if the init→current loss is non-increasing on [0, 1]
           (increases below 1e-4 of its range ignored).
-        - ``trajectory/num_snapshots``, ``trajectory/num_evaluations`` (weight points evaluated,
-          each one pass over the fixed batches), ``trajectory/seconds``.
+        - ``trajectory/num_snapshots``; ``trajectory/num_forward``: forward passes over single
+          fixed batches spent by the measurement; ``trajectory/seconds``: its wall time.
         - figures ``trajectory/loss_init_to_current``, ``trajectory/loss_prev_to_current``.
         - with a picture: ``trajectory/pca_explained_variance`` (share of Σ‖θ_i − θ_current‖² on
           the plane), ``trajectory/off_plane_distance`` (the largest over the snapshots of the
@@ -181,7 +181,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.last_picture: dict[str, Any] = {}
         self._final = False
         self._warned_thin = False
-        self._evaluations = 0
+        self._points = self._forward = 0
 
     # ----------------------------------------------------------------- snapshots and state
     def _label(self, i: int) -> str:
@@ -236,14 +236,16 @@ class TrajectoryMonitor(LandscapeMonitor):
         return {f"trajectory/{k}": math.nan for k in keys}
 
     # ----------------------------------------------------------------- measurement
-    def _value_fn(self, ctx: MeasureContext, pv: ParamVector, metric: bool):
+    def _value_fn(self, ctx: MeasureContext, pv: ParamVector, what: str, metric: bool = False):
         fns = [ctx.loss_fn]
         if metric and self.metric_fn is not None:
             fns.append(lambda batch: self.metric_fn(ctx.module, batch))
 
         def value(theta: Tensor) -> list[float]:
             pv.set_(theta)
-            self._evaluations += 1
+            self._points += 1
+            self._forward += len(fns) * len(ctx.batches)
+            ctx.status(f"{what}, weight points", self._points)
             return [mean_value(f, ctx.batches) for f in fns]
 
         return value
@@ -253,7 +255,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     ) -> dict[str, float]:
         pv = ParamVector(ctx.params)
         theta = pv.get()
-        self._evaluations = 0
+        self._points = self._forward = 0
         out: dict[str, float] = {}
         with pv.moved_to(theta):
             if not self._final:
@@ -264,11 +266,11 @@ class TrajectoryMonitor(LandscapeMonitor):
                 out.update(self._picture(trainer, ctx, pv, theta))
         self._thin()
         out["trajectory/num_snapshots"] = float(len(self.snapshots))
-        out["trajectory/num_evaluations"] = float(self._evaluations)
+        out["trajectory/num_forward"] = float(self._forward)
         return out
 
     def _curves(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
-        value = self._value_fn(ctx, pv, metric=True)
+        value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)
         name = f"trajectory/{self.metric_name}"
         cur = len(self.snapshots) - 1
         if cur == 0:  # the first snapshot: nothing to interpolate yet
@@ -304,7 +306,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         return out
 
     def _picture(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
-        value = self._value_fn(ctx, pv, metric=False)
+        value = self._value_fn(ctx, pv, "landscape picture")
         out: dict[str, float] = {}
         self.last_picture = {}
         here = f"step {ctx.step}" if self.schedule.by_step else f"epoch {ctx.epoch}"

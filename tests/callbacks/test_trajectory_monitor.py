@@ -2,6 +2,7 @@
 bit-identity, errors. (Named ``test_trajectory_monitor.py``: the test folders have no
 ``__init__.py``, and ``tests/landscape/test_trajectory.py`` holds the pure-math tests.)"""
 
+import math
 import os
 
 import pytest
@@ -31,7 +32,7 @@ SCALARS = {
     "trajectory/step_barrier",
     "trajectory/monotonic",
     "trajectory/num_snapshots",
-    "trajectory/num_evaluations",
+    "trajectory/num_forward",
     "trajectory/seconds",
     "trajectory/pca_explained_variance",
     "trajectory/off_plane_distance",
@@ -169,8 +170,9 @@ def test_logged_tags_and_values(tmp_path):
     assert logged["trajectory/step_distance"] == pytest.approx(step, rel=1e-6)
     assert logged["trajectory/barrier"] == pytest.approx(curve.barrier, rel=1e-6, abs=1e-7)
     assert logged["trajectory/monotonic"] == float(curve.monotonic)
-    assert mon.history[-1]["trajectory/num_evaluations"] == 2 * len(curve.alphas)
-    assert logged["trajectory/num_evaluations"] == 4 * 4 + 7 + 4 * 4  # the picture at fit end
+    # 2 curves × 8 α × 2 batches × (loss + accuracy); the picture: (4 × 4 + 7 + 4 × 4) × 2
+    assert mon.history[-1]["trajectory/num_forward"] == 2 * len(curve.alphas) * 2 * 2
+    assert logged["trajectory/num_forward"] == (4 * 4 + 7 + 4 * 4) * 2
     assert t.callback_metrics["trajectory/barrier"].item() == pytest.approx(curve.barrier, abs=1e-7)
 
     # the picture: PCA of the earlier snapshots around the final weights, loss on its plane
@@ -201,7 +203,20 @@ def test_fit_start_snapshot_is_taken_even_if_epoch_0_is_not_measured(tmp_path):
     assert [int(h["epoch"]) for h in mon.history] == [2]
     h = mon.history[0]
     assert h["trajectory/step_distance"] == h["trajectory/distance_from_init"] > 0
-    assert h["trajectory/num_evaluations"] == 3  # init and prev are the same segment
+    assert h["trajectory/num_forward"] == 3 * 2  # init and prev: the same segment; 2 batches
+
+
+def test_half_precision_parameters(tmp_path):
+    mon = TrajectoryMonitor(epochs=[0, 1], num_points=3, grid_size=2, snapshot_dtype=torch.float32)
+    model = Net().float()
+    data = TensorDataset(*(t.float() if t.is_floating_point() else t for t in dataset().tensors))
+    t = make_trainer(tmp_path, [mon], max_epochs=1, precision="bf16-true", logger=False)
+    t.fit(model, DataLoader(data, batch_size=8))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert [s.dtype for s in mon.snapshots.tensors] == [torch.float32] * 2
+    final = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    assert torch.equal(mon.snapshots.tensors[-1], final)
+    assert all(math.isfinite(v) for v in mon.history[-1].values())
 
 
 def test_max_snapshots_thins_older_ones_with_one_warning(tmp_path):

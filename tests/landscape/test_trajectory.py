@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_landscape.landscape.trajectory import (
+    Snapshots,
     barrier,
     interpolate,
     interpolation_alphas,
@@ -186,3 +187,20 @@ def test_line_and_surface_values():
     z = surface_values(lambda t: [loss(t), 1.0], origin, d, xs, ys)
     assert z.shape == (2, 3, 2)
     assert z[1, 2, 0] == pytest.approx(loss(origin + 2 * d[0] + 1.0 * d[1]), rel=1e-14)
+
+
+def test_snapshots_thin_evenly_and_keep_the_first_and_last():
+    snaps = Snapshots(torch.float32)
+    for step in range(0, 11):
+        snaps.add(torch.full((3,), float(step), dtype=torch.float64), epoch=step, step=step)
+    assert snaps.tensors[0].dtype == torch.float32 and snaps.tensors[0].device.type == "cpu"
+    dropped = snaps.thin(4)
+    assert len(dropped) == 7 and len(snaps) == 4
+    assert snaps.steps[0] == 0 and snaps.steps[-1] == 10
+    assert max(b - a for a, b in zip(snaps.steps, snaps.steps[1:], strict=False)) <= 4
+    assert [float(t[0]) for t in snaps.tensors] == [float(s) for s in snaps.steps]
+    restored = Snapshots(torch.float64)
+    restored.load_state_dict(snaps.state_dict())
+    assert restored.steps == snaps.steps and restored.epochs == snaps.epochs
+    assert all(t.dtype == torch.float64 for t in restored.tensors)
+    assert len(snaps.thin(1)) == 2 and snaps.steps == [0, 10]  # never below two
