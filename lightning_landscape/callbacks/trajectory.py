@@ -330,8 +330,9 @@ class TrajectoryMonitor(LandscapeMonitor):
             zero = [id(p) in norm_ids for p in ctx.params]
             weights = unflatten(theta, ctx.params)  # θ itself: the parameters may have moved
             dirs = filter_normalized_directions(weights, num=2, seed=self.seed, zero=zero)
-            ts = torch.unique(torch.cat([torch.linspace(-1, 1, self.num_points), torch.zeros(1)]))
-            line = line_values(value, theta, dirs[0], ts.double())[:, 0]
+            ts = torch.linspace(-1, 1, self.num_points, dtype=torch.float64)
+            ts = torch.unique(torch.cat([ts, torch.zeros(1, dtype=torch.float64)]))
+            line = line_values(value, theta, dirs[0], ts)[:, 0]
             grid = torch.linspace(-1, 1, self.grid_size, dtype=torch.float64)
             z2 = surface_values(value, theta, dirs, grid, grid)[..., 0]
             self.last_picture.update(slice_t=ts, slice_1d=line, slice_grid=grid, slice_2d=z2)
