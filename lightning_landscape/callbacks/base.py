@@ -30,6 +30,7 @@ from lightning_landscape.callbacks._context import (
 )
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature._utils import check_positive_int
+from lightning_landscape.optim._anchor import anchor_in_parameters
 
 
 class MeasureContext:
@@ -197,7 +198,9 @@ class LandscapeMonitor(Callback):
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
         start = time.perf_counter()
-        with measuring(pl_module, self.mode):
+        # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
+        # landscape is measured at the anchor x, the iterate of the algorithm.
+        with anchor_in_parameters(trainer.optimizers), measuring(pl_module, self.mode):
             dtype = measurement_dtype(pl_module)
             used = (
                 [cast_batch(b, dtype) for b in batches]

@@ -4,7 +4,8 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and spares a shared CPU."""
+    """The test models are tiny: one intra-op thread is faster, and spawned DDP ranks do not
+    oversubscribe a 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
