@@ -140,6 +140,7 @@ class NoiseTemperatureMonitor(Callback):
         self.batch_size_fn = batch_size_fn
         self.ema = NoiseScaleEMA(self.ema_decay)
         self.per_group = False
+        self._state_key: str | None = None
         self._handles: list[Any] = []
         self._params: list[Tensor] = []
         self._sums: _NoiseSums | None = None
@@ -150,7 +151,12 @@ class NoiseTemperatureMonitor(Callback):
     # ----------------------------------------------------------------- state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, ema=self.ema_decay)
+        # Lightning reads it at every hook call (profiler names): computed once
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                every_n_steps=self.every_n_steps, ema=self.ema_decay
+            )
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict(), "per_group": self.per_group}
