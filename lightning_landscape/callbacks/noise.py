@@ -74,6 +74,11 @@ class NoiseTemperatureMonitor(Callback):
     groups with a ``momentum`` entry (SGD, RMSprop) only. The gradient noise scale is
     optimizer-independent (it describes the gradients) and stays meaningful.
 
+    In manual optimization, each batch's loss is taken to be its mean loss, backpropagated once
+    and not divided, and B = b · W: batches accumulated by hand between two steps do not enter B
+    (divide the temperature by their number if you divide their losses by it; the noise scale
+    assumes undivided losses and, on one device, steps over at least two batches).
+
     Only the first optimizer (``trainer.optimizers[0]``) is followed. The monitor never calls
     ``backward`` and never writes ``.grad``: the hooks only read, training is unchanged.
 
@@ -344,7 +349,17 @@ class NoiseTemperatureMonitor(Callback):
                 "temperature is logged.",
             )
             return {}
-        if num_bad > 0 or not grads:
+        if num_bad > 0:
+            _logging.warn_once(
+                trainer,
+                "noise-mismatch",
+                "NoiseTemperatureMonitor: the backward passes of a step do not match its batches "
+                "(several backward passes per batch, or a skipped one), so the gradient noise "
+                "scale is skipped at such steps; it needs one backward pass of the batch's mean "
+                "loss per batch.",
+            )
+            return {}
+        if not grads:
             return {}
         big_sq = sum(
             float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()) for g in grads

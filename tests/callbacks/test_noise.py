@@ -165,6 +165,49 @@ def test_one_device_without_accumulation_logs_temperature_only(tmp_path):
     assert noise_keys == {"noise/temperature", "noise/batch_size"}  # Adam: no momentum key
 
 
+class ManualEveryTwo(Regression):
+    """Manual optimization: one undivided backward per batch, a step every two batches."""
+
+    def __init__(self, split=False):
+        super().__init__(lr=0.0)
+        self.automatic_optimization = False
+        self.split = split
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        parts = zip(x.chunk(2), y.chunk(2), strict=True) if self.split else [(x, y)]
+        for xs, ys in parts:
+            self.manual_backward(F.mse_loss(self.lin(xs).squeeze(-1), ys))
+        if batch_idx % 2 == 1:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+
+
+def test_manual_optimization(tmp_path):
+    x, y = _data(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model = ManualEveryTwo()
+    trainer = _trainer(tmp_path / "a", [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1)
+    trainer.fit(model, loader)
+    logged = _scalars(tmp_path / "a")
+    assert logged["noise/batch_size"] == {0: 4.0, 1: 4.0}
+    xb = torch.cat([x, torch.ones(16, 1, dtype=D)], 1)
+    theta = torch.cat([model.lin.weight.detach().reshape(-1), model.lin.bias.detach()])
+    for step in (0, 1):
+        smalls = []
+        for b in (2 * step, 2 * step + 1):
+            idx = slice(4 * b, 4 * b + 4)
+            smalls.append(2 * (xb[idx] * (xb[idx] @ theta - y[idx])[:, None]).mean(0))
+        small_sq = sum(float(g.pow(2).sum()) for g in smalls) / 2
+        big_sq = float((sum(smalls) / 2).pow(2).sum())
+        assert logged["noise/grad_norm_sq"][step] == pytest.approx(2 * big_sq - small_sq, rel=1e-5)
+    split = NoiseTemperatureMonitor()
+    trainer = _trainer(tmp_path / "b", [split], max_epochs=1)
+    with pytest.warns(UserWarning, match="do not match its batches"):
+        trainer.fit(ManualEveryTwo(split=True), loader)
+    assert split.ema.count == 0
+
+
 def _unreadable(batch):
     raise ValueError("no size here")
 
