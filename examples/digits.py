@@ -143,6 +143,13 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     parser.add_argument("--optimizer", choices=["sgd", "entropy-sgd"], default="sgd")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--max-epochs", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch")
+    parser.add_argument(
+        "--accumulate-grad-batches",
+        type=int,
+        default=2,
+        help="micro-batches per optimizer step (they also give the gradient noise scale on one device)",
+    )
     parser.add_argument("--no-monitors", action="store_true", help="train without the monitors")
     parser.add_argument("--logdir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         deterministic=False,
     )
     start = time.perf_counter()
-    trainer.fit(DigitsCNN(optimizer=args.optimizer), DigitsData())
+    trainer.fit(DigitsCNN(optimizer=args.optimizer), DigitsData(batch_size=args.batch_size))
     if trainer.is_global_zero:
         print(f"\nfinished in {time.perf_counter() - start:.1f} s; logs in {logger.log_dir}")
         print(f"view them with:  tensorboard --logdir {args.logdir}")
