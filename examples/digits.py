@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         logger=logger,
         log_every_n_steps=5,
         enable_checkpointing=False,
-        deterministic=False,
+        accumulate_grad_batches=args.accumulate_grad_batches,
     )
     start = time.perf_counter()
     trainer.fit(DigitsCNN(optimizer=args.optimizer), DigitsData(batch_size=args.batch_size))
