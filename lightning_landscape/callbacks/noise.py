@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature._utils import default_batch_size
 from lightning_landscape.landscape.noise import (
@@ -20,26 +18,6 @@ from lightning_landscape.landscape.noise import (
     effective_batch_size,
     micro_batch_estimates,
 )
-
-
-class _NoiseSums(Metric):
-    """Per-step sums over the small-batch gradients of all ranks: Σ|gⱼ|², Σ 1/bⱼ, n and a count
-    of ranks whose step could not be measured (summed across ranks by torchmetrics)."""
-
-    full_state_update = False
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.add_state("sums", default=torch.zeros(4, dtype=dtype), dist_reduce_fx="sum")
-
-    def update(self, small_sq: Tensor, inv_size: float, num: int, bad: bool) -> None:
-        extra = torch.tensor([inv_size, float(num), float(bad)], dtype=self.sums.dtype)
-        self.sums += torch.cat(
-            [small_sq.reshape(1).to(self.sums.dtype), extra.to(self.sums.device)]
-        )
-
-    def compute(self) -> Tensor:
-        return self.sums
 
 
 class NoiseTemperatureMonitor(Callback):
@@ -146,10 +124,7 @@ class NoiseTemperatureMonitor(Callback):
         self.ema = NoiseScaleEMA(self.ema_decay)
         self.per_group = False
         self._state_key: str | None = None
-        self._handles: list[Any] = []
-        self._params: list[Tensor] = []
-        self._sums: _NoiseSums | None = None
-        self._acc: Tensor | None = None
+        self._hooks = GradientHooks()  # hook handles and tensors stay in their process
         self._reset_window()
         self._last_step = -1
 
@@ -170,11 +145,6 @@ class NoiseTemperatureMonitor(Callback):
         self.ema.load_state_dict(state_dict.get("ema", {}))
         self.per_group = bool(state_dict.get("per_group", False))
 
-    def __getstate__(self) -> dict[str, Any]:  # hook handles and tensors stay in their process
-        state = self.__dict__.copy()
-        state.update(_handles=[], _params=[], _sums=None, _acc=None)
-        return state
-
     # ----------------------------------------------------------------- setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -188,7 +158,7 @@ class NoiseTemperatureMonitor(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._hooks.remove()
         self._reset_window()
         self._last_step = -1
         if not trainer.optimizers:
@@ -212,30 +182,13 @@ class NoiseTemperatureMonitor(Callback):
                 "(use accumulate_grad_batches > 1 or several devices).",
             )
             return
-        seen: set[int] = set()
-        for group in trainer.optimizers[0].param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self._params.append(p)
-        if not self._params:
-            return
-        device = self._params[0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self._acc = torch.zeros((), dtype=dtype, device=device)
-        self._sums = _NoiseSums(dtype).to(device)
-        self._handles = [p.register_hook(self._hook) for p in self._params]
+        self._hooks.attach(trainer.optimizers[0].param_groups)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._hooks.remove()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._params, self._sums, self._acc = [], [], None, None
+        self._hooks.remove()
 
     # ----------------------------------------------------------------- recording
     def _reset_window(self) -> None:
@@ -243,15 +196,8 @@ class NoiseTemperatureMonitor(Callback):
         self._due = False
         self._skip = False  # the batch size of this step could not be read
         self._closed = False
-        self._recording = False
         self._current_size = 0
-        self._small_sq: Tensor | float = 0.0
-        self._inv_size = 0.0
-        self._num_small = 0
-
-    def _hook(self, grad: Tensor) -> None:
-        if self._recording and self._acc is not None:
-            self._acc += torch.linalg.vector_norm(grad.detach(), dtype=self._acc.dtype).square()
+        self._hooks.reset()
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._closed:
@@ -275,16 +221,11 @@ class NoiseTemperatureMonitor(Callback):
             self._sizes.append(self._current_size)
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if self._due and not self._closed and self._acc is not None:
-            self._acc.zero_()
-            self._recording = True
+        if self._due and not self._closed:
+            self._hooks.begin()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._recording:
-            self._recording = False
-            self._small_sq = self._small_sq + self._acc.clone()
-            self._inv_size += 1.0 / self._current_size if self._current_size > 0 else math.nan
-            self._num_small += 1
+        self._hooks.end(self._current_size)
 
     # ----------------------------------------------------------------- the step
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -300,44 +241,15 @@ class NoiseTemperatureMonitor(Callback):
         automatic = pl_module.automatic_optimization
         accumulate = trainer.accumulate_grad_batches if automatic else 1
         batch = effective_batch_size(self._sizes, trainer.world_size, accumulate)
-        metrics = {"noise/batch_size": batch, **self._temperatures(optimizer, batch)}
-        if self._sums is not None:
+        temps, self.per_group = temperatures(optimizer.param_groups, batch, self.per_group)
+        metrics = {"noise/batch_size": batch, **temps}
+        if self._hooks.attached:
             metrics.update(self._noise(trainer, accumulate if automatic else 1))
         _logging.log_scalars(trainer, metrics, step)
 
-    def _temperatures(self, optimizer: torch.optim.Optimizer, batch: float) -> dict[str, float]:
-        plain, momentum = [], []
-        for group in optimizer.param_groups:
-            lr = float(group.get("lr", math.nan))
-            plain.append(lr / (2 * batch))
-            if "momentum" in group:
-                mu, damp = float(group["momentum"]), float(group.get("dampening", 0.0) or 0.0)
-                momentum.append(lr * (1 - damp) / (2 * batch * (1 - mu)) if mu < 1 else math.nan)
-            else:
-                momentum.append(None)
-        if len(plain) > 1 and (len(set(plain)) > 1 or len(set(momentum)) > 1):
-            self.per_group = True
-        out = {"noise/temperature": plain[0]}
-        if momentum[0] is not None:
-            out["noise/temperature_momentum"] = momentum[0]
-        if self.per_group:
-            for i in range(1, len(plain)):
-                out[f"noise/temperature/group_{i}"] = plain[i]
-                if momentum[i] is not None:
-                    out[f"noise/temperature_momentum/group_{i}"] = momentum[i]
-        return out
-
     def _noise(self, trainer: pl.Trainer, scale_back: int) -> dict[str, float]:
         """Fold this step's estimates into the EMA (a collective: every rank runs it)."""
-        num_local = self._num_small
-        bad = num_local != len(self._sizes) or not math.isfinite(self._inv_size)
-        small = (
-            self._small_sq if isinstance(self._small_sq, Tensor) else torch.zeros_like(self._acc)
-        )
-        self._sums.update(small, self._inv_size if not bad else 0.0, num_local, bad)
-        small_sq, inv_size, num, num_bad = self._sums.compute().tolist()
-        self._sums.reset()
-        grads = [p.grad for p in self._params if p.grad is not None]
+        small_sq, inv_size, num, num_bad = self._hooks.reduce(len(self._sizes))
         if num < 2:  # one backward on one device: a short last accumulation window, or manual
             if trainer.lightning_module.automatic_optimization:
                 return {}
@@ -359,15 +271,13 @@ class NoiseTemperatureMonitor(Callback):
                 "loss per batch.",
             )
             return {}
-        if not grads:
+        big_sq = self._hooks.grad_norm_sq()
+        if big_sq is None:
             return {}
-        big_sq = sum(
-            float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()) for g in grads
-        )
-        loss_scale = _loss_scale(trainer)
+        scale = loss_scale(trainer)
         k = len(self._sizes)
         estimate = micro_batch_estimates(
-            small_sq * scale_back**2 / loss_scale**2,
+            small_sq * scale_back**2 / scale**2,
             inv_size,
             int(num),
             big_sq * (scale_back / k) ** 2,
@@ -378,12 +288,3 @@ class NoiseTemperatureMonitor(Callback):
             "noise/trace_covariance": self.ema.trace_covariance,
             "noise/grad_norm_sq": self.ema.grad_norm_sq,
         }
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    """The AMP GradScaler's scale, which multiplies the gradients the hooks see (``.grad`` is
-    unscaled by ``on_before_optimizer_step``)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-        return 1.0
-    return float(scaler.get_scale())

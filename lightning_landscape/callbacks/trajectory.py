@@ -8,37 +8,22 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._trajectory_parts import (
+    floating_dtype,
+    log_curve_figures,
+    log_pca_figure,
+    log_slice_figures,
+    pca_picture,
+    slice_picture,
+    thin_snapshots,
+)
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
-from lightning_landscape.curvature._utils import check_positive_int, unflatten
-from lightning_landscape.curvature.distributed import is_distributed
-from lightning_landscape.landscape import plots
-from lightning_landscape.landscape.directions import (
-    filter_normalized_directions,
-    normalization_parameters,
-)
+from lightning_landscape.curvature._utils import check_positive_int
 from lightning_landscape.landscape.evaluate import ParamVector, mean_value
-from lightning_landscape.landscape.trajectory import (
-    Snapshots,
-    interpolate,
-    interpolation_alphas,
-    line_values,
-    pca_plane,
-    plane_grid,
-    surface_values,
-)
-
-_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
 
 
 class TrajectoryMonitor(LandscapeMonitor):
@@ -164,12 +149,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             raise ValueError(
                 f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
             )
-        dtype = _DTYPES.get(snapshot_dtype) if isinstance(snapshot_dtype, str) else snapshot_dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(
-                f"`snapshot_dtype` must be a floating torch.dtype or one of {sorted(_DTYPES)}, "
-                f"got {snapshot_dtype!r}."
-            )
+        dtype = floating_dtype(snapshot_dtype)
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.grid_size, self.slices = grid_size, slices
@@ -187,17 +167,6 @@ class TrajectoryMonitor(LandscapeMonitor):
     def _label(self, i: int) -> str:
         snaps = self.snapshots
         return f"step {snaps.steps[i]}" if self.schedule.by_step else f"epoch {snaps.epochs[i]}"
-
-    def _thin(self) -> None:
-        steps = list(self.snapshots.steps)
-        dropped = self.snapshots.thin(self.max_snapshots)
-        if dropped and not self._warned_thin:
-            self._warned_thin = True
-            rank_zero_warn(
-                f"TrajectoryMonitor: more than max_snapshots={self.max_snapshots} snapshots; "
-                f"dropped the one at step {steps[dropped[0]]} and will thin older ones from now "
-                "on (the initial and latest are kept). Raise `max_snapshots` to keep them all."
-            )
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | self.snapshots.state_dict()
@@ -264,7 +233,7 @@ class TrajectoryMonitor(LandscapeMonitor):
                 out.update(self._curves(trainer, ctx, pv, theta))
             if self._final or self.pictures_every_measurement:
                 out.update(self._picture(trainer, ctx, pv, theta))
-        self._thin()
+        self._warned_thin = thin_snapshots(self.snapshots, self.max_snapshots, self._warned_thin)
         out["trajectory/num_snapshots"] = float(len(self.snapshots))
         out["trajectory/num_forward"] = float(self._forward)
         return out
@@ -296,13 +265,8 @@ class TrajectoryMonitor(LandscapeMonitor):
             "trajectory/step_barrier": prev.barrier,
             "trajectory/monotonic": float(init.monotonic),
         } | ({name: end[1]} if len(end) > 1 else {})
-        if _draws(trainer):
-            for key, curve, first in (("init", init, 0), ("prev", prev, cur - 1)):
-                fig = plots.interpolation_figure(
-                    curve, start_label=self._label(first), end_label=self._label(cur),
-                    metric_name=self.metric_name, show_monotonic=key == "init",
-                )  # fmt: skip
-                _logging.log_figure(trainer, f"trajectory/loss_{key}_to_current", fig, ctx.step)
+        starts = [("init", init, self._label(0)), ("prev", prev, self._label(cur - 1))]
+        log_curve_figures(trainer, starts, self._label(cur), self.metric_name, ctx.step)
         return out
 
     def _picture(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
@@ -312,49 +276,23 @@ class TrajectoryMonitor(LandscapeMonitor):
         here = f"step {ctx.step}" if self.schedule.by_step else f"epoch {ctx.epoch}"
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
         if others:
-            pca = pca_plane([self.snapshots.tensors[i] for i in others], theta, seed=self.seed)
-            xs, ys = plane_grid(pca.coords, self.grid_size)
-            packed = _same_on_all_ranks(torch.cat([pca.directions.reshape(-1), xs, ys]))
-            g = self.grid_size
-            dirs, xs, ys = packed[: -2 * g].reshape(2, -1), packed[-2 * g : -g], packed[-g:]
-            z = surface_values(value, theta, dirs.to(theta), xs, ys)[..., 0]
-            out["trajectory/pca_explained_variance"] = pca.explained_variance
-            out["trajectory/off_plane_distance"] = float(pca.off_plane.max())
-            self.last_picture = {"pca": pca, "xs": xs, "ys": ys, "loss": z}
-            if _draws(trainer):
-                labels = [self._label(i) for i in others]
-                fig = plots.trajectory_figure(pca, xs, ys, z, labels, current_label=here)
-                _logging.log_figure(trainer, "trajectory/pca_landscape", fig, ctx.step)
+            snaps = [self.snapshots.tensors[i] for i in others]
+            out, self.last_picture = pca_picture(
+                value, snaps, theta, grid_size=self.grid_size, seed=self.seed
+            )
+            labels = [self._label(i) for i in others]
+            log_pca_figure(trainer, self.last_picture, labels, here, ctx.step)
         if self.slices:
-            norm_ids = normalization_parameters(ctx.module)
-            zero = [id(p) in norm_ids for p in ctx.params]
-            weights = unflatten(theta, ctx.params)  # θ itself: the parameters may have moved
-            dirs = filter_normalized_directions(weights, num=2, seed=self.seed, zero=zero)
-            ts = torch.linspace(-1, 1, self.num_points, dtype=torch.float64)
-            ts = torch.unique(torch.cat([ts, torch.zeros(1, dtype=torch.float64)]))
-            line = line_values(value, theta, dirs[0], ts)[:, 0]
-            grid = torch.linspace(-1, 1, self.grid_size, dtype=torch.float64)
-            z2 = surface_values(value, theta, dirs, grid, grid)[..., 0]
-            self.last_picture.update(slice_t=ts, slice_1d=line, slice_grid=grid, slice_2d=z2)
-            if _draws(trainer):
-                fig = plots.slice_1d_figure(ts, line, where=f"at {here}")
-                _logging.log_figure(trainer, "trajectory/slice_1d", fig, ctx.step)
-                fig = plots.slice_2d_figure(grid, grid, z2, where=f"at {here}")
-                _logging.log_figure(trainer, "trajectory/slice_2d", fig, ctx.step)
+            self.last_picture.update(
+                slice_picture(
+                    value,
+                    ctx.module,
+                    ctx.params,
+                    theta,
+                    num_points=self.num_points,
+                    grid_size=self.grid_size,
+                    seed=self.seed,
+                )
+            )
+            log_slice_figures(trainer, self.last_picture, here, ctx.step)
         return out
-
-
-def _draws(trainer: pl.Trainer) -> bool:
-    """Whether this process makes figures: rank zero, with a logger to send them to."""
-    return trainer.is_global_zero and bool(trainer.loggers)
-
-
-def _same_on_all_ranks(t: Tensor) -> Tensor:
-    """Rank 0's copy of ``t`` on every rank (a no-op on one process)."""
-    if not is_distributed():
-        return t
-    buf = t.detach().clone()
-    if dist.get_backend() == "nccl":
-        buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.broadcast(buf, src=0)
-    return buf.to(t.device)

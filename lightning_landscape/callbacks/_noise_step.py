@@ -1,0 +1,163 @@
+"""What NoiseTemperatureMonitor reads at one optimizer step: the temperatures of the parameter
+groups, and the gradient-hook bookkeeping (squared norms of the small-batch gradients of each
+backward pass, read by tensor hooks before DDP's all-reduce, their per-step sums reduced across
+ranks by a torchmetrics state, and the norm of the big-batch ``.grad``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def temperatures(
+    param_groups: Iterable[dict[str, Any]], batch: float, per_group: bool
+) -> tuple[dict[str, float], bool]:
+    """The ``noise/temperature...`` keys of the parameter groups at global batch ``batch``, and
+    whether the per-group keys are logged (they are from the first step at which the groups'
+    temperatures differ: ``per_group`` comes back True and stays so)."""
+    plain, momentum = [], []
+    for group in param_groups:
+        lr = float(group.get("lr", math.nan))
+        plain.append(lr / (2 * batch))
+        if "momentum" in group:
+            mu, damp = float(group["momentum"]), float(group.get("dampening", 0.0) or 0.0)
+            momentum.append(lr * (1 - damp) / (2 * batch * (1 - mu)) if mu < 1 else math.nan)
+        else:
+            momentum.append(None)
+    if len(plain) > 1 and (len(set(plain)) > 1 or len(set(momentum)) > 1):
+        per_group = True
+    out = {"noise/temperature": plain[0]}
+    if momentum[0] is not None:
+        out["noise/temperature_momentum"] = momentum[0]
+    if per_group:
+        for i in range(1, len(plain)):
+            out[f"noise/temperature/group_{i}"] = plain[i]
+            if momentum[i] is not None:
+                out[f"noise/temperature_momentum/group_{i}"] = momentum[i]
+    return out, per_group
+
+
+class _NoiseSums(Metric):
+    """Per-step sums over the small-batch gradients of all ranks: Σ|gⱼ|², Σ 1/bⱼ, n and a count
+    of ranks whose step could not be measured (summed across ranks by torchmetrics)."""
+
+    full_state_update = False
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.add_state("sums", default=torch.zeros(4, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, small_sq: Tensor, inv_size: float, num: int, bad: bool) -> None:
+        extra = torch.tensor([inv_size, float(num), float(bad)], dtype=self.sums.dtype)
+        self.sums += torch.cat(
+            [small_sq.reshape(1).to(self.sums.dtype), extra.to(self.sums.device)]
+        )
+
+    def compute(self) -> Tensor:
+        return self.sums
+
+
+class GradientHooks:
+    """Tensor hooks on the trainable parameters that add up |g|² over the parameters during the
+    backward passes they are told to record, and this step's sums: Σ|gⱼ|², Σ 1/bⱼ and the number
+    of recorded backward passes. The hooks only read: ``.grad`` is never written.
+
+    Hook handles and tensors stay in their process (dropped when pickled).
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.params: list[Tensor] = []
+        self.sums: _NoiseSums | None = None
+        self.acc: Tensor | None = None
+        self.reset()
+
+    @property
+    def attached(self) -> bool:
+        return self.sums is not None
+
+    def attach(self, param_groups: Iterable[dict[str, Any]]) -> None:
+        """Hook every distinct parameter that requires grad (nothing if there is none)."""
+        seen: set[int] = set()
+        for group in param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    self.params.append(p)
+        if not self.params:
+            return
+        device = self.params[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.acc = torch.zeros((), dtype=dtype, device=device)
+        self.sums = _NoiseSums(dtype).to(device)
+        self.handles = [p.register_hook(self._hook) for p in self.params]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.params, self.sums, self.acc = [], [], None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(handles=[], params=[], sums=None, acc=None)
+        return state
+
+    # ----------------------------------------------------------------- one step
+    def reset(self) -> None:
+        self.recording = False
+        self.small_sq: Tensor | float = 0.0
+        self.inv_size = 0.0
+        self.num_small = 0
+
+    def _hook(self, grad: Tensor) -> None:
+        if self.recording and self.acc is not None:
+            self.acc += torch.linalg.vector_norm(grad.detach(), dtype=self.acc.dtype).square()
+
+    def begin(self) -> None:
+        """Record the coming backward pass."""
+        if self.acc is not None:
+            self.acc.zero_()
+            self.recording = True
+
+    def end(self, size: int) -> None:
+        """Close the recorded backward pass of a batch of ``size`` samples."""
+        if self.recording:
+            self.recording = False
+            self.small_sq = self.small_sq + self.acc.clone()
+            self.inv_size += 1.0 / size if size > 0 else math.nan
+            self.num_small += 1
+
+    def reduce(self, num_batches: int) -> list[float]:
+        """``[Σ|gⱼ|², Σ 1/bⱼ, n, ranks not measured]`` over all ranks (a collective: every rank
+        runs it); a rank is not measured when its backward passes do not match its
+        ``num_batches`` batches."""
+        bad = self.num_small != num_batches or not math.isfinite(self.inv_size)
+        small = self.small_sq if isinstance(self.small_sq, Tensor) else torch.zeros_like(self.acc)
+        self.sums.update(small, self.inv_size if not bad else 0.0, self.num_small, bad)
+        out = self.sums.compute().tolist()
+        self.sums.reset()
+        return out
+
+    def grad_norm_sq(self) -> float | None:
+        """|.grad|² over the hooked parameters (None if none has a gradient)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return None
+        return sum(
+            float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()) for g in grads
+        )
+
+
+def loss_scale(trainer: pl.Trainer) -> float:
+    """The AMP GradScaler's scale, which multiplies the gradients the hooks see (``.grad`` is
+    unscaled by ``on_before_optimizer_step``)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return 1.0
+    return float(scaler.get_scale())
