@@ -123,6 +123,10 @@ class LandscapeMonitor(Callback):
         """The keys to log as NaN when a measurement fails."""
         return {}
 
+    def seconds_key(self) -> str:
+        """The key of the wall time of the measurement in progress."""
+        return f"{self.namespace}/seconds"
+
     # ----------------------------------------------------------------- Lightning hooks
     @property
     def state_key(self) -> str:
@@ -225,7 +229,8 @@ class LandscapeMonitor(Callback):
                     f"({type(err).__name__}: {err}); NaN is logged and training goes on."
                 )
                 metrics = self.nan_metrics()
-        metrics[f"{self.namespace}/seconds"] = time.perf_counter() - start
+        seconds_key = self.seconds_key()
+        metrics[seconds_key] = time.perf_counter() - start
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             _logging.warn_once(
@@ -235,7 +240,7 @@ class LandscapeMonitor(Callback):
                 "is the loss NaN/inf at these weights? NaN is logged and training goes on.",
             )
         _logging.log_scalars(trainer, metrics, step)
-        status(f"done in {metrics[f'{self.namespace}/seconds']:.1f} s")
+        status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
 
 

@@ -81,7 +81,8 @@ class TrajectoryMonitor(LandscapeMonitor):
         - with a picture: ``trajectory/pca_explained_variance`` (share of Σ‖θ_i − θ_current‖² on
           the plane), ``trajectory/off_plane_distance`` (the largest over the snapshots of the
           distance from the plane), figures ``trajectory/pca_landscape``, and with ``slices``
-          ``trajectory/slice_1d``, ``trajectory/slice_2d``.
+          ``trajectory/slice_1d``, ``trajectory/slice_2d``. The fit-end picture logs its cost as
+          ``trajectory/picture_num_forward`` and ``trajectory/picture_seconds``.
 
     Cost (forward passes over ``num_batches`` batches; twice with ``metric_fn`` on the curves):
     2 · ``num_points`` per chosen epoch (+2 per curve if the margin puts 0 or 1 off the grid;
@@ -234,9 +235,15 @@ class TrajectoryMonitor(LandscapeMonitor):
             if self._final or self.pictures_every_measurement:
                 out.update(self._picture(trainer, ctx, pv, theta))
         self._warned_thin = thin_snapshots(self.snapshots, self.max_snapshots, self._warned_thin)
+        if self._final:  # the fit-end picture: its own cost keys, not a second point at this step
+            out["trajectory/picture_num_forward"] = float(self._forward)
+            return out
         out["trajectory/num_snapshots"] = float(len(self.snapshots))
         out["trajectory/num_forward"] = float(self._forward)
         return out
+
+    def seconds_key(self) -> str:
+        return "trajectory/picture_seconds" if self._final else super().seconds_key()
 
     def _curves(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
         value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)

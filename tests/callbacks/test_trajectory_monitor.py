@@ -172,7 +172,11 @@ def test_logged_tags_and_values(tmp_path):
     assert logged["trajectory/monotonic"] == float(curve.monotonic)
     # 2 curves × 8 α × 2 batches × (loss + accuracy); the picture: (4 × 4 + 7 + 4 × 4) × 2
     assert mon.history[-1]["trajectory/num_forward"] == 2 * len(curve.alphas) * 2 * 2
-    assert logged["trajectory/num_forward"] == (4 * 4 + 7 + 4 * 4) * 2
+    assert logged["trajectory/num_forward"] == mon.history[-1]["trajectory/num_forward"]
+    picture = ea.Scalars("trajectory/picture_num_forward")
+    assert [p.value for p in picture] == [(4 * 4 + 7 + 4 * 4) * 2]
+    assert [p.step for p in picture] == [ea.Scalars("trajectory/num_forward")[-1].step]
+    assert len(ea.Scalars("trajectory/picture_seconds")) == 1
     assert t.callback_metrics["trajectory/barrier"].item() == pytest.approx(curve.barrier, abs=1e-7)
 
     # the picture: PCA of the earlier snapshots around the final weights, loss on its plane
