@@ -82,12 +82,18 @@ def analyze(
         An :class:`AnalysisResult` with the total cost.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them.
+        TypeError: if ``top_k``, ``trace_probes``, ``density_steps``, ``density_probes``,
+            ``max_steps`` or ``seed`` is not an int.
+        ValueError: if one of those counts is not positive, ``top_k`` exceeds the dimension, or
+            ``tol`` is not positive.
 
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
     ``trace_probes`` and ``(density_probes − 1) · density_steps`` products.
     """
-    _validate(top_k, "largest", tol, max_steps)
+    _validate(top_k, "largest", tol, None)
+    check_positive_int("max_steps", max_steps, allow_none=True)
+    if top_k > op.dim:
+        raise ValueError(f"`top_k` must be at most the dimension {op.dim}, got {top_k}.")
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
@@ -115,8 +121,9 @@ def analyze(
 
     trace_result = None
     if trace:
+        # the shared run's basis deflates the trace; fresh Rademacher probes estimate the rest
         if not run.finite:
-            trace_result = TraceResult(math.nan, math.nan, 0, "auto", steps)
+            trace_result = TraceResult(math.nan, math.nan, steps, "auto", steps)
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
@@ -127,17 +134,22 @@ def analyze(
     if density:
         nodes, weights = quadrature(run)
         rows_n, rows_w = list(nodes), list(weights)
+        cost = steps
         if density_probes > 1 and run.finite:
+            mark = op.num_matvecs
             extra = lanczos(op, start[1:], density_steps, generator=gen)
+            cost += op.num_matvecs - mark
             n2, w2 = quadrature(extra)
             rows_n += list(n2)
             rows_w += list(w2)
         nodes, weights = _stack(rows_n, rows_w)
-        density_result = DensityResult(nodes, weights, op.num_matvecs - before, d)
+        density_result = DensityResult(nodes, weights, cost, d)
     return AnalysisResult(top, low, trace_result, density_result, op.num_matvecs - before, steps)
 
 
-def _stack(nodes: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(
+    nodes: list[torch.Tensor], weights: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack probes of unequal length; missing slots repeat the last node with weight 0."""
     m = max(x.numel() for x in nodes)
     out_n = [torch.cat([x, x[-1:].expand(m - x.numel())]) for x in nodes]

@@ -32,6 +32,10 @@ def dense_hessian(
 
     Returns:
         A ``(d, d)`` tensor in the parameters' dtype.
+
+    Raises:
+        TypeError: if ``params`` is not a module or a sequence of tensors.
+        ValueError: if ``params`` is empty or holds a tensor that does not require grad.
     """
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)
@@ -43,12 +47,21 @@ def dense_hessian(
         for batch in batches:
             n = int(size_fn(batch))
             grads = torch.autograd.grad(loss_fn(batch), plist, create_graph=True, allow_unused=True)
-            g = flatten([torch.zeros_like(p) if x is None else x for x, p in zip(grads, plist)])
+            g = flatten(
+                [torch.zeros_like(p) if x is None else x for x, p in zip(grads, plist, strict=True)]
+            )
             for i in range(d):
                 if not g[i].requires_grad:
                     continue
                 row = torch.autograd.grad(g[i], plist, retain_graph=True, allow_unused=True)
-                H[i].add_(flatten([torch.zeros_like(p) if r is None else r for r, p in zip(row, plist)]),
-                          alpha=n)
+                H[i].add_(
+                    flatten(
+                        [
+                            torch.zeros_like(p) if r is None else r
+                            for r, p in zip(row, plist, strict=True)
+                        ]
+                    ),
+                    alpha=n,
+                )
             total += n
     return H.div_(total)

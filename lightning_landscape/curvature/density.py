@@ -59,12 +59,18 @@ class DensityResult:
         return max(hi - lo, abs(hi), 1e-12) / 200.0
 
     def evaluate(self, grid: Tensor, sigma: float | None = None) -> Tensor:
-        """The smoothed density on ``grid``: mean over probes of Σ τ_j N(t; θ_j, σ²)."""
+        """The smoothed density on ``grid``: mean over probes of Σ τ_j N(t; θ_j, σ²).
+
+        Raises:
+            ValueError: if ``sigma`` is not positive.
+        """
         sigma = self.default_sigma() if sigma is None else float(sigma)
         if not sigma > 0:
             raise ValueError(f"`sigma` must be positive, got {sigma!r}.")
         t = grid.to(torch.float64)[:, None, None]
-        bumps = torch.exp(-0.5 * ((t - self.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        bumps = torch.exp(-0.5 * ((t - self.nodes[None]) / sigma) ** 2) / (
+            sigma * math.sqrt(2 * math.pi)
+        )
         return (bumps * self.weights[None]).sum(dim=2).mean(dim=1)
 
 
@@ -97,7 +103,8 @@ def spectral_density(
         A :class:`DensityResult`; ``evaluate(grid)`` gives the smoothed density.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them.
+        TypeError: if ``num_probes``, ``num_steps`` or ``seed`` is not an int.
+        ValueError: if ``num_probes`` or ``num_steps`` is not positive.
 
     Cost: ``num_probes · num_steps`` products in ``num_steps`` batched calls.
     """

@@ -75,7 +75,9 @@ def is_converged(alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, 
     return bool((res[wanted(theta, k, which)] <= tol * scale).all())
 
 
-def extract(run: LanczosRun, k: int, which: str, tol: float, num_matvecs: int, dim: int) -> EigenResult:
+def extract(
+    run: LanczosRun, k: int, which: str, tol: float, num_matvecs: int, dim: int
+) -> EigenResult:
     """Ritz pairs of chain 0 of a run, as an :class:`EigenResult`."""
     if not run.finite:
         nan = torch.full((k,), float("nan"), dtype=torch.float64)
@@ -118,12 +120,18 @@ def top_eigenvalues(
         NaN if a product was not finite.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them.
+        TypeError: if ``k``, ``max_matvecs`` or ``seed`` is not an int.
+        ValueError: if ``k`` is not in [1, dim], ``which`` is unknown, ``tol`` is not positive,
+            or ``max_matvecs`` is smaller than ``k``.
 
     Cost: one product per Lanczos step (typically 10-40 for k = 1 at tol 1e-3), plus
     O(steps · dim) memory for the basis.
     """
     _validate(k, which, tol, max_matvecs)
+    if k > op.dim:
+        raise ValueError(f"`k` must be at most the dimension {op.dim}, got {k}.")
+    if max_matvecs is not None and max_matvecs < k:
+        raise ValueError(f"`max_matvecs` must be at least `k` = {k}, got {max_matvecs}.")
     gen = make_generator(resolve_seed(seed))
     limit = min(op.dim, max_matvecs if max_matvecs is not None else max(100, 20 * k))
     start = gaussian((1, op.dim), gen, op.dtype, op.device)

@@ -3,9 +3,9 @@
 Measured on CPU (torch 2.13, see ``benchmarks/``): the kinds differ by what they recompute per
 product. ``double_backward`` builds the gradient graph per product (forward + backward + one
 more backward); ``cached`` keeps the gradient graph of each batch and pays one backward per
-product; ``func`` is torch.func forward-over-reverse ``jvp(jacrev(f))`` (``jvp(grad(f))`` raises on
-``F.mse_loss`` in torch 2.13). Blocks of k vectors go through ``is_grads_batched`` (vmap) in one
-backward instead of k.
+product; ``func`` is torch.func forward-over-reverse ``jvp(grad(f))`` (falling back to
+``vjp(grad(f))`` where that raises, as on ``F.mse_loss`` in torch 2.13). Blocks of k vectors go
+through ``is_grads_batched`` (vmap) in one backward instead of k.
 
 None of them touches ``.grad``: everything goes through ``torch.autograd.grad`` or ``torch.func``.
 """
@@ -25,31 +25,42 @@ from lightning_landscape.curvature._utils import flatten, unflatten
 def flat_grad(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool = False) -> Tensor:
     """Flat gradient of ``loss``; parameters the loss does not reach get zeros."""
     grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-    return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return flatten(
+        [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+    )
 
 
-def gradient_graph(loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any) -> Tensor:
+def gradient_graph(
+    loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any
+) -> Tensor:
     """The flat gradient of one batch's loss with its graph kept for later products."""
     with torch.enable_grad():
         return flat_grad(loss_fn(batch), params, create_graph=True)
 
 
-def hvp_from_graph(grad: Tensor, params: Sequence[Tensor], Vt: Tensor, retain: bool = True) -> Tensor:
+def hvp_from_graph(
+    grad: Tensor, params: Sequence[Tensor], Vt: Tensor, retain: bool = True
+) -> Tensor:
     """``(H V)ᵀ`` for a ``(k, dim)`` block from a gradient with its graph (one batched backward)."""
     if not grad.requires_grad:  # the loss is linear in the parameters: H = 0
         return torch.zeros_like(Vt)
     k = Vt.shape[0]
     if k == 1:
         out = torch.autograd.grad(grad, params, Vt[0], retain_graph=retain, allow_unused=True)
-        return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(out, params)])[None]
+        return flatten(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(out, params, strict=True)]
+        )[None]
     out = torch.autograd.grad(
         grad, params, Vt, retain_graph=retain, allow_unused=True, is_grads_batched=True
     )
     return torch.cat(
         [
-            (torch.zeros(k, p.numel(), dtype=Vt.dtype, device=Vt.device) if g is None
-             else g.reshape(k, -1))
-            for g, p in zip(out, params)
+            (
+                torch.zeros(k, p.numel(), dtype=Vt.dtype, device=Vt.device)
+                if g is None
+                else g.reshape(k, -1)
+            )
+            for g, p in zip(out, params, strict=True)
         ],
         dim=1,
     )
@@ -84,8 +95,16 @@ def hvp_func(
     batch: Any,
     Vt: Tensor,
     module: nn.Module | None = None,
+    *,
+    forward_over_reverse: bool = True,
 ) -> Tensor:
-    """``(H_b V)ᵀ`` by torch.func forward-over-reverse, vmapped over the block."""
+    """``(H_b V)ᵀ`` by torch.func, vmapped over the block.
+
+    ``forward_over_reverse=True``: ``jvp(grad(f))``. It raises "ZeroTensors are immutable" on
+    ``F.mse_loss`` in torch 2.13; the caller then retries with ``False``: reverse-over-reverse
+    ``vjp(grad(f))``. (``jvp(jacrev(f))`` runs on ``F.mse_loss`` but is silently wrong, by
+    1-30 %, through a train-mode BatchNorm in torch 2.13, so it is not used.)
+    """
     if module is None:
         raise ValueError("the 'func' product needs the module that `loss_fn` calls.")
     wrapper = _LossOf(module, loss_fn)
@@ -94,36 +113,71 @@ def hvp_func(
 
     def loss_of(*ps: Tensor) -> Tensor:
         return torch.func.functional_call(
-            wrapper, {**frozen, **dict(zip(names, ps))}, (batch,), strict=False
+            wrapper, {**frozen, **dict(zip(names, ps, strict=True))}, (batch,), strict=False
         )
 
     primals = tuple(p.detach() for p in params)
+    grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
 
     def one(v: Tensor) -> Tensor:
         tangents = tuple(unflatten(v, params))
-        _, hv = torch.func.jvp(
-            torch.func.jacrev(loss_of, argnums=tuple(range(len(primals)))), primals, tangents
-        )
+        if forward_over_reverse:
+            _, hv = torch.func.jvp(grad_fn, primals, tangents)
+        else:
+            _, pullback = torch.func.vjp(grad_fn, *primals)
+            hv = pullback(tangents)
         return flatten(hv)
 
-    if Vt.shape[0] == 1:
-        return one(Vt[0])[None]
-    return torch.func.vmap(one, randomness="same")(Vt)
+    with batch_norm_stats_frozen(module):
+        if Vt.shape[0] == 1:
+            return one(Vt[0])[None]
+        return torch.func.vmap(one, randomness="same")(Vt)
 
 
 @contextlib.contextmanager
 def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iterator[None]:
     """Run forwards with a fixed RNG (same dropout masks every product), the global RNG
-    untouched, and the module's buffers restored bit for bit afterwards."""
+    untouched, and the module's buffers untouched.
+
+    Every buffer is swapped for a clone while inside, and the original tensor objects are put
+    back afterwards: a train-mode forward updates the clones (BatchNorm running statistics), never
+    the caller's buffers, and graphs kept for later products (``hvp="cached"``) hold the clones,
+    so restoring the buffers cannot invalidate them.
+    """
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-    saved = [b.detach().clone() for b in module.buffers()] if module is not None else []
+    swapped = []
+    if module is not None:
+        for mod in module.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    swapped.append((mod, name, buf))
+                    mod._buffers[name] = buf.detach().clone()
     try:
         with torch.random.fork_rng(devices=devices, enabled=True), torch.enable_grad():
             torch.manual_seed(seed)
             yield
     finally:
-        if module is not None:
-            with torch.no_grad():
-                for b, s in zip(module.buffers(), saved, strict=True):
-                    if not torch.equal(b, s):
-                        b.copy_(s)
+        for mod, name, buf in swapped:
+            mod._buffers[name] = buf
+
+
+@contextlib.contextmanager
+def batch_norm_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Stop train-mode BatchNorm layers from updating their running statistics.
+
+    torch.func transforms refuse in-place updates of captured tensors. In train mode BatchNorm
+    normalizes with the batch statistics, so switching ``track_running_stats`` off for the call
+    leaves its output, and hence the Hessian, unchanged; the flags are restored afterwards.
+    """
+    touched = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    try:
+        for m in touched:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m in touched:
+            m.track_running_stats = True

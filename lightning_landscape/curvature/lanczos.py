@@ -65,6 +65,7 @@ def lanczos(
     *,
     generator: torch.Generator,
     should_stop: Callable[[Tensor, Tensor], bool] | None = None,
+    observe: Callable[[Tensor, Tensor], None] | None = None,
 ) -> LanczosRun:
     """Run ``b`` Lanczos chains with full reorthogonalization.
 
@@ -75,6 +76,8 @@ def lanczos(
         generator: CPU generator for restart vectors after an exhausted Krylov space.
         should_stop: ``should_stop(alphas, betas) -> bool`` called after every step with the
             float64 ``(b, j)`` coefficients so far; True ends the run.
+        observe: ``observe(q, w)`` called after every step, before ``should_stop``, with the
+            ``(b, dim)`` newest basis vectors q_j and their residuals w_j = β_j q_{j+1}.
 
     Returns:
         A :class:`LanczosRun`.
@@ -109,6 +112,8 @@ def lanczos(
         betas[:, j] = beta.double().cpu()
         scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
         steps = j + 1
+        if observe is not None:
+            observe(q, w)
         if should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps]):
             break
         if j + 1 == m:

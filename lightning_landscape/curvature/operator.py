@@ -36,13 +36,21 @@ class LinearOperator:
         self.on_matvec: Callable[[int], None] | None = None  # progress hook: total products so far
 
     def matvec(self, v: Tensor) -> Tensor:
-        """Return ``H v`` for a flat vector ``v`` of length ``dim``."""
+        """Return ``H v`` for a flat vector ``v`` of length ``dim``.
+
+        Raises:
+            ValueError: if ``v`` is not of shape ``(dim,)``.
+        """
         if v.dim() != 1 or v.shape[0] != self.dim:
             raise ValueError(f"`v` must have shape ({self.dim},), got {tuple(v.shape)}.")
         return self.matmat(v[:, None])[:, 0]
 
     def matmat(self, V: Tensor) -> Tensor:
-        """Return ``H V`` for a ``(dim, k)`` block (products batched where the kind allows)."""
+        """Return ``H V`` for a ``(dim, k)`` block (products batched where the kind allows).
+
+        Raises:
+            ValueError: if ``V`` is not of shape ``(dim, k)``.
+        """
         if V.dim() != 2 or V.shape[0] != self.dim:
             raise ValueError(f"`V` must have shape ({self.dim}, k), got {tuple(V.shape)}.")
         out = self._matmat(V.T.to(dtype=self.dtype, device=self.device).contiguous())
@@ -61,6 +69,9 @@ class LinearOperator:
 class MatrixOperator(LinearOperator):
     """Wrap a dense symmetric matrix as an operator (for tests and small problems).
 
+    Raises:
+        ValueError: if ``matrix`` is not a square 2-D tensor.
+
     Example::
 
         op = MatrixOperator(Q @ torch.diag(eigs) @ Q.T)
@@ -68,7 +79,11 @@ class MatrixOperator(LinearOperator):
 
     def __init__(self, matrix: Tensor) -> None:
         super().__init__()
-        if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        if (
+            not isinstance(matrix, Tensor)
+            or matrix.dim() != 2
+            or matrix.shape[0] != matrix.shape[1]
+        ):
             raise ValueError("`matrix` must be a square 2-D tensor.")
         self.matrix = matrix
         self.dim = matrix.shape[0]
@@ -102,8 +117,11 @@ class HessianOperator(LinearOperator):
             is left untouched.
 
     Raises:
-        TypeError: if ``loss_fn`` is not callable or ``params``/``batches`` have the wrong type.
-        ValueError: if ``batches`` is empty, ``hvp`` is unknown, or a batch size is not positive.
+        TypeError: if ``loss_fn`` or ``batch_size_fn`` is not callable, ``params``/``batches``
+            have the wrong type, or ``seed`` is not an int.
+        ValueError: if ``batches`` is empty, ``hvp`` is unknown, ``hvp="func"`` is asked without
+            a module, ``params`` is empty or holds a tensor that does not require grad, or a
+            batch size is not positive (or cannot be inferred).
 
     Example::
 
@@ -126,9 +144,7 @@ class HessianOperator(LinearOperator):
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
         if hvp not in ("double_backward", "cached", "func"):
-            raise ValueError(
-                f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}."
-            )
+            raise ValueError(f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}.")
         if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
             raise TypeError(
                 f"`batches` must be a sequence of batches, got {type(batches).__name__}."
@@ -141,7 +157,9 @@ class HessianOperator(LinearOperator):
             raise TypeError("`batch_size_fn` must be callable or None.")
         self.module = params if isinstance(params, nn.Module) else None
         if hvp == "func" and self.module is None:
-            raise ValueError("`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls.")
+            raise ValueError(
+                "`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls."
+            )
         self.params = resolve_params(params)
         self.loss_fn = loss_fn
         self.batches = list(batches)
@@ -157,7 +175,9 @@ class HessianOperator(LinearOperator):
         self.dtype = first.dtype
         self.device = first.device
         self.dim = sum(p.numel() for p in self.params)
-        total = torch.tensor([float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device)
+        total = torch.tensor(
+            [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
+        )
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
         self._cache: list[Any] | None = None
         self._cache_key: tuple = ()
@@ -169,39 +189,42 @@ class HessianOperator(LinearOperator):
         return sum(self.batch_sizes)
 
     def _matmat(self, Vt: Tensor) -> Tensor:
+        if self.hvp == "func" and self._forward_over_reverse:
+            try:
+                return self._products(Vt)
+            except RuntimeError as err:  # jvp(grad(F.mse_loss)) raises in torch 2.13
+                if "ZeroTensor" not in str(err):
+                    raise
+                self._forward_over_reverse = False  # and start over: same masks, same RNG
+        return self._products(Vt)
+
+    def _products(self, Vt: Tensor) -> Tensor:
         acc = torch.zeros_like(Vt)
         if self.hvp == "cached" and self._cache is not None and self._cache_key != self._key():
             self._cache = None  # parameters updated in place, or train/eval switched: rebuild
         with _hvp.guard(self.module, self.params, self.seed):
-            if self.hvp == "cached":
-                if self._cache is None:
-                    self._cache_key = self._key()
-                    self._cache = [
-                        _hvp.gradient_graph(self.loss_fn, self.params, b) for b in self.batches
-                    ]
-                for n, graph in zip(self.batch_sizes, self._cache, strict=True):
-                    acc.add_(_hvp.hvp_from_graph(graph, self.params, Vt), alpha=n)
-            elif self.hvp == "func":
-                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                    acc.add_(self._func_product(batch, Vt), alpha=n)
-            else:
-                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
+            for i, (n, batch) in enumerate(zip(self.batch_sizes, self.batches, strict=True)):
+                if self.hvp == "cached":
+                    if self._cache is None:
+                        self._cache_key = self._key()
+                        self._cache = [
+                            _hvp.gradient_graph(self.loss_fn, self.params, b) for b in self.batches
+                        ]
+                    product = _hvp.hvp_from_graph(self._cache[i], self.params, Vt)
+                elif self.hvp == "func":
+                    product = _hvp.hvp_func(
+                        self.loss_fn,
+                        self.params,
+                        batch,
+                        Vt,
+                        self.module,
+                        forward_over_reverse=self._forward_over_reverse,
+                    )
+                else:
                     product = _hvp.hvp_double_backward(self.loss_fn, self.params, batch, Vt)
-                    acc.add_(product, alpha=n)
+                acc.add_(product, alpha=n)
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)
-
-    def _func_product(self, batch: Any, Vt: Tensor) -> Tensor:
-        if self._forward_over_reverse:
-            try:
-                return _hvp.hvp_func(self.loss_fn, self.params, batch, Vt, self.module)
-            except RuntimeError as err:  # jvp(grad(F.mse_loss)) in torch 2.13
-                if "ZeroTensor" not in str(err):
-                    raise
-                self._forward_over_reverse = False
-        return _hvp.hvp_func(
-            self.loss_fn, self.params, batch, Vt, self.module, forward_over_reverse=False
-        )
 
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""

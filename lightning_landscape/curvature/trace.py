@@ -7,9 +7,15 @@
   1.1-1.9x worse on flat spectra.
 - ``"auto"``: a Lanczos run captures the outliers at both ends of the spectrum
   (tr(QᵀHQ) = Σ α_j exactly), then Hutchinson probes of (I − QQᵀ) H (I − QQᵀ) spend the rest of
-  the budget. The run stops as soon as deflating further no longer lowers the predicted variance
-  2‖PHP‖²_F / (probes left), with ‖H‖²_F estimated from the run itself; on flat spectra it stops
-  after a few steps (nearly plain Hutchinson), on outlier spectra it deflates them first.
+  the budget. A few pilot probes z (their products u = Hz are paid once) steer the split: after
+  every Lanczos step ‖PHPz‖² is updated from inner products alone (no extra product), an
+  unbiased estimate of ‖PHP‖²_F, so the predicted variance ∝ ‖PHP‖²_F / (probes left) is known
+  as the run goes; the run stops once a window of steps no longer lowers it (the part of ‖H‖²_F
+  a step deflates is known exactly from α and β). On flat spectra it
+  stops after a few steps (nearly plain Hutchinson), on outlier spectra it deflates them first.
+  The pilots only steer: the final probes are fresh, so the estimate stays unbiased. Limitation:
+  a single Krylov sequence sees one direction of an exactly repeated eigenvalue, so a cluster of
+  equal outliers is deflated only partly (Hutch++'s block sketch does better there).
 """
 
 from __future__ import annotations
@@ -64,19 +70,33 @@ def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -
 
 
 def deflated_hutchinson(
-    op: LinearOperator, basis: Tensor | None, num_probes: int, gen: torch.Generator, block: int = 8
+    op: LinearOperator,
+    basis: Tensor | None,
+    num_probes: int,
+    gen: torch.Generator,
+    block: int = 8,
+    shift: float = 0.0,
 ) -> tuple[float, float, int]:
     """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal ``(j, dim)`` basis (or none).
+
+    A Rademacher probe z has ‖z‖² = dim, so the projected probe Pz = z − QᵀQz loses Hutchinson's
+    immunity to the diagonal of H: a shift c of the spectrum adds c (‖Qz‖² − j) to each sample.
+    ``shift`` (an estimate of the remainder's mean eigenvalue, independent of the probes) is a
+    control variate that takes this term out again; E[‖Qz‖²] = j, so the mean is unchanged.
 
     Returns the mean, its stderr and the number of probes.
     """
     if num_probes <= 0:
         return 0.0, (0.0 if basis is not None and basis.shape[0] >= op.dim else math.nan), 0
     samples = []
+    j = 0 if basis is None else basis.shape[0]
     for Z in _probe_block(op, num_probes, gen, block):
-        if basis is not None and basis.shape[0] > 0:
-            Z = Z - basis.T @ (basis @ Z)
-        samples.append((Z * op.matmat(Z)).sum(dim=0).double().cpu())
+        control = torch.zeros(Z.shape[1], dtype=torch.float64)
+        if j > 0:
+            coef = basis @ Z
+            Z = Z - basis.T @ coef
+            control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
+        samples.append((Z * op.matmat(Z)).sum(dim=0).double().cpu() + control)
     x = torch.cat(samples)
     stderr = float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else math.nan
     return float(x.mean()), stderr, len(x)
@@ -105,38 +125,82 @@ def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Trace
 def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
     """Adaptive Lanczos deflation, then Hutchinson on the remainder (see module docstring)."""
     m, d = num_matvecs, op.dim
-    min_steps = min(d, max(2, m // 20))
-    max_steps = min(d, max(min_steps, m // 2))
-    state = {"best": math.inf, "worse": 0}
+    if d <= m:  # the budget covers the dimension: a full Lanczos run gives the exact trace
+        run = lanczos(op, gaussian((1, d), gen, op.dtype, op.device), d, generator=gen)
+        exact = float(run.alphas[0].sum()) if run.finite else math.nan
+        return TraceResult(exact, 0.0 if run.finite else math.nan, run.num_steps, "auto", d)
+    p = min(8, max(2, m // 25))  # pilot probes: they only steer the split
+    Z = rademacher((d, p), gen, op.dtype, op.device)
+    U = op.matmat(Z)  # H Z
+    unorm2 = (U.double() ** 2).sum(dim=0)
+    zu: list[Tensor] = []  # q_jᵀ U for every basis vector
+    last: dict[str, Tensor] = {}
+
+    def observe(q: Tensor, w: Tensor) -> None:
+        zu.append((q[0] @ U).double())
+        last["qz"], last["wu"] = (q[0] @ Z).double(), (w[0] @ U).double()
+        last["beta2"] = (w[0].double() ** 2).sum()
+
+    def remainder() -> float:
+        """Mean over pilots of ‖P H P z‖² = ‖u‖² − ‖Qᵀu‖² + (q_jᵀz)² β_j² − 2 (q_jᵀz)(w_jᵀu),
+        with u = Hz and P = I − QQᵀ: an unbiased estimate of ‖PHP‖²_F, at no extra product."""
+        qu2 = torch.stack(zu).pow(2).sum(dim=0)
+        y = last["qz"]
+        r = unorm2 - qu2 + y**2 * last["beta2"] - 2 * y * last["wu"]
+        return float(r.clamp(min=0).mean())
+
+    probes_max = m - p  # products left after the pilots
+    max_steps = min(d, max(1, probes_max - 2))
+    window = max(2, m // 25)
+    scale = float(unorm2.mean())
+    c = float((Z * U).sum().double()) / (p * d)  # mean eigenvalue tr(H)/d, from the pilots
+    # After j steps, with A_j = Σ α (the deflated trace) and g_j = ‖QᵀHQ‖²_F + 2‖PHQ‖²_F (the
+    # deflated part of ‖H‖²_F), a projected Rademacher probe has variance about
+    # 2 V_j, V_j = ‖PHP‖²_F − c (c d − 2 A_j): the Frobenius norm of P(H − cI)P, since the
+    # diagonal of H cancels in Rademacher probes, plus the noise of c ‖Pz‖².
+    seen = [(0.0, 0.0)]  # (g_j, A_j)
 
     def stop(alphas: Tensor, betas: Tensor) -> bool:
         a, b = alphas[0], betas[0]
         j = a.numel()
         if not torch.isfinite(a).all() or not torch.isfinite(b).all():
             return True
-        captured = float((a**2).sum() + 2 * (b[:-1] ** 2).sum())
-        frob = max(d * float(a[0] ** 2 + b[0] ** 2), captured + 2 * float(b[-1] ** 2))
-        remainder = max(frob - captured - 2 * float(b[-1] ** 2), 0.0)
-        left = m - j
-        predicted = remainder / left if left > 0 else math.inf
-        if predicted < state["best"] * (1 - 1e-9):
-            state["best"], state["worse"] = predicted, 0
-        else:
-            state["worse"] += 1
-        if j < min_steps:
-            return False
-        return remainder == 0.0 or state["worse"] >= 2
+        seen.append((float((a**2).sum() + 2 * (b**2).sum()), float(a.sum())))
+        rem = remainder()
+        if rem <= 1e-24 * scale or j < window:
+            return rem <= 1e-24 * scale
+        # w more steps paid while V_{j−w} / (probes left then) > V_j / (probes left now), i.e.
+        # (g_j − g_{j−w}) − 2c (A_j − A_{j−w}) > w V_j / (probes left). The left side is exact;
+        # V_j is estimated (a few pilots can overestimate it several times while outliers
+        # remain: halve it, since stopping early costs more than a few extra steps).
+        gain = seen[j][0] - seen[j - window][0] - 2 * c * (seen[j][1] - seen[j - window][1])
+        variance = max(rem - c * (c * d - 2 * seen[j][1]), 0.0)
+        return gain <= 0.5 * window * variance / max(probes_max - j, 1)
 
-    start = gaussian((1, d), gen, op.dtype, op.device)
-    run = lanczos(op, start, max_steps, generator=gen, should_stop=stop)
+    # Start from H Σz (paid for already): one power step towards the outliers, so the first
+    # Lanczos vector deflates something. The final probes are fresh, so any start is unbiased.
+    start = U.sum(dim=1)[None]
+    if not torch.isfinite(U).all():
+        return TraceResult(math.nan, math.nan, p, "auto", 0)
+    run = lanczos(op, start, max_steps, generator=gen, should_stop=stop, observe=observe)
     if not run.finite:
-        return TraceResult(math.nan, math.nan, run.num_steps, "auto", run.num_steps)
+        return TraceResult(math.nan, math.nan, p + run.num_steps, "auto", run.num_steps)
     j = run.num_steps
     exact = float(run.alphas[0].sum())
     if j >= d:
-        return TraceResult(exact, 0.0, j, "auto", j)
-    mean, stderr, n = deflated_hutchinson(op, run.basis[0], max(m - j, 2), gen)
-    return TraceResult(exact + mean, stderr, j + n, "auto", j)
+        return TraceResult(exact, 0.0, p + j, "auto", j)
+    shift = _remainder_mean(run.basis[0], run.tridiagonal(), Z, U)
+    mean, stderr, n = deflated_hutchinson(op, run.basis[0], max(m - p - j, 2), gen, shift=shift)
+    return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
+
+
+def _remainder_mean(Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
+    """Σ zᵀPHPz / Σ ‖Pz‖² over the pilots (P = I − QᵀQ, U = HZ, QHQᵀ = T): the mean eigenvalue
+    of the deflated remainder, from products already paid."""
+    y, qu = (Q @ Z).double(), (Q @ U).double()
+    quad = (Z * U).sum(dim=0).double() - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
+    norm = Z.shape[0] - (y**2).sum(dim=0)
+    return float(quad.sum() / norm.sum().clamp(min=1e-300))
 
 
 def trace(
@@ -159,7 +223,9 @@ def trace(
         A :class:`TraceResult` (``stderr`` 0 when exact).
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them.
+        TypeError: if ``num_matvecs`` or ``seed`` is not an int.
+        ValueError: if ``num_matvecs`` is not positive (at least 3 for ``"auto"`` and
+            ``"hutch++"``), or ``method`` is unknown.
 
     Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact).
     """
@@ -167,7 +233,9 @@ def trace(
     if method not in ("auto", "hutchinson", "hutch++"):
         raise ValueError(f"`method` must be 'auto', 'hutchinson' or 'hutch++', got {method!r}.")
     if method != "hutchinson" and num_matvecs < 3:
-        raise ValueError(f"`num_matvecs` must be at least 3 for method {method!r}, got {num_matvecs}.")
+        raise ValueError(
+            f"`num_matvecs` must be at least 3 for method {method!r}, got {num_matvecs}."
+        )
     gen = make_generator(resolve_seed(seed))
     before = op.num_matvecs
     if method == "hutchinson":
@@ -176,4 +244,6 @@ def trace(
         res = hutchpp(op, num_matvecs, gen)
     else:
         res = deflated_auto(op, num_matvecs, gen)
-    return TraceResult(res.estimate, res.stderr, op.num_matvecs - before, res.method, res.deflation_dim)
+    return TraceResult(
+        res.estimate, res.stderr, op.num_matvecs - before, res.method, res.deflation_dim
+    )

@@ -1,0 +1,91 @@
+"""The Lanczos kernel: orthonormal bases, the tridiagonal, restarts, several chains, NaN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_landscape.curvature import MatrixOperator
+from lightning_landscape.curvature._utils import make_generator
+from lightning_landscape.curvature.lanczos import lanczos, ritz
+
+from ._problems import flat_spectrum, spectrum_matrix
+
+
+def test_basis_orthonormal_and_tridiagonal_is_projection():
+    A = spectrum_matrix(flat_spectrum(60) - 0.3)
+    op = MatrixOperator(A)
+    start = torch.randn(1, 60, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    run = lanczos(op, start, 25, generator=make_generator(0))
+    Q = run.basis[0]
+    assert run.num_steps == 25 and run.finite and op.num_matvecs == 25
+    assert torch.allclose(Q @ Q.T, torch.eye(25, dtype=torch.float64), atol=1e-13)
+    assert torch.allclose(Q @ A @ Q.T, run.tridiagonal(), atol=1e-12)
+    # Lanczos relation A Q = Q T + β_m q_{m+1} e_mᵀ: the residual only touches the last column
+    R = A @ Q.T - Q.T @ run.tridiagonal()
+    assert torch.allclose(R[:, :-1], torch.zeros_like(R[:, :-1]), atol=1e-12)
+    assert math.isclose(float(R[:, -1].norm()), float(run.betas[0, -1]), rel_tol=1e-10)
+    theta, S, res = run.ritz(0)
+    X = Q.T @ S  # Ritz vectors: their true residuals are the bounds |β_m s_{m,i}|
+    true_res = (A @ X - X * theta).norm(dim=0)
+    assert torch.allclose(true_res, res, atol=1e-11)
+
+
+def test_exhausted_krylov_space_restarts_orthogonally():
+    """A matrix with 3 distinct eigenvalues exhausts its Krylov space after 3 steps: the run goes
+    on from a fresh orthogonal vector with β = 0, and a full run gives every eigenvalue."""
+    lam = torch.tensor([1.0] * 4 + [2.0] * 3 + [5.0] * 3, dtype=torch.float64)
+    op = MatrixOperator(spectrum_matrix(lam))
+    start = torch.randn(1, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    run = lanczos(op, start, 10, generator=make_generator(0))
+    assert run.num_steps == 10
+    assert float(run.betas[0, 2]) == 0.0  # the restart
+    Q = run.basis[0]
+    assert torch.allclose(Q @ Q.T, torch.eye(10, dtype=torch.float64), atol=1e-12)
+    theta, _, _ = ritz(run.alphas[0], run.betas[0])
+    assert torch.allclose(theta, lam.sort().values, atol=1e-12)
+
+
+def test_several_chains_share_products():
+    A = spectrum_matrix(flat_spectrum(30))
+    op = MatrixOperator(A)
+    start = torch.randn(3, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    both = lanczos(op, start, 8, generator=make_generator(0))
+    assert op.num_matvecs == 24 and both.basis.shape == (3, 8, 30)
+    for c in range(3):
+        alone = lanczos(MatrixOperator(A), start[c : c + 1], 8, generator=make_generator(0))
+        assert torch.allclose(both.alphas[c], alone.alphas[0], atol=1e-13)
+        assert torch.allclose(both.betas[c], alone.betas[0], atol=1e-13)
+
+
+def test_should_stop_and_observe():
+    A = spectrum_matrix(flat_spectrum(30))
+    op = MatrixOperator(A)
+    seen = []
+
+    def observe(q, w):
+        seen.append((q.clone(), w.clone()))
+
+    start = torch.randn(1, 30, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    run = lanczos(
+        op,
+        start,
+        20,
+        generator=make_generator(0),
+        should_stop=lambda a, b: a.shape[1] == 5,
+        observe=observe,
+    )
+    assert run.num_steps == 5 and len(seen) == 5
+    for j, (q, w) in enumerate(seen):
+        assert torch.equal(q[0], run.basis[0, j])
+        assert math.isclose(float(w[0].norm()), float(run.betas[0, j]), rel_tol=1e-12)
+
+
+def test_non_finite_product_stops_the_run():
+    A = torch.eye(5, dtype=torch.float64)
+    A[2, 2] = math.nan
+    run = lanczos(
+        MatrixOperator(A), torch.ones(1, 5, dtype=torch.float64), 5, generator=make_generator(0)
+    )
+    assert not run.finite and run.num_steps == 1 and math.isnan(float(run.alphas[0, 0]))
