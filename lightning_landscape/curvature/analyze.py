@@ -90,8 +90,7 @@ def analyze(
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
     ``trace_probes`` and ``(density_probes − 1) · density_steps`` products.
     """
-    _validate(top_k, "largest", tol, None)
-    check_positive_int("max_steps", max_steps, allow_none=True)
+    _validate(top_k, "largest", tol, max_steps, names=("top_k", "max_steps"))
     if top_k > op.dim:
         raise ValueError(f"`top_k` must be at most the dimension {op.dim}, got {top_k}.")
     check_positive_int("trace_probes", trace_probes)

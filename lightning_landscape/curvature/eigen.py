@@ -46,13 +46,19 @@ class EigenResult:
     converged: bool
 
 
-def _validate(k: int, which: str, tol: float, max_matvecs: int | None) -> None:
-    check_positive_int("k", k)
+def _validate(
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int | None,
+    names: tuple[str, str] = ("k", "max_matvecs"),
+) -> None:
+    check_positive_int(names[0], k)
     if which not in ("largest", "smallest"):
         raise ValueError(f"`which` must be 'largest' or 'smallest', got {which!r}.")
-    if not isinstance(tol, int | float) or not tol > 0:
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
         raise ValueError(f"`tol` must be a positive number, got {tol!r}.")
-    check_positive_int("max_matvecs", max_matvecs, allow_none=True)
+    check_positive_int(names[1], max_matvecs, allow_none=True)
 
 
 def wanted(theta: Tensor, k: int, which: str) -> Tensor:

@@ -1,0 +1,81 @@
+"""Two gloo ranks with unequal shards give the single-process answer on the union of shards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_landscape.curvature import (
+    HessianOperator,
+    analyze,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+
+from ._problems import make_batches, make_cnn, make_loss
+
+SIZES = (5, 3, 7, 2, 4)
+SHARDS = ((0, 1), (2, 3, 4))  # rank 0: 8 samples in 2 batches, rank 1: 13 in 3
+
+
+def _measure(batches) -> dict:
+    """Everything the engine computes, on an operator over ``batches``. BatchNorm in train mode
+    (per-batch statistics), no dropout: dropout masks depend on which process draws them."""
+    model = make_cnn(dropout=0.0).train()
+    op = HessianOperator(make_loss(model), model, batches, hvp="cached")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = {"hv": op @ v, "total_size": op.total_size, "gradient": op.gradient()}
+    top = top_eigenvalues(op, 3, tol=1e-8, seed=0)
+    low = top_eigenvalues(op, which="smallest", tol=1e-8, seed=0)
+    out.update(
+        top=top.eigenvalues, top_n=top.num_matvecs, low=low.eigenvalues, low_n=low.num_matvecs
+    )
+    for method in ("auto", "hutch++", "hutchinson"):
+        r = trace(op, num_matvecs=40, method=method, seed=3)
+        out[method] = torch.tensor([r.estimate, r.stderr, r.num_matvecs, r.deflation_dim])
+    dens = spectral_density(op, num_probes=2, num_steps=10, seed=1)
+    out.update(nodes=dens.nodes, weights=dens.weights, dens_n=dens.num_matvecs)
+    res = analyze(op, top_k=2, smallest=True, trace=True, trace_probes=10, density=True,
+                  density_steps=12, seed=2)  # fmt: skip
+    out.update(an_top=res.top.eigenvalues, an_low=res.smallest.eigenvalues,
+               an_trace=torch.tensor([res.trace.estimate, res.trace.stderr]),
+               an_nodes=res.density.nodes, an_n=res.num_matvecs)  # fmt: skip
+    out["num_matvecs"] = op.num_matvecs
+    out["fresh_seed"] = top_eigenvalues(op, tol=1e-2).eigenvalues  # seed broadcast from rank 0
+    op.release()
+    return out
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        batches = make_batches((1, 6, 6), sizes=SIZES)
+        out = _measure([batches[i] for i in SHARDS[rank]])
+        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_single_process_on_union(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _measure(make_batches((1, 6, 6), sizes=SIZES))
+    assert ranks[0]["total_size"] == sum(SIZES)
+    for key, expected in single.items():
+        if key == "fresh_seed":
+            continue
+        for r in range(2):
+            got = ranks[r][key]
+            if isinstance(expected, torch.Tensor):
+                assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), (key, r)
+            else:
+                assert got == expected, (key, r)
+    # a seed drawn on rank 0 reaches rank 1: both ran the same Lanczos
+    assert torch.equal(ranks[0]["fresh_seed"], ranks[1]["fresh_seed"])
