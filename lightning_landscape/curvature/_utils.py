@@ -87,9 +87,13 @@ def _first_tensor(obj: Any) -> Tensor | None:
 
 
 def resolve_seed(seed: int | None, distributed: bool = True) -> int:
-    """A seed identical on every rank: ``seed`` itself, or a fresh one broadcast from rank 0.
+    """A seed identical on every rank: ``seed`` itself, or a fresh one (from ``os.urandom``, so
+    the global torch RNG is never consumed), broadcast from rank 0 when ``distributed`` (the
+    operator's own flag: an operator that does not reduce across ranks may run on one rank
+    only, where a broadcast would wait forever).
 
-    A fresh seed comes from ``os.urandom`` so the global torch RNG is never consumed.
+    Raises:
+        TypeError: if ``seed`` is neither an int nor None.
     """
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -96,7 +96,7 @@ def analyze(
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
-    gen = make_generator(resolve_seed(seed))
+    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
     before = op.num_matvecs
     d = op.dim
     cap = max_steps if max_steps is not None else max(100, 20 * top_k, density_steps)

@@ -110,7 +110,7 @@ def spectral_density(
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)
-    gen = make_generator(resolve_seed(seed))
+    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
     before = op.num_matvecs
     start = gaussian((num_probes, op.dim), gen, op.dtype, op.device)
     run = lanczos(op, start, num_steps, generator=gen)

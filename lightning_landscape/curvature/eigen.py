@@ -138,7 +138,7 @@ def top_eigenvalues(
         raise ValueError(f"`k` must be at most the dimension {op.dim}, got {k}.")
     if max_matvecs is not None and max_matvecs < k:
         raise ValueError(f"`max_matvecs` must be at least `k` = {k}, got {max_matvecs}.")
-    gen = make_generator(resolve_seed(seed))
+    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
     limit = min(op.dim, max_matvecs if max_matvecs is not None else max(100, 20 * k))
     start = gaussian((1, op.dim), gen, op.dtype, op.device)
     before = op.num_matvecs

@@ -236,7 +236,7 @@ def trace(
         raise ValueError(
             f"`num_matvecs` must be at least 3 for method {method!r}, got {num_matvecs}."
         )
-    gen = make_generator(resolve_seed(seed))
+    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
     before = op.num_matvecs
     if method == "hutchinson":
         res = hutchinson(op, num_matvecs, gen)
