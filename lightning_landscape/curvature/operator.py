@@ -108,8 +108,8 @@ class HessianOperator(LinearOperator):
             tensor.
         distributed: reduce across ranks when a process group with several ranks is initialized.
         hvp: the kind of Hessian-vector product. ``"cached"`` (default, the fastest measured:
-            1.3x / 1.8x a gradient on 2.4k / 400k-parameter MLPs on CPU, against 2.7x / 3.1x
-            for double backward, ``benchmarks/curvature.py``): the gradient graph of every batch
+            1.3x / 2.0-2.3x a gradient on 2.4k / 405k-parameter MLPs on CPU, against 2.9x / 3.2x
+            for double backward and 8.6x / 4.1x for ``"func"``, ``benchmarks/curvature.py``): the gradient graph of every batch
             is built at the first product (about 3 gradients) and kept, then each product is one
             backward through it; it holds the activations of all the batches until
             :meth:`release` (or the end of a ``with`` block, or the operator's deletion), and is

@@ -6,16 +6,19 @@
   sketch covers the dimension. About 100x better than Hutchinson when a few outliers dominate,
   1.1-1.9x worse on flat spectra.
 - ``"auto"``: a Lanczos run captures the outliers at both ends of the spectrum
-  (tr(QᵀHQ) = Σ α_j exactly), then Hutchinson probes of (I − QQᵀ) H (I − QQᵀ) spend the rest of
-  the budget. A few pilot probes z (their products u = Hz are paid once) steer the split: after
-  every Lanczos step ‖PHPz‖² is updated from inner products alone (no extra product), an
-  unbiased estimate of ‖PHP‖²_F, so the predicted variance ∝ ‖PHP‖²_F / (probes left) is known
-  as the run goes; the run stops once a window of steps no longer lowers it (the part of ‖H‖²_F
-  a step deflates is known exactly from α and β). On flat spectra it
-  stops after a few steps (nearly plain Hutchinson), on outlier spectra it deflates them first.
-  The pilots only steer: the final probes are fresh, so the estimate stays unbiased. Limitation:
-  a single Krylov sequence sees one direction of an exactly repeated eigenvalue, so a cluster of
-  equal outliers is deflated only partly (Hutch++'s block sketch does better there).
+  (tr(QᵀHQ) = Σ α_j exactly), then Hutchinson probes of P H P, P = I − QQᵀ, spend the rest of
+  the budget. A few Rademacher pilot probes z (products u = Hz paid once) steer the split: the
+  run starts from H Σz, and after every step ‖PHPz‖² is updated from inner products alone, an
+  unbiased estimate of ‖PHP‖²_F and so of the variance the remaining probes will have. The run
+  stops once a window of steps removes less of ‖H‖²_F (known exactly from α and β) than the
+  probes it costs. Fresh probes then estimate tr(PHP), with the pilots' estimate of the
+  remainder's mean eigenvalue as a control variate for ‖Pz‖² (which Rademacher probes lose by
+  projection). The pilots only steer, so the estimate is unbiased. Measured
+  (``benchmarks/curvature.py``): as good as Hutch++ where outliers dominate (1700x better than
+  Hutchinson at 100 products on a synthetic outlier spectrum, 4.2x on a trained MLP), within
+  1.07x of Hutchinson on a flat one. Limitation: one Krylov sequence sees one direction of an
+  exactly repeated eigenvalue, so a cluster of equal outliers is deflated only partly (Hutch++'s
+  block sketch does better there).
 """
 
 from __future__ import annotations
@@ -155,9 +158,9 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     scale = float(unorm2.mean())
     c = float((Z * U).sum().double()) / (p * d)  # mean eigenvalue tr(H)/d, from the pilots
     # After j steps, with A_j = Σ α (the deflated trace) and g_j = ‖QᵀHQ‖²_F + 2‖PHQ‖²_F (the
-    # deflated part of ‖H‖²_F), a projected Rademacher probe has variance about
-    # 2 V_j, V_j = ‖PHP‖²_F − c (c d − 2 A_j): the Frobenius norm of P(H − cI)P, since the
-    # diagonal of H cancels in Rademacher probes, plus the noise of c ‖Pz‖².
+    # deflated part of ‖H‖²_F), a projected Rademacher probe has variance about 2 V_j with
+    # V_j = ‖PHP‖²_F − c (c d − 2 A_j) ≈ ‖P(H − cI)P‖²_F: a shift of the spectrum cancels in
+    # Rademacher probes (and in the control variate below), its spread does not.
     seen = [(0.0, 0.0)]  # (g_j, A_j)
 
     def stop(alphas: Tensor, betas: Tensor) -> bool:
