@@ -17,7 +17,7 @@ shot() {  # name, fragment
     --user-data-dir="$(mktemp -d)" --window-size=1500,1150 --hide-scrollbars \
     --virtual-time-budget=25000 --screenshot="$out/$1.png" "http://127.0.0.1:$port/#$2" 2>/dev/null
 }
-shot tensorboard_hessian "scalars&tagFilter=hessian%2F(eigenvalue|min|trace%24|eos)&_smoothingWeight=0"
-shot tensorboard_noise_sharpness "scalars&tagFilter=(noise%2F(temperature%24|gradient_noise_scale)|sharpness%2F(sam|adaptive|keskar|average%24)|trajectory%2F(barrier|distance_from_init))&_smoothingWeight=0"
+shot tensorboard_hessian "scalars&tagFilter=hessian%2F(eigenvalue|min|trace%24|eos)&_smoothingWeight=0&_ignoreYOutliers=false"
+shot tensorboard_noise_sharpness "scalars&tagFilter=(noise%2F(temperature%24|gradient_noise_scale)|sharpness%2F(sam|adaptive|keskar|average%24)|trajectory%2F(barrier|distance_from_init))&_smoothingWeight=0&_ignoreYOutliers=false"
 shot tensorboard_figures "images&tagFilter=(spectral_density|pca_landscape|loss_init_to_current|slice_2d)"
 echo "screenshots in $out"

@@ -51,6 +51,11 @@ def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
     return None
 
 
+def wants_figures(trainer: pl.Trainer) -> bool:
+    """Whether drawing a figure is worth it: rank zero, with at least one logger."""
+    return bool(trainer.is_global_zero and trainer.loggers)
+
+
 def figure_dir(trainer: pl.Trainer) -> str | None:
     """Folder for PNG copies of the figures: ``<log_dir>/figures``."""
     for logger in trainer.loggers:

@@ -222,7 +222,7 @@ class HessianMonitor(LandscapeMonitor):
             out[f"hessian/{name}/num_matvecs"] = float(block.num_matvecs)
             total += block.num_matvecs
         out["hessian/num_matvecs"] = float(total)
-        if result.density is not None and trainer.is_global_zero:
+        if result.density is not None and _logging.wants_figures(trainer):
             _log_density(trainer, result.density, ctx.step)
         return out
 
