@@ -48,8 +48,13 @@ def loader() -> DataLoader:
 def fit(callbacks, epochs: int) -> float:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
-        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     start = time.perf_counter()
     trainer.fit(Net(), loader())
@@ -67,10 +72,14 @@ def main() -> None:
         "top-3 + min + trace + density": dict(top_k=3, trace=True, density=True),
     }
     base = min(fit([], args.epochs) for _ in range(args.repeats))
-    print(f"model: 64-128-10 MLP with BatchNorm/Dropout (9.7k params), digits (1797 samples), "
-          f"{args.epochs} epochs, batch 64; baseline {base:.2f} s")
-    print(f"{'configuration (every epoch, 4 batches of 64)':48s} {'time (s)':>9s} {'ratio':>7s} "
-          f"{'matvecs/measurement':>20s} {'s/measurement':>14s}")
+    print(
+        f"model: 64-128-10 MLP with BatchNorm/Dropout (9.7k params), digits (1797 samples), "
+        f"{args.epochs} epochs, batch 64; baseline {base:.2f} s"
+    )
+    print(
+        f"{'configuration (every epoch, 4 batches of 64)':48s} {'time (s)':>9s} {'ratio':>7s} "
+        f"{'matvecs/measurement':>20s} {'s/measurement':>14s}"
+    )
     for name, kw in configs.items():
         times, mons = [], []
         for _ in range(args.repeats):

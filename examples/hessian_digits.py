@@ -36,12 +36,18 @@ def main() -> None:
     result = analyze(op, top_k=3, smallest=True, trace=True, density=True, seed=0)
     seconds = time.perf_counter() - start
     print(f"parameters: {op.dim}, samples: {int(op.total_size)}")
-    print("top eigenvalues:", [round(v, 4) for v in result.top.eigenvalues.tolist()],
-          "converged:", result.top.converged)
+    print(
+        "top eigenvalues:",
+        [round(v, 4) for v in result.top.eigenvalues.tolist()],
+        "converged:",
+        result.top.converged,
+    )
     print(f"most negative eigenvalue: {float(result.smallest.eigenvalues[0]):.4f}")
     print(f"trace: {result.trace.estimate:.3f} ± {result.trace.stderr:.3f}")
-    print(f"SLQ density: {result.density.nodes.shape[1]} nodes; "
-          f"mean eigenvalue tr(H)/d ≈ {result.density.moment(1):.5f}")
+    print(
+        f"SLQ density: {result.density.nodes.shape[1]} nodes; "
+        f"mean eigenvalue tr(H)/d ≈ {result.density.moment(1):.5f}"
+    )
     print(f"cost: {result.num_matvecs} Hessian-vector products, {seconds:.2f} s")
 
 
