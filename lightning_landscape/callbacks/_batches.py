@@ -8,6 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 try:  # pytorch-lightning >= 2.0
     from pytorch_lightning.utilities import CombinedLoader
@@ -53,7 +54,9 @@ def draw_batches(
             raise ValueError("no training dataloader to draw the monitor's batches from.")
         loader = _first_loader(source)
     devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-    sampler = getattr(loader, "sampler", None)
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
+    loader = _detached(loader)
     epoch = getattr(sampler, "epoch", None)
     try:
         if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
@@ -61,9 +64,26 @@ def draw_batches(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             batches = list(itertools.islice(iter(loader), num_batches))
+            if not batches:
+                raise ValueError("the dataloader yielded no batch for the monitor.")
+            # transfer hooks (GPU augmentations) may draw random numbers too
+            return [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]
     finally:
         if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-    if not batches:
-        raise ValueError("the dataloader yielded no batch for the monitor.")
-    return [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]
+
+
+def _detached(loader: Iterable) -> Iterable:
+    """A loader whose iteration cannot touch the training's: a DataLoader with workers is
+    rebuilt without them over the same dataset, sampler and collate function (with
+    ``persistent_workers`` a second ``iter`` would reset and share the fit loop's live iterator).
+    """
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn
+        )
+    return DataLoader(
+        loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn
+    )

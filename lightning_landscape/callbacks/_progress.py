@@ -75,7 +75,8 @@ def merged_history(monitors: Sequence[Any]) -> list[dict[str, float]]:
     """All monitors' measurements merged per (epoch, step), in order."""
     merged: dict[tuple[float, float], dict[str, float]] = {}
     for mon in monitors:
-        for h in getattr(mon, "history", []):
+        rows = mon.summary_rows() if hasattr(mon, "summary_rows") else getattr(mon, "history", [])
+        for h in rows:
             key = (h.get("epoch", math.nan), h.get("step", math.nan))
             merged.setdefault(key, {"epoch": key[0], "step": key[1]}).update(h)
     return [merged[k] for k in sorted(merged, key=lambda k: (k[1], k[0]))]

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.curvature._utils import unflatten
-from lightning_landscape.curvature.distributed import is_distributed
+from lightning_landscape.curvature.distributed import broadcast
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.directions import (
     filter_normalized_directions,
@@ -66,20 +65,9 @@ def thin_snapshots(snapshots: Snapshots, max_snapshots: int, warned: bool) -> bo
     return warned
 
 
-def draws(trainer: pl.Trainer) -> bool:
-    """Whether this process makes figures: rank zero, with a logger to send them to."""
-    return trainer.is_global_zero and bool(trainer.loggers)
-
-
 def same_on_all_ranks(t: Tensor) -> Tensor:
     """Rank 0's copy of ``t`` on every rank (a no-op on one process)."""
-    if not is_distributed():
-        return t
-    buf = t.detach().clone()
-    if dist.get_backend() == "nccl":
-        buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.broadcast(buf, src=0)
-    return buf.to(t.device)
+    return broadcast(t, src=0)
 
 
 def log_curve_figures(
@@ -90,7 +78,7 @@ def log_curve_figures(
     step: int,
 ) -> None:
     """The figures ``trajectory/loss_<key>_to_current`` of ``(key, curve, start label)``."""
-    if draws(trainer):
+    if _logging.wants_figures(trainer):
         for key, curve, start_label in curves:
             fig = plots.interpolation_figure(
                 curve, start_label=start_label, end_label=end_label,
@@ -146,7 +134,7 @@ def log_pca_figure(
     trainer: pl.Trainer, picture: dict[str, Any], labels: list[str], here: str, step: int
 ) -> None:
     """The figure ``trajectory/pca_landscape`` of :func:`pca_picture`'s arrays."""
-    if draws(trainer):
+    if _logging.wants_figures(trainer):
         pca, xs, ys, z = (picture[k] for k in ("pca", "xs", "ys", "loss"))
         fig = plots.trajectory_figure(pca, xs, ys, z, labels, current_label=here)
         _logging.log_figure(trainer, "trajectory/pca_landscape", fig, step)
@@ -155,7 +143,7 @@ def log_pca_figure(
 def log_slice_figures(trainer: pl.Trainer, picture: dict[str, Any], here: str, step: int) -> None:
     """The figures ``trajectory/slice_1d`` and ``trajectory/slice_2d`` of :func:`slice_picture`'s
     arrays."""
-    if draws(trainer):
+    if _logging.wants_figures(trainer):
         fig = plots.slice_1d_figure(picture["slice_t"], picture["slice_1d"], where=f"at {here}")
         _logging.log_figure(trainer, "trajectory/slice_1d", fig, step)
         grid = picture["slice_grid"]

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
@@ -30,6 +29,7 @@ from lightning_landscape.callbacks._context import (
 )
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature._utils import check_positive_int
+from lightning_landscape.curvature.distributed import is_distributed
 from lightning_landscape.optim._anchor import anchor_in_parameters
 
 
@@ -68,6 +68,11 @@ class LandscapeMonitor(Callback):
         loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``.
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
         seed: seed of every random probe and direction (identical on all ranks).
+
+    A measurement that fails (an exception from the estimate) is logged as NaN with a warning on
+    one process; under DDP it is raised instead, since a failure on one rank only would leave the
+    others waiting in a collective forever. A NaN loss does not raise: it gives NaN values and a
+    warning.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -123,6 +128,10 @@ class LandscapeMonitor(Callback):
         """The keys to log as NaN when a measurement fails."""
         return {}
 
+    def summary_rows(self) -> list[dict[str, float]]:
+        """The rows this monitor adds to the end-of-fit summary."""
+        return self.history
+
     def seconds_key(self) -> str:
         """The key of the wall time of the measurement in progress."""
         return f"{self.namespace}/seconds"
@@ -130,7 +139,18 @@ class LandscapeMonitor(Callback):
     # ----------------------------------------------------------------- Lightning hooks
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(schedule=repr(self.schedule), seed=self.seed)
+        """Unique per configuration, so that several monitors of one class can coexist."""
+        return self._generate_state_key(
+            schedule=repr(self.schedule),
+            seed=self.seed,
+            mode=self.mode,
+            num_batches=self.num_batches,
+            **self.state_key_extra(),
+        )
+
+    def state_key_extra(self) -> dict[str, Any]:
+        """The subclass's arguments that tell two of its instances apart."""
+        return {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -201,16 +221,13 @@ class LandscapeMonitor(Callback):
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
+        dtype = measurement_dtype(pl_module)
+        upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.
         with anchor_in_parameters(trainer.optimizers), measuring(pl_module, self.mode):
-            dtype = measurement_dtype(pl_module)
-            used = (
-                [cast_batch(b, dtype) for b in batches]
-                if dtype != _dtype_of(pl_module)
-                else batches
-            )
+            used = [cast_batch(b, dtype) for b in batches] if upcast else batches
             ctx = MeasureContext(
                 module=pl_module,
                 params=[p for p in pl_module.parameters() if p.requires_grad],
@@ -224,6 +241,10 @@ class LandscapeMonitor(Callback):
             try:
                 metrics = self.measure(trainer, pl_module, ctx)
             except (RuntimeError, ValueError, FloatingPointError) as err:
+                if is_distributed():
+                    # A failure on one rank only (out of memory, say) would leave the others
+                    # waiting in a collective forever: stop the run rather than hang it.
+                    raise
                 rank_zero_warn(
                     f"{type(self).__name__}: the measurement at epoch {epoch}, step {step} failed "
                     f"({type(err).__name__}: {err}); NaN is logged and training goes on."
@@ -242,9 +263,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32

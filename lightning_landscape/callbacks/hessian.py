@@ -42,9 +42,10 @@ class HessianMonitor(LandscapeMonitor):
         density_steps: Lanczos steps of each density probe (the run lasts at least this long
             when ``density``).
         density_probes: density probes (the first is the shared run).
-        per_module: ``True`` for every submodule that owns trainable parameters, or a list of
-            submodule names: also the top eigenvalue and trace of each diagonal block of H
-            (that submodule's parameters, the others held fixed).
+        per_module: ``True`` for every submodule that owns trainable parameters (the block of
+            the parameters it owns directly: the blocks are disjoint), or a list of submodule
+            names (the block of all that submodule's parameters): also the top eigenvalue and
+            trace of each diagonal block of H, the other parameters held fixed.
         hvp: the Hessian-vector product kind (see
             :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"cached"``
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
@@ -63,7 +64,7 @@ class HessianMonitor(LandscapeMonitor):
         - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
         - ``hessian/eos_ratio``: λ_max · lr / 2, lr of the first parameter group.
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
-        - ``hessian/converged``: 1 if the eigenvalues met ``tol``.
+        - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
         - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
           ``hessian/<module>/trace_stderr``, ``hessian/<module>/num_matvecs``: per diagonal
@@ -132,8 +133,12 @@ class HessianMonitor(LandscapeMonitor):
                 raise TypeError(f"`{name}` must be a bool, got {value!r}.")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if hvp not in ("double_backward", "cached", "func"):
-            raise ValueError(f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}.")
+        if hvp not in ("double_backward", "cached"):
+            raise ValueError(
+                f"`hvp` must be 'cached' or 'double_backward', got {hvp!r} (the torch.func kind "
+                "is offered by HessianOperator, not by the monitor: it needs the module as a "
+                "function of its parameters and is the slowest on CPU)."
+            )
         if not isinstance(per_module, bool):
             if (
                 isinstance(per_module, str)
@@ -158,6 +163,11 @@ class HessianMonitor(LandscapeMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if self.top_k > dim:
+            raise ValueError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
         if isinstance(self.per_module, list):
             names = dict(pl_module.named_modules())
             missing = [n for n in self.per_module if n not in names]
@@ -196,7 +206,7 @@ class HessianMonitor(LandscapeMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        result = self._analyze(ctx, ctx.params, self.top_k, full=True, what="full Hessian")
+        result = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
         out: dict[str, float] = {}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
@@ -210,10 +220,7 @@ class HessianMonitor(LandscapeMonitor):
         out["hessian/eos_ratio"] = out["hessian/eigenvalue_1"] * lr / 2
         out["hessian/converged"] = float(result.top.converged)
         total = result.num_matvecs
-        for name, module in _blocks(pl_module, self.per_module):
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                continue
+        for name, params in _blocks(pl_module, self.per_module):
             block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
             if block.trace is not None:
@@ -234,18 +241,18 @@ def _first_lr(trainer: pl.Trainer) -> float:
         return math.nan
 
 
-def _blocks(
-    module: torch.nn.Module, per_module: bool | list[str]
-) -> list[tuple[str, torch.nn.Module]]:
+def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
+    """(name, trainable parameters) of each diagonal block: a named submodule's parameters
+    (recursively), or with ``True`` the parameters each submodule owns directly (disjoint)."""
     if per_module is False:
         return []
     named = dict(module.named_modules())
     if isinstance(per_module, list):
-        return [(n, named[n]) for n in per_module]
+        chosen = [(n, list(named[n].parameters())) for n in per_module]
+    else:
+        chosen = [(n, list(m.parameters(recurse=False))) for n, m in named.items() if n]
     return [
-        (n, m)
-        for n, m in named.items()
-        if n and any(p.requires_grad for p in m.parameters(recurse=False))
+        (n, ps) for n, ps in ((n, [p for p in ps if p.requires_grad]) for n, ps in chosen) if ps
     ]
 
 

@@ -13,6 +13,7 @@ from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature._utils import default_batch_size
+from lightning_landscape.curvature.distributed import is_distributed
 from lightning_landscape.landscape.noise import (
     NoiseScaleEMA,
     effective_batch_size,
@@ -236,7 +237,11 @@ class NoiseTemperatureMonitor(Callback):
             return
         self._last_step = step
         self._closed = True
-        if not self._due or not self._sizes:
+        if not self.schedule.due_step(step):  # the same on every rank
+            return
+        if self._skip or not self._sizes:
+            if self._hooks.attached and is_distributed():
+                self._hooks.reduce(-1)  # this rank is not measured, but joins the collective
             return
         automatic = pl_module.automatic_optimization
         accumulate = trainer.accumulate_grad_batches if automatic else 1

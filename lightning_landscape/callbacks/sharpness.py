@@ -154,11 +154,8 @@ class SharpnessMonitor(LandscapeMonitor):
         self.ascent_steps = ascent_steps
         self.average_samples = average_samples
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            schedule=repr(self.schedule), seed=self.seed, grid=repr(self._grid())
-        )
+    def state_key_extra(self) -> dict[str, Any]:
+        return {"grid": repr(self._grid())}
 
     def _grid(self) -> list[tuple[str, float, str]]:
         """(kind, value, key suffix) for every measure of a measurement."""

@@ -161,6 +161,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.last_curves: dict[str, Any] = {}
         self.last_picture: dict[str, Any] = {}
         self._final = False
+        self.pictures: list[dict[str, float]] = []  # the fit-end pictures' scalars
         self._warned_thin = False
         self._points = self._forward = 0
 
@@ -194,9 +195,14 @@ class TrajectoryMonitor(LandscapeMonitor):
         if self.picture_at_end and not drawn:
             self._final = True
             try:
-                self.run_measurement(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+                epoch, step = trainer.current_epoch, trainer.global_step
+                metrics = self.run_measurement(trainer, pl_module, epoch, step)
+                self.pictures.append({"epoch": float(epoch), "step": float(step), **metrics})
             finally:
                 self._final = False
+
+    def summary_rows(self) -> list[dict[str, float]]:
+        return self.history + self.pictures
 
     def nan_metrics(self) -> dict[str, float]:
         keys = ["pca_explained_variance", "off_plane_distance"]

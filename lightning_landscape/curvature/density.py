@@ -75,7 +75,10 @@ class DensityResult:
 
 
 def quadrature(run: LanczosRun) -> tuple[Tensor, Tensor]:
-    """Nodes and weights of every chain of a Lanczos run."""
+    """Nodes and weights of every chain of a Lanczos run (NaN if a product was not finite)."""
+    if not run.finite:
+        nan = torch.full(tuple(run.alphas.shape), float("nan"), dtype=torch.float64)
+        return nan, nan.clone()
     nodes, weights = [], []
     for c in range(run.alphas.shape[0]):
         theta, S, _ = ritz(run.alphas[c], run.betas[c])

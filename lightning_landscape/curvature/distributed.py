@@ -1,4 +1,9 @@
-"""Reductions across torch.distributed ranks (sums and counts only: never ``ReduceOp.AVG``)."""
+"""Collectives across torch.distributed ranks (sums and counts only: never ``ReduceOp.AVG``).
+
+A tensor travels on the device its backend needs: CPU for gloo, the current GPU for NCCL
+(Lightning's multi-GPU DDP starts an NCCL-only group, which refuses CPU tensors), and comes back
+to the device it came from.
+"""
 
 from __future__ import annotations
 
@@ -14,29 +19,40 @@ def is_distributed(enabled: bool = True) -> bool:
     )
 
 
-def all_reduce_sum_(tensor: Tensor, enabled: bool = True) -> Tensor:
-    """Sum ``tensor`` in place over all ranks (no-op without a process group) and return it.
+def collective_device(tensor: Tensor) -> torch.device:
+    """The device the backend of the default group needs ``tensor`` on."""
+    if dist.get_backend() == "nccl":
+        return (
+            tensor.device if tensor.is_cuda else torch.device("cuda", torch.cuda.current_device())
+        )
+    return torch.device("cpu")
 
-    On the gloo backend the tensor travels through CPU; NCCL keeps it on its GPU.
-    """
+
+def all_reduce_sum_(tensor: Tensor, enabled: bool = True) -> Tensor:
+    """Sum ``tensor`` in place over all ranks (no-op without a process group) and return it."""
     if not is_distributed(enabled):
         return tensor
-    if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
-        host = tensor.detach().cpu()
-        dist.all_reduce(host, op=dist.ReduceOp.SUM)
-        tensor.copy_(host)
-    else:
+    device = collective_device(tensor)
+    if device == tensor.device:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    else:
+        moved = tensor.detach().to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        tensor.copy_(moved)
     return tensor
+
+
+def broadcast(tensor: Tensor, src: int = 0, enabled: bool = True) -> Tensor:
+    """Rank ``src``'s copy of ``tensor`` on every rank (a new tensor on ``tensor``'s device)."""
+    if not is_distributed(enabled):
+        return tensor
+    buf = tensor.detach().clone().to(collective_device(tensor))
+    dist.broadcast(buf, src=src)
+    return buf.to(tensor.device)
 
 
 def broadcast_int(value: int, src: int = 0, enabled: bool = True) -> int:
     """Rank ``src``'s integer, on every rank."""
     if not is_distributed(enabled):
         return value
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(buf, src=src)
-    return int(buf.item())
+    return int(broadcast(torch.tensor([value], dtype=torch.int64), src).item())

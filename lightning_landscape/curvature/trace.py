@@ -201,6 +201,7 @@ def _remainder_mean(Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
     """Σ zᵀPHPz / Σ ‖Pz‖² over the pilots (P = I − QᵀQ, U = HZ, QHQᵀ = T): the mean eigenvalue
     of the deflated remainder, from products already paid."""
     y, qu = (Q @ Z).double(), (Q @ U).double()
+    T = T.to(y.device)
     quad = (Z * U).sum(dim=0).double() - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
     norm = Z.shape[0] - (y**2).sum(dim=0)
     return float(quad.sum() / norm.sum().clamp(min=1e-300))

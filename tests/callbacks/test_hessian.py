@@ -244,6 +244,7 @@ def test_every_n_steps_schedule(tmp_path):
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
         ({"per_module": "net"}, TypeError, "`per_module` must be a bool or a list"),
         ({"hvp": "fast"}, ValueError, "`hvp` must be"),
+        ({"hvp": "func"}, ValueError, "`hvp` must be 'cached' or 'double_backward'"),
         ({"num_batches": 0}, ValueError, "`num_batches` must be a positive int"),
         ({"loss_fn": 3}, TypeError, "`loss_fn` must be callable"),
         ({"epochs": [1], "every_n_steps": 3}, ValueError, "exactly one"),
@@ -340,3 +341,34 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     )
     assert m["hessian/trace"] == pytest.approx(ref.trace.estimate, rel=1e-9)
     assert m["hessian/num_matvecs"] == ref.num_matvecs
+
+
+def test_persistent_workers_loader_is_not_disturbed(tmp_path):
+    """Drawing the fixed batches must not consume the fit loop's live iterator (a second
+    ``iter`` on a persistent-worker DataLoader resets and shares it)."""
+
+    def run(callbacks):
+        pl.seed_everything(2)
+        model = Net()
+        loader = DataLoader(
+            dataset(n=32), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True
+        )
+        trainer(tmp_path, callbacks, max_epochs=1, logger=False).fit(model, loader)
+        return model.state_dict()
+
+    plain = run([])
+    watched = run([HessianMonitor(epochs=[0], num_batches=2, trace=False)])
+    for k in plain:
+        assert torch.equal(plain[k], watched[k]), k
+
+
+def test_two_monitors_of_one_class_coexist_and_top_k_is_checked(tmp_path):
+    a = HessianMonitor(epochs=[0], trace=False)
+    b = HessianMonitor(epochs=[0], trace=False, mode="train")
+    t = trainer(tmp_path, [a, b], max_epochs=1, max_steps=1)
+    t.fit(Net(), DataLoader(dataset(), batch_size=8))
+    assert a.done == [0] and b.done == [0]
+    with pytest.raises(ValueError, match="exceeds the"):
+        trainer(tmp_path, [HessianMonitor(top_k=1000)], max_epochs=1).fit(
+            Net(), DataLoader(dataset(), batch_size=8)
+        )

@@ -90,6 +90,23 @@ def test_nan_loss_gives_nan_everywhere():
     assert res.num_matvecs == 1
 
 
+class _TurnsNaN(MatrixOperator):
+    """A well-behaved operator whose products become NaN from the sixth on."""
+
+    def _matmat(self, Vt):
+        out = super()._matmat(Vt)
+        return out * math.nan if self.num_matvecs >= 5 else out
+
+
+def test_products_turning_nan_mid_run_give_nan_not_an_exception():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    res = analyze(_TurnsNaN(A + A.T), smallest=True, trace=True, density=True, seed=0)
+    assert torch.isnan(res.top.eigenvalues).all() and not res.top.converged
+    assert torch.isnan(res.density.nodes).all() and torch.isnan(res.density.weights).all()
+    assert math.isnan(res.trace.estimate)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
