@@ -155,12 +155,11 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
-            raise ValueError(
-                f"{type(self).__name__} does not support the {name} strategy: sharded parameters "
-                "have no full Hessian-vector product here. Use DDP (strategy='ddp' or 'ddp_spawn')."
-            )
+        refuse_sharded(
+            trainer,
+            type(self).__name__,
+            "sharded parameters have no full Hessian-vector product or loss here",
+        )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
@@ -263,3 +262,13 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
+
+
+def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:
+    """Raise ``ValueError`` at setup for FSDP and DeepSpeed strategies, saying why."""
+    name = type(trainer.strategy).__name__
+    if "FSDP" in name or "DeepSpeed" in name:
+        raise ValueError(
+            f"{owner} does not support the {name} strategy: {why}. "
+            "Use DDP (strategy='ddp' or 'ddp_spawn') or a single device."
+        )

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
+from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature._utils import default_batch_size
 from lightning_landscape.curvature.distributed import is_distributed
@@ -150,13 +151,12 @@ class NoiseTemperatureMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
-            raise ValueError(
-                f"NoiseTemperatureMonitor does not support the {name} strategy: its gradients are "
-                "sharded, so per-rank gradient norms are not those of the full gradient. Use DDP "
-                "(strategy='ddp' or 'ddp_spawn')."
-            )
+        refuse_sharded(
+            trainer,
+            "NoiseTemperatureMonitor",
+            "its gradients are sharded, so per-rank gradient norms are not those of the full "
+            "gradient",
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()
