@@ -175,10 +175,11 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         enable_checkpointing=False,
         accumulate_grad_batches=args.accumulate_grad_batches,
     )
+    log_dir = logger.log_dir  # resolve the version now: ddp_spawn children log to this one
     start = time.perf_counter()
     trainer.fit(DigitsCNN(optimizer=args.optimizer), DigitsData(batch_size=args.batch_size))
     if trainer.is_global_zero:
-        print(f"\nfinished in {time.perf_counter() - start:.1f} s; logs in {logger.log_dir}")
+        print(f"\nfinished in {time.perf_counter() - start:.1f} s; logs in {log_dir}")
         print(f"view them with:  tensorboard --logdir {args.logdir}")
     return trainer
 
