@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.curvature._utils import default_batch_size, flatten, resolve_params
-from lightning_landscape.curvature.hvp import guard
+from lightning_landscape.curvature._utils import default_batch_size, resolve_params
+from lightning_landscape.curvature.hvp import flat_grad, guard
 
 
 def dense_hessian(
@@ -46,22 +46,9 @@ def dense_hessian(
     with guard(module, plist, seed):
         for batch in batches:
             n = int(size_fn(batch))
-            grads = torch.autograd.grad(loss_fn(batch), plist, create_graph=True, allow_unused=True)
-            g = flatten(
-                [torch.zeros_like(p) if x is None else x for x, p in zip(grads, plist, strict=True)]
-            )
+            g = flat_grad(loss_fn(batch), plist, create_graph=True)
             for i in range(d):
-                if not g[i].requires_grad:
-                    continue
-                row = torch.autograd.grad(g[i], plist, retain_graph=True, allow_unused=True)
-                H[i].add_(
-                    flatten(
-                        [
-                            torch.zeros_like(p) if r is None else r
-                            for r, p in zip(row, plist, strict=True)
-                        ]
-                    ),
-                    alpha=n,
-                )
+                if g[i].requires_grad:
+                    H[i].add_(flat_grad(g[i], plist, retain_graph=True), alpha=n)
             total += n
     return H.div_(total)

@@ -1,4 +1,5 @@
-"""Collectives across torch.distributed ranks (sums and counts only: never ``ReduceOp.AVG``).
+"""Collectives across torch.distributed ranks: sums and counts only (an average is a sum divided
+by a summed count, which is right for unequal shards and on every backend).
 
 A tensor travels on the device its backend needs: CPU for gloo, the current GPU for NCCL
 (Lightning's multi-GPU DDP starts an NCCL-only group, which refuses CPU tensors), and comes back

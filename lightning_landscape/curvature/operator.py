@@ -173,8 +173,8 @@ class HessianOperator(LinearOperator):
         self.hvp = hvp
         self.seed = int(seed)
         self.distributed = is_distributed(distributed)
-        size_fn = batch_size_fn or default_batch_size
-        self.batch_sizes = [int(size_fn(b)) for b in self.batches]
+        self._size_fn = batch_size_fn or default_batch_size
+        self.batch_sizes = [int(self._size_fn(b)) for b in self.batches]
         for i, n in enumerate(self.batch_sizes):
             if n < 1:
                 raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
@@ -261,9 +261,11 @@ class HessianOperator(LinearOperator):
 
     def gradient(self) -> Tensor:
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
-        acc = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with _hvp.guard(self.module, self.params, self.seed):
-            for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                acc.add_(_hvp.flat_grad(self.loss_fn(batch), self.params), alpha=n)
-        all_reduce_sum_(acc, self.distributed)
-        return acc.div_(self.total_size)
+            return _hvp.mean_gradient(
+                self.loss_fn,
+                self.params,
+                self.batches,
+                batch_size_fn=self._size_fn,
+                distributed=self.distributed,
+            )[1]

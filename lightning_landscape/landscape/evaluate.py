@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from lightning_landscape.curvature._utils import default_batch_size, flatten, unflatten
-from lightning_landscape.curvature.distributed import all_reduce_sum_, is_distributed
-from lightning_landscape.curvature.hvp import flat_grad
+from lightning_landscape.curvature.distributed import all_reduce_sum_
+from lightning_landscape.curvature.hvp import mean_gradient as mean_gradient  # re-exported
 
 
 class ParamVector:
@@ -81,33 +81,5 @@ def mean_value(
     for n, batch in zip(sizes, batches, strict=True):
         acc[0] += n * float(fn(batch))
         acc[1] += n
-    if is_distributed(distributed):
-        all_reduce_sum_(acc)
+    all_reduce_sum_(acc, distributed)
     return float(acc[0] / acc[1])
-
-
-def mean_gradient(
-    loss_fn: Callable[[Any], Tensor],
-    params: Sequence[Tensor],
-    batches: Sequence[Any],
-    *,
-    batch_size_fn: Callable[[Any], int] | None = None,
-    distributed: bool = True,
-) -> tuple[float, Tensor]:
-    """The batch-weighted mean loss and its flat gradient over all ranks (one all-reduce).
-
-    Uses ``torch.autograd.grad``: ``.grad`` is never touched.
-    """
-    sizes = _sizes(batches, batch_size_fn)
-    dim = sum(p.numel() for p in params)
-    acc = torch.zeros(dim + 2, dtype=params[0].dtype, device=params[0].device)
-    with torch.enable_grad():
-        for n, batch in zip(sizes, batches, strict=True):
-            loss = loss_fn(batch)
-            acc[:dim].add_(flat_grad(loss, params), alpha=n)
-            acc[dim] += n * loss.detach()
-            acc[dim + 1] += n
-    if is_distributed(distributed):
-        all_reduce_sum_(acc)
-    total = acc[dim + 1]
-    return float(acc[dim] / total), acc[:dim] / total
