@@ -12,9 +12,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_landscape._core.distributed import broadcast
+from lightning_landscape._core.vectors import unflatten
 from lightning_landscape.callbacks import _logging
-from lightning_landscape.curvature._utils import unflatten
-from lightning_landscape.curvature.distributed import broadcast
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.directions import (
     filter_normalized_directions,

@@ -18,6 +18,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
+from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._context import (
@@ -28,8 +30,6 @@ from lightning_landscape.callbacks._context import (
     module_loss,
 )
 from lightning_landscape.callbacks.schedule import Schedule
-from lightning_landscape.curvature._utils import check_positive_int
-from lightning_landscape.curvature.distributed import is_distributed
 from lightning_landscape.optim._anchor import anchor_in_parameters
 
 
@@ -99,12 +99,10 @@ class LandscapeMonitor(Callback):
         check_positive_int("num_batches", num_batches)
         if mode not in ("eval", "train"):
             raise ValueError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be callable or None, got {type(loss_fn).__name__}.")
+        check_callable("loss_fn", loss_fn, allow_none=True)
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(f"`dataloader` must be iterable, got {type(dataloader).__name__}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {seed!r}.")
+        check_int("seed", seed)
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.loss_fn = loss_fn

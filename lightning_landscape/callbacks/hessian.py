@@ -10,11 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_landscape._core.checks import check_bool, check_positive_int
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
-from lightning_landscape.curvature._utils import check_positive_int
 from lightning_landscape.curvature.operator import HVPMode
 
 
@@ -129,8 +129,7 @@ class HessianMonitor(LandscapeMonitor):
             ("trace", trace),
             ("density", density),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+            check_bool(name, value)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in ("double_backward", "cached"):

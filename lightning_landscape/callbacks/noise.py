@@ -9,12 +9,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from lightning_landscape._core.batches import default_batch_size
+from lightning_landscape._core.checks import check_bool, check_callable, check_real
+from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
-from lightning_landscape.curvature._utils import default_batch_size
-from lightning_landscape.curvature.distributed import is_distributed
 from lightning_landscape.landscape.noise import (
     NoiseScaleEMA,
     effective_batch_size,
@@ -109,16 +110,11 @@ class NoiseTemperatureMonitor(Callback):
     ) -> None:
         super().__init__()
         self.schedule = Schedule(every_n_steps=every_n_steps)
-        if not isinstance(noise_scale, bool):
-            raise TypeError(f"`noise_scale` must be a bool, got {noise_scale!r}.")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float):
-            raise TypeError(f"`ema_decay` must be a number in [0, 1), got {ema_decay!r}.")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"`ema_decay` must be a number in [0, 1), got {ema_decay!r}.")
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(
-                f"`batch_size_fn` must be callable or None, got {type(batch_size_fn).__name__}."
-            )
+        check_bool("noise_scale", noise_scale)
+        check_real(
+            "ema_decay", ema_decay, low=0.0, high=1.0, high_strict=True, what="a number in [0, 1)"
+        )
+        check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.every_n_steps = every_n_steps
         self.noise_scale = noise_scale
         self.ema_decay = float(ema_decay)

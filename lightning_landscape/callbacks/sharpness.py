@@ -9,10 +9,16 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 from torch import Tensor
 
+from lightning_landscape._core.checks import (
+    check_int,
+    check_positive_int,
+    check_positive_values,
+    check_real,
+)
+from lightning_landscape._core.random import make_generator
+from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
-from lightning_landscape.curvature._utils import check_positive_int, make_generator
-from lightning_landscape.landscape.evaluate import ParamVector
 from lightning_landscape.landscape.sharpness import (
     BatchObjective,
     adaptive_sharpness,
@@ -24,19 +30,6 @@ from lightning_landscape.landscape.sharpness import (
 Kind = Literal["sam", "adaptive", "average", "keskar"]
 KINDS: tuple[str, ...] = ("sam", "adaptive", "average", "keskar")
 _PARAM = {"sam": "rho", "adaptive": "rho", "average": "sigma", "keskar": "eps"}
-
-
-def _values(name: str, value: Any) -> tuple[float, ...]:
-    """A positive number or a non-empty sequence of them, as a tuple of floats."""
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-    if not items:
-        raise ValueError(f"`{name}` is empty.")
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise TypeError(f"`{name}` must be a positive number or a list of them, got {value!r}.")
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"`{name}` must hold positive numbers, got {value!r}.")
-    return tuple(float(v) for v in items)
 
 
 class SharpnessMonitor(LandscapeMonitor):
@@ -139,18 +132,14 @@ class SharpnessMonitor(LandscapeMonitor):
             raise ValueError(f"`kinds` must be a non-empty subset of {list(KINDS)}, got {kinds!r}.")
         check_positive_int("ascent_steps", ascent_steps)
         check_positive_int("average_samples", average_samples)
-        if average_samples < 2:
-            raise ValueError(f"`average_samples` must be >= 2, got {average_samples!r}.")
-        if isinstance(eta, bool) or not isinstance(eta, int | float):
-            raise TypeError(f"`eta` must be a non-negative number, got {eta!r}.")
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"`eta` must be a non-negative number, got {eta!r}.")
+        check_int("average_samples", average_samples, low=2, what=">= 2")
+        check_real("eta", eta, low=0.0, what="a non-negative number")
         self.kinds = tuple(k for k in KINDS if k in kinds)
-        self.rho = _values("rho", rho)
-        self.adaptive_rho = _values("adaptive_rho", adaptive_rho)
+        self.rho = check_positive_values("rho", rho)
+        self.adaptive_rho = check_positive_values("adaptive_rho", adaptive_rho)
         self.eta = float(eta)
-        self.sigma = _values("sigma", sigma)
-        self.epsilon = _values("epsilon", epsilon)
+        self.sigma = check_positive_values("sigma", sigma)
+        self.epsilon = check_positive_values("epsilon", epsilon)
         self.ascent_steps = ascent_steps
         self.average_samples = average_samples
 

@@ -10,6 +10,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_landscape._core.batches import mean_value
+from lightning_landscape._core.checks import check_bool, check_positive_int
+from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks._trajectory_parts import (
     floating_dtype,
@@ -21,8 +24,6 @@ from lightning_landscape.callbacks._trajectory_parts import (
     thin_snapshots,
 )
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
-from lightning_landscape.curvature._utils import check_positive_int
-from lightning_landscape.landscape.evaluate import ParamVector, mean_value
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
 
 
@@ -142,8 +143,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             ("picture_at_end", picture_at_end),
             ("pictures_every_measurement", pictures_every_measurement),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+            check_bool(name, value)
         if metric_fn is not None and not callable(metric_fn):
             raise TypeError(f"`metric_fn` must be callable or None, got {metric_fn!r}.")
         if not isinstance(metric_name, str) or not metric_name or "/" in metric_name:

@@ -14,12 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_landscape.curvature._utils import (
-    check_positive_int,
-    gaussian,
-    make_generator,
-    resolve_seed,
-)
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
@@ -96,7 +92,7 @@ def analyze(
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
-    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
+    gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     d = op.dim
     cap = max_steps if max_steps is not None else max(100, 20 * top_k, density_steps)

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.curvature._utils import default_batch_size, resolve_params
-from lightning_landscape.curvature.hvp import flat_grad, guard
+from lightning_landscape._core.batches import default_batch_size, flat_grad
+from lightning_landscape._core.vectors import resolve_params
+from lightning_landscape.curvature.hvp import guard
 
 
 def dense_hessian(

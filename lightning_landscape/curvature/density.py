@@ -17,12 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import (
-    check_positive_int,
-    gaussian,
-    make_generator,
-    resolve_seed,
-)
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -113,7 +109,7 @@ def spectral_density(
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)
-    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
+    gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     start = gaussian((num_probes, op.dim), gen, op.dtype, op.device)
     run = lanczos(op, start, num_steps, generator=gen)

@@ -13,12 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import (
-    check_positive_int,
-    gaussian,
-    make_generator,
-    resolve_seed,
-)
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -138,7 +134,7 @@ def top_eigenvalues(
         raise ValueError(f"`k` must be at most the dimension {op.dim}, got {k}.")
     if max_matvecs is not None and max_matvecs < k:
         raise ValueError(f"`max_matvecs` must be at least `k` = {k}, got {max_matvecs}.")
-    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
+    gen = make_generator(resolve_seed(seed, op.distributed))
     limit = min(op.dim, max_matvecs if max_matvecs is not None else max(100, 20 * k))
     start = gaussian((1, op.dim), gen, op.dtype, op.device)
     before = op.num_matvecs

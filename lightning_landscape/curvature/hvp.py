@@ -21,49 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.curvature._utils import default_batch_size, flatten, unflatten
-from lightning_landscape.curvature.distributed import all_reduce_sum_
-
-
-def flat_grad(
-    loss: Tensor,
-    params: Sequence[Tensor],
-    *,
-    create_graph: bool = False,
-    retain_graph: bool | None = None,
-) -> Tensor:
-    """Flat gradient of ``loss``; parameters the loss does not reach get zeros."""
-    grads = torch.autograd.grad(
-        loss, params, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
-    )
-    return flatten(
-        [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
-    )
-
-
-def mean_gradient(
-    loss_fn: Callable[[Any], Tensor],
-    params: Sequence[Tensor],
-    batches: Sequence[Any],
-    *,
-    batch_size_fn: Callable[[Any], int] | None = None,
-    distributed: bool = True,
-) -> tuple[float, Tensor]:
-    """The batch-weighted mean loss Σ n_b L_b / Σ n_b and its flat gradient over all ranks (one
-    all-reduce of sums and counts). Uses ``torch.autograd.grad``: ``.grad`` is never touched."""
-    size_fn = batch_size_fn or default_batch_size
-    dim = sum(p.numel() for p in params)
-    acc = torch.zeros(dim + 2, dtype=params[0].dtype, device=params[0].device)
-    with torch.enable_grad():
-        for batch in batches:
-            n = int(size_fn(batch))
-            loss = loss_fn(batch)
-            acc[:dim].add_(flat_grad(loss, params), alpha=n)
-            acc[dim] += n * loss.detach()
-            acc[dim + 1] += n
-    all_reduce_sum_(acc, distributed)
-    total = acc[dim + 1]
-    return float(acc[dim] / total), acc[:dim] / total
+from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.vectors import flatten, unflatten
 
 
 def gradient_graph(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import gaussian
+from lightning_landscape._core.random import gaussian
 from lightning_landscape.curvature.operator import LinearOperator
 
 

@@ -16,20 +16,33 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._core.batches import default_batch_size, mean_gradient
+from lightning_landscape._core.checks import check_callable, check_int
+from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import hvp as _hvp
-from lightning_landscape.curvature._utils import default_batch_size, resolve_params
-from lightning_landscape.curvature.distributed import all_reduce_sum_, is_distributed
 
 HVPMode = Literal["double_backward", "cached", "func"]
 
 
 class LinearOperator:
     """A symmetric linear operator on flat vectors: ``matvec``, ``matmat``, ``@``, ``dim``,
-    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block."""
+    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block.
+
+    What the algorithms read from an operator, and nothing else:
+
+    Attributes:
+        dim, dtype, device: the vectors' length, dtype and device.
+        distributed: True when the products are reduced across ranks (every rank must then
+            take part in every product, and random seeds are broadcast so probes agree).
+        num_matvecs: products so far (blocks count their columns).
+        on_matvec: optional progress hook, called with ``num_matvecs`` after each block.
+    """
 
     dim: int
     dtype: torch.dtype
     device: torch.device
+    distributed: bool = False
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -148,8 +161,7 @@ class HessianOperator(LinearOperator):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+        check_callable("loss_fn", loss_fn)
         if hvp not in ("double_backward", "cached", "func"):
             raise ValueError(f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}.")
         if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
@@ -158,10 +170,8 @@ class HessianOperator(LinearOperator):
             )
         if len(batches) == 0:
             raise ValueError("`batches` is empty.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {seed!r}.")
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError("`batch_size_fn` must be callable or None.")
+        check_int("seed", seed)
+        check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.module = params if isinstance(params, nn.Module) else None
         if hvp == "func" and self.module is None:
             raise ValueError(
@@ -262,7 +272,7 @@ class HessianOperator(LinearOperator):
     def gradient(self) -> Tensor:
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
         with _hvp.guard(self.module, self.params, self.seed):
-            return _hvp.mean_gradient(
+            return mean_gradient(
                 self.loss_fn,
                 self.params,
                 self.batches,

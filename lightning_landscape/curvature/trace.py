@@ -30,13 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import (
-    check_positive_int,
-    gaussian,
-    make_generator,
-    rademacher,
-    resolve_seed,
-)
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -240,7 +235,7 @@ def trace(
         raise ValueError(
             f"`num_matvecs` must be at least 3 for method {method!r}, got {num_matvecs}."
         )
-    gen = make_generator(resolve_seed(seed, getattr(op, "distributed", False)))
+    gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     if method == "hutchinson":
         res = hutchinson(op, num_matvecs, gen)

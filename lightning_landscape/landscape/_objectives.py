@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_landscape.landscape.evaluate import ParamVector, mean_gradient, mean_value
+from lightning_landscape._core.batches import mean_gradient, mean_value
+from lightning_landscape._core.vectors import ParamVector
 
 
 class FunctionObjective:

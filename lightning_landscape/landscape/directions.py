@@ -24,12 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.curvature._utils import (
-    check_positive_int,
-    flatten,
-    gaussian,
-    make_generator,
-)
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.vectors import flatten
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,

@@ -34,15 +34,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_landscape._core.checks import check_real
+
 
 def _check_number(name: str, value: object, *, low: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        relation = ">" if strict else ">="
-        raise ValueError(f"`{name}` must be a finite number {relation} {low:g}, got {value!r}.")
-    return value
+    relation = ">" if strict else ">="
+    return check_real(
+        name,
+        value,
+        low=low,
+        strict=strict,
+        type_what="a number",
+        what=f"a finite number {relation} {low:g}",
+    )
 
 
 def temperature(

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import gaussian
+from lightning_landscape._core.checks import check_int, check_positive, check_real
+from lightning_landscape._core.random import gaussian
 from lightning_landscape.landscape._objectives import BatchObjective as BatchObjective
 from lightning_landscape.landscape._objectives import FunctionObjective as FunctionObjective
 from lightning_landscape.landscape._objectives import Objective
@@ -52,22 +53,6 @@ class SharpnessResult:
     perturbation: Tensor | None
     num_forward: int
     num_backward: int
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a positive number, got {value!r}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
-    return float(value)
-
-
-def _steps(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {low}, got {value!r}.")
-    if value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
-    return value
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:
@@ -126,8 +111,8 @@ def ball_sharpness(
     Raises:
         TypeError, ValueError: on an invalid ``rho`` or ``steps``.
     """
-    rho = _positive("rho", rho)
-    steps = _steps("steps", steps)
+    rho = check_positive("rho", rho)
+    steps = check_int("steps", steps, low=1, what="an int >= 1")
     before, loss0, grad = _start(objective, w, base)
     delta = torch.zeros_like(w)
     best, best_eps = -math.inf, torch.zeros_like(w)
@@ -191,10 +176,7 @@ def adaptive_sharpness(
     Raises:
         TypeError, ValueError: on invalid ``rho``, ``steps`` or ``eta`` (must be ≥ 0).
     """
-    if isinstance(eta, bool) or not isinstance(eta, int | float):
-        raise TypeError(f"`eta` must be a non-negative number, got {eta!r}.")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"`eta` must be a non-negative number, got {eta!r}.")
+    check_real("eta", eta, low=0.0, what="a non-negative number")
     return ball_sharpness(objective, w, rho, scale=w.abs() + eta, steps=steps, **kwargs)
 
 
@@ -223,8 +205,8 @@ def keskar_sharpness(
     Raises:
         TypeError, ValueError: on an invalid ``epsilon`` or ``steps``.
     """
-    epsilon = _positive("epsilon", epsilon)
-    steps = _steps("steps", steps)
+    epsilon = check_positive("epsilon", epsilon)
+    steps = check_int("steps", steps, low=1, what="an int >= 1")
     before, loss0, grad = _start(objective, w, base)
     box = epsilon * (w.abs() + 1)
     eps = torch.zeros_like(w)
@@ -282,8 +264,8 @@ def average_sharpness(
     Raises:
         TypeError, ValueError: on an invalid ``sigma`` or ``samples``.
     """
-    sigma = _positive("sigma", sigma)
-    samples = _steps("samples", samples, low=2)
+    sigma = check_positive("sigma", sigma)
+    samples = check_int("samples", samples, low=2, what="an int >= 2")
     before = (objective.num_forward, objective.num_backward)
     loss0 = float(base_loss) if base_loss is not None else objective.value(w)
     gen = _generator(generator)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_landscape.curvature._utils import check_positive_int, gaussian, make_generator
+from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.random import gaussian, make_generator
 
 ValueFn = Callable[[Tensor], "float | Sequence[float]"]
 _CHUNK = 1 << 20  # columns per block when measuring off-plane residuals

@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import TrajectoryMonitor
+from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.landscape.directions import (
     filter_normalized_directions,
     normalization_parameters,
 )
-from lightning_landscape.landscape.evaluate import ParamVector
 from lightning_landscape.landscape.trajectory import pca_plane
 
 SCALARS = {

@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from lightning_landscape._core.random import make_generator
 from lightning_landscape.curvature import MatrixOperator
-from lightning_landscape.curvature._utils import make_generator
 from lightning_landscape.curvature.lanczos import lanczos, ritz
 
 from ._problems import flat_spectrum, spectrum_matrix

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_landscape.curvature._utils import unflatten
+from lightning_landscape._core.vectors import unflatten
 from lightning_landscape.landscape.directions import (
     filter_normalize,
     filter_normalized_directions,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_landscape.curvature._utils import make_generator
-from lightning_landscape.landscape.evaluate import ParamVector
+from lightning_landscape._core.random import make_generator
+from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.landscape.sharpness import (
     BatchObjective,
     FunctionObjective,

@@ -1,0 +1,110 @@
+"""Batches and batch-weighted means over fixed batches, reduced across ranks.
+
+Every mean here is Σ_b n_b f_b / Σ_b n_b over this rank's batches and then over all ranks (sums
+and counts are all-reduced, never means), so a multi-rank answer equals the single-process answer
+on the union of the shards. Gradients go through ``torch.autograd.grad``: ``.grad`` is never
+touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape._core.vectors import flatten
+
+
+def default_batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the leading size of its first tensor (searched depth-first).
+
+    Raises:
+        ValueError: if the batch holds no tensor with at least one dimension.
+    """
+    found = _first_tensor(batch)
+    if found is None:
+        raise ValueError(
+            "cannot infer the batch size: the batch holds no tensor with a leading dimension; "
+            "pass `batch_size_fn`."
+        )
+    return int(found.shape[0])
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj if obj.dim() > 0 else None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        for item in obj:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_sizes(
+    batches: Sequence[Any], batch_size_fn: Callable[[Any], int] | None = None
+) -> list[int]:
+    """The size of each batch (``batch_size_fn`` or :func:`default_batch_size`)."""
+    size_fn = batch_size_fn or default_batch_size
+    return [int(size_fn(b)) for b in batches]
+
+
+def flat_grad(
+    loss: Tensor,
+    params: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> Tensor:
+    """Flat gradient of ``loss``; parameters the loss does not reach get zeros."""
+    grads = torch.autograd.grad(
+        loss, params, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
+    return flatten(
+        [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+    )
+
+
+def mean_gradient(
+    loss_fn: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    batches: Sequence[Any],
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    distributed: bool = True,
+) -> tuple[float, Tensor]:
+    """The batch-weighted mean loss Σ n_b L_b / Σ n_b and its flat gradient over all ranks (one
+    all-reduce of sums and counts)."""
+    dim = sum(p.numel() for p in params)
+    acc = torch.zeros(dim + 2, dtype=params[0].dtype, device=params[0].device)
+    with torch.enable_grad():
+        for n, batch in zip(batch_sizes(batches, batch_size_fn), batches, strict=True):
+            loss = loss_fn(batch)
+            acc[:dim].add_(flat_grad(loss, params), alpha=n)
+            acc[dim] += n * loss.detach()
+            acc[dim + 1] += n
+    all_reduce_sum_(acc, distributed)
+    total = acc[dim + 1]
+    return float(acc[dim] / total), acc[:dim] / total
+
+
+@torch.no_grad()
+def mean_value(
+    fn: Callable[[Any], Tensor],
+    batches: Sequence[Any],
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    distributed: bool = True,
+) -> float:
+    """Σ_b n_b fn(b) / Σ_b n_b over all ranks' batches (a loss or a metric such as accuracy)."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    for n, batch in zip(batch_sizes(batches, batch_size_fn), batches, strict=True):
+        acc[0] += n * float(fn(batch))
+        acc[1] += n
+    all_reduce_sum_(acc, distributed)
+    return float(acc[0] / acc[1])

@@ -1,0 +1,128 @@
+"""Argument checks: one family for the whole package (raise, never assert).
+
+Each check raises ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of
+range, with a message that names the argument and repeats the value, and returns the value
+normalized (an ``int`` or a ``float``). ``what`` (and ``type_what`` for the type error) overrides
+the phrase of the message ("a positive number", "a number in [0, 1)") where a caller's documented
+wording differs from the default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
+
+
+def check_int(
+    name: str, value: Any, *, low: int | None = None, allow_none: bool = False, what: str = ""
+) -> int | None:
+    """``value`` as an int (bools refused) of at least ``low``.
+
+    Raises:
+        TypeError: if ``value`` is not an int.
+        ValueError: if it is below ``low``.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"`{name}` must be {what or 'an int'}, got {value!r}.")
+    if low is not None and value < low:
+        kind = what or ("a positive int" if low == 1 else f"an int >= {low}")
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+    return int(value)
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """``value`` as a positive int (``None`` passes with ``allow_none``)."""
+    return check_int(name, value, low=1, allow_none=allow_none, what="a positive int")
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    strict: bool = False,
+    high_strict: bool = False,
+    what: str = "",
+    type_what: str = "",
+) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, …`` if ``strict``, ``…, high)`` if
+    ``high_strict``); bools refused.
+
+    Raises:
+        TypeError: if ``value`` is not a real number.
+        ValueError: if it is not finite or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"`{name}` must be {type_what or what or 'a real number'}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be {what or 'finite'}, got {value!r}.")
+    if low is not None and (value <= low if strict else value < low):
+        bound = "positive" if strict and low == 0 else f"{'>' if strict else '>='} {low}"
+        raise ValueError(f"`{name}` must be {what or bound}, got {value!r}.")
+    if high is not None and (value >= high if high_strict else value > high):
+        raise ValueError(f"`{name}` must be {what or f'<= {high}'}, got {value!r}.")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a positive finite float."""
+    return check_real(name, value, low=0.0, strict=True, what="a positive number")
+
+
+def check_positive_values(name: str, value: Any) -> tuple[float, ...]:
+    """A positive number or a non-empty sequence of them, as a tuple of floats.
+
+    Raises:
+        TypeError: if an item is not a number.
+        ValueError: if the sequence is empty or an item is not positive and finite.
+    """
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not items:
+        raise ValueError(f"`{name}` is empty.")
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise TypeError(f"`{name}` must be a positive number or a list of them, got {value!r}.")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"`{name}` must hold positive numbers, got {value!r}.")
+    return tuple(float(v) for v in items)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` itself, if it is a bool.
+
+    Raises:
+        TypeError: if it is not.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` itself, if it is one of ``choices``.
+
+    Raises:
+        ValueError: if it is not.
+    """
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def check_callable(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """``value`` itself, if it is callable (or None with ``allow_none``).
+
+    Raises:
+        TypeError: if it is not.
+    """
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        extra = " or None" if allow_none else ""
+        raise TypeError(f"`{name}` must be callable{extra}, got {type(value).__name__}.")
+    return value

@@ -1,0 +1,62 @@
+"""Random numbers: the one seed rule, generators and probe vectors.
+
+Every random stream of the package (probes, directions, restart vectors, dropout masks replayed
+during products) comes from :func:`derive_seed` ``(seed, *salt)``: the user's seed, the step of
+the measurement and the purpose of the stream (a string or an index). Streams are drawn on CPU
+and then moved, so they are identical on every rank and every device, and the global RNG is never
+consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from torch import Tensor
+
+from lightning_landscape._core.distributed import broadcast_int
+
+
+def derive_seed(seed: int, *salt: int | str) -> int:
+    """A 63-bit seed from ``seed`` and a salt (step, purpose, index): distinct salts give
+    independent streams, the same salt the same stream on every rank and in every run."""
+    if not salt:
+        return int(seed)
+    text = "/".join(str(s) for s in (int(seed), *salt)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def make_generator(seed: int, *salt: int | str) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed` ``(seed, *salt)``."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(derive_seed(seed, *salt))
+    return gen
+
+
+def resolve_seed(seed: int | None, distributed: bool = True) -> int:
+    """A seed identical on every rank: ``seed`` itself, or a fresh one (from ``os.urandom``, so
+    the global torch RNG is never consumed), broadcast from rank 0 when ``distributed`` (the
+    operator's own flag: an operator that does not reduce across ranks may run on one rank
+    only, where a broadcast would wait forever).
+
+    Raises:
+        TypeError: if ``seed`` is neither an int nor None.
+    """
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
+        return seed
+    fresh = int.from_bytes(os.urandom(7), "little")
+    return broadcast_int(fresh) if distributed else fresh
+
+
+def rademacher(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
+    """Random ±1 entries."""
+    bits = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
+    return (bits.to(dtype) * 2 - 1).to(device)
+
+
+def gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
+    """Standard normal entries drawn in float64 on CPU (identical everywhere), then cast."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
