@@ -45,7 +45,7 @@ class EntropySGD(AnchorState):
     step. The closure is then called once per step, so fp16 gradient scaling (``step()`` without
     a closure), gradient accumulation, clipping and DDP behave as with SGD, and the paper's
     "effective epochs" are just epochs. Between outer steps the parameters hold the sample x', not
-    x: use :class:`~lightning_landscape.optim.EntropySGDCallback` (or :meth:`swap_in_anchor`,
+    x: use :class:`~lightning_landscape.callbacks.entropy_sgd.EntropySGDCallback` (or :meth:`swap_in_anchor`,
     :func:`~lightning_landscape.optim.anchor_in_parameters`) to evaluate, test or save x. ``mode="closure"`` is the reference code's behaviour: one
     :meth:`step` calls the closure ``L`` times on the same batch and ends with the outer update; it
     needs a closure that recomputes the gradient (not fp16 GradScaler, DeepSpeed or gradient

@@ -2,12 +2,17 @@
 
 import copy
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_landscape import EntropySGD
 from lightning_landscape.optim.entropy_sgd import EntropySGD as DirectEntropySGD
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _param(n=3, value=1.0):
@@ -331,3 +336,13 @@ def test_a_parameter_group_added_mid_cycle_joins_at_its_current_value():
         p.grad, q.grad = 2 * p.detach(), 2 * q.detach()
         opt.step()
     assert opt.outer_step == 1 and q.detach().max() < 3.0
+
+
+def test_the_optimizer_package_imports_no_lightning():
+    code = (
+        "import sys, lightning_landscape.optim\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pytorch_lightning', 'lightning', 'lightning_fabric', 'torchmetrics'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
