@@ -37,7 +37,8 @@ class EntropySGDCallback(Callback):
     Logged metrics (every training batch, through ``pl_module.log``; with several EntropySGD
     optimizers the keys of the i-th, i ≥ 1, end in ``_{i}``):
 
-    * ``entropy_sgd/gamma``: the scope γ_k = γ₀ (1 + γ₁)^k of the outer step in progress.
+    * ``entropy_sgd/gamma``: the scope γ_k = min(γ₀ (1 + γ₁)^k, γ_max) of the outer step in
+      progress.
     * ``entropy_sgd/outer_step``: k, the number of outer updates done.
     * ``entropy_sgd/anchor_distance``: ‖x − μ‖ over all parameters at the last outer update
       (the local-entropy gradient over γ); absent before the first.
