@@ -17,7 +17,7 @@ _LAZY = {
     "TrajectoryMonitor": "lightning_landscape.callbacks.trajectory",
     "Schedule": "lightning_landscape.callbacks.schedule",
     "EntropySGD": "lightning_landscape.optim",
-    "EntropySGDCallback": "lightning_landscape.optim",
+    "EntropySGDCallback": "lightning_landscape.callbacks.entropy_sgd",
 }
 
 __all__ = ["__version__", *_LAZY]

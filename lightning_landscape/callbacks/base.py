@@ -29,8 +29,9 @@ from lightning_landscape.callbacks._context import (
     measuring,
     module_loss,
 )
+from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks.schedule import Schedule
-from lightning_landscape.optim._anchor import anchor_in_parameters
+from lightning_landscape.optim import anchor_in_parameters
 
 
 class MeasureContext:
@@ -159,7 +160,7 @@ class LandscapeMonitor(Callback):
             "sharded parameters have no full Hessian-vector product or loss here",
         )
         if not pl_module.automatic_optimization and self.loss_fn is None:
-            raise ValueError(
+            raise SetupError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
                 "steps the optimizer and cannot serve as the loss; pass "
                 "`loss_fn=lambda pl_module, batch: ...`."
@@ -263,10 +264,10 @@ class LandscapeMonitor(Callback):
 
 
 def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:
-    """Raise ``ValueError`` at setup for FSDP and DeepSpeed strategies, saying why."""
+    """Raise :class:`SetupError` at setup for FSDP and DeepSpeed strategies, saying why."""
     name = type(trainer.strategy).__name__
     if "FSDP" in name or "DeepSpeed" in name:
-        raise ValueError(
+        raise SetupError(
             f"{owner} does not support the {name} strategy: {why}. "
             "Use DDP (strategy='ddp' or 'ddp_spawn') or a single device."
         )

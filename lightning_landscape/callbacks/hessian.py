@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_bool, check_positive_int
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
@@ -55,8 +56,9 @@ class HessianMonitor(LandscapeMonitor):
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
-            or manual optimization without ``loss_fn``.
+        TypeError, ValueError: on invalid arguments, naming them.
+        SetupError: (a ``ValueError``) at setup, for FSDP/DeepSpeed, manual optimization without
+            ``loss_fn``, ``top_k`` above the number of parameters or unknown ``per_module`` names.
 
     Logged metrics (at the global step of each measurement):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
@@ -166,12 +168,12 @@ class HessianMonitor(LandscapeMonitor):
             return
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > dim:
-            raise ValueError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
+            raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
         if isinstance(self.per_module, list):
             names = dict(pl_module.named_modules())
             missing = [n for n in self.per_module if n not in names]
             if missing:
-                raise ValueError(
+                raise SetupError(
                     f"`per_module` names unknown submodules {missing}; known: {sorted(names)[:20]}."
                 )
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the optimizer and its callback (raise, never assert)."""
+"""Argument checks of the optimizer (raise, never assert)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def check_arguments(
     sgld_lr: Any,
     noise: Any,
     alpha: Any,
+    gamma_max: Any,
+    langevin_momentum: Any,
+    langevin_nesterov: Any,
     noise_scale: Any,
     alpha_weights: Any,
     outer_gamma: Any,
@@ -48,6 +51,25 @@ def check_arguments(
     check_real("sgld_lr", sgld_lr, low=0.0, strict=True)
     check_real("noise", noise, low=0.0)
     check_real("alpha", alpha, low=0.0, high=1.0)
+    if gamma_max is not None:
+        check_real("gamma_max", gamma_max, low=0.0, strict=True)
+    cap = 1.0 / sgld_lr if gamma_max is None else gamma_max
+    if gamma > cap:
+        source = "" if gamma_max is not None else " (default 1/sgld_lr: η'γ ≤ 1)"
+        raise ValueError(
+            f"`gamma`={gamma!r} exceeds `gamma_max`={cap!r}{source}: the scope would start "
+            "above its cap."
+        )
+    check_real(
+        "langevin_momentum", langevin_momentum, low=0.0, high=1.0, high_strict=True,
+        what="in [0, 1)", type_what="a real number",
+    )  # fmt: skip
+    check_bool("langevin_nesterov", langevin_nesterov)
+    if langevin_nesterov and langevin_momentum <= 0:
+        raise ValueError(
+            "`langevin_nesterov=True` needs `langevin_momentum` > 0, got "
+            f"langevin_momentum={langevin_momentum!r}."
+        )
     check_choice("noise_scale", noise_scale, ("sqrt_lr", "sqrt_2lr"))
     check_choice("alpha_weights", alpha_weights, ("new", "old"))
     if (alpha_weights == "new" and alpha == 0) or (alpha_weights == "old" and alpha == 1):

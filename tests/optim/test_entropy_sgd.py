@@ -2,12 +2,18 @@
 
 import copy
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_landscape import EntropySGD
 from lightning_landscape.optim.entropy_sgd import EntropySGD as DirectEntropySGD
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _param(n=3, value=1.0):
@@ -46,6 +52,16 @@ def test_exported_from_the_top_level_and_the_subpackage():
         ({"outer_gamma": "yes"}, TypeError, r"`outer_gamma` must be a bool, got 'yes'"),
         ({"mode": "inner"}, ValueError, r"`mode` must be one of \['batches', 'closure'\]"),
         ({"seed": None}, TypeError, r"`seed` must be an int, got None"),
+        ({"gamma_max": 0.0}, ValueError, r"`gamma_max` must be positive, got 0.0"),
+        ({"gamma": 0.5, "gamma_max": 0.1}, ValueError, r"`gamma`=0.5 exceeds `gamma_max`=0.1"),
+        ({"gamma": 20.0}, ValueError, r"`gamma`=20.0 exceeds `gamma_max`=10.0 \(default"),
+        (
+            {"langevin_momentum": 1.0},
+            ValueError,
+            r"`langevin_momentum` must be in \[0, 1\), got 1.0",
+        ),
+        ({"langevin_nesterov": 1}, TypeError, r"`langevin_nesterov` must be a bool, got 1"),
+        ({"langevin_nesterov": True}, ValueError, r"`langevin_nesterov=True` needs"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, error, match):
@@ -331,3 +347,133 @@ def test_a_parameter_group_added_mid_cycle_joins_at_its_current_value():
         p.grad, q.grad = 2 * p.detach(), 2 * q.detach()
         opt.step()
     assert opt.outer_step == 1 and q.detach().max() < 3.0
+
+
+def test_the_optimizer_package_imports_no_lightning():
+    code = (
+        "import sys, lightning_landscape.optim\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pytorch_lightning', 'lightning', 'lightning_fabric', 'torchmetrics'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------- Langevin momentum
+def _reference_with_langevin_momentum(x, grad_at, *, outer_steps, inner_tail, kw):
+    """The reference code's Langevin momentum written out plainly: per outer step a fresh
+    buffer b = 0; per Langevin step b <- beta b + grad, d = grad + beta b (Nesterov) or b, then
+    x' <- x' - eta' (d - gamma (x - x')) + sqrt(2 eta') eps N(0, I); mu <- alpha mu + (1 - alpha) x'
+    (alpha_weights="old"); outer x <- x - lr (x - mu) with Nesterov momentum. Returns (x, x')
+    after ``outer_steps`` outer steps and ``inner_tail`` more Langevin steps."""
+    gen = torch.Generator().manual_seed(kw["seed"])
+    beta, nesterov = kw["langevin_momentum"], kw["langevin_nesterov"]
+    std = math.sqrt(2 * kw["sgld_lr"]) * kw["noise"]
+    x = [t.clone() for t in x]
+    velocity = [None] * len(x)
+    xp = x
+    for k in range(outer_steps + 1):
+        g = kw["gamma"] * (1 + kw["scoping"]) ** k
+        xp, mu = [t.clone() for t in x], [t.clone() for t in x]
+        buf = [torch.zeros_like(t) for t in x]
+        for _ in range(kw["L"] if k < outer_steps else inner_tail):
+            grads = grad_at(xp)
+            for i in range(len(x)):
+                buf[i] = beta * buf[i] + grads[i]
+                d = grads[i] + beta * buf[i] if nesterov else buf[i]
+                eps = torch.randn(xp[i].shape, generator=gen, dtype=xp[i].dtype)
+                xp[i] = xp[i] - kw["sgld_lr"] * (d - g * (x[i] - xp[i])) + std * eps
+                mu[i] = kw["alpha"] * mu[i] + (1 - kw["alpha"]) * xp[i]
+        if k == outer_steps:
+            break
+        for i in range(len(x)):
+            d = x[i] - mu[i]
+            velocity[i] = d.clone() if velocity[i] is None else kw["momentum"] * velocity[i] + d
+            x[i] = x[i] - kw["lr"] * (d + kw["momentum"] * velocity[i])
+    return x, xp
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_langevin_momentum_matches_a_hand_written_reference_step(nesterov):
+    kw = dict(
+        lr=0.7, momentum=0.9, nesterov=True, L=4, gamma=0.3, scoping=0.05, sgld_lr=0.05,
+        noise=0.1, alpha=0.75, alpha_weights="old", noise_scale="sqrt_2lr",
+        langevin_momentum=0.8, langevin_nesterov=nesterov, seed=5,
+    )  # fmt: skip
+    target = [
+        torch.tensor([0.3, -0.7], dtype=torch.float64),
+        torch.tensor([1.5], dtype=torch.float64),
+    ]
+
+    def grad_at(xs):  # a non-quadratic loss: sum (x - t)^4 / 4 + (x - t)^2
+        return [(t - c) ** 3 + 2 * (t - c) for t, c in zip(xs, target, strict=True)]
+
+    params = [_param(2, 1.0), _param(1, -1.0)]
+    init = [p.detach().clone() for p in params]
+    opt = EntropySGD(params, **kw)
+    for _ in range(3 * kw["L"] + 2):  # 3 outer steps and 2 Langevin steps of the 4th
+        for p, grad in zip(params, grad_at([p.detach() for p in params]), strict=True):
+            p.grad = grad
+        opt.step()
+    anchor, sample = _reference_with_langevin_momentum(
+        init, grad_at, outer_steps=3, inner_tail=2, kw=kw
+    )
+    for p, x in zip(params, sample, strict=True):
+        torch.testing.assert_close(p.detach(), x, rtol=1e-12, atol=1e-13)
+    for a, ref in zip(opt.anchors(), anchor, strict=True):
+        torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-13)
+    assert all("langevin_buffer" in opt.state[p] for p in params)  # mid-cycle: kept for resume
+
+
+def test_langevin_momentum_resumes_mid_cycle_bit_identically():
+    kwargs = dict(
+        L=4, gamma=0.5, sgld_lr=0.1, noise=0.1, langevin_momentum=0.9, langevin_nesterov=True
+    )
+    target = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    p = _param(5, 0.0)
+    opt = EntropySGD([p], **kwargs)
+    _quadratic_run(opt, p, 6, target)
+    saved = copy.deepcopy(opt.state_dict())
+    _quadratic_run(opt, p, 5, target)
+    q = _param(5, 0.0)
+    resumed = EntropySGD([q], **kwargs)
+    resumed.load_state_dict(saved)
+    _quadratic_run(resumed, q, 5, target)
+    assert torch.equal(q.detach(), p.detach())
+    assert "langevin_buffer" in resumed.state[q]
+    _quadratic_run(resumed, q, 1, target)  # the outer step frees the buffer
+    assert resumed.inner_step == 0 and "langevin_buffer" not in resumed.state[q]
+
+
+# ---------------------------------------------------------------------------- the scoping cap
+def test_scoping_cap_holds_and_warns_once():
+    p = _param(2, 1.0)
+    opt = EntropySGD([p], L=1, gamma=0.5, scoping=0.5, sgld_lr=0.1, noise=0.01)
+    assert opt.gamma_max == pytest.approx(10.0)  # default 1/sgld_lr
+    gammas = []
+    with pytest.warns(UserWarning, match=r"reached `gamma_max`=10 at outer step k=8") as record:
+        for _ in range(40):
+            gammas.append(opt.current_gamma)
+            _quadratic_run(opt, p, 1, torch.zeros(2, dtype=torch.float64))
+    assert len([w for w in record if "gamma_max" in str(w.message)]) == 1
+    assert max(gammas) == opt.gamma_max and gammas[-1] == opt.gamma_max
+    assert gammas[:8] == [0.5 * 1.5**k for k in range(8)]
+    assert torch.isfinite(p).all()
+
+    explicit = EntropySGD([_param()], gamma=0.03, scoping=1e-3, gamma_max=0.05)
+    explicit._outer_step = 10**9  # no overflow, however long the run
+    assert explicit.current_gamma == 0.05
+
+
+def test_the_cap_keeps_the_langevin_chain_bounded_where_unbounded_scoping_diverges():
+    """REFERENCES.md section 9: once eta' gamma passes 2 the Langevin step diverges."""
+    ends = {}
+    for cap in (None, 1e6):
+        p = _param(1, 1.0)
+        opt = EntropySGD([p], L=5, gamma=0.5, scoping=0.5, sgld_lr=0.1, noise=0.0, gamma_max=cap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _quadratic_run(opt, p, 5 * 30 + 3, torch.zeros(1, dtype=torch.float64))  # mid-cycle
+        ends[cap] = p.detach().abs().max().item()
+    assert ends[None] <= 1.0
+    assert not ends[1e6] < 1e6  # inf, NaN or huge

@@ -12,6 +12,7 @@ from lightning_landscape.optim.functional import (
     langevin_step_,
     local_entropy_grad,
     scoped_gamma,
+    stable_gamma_max,
 )
 
 
@@ -19,6 +20,14 @@ def test_scoped_gamma_grows_geometrically():
     assert scoped_gamma(0.03, 1e-3, 0) == 0.03
     assert scoped_gamma(0.3, 30 ** (1 / 300) - 1, 300) == pytest.approx(9.0, rel=1e-12)
     assert scoped_gamma(0.5, 0.0, 1000) == 0.5
+
+
+def test_scoped_gamma_stops_at_the_cap_and_never_overflows():
+    assert scoped_gamma(0.03, 1e-3, 10, gamma_max=10.0) == 0.03 * 1.001**10
+    assert scoped_gamma(0.03, 1e-3, 10**9, gamma_max=10.0) == 10.0
+    assert scoped_gamma(0.5, 0.5, 8, gamma_max=10.0) == 10.0  # 0.5 * 1.5^8 = 12.8
+    assert scoped_gamma(0.03, 1e-3, 10**9) == math.inf  # no cap: inf, not OverflowError
+    assert stable_gamma_max(0.1) == pytest.approx(10.0)
 
 
 def test_noise_std_conventions():
@@ -48,6 +57,25 @@ def test_langevin_step_noise_comes_from_the_generator():
         1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
     assert torch.equal(sample, expected)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_langevin_momentum_acts_on_the_data_gradient_only(nesterov):
+    sample = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    anchor = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    grad = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    buffer = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    new_buffer = 0.9 * buffer + grad
+    d = grad + 0.9 * new_buffer if nesterov else new_buffer
+    expected = sample - 0.1 * (d - 2.0 * (anchor - sample))
+    langevin_step_(
+        sample, grad, anchor, gamma=2.0, sgld_lr=0.1, noise_std=0.0, momentum_buffer=buffer,
+        momentum=0.9, nesterov=nesterov,
+    )  # fmt: skip
+    torch.testing.assert_close(buffer, new_buffer, rtol=0, atol=1e-15)
+    torch.testing.assert_close(sample, expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="`momentum_buffer` is needed"):
+        langevin_step_(sample, grad, anchor, gamma=2.0, sgld_lr=0.1, noise_std=0.0, momentum=0.9)
 
 
 @pytest.mark.parametrize(("weights", "alpha", "new"), [("new", 0.75, 0.75), ("old", 0.75, 0.25)])

@@ -8,9 +8,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.optim.entropy_sgd import EntropySGD
 
 
@@ -26,17 +26,19 @@ class EntropySGDCallback(Callback):
     a fit that stops mid-cycle ends with x in the parameters. In ``mode="closure"`` the parameters
     always hold x after a step, and the callback only checks the trainer and logs.
 
-    At ``on_fit_start`` it refuses (``MisconfigurationException``) a fit with no EntropySGD
-    optimizer, and ``mode="closure"`` together with gradient accumulation, fp16 GradScaler or
-    DeepSpeed (the closure would not be re-evaluated, or grads would pile up). It warns once for
-    sharded strategies (FSDP/DeepSpeed: untested, and shards would draw correlated noise) and for
+    At ``on_fit_start`` it refuses (:class:`~lightning_landscape.callbacks.SetupError`, a
+    ``MisconfigurationException`` and a ``ValueError``) a fit with no EntropySGD optimizer, and
+    ``mode="closure"`` together with gradient accumulation, fp16 GradScaler or DeepSpeed (the
+    closure would not be re-evaluated, or grads would pile up). It warns once for sharded
+    strategies (FSDP/DeepSpeed: untested, and shards would draw correlated noise) and for
     weights-only checkpoints (Lightning skips ``on_save_checkpoint`` for them, so mid-cycle they
     hold x').
 
     Logged metrics (every training batch, through ``pl_module.log``; with several EntropySGD
     optimizers the keys of the i-th, i ≥ 1, end in ``_{i}``):
 
-    * ``entropy_sgd/gamma``: the scope γ_k = γ₀ (1 + γ₁)^k of the outer step in progress.
+    * ``entropy_sgd/gamma``: the scope γ_k = min(γ₀ (1 + γ₁)^k, γ_max) of the outer step in
+      progress.
     * ``entropy_sgd/outer_step``: k, the number of outer updates done.
     * ``entropy_sgd/anchor_distance``: ‖x − μ‖ over all parameters at the last outer update
       (the local-entropy gradient over γ); absent before the first.
@@ -46,8 +48,8 @@ class EntropySGDCallback(Callback):
     starts mid-cycle; one parameter copy for each checkpoint saved mid-cycle.
 
     Raises:
-        MisconfigurationException: at ``on_fit_start``, if no optimizer is an EntropySGD, or one
-            in ``mode="closure"`` meets gradient accumulation, fp16 GradScaler or DeepSpeed.
+        SetupError: at ``on_fit_start``, if no optimizer is an EntropySGD, or one in
+            ``mode="closure"`` meets gradient accumulation, fp16 GradScaler or DeepSpeed.
 
     Example::
 
@@ -66,7 +68,7 @@ class EntropySGDCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = self._optimizers(trainer)
         if not optimizers:
-            raise MisconfigurationException(
+            raise SetupError(
                 "EntropySGDCallback found no EntropySGD among the optimizers "
                 f"{[type(o).__name__ for o in trainer.optimizers]}."
             )
@@ -76,19 +78,19 @@ class EntropySGDCallback(Callback):
             if opt.mode != "closure":
                 continue
             if trainer.accumulate_grad_batches > 1:
-                raise MisconfigurationException(
+                raise SetupError(
                     "EntropySGD(mode='closure') cannot be used with `accumulate_grad_batches="
                     f"{trainer.accumulate_grad_batches}`: its inner gradients would pile up. "
                     "Use mode='batches'."
                 )
             precision = trainer.precision_plugin
             if isinstance(precision, MixedPrecision) and precision.scaler is not None:
-                raise MisconfigurationException(
+                raise SetupError(
                     "EntropySGD(mode='closure') cannot be used with fp16 gradient scaling: the "
                     "GradScaler calls `step()` without a closure. Use mode='batches' or bf16."
                 )
             if isinstance(strategy, DeepSpeedStrategy):
-                raise MisconfigurationException(
+                raise SetupError(
                     "EntropySGD(mode='closure') cannot be used with DeepSpeed, which steps the "
                     "optimizer itself without re-evaluating the closure. Use mode='batches'."
                 )
