@@ -65,7 +65,8 @@ def check_real(
         bound = "positive" if strict and low == 0 else f"{'>' if strict else '>='} {low}"
         raise ValueError(f"`{name}` must be {what or bound}, got {value!r}.")
     if high is not None and (value >= high if high_strict else value > high):
-        raise ValueError(f"`{name}` must be {what or f'<= {high}'}, got {value!r}.")
+        bound = f"{'<' if high_strict else '<='} {high}"
+        raise ValueError(f"`{name}` must be {what or bound}, got {value!r}.")
     return float(value)
 
 
