@@ -37,6 +37,7 @@ products must not run concurrently with training in another thread.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -96,6 +97,9 @@ def eager(module: nn.Module | None) -> Iterator[None]:
     does for a compiled LightningModule); a compiled function the module does not hold is not
     found.
     """
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled (and importing it costs seconds)
+        yield
+        return
     if _HAS_STANCE:
         with torch.compiler.set_stance("force_eager"):
             yield
