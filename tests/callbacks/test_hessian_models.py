@@ -183,6 +183,7 @@ def test_64_true_with_float32_data(tmp_path):
     assert not [m for m in caught if "Monitor" in m], caught
     values = {k: v for mon in others for row in mon.history for k, v in row.items()}
     assert values and all(math.isfinite(v) for v in values.values()), values
+    assert torch.get_default_dtype() == torch.float32  # restored after every measurement
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])

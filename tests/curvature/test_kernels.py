@@ -112,7 +112,9 @@ def test_compiled_module_products_equal_the_eager_ones_without_recompiling(hvp):
     torch.testing.assert_close(op @ V, ref @ V, rtol=1e-12, atol=1e-14)
     assert counter.frame_count == frames  # nothing was compiled for the products
     loss(batches[1])
-    assert counter.frame_count == frames  # and training's compiled code is still used
+    assert counter.frame_count == frames  # training's compiled code is still valid
+    loss(torch.randn(5, 3, dtype=D))
+    assert counter.frame_count == frames + 1  # and the compiler is back: a new shape compiles
 
 
 def test_compiled_loss_function_runs_eagerly():
