@@ -2,8 +2,9 @@
 
 A Hessian-vector product differentiates the backward pass once more (Pearlmutter 1994), and some
 of PyTorch's fastest kernels can be differentiated once but not twice. Measured (torch 2.13 on
-CPU, torch 2.11 on an H200; ``/work/shared/REFERENCES.md`` §7), and what :func:`twice_differentiable`
-does about each, only for the time of the products:
+CPU, torch 2.11 on an H200), and what :func:`twice_differentiable` does about each for the time
+of the products (the monitors also run compiled code eagerly and keep cuDNN off for CUDA RNNs
+during a whole measurement):
 
 - **Fused attention.** ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention``,
   ``nn.TransformerEncoder``, most model libraries) dispatches to flash / memory-efficient / cuDNN
@@ -26,9 +27,10 @@ does about each, only for the time of the products:
 
 Ops with no double backward in any kernel (torch 2.13, CPU), which no switch can fix:
 ``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``torch.cdist`` (except p=2 on more
-than 25 points, which goes through a matrix product), ``torch.segment_reduce``; on CUDA also
-``F.grid_sample`` with ``align_corners=True`` while cuDNN is on. A product through them raises
-"the derivative for '...' is not implemented"; :func:`explain` turns that into a hint.
+than 25 points, which goes through a matrix product), ``torch.segment_reduce``; on CUDA also,
+by PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
+while cuDNN is on. A product through them raises "the derivative for '...' is not implemented";
+:func:`explain` turns that into a hint.
 
 All of this is process-global state (backend flags, the compiler stance) restored on exit, so
 products must not run concurrently with training in another thread.
