@@ -35,7 +35,10 @@ def draw_batches(
     seed: int = 0,
 ) -> list[Any]:
     """Draw ``num_batches`` batches from ``dataloader`` (or the trainer's train dataloader) and
-    move them to the module's device through Lightning's batch-transfer hooks.
+    prepare them as Lightning prepares a training batch: the precision plugin's conversion
+    (``64-true`` makes floating tensors float64, ``bf16-true``/``16-true`` half; the mixed
+    precisions leave them as they are), ``on_before_batch_transfer``, then the move to the
+    module's device through the batch-transfer hooks.
 
     The draw happens under a forked, seeded RNG: the global RNG is untouched and a resumed run
     draws the same batches again (for a shuffling loader, through the same seed). Under DDP each
@@ -67,10 +70,19 @@ def draw_batches(
             if not batches:
                 raise ValueError("the dataloader yielded no batch for the monitor.")
             # transfer hooks (GPU augmentations) may draw random numbers too
-            return [trainer.strategy.batch_to_device(b, pl_module.device) for b in batches]
+            return [_prepared(trainer, pl_module, b) for b in batches]
     finally:
         if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+
+
+def _prepared(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """One batch through the steps of Lightning's training loop, in its order."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    before = getattr(pl_module, "_on_before_batch_transfer", None)  # pytorch-lightning >= 2.0
+    if before is not None:
+        batch = before(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, pl_module.device)
 
 
 def _detached(loader: Iterable) -> Iterable:

@@ -1,9 +1,11 @@
 """Measuring a LightningModule without disturbing its training.
 
 :func:`measuring` sets the module up for a measurement (eval or train mode, ``self.log``
-silenced, autocast off, half-precision parameters upcast to float32) and restores afterwards,
-bit for bit: parameters, buffers (BatchNorm statistics), every module's train/eval flag and
-every RNG (CPU and CUDA) are exactly as they were, whatever happened inside.
+silenced, autocast off, half-precision parameters upcast to float32, the default dtype of
+Lightning's "true" precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs) and
+restores afterwards, bit for bit: parameters, buffers (BatchNorm statistics), every module's
+train/eval flag, every RNG (CPU and CUDA), the default dtype, the compiler stance and the
+backend flags are exactly as they were, whatever happened inside.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from lightning_landscape.curvature import kernels
 
 Mode = Literal["eval", "train"]
 _HALF = (torch.float16, torch.bfloat16)
@@ -58,9 +62,41 @@ def measurement_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def forward_dtype(trainer: pl.Trainer, module: torch.nn.Module) -> torch.dtype | None:
+    """The default dtype of a measurement's forwards: with Lightning's "true" precisions
+    (``64-true``, ``bf16-true``, ``16-true``), whose plugins set the default dtype around every
+    training step, the measurement dtype (float64, or float32 for upcast half parameters), so
+    that tensors the module creates in its forward match its parameters as in training; ``None``
+    (left as it is) otherwise."""
+    precision = str(getattr(trainer.precision_plugin, "precision", "32-true"))
+    if precision.endswith("-true") and precision != "32-true":
+        return measurement_dtype(module)
+    return None
+
+
 @contextlib.contextmanager
-def measuring(module: pl.LightningModule, mode: Mode = "eval") -> Iterator[None]:
-    """Set ``module`` up for a measurement and restore everything afterwards."""
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    prior = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prior)
+
+
+@contextlib.contextmanager
+def measuring(
+    module: pl.LightningModule, mode: Mode = "eval", default_dtype: torch.dtype | None = None
+) -> Iterator[None]:
+    """Set ``module`` up for a measurement and restore everything afterwards.
+
+    Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
+    measurement in eval mode would otherwise recompile it) and cuDNN is off when the module holds
+    a CUDA RNN (no backward in eval mode, no double backward): see
+    :mod:`lightning_landscape.curvature.kernels`. Attention kernels are chosen per product, by
+    the curvature engine, so first-order measurements keep the fused ones.
+    """
     flags = {m: m.training for m in module.modules()}
     params = list(module.parameters())
     saved_params = [p.detach().clone() for p in params]
@@ -75,6 +111,9 @@ def measuring(module: pl.LightningModule, mode: Mode = "eval") -> Iterator[None]
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(_default_dtype(default_dtype))
+            stack.enter_context(kernels.eager(module))
+            stack.enter_context(kernels.cudnn_off_for_rnns(module))
             if device_type in ("cuda", "cpu"):
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             for p in half_data:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
@@ -25,12 +24,14 @@ from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._context import (
     Mode,
     cast_batch,
+    forward_dtype,
     measurement_dtype,
     measuring,
     module_loss,
 )
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks.schedule import Schedule
+from lightning_landscape.curvature.kernels import explain
 from lightning_landscape.optim import anchor_in_parameters
 
 
@@ -70,10 +71,19 @@ class LandscapeMonitor(Callback):
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
         seed: seed of every random probe and direction (identical on all ranks).
 
-    A measurement that fails (an exception from the estimate) is logged as NaN with a warning on
-    one process; under DDP it is raised instead, since a failure on one rank only would leave the
+    A measurement that fails (an exception from the estimate) is logged as NaN with one warning
+    per fit giving the exception (and, for an operation PyTorch cannot differentiate twice, a
+    hint); under DDP it is raised instead, since a failure on one rank only would leave the
     others waiting in a collective forever. A NaN loss does not raise: it gives NaN values and a
     warning.
+
+    During a measurement the module runs as Lightning runs it in training, with what a
+    measurement needs on top: the fixed batches go through the precision plugin's conversion
+    (``64-true`` with float32 data works), the default dtype of the "true" precisions is set,
+    autocast is off (mixed precisions are measured in float32) and half-precision parameters are
+    upcast to float32; torch.compile'd code runs eagerly, cuDNN is off for CUDA RNNs and
+    Hessian-vector products route attention through its math kernel
+    (:mod:`lightning_landscape.curvature.kernels`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -224,7 +234,10 @@ class LandscapeMonitor(Callback):
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.
-        with anchor_in_parameters(trainer.optimizers), measuring(pl_module, self.mode):
+        with (
+            anchor_in_parameters(trainer.optimizers),
+            measuring(pl_module, self.mode, forward_dtype(trainer, pl_module)),
+        ):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches
             ctx = MeasureContext(
                 module=pl_module,
@@ -236,6 +249,7 @@ class LandscapeMonitor(Callback):
                 epoch=epoch,
                 status=status,
             )
+            failed = False
             try:
                 metrics = self.measure(trainer, pl_module, ctx)
             except (RuntimeError, ValueError, FloatingPointError) as err:
@@ -243,15 +257,21 @@ class LandscapeMonitor(Callback):
                     # A failure on one rank only (out of memory, say) would leave the others
                     # waiting in a collective forever: stop the run rather than hang it.
                     raise
-                rank_zero_warn(
+                # Once per fit and kind of failure: a model that cannot be measured fails alike
+                # at every measurement.
+                _logging.warn_once(
+                    trainer,
+                    f"{type(self).__name__}-failed-{type(err).__name__}-{str(err)[:80]}",
                     f"{type(self).__name__}: the measurement at epoch {epoch}, step {step} failed "
-                    f"({type(err).__name__}: {err}); NaN is logged and training goes on."
+                    f"({type(err).__name__}: {err}).{explain(err)} NaN is logged and training "
+                    "goes on (this warning is not repeated for the same failure).",
                 )
                 metrics = self.nan_metrics()
+                failed = True
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
+        if bad and not failed:  # a failure was warned about above, with its cause
             _logging.warn_once(
                 trainer,
                 f"{type(self).__name__}-nan",

@@ -32,6 +32,11 @@ class HessianMonitor(LandscapeMonitor):
     The edge-of-stability ratio λ_max · lr / 2 (Cohen et al. 2021) is about 1 when full-batch
     gradient descent sits at the edge of stability.
 
+    Transformers (fused attention), CUDA RNNs, torch.compile'd modules and Lightning's precisions
+    are measured exactly: products route attention through its math kernel, run compiled code
+    eagerly and switch cuDNN off for RNNs (:mod:`lightning_landscape.curvature.kernels`); an
+    operation with no double backward at all logs NaN with one warning naming it.
+
     Args:
         top_k: number of largest eigenvalues.
         min_eigenvalue: also the most negative eigenvalue.

@@ -6,13 +6,16 @@ that read it. Pure torch; it does not import Lightning.
 - :func:`trace` (Hutchinson, Hutch++, Lanczos-deflated "auto"),
 - :func:`spectral_density` (stochastic Lanczos quadrature),
 - :func:`analyze` (all of them from one Lanczos run),
-- :func:`dense_hessian` (the exact oracle).
+- :func:`dense_hessian` (the exact oracle),
+- :func:`twice_differentiable` (the kernels every product runs through: math attention, no
+  cuDNN RNNs, eager torch.compile'd code; see :mod:`.kernels`).
 """
 
 from lightning_landscape.curvature.analyze import AnalysisResult, analyze
 from lightning_landscape.curvature.dense import dense_hessian
 from lightning_landscape.curvature.density import DensityResult, spectral_density
 from lightning_landscape.curvature.eigen import EigenResult, top_eigenvalues
+from lightning_landscape.curvature.kernels import twice_differentiable
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator, MatrixOperator
 from lightning_landscape.curvature.trace import TraceResult, trace
 
@@ -29,4 +32,5 @@ __all__ = [
     "spectral_density",
     "top_eigenvalues",
     "trace",
+    "twice_differentiable",
 ]

@@ -10,6 +10,8 @@ torch 2.13). Measured on CPU, per product over a gradient, on 2.4k / 405k-parame
 of k.
 
 None of them touches ``.grad``: everything goes through ``torch.autograd.grad`` or ``torch.func``.
+All run inside :func:`guard`, which routes fused attention, cuDNN RNNs and torch.compile'd code
+through kernels that have a double backward (:mod:`.kernels`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.vectors import flatten, unflatten
+from lightning_landscape.curvature.kernels import twice_differentiable
 
 
 def gradient_graph(
@@ -131,8 +134,14 @@ def hvp_func(
 
 @contextlib.contextmanager
 def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iterator[None]:
-    """Run forwards with a fixed RNG (same dropout masks every product), the global RNG
-    untouched, and the module's buffers untouched.
+    """The context every product runs in: kernels with a double backward, a fixed RNG (same
+    dropout masks every product) with the global RNG untouched, and the module's buffers
+    untouched.
+
+    Kernels (:func:`~lightning_landscape.curvature.kernels.twice_differentiable`): attention
+    through the math backend, cuDNN off when ``module`` holds a CUDA RNN, torch.compile'd code
+    run eagerly; all restored on exit. Pass the module the loss calls: without it cuDNN is left
+    as it is.
 
     Every buffer is swapped for a clone while inside, and the original tensor objects are put
     back afterwards: a train-mode forward updates the clones (BatchNorm running statistics), never
@@ -148,7 +157,11 @@ def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iter
                     swapped.append((mod, name, buf))
                     mod._buffers[name] = buf.detach().clone()
     try:
-        with torch.random.fork_rng(devices=devices, enabled=True), torch.enable_grad():
+        with (
+            torch.random.fork_rng(devices=devices, enabled=True),
+            torch.enable_grad(),
+            twice_differentiable(module),
+        ):
             _seed(seed, devices, {p.device.type for p in params})
             yield
     finally:

@@ -1,0 +1,189 @@
+"""Kernels with a double backward: the context every Hessian-vector product runs in.
+
+A Hessian-vector product differentiates the backward pass once more (Pearlmutter 1994), and some
+of PyTorch's fastest kernels can be differentiated once but not twice. Measured (torch 2.13 on
+CPU, torch 2.11 on an H200), and what :func:`twice_differentiable` does about each for the time
+of the products (the monitors also run compiled code eagerly and keep cuDNN off for CUDA RNNs
+during a whole measurement):
+
+- **Fused attention.** ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention``,
+  ``nn.TransformerEncoder``, most model libraries) dispatches to flash / memory-efficient / cuDNN
+  kernels: "derivative for aten::_scaled_dot_product_efficient_attention_backward is not
+  implemented" (CPU, eval mode: ``_scaled_dot_product_flash_attention_for_cpu_backward``).
+  Attention runs through the math backend instead (PyTorch issue 116350), the same function in
+  plain operations: memory of the B x heads x T x T attention matrices while a product runs.
+  ``nn.MultiheadAttention``'s eval-mode "fast path" (``_native_multi_head_attention``) is never
+  taken here, since gradients are enabled and the parameters require grad.
+- **cuDNN RNNs** (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` on CUDA): no double backward, and in eval
+  mode no backward at all. cuDNN is switched off while the module holds such a layer on a CUDA
+  device (only then: convolutions without cuDNN are several times slower).
+- **torch.compile** (an ``OptimizedModule``, a submodule compiled with ``module.compile()``, a
+  compiled loss): aot_autograd "does not currently support double backward" (and first refuses
+  ``retain_graph`` with "compiled with non-empty donated buffers"). Compiled code runs eagerly:
+  ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6); on older torch the compiled
+  submodules of ``module`` are called through their original modules (a compiled function
+  outside a module cannot be bypassed there). The compiled artifacts are not touched: training
+  keeps them, and nothing is recompiled for the measurement.
+
+Ops with no double backward in any kernel (torch 2.13, CPU), which no switch can fix:
+``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``torch.cdist`` (except p=2 on more
+than 25 points, which goes through a matrix product), ``torch.segment_reduce``; on CUDA also,
+by PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
+while cuDNN is on. A product through them raises "the derivative for '...' is not implemented";
+:func:`explain` turns that into a hint.
+
+All of this is process-global state (backend flags, the compiler stance) restored on exit, so
+products must not run concurrently with training in another thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+try:  # torch >= 2.2
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch 2.1
+    SDPBackend = sdpa_kernel = None  # type: ignore[assignment,misc]
+
+_HAS_STANCE = hasattr(torch.compiler, "set_stance")  # torch >= 2.6
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """Route ``F.scaled_dot_product_attention`` through its math backend (twice differentiable)."""
+    if sdpa_kernel is not None:
+        return sdpa_kernel(SDPBackend.MATH)
+    return torch.backends.cuda.sdp_kernel(  # pragma: no cover - torch 2.1
+        enable_flash=False, enable_math=True, enable_mem_efficient=False
+    )
+
+
+def has_cuda_rnn(module: nn.Module | None) -> bool:
+    """True when ``module`` holds an RNN layer (LSTM, GRU, RNN) with parameters on CUDA."""
+    if module is None or not torch.cuda.is_initialized():  # no tensor can be on CUDA: skip the walk
+        return False
+    return any(
+        isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters(recurse=False))
+        for m in module.modules()
+    )
+
+
+@contextlib.contextmanager
+def cudnn_off_for_rnns(module: nn.Module | None) -> Iterator[None]:
+    """Switch cuDNN off while inside when ``module`` holds a CUDA RNN (cuDNN's RNN kernels have
+    no double backward, and no backward in eval mode); leave it alone otherwise. Only the
+    ``enabled`` flag is touched (``cudnn.flags`` would also reset ``benchmark``,
+    ``deterministic`` and ``allow_tf32``)."""
+    if not has_cuda_rnn(module):
+        yield
+        return
+    prior = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = prior
+
+
+@contextlib.contextmanager
+def eager(module: nn.Module | None) -> Iterator[None]:
+    """Run torch.compile'd code eagerly while inside, leaving the compiled artifacts as they are.
+
+    torch >= 2.6: the compiler's ``force_eager`` stance (every compiled module and function).
+    Older torch: the compiled parts of ``module`` are swapped for their originals while inside
+    (compiled children, ``module.compile()``, compiled methods stored on a module, as Lightning
+    does for a compiled LightningModule); a compiled function the module does not hold is not
+    found.
+    """
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled (and importing it costs seconds)
+        yield
+        return
+    if _HAS_STANCE:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+        return
+    with _uncompiled_submodules(module):
+        yield
+
+
+@contextlib.contextmanager
+def _uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
+    """The fallback of :func:`eager` for torch < 2.6 (module surgery, undone on exit): compiled
+    children are swapped for their ``_orig_mod``, ``module.compile()``'s compiled call is set
+    aside, and compiled functions stored on a module (an ``OptimizedModule``'s ``forward``, a
+    compiled ``training_step``) are swapped for the functions they wrap."""
+    optimized = getattr(torch._dynamo, "OptimizedModule", ())
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    calls: list[tuple[nn.Module, object]] = []
+    attrs: list[tuple[nn.Module, str, object]] = []
+    try:
+        for mod in [] if module is None else list(module.modules()):
+            for name, value in list(vars(mod).items()):
+                original = value
+                while hasattr(original, "_torchdynamo_orig_callable"):
+                    original = original._torchdynamo_orig_callable
+                if original is not value:
+                    attrs.append((mod, name, value))
+                    mod.__dict__[name] = original
+            for name, child in list(mod._modules.items()):
+                if isinstance(child, optimized):
+                    swapped.append((mod, name, child))
+                    mod._modules[name] = child._orig_mod
+            if getattr(mod, "_compiled_call_impl", None) is not None:
+                calls.append((mod, mod._compiled_call_impl))
+                mod._compiled_call_impl = None
+        yield
+    finally:
+        for mod, name, child in reversed(swapped):
+            mod._modules[name] = child
+        for mod, call in calls:
+            mod._compiled_call_impl = call
+        for mod, name, value in attrs:
+            mod.__dict__[name] = value
+
+
+@contextlib.contextmanager
+def twice_differentiable(module: nn.Module | None, *, attention: bool = True) -> Iterator[None]:
+    """Inside, forwards run through kernels that have a double backward (see the module
+    docstring): math attention (unless ``attention=False``), cuDNN off when ``module`` holds a
+    CUDA RNN, compiled code eager. Everything is restored on exit, even on error.
+
+    ``module`` is what the loss calls; without it (``None``) cuDNN is left as it is and, on torch
+    < 2.6, compiled submodules cannot be found.
+
+    Example::
+
+        with twice_differentiable(model):
+            g = torch.autograd.grad(loss_fn(model), params, create_graph=True)
+    """
+    with contextlib.ExitStack() as stack:
+        if attention:
+            stack.enter_context(math_attention())
+        stack.enter_context(cudnn_off_for_rnns(module))
+        stack.enter_context(eager(module))
+        yield
+
+
+def explain(err: BaseException) -> str:
+    """A hint for a product that failed because something has no double backward ("" otherwise)."""
+    text = str(err)
+    if "does not currently support double backward" in text or "donated buffers" in text:
+        return (
+            " A torch.compile'd function has no double backward; compiled code runs eagerly "
+            "during products from torch 2.6 on (torch.compiler.set_stance), and on older torch "
+            "only compiled submodules of the measured module are bypassed."
+        )
+    if not ("derivative for" in text and "not implemented" in text):
+        return ""
+    hint = (
+        " PyTorch cannot differentiate this operation twice (no kernel switch helps: see "
+        "lightning_landscape.curvature.kernels), so exact Hessian-vector products cannot go "
+        "through it; measure a loss that avoids it, or use finite-difference products"
+    )
+    if "cudnn" in text.lower():
+        hint += ", or switch cuDNN off (torch.backends.cudnn.flags(enabled=False))"
+    return hint + "."

@@ -1,0 +1,136 @@
+"""Tiny LightningModules of the architectures users train (a causal Transformer, an LSTM, an MLP
+that can be compiled), their synthetic data and a quiet CPU Trainer, for the monitor tests.
+
+Every model takes ``loss(batch)``, its mean training loss, so that a test can build the oracle
+``dense_hessian(model.loss, model, batches)`` on the batches the monitor measured.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, CONTEXT = 5, 6
+
+
+class _Base(pl.LightningModule):
+    lr = 0.1
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class TinyCausalLM(_Base):
+    """Token embedding + learned positions, one ``nn.TransformerEncoderLayer`` (2 heads, GELU,
+    dropout) run with a causal mask and ``is_causal=True``, a final LayerNorm and a linear head;
+    next-token cross-entropy. 249 parameters with the defaults."""
+
+    def __init__(self, width: int = 4, heads: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.pos = nn.Parameter(0.1 * torch.randn(CONTEXT, width))
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=8, dropout=dropout, activation="gelu", batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        # created in the forward, in the default dtype, as model code usually does
+        mask = nn.Transformer.generate_square_subsequent_mask(length)
+        h = self.embed(tokens) + self.pos[:length]
+        return self.head(self.norm(self.encoder(h, mask=mask, is_causal=True)))
+
+    def loss(self, batch):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+class TinyLSTM(_Base):
+    """An ``nn.LSTM`` (3 -> 3) over a sequence and a linear head on its last state; 3-class
+    cross-entropy. 108 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+    def loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+class TinyMLP(_Base):
+    """A 6-8-3 tanh MLP (83 parameters), cross-entropy; ``compile`` wraps the network in
+    ``torch.compile`` with that backend."""
+
+    def __init__(self, compile: str | None = None) -> None:
+        super().__init__()
+        net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.net = net if compile is None else torch.compile(net, backend=compile)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def token_data(n: int = 24, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    step = torch.randint(1, 3, (n, 1), generator=g)
+    tokens = (start + step * torch.arange(CONTEXT + 1)) % VOCAB  # learnable progressions
+    flip = torch.rand(n, CONTEXT + 1, generator=g) < 0.1
+    noise = torch.randint(0, VOCAB, (n, CONTEXT + 1), generator=g)
+    return TensorDataset(torch.where(flip, noise, tokens))
+
+
+def sequence_data(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, 3, generator=g, dtype=dtype)
+    return TensorDataset(x, (x.sum((1, 2)) > 0).long() + (x[:, -1, 0] > 1).long())
+
+
+def vector_data(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    )
+
+
+def loader(data: TensorDataset, batch_size: int = 8) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=True)
+
+
+def trainer(tmp_path, callbacks=(), max_epochs: int = 2, **kw) -> pl.Trainer:
+    """A quiet CPU Trainer logging to TensorBoard under ``tmp_path``."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=kw.pop("logger", TensorBoardLogger(str(tmp_path), name="tb")),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )

@@ -1,0 +1,226 @@
+"""HessianMonitor on the architectures users train: a causal Transformer (fused attention), an
+LSTM, a torch.compile'd MLP, Lightning's precisions. Each logs what the float64 dense oracle
+(computed with math attention) says, and training stays bit-identical."""
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
+from lightning_landscape.curvature import dense_hessian
+
+from ._models import (
+    TinyCausalLM,
+    TinyLSTM,
+    TinyMLP,
+    loader,
+    sequence_data,
+    token_data,
+    trainer,
+    vector_data,
+)
+
+TOP_K = 2
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    prior = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prior)
+
+
+def fit(tmp_path, make_model, data, callbacks=(), **kw):
+    """Fit 2 epochs from seed 0; the fitted model, its Trainer and the warnings raised."""
+    pl.seed_everything(0)
+    model = make_model()
+    t = trainer(tmp_path, callbacks, **{"max_epochs": 2, **kw})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, loader(data))
+    return model, t, [str(w.message) for w in caught]
+
+
+_REFERENCE: dict[str, tuple[dict, torch.Tensor]] = {}
+
+
+def reference(key, tmp_path, make_model, data, fixed, oracle_dtype, **trainer_kw):
+    """The weights of a fit without monitor and the oracle's eigenvalues there (computed once per
+    model, shared by the product kinds: the dense Hessian is most of a test's time)."""
+    if key not in _REFERENCE:
+        plain, _, _ = fit(tmp_path / "plain", make_model, data, **trainer_kw)
+        plain.eval()
+        if oracle_dtype is not None:
+            fixed = [
+                tuple(x.to(oracle_dtype) if x.is_floating_point() else x for x in b) for b in fixed
+            ]
+        dtype = oracle_dtype or torch.get_default_dtype()
+        with sdpa_kernel(SDPBackend.MATH), default_dtype(dtype):
+            H = dense_hessian(plain.loss, plain, fixed)
+        _REFERENCE[key] = plain.state_dict(), torch.linalg.eigvalsh(H)
+    return _REFERENCE[key]
+
+
+def check_against_oracle(tmp_path, make_model, data, hvp, oracle_dtype=None, **trainer_kw):
+    """Measure at the start and the end of a fit: training equals a fit without the monitor, and
+    the last measurement equals the dense Hessian at the final weights."""
+    fixed = [data[:8], data[8:13]]
+    mon = HessianMonitor(
+        epochs=[0, 2],
+        top_k=TOP_K,
+        tol=1e-10,
+        max_matvecs=500,
+        num_batches=2,
+        dataloader=fixed,
+        hvp=hvp,
+    )
+    key = f"{make_model().__class__.__name__}-{trainer_kw}"
+    plain, eig = reference(key, tmp_path, make_model, data, fixed, oracle_dtype, **trainer_kw)
+    model, t, caught = fit(tmp_path / "watched", make_model, data, [mon], **trainer_kw)
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    for (name, a), b in zip(plain.items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # training is bit-identical
+
+    ea = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0})
+    ea.Reload()
+    logged = {k: ea.Scalars(k)[-1].value for k in ea.Tags()["scalars"] if k.startswith("hessian")}
+    assert [e.step for e in ea.Scalars("hessian/eigenvalue_1")] == [0, t.global_step]
+    for i in range(TOP_K):
+        assert logged[f"hessian/eigenvalue_{i + 1}"] == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+    assert logged["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6)
+    err = abs(logged["hessian/trace"] - float(eig.sum()))
+    assert err <= 3 * logged["hessian/trace_stderr"] + 1e-9 * float(eig.abs().sum())
+    return model
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "cached"])
+def test_causal_transformer_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
+    # Before: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    # implemented" at every eval-mode measurement; the products now run with math attention.
+    model = check_against_oracle(tmp_path, TinyCausalLM, token_data(), hvp, precision="64-true")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_lstm_equals_oracle_and_training_is_unchanged(tmp_path):
+    check_against_oracle(tmp_path, lambda: TinyLSTM().double(), sequence_data(), "cached")
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "cached"])
+def test_compiled_mlp_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
+    # aot_eager: the aot_autograd of the default (inductor) backend, which refuses double
+    # backward alike, without inductor's code generation (tens of seconds on this CPU).
+    model = check_against_oracle(
+        tmp_path, lambda: TinyMLP(compile="aot_eager").double(), vector_data(), hvp
+    )
+    assert isinstance(model.net, torch._dynamo.OptimizedModule)  # training keeps its compiled net
+
+
+class QuietMLP(TinyMLP):
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)  # dynamo cannot trace self.log in torch 2.13
+
+
+def test_compiled_lightning_module_is_measured(tmp_path):
+    """``trainer.fit(torch.compile(model))``: Lightning compiles forward and training_step."""
+    fixed = [vector_data()[:8]]
+    mon = HessianMonitor(epochs=[0, 1], trace=False, num_batches=1, dataloader=fixed)
+    model = QuietMLP().double()
+    t = trainer(tmp_path, [mon], max_epochs=1, logger=False)
+    t.fit(torch.compile(model, backend="aot_eager"), loader(vector_data()))
+    assert model._compiler_ctx is not None
+    model.eval()
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+
+
+class FeatureMLP(TinyMLP):
+    """Adds a feature it creates in its forward (in the default dtype) through a Linear: it works
+    under ``precision="64-true"`` only because Lightning makes float64 the default dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature = nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.net(x) + self.feature(torch.full((len(x), 1), 0.5))
+
+
+def test_64_true_with_float32_data(tmp_path):
+    # Before: the fixed batches stayed float32 against float64 parameters, and the Hessian,
+    # sharpness and trajectory measurements failed ("mat1 and mat2 must have the same dtype").
+    check_against_oracle(
+        tmp_path,
+        FeatureMLP,
+        vector_data(dtype=torch.float32),
+        "cached",
+        oracle_dtype=torch.float64,
+        precision="64-true",
+    )
+    others = [
+        SharpnessMonitor(epochs=[1], kinds=["sam"], ascent_steps=2),
+        TrajectoryMonitor(
+            epochs=[0, 1], num_points=3, grid_size=2, slices=False, picture_at_end=False
+        ),
+    ]
+    _, t, caught = fit(
+        tmp_path / "others",
+        FeatureMLP,
+        vector_data(dtype=torch.float32),
+        others,
+        precision="64-true",
+        max_epochs=1,
+    )
+    assert not [m for m in caught if "Monitor" in m], caught
+    values = {k: v for mon in others for row in mon.history for k, v in row.items()}
+    assert values and all(math.isfinite(v) for v in values.values()), values
+    assert torch.get_default_dtype() == torch.float32  # restored after every measurement
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_half_precisions_measure_in_float32(tmp_path, precision):
+    """Half ("true") parameters are upcast and the batches converted as Lightning converts them;
+    with mixed precision autocast is off: both measure the float32 model on those batches."""
+    data = vector_data(dtype=torch.float32)
+    fixed = [data[:8]]
+    mon = HessianMonitor(epochs=[2], trace=False, num_batches=1, dataloader=fixed, tol=1e-8)
+    model, t, caught = fit(tmp_path, TinyMLP, data, [mon], precision=precision, logger=False)
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    model = model.float().eval()
+    cast = t.precision_plugin.convert_input(fixed)  # bf16-true: inputs rounded to bfloat16
+    batches = [tuple(x.double() if x.is_floating_point() else x for x in b) for b in cast]
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model.double(), batches))
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-4)
+
+
+class BagModel(TinyMLP):
+    """An ``nn.EmbeddingBag``: no double backward in any PyTorch kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(4, 3)
+
+    def forward(self, x):
+        return self.net(x) + self.bag((x[:, :2] > 0).long())
+
+
+def test_a_model_that_cannot_be_measured_warns_once_and_trains_on(tmp_path):
+    mon = HessianMonitor(epochs=[0, 1, 2], trace=False)
+    plain, _, _ = fit(tmp_path / "plain", lambda: BagModel().double(), vector_data())
+    model, _, caught = fit(tmp_path / "w", lambda: BagModel().double(), vector_data(), [mon])
+    failed = [m for m in caught if "HessianMonitor" in m]
+    assert len(failed) == 1, failed  # once, with the cause and a hint; not "is the loss NaN"
+    assert "_embedding_bag_backward" in failed[0] and "cannot differentiate" in failed[0]
+    assert len(mon.history) == 3
+    assert all(math.isnan(h["hessian/eigenvalue_1"]) for h in mon.history)
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
