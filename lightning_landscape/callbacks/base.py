@@ -29,6 +29,7 @@ from lightning_landscape.callbacks._context import (
     measuring,
     module_loss,
 )
+from lightning_landscape.callbacks._sharded import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.optim._anchor import anchor_in_parameters
 
@@ -79,6 +80,8 @@ class LandscapeMonitor(Callback):
     """
 
     namespace = "landscape"
+    #: measures FSDP2-sharded modules (ModelParallelStrategy); the others are refused at setup
+    supports_sharded = False
 
     def __init__(
         self,
@@ -157,6 +160,7 @@ class LandscapeMonitor(Callback):
             trainer,
             type(self).__name__,
             "sharded parameters have no full Hessian-vector product or loss here",
+            fsdp2=self.supports_sharded,
         )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError(
@@ -260,13 +264,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-
-def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:
-    """Raise ``ValueError`` at setup for FSDP and DeepSpeed strategies, saying why."""
-    name = type(trainer.strategy).__name__
-    if "FSDP" in name or "DeepSpeed" in name:
-        raise ValueError(
-            f"{owner} does not support the {name} strategy: {why}. "
-            "Use DDP (strategy='ddp' or 'ddp_spawn') or a single device."
-        )

@@ -220,7 +220,9 @@ class ShardedHessianOperator(LinearOperator):
                 self.module, self.loss_fn, self.params, self.batches, self.weights, self.passes
             )
 
-    def _products(self, Vt: Tensor, step: float) -> Tensor:
+    def _products(self, Vt: Tensor, step: float, mean: list[Tensor] | None = None) -> Tensor:
+        """Central differences with perturbations of norm ``step``; with ``mean``, the mean of
+        each pair of gradients, ≈ ∇L(w), is appended to it."""
         w = self.layout.get()
         norms = self.space.norm(Vt.double())
         out = torch.zeros_like(Vt)
@@ -232,6 +234,8 @@ class ShardedHessianOperator(LinearOperator):
                 plus = self._gradient_at(w + h * v)
                 minus = self._gradient_at(w - h * v)
                 out[i] = (plus - minus) / (2 * h)
+                if mean is not None:
+                    mean.append((plus + minus) / 2)
         finally:
             self.layout.set_(w)  # bit for bit: the saved copy, not w + hv - hv
         return out
@@ -248,22 +252,26 @@ class ShardedHessianOperator(LinearOperator):
             self.layout.set_(w)
 
     def finite_difference_error(self, x: Tensor, value: float | Tensor) -> float:
-        """An estimate of the error of ``value``, a Ritz value of the unit (sharded) vector
-        ``x``, due to the finite differences: |ρ_h − ρ_2h| + |ρ_h − value| with
-        ρ_s = xᵀ H_s x / xᵀx the Rayleigh quotient with step s.
+        """An estimate of the error of ``value``, a Ritz value of the (sharded) vector ``x``,
+        due to the finite differences: |ρ_h − ρ_2h| + |ρ_h − value| + ε ‖∇L‖ / h, with
+        ρ_s = xᵀ H_s x / xᵀx the Rayleigh quotient at step s and ε the machine epsilon.
 
-        The central difference's truncation error grows as s² (ρ_2h − ρ_h ≈ 3 times ρ_h's) and
-        its round-off as 1/s, so the first term bounds both where either dominates; the second
-        catches what the products' round-off and nonlinearity did to the Lanczos run. Cost: 2
-        products (4 gradients), not counted in ``num_matvecs``.
+        The central difference's truncation error grows as s² (ρ_2h − ρ_h is about 3 times
+        ρ_h's), its round-off as ε/s: the first term measures both, the third bounds the
+        round-off of a gradient relative to its norm, and the second catches what round-off
+        and nonlinearity did to the Lanczos run. Cost: 2 products (4 gradients), not counted in
+        ``num_matvecs``.
         """
         x = x.reshape(1, -1).to(dtype=self.dtype, device=self.device)
         xx = float(self.space.reduce((x.double() ** 2).sum()))
+        mean: list[Tensor] = []
         rho = [
-            float(self.space.reduce((x.double() * self._products(x, s).double()).sum())) / xx
+            float(self.space.reduce((x.double() * self._products(x, s, mean).double()).sum())) / xx
             for s in (self.step, 2 * self.step)
         ]
-        return abs(rho[0] - rho[1]) + abs(rho[0] - float(value))
+        eps = torch.finfo(self.dtype).eps
+        grad = float(self.space.norm(mean[0].double()[None])[0]) if mean else 0.0
+        return abs(rho[0] - rho[1]) + abs(rho[0] - float(value)) + eps * grad / self.step
 
     def release(self) -> None:
         """Nothing is cached (for parity with :class:`~.operator.HessianOperator`)."""
