@@ -20,6 +20,8 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
+from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._context import (
@@ -222,6 +224,8 @@ class LandscapeMonitor(Callback):
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
+        if is_fsdp2(pl_module):  # a forward may have left the root's parameters unsharded
+            reshard_all(pl_module)
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
         start = time.perf_counter()

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.checks import check_bool, check_positive, check_positive_int
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
-from lightning_landscape.curvature._fsdp import has_sharded_parameters
 from lightning_landscape.curvature.operator import HVPMode
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
 
@@ -202,12 +202,12 @@ class HessianMonitor(LandscapeMonitor):
     def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
         """The analysis of the block ``params`` and, for a sharded module, the finite-difference
         error of its top eigenvalue."""
-        if has_sharded_parameters(ctx.module):
+        if is_fsdp2(ctx.module):
             op = ShardedHessianOperator(
                 ctx.loss_fn,
                 ctx.module,
                 ctx.batches,
-                params=ctx.params if params is ctx.module else params,
+                params=None if params is ctx.module else params,
                 step=self.fd_step,
                 seed=ctx.seed,
             )

@@ -16,11 +16,11 @@ import torch
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.operator import LinearOperator
-from lightning_landscape.curvature.space import space_of
 from lightning_landscape.curvature.trace import TraceResult, deflated_hutchinson
 
 

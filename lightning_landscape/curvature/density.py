@@ -19,9 +19,9 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
-from lightning_landscape.curvature.space import space_of
 
 
 @dataclass(frozen=True)

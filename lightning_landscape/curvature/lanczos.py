@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.random import gaussian
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.operator import LinearOperator
-from lightning_landscape.curvature.space import space_of
 
 
 @dataclass(frozen=True)

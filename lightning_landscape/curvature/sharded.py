@@ -5,7 +5,7 @@ parameter vector, and gradients reach the shards only through FSDP's own backwar
 :func:`._fsdp.fsdp_gradient`). So:
 
 - **Vectors are shards.** Each rank holds its part of every Lanczos vector, probe and Ritz vector
-  (:class:`ShardedSpace`): the local parts of the parameters in the module's order. Inner
+  (:class:`~lightning_landscape._core.sharding.ShardedSpace`): the local parts of the parameters in the module's order. Inner
   products and norms are local sums all-reduced across ranks, so the algorithms of the engine
   (:func:`~.lanczos.lanczos`, :func:`~.trace.trace`, :func:`~.density.spectral_density`,
   :func:`~.analyze.analyze`) run unchanged and agree with a run on whole vectors: a Lanczos basis
@@ -35,67 +35,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.batches import batch_sizes
 from lightning_landscape._core.checks import check_callable, check_int, check_positive
-from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.distributed import is_distributed
+from lightning_landscape._core.fsdp import FSDPBatches, reshard_all
+from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
 from lightning_landscape.curvature import hvp as _hvp
-from lightning_landscape.curvature._fsdp import ShardLayout, fsdp_gradient
 from lightning_landscape.curvature.operator import LinearOperator
-from lightning_landscape.curvature.space import Draw, Space
-
-
-class ShardedSpace(Space):
-    """Vectors split into this rank's shards (see :class:`~._fsdp.ShardLayout`); inner products
-    and norms are all-reduced sums of local ones, the same on every rank.
-
-    Args:
-        layout: where this rank's part sits in the whole vector.
-        dtype, device: of the local parts.
-    """
-
-    def __init__(self, layout: ShardLayout, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(layout.dim, dtype, device)
-        self.layout = layout
-        self.local_dim = layout.local_dim
-
-    def reduce(self, partial: Tensor) -> Tensor:
-        return all_reduce_sum_(partial.clone())
-
-    def norm(self, x: Tensor, dim: int = -1) -> Tensor:
-        return self.reduce(x.norm(dim=dim) ** 2).sqrt()
-
-    def all_finite(self, x: Tensor) -> bool:
-        bad = torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0], dtype=torch.float64)
-        return float(self.reduce(bad)) == 0.0
-
-    def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
-        return self.layout.restrict(full, axis)
-
-    def draw(self, fn: Draw, shape: tuple[int, ...], gen: torch.Generator, axis: int = -1):
-        """The whole draw on CPU (the same numbers as on one process), then this rank's part."""
-        whole = fn(shape, gen, self.dtype, torch.device("cpu"))
-        return self.restrict(whole, axis).to(self.device)
-
-    def orthonormalize(self, Y: Tensor) -> Tensor:
-        """Orthonormal columns spanning those of ``Y`` by eigen-decomposed Gram matrices
-        (CholeskyQR2's idea: one all-reduce of a k × k matrix per pass, two passes); columns
-        whose singular value is below ~1e-6 (float64) or ~1e-4 (float32) of the largest are
-        dropped, so a rank-deficient ``Y`` gives fewer columns than Householder QR would."""
-        eps = torch.finfo(Y.dtype).eps
-        floor = max((1e3 * eps) ** 2, 1e3 * torch.finfo(torch.float64).eps)
-        Q = Y.double()
-        for _ in range(2):
-            evals, evecs = torch.linalg.eigh(self.reduce(Q.T @ Q))
-            keep = evals > floor * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
-            Q = Q @ (evecs[:, keep] / evals[keep].sqrt())
-        return Q.to(Y.dtype)
 
 
 class ShardedHessianOperator(LinearOperator):
     """The Hessian of a batch-averaged loss of an FSDP2 module, acting on this rank's shards.
 
     H = Σ_b n_b ∇²L_b / Σ_b n_b over every rank's batches, as :class:`~.operator.HessianOperator`,
-    but vectors are shards (:class:`ShardedSpace`) and products are central differences of
+    but vectors are shards (:class:`~lightning_landscape._core.sharding.ShardedSpace`) and products are central differences of
     gradients taken through the module's own FSDP backward:
     H v ≈ (g(w + h v̂) − g(w − h v̂)) ‖v‖ / 2h with v̂ = v / ‖v‖ and g the gradient summed as
     Σ n_b ∇L_b / Σ n_b across ranks. FSDP's reduce-scatter divides by the world size; each rank's
@@ -120,7 +72,7 @@ class ShardedHessianOperator(LinearOperator):
         TypeError: if ``loss_fn``/``batch_size_fn`` is not callable, ``module`` is not an
             ``nn.Module``, ``batches`` is not a sequence or ``seed`` is not an int.
         ValueError: if ``batches`` is empty, ``step`` is not positive, or a parameter is not
-            an FSDP2 shard (see :class:`~._fsdp.ShardLayout`).
+            an FSDP2 shard (see :class:`~lightning_landscape._core.sharding.ShardLayout`).
 
     Cost: 2 gradients per product, memory of one gradient; vectors cost P / world per rank.
 
@@ -154,32 +106,23 @@ class ShardedHessianOperator(LinearOperator):
         if len(batches) == 0:
             raise ValueError("`batches` is empty.")
         check_int("seed", seed)
+        reshard_all(module)  # parameters left unsharded by a forward are plain tensors
         named = {id(p): n for n, p in module.named_parameters()}
         chosen = [p for p in module.parameters() if p.requires_grad] if params is None else params
         self.params = list(chosen)
         if not self.params:
             raise ValueError("`params` holds no trainable tensor.")
         self.layout = ShardLayout(self.params, [named.get(id(p), "?") for p in self.params])
-        self.module, self.loss_fn, self.batches = module, loss_fn, list(batches)
+        self.module, self.loss_fn = module, loss_fn
         self.seed = int(seed)
         self.distributed = is_distributed()
-        self.batch_sizes = batch_sizes(self.batches, batch_size_fn)
-        for i, n in enumerate(self.batch_sizes):
-            if n < 1:
-                raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
+        self.passes = FSDPBatches(module, batches, self.layout.world, batch_size_fn)
+        self.batches, self.batch_sizes = self.passes.batches, self.passes.sizes
+        self.total_size = self.passes.total_size
         local = self.params[0].detach().to_local()
         self.dtype, self.device = local.dtype, local.device
         self.dim, self.local_dim = self.layout.dim, self.layout.local_dim
         self.space = ShardedSpace(self.layout, self.dtype, self.device)
-        # one all-reduce: the total sample count and every rank's batch count
-        counts = torch.zeros(1 + self.layout.world, dtype=torch.float64)
-        counts[0] = sum(self.batch_sizes)
-        me = self.params[0].device_mesh.get_local_rank()
-        counts[1 + me] = len(self.batches)
-        all_reduce_sum_(counts, self.distributed)
-        self.total_size = float(counts[0])
-        self.passes = int(counts[1:].max())
-        self.weights = [n * self.layout.world / self.total_size for n in self.batch_sizes]
         if step is None:
             norm = float(self.space.norm(self.layout.get()[None].double())[0])
             step = 0.1 * torch.finfo(self.dtype).eps ** (1 / 3) * max(1.0, norm)
@@ -216,9 +159,7 @@ class ShardedHessianOperator(LinearOperator):
         self.layout.set_(w)
         self.num_gradients += 1
         with _hvp.guard(self.module, self.params, self.seed):
-            return fsdp_gradient(
-                self.module, self.loss_fn, self.params, self.batches, self.weights, self.passes
-            )
+            return self.passes.gradient(self.loss_fn, self.params)[1]
 
     def _products(self, Vt: Tensor, step: float, mean: list[Tensor] | None = None) -> Tensor:
         """Central differences with perturbations of norm ``step``; with ``mean``, the mean of

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
+from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.operator import LinearOperator
-from lightning_landscape.curvature.space import Space, space_of
 
 TraceMethod = Literal["auto", "hutchinson", "hutch++"]
 

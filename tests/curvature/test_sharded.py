@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_landscape._core.sharding import ShardLayout, is_fsdp2
+from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature import (
     HessianOperator,
     MatrixOperator,
@@ -19,9 +21,7 @@ from lightning_landscape.curvature import (
     top_eigenvalues,
     trace,
 )
-from lightning_landscape.curvature._fsdp import ShardLayout, has_sharded_parameters
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
-from lightning_landscape.curvature.space import Space, space_of
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def make_net(bn: bool = False, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*layers).double()
 
 
-def sharded(mesh, net: nn.Module) -> nn.Module:
+def sharded(mesh, net: nn.Module, children: bool = True) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    for layer in net:
+    for layer in net if children else ():
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     return fully_shard(net, mesh=mesh)
@@ -79,7 +79,7 @@ def pair(mesh, **kw):
 
 def test_products_equal_exact_ones_and_error_estimate_covers_them(mesh):
     op, exact = pair(mesh)
-    assert has_sharded_parameters(op.module) and not has_sharded_parameters(exact.module)
+    assert is_fsdp2(op.module) and not is_fsdp2(exact.module)
     assert op.dim == exact.dim == 4 * 5 + 5 + 5 * 3 + 3 and op.local_dim == op.dim
     V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(op @ V, exact @ V, rtol=0, atol=1e-8)
@@ -114,6 +114,20 @@ def test_nothing_is_disturbed(mesh):
         assert p.detach().to_local().data_ptr() == ptr  # FSDP's sharded storage, resharded
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
     assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+def test_root_parameters_left_unsharded_by_a_forward_are_not_reused(mesh):
+    """FSDP2 keeps the root's parameters unsharded after a forward; a product must neither
+    compute with stale gathered values nor leave perturbed ones for the next forward."""
+    ref = make_net()
+    model = sharded(mesh, make_net(), children=False)  # one group: the root's
+    x = batches()[0][0]
+    before = model(x).detach()  # leaves the root unsharded
+    op = ShardedHessianOperator(loss_of(model), model, batches())
+    exact = HessianOperator(loss_of(ref), ref, batches())
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(op @ v, exact @ v, rtol=0, atol=1e-8)
+    assert torch.equal(model(x).detach(), before)
 
 
 def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh):

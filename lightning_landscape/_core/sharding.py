@@ -1,5 +1,6 @@
-"""FSDP2 mechanics of the sharded operator: where each rank's shards sit in the whole flat vector,
-reading and writing them, and the one gradient that has to go through ``.backward()``.
+"""Sharded vectors: where each rank's shards of an FSDP2 module's parameters sit in the whole flat
+vector (:class:`ShardLayout`), and the :class:`~.space.Space` of vectors split that way
+(:class:`ShardedSpace`: inner products are all-reduced sums of local ones).
 
 ``fully_shard`` (FSDP2) replaces each parameter of a module by a ``DTensor`` sharded on dim 0
 (``Shard(0)``) over a 1-D device mesh: rank r holds rows [o_r, o_r + n_r) of every parameter, with
@@ -12,13 +13,14 @@ parameter's block (:class:`ShardLayout`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.space import Draw, Space
 from lightning_landscape._core.vectors import flatten
 
 
@@ -31,9 +33,17 @@ def is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def has_sharded_parameters(module: nn.Module) -> bool:
-    """Whether any trainable parameter of ``module`` is a DTensor (FSDP2 or tensor parallel)."""
-    return any(is_dtensor(p) for p in module.parameters() if p.requires_grad)
+def is_fsdp2(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``module`` or one of its submodules.
+
+    (Its parameters are not always DTensors: after a forward, FSDP2 keeps the root's
+    parameters unsharded, registered as plain tensors, until a backward or a reshard.)
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
@@ -83,6 +93,7 @@ class ShardLayout:
     Attributes:
         dim: numel of the whole vector; local_dim: of this rank's part.
         ranges: ``(start, length)`` of this rank's part of each parameter in the whole vector.
+        rows: ``(first row, number of rows)`` of this rank's shard of each parameter.
         world: the mesh size (FSDP2 divides the summed gradient by it).
     """
 
@@ -97,10 +108,12 @@ class ShardLayout:
             rows[me, i] = p.to_local().shape[0] if p.dim() > 0 else 0
         all_reduce_sum_(rows)
         self.ranges: list[tuple[int, int]] = []
+        self.rows: list[tuple[int, int]] = []
         offset = 0
         for i, p in enumerate(self.params):
             row = math.prod(p.shape[1:])  # numel of one row of the whole parameter
             before = int(rows[:me, i].sum())
+            self.rows.append((before, int(rows[me, i])))
             self.ranges.append((offset + before * row, p.to_local().numel()))
             offset += p.numel()
         self.dim = offset
@@ -135,53 +148,50 @@ class ShardLayout:
             pos += n
 
 
-def fsdp_gradient(
-    module: nn.Module,
-    loss_fn: Callable[[Any], Tensor],
-    params: Sequence[Tensor],
-    batches: Sequence[Any],
-    weights: Sequence[float],
-    passes: int,
-) -> Tensor:
-    """This rank's shard of Σ_ranks Σ_b w_b ∇L_b / world, through FSDP's own backward.
-
-    **Why ``.backward()``** (the only one in the package; everything else uses
-    ``torch.autograd.grad``): FSDP2 all-gathers the shards into temporary unsharded parameters in
-    its pre-forward hooks, so the autograd graph of a loss reaches those, not the sharded
-    parameters (``torch.autograd.grad`` w.r.t. them raises "appears to not have been used in the
-    graph"), and the unsharded tensors are freed again after the forward. The gradient reaches
-    the shards only through FSDP's backward hooks, which re-gather the parameters, reduce-scatter
-    the unsharded gradients (dividing by the world size) and accumulate into the sharded
-    ``.grad``, and they run only inside ``backward()``. So this function: saves every
-    parameter's ``.grad`` object of ``module`` and sets it to None, runs ``passes`` forwards and
-    backwards, copies the sharded ``.grad`` out, and puts the saved ``.grad`` objects back (the
-    training's gradients are never read or written). Every rank must make the same number of
-    passes (each one is a chain of collectives): a rank with fewer batches pads with its first
-    batch at weight 0. FSDP reshards after each backward, as in training.
+class ShardedSpace(Space):
+    """Vectors split into this rank's shards (see :class:`ShardLayout`); inner products and
+    norms are all-reduced sums of local ones, the same on every rank. Random vectors are drawn
+    whole on CPU from the same generator as on one process, then sliced: exactly the unsharded
+    draw's shards, at the price of P random numbers (8 P bytes of CPU memory, transiently) per
+    vector on every rank.
 
     Args:
-        module: the module whose parameters FSDP manages (all its ``.grad`` are saved).
-        loss_fn: ``loss_fn(batch) -> scalar`` through the FSDP-wrapped forward.
-        params: the sharded parameters to read the gradient of.
-        batches: this rank's batches; ``weights``: the weight of each.
-        passes: the number of forward/backward passes (the largest batch count of any rank).
+        layout: where this rank's part sits in the whole vector.
+        dtype, device: of the local parts.
     """
-    every = list(module.parameters())
-    saved = [p.grad for p in every]
-    try:
-        for p in every:
-            p.grad = None
-        with torch.enable_grad():
-            for i in range(passes):
-                real = i < len(batches)
-                batch = batches[i] if real else batches[0]
-                (loss_fn(batch) * (weights[i] if real else 0.0)).backward()
-        return flatten(
-            [
-                torch.zeros_like(p.detach().to_local()) if p.grad is None else p.grad.to_local()
-                for p in params
-            ]
-        )
-    finally:
-        for p, g in zip(every, saved, strict=True):
-            p.grad = g
+
+    def __init__(self, layout: ShardLayout, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(layout.dim, dtype, device)
+        self.layout = layout
+        self.local_dim = layout.local_dim
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        return all_reduce_sum_(partial.clone())
+
+    def norm(self, x: Tensor, dim: int = -1) -> Tensor:
+        return self.reduce(x.norm(dim=dim) ** 2).sqrt()
+
+    def all_finite(self, x: Tensor) -> bool:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0], dtype=torch.float64)
+        return float(self.reduce(bad)) == 0.0
+
+    def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
+        return self.layout.restrict(full, axis)
+
+    def draw(self, fn: Draw, shape: tuple[int, ...], gen: torch.Generator, axis: int = -1):
+        whole = fn(shape, gen, self.dtype, torch.device("cpu"))
+        return self.restrict(whole, axis).to(self.device)
+
+    def orthonormalize(self, Y: Tensor) -> Tensor:
+        """Orthonormal columns spanning those of ``Y`` from eigen-decomposed Gram matrices
+        (CholeskyQR2's idea: one all-reduce of a k × k matrix per pass, two passes); columns
+        whose singular value is below ~1e-6 (float64) or ~1e-4 (float32) of the largest are
+        dropped, so a rank-deficient ``Y`` gives fewer columns than Householder QR would."""
+        eps = torch.finfo(Y.dtype).eps
+        floor = max((1e3 * eps) ** 2, 1e3 * torch.finfo(torch.float64).eps)
+        Q = Y.double()
+        for _ in range(2):
+            evals, evecs = torch.linalg.eigh(self.reduce(Q.T @ Q))
+            keep = evals > floor * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
+            Q = Q @ (evecs[:, keep] / evals[keep].sqrt())
+        return Q.to(Y.dtype)
