@@ -12,16 +12,18 @@ parameter's block (:class:`ShardLayout`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.fsdp import reshard_all
 from lightning_landscape._core.space import Draw, Space
-from lightning_landscape._core.vectors import flatten
+from lightning_landscape._core.vectors import ParamVector, flatten
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -90,8 +92,12 @@ class ShardLayout:
         params: DTensor parameters, ``Shard(0)`` on one 1-D mesh spanning every rank.
         names: their names (for error messages).
 
+    It reads and writes this rank's part like :class:`~.vectors.ParamVector` reads and writes
+    whole vectors (:meth:`get`, :meth:`set_`, :meth:`moved_to`).
+
     Attributes:
         dim: numel of the whole vector; local_dim: of this rank's part.
+        dtype, device: of the local shards.
         ranges: ``(start, length)`` of this rank's part of each parameter in the whole vector.
         rows: ``(first row, number of rows)`` of this rank's shard of each parameter.
         world: the mesh size (FSDP2 divides the summed gradient by it).
@@ -102,6 +108,8 @@ class ShardLayout:
         names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
         mesh = _check_sharded(self.params, names)
         self.world = mesh.size()
+        first = self.params[0].detach().to_local()
+        self.dtype, self.device = first.dtype, first.device
         me = mesh.get_local_rank()
         rows = torch.zeros(self.world, len(self.params), dtype=torch.float64)
         for i, p in enumerate(self.params):
@@ -147,6 +155,16 @@ class ShardLayout:
             local.copy_(flat[pos : pos + n].view_as(local))
             pos += n
 
+    @contextlib.contextmanager
+    def moved_to(self, flat: Tensor) -> Iterator[None]:
+        """Temporarily set this rank's part to ``flat``; restore the saved copy afterwards."""
+        saved = self.get()
+        try:
+            self.set_(flat)
+            yield
+        finally:
+            self.set_(saved)
+
 
 class ShardedSpace(Space):
     """Vectors split into this rank's shards (see :class:`ShardLayout`); inner products and
@@ -178,9 +196,18 @@ class ShardedSpace(Space):
     def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
         return self.layout.restrict(full, axis)
 
-    def draw(self, fn: Draw, shape: tuple[int, ...], gen: torch.Generator, axis: int = -1):
-        whole = fn(shape, gen, self.dtype, torch.device("cpu"))
-        return self.restrict(whole, axis).to(self.device)
+    def draw(
+        self,
+        fn: Draw,
+        shape: tuple[int, ...],
+        gen: torch.Generator,
+        axis: int = -1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        whole = fn(shape, gen, dtype or self.dtype, torch.device("cpu"))
+        return self.restrict(whole, axis).to(device or self.device)
 
     def orthonormalize(self, Y: Tensor) -> Tensor:
         """Orthonormal columns spanning those of ``Y`` from eigen-decomposed Gram matrices
@@ -195,3 +222,14 @@ class ShardedSpace(Space):
             keep = evals > floor * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
             Q = Q @ (evecs[:, keep] / evals[keep].sqrt())
         return Q.to(Y.dtype)
+
+
+def flat_parameters(module: nn.Module) -> ParamVector | ShardLayout:
+    """The trainable parameters of ``module`` as one flat vector: a :class:`~.vectors.ParamVector`
+    of whole tensors, or under FSDP2 the :class:`ShardLayout` of this rank's shards (every FSDP
+    module resharded first; a collective: every rank calls it)."""
+    if is_fsdp2(module):
+        reshard_all(module)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return ShardLayout([p for _, p in named], [n for n, _ in named])
+    return ParamVector([p for p in module.parameters() if p.requires_grad])

@@ -63,10 +63,20 @@ class Space:
         """This process's part of whole vectors laid along ``axis`` of ``full``."""
         return full
 
-    def draw(self, fn: Draw, shape: tuple[int, ...], gen: torch.Generator, axis: int = -1):
+    def draw(
+        self,
+        fn: Draw,
+        shape: tuple[int, ...],
+        gen: torch.Generator,
+        axis: int = -1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """This process's part of random vectors ``fn(shape, gen, dtype, device)``, whose
-        ``axis`` has length :attr:`dim`; every process advances ``gen`` alike."""
-        return fn(shape, gen, self.dtype, self.device)
+        ``axis`` has length :attr:`dim` (default dtype and device: the space's); every process
+        advances ``gen`` alike."""
+        return fn(shape, gen, dtype or self.dtype, device or self.device)
 
     def orthonormalize(self, Y: Tensor) -> Tensor:
         """An orthonormal basis (``(local_dim, k)`` columns) of the range of the columns of

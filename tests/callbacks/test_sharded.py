@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import HessianMonitor
+from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
+from lightning_landscape.callbacks.base import MeasureContext
 from lightning_landscape.curvature import dense_hessian
 
 WORLD = 2
@@ -69,27 +70,51 @@ def full_params(module: nn.Module) -> list[torch.Tensor]:
 
 
 class Recording:
-    """Mixed into a monitor: every rank writes its fixed batches and the whole weights it
-    measured at, rank 0 what was logged (spawned processes send no attributes back)."""
+    """Mixed into a monitor: at each measurement every rank writes its fixed batches, the whole
+    weights it measured at and what it logged (spawned processes send no attributes back)."""
+
+    def __init__(self, out, **kw):
+        super().__init__(**kw)
+        self.out, self.count = out, 0
 
     def measure(self, trainer, pl_module, ctx):
         metrics = super().measure(trainer, pl_module, ctx)
-        weights = full_params(pl_module)
-        rank = trainer.global_rank
         record = {
             "batches": [tuple(t.detach().cpu() for t in b) for b in ctx.batches],
-            "weights": weights,
+            "weights": full_params(pl_module),
             "metrics": metrics,
             "step": ctx.step,
+            "picture": dict(getattr(self, "last_picture", {})),
+            "final": getattr(self, "_final", False),
         }
-        torch.save(record, os.path.join(self.out, f"{type(self).__name__}-{ctx.step}-{rank}.pt"))
+        name = f"{type(self).__name__}-{self.count}-{trainer.global_rank}.pt"
+        torch.save(record, os.path.join(self.out, name))
+        self.count += 1
         return metrics
 
 
 class RecordingHessian(Recording, HessianMonitor):
-    def __init__(self, out, **kw):
-        super().__init__(**kw)
-        self.out = out
+    pass
+
+
+class RecordingSharpness(Recording, SharpnessMonitor):
+    pass
+
+
+class RecordingTrajectory(Recording, TrajectoryMonitor):
+    pass
+
+
+def accuracy(module, batch):
+    x, y = batch
+    return (module.net(x).argmax(1) == y).double().mean()
+
+
+SHARPNESS = {"epochs": [0], "num_batches": 3, "seed": 2, "ascent_steps": 3, "average_samples": 3}
+TRAJECTORY = {
+    "every_n_steps": 2, "num_batches": 3, "num_points": 5, "grid_size": 3,
+    "snapshot_dtype": torch.float64, "metric_fn": accuracy, "seed": 4,
+}  # fmt: skip
 
 
 def _fit(callbacks, out=None):
@@ -121,7 +146,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     hessian = RecordingHessian(
         out, epochs=[0], top_k=2, num_batches=3, tol=1e-6, trace_probes=12, seed=5, fd_step=1e-3
     )
-    watched = _fit([hessian])
+    sharpness = RecordingSharpness(out, **SHARPNESS)
+    trajectory = RecordingTrajectory(out, **TRAJECTORY)
+    watched = _fit([hessian, sharpness, trajectory])
     shards = {
         "plain": [p.detach().to_local().clone() for p in plain.parameters()],
         "watched": [p.detach().to_local().clone() for p in watched.parameters()],
@@ -135,8 +162,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _records(out, name, step):
-    return [torch.load(os.path.join(out, f"{name}-{step}-{r}.pt")) for r in range(WORLD)]
+def _records(out, name, index):
+    return [
+        torch.load(os.path.join(out, f"{name}-{index}-{r}.pt"), weights_only=False)
+        for r in range(WORLD)
+    ]
+
+
+def _context(model, record, seed, union):
+    """What a single process measures with: the plain model at the recorded weights, the union."""
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), record["weights"], strict=True):
+            p.copy_(w)
+    params = list(model.parameters())
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    return MeasureContext(model, params, union, loss, seed, record["step"], 0)
+
+
+class PlainModule(nn.Module):
+    """The unsharded model with the LightningModule's attribute names (``metric_fn`` uses
+    ``module.net``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = plain_net()
+
+    def forward(self, x):
+        return self.net(x)
 
 
 @pytest.mark.distributed
@@ -168,6 +220,46 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
     assert m["hessian/min_eigenvalue"] == pytest.approx(float(eigs[0]), rel=2e-3, abs=1e-6)
     assert m["hessian/fd_step"] == 1e-3 and 0 < m["hessian/fd_error"] < 1e-4 * abs(top)
     assert abs(m["hessian/trace"] - float(H.trace())) <= 4 * m["hessian/trace_stderr"]
+
+    fake = types.SimpleNamespace(is_global_zero=True, loggers=[])
+    # SharpnessMonitor: the same measures on one process, the union, the same directions
+    rec = _records(out, "RecordingSharpness", 0)
+    union = [b for r in rec for b in r["batches"]]
+    model = PlainModule()
+    ctx = _context(model, rec[0], SHARPNESS["seed"], union)
+    single = SharpnessMonitor(**SHARPNESS).measure(fake, model, ctx)
+    for key, value in single.items():
+        if key.startswith("sharpness/num_"):  # passes over each rank's own batches
+            assert rec[0]["metrics"][key] == value / WORLD
+            continue
+        for r in range(WORLD):
+            assert rec[r]["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    # TrajectoryMonitor: measurements at steps 0, 2, 4 and the fit-end picture, replayed on one
+    # process from the same weights
+    single = TrajectoryMonitor(**TRAJECTORY)
+    model = PlainModule()
+    index = 0
+    while os.path.exists(os.path.join(out, f"RecordingTrajectory-{index}-0.pt")):
+        rec = _records(out, "RecordingTrajectory", index)
+        union = [b for r in rec for b in r["batches"]]
+        ctx = _context(model, rec[0], TRAJECTORY["seed"], union)
+        if index == 0:
+            single.snapshots.add(torch.cat([w.reshape(-1) for w in rec[0]["weights"]]), 0, 0)
+        single._final = rec[0]["final"]
+        expected = single.measure(fake, model, ctx)
+        assert set(expected) == set(rec[0]["metrics"]) - {"trajectory/seconds"}
+        for key, value in expected.items():
+            for r in range(WORLD):
+                got = rec[r]["metrics"][key]
+                if key.endswith("num_forward"):  # passes over each rank's own batches
+                    value = expected[key] / WORLD
+                assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (index, key)
+        for key, value in single.last_picture.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.allclose(rec[0]["picture"][key], value, rtol=1e-9), (index, key)
+        index += 1
+    assert index == 4 and rec[0]["final"] and "trajectory/pca_explained_variance" in expected
 
 
 def test_strategy_refusals_name_the_way_out():
