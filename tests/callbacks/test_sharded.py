@@ -19,9 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
+from lightning_landscape import (
+    HessianMonitor,
+    NoiseTemperatureMonitor,
+    SharpnessMonitor,
+    TrajectoryMonitor,
+)
+from lightning_landscape._core.batches import flat_grad
 from lightning_landscape.callbacks.base import MeasureContext
 from lightning_landscape.curvature import dense_hessian
+from lightning_landscape.landscape.noise import micro_batch_estimates
 
 WORLD = 2
 N = 42  # 21 samples a rank: batches of 8, 8, 5
@@ -110,6 +117,32 @@ def accuracy(module, batch):
     return (module.net(x).argmax(1) == y).double().mean()
 
 
+class RecordingNoise(NoiseTemperatureMonitor):
+    """Every rank writes, per step, the weights at its start, its micro-batches and the noise
+    estimates (EMA decay 0: each step's own)."""
+
+    def __init__(self, out, **kw):
+        super().__init__(**kw)
+        self.out, self.steps = out, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = self.steps.setdefault(trainer.global_step, {"batches": [], "noise": None})
+        if "weights" not in step:
+            step["weights"] = full_params(pl_module)  # every rank, at the same batches
+        step["batches"].append(tuple(t.detach().cpu() for t in batch))
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _noise(self, trainer, scale_back):
+        out = super()._noise(trainer, scale_back)
+        self.steps[trainer.global_step]["noise"] = out
+        return out
+
+    def on_fit_end(self, trainer, pl_module):
+        super().on_fit_end(trainer, pl_module)
+        torch.save(self.steps, os.path.join(self.out, f"noise-{trainer.global_rank}.pt"))
+
+
+ACCUMULATE = 2
 SHARPNESS = {"epochs": [0], "num_batches": 3, "seed": 2, "ascent_steps": 3, "average_samples": 3}
 TRAJECTORY = {
     "every_n_steps": 2, "num_batches": 3, "num_points": 5, "grid_size": 3,
@@ -123,6 +156,7 @@ def _fit(callbacks, out=None):
     model = ShardedNet()
     trainer = pl.Trainer(
         max_steps=4,
+        accumulate_grad_batches=ACCUMULATE,
         accelerator="cpu",
         devices=WORLD,
         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
@@ -148,7 +182,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     sharpness = RecordingSharpness(out, **SHARPNESS)
     trajectory = RecordingTrajectory(out, **TRAJECTORY)
-    watched = _fit([hessian, sharpness, trajectory])
+    noise = RecordingNoise(out, ema_decay=0.0)
+    watched = _fit([hessian, sharpness, trajectory, noise])
     shards = {
         "plain": [p.detach().to_local().clone() for p in plain.parameters()],
         "watched": [p.detach().to_local().clone() for p in watched.parameters()],
@@ -261,6 +296,34 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
         index += 1
     assert index == 4 and rec[0]["final"] and "trajectory/pca_explained_variance" in expected
 
+    # NoiseTemperatureMonitor: the micro-batches of both ranks together are the small batches
+    steps = [torch.load(os.path.join(out, f"noise-{r}.pt"), weights_only=False) for r in range(2)]
+    measured = [s for s in steps[0] if steps[0][s]["noise"]]
+    assert measured == [0, 2]  # steps 1 and 3 close a short accumulation window: one pass
+    model = plain_net()
+    for s in measured:
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), steps[0][s]["weights"], strict=True):
+                p.copy_(w)
+        micro = []
+        for j in range(ACCUMULATE):  # FSDP's mean over the ranks of their micro-batch j
+            grads = [
+                flat_grad(F.cross_entropy(model(x), y), list(model.parameters()))
+                for x, y in (steps[r][s]["batches"][j] for r in range(WORLD))
+            ]
+            micro.append(sum(grads) / WORLD)
+        sizes = [len(steps[0][s]["batches"][j][1]) * WORLD for j in range(ACCUMULATE)]
+        est = micro_batch_estimates(
+            sum(float(g.square().sum()) for g in micro),
+            sum(1 / b for b in sizes),
+            ACCUMULATE,
+            float((sum(micro) / ACCUMULATE).square().sum()),
+        )
+        for r in range(WORLD):
+            got = steps[r][s]["noise"]
+            assert got["noise/grad_norm_sq"] == pytest.approx(est.grad_norm_sq, rel=1e-9)
+            assert got["noise/trace_covariance"] == pytest.approx(est.trace_covariance, rel=1e-9)
+
 
 def test_strategy_refusals_name_the_way_out():
     from pytorch_lightning.strategies import (
@@ -269,7 +332,7 @@ def test_strategy_refusals_name_the_way_out():
         ModelParallelStrategy,
     )
 
-    from lightning_landscape import NoiseTemperatureMonitor
+    from lightning_landscape.callbacks.base import LandscapeMonitor
 
     module = ShardedNet()
     for cls, match in (
@@ -281,5 +344,7 @@ def test_strategy_refusals_name_the_way_out():
             HessianMonitor().setup(fake, module, "fit")
     fsdp2 = types.SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy))
     HessianMonitor().setup(fsdp2, module, "fit")  # supported
+    for monitor in (SharpnessMonitor(), TrajectoryMonitor(), NoiseTemperatureMonitor()):
+        monitor.setup(fsdp2, module, "fit")
     with pytest.raises(ValueError, match="does not support the ModelParallelStrategy"):
-        NoiseTemperatureMonitor().setup(fsdp2, module, "fit")
+        LandscapeMonitor().setup(fsdp2, module, "fit")  # a monitor without FSDP2 support
