@@ -224,10 +224,19 @@ class LandscapeMonitor(Callback):
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
-        if is_fsdp2(pl_module):  # a forward may have left the root's parameters unsharded
+        sharded = is_fsdp2(pl_module)
+        if sharded:  # a forward may have left the root's parameters unsharded
             reshard_all(pl_module)
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
+        if sharded and upcast:
+            raise ValueError(
+                f"{type(self).__name__}: half-precision parameters under FSDP2 cannot be upcast "
+                "for the measurement (FSDP owns their storage), and finite differences in half "
+                "precision are meaningless; keep float32 parameters (with FSDP2's "
+                "MixedPrecisionPolicy the forward still runs in half precision: read "
+                "hessian/fd_error)."
+            )
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.

@@ -66,7 +66,7 @@ class HessianMonitor(LandscapeMonitor):
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``.
 
     Logged metrics (at the global step of each measurement):

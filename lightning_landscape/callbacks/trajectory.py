@@ -74,7 +74,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``; at train start, if restored snapshots do
             not match the number of trainable parameters.
 

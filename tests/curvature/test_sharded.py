@@ -116,6 +116,17 @@ def test_nothing_is_disturbed(mesh):
     assert torch.equal(torch.get_rng_state(), rng) and model.training
 
 
+def test_a_block_of_parameters_equals_the_exact_block(mesh):
+    ref = make_net()
+    model = sharded(mesh, make_net())
+    block = list(model[0].parameters())
+    op = ShardedHessianOperator(loss_of(model), model, batches(), params=block)
+    exact = HessianOperator(loss_of(ref), list(ref[0].parameters()), batches())
+    assert op.dim == exact.dim == 25
+    v = torch.randn(25, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(op @ v, exact @ v, rtol=0, atol=1e-8)
+
+
 def test_root_parameters_left_unsharded_by_a_forward_are_not_reused(mesh):
     """FSDP2 keeps the root's parameters unsharded after a forward; a product must neither
     compute with stale gathered values nor leave perturbed ones for the next forward."""
@@ -188,6 +199,10 @@ def test_errors_name_the_argument(mesh):
         ShardedHessianOperator(op.loss_fn, op.module, torch.zeros(3))
     with pytest.raises(TypeError, match="`module` must be an nn.Module"):
         ShardedHessianOperator(op.loss_fn, [1], batches())
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        ShardedHessianOperator(3, op.module, batches())
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        ShardedHessianOperator(op.loss_fn, op.module, batches(), seed="0")
     with pytest.raises(ValueError, match="`step` must be a positive number"):
         ShardedHessianOperator(op.loss_fn, op.module, batches(), step=0.0)
     with pytest.raises(ValueError, match=r"`v` must have shape \(43,\)"):
