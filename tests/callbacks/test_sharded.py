@@ -26,8 +26,18 @@ from lightning_landscape import (
     TrajectoryMonitor,
 )
 from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.space import space_of
 from lightning_landscape.callbacks.base import MeasureContext
-from lightning_landscape.curvature import dense_hessian
+from lightning_landscape.curvature import (
+    HessianOperator,
+    ShardedHessianOperator,
+    dense_hessian,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.landscape.noise import micro_batch_estimates
 
 WORLD = 2
@@ -189,6 +199,26 @@ def _worker(rank: int, port: int, out: str) -> None:
         "watched": [p.detach().to_local().clone() for p in watched.parameters()],
     }
     torch.save(shards, os.path.join(out, f"shards-{rank}.pt"))
+    torch.save(_engine(watched, rank), os.path.join(out, f"engine-{rank}.pt"))
+
+
+def _engine(model, rank):
+    """The curvature engine on the trained sharded model and this rank's share of fixed
+    batches: the algorithms whose reductions the monitors do not exercise."""
+    mine = [tuple(t[i : i + 7] for t in dataset()[rank * 21 : rank * 21 + 21]) for i in (0, 7)]
+    op = ShardedHessianOperator(lambda b: F.cross_entropy(model.net(b[0]), b[1]), model, mine)
+    top = top_eigenvalues(op, 2, tol=1e-6, seed=1)
+    run = lanczos(op, space_of(op).draw(gaussian, (2, op.dim), make_generator(2)), 6,
+                  generator=make_generator(3))  # fmt: skip
+    return {
+        "weights": full_params(model),
+        "batches": mine,
+        "top": top.eigenvalues,
+        "hutch++": trace(op, num_matvecs=9, method="hutch++", seed=4).estimate,
+        "hutchinson": trace(op, num_matvecs=4, method="hutchinson", seed=4).estimate,
+        "density": spectral_density(op, num_probes=2, num_steps=5, seed=5).nodes,
+        "basis": (tuple(run.basis.shape), run.alphas),
+    }
 
 
 def _free_port() -> int:
@@ -236,6 +266,27 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
         shards = torch.load(os.path.join(out, f"shards-{r}.pt"))
         for a, b in zip(shards["plain"], shards["watched"], strict=True):
             assert torch.equal(a, b)
+
+    # the engine on shards: the same as on whole vectors, the basis 1/world of them per rank
+    eng = [torch.load(os.path.join(out, f"engine-{r}.pt"), weights_only=False) for r in range(2)]
+    model = plain_net()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), eng[0]["weights"], strict=True):
+            p.copy_(w)
+    union = [b for r in range(WORLD) for b in eng[r]["batches"]]
+    exact = HessianOperator(lambda b: F.cross_entropy(model(b[0]), b[1]), model, union)
+    run = lanczos(exact, gaussian((2, exact.dim), make_generator(2), exact.dtype, exact.device), 6,
+                  generator=make_generator(3))  # fmt: skip
+    assert [e["basis"][0] for e in eng] == [(2, 6, 33), (2, 6, 20)]  # of (2, 6, 53)
+    for e in eng:
+        assert torch.allclose(e["top"], top_eigenvalues(exact, 2, tol=1e-6, seed=1).eigenvalues,
+                              rtol=1e-7)  # fmt: skip
+        for method, budget in (("hutch++", 9), ("hutchinson", 4)):
+            expected = trace(exact, num_matvecs=budget, method=method, seed=4).estimate
+            assert e[method] == pytest.approx(expected, rel=1e-7), method
+        expected = spectral_density(exact, num_probes=2, num_steps=5, seed=5).nodes
+        assert torch.allclose(e["density"], expected, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(e["basis"][1], run.alphas, rtol=1e-7, atol=1e-10)
 
     # HessianMonitor: the float64 dense oracle of the unsharded model on the union of batches
     rec = _records(out, "RecordingHessian", 0)
