@@ -98,7 +98,8 @@ class FSDPBatches:
     ) -> tuple[float, Tensor]:
         """The mean loss Σ n_b L_b / N and this rank's shard of its gradient, through FSDP's own
         backward: the batch weights n_b · world / N undo the reduce-scatter's division by the
-        world size.
+        world size (FSDP2's default; a factor set by ``set_gradient_divide_factor`` is not
+        read, and would scale the result).
 
         **Why ``.backward()``** (the only one in the package; everything else uses
         ``torch.autograd.grad``): FSDP2 all-gathers the shards into temporary unsharded

@@ -2,11 +2,12 @@
 
 Under FSDP2 (``fully_shard``, e.g. Lightning's ``ModelParallelStrategy``) no rank holds the whole
 parameter vector, and gradients reach the shards only through FSDP's own backward (see
-:func:`._fsdp.fsdp_gradient`). So:
+:meth:`~lightning_landscape._core.fsdp.FSDPBatches.gradient`). So:
 
 - **Vectors are shards.** Each rank holds its part of every Lanczos vector, probe and Ritz vector
-  (:class:`~lightning_landscape._core.sharding.ShardedSpace`): the local parts of the parameters in the module's order. Inner
-  products and norms are local sums all-reduced across ranks, so the algorithms of the engine
+  (:class:`~lightning_landscape._core.sharding.ShardedSpace`): the local parts of the parameters
+  in the module's order. Inner products and norms are local sums all-reduced across ranks, so
+  the algorithms of the engine
   (:func:`~.lanczos.lanczos`, :func:`~.trace.trace`, :func:`~.density.spectral_density`,
   :func:`~.analyze.analyze`) run unchanged and agree with a run on whole vectors: a Lanczos basis
   of k vectors costs k · P / world memory per rank. Random probes are drawn whole on CPU from the
@@ -47,8 +48,8 @@ class ShardedHessianOperator(LinearOperator):
     """The Hessian of a batch-averaged loss of an FSDP2 module, acting on this rank's shards.
 
     H = Σ_b n_b ∇²L_b / Σ_b n_b over every rank's batches, as :class:`~.operator.HessianOperator`,
-    but vectors are shards (:class:`~lightning_landscape._core.sharding.ShardedSpace`) and products are central differences of
-    gradients taken through the module's own FSDP backward:
+    but vectors are shards (:class:`~lightning_landscape._core.sharding.ShardedSpace`) and
+    products are central differences of gradients taken through the module's own FSDP backward:
     H v ≈ (g(w + h v̂) − g(w − h v̂)) ‖v‖ / 2h with v̂ = v / ‖v‖ and g the gradient summed as
     Σ n_b ∇L_b / Σ n_b across ranks. FSDP's reduce-scatter divides by the world size; each rank's
     batch b is weighted n_b · world / N (N the total of every rank's samples) to undo it. Every
