@@ -6,7 +6,11 @@
   (:func:`~.batches.mean_gradient`, :func:`~.batches.mean_value`);
 - :mod:`.random`: the one seed rule (:func:`~.random.derive_seed`), generators and probes;
 - :mod:`.distributed`: the collectives (sums and counts, never averages);
-- :mod:`.checks`: the argument checks (``TypeError``/``ValueError`` naming the argument).
+- :mod:`.checks`: the argument checks (``TypeError``/``ValueError`` naming the argument);
+- :mod:`.space`: the vectors an algorithm holds and how they are measured (inner products,
+  norms, random draws), whole or sharded;
+- :mod:`.sharding` and :mod:`.fsdp`: FSDP2 shards (their layout in the whole vector, the
+  :class:`~.sharding.ShardedSpace`) and passes through a sharded module (mean losses, gradients).
 
 Every other subpackage may import these modules; they import nothing above them.
 """

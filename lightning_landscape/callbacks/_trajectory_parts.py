@@ -13,6 +13,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.distributed import broadcast
+from lightning_landscape._core.sharding import ShardLayout
+from lightning_landscape._core.space import Space
 from lightning_landscape._core.vectors import unflatten
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.landscape import plots
@@ -20,6 +22,7 @@ from lightning_landscape.landscape.directions import (
     filter_normalized_directions,
     normalization_parameters,
 )
+from lightning_landscape.landscape.sharded import sharded_filter_directions
 from lightning_landscape.landscape.trajectory import (
     InterpolationResult,
     Snapshots,
@@ -88,15 +91,26 @@ def log_curve_figures(
 
 
 def pca_picture(
-    value: ValueFn, snapshots: list[Tensor], theta: Tensor, *, grid_size: int, seed: int
+    value: ValueFn,
+    snapshots: list[Tensor],
+    theta: Tensor,
+    *,
+    grid_size: int,
+    seed: int,
+    space: Space | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The loss on a ``grid_size``² grid of the PCA plane of ``snapshots`` − θ (the same plane on
-    every rank): its metrics, and its arrays ``pca``, ``xs``, ``ys``, ``loss``."""
-    pca = pca_plane(snapshots, theta, seed=seed)
+    every rank): its metrics, and its arrays ``pca``, ``xs``, ``ys``, ``loss``. With a ``space``
+    (sharded weights) everything is computed from reduced inner products, identical on every
+    rank, and the directions stay shards."""
+    pca = pca_plane(snapshots, theta, seed=seed, space=space)
     xs, ys = plane_grid(pca.coords, grid_size)
-    packed = same_on_all_ranks(torch.cat([pca.directions.reshape(-1), xs, ys]))
     g = grid_size
-    dirs, xs, ys = packed[: -2 * g].reshape(2, -1), packed[-2 * g : -g], packed[-g:]
+    if space is None:
+        packed = same_on_all_ranks(torch.cat([pca.directions.reshape(-1), xs, ys]))
+        dirs, xs, ys = packed[: -2 * g].reshape(2, -1), packed[-2 * g : -g], packed[-g:]
+    else:
+        dirs = pca.directions
     z = surface_values(value, theta, dirs.to(theta), xs, ys)[..., 0]
     out = {
         "trajectory/pca_explained_variance": pca.explained_variance,
@@ -114,14 +128,19 @@ def slice_picture(
     num_points: int,
     grid_size: int,
     seed: int,
+    layout: ShardLayout | None = None,
 ) -> dict[str, Tensor]:
     """The loss along one and on the plane of two filter-normalized random directions around θ
     (t ∈ [−1, 1] with 0 included, and [−1, 1]²): ``slice_t``, ``slice_1d``, ``slice_grid``,
-    ``slice_2d``."""
+    ``slice_2d``. With a ``layout`` (sharded weights: θ is this rank's shards) the directions
+    are the shards of the single-process ones."""
     norm_ids = normalization_parameters(module)
     zero = [id(p) in norm_ids for p in params]
-    weights = unflatten(theta, params)  # θ itself: the parameters may have moved
-    dirs = filter_normalized_directions(weights, num=2, seed=seed, zero=zero)
+    if layout is not None:
+        dirs = sharded_filter_directions(layout, theta, num=2, seed=seed, zero=zero)
+    else:
+        weights = unflatten(theta, params)  # θ itself: the parameters may have moved
+        dirs = filter_normalized_directions(weights, num=2, seed=seed, zero=zero)
     ts = torch.linspace(-1, 1, num_points, dtype=torch.float64)
     ts = torch.unique(torch.cat([ts, torch.zeros(1, dtype=torch.float64)]))
     line = line_values(value, theta, dirs[0], ts)[:, 0]

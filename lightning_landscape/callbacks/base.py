@@ -19,6 +19,8 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
+from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._context import (
@@ -30,6 +32,7 @@ from lightning_landscape.callbacks._context import (
     module_loss,
 )
 from lightning_landscape.callbacks._errors import SetupError
+from lightning_landscape.callbacks._sharded import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature.kernels import explain
 from lightning_landscape.optim import anchor_in_parameters
@@ -90,6 +93,8 @@ class LandscapeMonitor(Callback):
     """
 
     namespace = "landscape"
+    #: measures FSDP2-sharded modules (ModelParallelStrategy); the others are refused at setup
+    supports_sharded = False
 
     def __init__(
         self,
@@ -168,6 +173,7 @@ class LandscapeMonitor(Callback):
             trainer,
             type(self).__name__,
             "sharded parameters have no full Hessian-vector product or loss here",
+            fsdp2=self.supports_sharded,
         )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise SetupError(
@@ -229,8 +235,19 @@ class LandscapeMonitor(Callback):
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
+        sharded = is_fsdp2(pl_module)
+        if sharded:  # a forward may have left the root's parameters unsharded
+            reshard_all(pl_module)
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
+        if sharded and upcast:
+            raise ValueError(
+                f"{type(self).__name__}: half-precision parameters under FSDP2 cannot be upcast "
+                "for the measurement (FSDP owns their storage), and finite differences in half "
+                "precision are meaningless; keep float32 parameters (with FSDP2's "
+                "MixedPrecisionPolicy the forward still runs in half precision: read "
+                "hessian/fd_error)."
+            )
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.
@@ -281,13 +298,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-
-def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:
-    """Raise :class:`SetupError` at setup for FSDP and DeepSpeed strategies, saying why."""
-    name = type(trainer.strategy).__name__
-    if "FSDP" in name or "DeepSpeed" in name:
-        raise SetupError(
-            f"{owner} does not support the {name} strategy: {why}. "
-            "Use DDP (strategy='ddp' or 'ddp_spawn') or a single device."
-        )

@@ -10,13 +10,15 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.checks import check_bool, check_positive_int
+from lightning_landscape._core.checks import check_bool, check_positive, check_positive_int
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.curvature.sharded import ShardedHessianOperator
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -37,6 +39,13 @@ class HessianMonitor(LandscapeMonitor):
     eagerly and switch cuDNN off for RNNs (:mod:`lightning_landscape.curvature.kernels`); an
     operation with no double backward at all logs NaN with one warning naming it.
 
+    **Sharded models** (``ModelParallelStrategy`` with FSDP2's ``fully_shard``): every vector of
+    the run is kept as this rank's shards (the Lanczos basis costs k · P / world per rank) and
+    every product is a central difference of two gradients taken through FSDP's own backward
+    (:class:`~lightning_landscape.curvature.sharded.ShardedHessianOperator`; ``hvp`` is ignored:
+    FSDP2 allows no exact product). The error the finite differences put on λ_max is estimated
+    and logged (``hessian/fd_error``); on a ReLU network (kinks) it can be large: read it.
+
     Args:
         top_k: number of largest eigenvalues.
         min_eigenvalue: also the most negative eigenvalue.
@@ -52,6 +61,8 @@ class HessianMonitor(LandscapeMonitor):
             the parameters it owns directly: the blocks are disjoint), or a list of submodule
             names (the block of all that submodule's parameters): also the top eigenvalue and
             trace of each diagonal block of H, the other parameters held fixed.
+        fd_step: the norm of the perturbation of the finite-difference products (sharded models
+            only); default 0.1 · ε^(1/3) · max(1, ‖w‖) for machine epsilon ε.
         hvp: the Hessian-vector product kind (see
             :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"cached"``
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
@@ -62,8 +73,9 @@ class HessianMonitor(LandscapeMonitor):
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
-        SetupError: (a ``ValueError``) at setup, for FSDP/DeepSpeed, manual optimization without
-            ``loss_fn``, ``top_k`` above the number of parameters or unknown ``per_module`` names.
+        SetupError: (a ``ValueError``) at setup, for FSDP (v1)/DeepSpeed, manual optimization
+            without ``loss_fn``, ``top_k`` above the number of parameters or unknown
+            ``per_module`` names.
 
     Logged metrics (at the global step of each measurement):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
@@ -73,6 +85,8 @@ class HessianMonitor(LandscapeMonitor):
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
         - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
+        - ``hessian/fd_error``, ``hessian/fd_step`` (sharded models): the estimated error of
+          ``eigenvalue_1`` due to the finite differences, and the step they used.
         - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
           ``hessian/<module>/trace_stderr``, ``hessian/<module>/num_matvecs``: per diagonal
           block, with ``per_module``.
@@ -82,6 +96,7 @@ class HessianMonitor(LandscapeMonitor):
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
     ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
     gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
+    Sharded models: 2 gradients per product, plus 4 for the error estimate.
 
     Example::
 
@@ -89,6 +104,7 @@ class HessianMonitor(LandscapeMonitor):
     """
 
     namespace = "hessian"
+    supports_sharded = True
 
     def __init__(
         self,
@@ -103,6 +119,7 @@ class HessianMonitor(LandscapeMonitor):
         density_steps: int = 80,
         density_probes: int = 1,
         per_module: bool | Sequence[str] = False,
+        fd_step: float | None = None,
         hvp: HVPMode = "cached",
         epochs: Iterable[int] | None = None,
         every_n_epochs: int | None = None,
@@ -165,6 +182,7 @@ class HessianMonitor(LandscapeMonitor):
         self.density_steps = density_steps
         self.density_probes = density_probes
         self.per_module = per_module
+        self.fd_step = None if fd_step is None else check_positive("fd_step", fd_step)
         self.hvp = hvp
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -190,10 +208,22 @@ class HessianMonitor(LandscapeMonitor):
         return dict.fromkeys(keys, math.nan)
 
     def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
-        op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+        """The analysis of the block ``params`` and, for a sharded module, the finite-difference
+        error of its top eigenvalue."""
+        if is_fsdp2(ctx.module):
+            op = ShardedHessianOperator(
+                ctx.loss_fn,
+                ctx.module,
+                ctx.batches,
+                params=None if params is ctx.module else params,
+                step=self.fd_step,
+                seed=ctx.seed,
+            )
+        else:
+            op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
         op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
         try:
-            return analyze(
+            result = analyze(
                 op,
                 top_k=top_k,
                 smallest=self.min_eigenvalue and full,
@@ -206,14 +236,25 @@ class HessianMonitor(LandscapeMonitor):
                 max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
                 seed=ctx.seed + ctx.step,
             )
+            fd: dict[str, float] = {}
+            if isinstance(op, ShardedHessianOperator):
+                ctx.status(f"{what}, finite-difference error")
+                top = result.top
+                fd["fd_error"] = (
+                    op.finite_difference_error(top.eigenvectors[:, 0], top.eigenvalues[0])
+                    if bool(torch.isfinite(top.eigenvalues[0]))
+                    else math.nan
+                )
+                fd["fd_step"] = op.step
+            return result, fd
         finally:
             op.release()
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        result = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
-        out: dict[str, float] = {}
+        result, fd = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
+        out: dict[str, float] = {f"hessian/{k}": v for k, v in fd.items()}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
             out[f"hessian/eigenvalue_{i + 1}"] = values[i] if i < len(values) else math.nan
@@ -227,7 +268,7 @@ class HessianMonitor(LandscapeMonitor):
         out["hessian/converged"] = float(result.top.converged)
         total = result.num_matvecs
         for name, params in _blocks(pl_module, self.per_module):
-            block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
+            block, _ = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
             if block.trace is not None:
                 out[f"hessian/{name}/trace"] = block.trace.estimate

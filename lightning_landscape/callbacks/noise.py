@@ -12,7 +12,9 @@ from torch import Tensor
 from lightning_landscape._core.batches import default_batch_size
 from lightning_landscape._core.checks import check_bool, check_callable, check_real
 from lightning_landscape._core.distributed import is_distributed
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._noise_sharded import ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
@@ -60,6 +62,12 @@ class NoiseTemperatureMonitor(Callback):
     (divide the temperature by their number if you divide their losses by it; the noise scale
     assumes undivided losses and, on one device, steps over at least two batches).
 
+    **Sharded models** (``ModelParallelStrategy`` with FSDP2): the temperature as above. No rank
+    ever holds its local gradient (FSDP reduce-scatters it inside the backward), so the small
+    batches are the micro-batches of gradient accumulation taken on every rank together (the
+    increments of the sharded ``.grad`` over each backward pass, squared norms reduced across
+    ranks); without accumulation, the temperature only, with one warning.
+
     Only the first optimizer (``trainer.optimizers[0]``) is followed. The monitor never calls
     ``backward`` and never writes ``.grad``: the hooks only read, training is unchanged.
 
@@ -72,8 +80,8 @@ class NoiseTemperatureMonitor(Callback):
             first tensor.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for the FSDP and
-            DeepSpeed strategies (sharded gradients).
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for the FSDP (v1)
+            and DeepSpeed strategies.
 
     Logged metrics (at the global step s of the update, before it is applied):
         - ``noise/temperature``: η / (2B) of parameter group 0.
@@ -152,6 +160,7 @@ class NoiseTemperatureMonitor(Callback):
             "NoiseTemperatureMonitor",
             "its gradients are sharded, so per-rank gradient norms are not those of the full "
             "gradient",
+            fsdp2=True,
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -167,6 +176,10 @@ class NoiseTemperatureMonitor(Callback):
             return
         if not self.noise_scale:
             return
+        if is_fsdp2(pl_module):
+            self._attach_sharded(trainer, pl_module)
+            return
+        self._hooks = GradientHooks()
         single = trainer.world_size == 1 and (
             pl_module.automatic_optimization and trainer.accumulate_grad_batches == 1
         )
@@ -180,6 +193,22 @@ class NoiseTemperatureMonitor(Callback):
             )
             return
         self._hooks.attach(trainer.optimizers[0].param_groups)
+
+    def _attach_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2: the micro-batches of gradient accumulation are the small batches; without
+        accumulation there is none (see :mod:`._noise_sharded`)."""
+        self._hooks = ShardedGradientSteps()
+        if not (pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1):
+            _logging.warn_once(
+                trainer,
+                "noise-no-source",
+                "NoiseTemperatureMonitor: under FSDP2 the local gradient of a rank is never "
+                "formed (FSDP reduce-scatters it inside the backward), so the gradient noise "
+                "scale needs the micro-batches of gradient accumulation as its small batches; "
+                "only the temperature is logged (use accumulate_grad_batches > 1).",
+            )
+            return
+        self._hooks.attach(trainer.optimizers[0].param_groups, trainer.world_size)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()

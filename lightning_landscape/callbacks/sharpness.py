@@ -16,9 +16,11 @@ from lightning_landscape._core.checks import (
     check_real,
 )
 from lightning_landscape._core.random import make_generator
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.landscape.sharded import ShardedBatchObjective
 from lightning_landscape.landscape.sharpness import (
     BatchObjective,
     adaptive_sharpness,
@@ -57,6 +59,12 @@ class SharpnessMonitor(LandscapeMonitor):
     for bit after every perturbation (from a saved copy), buffers and train/eval modes after the
     measurement; training is unchanged (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
+    Sharded models (``ModelParallelStrategy`` with FSDP2): each rank perturbs its shards in place,
+    losses and gradients go through FSDP's forward and backward and are reduced across ranks
+    (:class:`~lightning_landscape.landscape.sharded.ShardedBatchObjective`); the values equal the
+    single-process ones on the union of the ranks' batches. The ascent holds whole flat vectors
+    (a few times P per rank) while it runs.
+
     Args:
         kinds: which measures (any of ``"sam"``, ``"adaptive"``, ``"average"``, ``"keskar"``).
         rho: SAM radius ρ, or a list of radii.
@@ -70,7 +78,7 @@ class SharpnessMonitor(LandscapeMonitor):
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``.
 
     Logged metrics (at the global step of each measurement; when a measure has several values,
@@ -94,6 +102,7 @@ class SharpnessMonitor(LandscapeMonitor):
     """
 
     namespace = "sharpness"
+    supports_sharded = True
 
     def __init__(
         self,
@@ -173,9 +182,13 @@ class SharpnessMonitor(LandscapeMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        pv = ParamVector(ctx.params)
-        w = pv.get()
-        objective = BatchObjective(ctx.loss_fn, pv, ctx.batches)
+        if is_fsdp2(ctx.module):
+            objective = ShardedBatchObjective(ctx.loss_fn, ctx.module, ctx.batches)
+            w = objective.get()
+        else:
+            pv = ParamVector(ctx.params)
+            w = pv.get()
+            objective = BatchObjective(ctx.loss_fn, pv, ctx.batches)
         base = objective.value_and_grad(w)
         out: dict[str, float] = {}
         for index, (kind, value, suffix) in enumerate(self._grid()):

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_positive_int
-from lightning_landscape._core.vectors import ParamVector
+from lightning_landscape._core.fsdp import FSDPBatches
+from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks._trajectory_parts import (
     floating_dtype,
@@ -45,6 +47,14 @@ class TrajectoryMonitor(LandscapeMonitor):
     faithful it is. Under DDP each rank evaluates its own batches and the sums are reduced; the
     snapshots, directions and planes are identical on every rank.
 
+    Sharded models (``ModelParallelStrategy`` with FSDP2): each rank keeps its own shards of the
+    snapshots (``max_snapshots`` · P / world per rank), distances and the PCA's Gram matrix,
+    coordinates and off-plane distances are reduced across ranks, and the random slice
+    directions are the shards of the single-process ones: every value equals the single-process
+    one on the union of the ranks' batches. Snapshots restored from a checkpoint are dropped with
+    a warning (a checkpoint holds one rank's shards), so a resumed sharded fit starts its
+    trajectory afresh.
+
     Args:
         num_points: α values per interpolation curve (and t values of the 1-D slice).
         alpha_margin: α runs over [−alpha_margin, 1 + alpha_margin] (0 and 1 always included).
@@ -64,7 +74,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``; at train start, if restored snapshots do
             not match the number of trainable parameters.
 
@@ -98,6 +108,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     """
 
     namespace = "trajectory"
+    supports_sharded = True
 
     def __init__(
         self,
@@ -164,6 +175,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.pictures: list[dict[str, float]] = []  # the fit-end pictures' scalars
         self._warned_thin = False
         self._points = self._forward = 0
+        self._space = self._passes = self._layout = None  # set per measurement when sharded
 
     # ----------------------------------------------------------------- snapshots and state
     def _label(self, i: int) -> str:
@@ -179,12 +191,20 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pv = ParamVector([p for p in pl_module.parameters() if p.requires_grad])
-        size = self.snapshots.tensors[0].numel() if len(self.snapshots) else pv.dim
-        if size != pv.dim:
+        pv = flat_parameters(pl_module)
+        local = pv.local_dim if isinstance(pv, ShardLayout) else pv.dim
+        if isinstance(pv, ShardLayout) and len(self.snapshots):
+            rank_zero_warn(
+                "TrajectoryMonitor: snapshots restored from a checkpoint are dropped under a "
+                "sharded strategy (the checkpoint holds one rank's shards); the trajectory "
+                "starts afresh."
+            )
+            self.snapshots.load_state_dict({})
+        size = self.snapshots.tensors[0].numel() if len(self.snapshots) else local
+        if size != local:
             raise ValueError(
                 f"TrajectoryMonitor: the restored snapshots have {size} entries but the module "
-                f"has {pv.dim} trainable parameters."
+                f"has {local} trainable parameters."
             )
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
@@ -212,16 +232,19 @@ class TrajectoryMonitor(LandscapeMonitor):
         return {f"trajectory/{k}": math.nan for k in keys}
 
     # ----------------------------------------------------------------- measurement
-    def _value_fn(self, ctx: MeasureContext, pv: ParamVector, what: str, metric: bool = False):
+    def _value_fn(self, ctx: MeasureContext, pv: Any, what: str, metric: bool = False):
         fns = [ctx.loss_fn]
         if metric and self.metric_fn is not None:
             fns.append(lambda batch: self.metric_fn(ctx.module, batch))
+        passes = self._passes
 
         def value(theta: Tensor) -> list[float]:
             pv.set_(theta)
             self._points += 1
             self._forward += len(fns) * len(ctx.batches)
             ctx.status(f"{what}, weight points", self._points)
+            if passes is not None:  # sharded: padded forwards, sums reduced
+                return [passes.mean(f) for f in fns]
             return [mean_value(f, ctx.batches) for f in fns]
 
         return value
@@ -229,7 +252,12 @@ class TrajectoryMonitor(LandscapeMonitor):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        pv = ParamVector(ctx.params)
+        pv = flat_parameters(ctx.module)
+        self._space, self._passes, self._layout = None, None, None
+        if isinstance(pv, ShardLayout):
+            self._space = ShardedSpace(pv, torch.float64, torch.device("cpu"))
+            self._passes = FSDPBatches(ctx.module, ctx.batches, pv.world)
+            self._layout = pv
         theta = pv.get()
         self._points = self._forward = 0
         out: dict[str, float] = {}
@@ -251,7 +279,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     def seconds_key(self) -> str:
         return "trajectory/picture_seconds" if self._final else super().seconds_key()
 
-    def _curves(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+    def _curves(self, trainer, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict:
         value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)
         name = f"trajectory/{self.metric_name}"
         cur = len(self.snapshots) - 1
@@ -259,13 +287,12 @@ class TrajectoryMonitor(LandscapeMonitor):
             vals = value(theta)
             out = {"trajectory/loss": vals[0], "trajectory/distance_from_init": 0.0}
             return out | ({name: vals[1]} if len(vals) > 1 else {})
-        curves = {
-            "init_to_current": interpolate(value, self.snapshots.tensors[0], theta, self.alphas)
-        }
+        snaps, space = self.snapshots.tensors, self._space
+        curves = {"init_to_current": interpolate(value, snaps[0], theta, self.alphas, space=space)}
         curves["prev_to_current"] = (
             curves["init_to_current"]
             if cur == 1
-            else interpolate(value, self.snapshots.tensors[cur - 1], theta, self.alphas)
+            else interpolate(value, snaps[cur - 1], theta, self.alphas, space=space)
         )
         self.last_curves = curves
         init, prev = curves["init_to_current"], curves["prev_to_current"]
@@ -282,7 +309,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         log_curve_figures(trainer, starts, self._label(cur), self.metric_name, ctx.step)
         return out
 
-    def _picture(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+    def _picture(self, trainer, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict:
         value = self._value_fn(ctx, pv, "landscape picture")
         out: dict[str, float] = {}
         self.last_picture = {}
@@ -291,7 +318,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]
             out, self.last_picture = pca_picture(
-                value, snaps, theta, grid_size=self.grid_size, seed=self.seed
+                value, snaps, theta, grid_size=self.grid_size, seed=self.seed, space=self._space
             )
             labels = [self._label(i) for i in others]
             log_pca_figure(trainer, self.last_picture, labels, here, ctx.step)
@@ -305,6 +332,7 @@ class TrajectoryMonitor(LandscapeMonitor):
                     num_points=self.num_points,
                     grid_size=self.grid_size,
                     seed=self.seed,
+                    layout=self._layout,
                 )
             )
             log_slice_figures(trainer, self.last_picture, here, ctx.step)

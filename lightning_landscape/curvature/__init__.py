@@ -1,7 +1,9 @@
 """The curvature engine: the Hessian of a training loss as a linear operator, and the algorithms
 that read it. Pure torch; it does not import Lightning.
 
-- :class:`HessianOperator` (and :class:`MatrixOperator` to wrap a dense matrix),
+- :class:`HessianOperator` (and :class:`MatrixOperator` to wrap a dense matrix), and
+  :class:`ShardedHessianOperator` for FSDP2-sharded modules (vectors are shards, products finite
+  differences),
 - :func:`top_eigenvalues` (Lanczos, largest or most negative),
 - :func:`trace` (Hutchinson, Hutch++, Lanczos-deflated "auto"),
 - :func:`spectral_density` (stochastic Lanczos quadrature),
@@ -17,6 +19,7 @@ from lightning_landscape.curvature.density import DensityResult, spectral_densit
 from lightning_landscape.curvature.eigen import EigenResult, top_eigenvalues
 from lightning_landscape.curvature.kernels import twice_differentiable
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator, MatrixOperator
+from lightning_landscape.curvature.sharded import ShardedHessianOperator
 from lightning_landscape.curvature.trace import TraceResult, trace
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
+    "ShardedHessianOperator",
     "TraceResult",
     "analyze",
     "dense_hessian",

@@ -16,6 +16,7 @@ import torch
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
@@ -108,7 +109,7 @@ def analyze(
             done = done and is_converged(alphas[0], betas[0], 1, "smallest", tol, d)
         return done
 
-    start = gaussian((density_probes, d), gen, op.dtype, op.device)
+    start = space_of(op).draw(gaussian, (density_probes, d), gen)
     run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop)
     steps = run.num_steps
     top = extract(run, top_k, "largest", tol, steps, d)

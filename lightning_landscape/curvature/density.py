@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -111,7 +112,7 @@ def spectral_density(
     check_positive_int("num_steps", num_steps)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
-    start = gaussian((num_probes, op.dim), gen, op.dtype, op.device)
+    start = space_of(op).draw(gaussian, (num_probes, op.dim), gen)
     run = lanczos(op, start, num_steps, generator=gen)
     nodes, weights = quadrature(run)
     return DensityResult(nodes, weights, op.num_matvecs - before, op.dim)

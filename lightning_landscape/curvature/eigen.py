@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -28,7 +29,8 @@ class EigenResult:
     Attributes:
         eigenvalues: ``(k,)`` largest first for ``which="largest"``, most negative first for
             ``"smallest"``.
-        eigenvectors: ``(dim, k)`` unit Ritz vectors in the operator's dtype.
+        eigenvectors: ``(dim, k)`` unit Ritz vectors in the operator's dtype (this process's
+            part of them for a sharded operator).
         residuals: ``(k,)`` Lanczos residual bounds ‖H x − θ x‖ (an eigenvalue lies within this
             distance of each value).
         num_matvecs: operator products spent.
@@ -83,7 +85,8 @@ def extract(
     """Ritz pairs of chain 0 of a run, as an :class:`EigenResult`."""
     if not run.finite:
         nan = torch.full((k,), float("nan"), dtype=torch.float64)
-        vecs = torch.full((dim, k), float("nan"), dtype=run.basis.dtype, device=run.basis.device)
+        local = run.basis.shape[2]
+        vecs = torch.full((local, k), float("nan"), dtype=run.basis.dtype, device=run.basis.device)
         return EigenResult(nan, vecs, nan.clone(), num_matvecs, False)
     theta, S, res = run.ritz(0)
     idx = wanted(theta, k, which)
@@ -136,7 +139,7 @@ def top_eigenvalues(
         raise ValueError(f"`max_matvecs` must be at least `k` = {k}, got {max_matvecs}.")
     gen = make_generator(resolve_seed(seed, op.distributed))
     limit = min(op.dim, max_matvecs if max_matvecs is not None else max(100, 20 * k))
-    start = gaussian((1, op.dim), gen, op.dtype, op.device)
+    start = space_of(op).draw(gaussian, (1, op.dim), gen)
     before = op.num_matvecs
 
     def stop(alphas: Tensor, betas: Tensor) -> bool:

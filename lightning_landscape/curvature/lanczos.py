@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.random import gaussian
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.operator import LinearOperator
 
 
@@ -71,7 +72,8 @@ def lanczos(
 
     Args:
         op: the symmetric operator.
-        start: ``(b, dim)`` start vectors (normalized here).
+        start: ``(b, dim)`` start vectors (normalized here); this process's part of them
+            for a sharded operator (see :mod:`.space`).
         max_steps: at most this many steps (capped at ``dim``); one product per chain per step.
         generator: CPU generator for restart vectors after an exhausted Krylov space.
         should_stop: ``should_stop(alphas, betas) -> bool`` called after every step with the
@@ -82,14 +84,15 @@ def lanczos(
     Returns:
         A :class:`LanczosRun`.
     """
-    b, d = start.shape
+    sp = space_of(op)  # inner products and norms of (possibly sharded) vectors
+    b, d = start.shape[0], op.dim
     m = min(int(max_steps), d)
     dtype, device = op.dtype, op.device
-    Q = torch.zeros(b, m, d, dtype=dtype, device=device)
+    Q = torch.zeros(b, m, start.shape[1], dtype=dtype, device=device)
     alphas = torch.zeros(b, m, dtype=torch.float64)
     betas = torch.zeros(b, m, dtype=torch.float64)
     q = start.to(dtype=dtype, device=device)
-    q = q / q.norm(dim=1, keepdim=True)
+    q = q / sp.norm(q)[:, None]
     eps = torch.finfo(dtype).eps
     scale = torch.zeros(b, dtype=torch.float64)
     finite = True
@@ -97,17 +100,17 @@ def lanczos(
     for j in range(m):
         Q[:, j] = q
         w = op.matmat(q.T).T.contiguous()
-        if not torch.isfinite(w).all():
+        if not sp.all_finite(w):
             finite = False
             alphas[:, j] = float("nan")
             betas[:, j] = float("nan")
             steps = j + 1
             break
-        alpha = (w * q).sum(dim=1)
+        alpha = sp.reduce((w * q).sum(dim=1))
         basis = Q[:, : j + 1]
         for _ in range(2):
-            w -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, w))
-        beta = w.norm(dim=1)
+            w -= torch.einsum("bjd,bj->bd", basis, sp.reduce(torch.einsum("bjd,bd->bj", basis, w)))
+        beta = sp.norm(w)
         alphas[:, j] = alpha.double().cpu()
         betas[:, j] = beta.double().cpu()
         scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
@@ -120,12 +123,13 @@ def lanczos(
             break
         small = betas[:, j] <= 100 * eps * d**0.5 * torch.clamp(scale, min=1e-300)
         if small.any():  # exhausted Krylov space: restart orthogonally, with β = 0 in T
-            fresh = gaussian((b, d), generator, dtype, device)
+            fresh = sp.draw(gaussian, (b, d), generator)
             for _ in range(2):
-                fresh -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, fresh))
+                coef = sp.reduce(torch.einsum("bjd,bd->bj", basis, fresh))
+                fresh -= torch.einsum("bjd,bj->bd", basis, coef)
             for c in torch.nonzero(small).flatten().tolist():
                 w[c] = fresh[c]
                 betas[c, j] = 0.0
-            beta = torch.where(small.to(device), w.norm(dim=1), beta)
+            beta = torch.where(small.to(device), sp.norm(w), beta)
         q = w / beta[:, None]
     return LanczosRun(alphas[:, :steps], betas[:, :steps], Q[:, :steps], finite)

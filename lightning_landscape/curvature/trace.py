@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
+from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -62,7 +63,7 @@ def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -
     out, left = [], n
     while left > 0:
         k = min(block, left)
-        out.append(rademacher((op.dim, k), gen, op.dtype, op.device))
+        out.append(space_of(op).draw(rademacher, (op.dim, k), gen, axis=0))
         left -= k
     return out
 
@@ -86,15 +87,16 @@ def deflated_hutchinson(
     """
     if num_probes <= 0:
         return 0.0, (0.0 if basis is not None and basis.shape[0] >= op.dim else math.nan), 0
+    sp = space_of(op)
     samples = []
     j = 0 if basis is None else basis.shape[0]
     for Z in _probe_block(op, num_probes, gen, block):
         control = torch.zeros(Z.shape[1], dtype=torch.float64)
         if j > 0:
-            coef = basis @ Z
+            coef = sp.reduce(basis @ Z)
             Z = Z - basis.T @ coef
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
-        samples.append((Z * op.matmat(Z)).sum(dim=0).double().cpu() + control)
+        samples.append(sp.reduce((Z * op.matmat(Z)).sum(dim=0)).double().cpu() + control)
     x = torch.cat(samples)
     stderr = float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else math.nan
     return float(x.mean()), stderr, len(x)
@@ -108,11 +110,12 @@ def hutchinson(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Tr
 
 def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
     """Hutch++: sketch s = budget/3 columns, exact trace on their range, Hutchinson on the rest."""
+    sp = space_of(op)
     s = min(op.dim, max(1, num_matvecs // 3))
-    S = rademacher((op.dim, s), gen, op.dtype, op.device)
-    Q, _ = torch.linalg.qr(op.matmat(S))
+    S = sp.draw(rademacher, (op.dim, s), gen, axis=0)
+    Q = sp.orthonormalize(op.matmat(S))
     HQ = op.matmat(Q)
-    exact = float((Q * HQ).sum().double())
+    exact = float(sp.reduce((Q * HQ).sum()).double())
     probes = 0 if s >= op.dim else max(num_matvecs - 2 * s, 0)
     mean, stderr, n = deflated_hutchinson(op, Q.T.contiguous(), probes, gen)
     if s >= op.dim:
@@ -122,22 +125,22 @@ def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Trace
 
 def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
     """Adaptive Lanczos deflation, then Hutchinson on the remainder (see module docstring)."""
-    m, d = num_matvecs, op.dim
+    m, d, sp = num_matvecs, op.dim, space_of(op)
     if d <= m:  # the budget covers the dimension: a full Lanczos run gives the exact trace
-        run = lanczos(op, gaussian((1, d), gen, op.dtype, op.device), d, generator=gen)
+        run = lanczos(op, sp.draw(gaussian, (1, d), gen), d, generator=gen)
         exact = float(run.alphas[0].sum()) if run.finite else math.nan
         return TraceResult(exact, 0.0 if run.finite else math.nan, run.num_steps, "auto", d)
     p = min(8, max(2, m // 25))  # pilot probes: they only steer the split
-    Z = rademacher((d, p), gen, op.dtype, op.device)
+    Z = sp.draw(rademacher, (d, p), gen, axis=0)
     U = op.matmat(Z)  # H Z
-    unorm2 = (U.double() ** 2).sum(dim=0)
+    unorm2 = sp.reduce((U.double() ** 2).sum(dim=0))
     zu: list[Tensor] = []  # q_jᵀ U for every basis vector
     last: dict[str, Tensor] = {}
 
     def observe(q: Tensor, w: Tensor) -> None:
-        zu.append((q[0] @ U).double())
-        last["qz"], last["wu"] = (q[0] @ Z).double(), (w[0] @ U).double()
-        last["beta2"] = (w[0].double() ** 2).sum()
+        zu.append(sp.reduce(q[0] @ U).double())
+        last["qz"], last["wu"] = sp.reduce(q[0] @ Z).double(), sp.reduce(w[0] @ U).double()
+        last["beta2"] = sp.reduce((w[0].double() ** 2).sum())
 
     def remainder() -> float:
         """Mean over pilots of ‖P H P z‖² = ‖u‖² − ‖Qᵀu‖² + (q_jᵀz)² β_j² − 2 (q_jᵀz)(w_jᵀu),
@@ -151,7 +154,7 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     max_steps = min(d, max(1, probes_max - 2))
     window = max(2, m // 25)
     scale = float(unorm2.mean())
-    c = float((Z * U).sum().double()) / (p * d)  # mean eigenvalue tr(H)/d, from the pilots
+    c = float(sp.reduce((Z * U).sum()).double()) / (p * d)  # mean eigenvalue tr(H)/d (pilots)
     # After j steps, with A_j = Σ α (the deflated trace) and g_j = ‖QᵀHQ‖²_F + 2‖PHQ‖²_F (the
     # deflated part of ‖H‖²_F), a projected Rademacher probe has variance about 2 V_j with
     # V_j = ‖PHP‖²_F − c (c d − 2 A_j) ≈ ‖P(H − cI)P‖²_F: a shift of the spectrum cancels in
@@ -178,7 +181,7 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     # Start from H Σz (paid for already): one power step towards the outliers, so the first
     # Lanczos vector deflates something. The final probes are fresh, so any start is unbiased.
     start = U.sum(dim=1)[None]
-    if not torch.isfinite(U).all():
+    if not sp.all_finite(U):
         return TraceResult(math.nan, math.nan, p, "auto", 0)
     run = lanczos(op, start, max_steps, generator=gen, should_stop=stop, observe=observe)
     if not run.finite:
@@ -187,18 +190,19 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     exact = float(run.alphas[0].sum())
     if j >= d:
         return TraceResult(exact, 0.0, p + j, "auto", j)
-    shift = _remainder_mean(run.basis[0], run.tridiagonal(), Z, U)
+    shift = _remainder_mean(sp, run.basis[0], run.tridiagonal(), Z, U)
     mean, stderr, n = deflated_hutchinson(op, run.basis[0], max(m - p - j, 2), gen, shift=shift)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 
-def _remainder_mean(Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
+def _remainder_mean(sp: Space, Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
     """Σ zᵀPHPz / Σ ‖Pz‖² over the pilots (P = I − QᵀQ, U = HZ, QHQᵀ = T): the mean eigenvalue
     of the deflated remainder, from products already paid."""
-    y, qu = (Q @ Z).double(), (Q @ U).double()
+    y, qu = sp.reduce(Q @ Z).double(), sp.reduce(Q @ U).double()
     T = T.to(y.device)
-    quad = (Z * U).sum(dim=0).double() - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
-    norm = Z.shape[0] - (y**2).sum(dim=0)
+    zu = sp.reduce((Z * U).sum(dim=0)).double()
+    quad = zu - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
+    norm = sp.dim - (y**2).sum(dim=0)
     return float(quad.sum() / norm.sum().clamp(min=1e-300))
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.space import Space
 
 ValueFn = Callable[[Tensor], "float | Sequence[float]"]
 _CHUNK = 1 << 20  # columns per block when measuring off-plane residuals
@@ -158,11 +159,13 @@ class InterpolationResult:
 
 
 def interpolate(
-    value_fn: ValueFn, start: Tensor, end: Tensor, alphas: Tensor
+    value_fn: ValueFn, start: Tensor, end: Tensor, alphas: Tensor, *, space: Space | None = None
 ) -> InterpolationResult:
     """Evaluate ``value_fn`` along the line through ``start`` (α = 0) and ``end`` (α = 1).
 
-    The points are ``torch.lerp(start, end, α)``, exact at both endpoints.
+    The points are ``torch.lerp(start, end, α)``, exact at both endpoints. With a ``space``
+    (sharded weights: ``start`` and ``end`` are this rank's shards) the distance is reduced
+    across ranks.
     """
     end = end.detach()
     start = start.detach().to(device=end.device, dtype=end.dtype)
@@ -173,7 +176,7 @@ def interpolate(
         values=values,
         barrier=barrier(alphas, values[:, 0]),
         monotonic=is_monotonic(alphas, values[:, 0]),
-        distance=float((end - start).to(torch.float64).norm()),
+        distance=float(_norm(space, (end - start).to(torch.float64))),
     )
 
 
@@ -203,8 +206,17 @@ class PCAResult:
         return float(self.explained_variance_ratio.sum())
 
 
+def _norm(space: Space | None, x: Tensor) -> Tensor:
+    return x.norm(dim=-1) if space is None else space.norm(x)
+
+
 def pca_plane(
-    snapshots: Sequence[Tensor], origin: Tensor, *, k: int = 2, seed: int = 0
+    snapshots: Sequence[Tensor],
+    origin: Tensor,
+    *,
+    k: int = 2,
+    seed: int = 0,
+    space: Space | None = None,
 ) -> PCAResult:
     """PCA of the differences θ_i − θ_origin (not centered: the plane passes through the origin).
 
@@ -220,6 +232,9 @@ def pca_plane(
         origin: θ_origin, usually the current weights.
         k: number of directions.
         seed: seed of the completing directions.
+        space: for sharded weights (the snapshots and the origin are this rank's shards, in
+            float64 on CPU): the space that reduces their inner products across ranks; the
+            directions are then this rank's shards too (drawn whole and sliced where completed).
 
     Returns:
         A :class:`PCAResult`; the sign of each direction puts the first snapshot at a
@@ -232,10 +247,11 @@ def pca_plane(
     if not snapshots:
         raise ValueError("`snapshots` is empty.")
     o = origin.detach().reshape(-1).to("cpu", torch.float64)
-    if k > o.numel():
-        raise ValueError(f"`k` = {k} exceeds the dimension {o.numel()}.")
+    sp = space if space is not None else Space(o.numel(), torch.float64, torch.device("cpu"))
+    if k > sp.dim:
+        raise ValueError(f"`k` = {k} exceeds the dimension {sp.dim}.")
     diffs = torch.stack([s.detach().reshape(-1).to("cpu", torch.float64) - o for s in snapshots])
-    evals, evecs = torch.linalg.eigh(diffs @ diffs.T)
+    evals, evecs = torch.linalg.eigh(sp.reduce(diffs @ diffs.T))
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     sing = evals.sqrt()
     total = float(evals.sum())
@@ -246,17 +262,18 @@ def pca_plane(
         if j < m:
             v = diffs.T @ (evecs[:, j] / sing[j])
         else:
-            v = gaussian((o.numel(),), gen, torch.float64, "cpu")
+            v = sp.draw(gaussian, (sp.dim,), gen, dtype=torch.float64, device="cpu")
         for _ in range(2):  # Gram-Schmidt twice is enough (Kahan)
-            v -= dirs[:j].T @ (dirs[:j] @ v)
-        dirs[j] = v / v.norm()
-    coords = diffs @ dirs.T
+            v -= dirs[:j].T @ sp.reduce(dirs[:j] @ v)
+        dirs[j] = v / sp.norm(v)
+    coords = sp.reduce(diffs @ dirs.T)
     signs = torch.where(coords[0] > 0, -1.0, 1.0).to(torch.float64)
     coords, dirs = coords * signs, dirs * signs[:, None]
     off2 = torch.zeros(len(snapshots), dtype=torch.float64)
     for c in range(0, o.numel(), _CHUNK):
         res = diffs[:, c : c + _CHUNK] - coords @ dirs[:, c : c + _CHUNK]
         off2 += (res**2).sum(1)
+    off2 = sp.reduce(off2)
     ratio = torch.zeros(k, dtype=torch.float64)
     if total > 0:
         ratio[:m] = evals[:m] / total
@@ -266,7 +283,7 @@ def pca_plane(
         explained_variance_ratio=ratio,
         coords=coords,
         off_plane=off2.sqrt(),
-        norms=diffs.norm(dim=1),
+        norms=sp.norm(diffs),
     )
 
 

@@ -1,0 +1,138 @@
+"""Passes through an FSDP2 module over fixed batches: batch-weighted mean losses (forwards) and
+gradients (forwards and backwards), reduced across ranks, with the training's state untouched.
+
+Every forward of an FSDP2 module is a chain of collectives (all-gathers), every backward
+another (all-gathers and reduce-scatters), so every rank must make the same number of passes: a
+rank with fewer batches pads with its first batch at weight 0. FSDP2 keeps the root's parameters
+unsharded after a forward (it expects the backward to follow), and a later forward reuses them,
+so each evaluation starts and ends with every FSDP module resharded (:func:`reshard_all`):
+perturbed shards are then always all-gathered afresh, and the training's next forward gathers
+the restored ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape._core.batches import batch_sizes
+from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.vectors import flatten
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Reshard every FSDP2 module in ``module`` (frees unsharded parameters; no collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+class FSDPBatches:
+    """This rank's fixed batches, for passes through an FSDP2 module.
+
+    Built with one all-reduce (every rank builds it together): the total sample count N over
+    all ranks and the number of passes (the largest batch count of any rank).
+
+    Args:
+        module: the module ``fully_shard`` was applied to.
+        batches: this rank's batches.
+        world: the size of the data-parallel mesh (FSDP2's reduce-scatter divides by it).
+        batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size.
+
+    Raises:
+        ValueError: if a batch size is not positive.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        batches: Sequence[Any],
+        world: int,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        self.module, self.batches, self.world = module, list(batches), int(world)
+        self.sizes = batch_sizes(self.batches, batch_size_fn)
+        for i, n in enumerate(self.sizes):
+            if n < 1:
+                raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
+        self.distributed = is_distributed()
+        rank, size = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if self.distributed
+            else (0, 1)
+        )
+        counts = torch.zeros(1 + size, dtype=torch.float64)
+        counts[0] = sum(self.sizes)
+        counts[1 + rank] = len(self.batches)
+        all_reduce_sum_(counts, self.distributed)
+        self.total_size = float(counts[0])
+        self.passes = int(counts[1:].max())
+
+    def _each(self) -> list[tuple[Any, float]]:
+        """(batch, n_b) for every pass: this rank's batches, then its first at weight 0."""
+        padded = [(self.batches[0], 0.0)] * (self.passes - len(self.batches))
+        return list(zip(self.batches, map(float, self.sizes), strict=True)) + padded
+
+    @torch.no_grad()
+    def mean(self, fn: Callable[[Any], Tensor | float]) -> float:
+        """Σ n_b fn(b) / N over every rank's batches; ``fn`` runs (FSDP's forward) the same number
+        of times on every rank."""
+        acc = torch.zeros(1, dtype=torch.float64)
+        reshard_all(self.module)
+        try:
+            for batch, n in self._each():
+                value = float(fn(batch))
+                if n > 0:
+                    acc[0] += n * value
+        finally:
+            reshard_all(self.module)
+        return float(all_reduce_sum_(acc, self.distributed)[0]) / self.total_size
+
+    def gradient(
+        self, loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor]
+    ) -> tuple[float, Tensor]:
+        """The mean loss Σ n_b L_b / N and this rank's shard of its gradient, through FSDP's own
+        backward: the batch weights n_b · world / N undo the reduce-scatter's division by the
+        world size (FSDP2's default; a factor set by ``set_gradient_divide_factor`` is not
+        read, and would scale the result).
+
+        **Why ``.backward()``** (the only one in the package; everything else uses
+        ``torch.autograd.grad``): FSDP2 all-gathers the shards into temporary unsharded
+        parameters in its pre-forward hooks, so the autograd graph of a loss reaches those, not
+        the sharded parameters (``torch.autograd.grad`` w.r.t. them raises "appears to not have
+        been used in the graph"). The gradient reaches the shards only through FSDP's backward
+        hooks, which reduce-scatter the unsharded gradients and accumulate them into the sharded
+        ``.grad``; they run only inside ``backward()``. So: every parameter's ``.grad`` object
+        of the module is saved and set to None, the passes run, the sharded ``.grad`` is copied
+        out, and the saved objects are put back (the training's gradients are never read or
+        written). Post-accumulate-grad hooks on the parameters (optimizer-in-backward) would
+        fire: they are not supported.
+        """
+        every = list(self.module.parameters())
+        saved = [p.grad for p in every]
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        reshard_all(self.module)
+        try:
+            for p in every:
+                p.grad = None
+            with torch.enable_grad():
+                for batch, n in self._each():
+                    loss = loss_fn(batch)
+                    (loss * (n * self.world / self.total_size)).backward()
+                    loss_sum[0] += n * float(loss.detach())
+            grad = flatten(
+                [
+                    torch.zeros_like(p.detach().to_local()) if p.grad is None else p.grad.to_local()
+                    for p in params
+                ]
+            )
+        finally:
+            for p, g in zip(every, saved, strict=True):
+                p.grad = g
+            reshard_all(self.module)
+        return float(all_reduce_sum_(loss_sum, self.distributed)[0]) / self.total_size, grad

@@ -1,0 +1,235 @@
+"""Sharded vectors: where each rank's shards of an FSDP2 module's parameters sit in the whole flat
+vector (:class:`ShardLayout`), and the :class:`~.space.Space` of vectors split that way
+(:class:`ShardedSpace`: inner products are all-reduced sums of local ones).
+
+``fully_shard`` (FSDP2) replaces each parameter of a module by a ``DTensor`` sharded on dim 0
+(``Shard(0)``) over a 1-D device mesh: rank r holds rows [o_r, o_r + n_r) of every parameter, with
+n_r = ceil(rows / world) for the first ranks and fewer (possibly none) for the last ones, so
+uneven sizes are fine. Flattened parameter by parameter in the module's order, the whole vector
+is the one a single process would use, and each rank's part is one contiguous range of every
+parameter's block (:class:`ShardLayout`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.space import Draw, Space
+from lightning_landscape._core.vectors import ParamVector, flatten
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def is_fsdp2(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``module`` or one of its submodules.
+
+    (Its parameters are not always DTensors: after a forward, FSDP2 keeps the root's
+    parameters unsharded, registered as plain tensors, until a backward or a reshard.)
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
+    """The common 1-D mesh of ``params``, each a DTensor sharded on dim 0 over all ranks.
+
+    Raises:
+        ValueError: for a plain tensor, another placement (tensor parallelism), a mesh with
+            several dimensions or not spanning the world, or parameters on different meshes.
+    """
+    from torch.distributed.tensor import Shard
+
+    mesh = None
+    for p, name in zip(params, names, strict=True):
+        if not is_dtensor(p):
+            raise ValueError(
+                f"parameter {name!r} is not sharded (a {type(p).__name__}); the sharded Hessian "
+                "needs every trainable parameter under `fully_shard` (FSDP2)."
+            )
+        if tuple(p.placements) != (Shard(0),) or p.device_mesh.ndim != 1:
+            raise ValueError(
+                f"parameter {name!r} has placements {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-D mesh; only FSDP2's Shard(0) on a 1-D data-parallel mesh "
+                "is supported (not tensor parallelism or HSDP)."
+            )
+        if mesh is None:
+            mesh = p.device_mesh
+        elif p.device_mesh != mesh:
+            raise ValueError(f"parameter {name!r} lives on another device mesh than the others.")
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    if mesh is not None and mesh.size() != world:
+        raise ValueError(
+            f"the parameters are sharded over {mesh.size()} of the {world} ranks; the sharded "
+            "Hessian needs a data-parallel mesh spanning every rank."
+        )
+    return mesh
+
+
+class ShardLayout:
+    """Where this rank's shards of ``params`` sit in the whole flat vector.
+
+    Built with one all-reduce of the row counts (every rank must build it together).
+
+    Args:
+        params: DTensor parameters, ``Shard(0)`` on one 1-D mesh spanning every rank.
+        names: their names (for error messages).
+
+    It reads and writes this rank's part like :class:`~.vectors.ParamVector` reads and writes
+    whole vectors (:meth:`get`, :meth:`set_`, :meth:`moved_to`).
+
+    Attributes:
+        dim: numel of the whole vector; local_dim: of this rank's part.
+        dtype, device: of the local shards.
+        ranges: ``(start, length)`` of this rank's part of each parameter in the whole vector.
+        rows: ``(first row, number of rows)`` of this rank's shard of each parameter.
+        world: the mesh size (FSDP2 divides the summed gradient by it).
+    """
+
+    def __init__(self, params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
+        self.params = list(params)
+        names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
+        mesh = _check_sharded(self.params, names)
+        self.world = mesh.size()
+        first = self.params[0].detach().to_local()
+        self.dtype, self.device = first.dtype, first.device
+        me = mesh.get_local_rank()
+        rows = torch.zeros(self.world, len(self.params), dtype=torch.float64)
+        for i, p in enumerate(self.params):
+            rows[me, i] = p.to_local().shape[0] if p.dim() > 0 else 0
+        all_reduce_sum_(rows)
+        self.ranges: list[tuple[int, int]] = []
+        self.rows: list[tuple[int, int]] = []
+        offset = 0
+        for i, p in enumerate(self.params):
+            row = math.prod(p.shape[1:])  # numel of one row of the whole parameter
+            before = int(rows[:me, i].sum())
+            self.rows.append((before, int(rows[me, i])))
+            self.ranges.append((offset + before * row, p.to_local().numel()))
+            offset += p.numel()
+        self.dim = offset
+        self.local_dim = sum(n for _, n in self.ranges)
+
+    def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
+        """This rank's part of whole vectors laid along ``axis`` of ``full``."""
+        return torch.cat([full.narrow(axis, s, n) for s, n in self.ranges], dim=axis)
+
+    def assemble(self, local: Tensor) -> Tensor:
+        """The whole flat vector from every rank's part (one all-reduce of ``dim`` entries)."""
+        full = local.new_zeros(self.dim)
+        pos = 0
+        for s, n in self.ranges:
+            full[s : s + n] = local[pos : pos + n]
+            pos += n
+        return all_reduce_sum_(full)
+
+    def get(self) -> Tensor:
+        """This rank's part of the parameters, flat (a copy)."""
+        return flatten([p.detach().to_local() for p in self.params]).clone()
+
+    @torch.no_grad()
+    def set_(self, flat: Tensor) -> None:
+        """Write this rank's part of the parameters (in place in FSDP's sharded storage, which
+        the next forward all-gathers)."""
+        pos = 0
+        for p in self.params:
+            local = p.to_local()
+            n = local.numel()
+            local.copy_(flat[pos : pos + n].view_as(local))
+            pos += n
+
+    @contextlib.contextmanager
+    def moved_to(self, flat: Tensor) -> Iterator[None]:
+        """Temporarily set this rank's part to ``flat``; restore the saved copy afterwards."""
+        saved = self.get()
+        try:
+            self.set_(flat)
+            yield
+        finally:
+            self.set_(saved)
+
+
+class ShardedSpace(Space):
+    """Vectors split into this rank's shards (see :class:`ShardLayout`); inner products and
+    norms are all-reduced sums of local ones, the same on every rank. Random vectors are drawn
+    whole on CPU from the same generator as on one process, then sliced: exactly the unsharded
+    draw's shards, at the price of P random numbers (8 P bytes of CPU memory, transiently) per
+    vector on every rank.
+
+    Args:
+        layout: where this rank's part sits in the whole vector.
+        dtype, device: of the local parts.
+    """
+
+    def __init__(self, layout: ShardLayout, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(layout.dim, dtype, device)
+        self.layout = layout
+        self.local_dim = layout.local_dim
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        return all_reduce_sum_(partial.clone())
+
+    def norm(self, x: Tensor, dim: int = -1) -> Tensor:
+        return self.reduce(x.norm(dim=dim) ** 2).sqrt()
+
+    def all_finite(self, x: Tensor) -> bool:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0], dtype=torch.float64)
+        return float(self.reduce(bad)) == 0.0
+
+    def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
+        return self.layout.restrict(full, axis)
+
+    def draw(
+        self,
+        fn: Draw,
+        shape: tuple[int, ...],
+        gen: torch.Generator,
+        axis: int = -1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        whole = fn(shape, gen, dtype or self.dtype, torch.device("cpu"))
+        return self.restrict(whole, axis).to(device or self.device)
+
+    def orthonormalize(self, Y: Tensor) -> Tensor:
+        """Orthonormal columns spanning those of ``Y`` from eigen-decomposed Gram matrices
+        (CholeskyQR2's idea: one all-reduce of a k × k matrix per pass, two passes); columns
+        whose singular value is below ~1e-6 (float64) or ~1e-4 (float32) of the largest are
+        dropped, so a rank-deficient ``Y`` gives fewer columns than Householder QR would."""
+        eps = torch.finfo(Y.dtype).eps
+        floor = max((1e3 * eps) ** 2, 1e3 * torch.finfo(torch.float64).eps)
+        Q = Y.double()
+        for _ in range(2):
+            evals, evecs = torch.linalg.eigh(self.reduce(Q.T @ Q))
+            keep = evals > floor * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
+            Q = Q @ (evecs[:, keep] / evals[keep].sqrt())
+        return Q.to(Y.dtype)
+
+
+def flat_parameters(module: nn.Module) -> ParamVector | ShardLayout:
+    """The trainable parameters of ``module`` as one flat vector: a :class:`~.vectors.ParamVector`
+    of whole tensors, or under FSDP2 the :class:`ShardLayout` of this rank's shards (every FSDP
+    module resharded first; a collective: every rank calls it)."""
+    if is_fsdp2(module):
+        reshard_all(module)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return ShardLayout([p for _, p in named], [n for n, _ in named])
+    return ParamVector([p for p in module.parameters() if p.requires_grad])

@@ -1,0 +1,211 @@
+"""ShardedHessianOperator on FSDP2 in this process (a gloo group of one rank: every parameter a
+DTensor shard, every product through FSDP's own backward) against the exact operator; the
+2-rank run with uneven shards is tests/callbacks/test_sharded.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_landscape._core.sharding import ShardLayout, is_fsdp2
+from lightning_landscape._core.space import Space, space_of
+from lightning_landscape.curvature import (
+    HessianOperator,
+    MatrixOperator,
+    analyze,
+    dense_hessian,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+from lightning_landscape.curvature.sharded import ShardedHessianOperator
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = tmp_path_factory.mktemp("store") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def make_net(bn: bool = False, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5)] + ([nn.BatchNorm1d(5)] if bn else [])
+    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(5, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def sharded(mesh, net: nn.Module, children: bool = True) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net if children else ():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g),
+        )
+        for n in (6, 3, 5)
+    ]
+
+
+def loss_of(model):
+    return lambda b: F.cross_entropy(model(b[0]), b[1])
+
+
+def pair(mesh, **kw):
+    """(sharded operator, exact operator) of the same network and batches."""
+    ref = make_net(**kw)
+    model = sharded(mesh, make_net(**kw))
+    return (
+        ShardedHessianOperator(loss_of(model), model, batches(), seed=3),
+        HessianOperator(loss_of(ref), ref, batches(), seed=3),
+    )
+
+
+def test_products_equal_exact_ones_and_error_estimate_covers_them(mesh):
+    op, exact = pair(mesh)
+    assert is_fsdp2(op.module) and not is_fsdp2(exact.module)
+    assert op.dim == exact.dim == 4 * 5 + 5 + 5 * 3 + 3 and op.local_dim == op.dim
+    V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(op @ V, exact @ V, rtol=0, atol=1e-8)
+    assert op.num_matvecs == 3 and op.num_gradients == 6
+    H = dense_hessian(loss_of(exact.module), exact.module, batches())
+    eigs, vecs = torch.linalg.eigh(H)
+    coarse = ShardedHessianOperator(op.loss_fn, op.module, op.batches, step=1e-2)
+    x = vecs[:, -1]
+    rho = float(x @ (coarse @ x))
+    error = coarse.finite_difference_error(x, rho)
+    assert abs(rho - float(eigs[-1])) <= error < 1e-3 * float(eigs[-1])
+
+
+def test_nothing_is_disturbed(mesh):
+    op, _ = pair(mesh, bn=True, dropout=0.3)
+    model = op.module.train()
+    params = list(model.parameters())
+    storage = [p.detach().to_local().data_ptr() for p in params]
+    before = [p.detach().to_local().clone() for p in params]
+    sentinels = [torch.full_like(p, 7.0) for p in params]
+    for p, s in zip(params, sentinels, strict=True):
+        p.grad = s
+    stats = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    first = op @ v
+    assert torch.equal(op @ v, first)  # the same dropout masks at every product
+    op.gradient()
+    op.finite_difference_error(v / v.norm(), 0.0)
+    for p, b, s, ptr in zip(params, before, sentinels, storage, strict=True):
+        assert torch.equal(p.detach().to_local(), b) and p.grad is s
+        assert p.detach().to_local().data_ptr() == ptr  # FSDP's sharded storage, resharded
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+def test_a_block_of_parameters_equals_the_exact_block(mesh):
+    ref = make_net()
+    model = sharded(mesh, make_net())
+    block = list(model[0].parameters())
+    op = ShardedHessianOperator(loss_of(model), model, batches(), params=block)
+    exact = HessianOperator(loss_of(ref), list(ref[0].parameters()), batches())
+    assert op.dim == exact.dim == 25
+    v = torch.randn(25, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(op @ v, exact @ v, rtol=0, atol=1e-8)
+
+
+def test_root_parameters_left_unsharded_by_a_forward_are_not_reused(mesh):
+    """FSDP2 keeps the root's parameters unsharded after a forward; a product must neither
+    compute with stale gathered values nor leave perturbed ones for the next forward."""
+    ref = make_net()
+    model = sharded(mesh, make_net(), children=False)  # one group: the root's
+    x = batches()[0][0]
+    before = model(x).detach()  # leaves the root unsharded
+    op = ShardedHessianOperator(loss_of(model), model, batches())
+    exact = HessianOperator(loss_of(ref), ref, batches())
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(op @ v, exact @ v, rtol=0, atol=1e-8)
+    assert torch.equal(model(x).detach(), before)
+
+
+def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh):
+    op, exact = pair(mesh)
+    for kind in (top_eigenvalues, lambda o, **k: top_eigenvalues(o, which="smallest", **k)):
+        a, b = kind(op, tol=1e-8, seed=0), kind(exact, tol=1e-8, seed=0)
+        assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-7)
+        assert a.num_matvecs == b.num_matvecs
+    for method in ("auto", "hutch++", "hutchinson"):
+        a, b = (trace(o, num_matvecs=15, method=method, seed=4) for o in (op, exact))
+        assert a.estimate == pytest.approx(b.estimate, rel=1e-7), method
+        assert a.num_matvecs == b.num_matvecs
+    a, b = (spectral_density(o, num_probes=2, num_steps=8, seed=1) for o in (op, exact))
+    assert torch.allclose(a.nodes, b.nodes, rtol=1e-6, atol=1e-8)
+    kw = {"top_k": 2, "smallest": True, "trace": True, "trace_probes": 6, "density": True}
+    a, b = (analyze(o, density_steps=10, tol=1e-8, seed=2, **kw) for o in (op, exact))
+    assert torch.allclose(a.top.eigenvalues, b.top.eigenvalues, rtol=1e-7)
+    assert a.trace.estimate == pytest.approx(b.trace.estimate, rel=1e-7)
+
+
+def test_space_of_plain_operators_is_local():
+    op = MatrixOperator(torch.eye(3, dtype=torch.float64))
+    space = space_of(op)
+    assert type(space) is Space and space.local_dim == space.dim == 3
+    x = torch.arange(6.0).reshape(2, 3)
+    assert space.reduce(x) is x and torch.equal(space.norm(x), x.norm(dim=-1))
+    assert not space.all_finite(torch.tensor([1.0, float("nan")]))
+
+
+def test_sharded_space_orthonormalizes_and_drops_deficient_columns(mesh):
+    op, _ = pair(mesh)
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(op.dim, 3, dtype=torch.float64, generator=g)
+    Y = torch.cat([Y, Y[:, :1] + Y[:, 1:2]], dim=1)  # rank 3
+    Q = op.space.orthonormalize(Y)
+    assert Q.shape == (op.dim, 3)
+    assert torch.allclose(Q.T @ Q, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-10)
+
+
+def test_layout_restricts_and_assembles(mesh):
+    op, _ = pair(mesh)
+    full = torch.arange(op.dim, dtype=torch.float64)
+    assert torch.equal(op.layout.assemble(op.layout.restrict(full)), full)
+    assert torch.equal(op.space.draw(lambda s, g, d, dev: full[None].expand(*s), (2, op.dim), None),
+                       full[None].expand(2, -1))  # fmt: skip
+
+
+def test_errors_name_the_argument(mesh):
+    op, exact = pair(mesh)
+    with pytest.raises(ValueError, match="is not sharded"):
+        ShardedHessianOperator(exact.loss_fn, exact.module, batches())
+    with pytest.raises(ValueError, match="is not sharded"):
+        ShardLayout([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        ShardedHessianOperator(op.loss_fn, op.module, [])
+    with pytest.raises(TypeError, match="`batches` must be a sequence"):
+        ShardedHessianOperator(op.loss_fn, op.module, torch.zeros(3))
+    with pytest.raises(TypeError, match="`module` must be an nn.Module"):
+        ShardedHessianOperator(op.loss_fn, [1], batches())
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        ShardedHessianOperator(3, op.module, batches())
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        ShardedHessianOperator(op.loss_fn, op.module, batches(), seed="0")
+    with pytest.raises(ValueError, match="`step` must be a positive number"):
+        ShardedHessianOperator(op.loss_fn, op.module, batches(), step=0.0)
+    with pytest.raises(ValueError, match=r"`v` must have shape \(43,\)"):
+        op.matvec(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`V` must have shape \(43, k\)"):
+        op.matmat(torch.zeros(43, dtype=torch.float64))
