@@ -22,7 +22,7 @@ from lightning_landscape._core.checks import check_callable, check_int, check_po
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
-from lightning_landscape.callbacks._context import (
+from lightning_landscape.callbacks._isolation import (
     Mode,
     cast_batch,
     measurement_dtype,

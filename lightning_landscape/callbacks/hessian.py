@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_bool, check_positive_int
 from lightning_landscape.callbacks import _logging
-from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode

@@ -17,7 +17,7 @@ from lightning_landscape._core.checks import (
 )
 from lightning_landscape._core.random import make_generator
 from lightning_landscape._core.vectors import ParamVector
-from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.landscape.sharpness import (
     BatchObjective,

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_positive_int
 from lightning_landscape._core.vectors import ParamVector
-from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks._trajectory_parts import (
     floating_dtype,
     log_curve_figures,
