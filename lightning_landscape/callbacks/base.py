@@ -3,7 +3,9 @@
 A :class:`LandscapeMonitor` owns a :class:`~.schedule.Schedule`, a set of fixed batches drawn
 once per fit, the module's own loss (``training_step`` or a user ``loss_fn``), the
 save-and-restore context that keeps training bit-identical, and the logging of scalars and
-figures. Subclasses implement :meth:`LandscapeMonitor.measure`.
+figures. Subclasses implement :meth:`LandscapeMonitor.measure` on a
+:class:`~lightning_landscape.callbacks.context.MeasureContext` and declare their keys in
+:meth:`LandscapeMonitor.metric_keys`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,32 +32,9 @@ from lightning_landscape.callbacks._isolation import (
     measuring,
     module_loss,
 )
+from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.optim._anchor import anchor_in_parameters
-
-
-class MeasureContext:
-    """What a measurement works with (built fresh for each measurement).
-
-    Attributes:
-        module: the LightningModule (unwrapped, never the DDP wrapper).
-        params: its trainable parameters.
-        batches: this rank's fixed batches (on the module's device, in the measurement dtype).
-        loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
-        seed: the monitor's seed, identical on every rank.
-        step, epoch: the global step and completed-epoch count of this measurement.
-        status: ``status(what, done=None, total=None)`` shows progress in the progress bar.
-    """
-
-    def __init__(self, module, params, batches, loss_fn, seed, step, epoch, status=None) -> None:
-        self.status = status or (lambda what, done=None, total=None: None)
-        self.module = module
-        self.params = params
-        self.batches = batches
-        self.loss_fn = loss_fn
-        self.seed = seed
-        self.step = step
-        self.epoch = epoch
 
 
 class LandscapeMonitor(Callback):
@@ -115,16 +95,25 @@ class LandscapeMonitor(Callback):
         self.summary_path: str | None = None
 
     # ----------------------------------------------------------------- to implement
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
-        """Compute and return the scalars of one measurement (and log figures). Runs inside the
-        restore context; collectives are fine (every rank runs it)."""
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        """Compute and return the scalars of one measurement (a subset of :meth:`metric_keys`)
+        and hand figures to ``ctx.log_figure``. Under a Trainer it runs inside the
+        save-and-restore guard and on every rank (collectives are fine); by hand, on a context
+        built without a Trainer, it measures the module as it is."""
         raise NotImplementedError
 
+    def metric_keys(self) -> list[str]:
+        """Every scalar key a measurement may return (the wall time apart), declared once: the
+        keys of :meth:`measure` and of the NaN row of a failed measurement."""
+        raise NotImplementedError
+
+    def key(self, name: str) -> str:
+        """The logged key of the scalar or figure ``name`` (``"<namespace>/<name>"``)."""
+        return f"{self.namespace}/{name}"
+
     def nan_metrics(self) -> dict[str, float]:
-        """The keys to log as NaN when a measurement fails."""
-        return {}
+        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`."""
+        return dict.fromkeys(self.metric_keys(), math.nan)
 
     def summary_rows(self) -> list[dict[str, float]]:
         """The rows this monitor adds to the end-of-fit summary."""
@@ -132,7 +121,7 @@ class LandscapeMonitor(Callback):
 
     def seconds_key(self) -> str:
         """The key of the wall time of the measurement in progress."""
-        return f"{self.namespace}/seconds"
+        return self.key("seconds")
 
     # ----------------------------------------------------------------- Lightning hooks
     @property
@@ -227,16 +216,20 @@ class LandscapeMonitor(Callback):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches
             ctx = MeasureContext(
                 module=pl_module,
-                params=[p for p in pl_module.parameters() if p.requires_grad],
                 batches=used,
                 loss_fn=module_loss(pl_module, used, self.loss_fn),
+                params=[p for p in pl_module.parameters() if p.requires_grad],
                 seed=self.seed,
                 step=step,
                 epoch=epoch,
+                lr=first_lr(trainer),
                 status=status,
+                draw_figures=_logging.wants_figures(trainer),
+                log_figure=partial(_logging.log_figure, trainer, step=step),
+                log_histogram=partial(_logging.log_histogram, trainer, step=step),
             )
             try:
-                metrics = self.measure(trainer, pl_module, ctx)
+                metrics = self.measure(ctx)
             except (RuntimeError, ValueError, FloatingPointError) as err:
                 if is_distributed():
                     # A failure on one rank only (out of memory, say) would leave the others
@@ -260,6 +253,14 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
+
+
+def first_lr(trainer: pl.Trainer) -> float:
+    """The learning rate of the first parameter group of the first optimizer (NaN if none)."""
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return math.nan
 
 
 def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:

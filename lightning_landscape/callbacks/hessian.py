@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.checks import check_bool, check_positive_int
-from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
@@ -159,6 +158,7 @@ class HessianMonitor(LandscapeMonitor):
         self.density_probes = density_probes
         self.per_module = per_module
         self.hvp = hvp
+        self._block_names: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -174,16 +174,29 @@ class HessianMonitor(LandscapeMonitor):
                 raise ValueError(
                     f"`per_module` names unknown submodules {missing}; known: {sorted(names)[:20]}."
                 )
+        self._block_names = [name for name, _ in _blocks(pl_module, self.per_module)]
 
-    def nan_metrics(self) -> dict[str, float]:
-        keys = [f"hessian/eigenvalue_{i + 1}" for i in range(self.top_k)]
-        keys += ["hessian/min_eigenvalue"] if self.min_eigenvalue else []
-        keys += ["hessian/trace", "hessian/trace_stderr"] if self.trace else []
-        keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
-        return dict.fromkeys(keys, math.nan)
+    def metric_keys(self) -> list[str]:
+        keys = [self.key(f"eigenvalue_{i + 1}") for i in range(self.top_k)]
+        keys += [self.key("min_eigenvalue")] if self.min_eigenvalue else []
+        keys += [self.key("trace"), self.key("trace_stderr")] if self.trace else []
+        keys += [self.key(k) for k in ("eos_ratio", "num_matvecs", "converged")]
+        for name in self._block_names:
+            keys += [self.key(f"{name}/eigenvalue_1"), self.key(f"{name}/num_matvecs")]
+            keys += (
+                [self.key(f"{name}/trace"), self.key(f"{name}/trace_stderr")] if self.trace else []
+            )
+        return keys
 
-    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
-        op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
+        """One :func:`analyze` of the Hessian of ``params`` (the whole spectrum when ``block`` is
+        None, else the top eigenvalue and trace of that diagonal block)."""
+        full = block is None
+        salt = () if full else (block,)
+        op = HessianOperator(
+            ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed_for("operator", *salt)
+        )
+        what = "full Hessian" if full else f"block {block}"
         op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
         try:
             return analyze(
@@ -197,47 +210,39 @@ class HessianMonitor(LandscapeMonitor):
                 density_probes=self.density_probes,
                 tol=self.tol,
                 max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
-                seed=ctx.seed + ctx.step,
+                seed=ctx.seed_for("analyze", *salt),
             )
         finally:
             op.release()
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
-        result = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        result = self._analyze(ctx, ctx.module, self.top_k, block=None)
         out: dict[str, float] = {}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
-            out[f"hessian/eigenvalue_{i + 1}"] = values[i] if i < len(values) else math.nan
+            out[self.key(f"eigenvalue_{i + 1}")] = values[i] if i < len(values) else math.nan
         if result.smallest is not None:
-            out["hessian/min_eigenvalue"] = float(result.smallest.eigenvalues[0])
+            out[self.key("min_eigenvalue")] = float(result.smallest.eigenvalues[0])
         if result.trace is not None:
-            out["hessian/trace"] = result.trace.estimate
-            out["hessian/trace_stderr"] = result.trace.stderr
-        lr = _first_lr(trainer)
-        out["hessian/eos_ratio"] = out["hessian/eigenvalue_1"] * lr / 2
-        out["hessian/converged"] = float(result.top.converged)
+            out[self.key("trace")] = result.trace.estimate
+            out[self.key("trace_stderr")] = result.trace.stderr
+        out[self.key("eos_ratio")] = out[self.key("eigenvalue_1")] * ctx.lr / 2
+        out[self.key("converged")] = float(result.top.converged)
         total = result.num_matvecs
-        for name, params in _blocks(pl_module, self.per_module):
-            block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
-            out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
+        blocks = _blocks(ctx.module, self.per_module)
+        self._block_names = [name for name, _ in blocks]
+        for name, params in blocks:
+            block = self._analyze(ctx, params, 1, block=name)
+            out[self.key(f"{name}/eigenvalue_1")] = float(block.top.eigenvalues[0])
             if block.trace is not None:
-                out[f"hessian/{name}/trace"] = block.trace.estimate
-                out[f"hessian/{name}/trace_stderr"] = block.trace.stderr
-            out[f"hessian/{name}/num_matvecs"] = float(block.num_matvecs)
+                out[self.key(f"{name}/trace")] = block.trace.estimate
+                out[self.key(f"{name}/trace_stderr")] = block.trace.stderr
+            out[self.key(f"{name}/num_matvecs")] = float(block.num_matvecs)
             total += block.num_matvecs
-        out["hessian/num_matvecs"] = float(total)
-        if result.density is not None and _logging.wants_figures(trainer):
-            _log_density(trainer, result.density, ctx.step)
+        out[self.key("num_matvecs")] = float(total)
+        if result.density is not None and ctx.draw_figures:
+            _log_density(ctx, self.key, result.density)
         return out
-
-
-def _first_lr(trainer: pl.Trainer) -> float:
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return math.nan
 
 
 def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
@@ -255,7 +260,7 @@ def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple
     ]
 
 
-def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None:
+def _log_density(ctx: MeasureContext, key: Callable[[str], str], density: DensityResult) -> None:
     """The SLQ density as a log-scale figure and as a histogram."""
     if not torch.isfinite(density.nodes).all():
         return
@@ -271,12 +276,12 @@ def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
     ax.set_ylim(bottom=max(float(values.max()) * 1e-8, 1e-12))
-    ax.set_title(f"Hessian eigenvalue density, step {step} (SLQ)")
+    ax.set_title(f"Hessian eigenvalue density, step {ctx.step} (SLQ)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    _logging.log_figure(trainer, "hessian/spectral_density", fig, step)
+    ctx.log_figure(key("spectral_density"), fig)
     edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
     centers = (edges[1:] + edges[:-1]) / 2
     width = float(edges[1] - edges[0])
     counts = density.evaluate(centers) * width * density.dim
-    _logging.log_histogram(trainer, "hessian/eigenvalue_histogram", edges, counts, step)
+    ctx.log_histogram(key("eigenvalue_histogram"), edges, counts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -15,7 +14,6 @@ from lightning_landscape._core.checks import (
     check_positive_values,
     check_real,
 )
-from lightning_landscape._core.random import make_generator
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
@@ -161,25 +159,22 @@ class SharpnessMonitor(LandscapeMonitor):
                 out.append((kind, v, f"_{_PARAM[kind]}{v:g}" if several else ""))
         return out
 
-    def nan_metrics(self) -> dict[str, float]:
+    def metric_keys(self) -> list[str]:
         keys = []
         for kind, _, suffix in self._grid():
-            keys.append(f"sharpness/{kind}{suffix}")
+            keys.append(self.key(f"{kind}{suffix}"))
             if kind == "average":
-                keys.append(f"sharpness/average_stderr{suffix}")
-        keys += ["sharpness/num_forward", "sharpness/num_backward"]
-        return dict.fromkeys(keys, math.nan)
+                keys.append(self.key(f"average_stderr{suffix}"))
+        return keys + [self.key("num_forward"), self.key("num_backward")]
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
         pv = ParamVector(ctx.params)
         w = pv.get()
         objective = BatchObjective(ctx.loss_fn, pv, ctx.batches)
         base = objective.value_and_grad(w)
         out: dict[str, float] = {}
-        for index, (kind, value, suffix) in enumerate(self._grid()):
-            gen = make_generator(ctx.seed + 1_000_003 * ctx.step + 7_919 * index)
+        for kind, value, suffix in self._grid():
+            gen = ctx.generator(kind, f"{value:g}")
             if kind == "average":
                 res = average_sharpness(
                     objective,
@@ -189,7 +184,7 @@ class SharpnessMonitor(LandscapeMonitor):
                     generator=gen,
                     base_loss=base[0],
                 )
-                out[f"sharpness/average_stderr{suffix}"] = res.stderr
+                out[self.key(f"average_stderr{suffix}")] = res.stderr
             elif kind == "keskar":
                 res = keskar_sharpness(
                     objective, w, value, steps=self.ascent_steps, generator=gen, base=base
@@ -208,7 +203,7 @@ class SharpnessMonitor(LandscapeMonitor):
                 res = sam_sharpness(
                     objective, w, value, steps=self.ascent_steps, generator=gen, base=base
                 )
-            out[f"sharpness/{kind}{suffix}"] = res.sharpness
-        out["sharpness/num_forward"] = float(objective.num_forward)
-        out["sharpness/num_backward"] = float(objective.num_backward)
+            out[self.key(f"{kind}{suffix}")] = res.sharpness
+        out[self.key("num_forward")] = float(objective.num_forward)
+        out[self.key("num_backward")] = float(objective.num_backward)
         return out

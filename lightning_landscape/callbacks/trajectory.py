@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
-from lightning_landscape._core.checks import check_bool, check_positive_int
+from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks._trajectory_parts import (
-    floating_dtype,
-    log_curve_figures,
-    log_pca_figure,
-    log_slice_figures,
-    pca_picture,
-    slice_picture,
-    thin_snapshots,
-)
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.landscape import plots
+from lightning_landscape.landscape.pictures import pca_picture, slice_picture
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
 
 
@@ -150,7 +143,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             raise ValueError(
                 f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
             )
-        dtype = floating_dtype(snapshot_dtype)
+        dtype = check_floating_dtype("snapshot_dtype", snapshot_dtype)
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.grid_size, self.slices = grid_size, slices
@@ -204,12 +197,16 @@ class TrajectoryMonitor(LandscapeMonitor):
     def summary_rows(self) -> list[dict[str, float]]:
         return self.history + self.pictures
 
-    def nan_metrics(self) -> dict[str, float]:
-        keys = ["pca_explained_variance", "off_plane_distance"]
-        if not self._final:
-            keys = ["loss", "distance_from_init", "step_distance", "barrier", "step_barrier"]
-            keys += ["monotonic"] + ([self.metric_name] if self.metric_fn else [])
-        return {f"trajectory/{k}": math.nan for k in keys}
+    def metric_keys(self) -> list[str]:
+        picture = ["pca_explained_variance", "off_plane_distance"]
+        if self._final:  # the fit-end picture: its own cost keys, not a second point at its step
+            names = [*picture, "picture_num_forward"]
+        else:
+            names = ["loss", "distance_from_init", "step_distance", "barrier", "step_barrier"]
+            names += ["monotonic", *([self.metric_name] if self.metric_fn else [])]
+            names += picture if self.pictures_every_measurement else []
+            names += ["num_snapshots", "num_forward"]
+        return [self.key(n) for n in names]
 
     # ----------------------------------------------------------------- measurement
     def _value_fn(self, ctx: MeasureContext, pv: ParamVector, what: str, metric: bool = False):
@@ -226,9 +223,7 @@ class TrajectoryMonitor(LandscapeMonitor):
 
         return value
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
         pv = ParamVector(ctx.params)
         theta = pv.get()
         self._points = self._forward = 0
@@ -237,28 +232,41 @@ class TrajectoryMonitor(LandscapeMonitor):
             if not self._final:
                 if self.snapshots.steps[-1] != ctx.step:
                     self.snapshots.add(theta, ctx.epoch, ctx.step)
-                out.update(self._curves(trainer, ctx, pv, theta))
+                out.update(self._curves(ctx, pv, theta))
             if self._final or self.pictures_every_measurement:
-                out.update(self._picture(trainer, ctx, pv, theta))
-        self._warned_thin = thin_snapshots(self.snapshots, self.max_snapshots, self._warned_thin)
-        if self._final:  # the fit-end picture: its own cost keys, not a second point at this step
-            out["trajectory/picture_num_forward"] = float(self._forward)
+                out.update(self._picture(ctx, pv, theta))
+        self._thin()
+        if self._final:
+            out[self.key("picture_num_forward")] = float(self._forward)
             return out
-        out["trajectory/num_snapshots"] = float(len(self.snapshots))
-        out["trajectory/num_forward"] = float(self._forward)
+        out[self.key("num_snapshots")] = float(len(self.snapshots))
+        out[self.key("num_forward")] = float(self._forward)
         return out
 
     def seconds_key(self) -> str:
-        return "trajectory/picture_seconds" if self._final else super().seconds_key()
+        return self.key("picture_seconds") if self._final else super().seconds_key()
 
-    def _curves(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+    def _thin(self) -> None:
+        """Keep at most ``max_snapshots`` snapshots (:meth:`Snapshots.thin`), with one warning the
+        first time one is dropped."""
+        steps = list(self.snapshots.steps)
+        dropped = self.snapshots.thin(self.max_snapshots)
+        if dropped and not self._warned_thin:
+            self._warned_thin = True
+            rank_zero_warn(
+                f"TrajectoryMonitor: more than max_snapshots={self.max_snapshots} snapshots; "
+                f"dropped the one at step {steps[dropped[0]]} and will thin older ones from now "
+                "on (the initial and latest are kept). Raise `max_snapshots` to keep them all."
+            )
+
+    def _curves(self, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict[str, float]:
         value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)
-        name = f"trajectory/{self.metric_name}"
+        metric = self.key(self.metric_name)
         cur = len(self.snapshots) - 1
         if cur == 0:  # the first snapshot: nothing to interpolate yet
             vals = value(theta)
-            out = {"trajectory/loss": vals[0], "trajectory/distance_from_init": 0.0}
-            return out | ({name: vals[1]} if len(vals) > 1 else {})
+            out = {self.key("loss"): vals[0], self.key("distance_from_init"): 0.0}
+            return out | ({metric: vals[1]} if len(vals) > 1 else {})
         curves = {
             "init_to_current": interpolate(value, self.snapshots.tensors[0], theta, self.alphas)
         }
@@ -271,18 +279,23 @@ class TrajectoryMonitor(LandscapeMonitor):
         init, prev = curves["init_to_current"], curves["prev_to_current"]
         end = init.values[self.alphas == 1][0].tolist()
         out = {
-            "trajectory/loss": end[0],
-            "trajectory/distance_from_init": init.distance,
-            "trajectory/step_distance": prev.distance,
-            "trajectory/barrier": init.barrier,
-            "trajectory/step_barrier": prev.barrier,
-            "trajectory/monotonic": float(init.monotonic),
-        } | ({name: end[1]} if len(end) > 1 else {})
-        starts = [("init", init, self._label(0)), ("prev", prev, self._label(cur - 1))]
-        log_curve_figures(trainer, starts, self._label(cur), self.metric_name, ctx.step)
+            self.key("loss"): end[0],
+            self.key("distance_from_init"): init.distance,
+            self.key("step_distance"): prev.distance,
+            self.key("barrier"): init.barrier,
+            self.key("step_barrier"): prev.barrier,
+            self.key("monotonic"): float(init.monotonic),
+        } | ({metric: end[1]} if len(end) > 1 else {})
+        if ctx.draw_figures:
+            for name, curve, start in (("init", init, 0), ("prev", prev, cur - 1)):
+                fig = plots.interpolation_figure(
+                    curve, start_label=self._label(start), end_label=self._label(cur),
+                    metric_name=self.metric_name, show_monotonic=name == "init",
+                )  # fmt: skip
+                ctx.log_figure(self.key(f"loss_{name}_to_current"), fig)
         return out
 
-    def _picture(self, trainer, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict:
+    def _picture(self, ctx: MeasureContext, pv: ParamVector, theta: Tensor) -> dict[str, float]:
         value = self._value_fn(ctx, pv, "landscape picture")
         out: dict[str, float] = {}
         self.last_picture = {}
@@ -290,22 +303,27 @@ class TrajectoryMonitor(LandscapeMonitor):
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]
-            out, self.last_picture = pca_picture(
-                value, snaps, theta, grid_size=self.grid_size, seed=self.seed
+            scalars, self.last_picture = pca_picture(
+                value, snaps, theta, grid_size=self.grid_size, seed=ctx.seed_for("pca")
             )
-            labels = [self._label(i) for i in others]
-            log_pca_figure(trainer, self.last_picture, labels, here, ctx.step)
-        if self.slices:
-            self.last_picture.update(
-                slice_picture(
-                    value,
-                    ctx.module,
-                    ctx.params,
-                    theta,
-                    num_points=self.num_points,
-                    grid_size=self.grid_size,
-                    seed=self.seed,
+            out = {self.key(k): v for k, v in scalars.items()}
+            if ctx.draw_figures:
+                pic = self.last_picture
+                labels = [self._label(i) for i in others]
+                fig = plots.trajectory_figure(
+                    pic["pca"], pic["xs"], pic["ys"], pic["loss"], labels, current_label=here
                 )
-            )
-            log_slice_figures(trainer, self.last_picture, here, ctx.step)
+                ctx.log_figure(self.key("pca_landscape"), fig)
+        if self.slices:
+            pic = slice_picture(
+                value, ctx.module, ctx.params, theta, num_points=self.num_points,
+                grid_size=self.grid_size, seed=ctx.seed_for("slices"),
+            )  # fmt: skip
+            self.last_picture.update(pic)
+            if ctx.draw_figures:
+                fig = plots.slice_1d_figure(pic["slice_t"], pic["slice_1d"], where=f"at {here}")
+                ctx.log_figure(self.key("slice_1d"), fig)
+                grid = pic["slice_grid"]
+                fig = plots.slice_2d_figure(grid, grid, pic["slice_2d"], where=f"at {here}")
+                ctx.log_figure(self.key("slice_2d"), fig)
         return out

@@ -270,14 +270,21 @@ def pca_plane(
     )
 
 
-def plane_grid(coords: Tensor, size: int, pad: float = 0.25) -> tuple[Tensor, Tensor]:
+def plane_grid(
+    coords: Tensor, size: int, pad: float = 0.25, *, square: bool = False
+) -> tuple[Tensor, Tensor]:
     """Grid axes spanning the 2-D points ``coords`` and the origin, padded by ``pad`` times the
-    larger of the two spans on every side (both axes get the same padding)."""
+    larger of the two spans on every side (both axes get the same padding). With ``square`` both
+    axes also get the same length (the larger span, centred on the points), so that a picture
+    drawn with equal aspect, which keeps angles and distances true, fills its axes."""
     check_positive_int("size", size)
     pts = torch.cat([coords[:, :2].to(torch.float64), torch.zeros(1, 2, dtype=torch.float64)])
     lo, hi = pts.min(0).values, pts.max(0).values
     span = float((hi - lo).max())
     margin = pad * span if span > 0 else 1.0
+    if square:
+        center, half = (lo + hi) / 2, span / 2 + margin
+        lo, hi = center - half + margin, center + half - margin
     return (
         torch.linspace(float(lo[0]) - margin, float(hi[0]) + margin, size, dtype=torch.float64),
         torch.linspace(float(lo[1]) - margin, float(hi[1]) + margin, size, dtype=torch.float64),

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import TrajectoryMonitor
+from lightning_landscape._core.random import derive_seed
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.landscape.directions import (
     filter_normalized_directions,
@@ -142,7 +143,8 @@ def test_logged_tags_and_values(tmp_path):
     # the random slices: filter-normalized directions from the seed, zero on BatchNorm and biases
     params = list(model.parameters())
     norm = normalization_parameters(model)
-    rand = filter_normalized_directions(params, seed=0, zero=[id(p) in norm for p in params])
+    seed = derive_seed(0, t.global_step, "slices")  # the monitor's stream: (seed, step, purpose)
+    rand = filter_normalized_directions(params, seed=seed, zero=[id(p) in norm for p in params])
     g = pic["slice_grid"]
     want = loss_at(model, final + float(g[0]) * rand[0] + float(g[3]) * rand[1], fixed)
     assert float(pic["slice_2d"][3, 0]) == pytest.approx(want, rel=1e-12)
