@@ -15,6 +15,7 @@ from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.landscape import plots
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -261,27 +262,16 @@ def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple
 
 
 def _log_density(ctx: MeasureContext, key: Callable[[str], str], density: DensityResult) -> None:
-    """The SLQ density as a log-scale figure and as a histogram."""
+    """The SLQ density as a figure (log density, log counts per bin) and as a histogram."""
     if not torch.isfinite(density.nodes).all():
         return
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     grid = density.grid(800)
-    values = density.evaluate(grid).clamp(min=1e-12)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(grid.numpy(), values.numpy(), color="tab:blue")
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density (log scale)")
-    ax.set_ylim(bottom=max(float(values.max()) * 1e-8, 1e-12))
-    ax.set_title(f"Hessian eigenvalue density, step {ctx.step} (SLQ)")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    ctx.log_figure(key("spectral_density"), fig)
     edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
     centers = (edges[1:] + edges[:-1]) / 2
     width = float(edges[1] - edges[0])
     counts = density.evaluate(centers) * width * density.dim
+    fig = plots.density_figure(
+        grid, density.evaluate(grid), edges, counts, dim=density.dim, where=f"at step {ctx.step}"
+    )
+    ctx.log_figure(key("spectral_density"), fig)
     ctx.log_histogram(key("eigenvalue_histogram"), edges, counts)
