@@ -10,9 +10,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
+from lightning_landscape.callbacks._compat import TENSORBOARD_LOGGERS
 from lightning_landscape.landscape import plots
 
 
@@ -42,7 +42,7 @@ def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
     if not trainer.is_global_zero:
         return None
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, TENSORBOARD_LOGGERS):
             return logger.experiment
     if trainer.loggers:
         warn_once(

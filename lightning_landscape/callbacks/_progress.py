@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_landscape.callbacks._compat import TQDM_PROGRESS_BARS
 
 
 class Status:
@@ -25,7 +26,7 @@ class Status:
         self.every = every
         self.last = 0.0
         cb = trainer.progress_bar_callback
-        if trainer.is_global_zero and isinstance(cb, TQDMProgressBar):
+        if trainer.is_global_zero and isinstance(cb, TQDM_PROGRESS_BARS):
             try:
                 self.bar = cb.train_progress_bar
             except (TypeError, AttributeError):

@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -25,6 +24,7 @@ from lightning_landscape._core.checks import check_callable, check_int, check_po
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
+from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._isolation import (
     Mode,
     cast_batch,

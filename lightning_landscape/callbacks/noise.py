@@ -6,13 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_landscape._core.batches import default_batch_size
 from lightning_landscape._core.checks import check_bool, check_callable, check_real
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
