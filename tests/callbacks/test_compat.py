@@ -5,13 +5,20 @@ the measurement status reaches its progress bar."""
 import warnings
 
 import lightning as L
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_landscape import HessianMonitor, NoiseTemperatureMonitor, TrajectoryMonitor
+from lightning_landscape import (
+    EntropySGD,
+    EntropySGDCallback,
+    HessianMonitor,
+    NoiseTemperatureMonitor,
+    TrajectoryMonitor,
+)
 
 from ._helpers import events, random_classes
 
@@ -77,3 +84,22 @@ def test_figures_histograms_and_status_reach_lightning(tmp_path):
     assert "hessian/eigenvalue_1" in ea.Tags()["scalars"]
     assert any(t.startswith("HessianMonitor: ") for t in bar.texts)
     assert any(t.startswith("TrajectoryMonitor: ") for t in bar.texts)
+
+
+class EntropyClassifier(Classifier):
+    def configure_optimizers(self):
+        return EntropySGD(self.parameters(), lr=0.1, L=2)
+
+
+def test_entropy_sgd_callback_sees_lightning_checkpoints(tmp_path):
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_weights_only=True)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[EntropySGDCallback(), checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="weights-only"):
+        trainer.fit(EntropyClassifier(), DataLoader(random_classes(), batch_size=8))
