@@ -48,6 +48,10 @@ class LandscapeMonitor(Callback):
         loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``.
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
         seed: seed of every random probe and direction (identical on all ranks).
+        prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
+            monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
+            monitors of one class different prefixes to log both: with the same prefix their
+            keys overwrite each other (a warning says so at setup).
 
     A measurement that fails (an exception from the estimate) is logged as NaN with a warning on
     one process; under DDP it is raised instead, since a failure on one rank only would leave the
@@ -71,6 +75,7 @@ class LandscapeMonitor(Callback):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__()
         if epochs is None and every_n_epochs is None and every_n_steps is None:
@@ -88,6 +93,7 @@ class LandscapeMonitor(Callback):
         self.loss_fn = loss_fn
         self.mode = mode
         self.seed = seed
+        self.prefix = check_prefix(prefix, self.namespace)
         self.done: list[int] = []
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
@@ -108,8 +114,8 @@ class LandscapeMonitor(Callback):
         raise NotImplementedError
 
     def key(self, name: str) -> str:
-        """The logged key of the scalar or figure ``name`` (``"<namespace>/<name>"``)."""
-        return f"{self.namespace}/{name}"
+        """The logged key of the scalar or figure ``name`` (``"<prefix>/<name>"``)."""
+        return f"{self.prefix}/{name}"
 
     def nan_metrics(self) -> dict[str, float]:
         """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`."""
@@ -126,8 +132,12 @@ class LandscapeMonitor(Callback):
     # ----------------------------------------------------------------- Lightning hooks
     @property
     def state_key(self) -> str:
-        """Unique per configuration, so that several monitors of one class can coexist."""
+        """Unique per prefix and configuration, so that several monitors of one class coexist and
+        each finds its own state in a checkpoint (the default prefix is left out of the key, so
+        checkpoints written before prefixes existed still load)."""
+        named = {} if self.prefix == self.namespace else {"prefix": self.prefix}
         return self._generate_state_key(
+            **named,
             schedule=repr(self.schedule),
             seed=self.seed,
             mode=self.mode,
@@ -147,6 +157,7 @@ class LandscapeMonitor(Callback):
             type(self).__name__,
             "sharded parameters have no full Hessian-vector product or loss here",
         )
+        warn_shared_prefix(trainer, self)
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
@@ -261,6 +272,38 @@ def first_lr(trainer: pl.Trainer) -> float:
         return float(trainer.optimizers[0].param_groups[0]["lr"])
     except (IndexError, KeyError, AttributeError, TypeError):
         return math.nan
+
+
+def check_prefix(prefix: str | None, namespace: str) -> str:
+    """``prefix``, or ``namespace`` when it is None.
+
+    Raises:
+        ValueError: if it is not a non-empty str without '/'.
+    """
+    if prefix is None:
+        return namespace
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"`prefix` must be a non-empty str without '/', got {prefix!r}.")
+    return prefix
+
+
+def warn_shared_prefix(trainer: pl.Trainer, monitor: Any) -> None:
+    """One warning when another monitor of the package logs under the same prefix."""
+    others = [
+        cb
+        for cb in getattr(trainer, "callbacks", [])
+        if cb is not monitor
+        and getattr(cb, "prefix", None) == monitor.prefix
+        and type(cb).__module__.startswith("lightning_landscape.")
+    ]
+    if others:
+        _logging.warn_once(
+            trainer,
+            f"shared-prefix-{monitor.prefix}",
+            f"{type(monitor).__name__} and {type(others[0]).__name__} both log under the prefix "
+            f"{monitor.prefix!r}, so their keys overwrite each other; give each its own "
+            "`prefix` (e.g. prefix='hessian_train').",
+        )
 
 
 def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:

@@ -51,14 +51,15 @@ class HessianMonitor(LandscapeMonitor):
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
             2x faster per product, measured; memory of that many activations with their
             gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
             or manual optimization without ``loss_fn``.
 
-    Logged metrics (at the global step of each measurement):
+    Logged metrics (at the global step of each measurement; ``hessian`` is the default
+    ``prefix``):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
         - ``hessian/min_eigenvalue``: the most negative (smallest) eigenvalue.
         - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
@@ -105,6 +106,7 @@ class HessianMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -115,6 +117,7 @@ class HessianMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         for name, value in (
             ("top_k", top_k),

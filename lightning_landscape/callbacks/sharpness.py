@@ -64,16 +64,17 @@ class SharpnessMonitor(LandscapeMonitor):
         epsilon: Keskar's box size ε, or a list.
         ascent_steps: ascent steps of the worst-case measures (1 = first order).
         average_samples: directions of the average case (≥ 2; two losses each).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
             or manual optimization without ``loss_fn``.
 
-    Logged metrics (at the global step of each measurement; when a measure has several values,
-    its keys end in ``_rho<value>``, ``_sigma<value>`` or ``_eps<value>``, e.g.
-    ``sharpness/sam_rho0.05``, ``sharpness/average_stderr_sigma0.01``):
+    Logged metrics (at the global step of each measurement, ``sharpness`` being the default
+    ``prefix``; when a measure has several values, its keys end in ``_rho<value>``,
+    ``_sigma<value>`` or ``_eps<value>``, e.g. ``sharpness/sam_rho0.05``,
+    ``sharpness/average_stderr_sigma0.01``):
         - ``sharpness/sam``: SAM ρ-sharpness (a loss difference).
         - ``sharpness/adaptive``: adaptive (ASAM) sharpness.
         - ``sharpness/average``, ``sharpness/average_stderr``: average-case sharpness, its stderr.
@@ -112,6 +113,7 @@ class SharpnessMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -122,6 +124,7 @@ class SharpnessMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         if isinstance(kinds, str) or not isinstance(kinds, Sequence):
             raise TypeError(f"`kinds` must be a list of measure names, got {kinds!r}.")

@@ -53,15 +53,16 @@ class TrajectoryMonitor(LandscapeMonitor):
             (smallest step gap between its two neighbours) is dropped, with a warning the first
             time; the initial and the latest snapshots are always kept.
         snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
             or manual optimization without ``loss_fn``; at train start, if restored snapshots do
             not match the number of trainable parameters.
 
-    Logged metrics (at the global step of each measurement; distances in weight units):
+    Logged metrics (at the global step of each measurement; distances in weight units;
+    ``trajectory`` is the default ``prefix``):
         - ``trajectory/loss`` (and ``trajectory/<metric_name>``): at the current weights.
         - ``trajectory/distance_from_init``: ‖θ_current − θ_init‖.
         - ``trajectory/step_distance``: ‖θ_current − θ_previous snapshot‖.
@@ -113,6 +114,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -123,6 +125,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
         check_positive_int("grid_size", grid_size)

@@ -329,3 +329,42 @@ def test_two_monitors_of_one_class_coexist_and_top_k_is_checked(tmp_path):
         make_trainer(tmp_path, [HessianMonitor(top_k=1000)], max_epochs=1).fit(
             Classifier(), DataLoader(random_classes(), batch_size=8)
         )
+
+
+def test_two_monitors_with_prefixes_log_separate_keys_and_resume(tmp_path):
+    def monitors():
+        return [
+            HessianMonitor(every_n_epochs=1, trace=False, prefix="hessian_a"),
+            HessianMonitor(every_n_epochs=1, trace=False, top_k=2, prefix="hessian_b"),
+        ]
+
+    data = random_classes()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_epochs=1)
+    a, b = monitors()
+    t = make_trainer(tmp_path, [a, b, ckpt], max_epochs=1, enable_checkpointing=True)
+    t.fit(Classifier(), DataLoader(data, batch_size=8))
+    tags = set(events(t.logger.log_dir).Tags()["scalars"])
+    assert {"hessian_a/eigenvalue_1", "hessian_b/eigenvalue_1", "hessian_b/eigenvalue_2"} <= tags
+    assert "hessian_a/eigenvalue_2" not in tags and not any(k.startswith("hessian/") for k in tags)
+    assert a.state_key != b.state_key
+
+    a2, b2 = monitors()
+    t2 = make_trainer(tmp_path, [a2, b2], max_epochs=2, enable_checkpointing=True)
+    t2.fit(
+        Classifier(), DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+    )
+    assert a2.done == b2.done == [0, 1, 2]
+    assert [sorted(k for k in h if k.startswith("hessian_b/eigenvalue")) for h in b2.history] == [
+        ["hessian_b/eigenvalue_1", "hessian_b/eigenvalue_2"]
+    ] * 3
+    assert all("hessian_a/eigenvalue_1" in h for h in a2.history)
+
+
+def test_monitors_sharing_a_prefix_get_one_warning(tmp_path):
+    a = HessianMonitor(epochs=[0], trace=False)
+    b = HessianMonitor(epochs=[0], trace=False, seed=1)
+    t = make_trainer(tmp_path, [a, b], max_epochs=1, max_steps=1, logger=False)
+    with pytest.warns(UserWarning, match="both log under the prefix 'hessian'"):
+        t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
+    with pytest.raises(ValueError, match="`prefix` must be a non-empty str without '/'"):
+        HessianMonitor(prefix="a/b")

@@ -341,3 +341,14 @@ def test_ddp_spawn_temperature_noise_scale_and_sharpness(tmp_path):
         assert logged["sharpness/keskar"][step] == pytest.approx(kes.sharpness, rel=1e-5)
         assert math.isfinite(logged["sharpness/average"][step])
         assert logged["sharpness/average_stderr"][step] >= 0
+
+
+def test_prefix_names_the_keys_and_the_state(tmp_path):
+    x, y = _data(16)
+    plain, other = NoiseTemperatureMonitor(), NoiseTemperatureMonitor(prefix="noise_b")
+    trainer = make_trainer(tmp_path, [plain, other], accumulate_grad_batches=2, max_epochs=1)
+    trainer.fit(Regression(), DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = scalars(tmp_path)
+    assert logged["noise_b/temperature"] == logged["noise/temperature"]
+    assert sorted(logged["noise_b/gradient_noise_scale"]) == sorted(logged["noise/grad_norm_sq"])
+    assert plain.state_key != other.state_key
