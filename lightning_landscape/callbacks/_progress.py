@@ -65,8 +65,10 @@ def summary_table(rows: Sequence[dict[str, float]], max_columns: int = 7) -> str
 
 
 def _fmt(value: Any, key: str) -> str:
-    if key in ("epoch", "step"):
+    if key == "step":
         return str(int(value))
+    if key == "epoch":  # fractional when a fit stopped mid-epoch
+        return f"{value:.4g}"
     if not isinstance(value, int | float) or not math.isfinite(value):
         return "nan"
     return f"{value:.4g}"

@@ -178,7 +178,9 @@ class LandscapeMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.schedule.by_step:
-            self._maybe_measure(trainer, pl_module, trainer.current_epoch + 1, trainer.global_step)
+            self._maybe_measure(
+                trainer, pl_module, trainer.current_epoch + 1, trainer.global_step, epoch_end=True
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = None  # free the fixed batches
@@ -202,18 +204,23 @@ class LandscapeMonitor(Callback):
             )
         return self._batches
 
-    def _maybe_measure(self, trainer, pl_module, epoch: int, step: int) -> None:
+    def _maybe_measure(
+        self, trainer, pl_module, epoch: int, step: int, epoch_end: bool = False
+    ) -> None:
+        """Measure if the schedule says so: ``epoch`` is the schedule's whole epoch (the one whose
+        end this is), the row and the figures get the exact count (:func:`epochs_done`)."""
         if trainer.sanity_checking or step == self._last_step:
             return
         label = self.schedule.label(epoch, step)
         if not self.schedule.due(epoch, step) or label in self.done:
             return
         self._last_step = step
-        metrics = self.run_measurement(trainer, pl_module, epoch, step)
+        exact = epochs_done(trainer, epoch_end)
+        metrics = self.run_measurement(trainer, pl_module, exact, step)
         self.done.append(label)
-        self.history.append({"epoch": float(epoch), "step": float(step), **metrics})
+        self.history.append({"epoch": exact, "step": float(step), **metrics})
 
-    def run_measurement(self, trainer, pl_module, epoch: int, step: int) -> dict[str, float]:
+    def run_measurement(self, trainer, pl_module, epoch: float, step: int) -> dict[str, float]:
         """Measure now (whatever the schedule), log, and return the scalars."""
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
@@ -247,7 +254,7 @@ class LandscapeMonitor(Callback):
                     # waiting in a collective forever: stop the run rather than hang it.
                     raise
                 rank_zero_warn(
-                    f"{type(self).__name__}: the measurement at epoch {epoch}, step {step} failed "
+                    f"{type(self).__name__}: the measurement at epoch {epoch:g}, step {step} failed "
                     f"({type(err).__name__}: {err}); NaN is logged and training goes on."
                 )
                 metrics = self.nan_metrics()
@@ -272,6 +279,21 @@ def first_lr(trainer: pl.Trainer) -> float:
         return float(trainer.optimizers[0].param_groups[0]["lr"])
     except (IndexError, KeyError, AttributeError, TypeError):
         return math.nan
+
+
+def epochs_done(trainer: pl.Trainer, epoch_end: bool = False) -> float:
+    """The training done so far, in epochs: ``e + k / n`` after ``k`` of the ``n`` batches of
+    epoch ``e`` (``max_steps`` can end a fit mid-epoch: 1.4 is 40 % of the second epoch), a whole
+    number between epochs. With a loader of unknown length the fraction is unknown: the count
+    of finished epochs (``epoch_end``: the running one counts as finished)."""
+    progress = trainer.fit_loop.epoch_progress.current
+    seen = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    total = trainer.num_training_batches
+    if seen == 0:  # no batch of a new epoch yet
+        return float(progress.completed)
+    if isinstance(total, int | float) and math.isfinite(total) and total > 0:
+        return progress.started - 1 + min(seen / total, 1.0)
+    return float(progress.started if epoch_end else progress.started - 1)
 
 
 def check_prefix(prefix: str | None, namespace: str) -> str:

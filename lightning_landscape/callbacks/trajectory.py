@@ -14,7 +14,8 @@ from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, epochs_done
+from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
@@ -164,7 +165,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     # ----------------------------------------------------------------- snapshots and state
     def _label(self, i: int) -> str:
         snaps = self.snapshots
-        return f"step {snaps.steps[i]}" if self.schedule.by_step else f"epoch {snaps.epochs[i]}"
+        return describe(snaps.epochs[i], snaps.steps[i], self.schedule.by_step)
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | self.snapshots.state_dict()
@@ -191,9 +192,9 @@ class TrajectoryMonitor(LandscapeMonitor):
         if self.picture_at_end and not drawn:
             self._final = True
             try:
-                epoch, step = trainer.current_epoch, trainer.global_step
+                epoch, step = epochs_done(trainer, epoch_end=True), trainer.global_step
                 metrics = self.run_measurement(trainer, pl_module, epoch, step)
-                self.pictures.append({"epoch": float(epoch), "step": float(step), **metrics})
+                self.pictures.append({"epoch": epoch, "step": float(step), **metrics})
             finally:
                 self._final = False
 
@@ -302,7 +303,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         value = self._value_fn(ctx, pv, "landscape picture")
         out: dict[str, float] = {}
         self.last_picture = {}
-        here = f"step {ctx.step}" if self.schedule.by_step else f"epoch {ctx.epoch}"
+        here = describe(ctx.epoch, ctx.step, self.schedule.by_step)
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]

@@ -47,16 +47,16 @@ class Snapshots:
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
         self.tensors: list[Tensor] = []
-        self.epochs: list[int] = []
+        self.epochs: list[float] = []  # completed epochs, fractional mid-epoch
         self.steps: list[int] = []
 
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def add(self, theta: Tensor, epoch: int, step: int) -> None:
+    def add(self, theta: Tensor, epoch: float, step: int) -> None:
         """Store a copy of the flat vector ``theta``."""
         self.tensors.append(theta.detach().reshape(-1).to("cpu", self.dtype).clone())
-        self.epochs.append(int(epoch))
+        self.epochs.append(float(epoch))
         self.steps.append(int(step))
 
     def thin(self, max_count: int) -> list[int]:
@@ -81,7 +81,7 @@ class Snapshots:
 
     def load_state_dict(self, state: dict) -> None:
         self.tensors = [t.to("cpu", self.dtype) for t in state.get("snapshots", [])]
-        self.epochs = [int(e) for e in state.get("snapshot_epochs", [])]
+        self.epochs = [float(e) for e in state.get("snapshot_epochs", [])]
         self.steps = [int(s) for s in state.get("snapshot_steps", [])]
 
 
