@@ -26,11 +26,21 @@ from lightning_landscape.callbacks import _logging, _progress
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._isolation import (
+    MARKER,
     Mode,
     cast_batch,
+    changed_attributes,
+    counted,
     measurement_dtype,
     measuring,
     module_loss,
+    plain_attributes,
+)
+from lightning_landscape.callbacks._trainer_state import (
+    check_prefix,
+    epochs_done,
+    first_lr,
+    warn_shared_prefix,
 )
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
@@ -45,13 +55,22 @@ class LandscapeMonitor(Callback):
             ``every_n_epochs=1``). Epoch e means the weights after e completed epochs (0 = start).
         num_batches: fixed training batches per rank, drawn at the start of fit.
         dataloader: draw the fixed batches from this iterable instead of the train dataloader.
-        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``,
+            which is then called once per fixed batch at every weight point a measurement
+            evaluates (see :func:`~lightning_landscape.is_measuring` for its side effects).
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
         seed: seed of every random probe and direction (identical on all ranks).
         prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
             monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
             monitors of one class different prefixes to log both: with the same prefix their
             keys overwrite each other (a warning says so at setup).
+
+    Without ``loss_fn``, the module's ``training_step`` is the loss of every measurement: it runs
+    on the fixed batches at every weight point evaluated (hundreds of calls per sharpness or
+    trajectory measurement), with ``self.log`` silenced and ``pl_module.landscape_measuring``
+    True (False outside measurements, from setup on). Side effects kept in ``training_step`` (``self.training_step_outputs.append(loss)``, a
+    counter) run too: guard them with ``lightning_landscape.is_measuring(self)``, or pass
+    ``loss_fn``. A changed list length or number on the module is noticed and warned once.
 
     A measurement that fails (an exception from the estimate) is logged as NaN with a warning on
     one process; under DDP it is raised instead, since a failure on one rank only would leave the
@@ -158,6 +177,7 @@ class LandscapeMonitor(Callback):
             "sharded parameters have no full Hessian-vector product or loss here",
         )
         warn_shared_prefix(trainer, self)
+        pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
@@ -227,6 +247,8 @@ class LandscapeMonitor(Callback):
         batches = self.fixed_batches(trainer, pl_module)
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
+        before = plain_attributes(pl_module) if self.loss_fn is None else None
+        calls = [0]
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.
@@ -235,7 +257,7 @@ class LandscapeMonitor(Callback):
             ctx = MeasureContext(
                 module=pl_module,
                 batches=used,
-                loss_fn=module_loss(pl_module, used, self.loss_fn),
+                loss_fn=counted(module_loss(pl_module, used, self.loss_fn), calls),
                 params=[p for p in pl_module.parameters() if p.requires_grad],
                 seed=self.seed,
                 step=step,
@@ -260,6 +282,8 @@ class LandscapeMonitor(Callback):
                 metrics = self.nan_metrics()
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
+        if before is not None:
+            self._check_training_step(trainer, before, plain_attributes(pl_module), calls[0])
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             _logging.warn_once(
@@ -272,60 +296,22 @@ class LandscapeMonitor(Callback):
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
 
-
-def first_lr(trainer: pl.Trainer) -> float:
-    """The learning rate of the first parameter group of the first optimizer (NaN if none)."""
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return math.nan
-
-
-def epochs_done(trainer: pl.Trainer, epoch_end: bool = False) -> float:
-    """The training done so far, in epochs: ``e + k / n`` after ``k`` of the ``n`` batches of
-    epoch ``e`` (``max_steps`` can end a fit mid-epoch: 1.4 is 40 % of the second epoch), a whole
-    number between epochs. With a loader of unknown length the fraction is unknown: the count
-    of finished epochs (``epoch_end``: the running one counts as finished)."""
-    progress = trainer.fit_loop.epoch_progress.current
-    seen = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    total = trainer.num_training_batches
-    if seen == 0:  # no batch of a new epoch yet
-        return float(progress.completed)
-    if isinstance(total, int | float) and math.isfinite(total) and total > 0:
-        return progress.started - 1 + min(seen / total, 1.0)
-    return float(progress.started if epoch_end else progress.started - 1)
-
-
-def check_prefix(prefix: str | None, namespace: str) -> str:
-    """``prefix``, or ``namespace`` when it is None.
-
-    Raises:
-        ValueError: if it is not a non-empty str without '/'.
-    """
-    if prefix is None:
-        return namespace
-    if not isinstance(prefix, str) or not prefix or "/" in prefix:
-        raise ValueError(f"`prefix` must be a non-empty str without '/', got {prefix!r}.")
-    return prefix
-
-
-def warn_shared_prefix(trainer: pl.Trainer, monitor: Any) -> None:
-    """One warning when another monitor of the package logs under the same prefix."""
-    others = [
-        cb
-        for cb in getattr(trainer, "callbacks", [])
-        if cb is not monitor
-        and getattr(cb, "prefix", None) == monitor.prefix
-        and type(cb).__module__.startswith("lightning_landscape.")
-    ]
-    if others:
-        _logging.warn_once(
-            trainer,
-            f"shared-prefix-{monitor.prefix}",
-            f"{type(monitor).__name__} and {type(others[0]).__name__} both log under the prefix "
-            f"{monitor.prefix!r}, so their keys overwrite each other; give each its own "
-            "`prefix` (e.g. prefix='hessian_train').",
-        )
+    def _check_training_step(
+        self, trainer: pl.Trainer, before: dict[str, Any], after: dict[str, Any], calls: int
+    ) -> None:
+        """One warning when the module's training_step, serving as the measurement's loss,
+        changed a plain attribute of the module (an outputs list, a counter)."""
+        changed = changed_attributes(before, after)
+        if changed:
+            _logging.warn_once(
+                trainer,
+                "training-step-side-effects",
+                f"{type(self).__name__} called the module's training_step {calls} times as the "
+                f"loss of a measurement, and it changed {', '.join(changed[:3])}. Side effects "
+                "in training_step also run during measurements: skip them while "
+                "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is "
+                "True, or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
+            )
 
 
 def refuse_sharded(trainer: pl.Trainer, owner: str, why: str) -> None:

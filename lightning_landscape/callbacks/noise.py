@@ -14,7 +14,8 @@ from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
-from lightning_landscape.callbacks.base import check_prefix, refuse_sharded, warn_shared_prefix
+from lightning_landscape.callbacks._trainer_state import check_prefix, warn_shared_prefix
+from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.landscape.noise import (
     NoiseScaleEMA,

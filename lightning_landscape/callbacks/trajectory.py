@@ -14,7 +14,8 @@ from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, epochs_done
+from lightning_landscape.callbacks._trainer_state import epochs_done
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture

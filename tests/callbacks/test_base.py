@@ -1,9 +1,12 @@
-"""LandscapeMonitor's bookkeeping under a real Trainer: exact labels when a fit stops mid-epoch."""
+"""LandscapeMonitor's bookkeeping under a real Trainer: exact labels when a fit stops mid-epoch,
+the marker a training_step can test, the warning when it has side effects."""
+
+import warnings
 
 import pytest
 from torch.utils.data import DataLoader
 
-from lightning_landscape import HessianMonitor, TrajectoryMonitor
+from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor, is_measuring
 from lightning_landscape.callbacks.schedule import describe
 
 from ._helpers import Classifier, learnable_classes, make_trainer
@@ -30,3 +33,43 @@ def test_describe():
     assert describe(3.0, 15) == "epoch 3"
     assert describe(1.4, 7) == "epoch 1.40 (step 7)"
     assert describe(1.4, 7, by_step=True) == "step 7"
+
+
+class Collecting(Classifier):
+    """The Lightning-2 idiom: training_step keeps its outputs (guarded or not)."""
+
+    def __init__(self, guard: bool):
+        super().__init__()
+        self.guard = guard
+        self.training_step_outputs = []
+        self._seen_marker = set()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self._seen_marker.add(is_measuring(self))
+        if not (self.guard and self.landscape_measuring):
+            self.training_step_outputs.append(loss.detach())
+        return loss
+
+
+def test_training_step_marker_and_one_warning(tmp_path):
+    def fit(guard):
+        model = Collecting(guard)
+        monitors = [SharpnessMonitor(every_n_epochs=1, kinds=["sam", "average"], average_samples=4)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, monitors, max_epochs=2, logger=False).fit(
+                model, DataLoader(learnable_classes(), batch_size=8)
+            )
+        texts = [str(w.message) for w in caught if "is_measuring" in str(w.message)]
+        return model, texts
+
+    model, texts = fit(guard=False)
+    assert model._seen_marker == {True, False}
+    assert len(texts) == 1 and "training_step_outputs (length 0 → length" in texts[0]
+    assert len(model.training_step_outputs) > 10  # 10 training steps, and the measurements'
+    assert not hasattr(model, "landscape_measuring") or model.landscape_measuring is False
+
+    model, texts = fit(guard=True)
+    assert texts == [] and len(model.training_step_outputs) == 10
+    assert not is_measuring(model)
