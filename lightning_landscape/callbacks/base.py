@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
-from lightning_landscape.callbacks import _logging, _progress
+from lightning_landscape.callbacks import _logging, _progress, _summary
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._isolation import (
@@ -206,7 +206,7 @@ class LandscapeMonitor(Callback):
         self._batches = None  # free the fixed batches
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
         if monitors and monitors[0] is self:  # one table for all monitors
-            self.summary_path = _progress.write_summary(trainer, monitors)
+            self.summary_path = _summary.write_summary(trainer, monitors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "history": [dict(h) for h in self.history]}
