@@ -79,7 +79,7 @@ def _readable_labels(points: np.ndarray, span: float, min_gap: float = 0.08) -> 
     order = [0, *range(len(points) - 1, 0, -1)] if len(points) else []
     for i in order:
         far = all(np.hypot(*(points[i] - points[j])) > min_gap * span for j in kept)
-        if far and np.hypot(*points[i]) > min_gap * span / 2:
+        if far and np.hypot(*points[i]) > min_gap * span:
             kept.append(i)
     return sorted(kept)
 
