@@ -59,7 +59,8 @@ class LandscapeMonitor(Callback):
             which is then called once per fixed batch at every weight point a measurement
             evaluates (see :func:`~lightning_landscape.is_measuring` for its side effects).
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
-        seed: seed of every random probe and direction (identical on all ranks).
+        seed: seed of every random probe and direction (identical on all ranks); each
+            measurement's streams come from (seed, step, purpose) (:class:`MeasureContext`).
         prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
             monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
             monitors of one class different prefixes to log both: with the same prefix their
@@ -68,9 +69,10 @@ class LandscapeMonitor(Callback):
     Without ``loss_fn``, the module's ``training_step`` is the loss of every measurement: it runs
     on the fixed batches at every weight point evaluated (hundreds of calls per sharpness or
     trajectory measurement), with ``self.log`` silenced and ``pl_module.landscape_measuring``
-    True (False outside measurements, from setup on). Side effects kept in ``training_step`` (``self.training_step_outputs.append(loss)``, a
-    counter) run too: guard them with ``lightning_landscape.is_measuring(self)``, or pass
-    ``loss_fn``. A changed list length or number on the module is noticed and warned once.
+    True (False outside measurements, from setup on). Side effects kept in ``training_step``
+    (``self.training_step_outputs.append(loss)``, a counter) run too: guard them with
+    ``lightning_landscape.is_measuring(self)``, or pass ``loss_fn``. A changed list length or
+    number on the module is noticed and warned once.
 
     A measurement that fails (an exception from the estimate) is logged as NaN with a warning on
     one process; under DDP it is raised instead, since a failure on one rank only would leave the
