@@ -16,6 +16,7 @@ _LAZY = {
     "SharpnessMonitor": "lightning_landscape.callbacks.sharpness",
     "TrajectoryMonitor": "lightning_landscape.callbacks.trajectory",
     "Schedule": "lightning_landscape.callbacks.schedule",
+    "is_measuring": "lightning_landscape.callbacks._isolation",
     "EntropySGD": "lightning_landscape.optim",
     "EntropySGDCallback": "lightning_landscape.callbacks.entropy_sgd",
 }

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
+import torch
+
 
 def check_int(
     name: str, value: Any, *, low: int | None = None, allow_none: bool = False, what: str = ""
@@ -127,3 +129,25 @@ def check_callable(name: str, value: Any, *, allow_none: bool = False) -> Any:
         extra = " or None" if allow_none else ""
         raise TypeError(f"`{name}` must be callable{extra}, got {type(value).__name__}.")
     return value
+
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def check_floating_dtype(name: str, value: Any) -> torch.dtype:
+    """A floating ``torch.dtype``, given as itself or by name (``"float32"``).
+
+    Raises:
+        ValueError: if it is neither.
+    """
+    dtype = _DTYPES.get(value) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"`{name}` must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}."
+        )
+    return dtype

@@ -10,15 +10,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-try:  # pytorch-lightning >= 2.0
-    from pytorch_lightning.utilities import CombinedLoader
-except ImportError:  # pragma: no cover
-    CombinedLoader = ()  # type: ignore[assignment,misc]
+from lightning_landscape.callbacks._compat import COMBINED_LOADERS
 
 
 def _first_loader(source: Any) -> Iterable:
     """The first loader of the trainer's train dataloader (CombinedLoader, dict or list)."""
-    if isinstance(source, CombinedLoader):
+    if isinstance(source, COMBINED_LOADERS):
         source = source.iterables
     if isinstance(source, dict):
         source = next(iter(source.values()))

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_landscape.callbacks._compat import TENSORBOARD_LOGGERS
+from lightning_landscape.landscape import plots
 
 
 def warn_once(trainer: pl.Trainer | None, key: str, message: str) -> None:
@@ -39,7 +42,7 @@ def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
     if not trainer.is_global_zero:
         return None
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, TENSORBOARD_LOGGERS):
             return logger.experiment
     if trainer.loggers:
         warn_once(
@@ -64,23 +67,20 @@ def figure_dir(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def log_figure(trainer: pl.Trainer, tag: str, figure: Any, step: int | None = None) -> None:
-    """Send a matplotlib figure to TensorBoard and save a PNG copy; closes the figure."""
-    import matplotlib.pyplot as plt
-
+def log_figure(trainer: pl.Trainer, tag: str, figure: Figure, step: int | None = None) -> None:
+    """Send a ``matplotlib.figure.Figure`` to TensorBoard as an image and save a PNG copy in
+    :func:`figure_dir` (rank zero only)."""
+    if not trainer.is_global_zero:
+        return
     step = trainer.global_step if step is None else step
-    try:
-        writer = tensorboard(trainer, "figures")
-        if trainer.is_global_zero:
-            folder = figure_dir(trainer)
-            if folder is not None:
-                os.makedirs(folder, exist_ok=True)
-                name = tag.replace("/", "_") + f"_step{step}.png"
-                figure.savefig(os.path.join(folder, name), dpi=100)
-        if writer is not None:
-            writer.add_figure(tag, figure, global_step=step, close=False)
-    finally:
-        plt.close(figure)
+    folder = figure_dir(trainer)
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        name = tag.replace("/", "_") + f"_step{step}.png"
+        figure.savefig(os.path.join(folder, name), dpi=100)
+    writer = tensorboard(trainer, "figures")
+    if writer is not None:
+        writer.add_image(tag, plots.figure_pixels(figure), global_step=step, dataformats="HWC")
 
 
 def log_histogram(

@@ -14,32 +14,43 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_landscape.landscape.noise import temperature
+
+
+def _temperature(lr: float, batch: float, momentum: float = 0.0, dampening: float = 0.0) -> float:
+    """:func:`~lightning_landscape.landscape.noise.temperature`, NaN where it is undefined (a group
+    without ``lr``, momentum ≥ 1)."""
+    try:
+        return temperature(lr, batch, momentum=momentum, dampening=dampening)
+    except (TypeError, ValueError):
+        return math.nan
+
 
 def temperatures(
-    param_groups: Iterable[dict[str, Any]], batch: float, per_group: bool
+    param_groups: Iterable[dict[str, Any]], batch: float, per_group: bool, prefix: str = "noise"
 ) -> tuple[dict[str, float], bool]:
-    """The ``noise/temperature...`` keys of the parameter groups at global batch ``batch``, and
+    """The ``<prefix>/temperature...`` keys of the parameter groups at global batch ``batch``, and
     whether the per-group keys are logged (they are from the first step at which the groups'
     temperatures differ: ``per_group`` comes back True and stays so)."""
     plain, momentum = [], []
     for group in param_groups:
         lr = float(group.get("lr", math.nan))
-        plain.append(lr / (2 * batch))
+        plain.append(_temperature(lr, batch))
         if "momentum" in group:
             mu, damp = float(group["momentum"]), float(group.get("dampening", 0.0) or 0.0)
-            momentum.append(lr * (1 - damp) / (2 * batch * (1 - mu)) if mu < 1 else math.nan)
+            momentum.append(_temperature(lr, batch, mu, damp))
         else:
             momentum.append(None)
     if len(plain) > 1 and (len(set(plain)) > 1 or len(set(momentum)) > 1):
         per_group = True
-    out = {"noise/temperature": plain[0]}
+    out = {f"{prefix}/temperature": plain[0]}
     if momentum[0] is not None:
-        out["noise/temperature_momentum"] = momentum[0]
+        out[f"{prefix}/temperature_momentum"] = momentum[0]
     if per_group:
         for i in range(1, len(plain)):
-            out[f"noise/temperature/group_{i}"] = plain[i]
+            out[f"{prefix}/temperature/group_{i}"] = plain[i]
             if momentum[i] is not None:
-                out[f"noise/temperature_momentum/group_{i}"] = momentum[i]
+                out[f"{prefix}/temperature_momentum/group_{i}"] = momentum[i]
     return out, per_group
 
 
@@ -133,11 +144,11 @@ class GradientHooks:
             self.inv_size += 1.0 / size if size > 0 else math.nan
             self.num_small += 1
 
-    def reduce(self, num_batches: int) -> list[float]:
+    def reduce(self, num_micro_batches: int) -> list[float]:
         """``[Σ|gⱼ|², Σ 1/bⱼ, n, ranks not measured]`` over all ranks (a collective: every rank
-        runs it); a rank is not measured when its backward passes do not match its
-        ``num_batches`` batches."""
-        bad = self.num_small != num_batches or not math.isfinite(self.inv_size)
+        runs it); a rank is not measured when its backward passes do not match the
+        ``num_micro_batches`` batches of its step."""
+        bad = self.num_small != num_micro_batches or not math.isfinite(self.inv_size)
         small = self.small_sq if isinstance(self.small_sq, Tensor) else torch.zeros_like(self.acc)
         self.sums.update(small, self.inv_size if not bad else 0.0, self.num_small, bad)
         out = self.sums.compute().tolist()

@@ -3,7 +3,9 @@
 A :class:`LandscapeMonitor` owns a :class:`~.schedule.Schedule`, a set of fixed batches drawn
 once per fit, the module's own loss (``training_step`` or a user ``loss_fn``), the
 save-and-restore context that keeps training bit-identical, and the logging of scalars and
-figures. Subclasses implement :meth:`LandscapeMonitor.measure`.
+figures. Subclasses implement :meth:`LandscapeMonitor.measure` on a
+:class:`~lightning_landscape.callbacks.context.MeasureContext` and declare their keys in
+:meth:`LandscapeMonitor.metric_keys`.
 """
 
 from __future__ import annotations
@@ -11,55 +13,43 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp import reshard_all
 from lightning_landscape._core.sharding import is_fsdp2
-from lightning_landscape.callbacks import _logging, _progress
+from lightning_landscape.callbacks import _logging, _progress, _summary
 from lightning_landscape.callbacks._batches import draw_batches
-from lightning_landscape.callbacks._context import (
+from lightning_landscape.callbacks._compat import Callback
+from lightning_landscape.callbacks._errors import SetupError
+from lightning_landscape.callbacks._isolation import (
+    MARKER,
     Mode,
     cast_batch,
+    changed_attributes,
+    counted,
     forward_dtype,
     measurement_dtype,
     measuring,
     module_loss,
+    plain_attributes,
 )
-from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._sharded import refuse_sharded
+from lightning_landscape.callbacks._trainer_state import (
+    check_prefix,
+    epochs_done,
+    first_lr,
+    warn_shared_prefix,
+)
+from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature.kernels import explain
 from lightning_landscape.optim import anchor_in_parameters
-
-
-class MeasureContext:
-    """What a measurement works with (built fresh for each measurement).
-
-    Attributes:
-        module: the LightningModule (unwrapped, never the DDP wrapper).
-        params: its trainable parameters.
-        batches: this rank's fixed batches (on the module's device, in the measurement dtype).
-        loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
-        seed: the monitor's seed, identical on every rank.
-        step, epoch: the global step and completed-epoch count of this measurement.
-        status: ``status(what, done=None, total=None)`` shows progress in the progress bar.
-    """
-
-    def __init__(self, module, params, batches, loss_fn, seed, step, epoch, status=None) -> None:
-        self.status = status or (lambda what, done=None, total=None: None)
-        self.module = module
-        self.params = params
-        self.batches = batches
-        self.loss_fn = loss_fn
-        self.seed = seed
-        self.step = step
-        self.epoch = epoch
 
 
 class LandscapeMonitor(Callback):
@@ -70,9 +60,24 @@ class LandscapeMonitor(Callback):
             ``every_n_epochs=1``). Epoch e means the weights after e completed epochs (0 = start).
         num_batches: fixed training batches per rank, drawn at the start of fit.
         dataloader: draw the fixed batches from this iterable instead of the train dataloader.
-        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``,
+            which is then called once per fixed batch at every weight point a measurement
+            evaluates (see :func:`~lightning_landscape.is_measuring` for its side effects).
         mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
-        seed: seed of every random probe and direction (identical on all ranks).
+        seed: seed of every random probe and direction (identical on all ranks); each
+            measurement's streams come from (seed, step, purpose) (:class:`MeasureContext`).
+        prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
+            monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
+            monitors of one class different prefixes to log both: with the same prefix their
+            keys overwrite each other (a warning says so at setup).
+
+    Without ``loss_fn``, the module's ``training_step`` is the loss of every measurement: it runs
+    on the fixed batches at every weight point evaluated (hundreds of calls per sharpness or
+    trajectory measurement), with ``self.log`` silenced and ``pl_module.landscape_measuring``
+    True (False outside measurements, from setup on). Side effects kept in ``training_step``
+    (``self.training_step_outputs.append(loss)``, a counter) run too: guard them with
+    ``lightning_landscape.is_measuring(self)``, or pass ``loss_fn``. A changed list length or
+    number on the module is noticed and warned once.
 
     A measurement that fails (an exception from the estimate) is logged as NaN with one warning
     per fit giving the exception (and, for an operation PyTorch cannot differentiate twice, a
@@ -107,6 +112,7 @@ class LandscapeMonitor(Callback):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__()
         if epochs is None and every_n_epochs is None and every_n_steps is None:
@@ -124,6 +130,7 @@ class LandscapeMonitor(Callback):
         self.loss_fn = loss_fn
         self.mode = mode
         self.seed = seed
+        self.prefix = check_prefix(prefix, self.namespace)
         self.done: list[int] = []
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
@@ -131,16 +138,25 @@ class LandscapeMonitor(Callback):
         self.summary_path: str | None = None
 
     # ----------------------------------------------------------------- to implement
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
-        """Compute and return the scalars of one measurement (and log figures). Runs inside the
-        restore context; collectives are fine (every rank runs it)."""
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        """Compute and return the scalars of one measurement (a subset of :meth:`metric_keys`)
+        and hand figures to ``ctx.log_figure``. Under a Trainer it runs inside the
+        save-and-restore guard and on every rank (collectives are fine); by hand, on a context
+        built without a Trainer, it measures the module as it is."""
         raise NotImplementedError
 
+    def metric_keys(self) -> list[str]:
+        """Every scalar key a measurement may return (the wall time apart), declared once: the
+        keys of :meth:`measure` and of the NaN row of a failed measurement."""
+        raise NotImplementedError
+
+    def key(self, name: str) -> str:
+        """The logged key of the scalar or figure ``name`` (``"<prefix>/<name>"``)."""
+        return f"{self.prefix}/{name}"
+
     def nan_metrics(self) -> dict[str, float]:
-        """The keys to log as NaN when a measurement fails."""
-        return {}
+        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`."""
+        return dict.fromkeys(self.metric_keys(), math.nan)
 
     def summary_rows(self) -> list[dict[str, float]]:
         """The rows this monitor adds to the end-of-fit summary."""
@@ -148,13 +164,17 @@ class LandscapeMonitor(Callback):
 
     def seconds_key(self) -> str:
         """The key of the wall time of the measurement in progress."""
-        return f"{self.namespace}/seconds"
+        return self.key("seconds")
 
     # ----------------------------------------------------------------- Lightning hooks
     @property
     def state_key(self) -> str:
-        """Unique per configuration, so that several monitors of one class can coexist."""
+        """Unique per prefix and configuration, so that several monitors of one class coexist and
+        each finds its own state in a checkpoint (the default prefix is left out of the key, so
+        checkpoints written before prefixes existed still load)."""
+        named = {} if self.prefix == self.namespace else {"prefix": self.prefix}
         return self._generate_state_key(
+            **named,
             schedule=repr(self.schedule),
             seed=self.seed,
             mode=self.mode,
@@ -175,6 +195,8 @@ class LandscapeMonitor(Callback):
             "sharded parameters have no full Hessian-vector product or loss here",
             fsdp2=self.supports_sharded,
         )
+        warn_shared_prefix(trainer, self)
+        pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise SetupError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
@@ -195,13 +217,15 @@ class LandscapeMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.schedule.by_step:
-            self._maybe_measure(trainer, pl_module, trainer.current_epoch + 1, trainer.global_step)
+            self._maybe_measure(
+                trainer, pl_module, trainer.current_epoch + 1, trainer.global_step, epoch_end=True
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = None  # free the fixed batches
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
         if monitors and monitors[0] is self:  # one table for all monitors
-            self.summary_path = _progress.write_summary(trainer, monitors)
+            self.summary_path = _summary.write_summary(trainer, monitors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "history": [dict(h) for h in self.history]}
@@ -219,18 +243,23 @@ class LandscapeMonitor(Callback):
             )
         return self._batches
 
-    def _maybe_measure(self, trainer, pl_module, epoch: int, step: int) -> None:
+    def _maybe_measure(
+        self, trainer, pl_module, epoch: int, step: int, epoch_end: bool = False
+    ) -> None:
+        """Measure if the schedule says so: ``epoch`` is the schedule's whole epoch (the one whose
+        end this is), the row and the figures get the exact count (:func:`epochs_done`)."""
         if trainer.sanity_checking or step == self._last_step:
             return
         label = self.schedule.label(epoch, step)
         if not self.schedule.due(epoch, step) or label in self.done:
             return
         self._last_step = step
-        metrics = self.run_measurement(trainer, pl_module, epoch, step)
+        exact = epochs_done(trainer, epoch_end)
+        metrics = self.run_measurement(trainer, pl_module, exact, step)
         self.done.append(label)
-        self.history.append({"epoch": float(epoch), "step": float(step), **metrics})
+        self.history.append({"epoch": exact, "step": float(step), **metrics})
 
-    def run_measurement(self, trainer, pl_module, epoch: int, step: int) -> dict[str, float]:
+    def run_measurement(self, trainer, pl_module, epoch: float, step: int) -> dict[str, float]:
         """Measure now (whatever the schedule), log, and return the scalars."""
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
@@ -248,6 +277,8 @@ class LandscapeMonitor(Callback):
                 "MixedPrecisionPolicy the forward still runs in half precision: read "
                 "hessian/fd_error)."
             )
+        before = plain_attributes(pl_module) if self.loss_fn is None else None
+        calls = [0]
         start = time.perf_counter()
         # With Entropy-SGD the parameters hold the Langevin sample x' between outer steps: the
         # landscape is measured at the anchor x, the iterate of the algorithm.
@@ -258,17 +289,21 @@ class LandscapeMonitor(Callback):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches
             ctx = MeasureContext(
                 module=pl_module,
-                params=[p for p in pl_module.parameters() if p.requires_grad],
                 batches=used,
-                loss_fn=module_loss(pl_module, used, self.loss_fn),
+                loss_fn=counted(module_loss(pl_module, used, self.loss_fn), calls),
+                params=[p for p in pl_module.parameters() if p.requires_grad],
                 seed=self.seed,
                 step=step,
                 epoch=epoch,
+                lr=first_lr(trainer),
                 status=status,
+                draw_figures=_logging.wants_figures(trainer),
+                log_figure=partial(_logging.log_figure, trainer, step=step),
+                log_histogram=partial(_logging.log_histogram, trainer, step=step),
             )
             failed = False
             try:
-                metrics = self.measure(trainer, pl_module, ctx)
+                metrics = self.measure(ctx)
             except (RuntimeError, ValueError, FloatingPointError) as err:
                 if is_distributed():
                     # A failure on one rank only (out of memory, say) would leave the others
@@ -279,7 +314,7 @@ class LandscapeMonitor(Callback):
                 _logging.warn_once(
                     trainer,
                     f"{type(self).__name__}-failed-{type(err).__name__}-{str(err)[:80]}",
-                    f"{type(self).__name__}: the measurement at epoch {epoch}, step {step} failed "
+                    f"{type(self).__name__}: the measurement at epoch {epoch:g}, step {step} failed "
                     f"({type(err).__name__}: {err}).{explain(err)} NaN is logged and training "
                     "goes on (this warning is not repeated for the same failure).",
                 )
@@ -287,6 +322,8 @@ class LandscapeMonitor(Callback):
                 failed = True
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
+        if before is not None:
+            self._check_training_step(trainer, before, plain_attributes(pl_module), calls[0])
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad and not failed:  # a failure was warned about above, with its cause
             _logging.warn_once(
@@ -298,3 +335,20 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
+
+    def _check_training_step(
+        self, trainer: pl.Trainer, before: dict[str, Any], after: dict[str, Any], calls: int
+    ) -> None:
+        """One warning when the module's training_step, serving as the measurement's loss,
+        changed a plain attribute of the module (an outputs list, a counter)."""
+        changed = changed_attributes(before, after)
+        if changed:
+            _logging.warn_once(
+                trainer,
+                "training-step-side-effects",
+                f"{type(self).__name__} called the module's training_step {calls} times as the "
+                f"loss of a measurement, and it changed {', '.join(changed[:3])}. Side effects "
+                "in training_step also run during measurements: skip them while "
+                "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is "
+                "True, or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
+            )

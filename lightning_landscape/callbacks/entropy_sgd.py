@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.plugins.precision import MixedPrecision
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from lightning_landscape.callbacks._compat import (
+    DEEPSPEED_STRATEGIES,
+    FSDP_STRATEGIES,
+    MIXED_PRECISION,
+    MODEL_CHECKPOINTS,
+    Callback,
+)
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.optim.entropy_sgd import EntropySGD
 
@@ -84,23 +88,23 @@ class EntropySGDCallback(Callback):
                     "Use mode='batches'."
                 )
             precision = trainer.precision_plugin
-            if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+            if isinstance(precision, MIXED_PRECISION) and precision.scaler is not None:
                 raise SetupError(
                     "EntropySGD(mode='closure') cannot be used with fp16 gradient scaling: the "
                     "GradScaler calls `step()` without a closure. Use mode='batches' or bf16."
                 )
-            if isinstance(strategy, DeepSpeedStrategy):
+            if isinstance(strategy, DEEPSPEED_STRATEGIES):
                 raise SetupError(
                     "EntropySGD(mode='closure') cannot be used with DeepSpeed, which steps the "
                     "optimizer itself without re-evaluating the closure. Use mode='batches'."
                 )
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if isinstance(strategy, FSDP_STRATEGIES + DEEPSPEED_STRATEGIES):
             rank_zero_warn(
                 f"EntropySGD under {type(strategy).__name__} is untested: every rank draws the "
                 "same noise sequence for its own shard, so shards get correlated noise."
             )
         if any(
-            isinstance(cb, ModelCheckpoint) and cb.save_weights_only for cb in trainer.callbacks
+            isinstance(cb, MODEL_CHECKPOINTS) and cb.save_weights_only for cb in trainer.callbacks
         ) and any(opt.mode == "batches" and opt.L > 1 for opt in optimizers):
             rank_zero_warn(
                 "EntropySGDCallback: Lightning skips `on_save_checkpoint` for weights-only "

@@ -12,13 +12,13 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_bool, check_positive, check_positive_int
 from lightning_landscape._core.sharding import is_fsdp2
-from lightning_landscape.callbacks import _logging
-from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks._errors import SetupError
+from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
+from lightning_landscape.landscape import plots
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -68,8 +68,8 @@ class HessianMonitor(LandscapeMonitor):
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
             2x faster per product, measured; memory of that many activations with their
             gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -77,7 +77,8 @@ class HessianMonitor(LandscapeMonitor):
             without ``loss_fn``, ``top_k`` above the number of parameters or unknown
             ``per_module`` names.
 
-    Logged metrics (at the global step of each measurement):
+    Logged metrics (at the global step of each measurement; ``hessian`` is the default
+    ``prefix``):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
         - ``hessian/min_eigenvalue``: the most negative (smallest) eigenvalue.
         - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
@@ -129,6 +130,7 @@ class HessianMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -139,6 +141,7 @@ class HessianMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         for name, value in (
             ("top_k", top_k),
@@ -184,6 +187,7 @@ class HessianMonitor(LandscapeMonitor):
         self.per_module = per_module
         self.fd_step = None if fd_step is None else check_positive("fd_step", fd_step)
         self.hvp = hvp
+        self._block_names: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -199,17 +203,27 @@ class HessianMonitor(LandscapeMonitor):
                 raise SetupError(
                     f"`per_module` names unknown submodules {missing}; known: {sorted(names)[:20]}."
                 )
+        self._block_names = [name for name, _ in _blocks(pl_module, self.per_module)]
 
-    def nan_metrics(self) -> dict[str, float]:
-        keys = [f"hessian/eigenvalue_{i + 1}" for i in range(self.top_k)]
-        keys += ["hessian/min_eigenvalue"] if self.min_eigenvalue else []
-        keys += ["hessian/trace", "hessian/trace_stderr"] if self.trace else []
-        keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
-        return dict.fromkeys(keys, math.nan)
+    def metric_keys(self) -> list[str]:
+        keys = [self.key(f"eigenvalue_{i + 1}") for i in range(self.top_k)]
+        keys += [self.key("min_eigenvalue")] if self.min_eigenvalue else []
+        keys += [self.key("trace"), self.key("trace_stderr")] if self.trace else []
+        keys += [self.key(k) for k in ("eos_ratio", "num_matvecs", "converged")]
+        for name in self._block_names:
+            keys += [self.key(f"{name}/eigenvalue_1"), self.key(f"{name}/num_matvecs")]
+            keys += (
+                [self.key(f"{name}/trace"), self.key(f"{name}/trace_stderr")] if self.trace else []
+            )
+        return keys
 
-    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
-        """The analysis of the block ``params`` and, for a sharded module, the finite-difference
-        error of its top eigenvalue."""
+    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
+        """One :func:`analyze` of the Hessian of ``params`` (the whole spectrum when ``block`` is
+        None, else the top eigenvalue and trace of that diagonal block) and, for a sharded
+        module, the finite-difference error of its top eigenvalue."""
+        full = block is None
+        salt = () if full else (block,)
+        seed = ctx.seed_for("operator", *salt)
         if is_fsdp2(ctx.module):
             op = ShardedHessianOperator(
                 ctx.loss_fn,
@@ -217,10 +231,11 @@ class HessianMonitor(LandscapeMonitor):
                 ctx.batches,
                 params=None if params is ctx.module else params,
                 step=self.fd_step,
-                seed=ctx.seed,
+                seed=seed,
             )
         else:
-            op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+            op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=seed)
+        what = "full Hessian" if full else f"block {block}"
         op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
         try:
             result = analyze(
@@ -234,7 +249,7 @@ class HessianMonitor(LandscapeMonitor):
                 density_probes=self.density_probes,
                 tol=self.tol,
                 max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
-                seed=ctx.seed + ctx.step,
+                seed=ctx.seed_for("analyze", *salt),
             )
             fd: dict[str, float] = {}
             if isinstance(op, ShardedHessianOperator):
@@ -250,42 +265,34 @@ class HessianMonitor(LandscapeMonitor):
         finally:
             op.release()
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
-        result, fd = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
-        out: dict[str, float] = {f"hessian/{k}": v for k, v in fd.items()}
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        result, fd = self._analyze(ctx, ctx.module, self.top_k, block=None)
+        out: dict[str, float] = {self.key(k): v for k, v in fd.items()}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
-            out[f"hessian/eigenvalue_{i + 1}"] = values[i] if i < len(values) else math.nan
+            out[self.key(f"eigenvalue_{i + 1}")] = values[i] if i < len(values) else math.nan
         if result.smallest is not None:
-            out["hessian/min_eigenvalue"] = float(result.smallest.eigenvalues[0])
+            out[self.key("min_eigenvalue")] = float(result.smallest.eigenvalues[0])
         if result.trace is not None:
-            out["hessian/trace"] = result.trace.estimate
-            out["hessian/trace_stderr"] = result.trace.stderr
-        lr = _first_lr(trainer)
-        out["hessian/eos_ratio"] = out["hessian/eigenvalue_1"] * lr / 2
-        out["hessian/converged"] = float(result.top.converged)
+            out[self.key("trace")] = result.trace.estimate
+            out[self.key("trace_stderr")] = result.trace.stderr
+        out[self.key("eos_ratio")] = out[self.key("eigenvalue_1")] * ctx.lr / 2
+        out[self.key("converged")] = float(result.top.converged)
         total = result.num_matvecs
-        for name, params in _blocks(pl_module, self.per_module):
-            block, _ = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
-            out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
+        blocks = _blocks(ctx.module, self.per_module)
+        self._block_names = [name for name, _ in blocks]
+        for name, params in blocks:
+            block, _ = self._analyze(ctx, params, 1, block=name)
+            out[self.key(f"{name}/eigenvalue_1")] = float(block.top.eigenvalues[0])
             if block.trace is not None:
-                out[f"hessian/{name}/trace"] = block.trace.estimate
-                out[f"hessian/{name}/trace_stderr"] = block.trace.stderr
-            out[f"hessian/{name}/num_matvecs"] = float(block.num_matvecs)
+                out[self.key(f"{name}/trace")] = block.trace.estimate
+                out[self.key(f"{name}/trace_stderr")] = block.trace.stderr
+            out[self.key(f"{name}/num_matvecs")] = float(block.num_matvecs)
             total += block.num_matvecs
-        out["hessian/num_matvecs"] = float(total)
-        if result.density is not None and _logging.wants_figures(trainer):
-            _log_density(trainer, result.density, ctx.step)
+        out[self.key("num_matvecs")] = float(total)
+        if result.density is not None and ctx.draw_figures:
+            _log_density(ctx, self.key, result.density)
         return out
-
-
-def _first_lr(trainer: pl.Trainer) -> float:
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return math.nan
 
 
 def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
@@ -303,28 +310,17 @@ def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple
     ]
 
 
-def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None:
-    """The SLQ density as a log-scale figure and as a histogram."""
+def _log_density(ctx: MeasureContext, key: Callable[[str], str], density: DensityResult) -> None:
+    """The SLQ density as a figure (log density, log counts per bin) and as a histogram."""
     if not torch.isfinite(density.nodes).all():
         return
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     grid = density.grid(800)
-    values = density.evaluate(grid).clamp(min=1e-12)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(grid.numpy(), values.numpy(), color="tab:blue")
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density (log scale)")
-    ax.set_ylim(bottom=max(float(values.max()) * 1e-8, 1e-12))
-    ax.set_title(f"Hessian eigenvalue density, step {step} (SLQ)")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    _logging.log_figure(trainer, "hessian/spectral_density", fig, step)
     edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
     centers = (edges[1:] + edges[:-1]) / 2
     width = float(edges[1] - edges[0])
     counts = density.evaluate(centers) * width * density.dim
-    _logging.log_histogram(trainer, "hessian/eigenvalue_histogram", edges, counts, step)
+    fig = plots.density_figure(
+        grid, density.evaluate(grid), edges, counts, dim=density.dim, where=f"at step {ctx.step}"
+    )
+    ctx.log_figure(key("spectral_density"), fig)
+    ctx.log_histogram(key("eigenvalue_histogram"), edges, counts)

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_landscape._core.batches import default_batch_size
@@ -14,8 +13,10 @@ from lightning_landscape._core.checks import check_bool, check_callable, check_r
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_sharded import ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
+from lightning_landscape.callbacks._trainer_state import check_prefix, warn_shared_prefix
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.landscape.noise import (
@@ -78,12 +79,15 @@ class NoiseTemperatureMonitor(Callback):
         ema_decay: decay β in [0, 1) of the EMA of |G|² and tr(Σ), per measured step.
         batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size of the batch's
             first tensor.
+        prefix: the first part of every key (default ``"noise"``); give two monitors different
+            prefixes to log both.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for the FSDP (v1)
             and DeepSpeed strategies.
 
-    Logged metrics (at the global step s of the update, before it is applied):
+    Logged metrics (at the global step s of the update, before it is applied; ``noise`` is the
+    default ``prefix``):
         - ``noise/temperature``: η / (2B) of parameter group 0.
         - ``noise/temperature_momentum``: η (1 − d) / (2B (1 − μ)) of group 0 (groups with a
           ``momentum`` entry).
@@ -115,6 +119,7 @@ class NoiseTemperatureMonitor(Callback):
         noise_scale: bool = True,
         ema_decay: float = 0.95,
         batch_size_fn: Callable[[Any], int] | None = None,
+        prefix: str | None = None,
     ) -> None:
         super().__init__()
         self.schedule = Schedule(every_n_steps=every_n_steps)
@@ -127,6 +132,7 @@ class NoiseTemperatureMonitor(Callback):
         self.noise_scale = noise_scale
         self.ema_decay = float(ema_decay)
         self.batch_size_fn = batch_size_fn
+        self.prefix = check_prefix(prefix, "noise")
         self.ema = NoiseScaleEMA(self.ema_decay)
         self.per_group = False
         self._state_key: str | None = None
@@ -139,8 +145,9 @@ class NoiseTemperatureMonitor(Callback):
     def state_key(self) -> str:
         # Lightning reads it at every hook call (profiler names): computed once
         if self._state_key is None:
+            named = {} if self.prefix == "noise" else {"prefix": self.prefix}
             self._state_key = self._generate_state_key(
-                every_n_steps=self.every_n_steps, ema=self.ema_decay
+                **named, every_n_steps=self.every_n_steps, ema=self.ema_decay
             )
         return self._state_key
 
@@ -162,6 +169,7 @@ class NoiseTemperatureMonitor(Callback):
             "gradient",
             fsdp2=True,
         )
+        warn_shared_prefix(trainer, self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()
@@ -271,8 +279,10 @@ class NoiseTemperatureMonitor(Callback):
         automatic = pl_module.automatic_optimization
         accumulate = trainer.accumulate_grad_batches if automatic else 1
         batch = effective_batch_size(self._sizes, trainer.world_size, accumulate)
-        temps, self.per_group = temperatures(optimizer.param_groups, batch, self.per_group)
-        metrics = {"noise/batch_size": batch, **temps}
+        temps, self.per_group = temperatures(
+            optimizer.param_groups, batch, self.per_group, self.prefix
+        )
+        metrics = {f"{self.prefix}/batch_size": batch, **temps}
         if self._hooks.attached:
             metrics.update(self._noise(trainer, accumulate if automatic else 1))
         _logging.log_scalars(trainer, metrics, step)
@@ -314,7 +324,7 @@ class NoiseTemperatureMonitor(Callback):
         )
         self.ema.update(estimate)
         return {
-            "noise/gradient_noise_scale": self.ema.noise_scale,
-            "noise/trace_covariance": self.ema.trace_covariance,
-            "noise/grad_norm_sq": self.ema.grad_norm_sq,
+            f"{self.prefix}/gradient_noise_scale": self.ema.noise_scale,
+            f"{self.prefix}/trace_covariance": self.ema.trace_covariance,
+            f"{self.prefix}/grad_norm_sq": self.ema.grad_norm_sq,
         }

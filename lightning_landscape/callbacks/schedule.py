@@ -100,3 +100,14 @@ class Schedule:
     def label(self, epoch: int, step: int) -> int:
         """The key under which a measurement is remembered (epoch or step)."""
         return step if self.by_step else epoch
+
+
+def describe(epoch: float, step: int, by_step: bool = False) -> str:
+    """How figures name the weights of a measurement: ``"step 120"`` for a schedule by steps,
+    ``"epoch 3"`` after whole epochs, ``"epoch 1.40 (step 7)"`` when the fit stopped mid-epoch
+    (``max_steps``)."""
+    if by_step:
+        return f"step {step}"
+    if float(epoch).is_integer():
+        return f"epoch {int(epoch)}"
+    return f"epoch {epoch:.2f} (step {step})"

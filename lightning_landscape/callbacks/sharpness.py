@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -15,10 +14,9 @@ from lightning_landscape._core.checks import (
     check_positive_values,
     check_real,
 )
-from lightning_landscape._core.random import make_generator
 from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape._core.vectors import ParamVector
-from lightning_landscape.callbacks._context import Mode
+from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.landscape.sharded import ShardedBatchObjective
 from lightning_landscape.landscape.sharpness import (
@@ -74,16 +72,17 @@ class SharpnessMonitor(LandscapeMonitor):
         epsilon: Keskar's box size ε, or a list.
         ascent_steps: ascent steps of the worst-case measures (1 = first order).
         average_samples: directions of the average case (≥ 2; two losses each).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``.
 
-    Logged metrics (at the global step of each measurement; when a measure has several values,
-    its keys end in ``_rho<value>``, ``_sigma<value>`` or ``_eps<value>``, e.g.
-    ``sharpness/sam_rho0.05``, ``sharpness/average_stderr_sigma0.01``):
+    Logged metrics (at the global step of each measurement, ``sharpness`` being the default
+    ``prefix``; when a measure has several values, its keys end in ``_rho<value>``,
+    ``_sigma<value>`` or ``_eps<value>``, e.g. ``sharpness/sam_rho0.05``,
+    ``sharpness/average_stderr_sigma0.01``):
         - ``sharpness/sam``: SAM ρ-sharpness (a loss difference).
         - ``sharpness/adaptive``: adaptive (ASAM) sharpness.
         - ``sharpness/average``, ``sharpness/average_stderr``: average-case sharpness, its stderr.
@@ -123,6 +122,7 @@ class SharpnessMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -133,6 +133,7 @@ class SharpnessMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         if isinstance(kinds, str) or not isinstance(kinds, Sequence):
             raise TypeError(f"`kinds` must be a list of measure names, got {kinds!r}.")
@@ -170,18 +171,15 @@ class SharpnessMonitor(LandscapeMonitor):
                 out.append((kind, v, f"_{_PARAM[kind]}{v:g}" if several else ""))
         return out
 
-    def nan_metrics(self) -> dict[str, float]:
+    def metric_keys(self) -> list[str]:
         keys = []
         for kind, _, suffix in self._grid():
-            keys.append(f"sharpness/{kind}{suffix}")
+            keys.append(self.key(f"{kind}{suffix}"))
             if kind == "average":
-                keys.append(f"sharpness/average_stderr{suffix}")
-        keys += ["sharpness/num_forward", "sharpness/num_backward"]
-        return dict.fromkeys(keys, math.nan)
+                keys.append(self.key(f"average_stderr{suffix}"))
+        return keys + [self.key("num_forward"), self.key("num_backward")]
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
         if is_fsdp2(ctx.module):
             objective = ShardedBatchObjective(ctx.loss_fn, ctx.module, ctx.batches)
             w = objective.get()
@@ -191,8 +189,8 @@ class SharpnessMonitor(LandscapeMonitor):
             objective = BatchObjective(ctx.loss_fn, pv, ctx.batches)
         base = objective.value_and_grad(w)
         out: dict[str, float] = {}
-        for index, (kind, value, suffix) in enumerate(self._grid()):
-            gen = make_generator(ctx.seed + 1_000_003 * ctx.step + 7_919 * index)
+        for kind, value, suffix in self._grid():
+            gen = ctx.generator(kind, f"{value:g}")
             if kind == "average":
                 res = average_sharpness(
                     objective,
@@ -202,7 +200,7 @@ class SharpnessMonitor(LandscapeMonitor):
                     generator=gen,
                     base_loss=base[0],
                 )
-                out[f"sharpness/average_stderr{suffix}"] = res.stderr
+                out[self.key(f"average_stderr{suffix}")] = res.stderr
             elif kind == "keskar":
                 res = keskar_sharpness(
                     objective, w, value, steps=self.ascent_steps, generator=gen, base=base
@@ -221,7 +219,7 @@ class SharpnessMonitor(LandscapeMonitor):
                 res = sam_sharpness(
                     objective, w, value, steps=self.ascent_steps, generator=gen, base=base
                 )
-            out[f"sharpness/{kind}{suffix}"] = res.sharpness
-        out["sharpness/num_forward"] = float(objective.num_forward)
-        out["sharpness/num_backward"] = float(objective.num_backward)
+            out[self.key(f"{kind}{suffix}")] = res.sharpness
+        out[self.key("num_forward")] = float(objective.num_forward)
+        out[self.key("num_backward")] = float(objective.num_backward)
         return out

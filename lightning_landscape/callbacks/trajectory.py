@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,20 +11,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
-from lightning_landscape._core.checks import check_bool, check_positive_int
+from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
-from lightning_landscape.callbacks._context import Mode
-from lightning_landscape.callbacks._trajectory_parts import (
-    floating_dtype,
-    log_curve_figures,
-    log_pca_figure,
-    log_slice_figures,
-    pca_picture,
-    slice_picture,
-    thin_snapshots,
-)
+from lightning_landscape.callbacks._isolation import Mode
+from lightning_landscape.callbacks._trainer_state import epochs_done
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.callbacks.schedule import describe
+from lightning_landscape.landscape import plots
+from lightning_landscape.landscape.pictures import pca_picture, slice_picture
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
 
 
@@ -70,15 +64,16 @@ class TrajectoryMonitor(LandscapeMonitor):
             (smallest step gap between its two neighbours) is dropped, with a warning the first
             time; the initial and the latest snapshots are always kept.
         snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
-            see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
+            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
             or manual optimization without ``loss_fn``; at train start, if restored snapshots do
             not match the number of trainable parameters.
 
-    Logged metrics (at the global step of each measurement; distances in weight units):
+    Logged metrics (at the global step of each measurement; distances in weight units;
+    ``trajectory`` is the default ``prefix``):
         - ``trajectory/loss`` (and ``trajectory/<metric_name>``): at the current weights.
         - ``trajectory/distance_from_init``: ‖θ_current − θ_init‖.
         - ``trajectory/step_distance``: ‖θ_current − θ_previous snapshot‖.
@@ -131,6 +126,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
+        prefix: str | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -141,6 +137,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             loss_fn=loss_fn,
             mode=mode,
             seed=seed,
+            prefix=prefix,
         )
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
         check_positive_int("grid_size", grid_size)
@@ -161,7 +158,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             raise ValueError(
                 f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
             )
-        dtype = floating_dtype(snapshot_dtype)
+        dtype = check_floating_dtype("snapshot_dtype", snapshot_dtype)
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.grid_size, self.slices = grid_size, slices
@@ -174,13 +171,13 @@ class TrajectoryMonitor(LandscapeMonitor):
         self._final = False
         self.pictures: list[dict[str, float]] = []  # the fit-end pictures' scalars
         self._warned_thin = False
-        self._points = self._forward = 0
         self._space = self._passes = self._layout = None  # set per measurement when sharded
+        self._points = self._forward = 0
 
     # ----------------------------------------------------------------- snapshots and state
     def _label(self, i: int) -> str:
         snaps = self.snapshots
-        return f"step {snaps.steps[i]}" if self.schedule.by_step else f"epoch {snaps.epochs[i]}"
+        return describe(snaps.epochs[i], snaps.steps[i], self.schedule.by_step)
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | self.snapshots.state_dict()
@@ -215,21 +212,25 @@ class TrajectoryMonitor(LandscapeMonitor):
         if self.picture_at_end and not drawn:
             self._final = True
             try:
-                epoch, step = trainer.current_epoch, trainer.global_step
+                epoch, step = epochs_done(trainer, epoch_end=True), trainer.global_step
                 metrics = self.run_measurement(trainer, pl_module, epoch, step)
-                self.pictures.append({"epoch": float(epoch), "step": float(step), **metrics})
+                self.pictures.append({"epoch": epoch, "step": float(step), **metrics})
             finally:
                 self._final = False
 
     def summary_rows(self) -> list[dict[str, float]]:
         return self.history + self.pictures
 
-    def nan_metrics(self) -> dict[str, float]:
-        keys = ["pca_explained_variance", "off_plane_distance"]
-        if not self._final:
-            keys = ["loss", "distance_from_init", "step_distance", "barrier", "step_barrier"]
-            keys += ["monotonic"] + ([self.metric_name] if self.metric_fn else [])
-        return {f"trajectory/{k}": math.nan for k in keys}
+    def metric_keys(self) -> list[str]:
+        picture = ["pca_explained_variance", "off_plane_distance"]
+        if self._final:  # the fit-end picture: its own cost keys, not a second point at its step
+            names = [*picture, "picture_num_forward"]
+        else:
+            names = ["loss", "distance_from_init", "step_distance", "barrier", "step_barrier"]
+            names += ["monotonic", *([self.metric_name] if self.metric_fn else [])]
+            names += picture if self.pictures_every_measurement else []
+            names += ["num_snapshots", "num_forward"]
+        return [self.key(n) for n in names]
 
     # ----------------------------------------------------------------- measurement
     def _value_fn(self, ctx: MeasureContext, pv: Any, what: str, metric: bool = False):
@@ -249,9 +250,7 @@ class TrajectoryMonitor(LandscapeMonitor):
 
         return value
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
         pv = flat_parameters(ctx.module)
         self._space, self._passes, self._layout = None, None, None
         if isinstance(pv, ShardLayout):
@@ -265,75 +264,103 @@ class TrajectoryMonitor(LandscapeMonitor):
             if not self._final:
                 if self.snapshots.steps[-1] != ctx.step:
                     self.snapshots.add(theta, ctx.epoch, ctx.step)
-                out.update(self._curves(trainer, ctx, pv, theta))
+                out.update(self._curves(ctx, pv, theta))
             if self._final or self.pictures_every_measurement:
-                out.update(self._picture(trainer, ctx, pv, theta))
-        self._warned_thin = thin_snapshots(self.snapshots, self.max_snapshots, self._warned_thin)
-        if self._final:  # the fit-end picture: its own cost keys, not a second point at this step
-            out["trajectory/picture_num_forward"] = float(self._forward)
+                out.update(self._picture(ctx, pv, theta))
+        self._thin()
+        if self._final:
+            out[self.key("picture_num_forward")] = float(self._forward)
             return out
-        out["trajectory/num_snapshots"] = float(len(self.snapshots))
-        out["trajectory/num_forward"] = float(self._forward)
+        out[self.key("num_snapshots")] = float(len(self.snapshots))
+        out[self.key("num_forward")] = float(self._forward)
         return out
 
     def seconds_key(self) -> str:
-        return "trajectory/picture_seconds" if self._final else super().seconds_key()
+        return self.key("picture_seconds") if self._final else super().seconds_key()
 
-    def _curves(self, trainer, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict:
+    def _thin(self) -> None:
+        """Keep at most ``max_snapshots`` snapshots (:meth:`Snapshots.thin`), with one warning the
+        first time one is dropped."""
+        steps = list(self.snapshots.steps)
+        dropped = self.snapshots.thin(self.max_snapshots)
+        if dropped and not self._warned_thin:
+            self._warned_thin = True
+            rank_zero_warn(
+                f"TrajectoryMonitor: more than max_snapshots={self.max_snapshots} snapshots; "
+                f"dropped the one at step {steps[dropped[0]]} and will thin older ones from now "
+                "on (the initial and latest are kept). Raise `max_snapshots` to keep them all."
+            )
+
+    def _curves(self, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict[str, float]:
         value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)
-        name = f"trajectory/{self.metric_name}"
+        metric = self.key(self.metric_name)
         cur = len(self.snapshots) - 1
         if cur == 0:  # the first snapshot: nothing to interpolate yet
             vals = value(theta)
-            out = {"trajectory/loss": vals[0], "trajectory/distance_from_init": 0.0}
-            return out | ({name: vals[1]} if len(vals) > 1 else {})
-        snaps, space = self.snapshots.tensors, self._space
-        curves = {"init_to_current": interpolate(value, snaps[0], theta, self.alphas, space=space)}
+            out = {self.key("loss"): vals[0], self.key("distance_from_init"): 0.0}
+            return out | ({metric: vals[1]} if len(vals) > 1 else {})
+        curves = {
+            "init_to_current": interpolate(
+                value, self.snapshots.tensors[0], theta, self.alphas, space=self._space
+            )
+        }
         curves["prev_to_current"] = (
             curves["init_to_current"]
             if cur == 1
-            else interpolate(value, snaps[cur - 1], theta, self.alphas, space=space)
+            else interpolate(
+                value, self.snapshots.tensors[cur - 1], theta, self.alphas, space=self._space
+            )
         )
         self.last_curves = curves
         init, prev = curves["init_to_current"], curves["prev_to_current"]
         end = init.values[self.alphas == 1][0].tolist()
         out = {
-            "trajectory/loss": end[0],
-            "trajectory/distance_from_init": init.distance,
-            "trajectory/step_distance": prev.distance,
-            "trajectory/barrier": init.barrier,
-            "trajectory/step_barrier": prev.barrier,
-            "trajectory/monotonic": float(init.monotonic),
-        } | ({name: end[1]} if len(end) > 1 else {})
-        starts = [("init", init, self._label(0)), ("prev", prev, self._label(cur - 1))]
-        log_curve_figures(trainer, starts, self._label(cur), self.metric_name, ctx.step)
+            self.key("loss"): end[0],
+            self.key("distance_from_init"): init.distance,
+            self.key("step_distance"): prev.distance,
+            self.key("barrier"): init.barrier,
+            self.key("step_barrier"): prev.barrier,
+            self.key("monotonic"): float(init.monotonic),
+        } | ({metric: end[1]} if len(end) > 1 else {})
+        if ctx.draw_figures:
+            for name, curve, start in (("init", init, 0), ("prev", prev, cur - 1)):
+                fig = plots.interpolation_figure(
+                    curve, start_label=self._label(start), end_label=self._label(cur),
+                    metric_name=self.metric_name, show_monotonic=name == "init",
+                )  # fmt: skip
+                ctx.log_figure(self.key(f"loss_{name}_to_current"), fig)
         return out
 
-    def _picture(self, trainer, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict:
+    def _picture(self, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict[str, float]:
         value = self._value_fn(ctx, pv, "landscape picture")
         out: dict[str, float] = {}
         self.last_picture = {}
-        here = f"step {ctx.step}" if self.schedule.by_step else f"epoch {ctx.epoch}"
+        here = describe(ctx.epoch, ctx.step, self.schedule.by_step)
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]
-            out, self.last_picture = pca_picture(
-                value, snaps, theta, grid_size=self.grid_size, seed=self.seed, space=self._space
-            )
-            labels = [self._label(i) for i in others]
-            log_pca_figure(trainer, self.last_picture, labels, here, ctx.step)
-        if self.slices:
-            self.last_picture.update(
-                slice_picture(
-                    value,
-                    ctx.module,
-                    ctx.params,
-                    theta,
-                    num_points=self.num_points,
-                    grid_size=self.grid_size,
-                    seed=self.seed,
-                    layout=self._layout,
+            scalars, self.last_picture = pca_picture(
+                value, snaps, theta, grid_size=self.grid_size, seed=ctx.seed_for("pca"),
+                space=self._space,
+            )  # fmt: skip
+            out = {self.key(k): v for k, v in scalars.items()}
+            if ctx.draw_figures:
+                pic = self.last_picture
+                labels = [self._label(i) for i in others]
+                fig = plots.trajectory_figure(
+                    pic["pca"], pic["xs"], pic["ys"], pic["loss"], labels, current_label=here
                 )
-            )
-            log_slice_figures(trainer, self.last_picture, here, ctx.step)
+                ctx.log_figure(self.key("pca_landscape"), fig)
+        if self.slices:
+            pic = slice_picture(
+                value, ctx.module, ctx.params, theta, num_points=self.num_points,
+                grid_size=self.grid_size, seed=ctx.seed_for("slices"), layout=self._layout,
+            )  # fmt: skip
+            self.last_picture.update(pic)
+            if ctx.draw_figures:
+                fig = plots.slice_1d_figure(pic["slice_t"], pic["slice_1d"], where=f"at {here}")
+                ctx.log_figure(self.key("slice_1d"), fig)
+                grid = pic["slice_grid"]
+                fig = plots.slice_2d_figure(grid, grid, pic["slice_2d"], where=f"at {here}")
+                ctx.log_figure(self.key("slice_2d"), fig)
         return out

@@ -48,16 +48,16 @@ class Snapshots:
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
         self.tensors: list[Tensor] = []
-        self.epochs: list[int] = []
+        self.epochs: list[float] = []  # completed epochs, fractional mid-epoch
         self.steps: list[int] = []
 
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def add(self, theta: Tensor, epoch: int, step: int) -> None:
+    def add(self, theta: Tensor, epoch: float, step: int) -> None:
         """Store a copy of the flat vector ``theta``."""
         self.tensors.append(theta.detach().reshape(-1).to("cpu", self.dtype).clone())
-        self.epochs.append(int(epoch))
+        self.epochs.append(float(epoch))
         self.steps.append(int(step))
 
     def thin(self, max_count: int) -> list[int]:
@@ -82,7 +82,7 @@ class Snapshots:
 
     def load_state_dict(self, state: dict) -> None:
         self.tensors = [t.to("cpu", self.dtype) for t in state.get("snapshots", [])]
-        self.epochs = [int(e) for e in state.get("snapshot_epochs", [])]
+        self.epochs = [float(e) for e in state.get("snapshot_epochs", [])]
         self.steps = [int(s) for s in state.get("snapshot_steps", [])]
 
 
@@ -287,14 +287,21 @@ def pca_plane(
     )
 
 
-def plane_grid(coords: Tensor, size: int, pad: float = 0.25) -> tuple[Tensor, Tensor]:
+def plane_grid(
+    coords: Tensor, size: int, pad: float = 0.25, *, square: bool = False
+) -> tuple[Tensor, Tensor]:
     """Grid axes spanning the 2-D points ``coords`` and the origin, padded by ``pad`` times the
-    larger of the two spans on every side (both axes get the same padding)."""
+    larger of the two spans on every side (both axes get the same padding). With ``square`` both
+    axes also get the same length (the larger span, centred on the points), so that a picture
+    drawn with equal aspect, which keeps angles and distances true, fills its axes."""
     check_positive_int("size", size)
     pts = torch.cat([coords[:, :2].to(torch.float64), torch.zeros(1, 2, dtype=torch.float64)])
     lo, hi = pts.min(0).values, pts.max(0).values
     span = float((hi - lo).max())
     margin = pad * span if span > 0 else 1.0
+    if square:
+        center, half = (lo + hi) / 2, span / 2 + margin
+        lo, hi = center - half + margin, center + half - margin
     return (
         torch.linspace(float(lo[0]) - margin, float(hi[0]) + margin, size, dtype=torch.float64),
         torch.linspace(float(lo[1]) - margin, float(hi[1]) + margin, size, dtype=torch.float64),

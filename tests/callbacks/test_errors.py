@@ -22,7 +22,9 @@ def test_setup_error_is_both_a_misconfiguration_and_a_value_error():
 
 def test_every_setup_refusal_raises_setup_error():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), optimizers=[])
-    with pytest.raises(SetupError, match=r"does not support the FSDPStrategy strategy: FSDP \(v1\)"):
+    with pytest.raises(
+        SetupError, match=r"does not support the FSDPStrategy strategy: FSDP \(v1\)"
+    ):
         refuse_sharded(trainer, "Owner", "why")
 
     manual = SimpleNamespace(automatic_optimization=False)

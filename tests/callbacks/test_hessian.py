@@ -11,71 +11,19 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor
+from lightning_landscape._core.random import derive_seed
 from lightning_landscape.curvature import HessianOperator, analyze, dense_hessian
 
-
-class Net(pl.LightningModule):
-    def __init__(self, bn: bool = False, dropout: float = 0.0, dtype=torch.float64):
-        super().__init__()
-        layers = [nn.Linear(6, 8)]
-        if bn:
-            layers.append(nn.BatchNorm1d(8))
-        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)]
-        self.net = nn.Sequential(*layers).to(dtype)
-        self.nan = False
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss * math.nan if self.nan else loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
-
-
-def dataset(n=40, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-    )
-
-
-def trainer(tmp_path, callbacks=(), max_epochs=2, logger=True, **kw):
-    if logger is True:
-        logger = TensorBoardLogger(str(tmp_path), name="tb")
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=logger,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
-
-
-def scalars(log_dir):
-    ea = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    ea.Reload()
-    return ea
+from ._helpers import Classifier, events, make_trainer, random_classes
 
 
 def test_logged_tags_and_value_equal_dense_oracle(tmp_path):
     pl.seed_everything(0)
-    data = dataset()
+    data = random_classes()
     fixed = [
         (data.tensors[0][:7], data.tensors[1][:7]),
         (data.tensors[0][7:20], data.tensors[1][7:20]),
@@ -89,11 +37,11 @@ def test_logged_tags_and_value_equal_dense_oracle(tmp_path):
         num_batches=2,
         dataloader=fixed,
     )
-    model = Net(bn=True, dropout=0.3)
-    t = trainer(tmp_path, [mon], max_epochs=2)
+    model = Classifier(bn=True, dropout=0.3)
+    t = make_trainer(tmp_path, [mon], max_epochs=2)
     t.fit(model, DataLoader(data, batch_size=8, shuffle=True))
 
-    ea = scalars(t.logger.log_dir)
+    ea = events(t.logger.log_dir)
     tags = set(ea.Tags()["scalars"])
     expected = {f"hessian/eigenvalue_{i}" for i in (1, 2, 3)} | {
         "hessian/min_eigenvalue",
@@ -127,9 +75,9 @@ def test_logged_tags_and_value_equal_dense_oracle(tmp_path):
 
 def fit_params(tmp_path, callbacks, epochs=3):
     pl.seed_everything(7)
-    model = Net(bn=True, dropout=0.5)
-    t = trainer(tmp_path, callbacks, max_epochs=epochs)
-    t.fit(model, DataLoader(dataset(), batch_size=8, shuffle=True))
+    model = Classifier(bn=True, dropout=0.5)
+    t = make_trainer(tmp_path, callbacks, max_epochs=epochs)
+    t.fit(model, DataLoader(random_classes(), batch_size=8, shuffle=True))
     return model.state_dict()
 
 
@@ -147,7 +95,7 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
 
 def test_per_module_blocks_match_dense_diagonal_blocks(tmp_path):
     pl.seed_everything(1)
-    data = dataset()
+    data = random_classes()
     fixed = [(data.tensors[0][:16], data.tensors[1][:16])]
     mon = HessianMonitor(
         epochs=[1],
@@ -158,8 +106,8 @@ def test_per_module_blocks_match_dense_diagonal_blocks(tmp_path):
         dataloader=fixed,
         min_eigenvalue=False,
     )
-    model = Net()
-    t = trainer(tmp_path, [mon], max_epochs=1)
+    model = Classifier()
+    t = make_trainer(tmp_path, [mon], max_epochs=1)
     t.fit(model, DataLoader(data, batch_size=8))
     H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
     sizes = [p.numel() for p in model.parameters()]
@@ -179,17 +127,19 @@ def test_per_module_blocks_match_dense_diagonal_blocks(tmp_path):
 
 
 def test_resume_continues_the_schedule(tmp_path):
-    data = dataset()
+    data = random_classes()
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_epochs=1)
     pl.seed_everything(3)
     mon = HessianMonitor(every_n_epochs=1, trace=False)
-    t = trainer(tmp_path, [mon, ckpt], max_epochs=2, enable_checkpointing=True)
-    t.fit(Net(), DataLoader(data, batch_size=8))
+    t = make_trainer(tmp_path, [mon, ckpt], max_epochs=2, enable_checkpointing=True)
+    t.fit(Classifier(), DataLoader(data, batch_size=8))
     assert mon.done == [0, 1, 2]
 
     mon2 = HessianMonitor(every_n_epochs=1, trace=False)
-    t2 = trainer(tmp_path, [mon2], max_epochs=4, enable_checkpointing=True)
-    t2.fit(Net(), DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    t2 = make_trainer(tmp_path, [mon2], max_epochs=4, enable_checkpointing=True)
+    t2.fit(
+        Classifier(), DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+    )
     assert mon2.done == [0, 1, 2, 3, 4]
     assert [int(h["epoch"]) for h in mon2.history] == [0, 1, 2, 3, 4]
     steps = [int(h["step"]) for h in mon2.history]
@@ -197,21 +147,21 @@ def test_resume_continues_the_schedule(tmp_path):
 
 
 def test_nan_loss_warns_and_logs_nan(tmp_path):
-    model = Net()
+    model = Classifier()
     model.nan = True
     mon = HessianMonitor(epochs=[0])
-    t = trainer(tmp_path, [mon], max_epochs=1, max_steps=1)
+    t = make_trainer(tmp_path, [mon], max_epochs=1, max_steps=1)
     with pytest.warns(UserWarning, match="non-finite"):
-        t.fit(model, DataLoader(dataset(), batch_size=8))
+        t.fit(model, DataLoader(random_classes(), batch_size=8))
     assert math.isnan(mon.history[0]["hessian/eigenvalue_1"])
 
 
 def test_other_logger_gets_scalars_and_one_warning(tmp_path):
     mon = HessianMonitor(epochs=[0, 1], density=True, trace=False)
-    t = trainer(tmp_path, [mon], max_epochs=1, logger=CSVLogger(str(tmp_path)))
+    t = make_trainer(tmp_path, [mon], max_epochs=1, logger=CSVLogger(str(tmp_path)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t.fit(Net(), DataLoader(dataset(), batch_size=8))
+        t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
     msgs = [str(w.message) for w in caught if "TensorBoard only" in str(w.message)]
     assert len(msgs) == 1
     text = open(os.path.join(t.logger.log_dir, "metrics.csv")).read()
@@ -220,17 +170,17 @@ def test_other_logger_gets_scalars_and_one_warning(tmp_path):
 
 def test_half_precision_parameters_are_upcast(tmp_path):
     mon = HessianMonitor(epochs=[0])
-    model = Net(dtype=torch.float32)
-    t = trainer(tmp_path, [mon], max_epochs=1, max_steps=1, precision="bf16-true")
-    t.fit(model, DataLoader(dataset(dtype=torch.float32), batch_size=8))
+    model = Classifier(dtype=torch.float32)
+    t = make_trainer(tmp_path, [mon], max_epochs=1, max_steps=1, precision="bf16-true")
+    t.fit(model, DataLoader(random_classes(dtype=torch.float32), batch_size=8))
     assert math.isfinite(mon.history[0]["hessian/eigenvalue_1"])
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_every_n_steps_schedule(tmp_path):
     mon = HessianMonitor(every_n_steps=2, trace=False, min_eigenvalue=False)
-    t = trainer(tmp_path, [mon], max_epochs=1)
-    t.fit(Net(), DataLoader(dataset(), batch_size=8))  # 5 steps
+    t = make_trainer(tmp_path, [mon], max_epochs=1)
+    t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))  # 5 steps
     assert mon.done == [0, 2, 4]
 
 
@@ -260,7 +210,7 @@ def test_setup_refuses_sharded_strategies_and_manual_optimization():
     from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 
     mon = HessianMonitor()
-    module = Net()
+    module = Classifier()
     for cls in (FSDPStrategy, DeepSpeedStrategy):
         fake = types.SimpleNamespace(strategy=cls.__new__(cls))
         with pytest.raises(ValueError, match="does not support the"):
@@ -275,7 +225,9 @@ def test_setup_refuses_sharded_strategies_and_manual_optimization():
 def test_setup_rejects_unknown_block_names(tmp_path):
     mon = HessianMonitor(per_module=["net.0", "nope"])
     with pytest.raises(ValueError, match="unknown submodules"):
-        trainer(tmp_path, [mon], max_epochs=1).fit(Net(), DataLoader(dataset(), batch_size=8))
+        make_trainer(tmp_path, [mon], max_epochs=1).fit(
+            Classifier(), DataLoader(random_classes(), batch_size=8)
+        )
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -287,11 +239,12 @@ class RecordingHessianMonitor(HessianMonitor):
         super().__init__(**kw)
         self.out = out
 
-    def measure(self, trainer, pl_module, ctx):
-        metrics = super().measure(trainer, pl_module, ctx)
+    def measure(self, ctx):
+        metrics = super().measure(ctx)
         batches = [tuple(t.detach().cpu() for t in b) for b in ctx.batches]
-        torch.save(batches, f"{self.out}.batches{trainer.global_rank}")
-        if trainer.is_global_zero:
+        rank = torch.distributed.get_rank()
+        torch.save(batches, f"{self.out}.batches{rank}")
+        if rank == 0:
             torch.save(metrics, self.out)
         return metrics
 
@@ -299,9 +252,9 @@ class RecordingHessianMonitor(HessianMonitor):
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    data = dataset(n=42)
+    data = random_classes(n=42)
     pl.seed_everything(5)
-    model = Net()
+    model = Classifier()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     kw = {"epochs": [0], "top_k": 2, "num_batches": 3, "tol": 1e-8, "trace_probes": 20, "seed": 11}
     mon = RecordingHessianMonitor(out, **kw)
@@ -323,12 +276,19 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     # The same batches on one process: the union of what each rank measured on.
     union = [b for rank in range(2) for b in torch.load(f"{out}.batches{rank}")]
     assert len(union) == 6 and sorted(len(b[1]) for b in union) == [5, 5, 8, 8, 8, 8]
-    single = Net()
+    single = Classifier()
     single.load_state_dict(init)
     single.eval()
     op = HessianOperator(lambda b: F.cross_entropy(single(b[0]), b[1]), single, union)
     ref = analyze(
-        op, top_k=2, smallest=True, trace=True, trace_probes=20, tol=1e-8, max_steps=200, seed=11
+        op,
+        top_k=2,
+        smallest=True,
+        trace=True,
+        trace_probes=20,
+        tol=1e-8,
+        max_steps=200,
+        seed=derive_seed(11, 0, "analyze"),  # the monitor's stream: (seed, step, purpose)
     )
     m = got
     assert m["hessian/eigenvalue_1"] == pytest.approx(float(ref.top.eigenvalues[0]), rel=1e-9)
@@ -346,11 +306,11 @@ def test_persistent_workers_loader_is_not_disturbed(tmp_path):
 
     def run(callbacks):
         pl.seed_everything(2)
-        model = Net()
+        model = Classifier()
         loader = DataLoader(
-            dataset(n=32), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True
+            random_classes(n=32), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True
         )
-        trainer(tmp_path, callbacks, max_epochs=1, logger=False).fit(model, loader)
+        make_trainer(tmp_path, callbacks, max_epochs=1, logger=False).fit(model, loader)
         return model.state_dict()
 
     plain = run([])
@@ -362,10 +322,49 @@ def test_persistent_workers_loader_is_not_disturbed(tmp_path):
 def test_two_monitors_of_one_class_coexist_and_top_k_is_checked(tmp_path):
     a = HessianMonitor(epochs=[0], trace=False)
     b = HessianMonitor(epochs=[0], trace=False, mode="train")
-    t = trainer(tmp_path, [a, b], max_epochs=1, max_steps=1)
-    t.fit(Net(), DataLoader(dataset(), batch_size=8))
+    t = make_trainer(tmp_path, [a, b], max_epochs=1, max_steps=1)
+    t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
     assert a.done == [0] and b.done == [0]
     with pytest.raises(ValueError, match="exceeds the"):
-        trainer(tmp_path, [HessianMonitor(top_k=1000)], max_epochs=1).fit(
-            Net(), DataLoader(dataset(), batch_size=8)
+        make_trainer(tmp_path, [HessianMonitor(top_k=1000)], max_epochs=1).fit(
+            Classifier(), DataLoader(random_classes(), batch_size=8)
         )
+
+
+def test_two_monitors_with_prefixes_log_separate_keys_and_resume(tmp_path):
+    def monitors():
+        return [
+            HessianMonitor(every_n_epochs=1, trace=False, prefix="hessian_a"),
+            HessianMonitor(every_n_epochs=1, trace=False, top_k=2, prefix="hessian_b"),
+        ]
+
+    data = random_classes()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_epochs=1)
+    a, b = monitors()
+    t = make_trainer(tmp_path, [a, b, ckpt], max_epochs=1, enable_checkpointing=True)
+    t.fit(Classifier(), DataLoader(data, batch_size=8))
+    tags = set(events(t.logger.log_dir).Tags()["scalars"])
+    assert {"hessian_a/eigenvalue_1", "hessian_b/eigenvalue_1", "hessian_b/eigenvalue_2"} <= tags
+    assert "hessian_a/eigenvalue_2" not in tags and not any(k.startswith("hessian/") for k in tags)
+    assert a.state_key != b.state_key
+
+    a2, b2 = monitors()
+    t2 = make_trainer(tmp_path, [a2, b2], max_epochs=2, enable_checkpointing=True)
+    t2.fit(
+        Classifier(), DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+    )
+    assert a2.done == b2.done == [0, 1, 2]
+    assert [sorted(k for k in h if k.startswith("hessian_b/eigenvalue")) for h in b2.history] == [
+        ["hessian_b/eigenvalue_1", "hessian_b/eigenvalue_2"]
+    ] * 3
+    assert all("hessian_a/eigenvalue_1" in h for h in a2.history)
+
+
+def test_monitors_sharing_a_prefix_get_one_warning(tmp_path):
+    a = HessianMonitor(epochs=[0], trace=False)
+    b = HessianMonitor(epochs=[0], trace=False, seed=1)
+    t = make_trainer(tmp_path, [a, b], max_epochs=1, max_steps=1, logger=False)
+    with pytest.warns(UserWarning, match="both log under the prefix 'hessian'"):
+        t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
+    with pytest.raises(ValueError, match="`prefix` must be a non-empty str without '/'"):
+        HessianMonitor(prefix="a/b")

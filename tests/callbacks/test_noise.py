@@ -1,15 +1,11 @@
 """NoiseTemperatureMonitor in real Trainers: temperature, noise scale, DDP, resume, errors."""
 
-import glob
 import math
-import os
 import types
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
@@ -22,6 +18,8 @@ from lightning_landscape.landscape.sharpness import (
     keskar_sharpness,
     sam_sharpness,
 )
+
+from ._helpers import make_trainer, scalars
 
 D = torch.float64
 
@@ -69,41 +67,14 @@ def _data(n, d=3, seed=1):
     return x, y
 
 
-def _trainer(tmp_path, callbacks, **kwargs):
-    kwargs.setdefault("max_epochs", 2)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=kwargs.pop("devices", 1),
-        logger=TensorBoardLogger(tmp_path),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def _scalars(path):
-    """{tag: {step: value}} of every TensorBoard event file under ``path``."""
-    out = {}
-    for folder in sorted(
-        {os.path.dirname(f) for f in glob.glob(f"{path}/**/events.*", recursive=True)}
-    ):
-        acc = EventAccumulator(folder, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
 def test_temperature_with_accumulation_short_batch_momentum_and_groups(tmp_path):
     """14 samples, batches of 4 → 4, 4, 4, 2; accumulate 2 → steps over [4, 4] and [4, 2]."""
     x, y = _data(14)
     model = Regression(lr=0.2, momentum=0.9, groups=True, decay=True)
     monitor = NoiseTemperatureMonitor()
-    trainer = _trainer(tmp_path, [monitor], accumulate_grad_batches=2)
+    trainer = make_trainer(tmp_path, [monitor], accumulate_grad_batches=2)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
-    logged = _scalars(tmp_path)
+    logged = scalars(tmp_path)
     assert sorted(logged["noise/temperature"]) == [0, 1, 2, 3]
     for step in range(4):
         lr = 0.2 / (1 + step)
@@ -136,14 +107,14 @@ def test_noise_scale_with_accumulation_converges_to_exact(tmp_path):
     sampler = RandomSampler(range(512), replacement=True, num_samples=steps * batch * accumulate)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, sampler=sampler)
     monitor = NoiseTemperatureMonitor(every_n_steps=1, ema_decay=0.998)
-    trainer = _trainer(tmp_path, [monitor], accumulate_grad_batches=accumulate, max_epochs=1)
+    trainer = make_trainer(tmp_path, [monitor], accumulate_grad_batches=accumulate, max_epochs=1)
     pl.seed_everything(0)
     trainer.fit(model, loader)
     xb = torch.cat([x, torch.ones(512, 1, dtype=D)], 1)
     residual = model.lin(x).squeeze(-1).detach() - y
     per_sample = 2 * residual[:, None] * xb  # gradient of (xᵀw + b − y)² in (w, b)
     exact = exact_noise_scale(per_sample)
-    logged = _scalars(tmp_path)
+    logged = scalars(tmp_path)
     last = max(logged["noise/gradient_noise_scale"])
     assert last == steps - 1 and monitor.ema.count == steps
     assert logged["noise/gradient_noise_scale"][last] == pytest.approx(exact.noise_scale, rel=0.1)
@@ -155,10 +126,10 @@ def test_noise_scale_with_accumulation_converges_to_exact(tmp_path):
 def test_one_device_without_accumulation_logs_temperature_only(tmp_path):
     x, y = _data(16)
     monitor = NoiseTemperatureMonitor(every_n_steps=2)
-    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
     with pytest.warns(UserWarning, match="no second batch size"):
         trainer.fit(Regression(optimizer="adam"), DataLoader(TensorDataset(x, y), batch_size=4))
-    logged = _scalars(tmp_path)
+    logged = scalars(tmp_path)
     assert sorted(logged["noise/temperature"]) == [0, 2]  # every 2 of 4 steps
     assert logged["noise/temperature"][2] == pytest.approx(0.1 / 8, rel=1e-6)
     noise_keys = {k for k in logged if k.startswith("noise/")}
@@ -187,9 +158,9 @@ def test_manual_optimization(tmp_path):
     x, y = _data(16)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     model = ManualEveryTwo()
-    trainer = _trainer(tmp_path / "a", [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1)
+    trainer = make_trainer(tmp_path / "a", [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1)
     trainer.fit(model, loader)
-    logged = _scalars(tmp_path / "a")
+    logged = scalars(tmp_path / "a")
     assert logged["noise/batch_size"] == {0: 4.0, 1: 4.0}
     xb = torch.cat([x, torch.ones(16, 1, dtype=D)], 1)
     theta = torch.cat([model.lin.weight.detach().reshape(-1), model.lin.bias.detach()])
@@ -202,7 +173,7 @@ def test_manual_optimization(tmp_path):
         big_sq = float((sum(smalls) / 2).pow(2).sum())
         assert logged["noise/grad_norm_sq"][step] == pytest.approx(2 * big_sq - small_sq, rel=1e-5)
     split = NoiseTemperatureMonitor()
-    trainer = _trainer(tmp_path / "b", [split], max_epochs=1)
+    trainer = make_trainer(tmp_path / "b", [split], max_epochs=1)
     with pytest.warns(UserWarning, match="do not match its batches"):
         trainer.fit(ManualEveryTwo(split=True), loader)
     assert split.ema.count == 0
@@ -216,15 +187,15 @@ def test_batch_size_fn_and_unreadable_batches(tmp_path):
     x, y = _data(16)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     monitor = NoiseTemperatureMonitor(batch_size_fn=lambda batch: 100)
-    _trainer(tmp_path / "a", [monitor], accumulate_grad_batches=2, max_epochs=1).fit(
+    make_trainer(tmp_path / "a", [monitor], accumulate_grad_batches=2, max_epochs=1).fit(
         Regression(), loader
     )
-    assert set(_scalars(tmp_path / "a")["noise/batch_size"].values()) == {200.0}
+    assert set(scalars(tmp_path / "a")["noise/batch_size"].values()) == {200.0}
     monitor = NoiseTemperatureMonitor(batch_size_fn=_unreadable)
-    trainer = _trainer(tmp_path / "b", [monitor], accumulate_grad_batches=2, max_epochs=1)
+    trainer = make_trainer(tmp_path / "b", [monitor], accumulate_grad_batches=2, max_epochs=1)
     with pytest.warns(UserWarning, match="cannot tell the batch size"):
         trainer.fit(Regression(), loader)
-    assert not any(k.startswith("noise/") for k in _scalars(tmp_path / "b"))
+    assert not any(k.startswith("noise/") for k in scalars(tmp_path / "b"))
     assert monitor.ema.count == 0
 
 
@@ -232,16 +203,16 @@ def test_resume_continues_steps_and_ema(tmp_path):
     x, y = _data(16)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     first = NoiseTemperatureMonitor(ema_decay=0.5)
-    trainer = _trainer(tmp_path / "a", [first], accumulate_grad_batches=2, max_epochs=2)
+    trainer = make_trainer(tmp_path / "a", [first], accumulate_grad_batches=2, max_epochs=2)
     trainer.fit(Regression(), loader)
     ckpt = str(tmp_path / "a.ckpt")
     trainer.save_checkpoint(ckpt)
     assert first.ema.count == 4
     second = NoiseTemperatureMonitor(ema_decay=0.5)
-    trainer = _trainer(tmp_path / "b", [second], accumulate_grad_batches=2, max_epochs=4)
+    trainer = make_trainer(tmp_path / "b", [second], accumulate_grad_batches=2, max_epochs=4)
     trainer.fit(Regression(), loader, ckpt_path=ckpt)
     assert second.ema.count == 8
-    before, after = _scalars(tmp_path / "a"), _scalars(tmp_path / "b")
+    before, after = scalars(tmp_path / "a"), scalars(tmp_path / "b")
     assert sorted(before["noise/temperature"]) == [0, 1, 2, 3]
     assert sorted(after["noise/temperature"]) == [4, 5, 6, 7]  # no repeat, no skip
     torch.load(ckpt, weights_only=True)  # the callback state is plain
@@ -321,7 +292,7 @@ def test_ddp_spawn_temperature_noise_scale_and_sharpness(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=B_DDP, sampler=RankShard(N_DDP, W))
     noise = NoiseTemperatureMonitor(ema_decay=0.0)  # the last step's estimates, unsmoothed
     sharp = SharpnessMonitor(num_batches=2, ascent_steps=3, average_samples=2, rho=0.05)
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         [noise, sharp],
         devices=W,
@@ -331,7 +302,7 @@ def test_ddp_spawn_temperature_noise_scale_and_sharpness(tmp_path):
         use_distributed_sampler=False,
     )
     trainer.fit(Regression(momentum=0.9, decay=True), loader)
-    logged = _scalars(tmp_path)
+    logged = scalars(tmp_path)
     steps, weights, xb, shards = _sgd_replay(x, y)
     assert sorted(logged["noise/temperature"]) == [0, 1, 2, 3]
     for s, (lr, b, smalls) in enumerate(steps):
@@ -370,3 +341,14 @@ def test_ddp_spawn_temperature_noise_scale_and_sharpness(tmp_path):
         assert logged["sharpness/keskar"][step] == pytest.approx(kes.sharpness, rel=1e-5)
         assert math.isfinite(logged["sharpness/average"][step])
         assert logged["sharpness/average_stderr"][step] >= 0
+
+
+def test_prefix_names_the_keys_and_the_state(tmp_path):
+    x, y = _data(16)
+    plain, other = NoiseTemperatureMonitor(), NoiseTemperatureMonitor(prefix="noise_b")
+    trainer = make_trainer(tmp_path, [plain, other], accumulate_grad_batches=2, max_epochs=1)
+    trainer.fit(Regression(), DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = scalars(tmp_path)
+    assert logged["noise_b/temperature"] == logged["noise/temperature"]
+    assert sorted(logged["noise_b/gradient_noise_scale"]) == sorted(logged["noise/grad_norm_sq"])
+    assert plain.state_key != other.state_key

@@ -94,17 +94,17 @@ class Recording:
         super().__init__(**kw)
         self.out, self.count = out, 0
 
-    def measure(self, trainer, pl_module, ctx):
-        metrics = super().measure(trainer, pl_module, ctx)
+    def measure(self, ctx):
+        metrics = super().measure(ctx)
         record = {
             "batches": [tuple(t.detach().cpu() for t in b) for b in ctx.batches],
-            "weights": full_params(pl_module),
+            "weights": full_params(ctx.module),
             "metrics": metrics,
             "step": ctx.step,
             "picture": dict(getattr(self, "last_picture", {})),
             "final": getattr(self, "_final", False),
         }
-        name = f"{type(self).__name__}-{self.count}-{trainer.global_rank}.pt"
+        name = f"{type(self).__name__}-{self.count}-{torch.distributed.get_rank()}.pt"
         torch.save(record, os.path.join(self.out, name))
         self.count += 1
         return metrics
@@ -241,7 +241,7 @@ def _context(model, record, seed, union):
             p.copy_(w)
     params = list(model.parameters())
     loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
-    return MeasureContext(model, params, union, loss, seed, record["step"], 0)
+    return MeasureContext(model, union, loss, params=params, seed=seed, step=record["step"])
 
 
 class PlainModule(nn.Module):
@@ -307,13 +307,12 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
     assert m["hessian/fd_step"] == 1e-3 and 0 < m["hessian/fd_error"] < 1e-4 * abs(top)
     assert abs(m["hessian/trace"] - float(H.trace())) <= 4 * m["hessian/trace_stderr"]
 
-    fake = types.SimpleNamespace(is_global_zero=True, loggers=[])
     # SharpnessMonitor: the same measures on one process, the union, the same directions
     rec = _records(out, "RecordingSharpness", 0)
     union = [b for r in rec for b in r["batches"]]
     model = PlainModule()
     ctx = _context(model, rec[0], SHARPNESS["seed"], union)
-    single = SharpnessMonitor(**SHARPNESS).measure(fake, model, ctx)
+    single = SharpnessMonitor(**SHARPNESS).measure(ctx)
     for key, value in single.items():
         if key.startswith("sharpness/num_"):  # passes over each rank's own batches
             assert rec[0]["metrics"][key] == value / WORLD
@@ -333,7 +332,7 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
         if index == 0:
             single.snapshots.add(torch.cat([w.reshape(-1) for w in rec[0]["weights"]]), 0, 0)
         single._final = rec[0]["final"]
-        expected = single.measure(fake, model, ctx)
+        expected = single.measure(ctx)
         assert set(expected) == set(rec[0]["metrics"]) - {"trajectory/seconds"}
         for key, value in expected.items():
             for r in range(WORLD):

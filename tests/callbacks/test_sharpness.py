@@ -1,15 +1,11 @@
 """SharpnessMonitor in real Trainers (and both monitors together: training is unchanged)."""
 
-import glob
 import math
-import os
 import types
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,6 +17,8 @@ from lightning_landscape.landscape.sharpness import (
     keskar_sharpness,
     sam_sharpness,
 )
+
+from ._helpers import make_trainer, scalars
 
 D = torch.float64
 
@@ -59,31 +57,6 @@ def _data(n=32, seed=1):
     return x, torch.sin(x.sum(1)) + 0.1 * torch.randn(n, generator=g, dtype=D)
 
 
-def _trainer(tmp_path, callbacks, **kwargs):
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(tmp_path),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def _scalars(path):
-    out = {}
-    for folder in sorted(
-        {os.path.dirname(f) for f in glob.glob(f"{path}/**/events.*", recursive=True)}
-    ):
-        acc = EventAccumulator(folder, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
 def _flat_loss(model, x, y):
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
@@ -111,11 +84,11 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
         num_batches=2,
         dataloader=fixed,
     )
-    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
     model = Net()
     f, w0 = _flat_loss(Net(), x[:16], y[:16])  # the initial weights
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
-    logged = _scalars(tmp_path)
+    logged = scalars(tmp_path)
     keys = {
         "sharpness/sam_rho0.01",
         "sharpness/sam_rho0.05",
@@ -156,7 +129,7 @@ def test_bit_identical_training_with_both_monitors(tmp_path):
     def run(callbacks, folder):
         pl.seed_everything(0)
         model = Net(bn=True)
-        trainer = _trainer(folder, callbacks, max_epochs=3, accumulate_grad_batches=2)
+        trainer = make_trainer(folder, callbacks, max_epochs=3, accumulate_grad_batches=2)
         trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
         return model
 
@@ -169,7 +142,7 @@ def test_bit_identical_training_with_both_monitors(tmp_path):
     watched = run(monitors, tmp_path / "watched")
     for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    logged = _scalars(tmp_path / "watched")
+    logged = scalars(tmp_path / "watched")
     assert sorted(logged["sharpness/keskar"]) == [0, 3, 6, 9]
     assert len(logged["noise/temperature"]) == 9
     # 5 batches an epoch, accumulate 2: the epoch's last step has one backward pass on one
@@ -181,16 +154,16 @@ def test_resume_continues_the_schedule(tmp_path):
     x, y = _data()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     first = SharpnessMonitor(every_n_epochs=1, kinds=["sam"], ascent_steps=2, num_batches=1)
-    trainer = _trainer(tmp_path / "a", [first], max_epochs=2)
+    trainer = make_trainer(tmp_path / "a", [first], max_epochs=2)
     trainer.fit(Net(), loader)
     ckpt = str(tmp_path / "a.ckpt")
     trainer.save_checkpoint(ckpt)
     second = SharpnessMonitor(every_n_epochs=1, kinds=["sam"], ascent_steps=2, num_batches=1)
-    trainer = _trainer(tmp_path / "b", [second], max_epochs=4)
+    trainer = make_trainer(tmp_path / "b", [second], max_epochs=4)
     trainer.fit(Net(), loader, ckpt_path=ckpt)
     assert first.done == [0, 1, 2]
     assert second.done == [0, 1, 2, 3, 4]
-    assert sorted(_scalars(tmp_path / "b")["sharpness/sam"]) == [12, 16]  # epochs 3, 4 only
+    assert sorted(scalars(tmp_path / "b")["sharpness/sam"]) == [12, 16]  # epochs 3, 4 only
 
 
 def test_nan_loss_logs_nan_and_warns(tmp_path):
@@ -200,7 +173,7 @@ def test_nan_loss_logs_nan_and_warns(tmp_path):
         return module.training_step(batch, 0) * math.nan
 
     monitor = SharpnessMonitor(epochs=[0], loss_fn=nan_loss, kinds=["sam", "average"])
-    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
     assert math.isnan(monitor.history[0]["sharpness/sam"])

@@ -2,10 +2,16 @@
 
 :func:`measuring` sets the module up for a measurement (eval or train mode, ``self.log``
 silenced, autocast off, half-precision parameters upcast to float32, the default dtype of
-Lightning's "true" precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs) and
-restores afterwards, bit for bit: parameters, buffers (BatchNorm statistics), every module's
-train/eval flag, every RNG (CPU and CUDA), the default dtype, the compiler stance and the
-backend flags are exactly as they were, whatever happened inside.
+Lightning's "true" precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs, the
+marker ``module.landscape_measuring`` set) and restores afterwards, bit for bit: parameters,
+buffers (BatchNorm statistics), every module's train/eval flag, every RNG (CPU and CUDA), the
+default dtype, the compiler stance and the backend flags are exactly as they were, whatever
+happened inside.
+
+What the guard cannot restore is what the user's own ``training_step`` does besides returning
+the loss (it serves as the loss of a measurement, called once per fixed batch and weight point):
+the marker lets it tell (:func:`is_measuring`), and :func:`plain_attributes` lets the monitor
+notice a changed attribute cheaply and say so.
 """
 
 from __future__ import annotations
@@ -22,6 +28,51 @@ from lightning_landscape.curvature import kernels
 
 Mode = Literal["eval", "train"]
 _HALF = (torch.float16, torch.bfloat16)
+MARKER = "landscape_measuring"
+
+
+def is_measuring(module: torch.nn.Module) -> bool:
+    """True while a lightning-landscape monitor measures ``module``.
+
+    During a measurement the module's ``training_step`` serves as the loss: it is called once
+    per fixed batch at every weight point the monitor evaluates (hundreds of calls for a
+    sharpness or trajectory measurement), at moved weights, with ``self.log`` silenced. Side
+    effects kept in ``training_step`` (``self.training_step_outputs.append(loss)``, counters)
+    would see those calls; skip them while measuring::
+
+        def training_step(self, batch, batch_idx):
+            loss = ...
+            if not is_measuring(self):  # or: not self.landscape_measuring
+                self.training_step_outputs.append(loss.detach())
+            return loss
+
+    or give the monitor a ``loss_fn(pl_module, batch)`` that computes the loss alone.
+    """
+    return bool(getattr(module, MARKER, False))
+
+
+def plain_attributes(module: torch.nn.Module) -> dict[str, Any]:
+    """A cheap fingerprint of the module's public plain attributes: numbers, strings and bools
+    by value, lists, tuples, dicts and sets by length (tensors and submodules are left out)."""
+    out: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or name == MARKER:
+            continue
+        if isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif isinstance(value, list | tuple | dict | set):
+            out[name] = ("length", len(value))
+    return out
+
+
+def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``"name (before → after)"`` for every attribute whose fingerprint changed."""
+
+    def show(v: Any) -> str:
+        return "absent" if v is None else (f"length {v[1]}" if isinstance(v, tuple) else repr(v))
+
+    names = [k for k in {**before, **after} if before.get(k) != after.get(k)]
+    return [f"{k} ({show(before.get(k))} → {show(after.get(k))})" for k in names]
 
 
 def _silence_logging(module: pl.LightningModule) -> Callable[[], None]:
@@ -108,6 +159,8 @@ def measuring(
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     device_type = params[0].device.type if params else "cpu"
     undo_log = _silence_logging(module)
+    marked = {name: module.__dict__[name] for name in (MARKER,) if name in module.__dict__}
+    module.__dict__[MARKER] = True
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
@@ -124,6 +177,8 @@ def measuring(
             yield
     finally:
         undo_log()
+        module.__dict__.pop(MARKER, None)
+        module.__dict__.update(marked)
         for p, data in half_data.items():
             p.data = data
         for b, data in half_bufs.items():
@@ -166,3 +221,13 @@ def module_loss(
         return out.reshape(())
 
     return loss
+
+
+def counted(loss_fn: Callable[[Any], Tensor], calls: list[int]) -> Callable[[Any], Tensor]:
+    """``loss_fn`` that counts its calls in ``calls[0]``."""
+
+    def counted(batch: Any) -> Tensor:
+        calls[0] += 1
+        return loss_fn(batch)
+
+    return counted

@@ -1,6 +1,5 @@
 """TrajectoryMonitor under real Trainers: logged tags and values, snapshots, resume, DDP,
-bit-identity, errors. (Named ``test_trajectory_monitor.py``: the test folders have no
-``__init__.py``, and ``tests/landscape/test_trajectory.py`` holds the pure-math tests.)"""
+bit-identity, errors."""
 
 import math
 import os
@@ -10,18 +9,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import TrajectoryMonitor
+from lightning_landscape._core.random import derive_seed
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.landscape.directions import (
     filter_normalized_directions,
     normalization_parameters,
 )
 from lightning_landscape.landscape.trajectory import pca_plane
+
+from ._helpers import Classifier, events, learnable_classes, make_trainer
 
 SCALARS = {
     "trajectory/loss",
@@ -46,59 +45,13 @@ IMAGES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Net(pl.LightningModule):
-    def __init__(self, bn: bool = False, dropout: float = 0.0):
-        super().__init__()
-        layers = [nn.Linear(6, 8)] + ([nn.BatchNorm1d(8)] if bn else [])
-        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)]
-        self.net = nn.Sequential(*layers).double()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
+def Net(bn: bool = False, dropout: float = 0.0):
+    return Classifier(bn=bn, dropout=dropout, lr=0.3)
 
 
 def accuracy(module, batch):
     x, y = batch
     return (module(x).argmax(-1) == y).double().mean()
-
-
-def dataset(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
-
-
-def make_trainer(tmp_path, callbacks, max_epochs=2, logger=True, **kw):
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=TensorBoardLogger(str(tmp_path), name="tb") if logger else False,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
 
 
 def mean_loss(model, batches, fn=None):
@@ -116,7 +69,7 @@ def loss_at(model, theta, batches, fn=None):
 
 def test_logged_tags_and_values(tmp_path):
     pl.seed_everything(0)
-    data = dataset()
+    data = learnable_classes()
     fixed = [(data.tensors[0][:7], data.tensors[1][:7]), (data.tensors[0][7:20], data.tensors[1][7:20])]  # fmt: skip
     mon = TrajectoryMonitor(
         epochs=[0, 1, 3],
@@ -133,8 +86,7 @@ def test_logged_tags_and_values(tmp_path):
     t = make_trainer(tmp_path, [mon], max_epochs=3)
     t.fit(model, DataLoader(data, batch_size=8, shuffle=True))
 
-    ea = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
+    ea = events(t.logger.log_dir)
     assert SCALARS <= set(ea.Tags()["scalars"])
     assert IMAGES <= set(ea.Tags()["images"])
     assert [e.step for e in ea.Scalars("trajectory/loss")] == [0, 5, t.global_step]
@@ -191,7 +143,8 @@ def test_logged_tags_and_values(tmp_path):
     # the random slices: filter-normalized directions from the seed, zero on BatchNorm and biases
     params = list(model.parameters())
     norm = normalization_parameters(model)
-    rand = filter_normalized_directions(params, seed=0, zero=[id(p) in norm for p in params])
+    seed = derive_seed(0, t.global_step, "slices")  # the monitor's stream: (seed, step, purpose)
+    rand = filter_normalized_directions(params, seed=seed, zero=[id(p) in norm for p in params])
     g = pic["slice_grid"]
     want = loss_at(model, final + float(g[0]) * rand[0] + float(g[3]) * rand[1], fixed)
     assert float(pic["slice_2d"][3, 0]) == pytest.approx(want, rel=1e-12)
@@ -202,7 +155,7 @@ def test_logged_tags_and_values(tmp_path):
 def test_fit_start_snapshot_is_taken_even_if_epoch_0_is_not_measured(tmp_path):
     mon = TrajectoryMonitor(epochs=[2], num_points=3, picture_at_end=False)
     t = make_trainer(tmp_path, [mon], max_epochs=2, logger=False)
-    t.fit(Net(), DataLoader(dataset(), batch_size=8))
+    t.fit(Net(), DataLoader(learnable_classes(), batch_size=8))
     assert mon.snapshots.epochs == [0, 2]
     assert [int(h["epoch"]) for h in mon.history] == [2]
     h = mon.history[0]
@@ -213,7 +166,9 @@ def test_fit_start_snapshot_is_taken_even_if_epoch_0_is_not_measured(tmp_path):
 def test_half_precision_parameters(tmp_path):
     mon = TrajectoryMonitor(epochs=[0, 1], num_points=3, grid_size=2, snapshot_dtype=torch.float32)
     model = Net().float()
-    data = TensorDataset(*(t.float() if t.is_floating_point() else t for t in dataset().tensors))
+    data = TensorDataset(
+        *(t.float() if t.is_floating_point() else t for t in learnable_classes().tensors)
+    )
     t = make_trainer(tmp_path, [mon], max_epochs=1, precision="bf16-true", logger=False)
     t.fit(model, DataLoader(data, batch_size=8))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -227,7 +182,7 @@ def test_max_snapshots_thins_older_ones_with_one_warning(tmp_path):
     mon = TrajectoryMonitor(every_n_steps=1, num_points=2, max_snapshots=3, picture_at_end=False)
     t = make_trainer(tmp_path, [mon], max_epochs=1, logger=False)
     with pytest.warns(UserWarning, match="max_snapshots=3") as caught:
-        t.fit(Net(), DataLoader(dataset(), batch_size=8))  # 5 steps: 6 snapshots
+        t.fit(Net(), DataLoader(learnable_classes(), batch_size=8))  # 5 steps: 6 snapshots
     assert sum("max_snapshots" in str(w.message) for w in caught) == 1
     assert len(mon.snapshots) == 3
     assert mon.snapshots.steps[0] == 0 and mon.snapshots.steps[-1] == 5
@@ -235,7 +190,7 @@ def test_max_snapshots_thins_older_ones_with_one_warning(tmp_path):
 
 
 def test_resume_keeps_the_snapshots(tmp_path):
-    data = dataset()
+    data = learnable_classes()
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_epochs=1)
     pl.seed_everything(3)
     kw = {"every_n_epochs": 1, "num_points": 3, "picture_at_end": False}
@@ -266,7 +221,7 @@ def fit_params(tmp_path, callbacks, epochs=3, logger=False):
     pl.seed_everything(7)
     model = Net(bn=True, dropout=0.5)
     t = make_trainer(tmp_path, callbacks, max_epochs=epochs, logger=logger)
-    t.fit(model, DataLoader(dataset(), batch_size=8, shuffle=True))
+    t.fit(model, DataLoader(learnable_classes(), batch_size=8, shuffle=True))
     return model.state_dict()
 
 
@@ -314,7 +269,9 @@ def test_restored_snapshots_of_another_model_are_refused(tmp_path):
     mon = TrajectoryMonitor(epochs=[0])
     mon.load_state_dict({"done": [], "history": [], "snapshots": [torch.zeros(5)]})
     with pytest.raises(ValueError, match="restored snapshots have 5 entries"):
-        make_trainer(tmp_path, [mon], logger=False).fit(Net(), DataLoader(dataset(), batch_size=8))
+        make_trainer(tmp_path, [mon], logger=False).fit(
+            Net(), DataLoader(learnable_classes(), batch_size=8)
+        )
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -349,7 +306,7 @@ class RecordingTrajectoryMonitor(TrajectoryMonitor):
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     out = str(tmp_path / "rank")
-    data = dataset(n=42)
+    data = learnable_classes(n=42)
     kw = {"epochs": [1], "num_points": 4, "grid_size": 3, "num_batches": 2, "snapshot_dtype": "float64"}  # fmt: skip
     t = pl.Trainer(
         max_epochs=1,

@@ -1,0 +1,67 @@
+"""What the monitors read from a running Trainer: how much training is done (in epochs, exact
+when a fit stops mid-epoch), the learning rate, and the other monitors logging under the same
+prefix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_landscape.callbacks import _logging
+
+
+def epochs_done(trainer: pl.Trainer, epoch_end: bool = False) -> float:
+    """The training done so far, in epochs: ``e + k / n`` after ``k`` of the ``n`` batches of
+    epoch ``e`` (``max_steps`` can end a fit mid-epoch: 1.4 is 40 % of the second epoch), a whole
+    number between epochs. With a loader of unknown length the fraction is unknown: the count
+    of finished epochs (``epoch_end``: the running one counts as finished)."""
+    progress = trainer.fit_loop.epoch_progress.current
+    seen = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    total = trainer.num_training_batches
+    if seen == 0:  # no batch of a new epoch yet
+        return float(progress.completed)
+    if isinstance(total, int | float) and math.isfinite(total) and total > 0:
+        return progress.started - 1 + min(seen / total, 1.0)
+    return float(progress.started if epoch_end else progress.started - 1)
+
+
+def first_lr(trainer: pl.Trainer) -> float:
+    """The learning rate of the first parameter group of the first optimizer (NaN if none)."""
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return math.nan
+
+
+def check_prefix(prefix: str | None, namespace: str) -> str:
+    """``prefix``, or ``namespace`` when it is None.
+
+    Raises:
+        ValueError: if it is not a non-empty str without '/'.
+    """
+    if prefix is None:
+        return namespace
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"`prefix` must be a non-empty str without '/', got {prefix!r}.")
+    return prefix
+
+
+def warn_shared_prefix(trainer: pl.Trainer, monitor: Any) -> None:
+    """One warning when another monitor of the package logs under the same prefix."""
+    others = [
+        cb
+        for cb in getattr(trainer, "callbacks", [])
+        if cb is not monitor
+        and getattr(cb, "prefix", None) == monitor.prefix
+        and type(cb).__module__.startswith("lightning_landscape.")
+    ]
+    if others:
+        _logging.warn_once(
+            trainer,
+            f"shared-prefix-{monitor.prefix}",
+            f"{type(monitor).__name__} and {type(others[0]).__name__} both log under the prefix "
+            f"{monitor.prefix!r}, so their keys overwrite each other; give each its own "
+            "`prefix` (e.g. prefix='hessian_train').",
+        )

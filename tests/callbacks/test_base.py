@@ -1,0 +1,75 @@
+"""LandscapeMonitor's bookkeeping under a real Trainer: exact labels when a fit stops mid-epoch,
+the marker a training_step can test, the warning when it has side effects."""
+
+import warnings
+
+import pytest
+from torch.utils.data import DataLoader
+
+from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor, is_measuring
+from lightning_landscape.callbacks.schedule import describe
+
+from ._helpers import Classifier, learnable_classes, make_trainer
+
+
+def test_a_fit_stopped_mid_epoch_is_labelled_by_step_and_fraction(tmp_path):
+    """5 batches an epoch, max_steps=7: the last measurement is 40 % into the second epoch."""
+    hessian = HessianMonitor(every_n_epochs=1, trace=False)
+    by_step = HessianMonitor(every_n_steps=3, trace=False, prefix="hessian_steps")
+    trajectory = TrajectoryMonitor(every_n_epochs=1, num_points=2, grid_size=2, slices=False)
+    t = make_trainer(
+        tmp_path, [hessian, by_step, trajectory], max_epochs=3, max_steps=7, logger=False
+    )
+    t.fit(Classifier(), DataLoader(learnable_classes(), batch_size=8))
+    assert [(h["epoch"], h["step"]) for h in hessian.history] == [(0, 0), (1, 5), (1.4, 7)]
+    assert hessian.done == [0, 1, 2]  # the schedule's epochs: a resume does not repeat them
+    assert [(h["epoch"], h["step"]) for h in by_step.history] == [(0, 0), (0.6, 3), (1.2, 6)]
+    assert trajectory.snapshots.epochs == [0, 1, 1.4] and trajectory.snapshots.steps == [0, 5, 7]
+    assert trajectory._label(2) == "epoch 1.40 (step 7)"
+    assert trajectory.pictures[-1]["epoch"] == pytest.approx(1.4)
+
+
+def test_describe():
+    assert describe(3.0, 15) == "epoch 3"
+    assert describe(1.4, 7) == "epoch 1.40 (step 7)"
+    assert describe(1.4, 7, by_step=True) == "step 7"
+
+
+class Collecting(Classifier):
+    """The Lightning-2 idiom: training_step keeps its outputs (guarded or not)."""
+
+    def __init__(self, guard: bool):
+        super().__init__()
+        self.guard = guard
+        self.training_step_outputs = []
+        self._seen_marker = set()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self._seen_marker.add(is_measuring(self))
+        if not (self.guard and self.landscape_measuring):
+            self.training_step_outputs.append(loss.detach())
+        return loss
+
+
+def test_training_step_marker_and_one_warning(tmp_path):
+    def fit(guard):
+        model = Collecting(guard)
+        monitors = [SharpnessMonitor(every_n_epochs=1, kinds=["sam", "average"], average_samples=4)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, monitors, max_epochs=2, logger=False).fit(
+                model, DataLoader(learnable_classes(), batch_size=8)
+            )
+        texts = [str(w.message) for w in caught if "is_measuring" in str(w.message)]
+        return model, texts
+
+    model, texts = fit(guard=False)
+    assert model._seen_marker == {True, False}
+    assert len(texts) == 1 and "training_step_outputs (length 0 → length" in texts[0]
+    assert len(model.training_step_outputs) > 10  # 10 training steps, and the measurements'
+    assert not hasattr(model, "landscape_measuring") or model.landscape_measuring is False
+
+    model, texts = fit(guard=True)
+    assert texts == [] and len(model.training_step_outputs) == 10
+    assert not is_measuring(model)

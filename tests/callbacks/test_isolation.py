@@ -1,0 +1,102 @@
+"""The save-and-restore guard on its own (no Trainer): whatever a measurement does to the module,
+parameters, gradients, buffers, train/eval flags, RNG, ``self.log`` and the marker come back."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from lightning_landscape.callbacks._isolation import (
+    cast_batch,
+    changed_attributes,
+    is_measuring,
+    measurement_dtype,
+    measuring,
+    module_loss,
+    plain_attributes,
+)
+
+from ._helpers import Classifier, random_classes
+
+
+def _state(model):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [b.detach().clone() for b in model.buffers()],
+        [m.training for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_everything_touched_inside_is_restored(mode):
+    model = Classifier(bn=True, dropout=0.5)
+    model.train()
+    model.net[2].eval()  # a mixed pattern of flags
+    model.net[0].weight.grad = torch.ones_like(model.net[0].weight)
+    before = _state(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="inside"), measuring(model, mode):
+        assert is_measuring(model) and model.landscape_measuring
+        assert model.training == (mode == "train") and model.net[2].training == (mode == "train")
+        model.log("x", 1.0)  # silenced: no trainer needed
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model.net[0].weight.grad = None
+        model.net(torch.randn(4, 6, dtype=torch.float64))  # BatchNorm statistics move in train
+        torch.rand(3)
+        raise RuntimeError("inside")
+    after = _state(model)
+    for a, b in zip(before[:3], after[:3], strict=True):
+        assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert before[3] == after[3]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not is_measuring(model) and "landscape_measuring" not in model.__dict__
+    assert "log" not in model.__dict__  # the class's own log is back
+
+
+def test_half_precision_parameters_are_measured_in_float32():
+    model = Classifier(dtype=torch.bfloat16)
+    assert measurement_dtype(model) == torch.float32
+    with measuring(model):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    Pair = namedtuple("Pair", "x y")
+    batch = {
+        "a": [torch.ones(2, dtype=torch.bfloat16), torch.arange(2)],
+        "b": Pair(torch.ones(1), 3),
+    }
+    cast = cast_batch(batch, torch.float64)
+    assert cast["a"][0].dtype == torch.float64 and cast["a"][1].dtype == torch.int64
+    assert isinstance(cast["b"], Pair) and cast["b"].x.dtype == torch.float64 and cast["b"].y == 3
+
+
+def test_module_loss_is_training_step_or_the_users_loss():
+    model = Classifier()
+    data = random_classes(n=8)
+    batches = [(data.tensors[0][:4], data.tensors[1][:4]), (data.tensors[0][4:], data.tensors[1][4:])]  # fmt: skip
+    with measuring(model):  # training_step logs: silenced
+        loss = module_loss(model, batches)
+        assert loss(batches[1]).shape == ()
+        assert float(loss(batches[1])) == pytest.approx(float(model.training_step(batches[1], 1)))
+    mine = module_loss(model, batches, lambda m, b: m(b[0]).sum())
+    assert float(mine(batches[0])) == pytest.approx(float(model(batches[0][0]).sum()))
+    model.training_step = lambda batch, idx: {"loss": torch.ones(2)}
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        module_loss(model, batches)(batches[0])
+
+
+def test_changed_plain_attributes_are_named():
+    model = Classifier()
+    model.outputs, model.count, model._private = [], 0, []
+    before = plain_attributes(model)
+    model.outputs.append(1)
+    model.count += 2
+    model._private.append(1)
+    model.extra = "new"
+    assert changed_attributes(before, plain_attributes(model)) == [
+        "outputs (length 0 → length 1)",
+        "count (0 → 2)",
+        "extra (absent → 'new')",
+    ]
