@@ -10,12 +10,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.checks import check_bool, check_positive_int
-from lightning_landscape.callbacks import _logging
+from lightning_landscape._core.checks import check_bool, check_callable, check_positive_int
+from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -28,8 +29,26 @@ class HessianMonitor(LandscapeMonitor):
     top-k eigenvalues, the most negative one (saddles, Dauphin et al. 2014), the deflation basis
     of the trace (exact on the Krylov space, Hutchinson 1989 on the rest) and the first probe of
     the spectral density (stochastic Lanczos quadrature, Ghorbani, Krishnan, Xiao 2019).
-    The edge-of-stability ratio λ_max · lr / 2 (Cohen et al. 2021) is about 1 when full-batch
-    gradient descent sits at the edge of stability.
+
+    **Edge of stability.** ``hessian/eos_ratio`` is the sharpness the optimizer's step is sensitive
+    to over the optimizer's own stability threshold ``hessian/eos_threshold``
+    (:mod:`lightning_landscape.curvature.stability`): about 1 when full-batch training sits at
+    the edge of stability (Cohen et al. 2021, 2022), above 1 where a quadratic would diverge.
+    For SGD it is λ_max · η/2; heavy-ball momentum β (dampening d): λ_max (1−d) η/(2 + 2β);
+    Nesterov: λ_max (1 + 2β) η/(2 + 2β); Adam and AdamW: the preconditioned sharpness
+    λ_max(P⁻¹H) (``hessian/preconditioned_eigenvalue_1``, P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) read
+    from the optimizer's state) times (1 − β₁) η/(2 + 2β₁), from the optimizer's first step on.
+    The first optimizer is read, with one learning rate and momentum across its groups. Other
+    optimizers get NaN and one warning (register a rule with
+    :func:`~lightning_landscape.curvature.register_stability_rule`). Entropy-SGD gets no ratio:
+    its outer step descends the local entropy, not the loss, and the loss Hessian enters only its
+    inner Langevin steps at the sample x' (stable while λ_max(H(x')) + γ < 2/η'), not at the
+    anchor x measured here.
+
+    **Gauss-Newton decomposition** (``ggn=True``). H = G + R with G = Σ_b n_b J_bᵀ ∇²_f ℓ_b J_b
+    / Σ_b n_b the generalized Gauss-Newton matrix (PSD for a convex loss; it carries the
+    outliers) and R the residual (the bulk and the negative eigenvalues; Sagun et al. 2018,
+    Papyan 2019). See :class:`~lightning_landscape.curvature.GGNOperator`.
 
     Args:
         top_k: number of largest eigenvalues.
@@ -51,18 +70,32 @@ class HessianMonitor(LandscapeMonitor):
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
             2x faster per product, measured; memory of that many activations with their
             gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
+        ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
+            density (the same options as the Hessian's), the residual R = H − G's most negative
+            eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.
+        ggn_fn: ``ggn_fn(pl_module, batch) -> (output, target)``, the model output and the target
+            of the loss (a ``training_step`` cannot be split into them). Default: the module's
+            own ``output_and_target(batch)`` method; with neither, setup raises.
+        ggn_loss: the loss of ``(output, target)``, mean over the batch: ``"cross_entropy"``,
+            ``"mse"`` (closed-form output Hessians) or a callable ``loss(output, target)``. It
+            should be the training loss; the first measurement warns once if it is not.
+        preconditioned: for an adaptive optimizer (Adam, AdamW) also the preconditioned
+            sharpness λ_max(P⁻¹H), which ``hessian/eos_ratio`` needs.
         epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP/DeepSpeed
-            or manual optimization without ``loss_fn``.
+            or manual optimization without ``loss_fn``, and for ``ggn=True`` with neither
+            ``ggn_fn`` nor ``output_and_target``.
 
     Logged metrics (at the global step of each measurement):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
         - ``hessian/min_eigenvalue``: the most negative (smallest) eigenvalue.
         - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
-        - ``hessian/eos_ratio``: λ_max · lr / 2, lr of the first parameter group.
+        - ``hessian/eos_ratio``: the relevant sharpness over ``hessian/eos_threshold``, the
+          optimizer's stability threshold (see above).
+        - ``hessian/preconditioned_eigenvalue_1``: λ_max(P⁻¹H) for Adam and AdamW.
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
         - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
@@ -71,10 +104,20 @@ class HessianMonitor(LandscapeMonitor):
           block, with ``per_module``.
         - figure ``hessian/spectral_density`` and histogram ``hessian/eigenvalue_histogram``
           with ``density``.
+        - with ``ggn``: ``hessian/ggn/eigenvalue_1`` ... ``_k``, ``hessian/ggn/trace``,
+          ``hessian/ggn/trace_stderr``, ``hessian/ggn/num_matvecs`` (GGN products),
+          ``hessian/ggn_overlap`` (|⟨u_H, u_G⟩| of the top eigenvectors),
+          ``hessian/residual/min_eigenvalue`` and ``hessian/residual/num_matvecs`` (with
+          ``min_eigenvalue``), figure ``hessian/ggn/spectral_density`` and histogram
+          ``hessian/ggn/eigenvalue_histogram`` (with ``density``).
 
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
     ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
     gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
+    Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
+    ``ggn``: the same analysis on G (a GGN product costs about one gradient with its graphs kept,
+    holding about twice the activations of a gradient) and a Lanczos run on R for its most
+    negative eigenvalue, each product one Hessian and one GGN product.
 
     Example::
 
@@ -97,6 +140,10 @@ class HessianMonitor(LandscapeMonitor):
         density_probes: int = 1,
         per_module: bool | Sequence[str] = False,
         hvp: HVPMode = "cached",
+        ggn: bool = False,
+        ggn_fn: Callable[[pl.LightningModule, Any], tuple[Tensor, Tensor]] | None = None,
+        ggn_loss: LossKind | OutputLoss = "cross_entropy",
+        preconditioned: bool = True,
         epochs: Iterable[int] | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
@@ -128,8 +175,12 @@ class HessianMonitor(LandscapeMonitor):
             ("min_eigenvalue", min_eigenvalue),
             ("trace", trace),
             ("density", density),
+            ("ggn", ggn),
+            ("preconditioned", preconditioned),
         ):
             check_bool(name, value)
+        check_callable("ggn_fn", ggn_fn, allow_none=True)
+        check_loss(ggn_loss)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in ("double_backward", "cached"):
@@ -159,6 +210,10 @@ class HessianMonitor(LandscapeMonitor):
         self.density_probes = density_probes
         self.per_module = per_module
         self.hvp = hvp
+        self.ggn = ggn
+        self.ggn_fn = ggn_fn
+        self.ggn_loss = ggn_loss
+        self.preconditioned = preconditioned
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -167,6 +222,8 @@ class HessianMonitor(LandscapeMonitor):
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > dim:
             raise ValueError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
+        if self.ggn:
+            _hessian_ggn.check_setup(pl_module, self.ggn_fn)
         if isinstance(self.per_module, list):
             names = dict(pl_module.named_modules())
             missing = [n for n in self.per_module if n not in names]
@@ -180,6 +237,8 @@ class HessianMonitor(LandscapeMonitor):
         keys += ["hessian/min_eigenvalue"] if self.min_eigenvalue else []
         keys += ["hessian/trace", "hessian/trace_stderr"] if self.trace else []
         keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
+        if self.ggn:
+            keys += _hessian_ggn.nan_keys(self.top_k, self.trace, self.min_eigenvalue)
         return dict.fromkeys(keys, math.nan)
 
     def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
@@ -215,10 +274,10 @@ class HessianMonitor(LandscapeMonitor):
         if result.trace is not None:
             out["hessian/trace"] = result.trace.estimate
             out["hessian/trace_stderr"] = result.trace.stderr
-        lr = _first_lr(trainer)
-        out["hessian/eos_ratio"] = out["hessian/eigenvalue_1"] * lr / 2
         out["hessian/converged"] = float(result.top.converged)
-        total = result.num_matvecs
+        eos, total = _hessian_eos.measure_eos(self, trainer, ctx, out["hessian/eigenvalue_1"])
+        out.update(eos)
+        total += result.num_matvecs
         for name, params in _blocks(pl_module, self.per_module):
             block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
@@ -230,14 +289,11 @@ class HessianMonitor(LandscapeMonitor):
         out["hessian/num_matvecs"] = float(total)
         if result.density is not None and _logging.wants_figures(trainer):
             _log_density(trainer, result.density, ctx.step)
+        if self.ggn:
+            out.update(
+                _hessian_ggn.measure_ggn(self, trainer, pl_module, ctx, result.top, _log_density)
+            )
         return out
-
-
-def _first_lr(trainer: pl.Trainer) -> float:
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return math.nan
 
 
 def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
@@ -255,8 +311,14 @@ def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple
     ]
 
 
-def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None:
-    """The SLQ density as a log-scale figure and as a histogram."""
+def _log_density(
+    trainer: pl.Trainer,
+    density: DensityResult,
+    step: int,
+    prefix: str = "hessian",
+    what: str = "Hessian",
+) -> None:
+    """The SLQ density as a log-scale figure and as a histogram, tagged under ``prefix``."""
     if not torch.isfinite(density.nodes).all():
         return
     import matplotlib
@@ -271,12 +333,12 @@ def _log_density(trainer: pl.Trainer, density: DensityResult, step: int) -> None
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
     ax.set_ylim(bottom=max(float(values.max()) * 1e-8, 1e-12))
-    ax.set_title(f"Hessian eigenvalue density, step {step} (SLQ)")
+    ax.set_title(f"{what} eigenvalue density, step {step} (SLQ)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    _logging.log_figure(trainer, "hessian/spectral_density", fig, step)
+    _logging.log_figure(trainer, f"{prefix}/spectral_density", fig, step)
     edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
     centers = (edges[1:] + edges[:-1]) / 2
     width = float(edges[1] - edges[0])
     counts = density.evaluate(centers) * width * density.dim
-    _logging.log_histogram(trainer, "hessian/eigenvalue_histogram", edges, counts, step)
+    _logging.log_histogram(trainer, f"{prefix}/eigenvalue_histogram", edges, counts, step)

@@ -6,27 +6,43 @@ that read it. Pure torch; it does not import Lightning.
 - :func:`trace` (Hutchinson, Hutch++, Lanczos-deflated "auto"),
 - :func:`spectral_density` (stochastic Lanczos quadrature),
 - :func:`analyze` (all of them from one Lanczos run),
-- :func:`dense_hessian` (the exact oracle).
+- :func:`dense_hessian` (the exact oracle),
+- :class:`GGNOperator` (the generalized Gauss-Newton matrix) and :class:`ResidualOperator` (H − G),
+- :func:`stability_rule` (an optimizer's edge of stability) and :class:`PreconditionedOperator`
+  (P^{-1/2} H P^{-1/2}, for adaptive optimizers).
 """
 
 from lightning_landscape.curvature.analyze import AnalysisResult, analyze
 from lightning_landscape.curvature.dense import dense_hessian
 from lightning_landscape.curvature.density import DensityResult, spectral_density
 from lightning_landscape.curvature.eigen import EigenResult, top_eigenvalues
+from lightning_landscape.curvature.ggn import GGNOperator, ResidualOperator
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator, MatrixOperator
+from lightning_landscape.curvature.stability import (
+    PreconditionedOperator,
+    StabilityRule,
+    register_stability_rule,
+    stability_rule,
+)
 from lightning_landscape.curvature.trace import TraceResult, trace
 
 __all__ = [
     "AnalysisResult",
     "DensityResult",
     "EigenResult",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
+    "PreconditionedOperator",
+    "ResidualOperator",
+    "StabilityRule",
     "TraceResult",
     "analyze",
     "dense_hessian",
+    "register_stability_rule",
     "spectral_density",
+    "stability_rule",
     "top_eigenvalues",
     "trace",
 ]

@@ -1,0 +1,76 @@
+"""HessianMonitor's edge of stability: the optimizer's own threshold, the preconditioned sharpness
+of adaptive optimizers, and the ratio of the relevant sharpness to the threshold.
+
+The thresholds and preconditioners come from
+:func:`lightning_landscape.curvature.stability_rule` (SGD, heavy-ball and Nesterov momentum, Adam,
+AdamW; others through :func:`~lightning_landscape.curvature.register_stability_rule`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks.base import MeasureContext
+from lightning_landscape.curvature import HessianOperator, top_eigenvalues
+from lightning_landscape.curvature.stability import (
+    PreconditionedOperator,
+    inverse_sqrt_preconditioner,
+    stability_rule,
+)
+
+
+def measure_eos(
+    monitor: Any, trainer: pl.Trainer, ctx: MeasureContext, sharpness: float
+) -> tuple[dict[str, float], int]:
+    """``hessian/eos_threshold``, ``hessian/eos_ratio`` and, for an adaptive optimizer,
+    ``hessian/preconditioned_eigenvalue_1``; and the Hessian-vector products spent.
+
+    ``sharpness`` is λ_max(H), already measured. The first optimizer is the one read. Before an
+    adaptive optimizer's first step there is no preconditioner yet: only the threshold is logged.
+    """
+    optimizers = getattr(trainer, "optimizers", None) or []
+    try:
+        if not optimizers:
+            raise ValueError("the trainer holds no optimizer.")
+        rule = stability_rule(optimizers[0])
+    except ValueError as err:
+        _logging.warn_once(
+            trainer,
+            "eos-threshold",
+            f"HessianMonitor: {err} `hessian/eos_ratio` is logged as NaN.",
+        )
+        return {"hessian/eos_ratio": math.nan}, 0
+    out = {"hessian/eos_threshold": rule.threshold}
+    if rule.preconditioner is None:
+        out["hessian/eos_ratio"] = sharpness / rule.threshold
+        return out, 0
+    if not monitor.preconditioned:
+        _logging.warn_once(
+            trainer,
+            "eos-preconditioned",
+            f"HessianMonitor: with {type(optimizers[0]).__name__} the edge of stability bounds the "
+            "preconditioned sharpness λ_max(P⁻¹H), which `preconditioned=False` skips; "
+            "`hessian/eos_ratio` is logged as NaN.",
+        )
+        out["hessian/eos_ratio"] = math.nan
+        return out, 0
+    scale = inverse_sqrt_preconditioner(rule, ctx.params)
+    if scale is None:  # no optimizer state yet
+        return out, 0
+    hessian = HessianOperator(ctx.loss_fn, ctx.module, ctx.batches, hvp=monitor.hvp, seed=ctx.seed)
+    op = PreconditionedOperator(hessian, scale)
+    op.on_matvec = lambda n: ctx.status("preconditioned Hessian, products", n)
+    try:
+        top = top_eigenvalues(
+            op, tol=monitor.tol, max_matvecs=monitor.max_matvecs, seed=ctx.seed + ctx.step
+        )
+    finally:
+        hessian.release()
+    value = float(top.eigenvalues[0])
+    out["hessian/preconditioned_eigenvalue_1"] = value
+    out["hessian/eos_ratio"] = value / rule.threshold
+    return out, top.num_matvecs
