@@ -51,7 +51,8 @@ def nan_keys(top_k: int, trace: bool, min_eigenvalue: bool) -> list[str]:
     keys = [f"hessian/ggn/eigenvalue_{i + 1}" for i in range(top_k)]
     keys += ["hessian/ggn/trace", "hessian/ggn/trace_stderr"] if trace else []
     keys += ["hessian/ggn_overlap", "hessian/ggn/num_matvecs"]
-    keys += ["hessian/residual/min_eigenvalue", "hessian/residual/num_matvecs"] * min_eigenvalue
+    if min_eigenvalue:
+        keys += ["hessian/residual/min_eigenvalue", "hessian/residual/num_matvecs"]
     return keys
 
 

@@ -115,7 +115,7 @@ class HessianMonitor(LandscapeMonitor):
     ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
     gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
-    ``ggn``: the same analysis on G (a GGN product costs about one gradient with its graphs kept,
+    ``ggn``: the same analysis on G (a GGN product costs about 2 gradients with its graphs kept,
     holding about twice the activations of a gradient) and a Lanczos run on R for its most
     negative eigenvalue, each product one Hessian and one GGN product.
 

@@ -19,9 +19,10 @@ A product G v is a Jacobian-vector product, a multiplication by H_b, and a vecto
 product. The Jacobian-vector product uses the transpose trick: u ↦ Jᵀu is linear in a dummy
 output cotangent u, so the backward of v through that graph is J v. It needs no
 ``torch.func``, works with any list of parameters and through train-mode BatchNorm. Measured on
-CPU (MLP 64-512-512-10, batch 256, ``benchmarks``-style timing), per product over one gradient:
-graphs kept ("cached") 0.8-1.0x, rebuilt per product 1.4-2.0x; ``torch.func`` jvp then vjp
-1.7-2.7x.
+CPU (``benchmarks/ggn_products.py``: tanh MLPs of 3.5k and 301k parameters, batch 256, one
+thread), per product over one gradient: graphs kept (``cache=True``, two backwards, no forward)
+1.8-2.1x, which is 0.5-0.85x a cached Hessian-vector product; rebuilt per product 3.5-5.2x;
+``torch.func`` jvp then vjp 4.2-4.5x.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class GGNOperator(LinearOperator):
             (one all-reduce of one flat vector per product).
         cache: keep each batch's output and Jᵀu graphs from the first product on (memory of the
             activations of all batches, about twice a gradient's graph; per product two
-            backwards, about one gradient); ``False`` rebuilds them per product (a forward and
-            three backwards, memory of one batch). Cached graphs are rebuilt if the parameters
+            backwards, about 2 gradients); ``False`` rebuilds them per product (a forward and
+            three backwards, 3.5-5x a gradient, memory of one batch). Cached graphs are rebuilt if the parameters
             change in place or a module switches train/eval; :meth:`release` frees them.
         seed: seed of the forward's randomness (dropout masks replayed for every product); the
             global RNG is left untouched.
