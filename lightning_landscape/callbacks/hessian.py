@@ -30,20 +30,15 @@ class HessianMonitor(LandscapeMonitor):
     of the trace (exact on the Krylov space, Hutchinson 1989 on the rest) and the first probe of
     the spectral density (stochastic Lanczos quadrature, Ghorbani, Krishnan, Xiao 2019).
 
-    **Edge of stability.** ``hessian/eos_ratio`` is the sharpness the optimizer's step is sensitive
-    to over the optimizer's own stability threshold ``hessian/eos_threshold``
-    (:mod:`lightning_landscape.curvature.stability`): about 1 when full-batch training sits at
-    the edge of stability (Cohen et al. 2021, 2022), above 1 where a quadratic would diverge.
-    For SGD it is λ_max · η/2; heavy-ball momentum β (dampening d): λ_max (1−d) η/(2 + 2β);
-    Nesterov: λ_max (1 + 2β) η/(2 + 2β); Adam and AdamW: the preconditioned sharpness
-    λ_max(P⁻¹H) (``hessian/preconditioned_eigenvalue_1``, P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) read
-    from the optimizer's state) times (1 − β₁) η/(2 + 2β₁), from the optimizer's first step on.
-    The first optimizer is read, with one learning rate and momentum across its groups. Other
-    optimizers get NaN and one warning (register a rule with
-    :func:`~lightning_landscape.curvature.register_stability_rule`). Entropy-SGD gets no ratio:
-    its outer step descends the local entropy, not the loss, and the loss Hessian enters only its
-    inner Langevin steps at the sample x' (stable while λ_max(H(x')) + γ < 2/η'), not at the
-    anchor x measured here.
+    **Edge of stability.** ``hessian/eos_ratio`` is the sharpness the optimizer's step feels over
+    its own threshold ``hessian/eos_threshold`` (≈ 1 at the edge of stability, Cohen et al. 2021,
+    2022; :mod:`lightning_landscape.curvature.stability`): λ_max(H) against 2/η for SGD,
+    (2 + 2β)/((1−d)η) for heavy-ball and (2 + 2β)/((1 + 2β)η) for Nesterov momentum; for Adam and
+    AdamW the preconditioned sharpness λ_max(P⁻¹H), P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) from the
+    optimizer's state, against (2 + 2β₁)/((1 − β₁)η), from its first step on. The first
+    optimizer is read. Other optimizers get NaN and one warning, and so does Entropy-SGD: its
+    outer step descends the local entropy, and the loss Hessian enters only its inner Langevin
+    steps, at the sample x' rather than the anchor measured here.
 
     **Gauss-Newton decomposition** (``ggn=True``). H = G + R with G = Σ_b n_b J_bᵀ ∇²_f ℓ_b J_b
     / Σ_b n_b the generalized Gauss-Newton matrix (PSD for a convex loss; it carries the
