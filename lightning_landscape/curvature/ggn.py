@@ -126,7 +126,9 @@ class GGNOperator(LinearOperator):
             known name nor callable, ``params``/``batches`` have the wrong type, or ``seed`` is not
             an int; at the first product, if ``model_fn`` does not return two tensors.
         ValueError: if ``batches`` is empty, ``loss`` is an unknown name, ``params`` is empty or
-            holds a tensor that does not require grad, or a batch size is not positive.
+            holds a tensor that does not require grad, or a batch size is not positive; at the
+            first product, for an MSE target shaped unlike the output, a cross-entropy output
+            of fewer than 2 dimensions, or a callable loss that does not return a scalar.
 
     Example::
 

@@ -202,6 +202,8 @@ def test_product_time_raises(mlp_problem):
         GGNOperator(lambda b: (model(b[0]), b[1]), model, batches, loss="mse") @ v
     with pytest.raises(ValueError, match="cross-entropy output must be"):
         output_hessian("cross_entropy", torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        output_hessian(lambda o, t: o - t, torch.zeros(2, 3), torch.zeros(2, 3))
     G = GGNOperator(_model_fn(model, "cross_entropy"), model, batches)
     with pytest.raises(ValueError, match="differ in dim"):
         ResidualOperator(MatrixOperator(torch.eye(2, dtype=torch.float64)), G)
