@@ -41,9 +41,10 @@ def measure_eos(
         _logging.warn_once(
             trainer,
             "eos-threshold",
-            f"HessianMonitor: {err} `hessian/eos_ratio` is logged as NaN.",
+            f"HessianMonitor: {err} `hessian/eos_ratio` and `hessian/eos_threshold` are logged "
+            "as NaN.",
         )
-        return {"hessian/eos_ratio": math.nan}, 0
+        return {"hessian/eos_threshold": math.nan, "hessian/eos_ratio": math.nan}, 0
     out = {"hessian/eos_threshold": rule.threshold}
     if rule.preconditioner is None:
         out["hessian/eos_ratio"] = sharpness / rule.threshold

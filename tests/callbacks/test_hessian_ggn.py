@@ -130,6 +130,7 @@ def test_unknown_optimizer_and_mismatched_ggn_loss_warn_once(tmp_path):
     assert sum("no stability threshold is known for RMSprop" in m for m in messages) == 1
     assert sum("the GGN's loss" in m for m in messages) == 1
     assert all(math.isnan(h["hessian/eos_ratio"]) for h in mon.history)
+    assert all(math.isnan(h["hessian/eos_threshold"]) for h in mon.history)
     assert all(math.isfinite(h["hessian/ggn/eigenvalue_1"]) for h in mon.history)
 
 
