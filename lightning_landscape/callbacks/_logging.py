@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -110,3 +111,20 @@ def log_histogram(
         bucket_counts=counts.tolist(),
         global_step=step,
     )
+
+
+def log_density(ctx: Any, key: Callable[[str], str], density: Any, what: str = "Hessian") -> None:
+    """The SLQ density as a figure (log density, log counts per bin) and as a histogram."""
+    if not torch.isfinite(density.nodes).all():
+        return
+    grid = density.grid(800)
+    edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
+    centers = (edges[1:] + edges[:-1]) / 2
+    width = float(edges[1] - edges[0])
+    counts = density.evaluate(centers) * width * density.dim
+    fig = plots.density_figure(
+        grid, density.evaluate(grid), edges, counts, dim=density.dim,
+        where=f"at step {ctx.step}", what=what,
+    )  # fmt: skip
+    ctx.log_figure(key("spectral_density"), fig)
+    ctx.log_histogram(key("eigenvalue_histogram"), edges, counts)

@@ -300,6 +300,8 @@ class LandscapeMonitor(Callback):
                 draw_figures=_logging.wants_figures(trainer),
                 log_figure=partial(_logging.log_figure, trainer, step=step),
                 log_histogram=partial(_logging.log_histogram, trainer, step=step),
+                optimizer=trainer.optimizers[0] if trainer.optimizers else None,
+                warn=partial(_logging.warn_once, trainer),
             )
             failed = False
             try:

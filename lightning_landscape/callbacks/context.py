@@ -10,6 +10,7 @@ monitor can be measured by hand, without one (see the example below).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ def _no_figure(tag: str, figure: Any) -> None:
 
 def _no_histogram(tag: str, edges: Tensor, counts: Tensor) -> None:
     """Histogram logging without a logger: the histogram is dropped."""
+
+
+def _warn(key: str, message: str) -> None:
+    """A warning without a Trainer: Python's own (its filters show each message once)."""
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class MeasureContext:
             loggers (TensorBoard, and a PNG copy next to the logs); a no-op without a logger.
         log_histogram: ``log_histogram(tag, edges, counts)``: a histogram from ``n + 1`` bucket
             edges and ``n`` counts (TensorBoard only); a no-op without one.
+        optimizer: the first optimizer of the fit (None without one), read by measurements
+            that depend on it (the edge-of-stability threshold, Adam's preconditioner).
+        warn: ``warn(key, message)``: one warning per fit and key, on rank zero.
 
     Example (a monitor measured by hand, without a Trainer)::
 
@@ -78,6 +87,8 @@ class MeasureContext:
     draw_figures: bool = False
     log_figure: Callable[[str, Any], None] = _no_figure
     log_histogram: Callable[[str, Tensor, Tensor], None] = _no_histogram
+    optimizer: Any = None
+    warn: Callable[[str, str], None] = _warn
 
     def __post_init__(self) -> None:
         if not self.params:

@@ -10,15 +10,21 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.checks import check_bool, check_positive, check_positive_int
+from lightning_landscape._core.checks import (
+    check_bool,
+    check_callable,
+    check_positive,
+    check_positive_int,
+)
 from lightning_landscape._core.sharding import is_fsdp2
+from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
-from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
+from lightning_landscape.curvature import HessianOperator, analyze
 from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
-from lightning_landscape.landscape import plots
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -31,8 +37,21 @@ class HessianMonitor(LandscapeMonitor):
     top-k eigenvalues, the most negative one (saddles, Dauphin et al. 2014), the deflation basis
     of the trace (exact on the Krylov space, Hutchinson 1989 on the rest) and the first probe of
     the spectral density (stochastic Lanczos quadrature, Ghorbani, Krishnan, Xiao 2019).
-    The edge-of-stability ratio λ_max · lr / 2 (Cohen et al. 2021) is about 1 when full-batch
-    gradient descent sits at the edge of stability.
+
+    **Edge of stability.** ``hessian/eos_ratio`` is the sharpness the optimizer's step feels over
+    its own threshold ``hessian/eos_threshold`` (≈ 1 at the edge of stability, Cohen et al. 2021,
+    2022; :mod:`lightning_landscape.curvature.stability`): λ_max(H) against 2/η for SGD,
+    (2 + 2β)/((1−d)η) for heavy-ball and (2 + 2β)/((1 + 2β)η) for Nesterov momentum; for Adam and
+    AdamW the preconditioned sharpness λ_max(P⁻¹H), P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) from the
+    optimizer's state, against (2 + 2β₁)/((1 − β₁)η), from its first step on. The first
+    optimizer is read. Other optimizers get NaN and one warning, and so does Entropy-SGD: its
+    outer step descends the local entropy, and the loss Hessian enters only its inner Langevin
+    steps, at the sample x' rather than the anchor measured here.
+
+    **Gauss-Newton decomposition** (``ggn=True``). H = G + R with G = Σ_b n_b J_bᵀ ∇²_f ℓ_b J_b
+    / Σ_b n_b the generalized Gauss-Newton matrix (PSD for a convex loss; it carries the
+    outliers) and R the residual (the bulk and the negative eigenvalues; Sagun et al. 2018,
+    Papyan 2019). See :class:`~lightning_landscape.curvature.GGNOperator`.
 
     Transformers (fused attention), CUDA RNNs, torch.compile'd modules and Lightning's precisions
     are measured exactly: products route attention through its math kernel, run compiled code
@@ -68,21 +87,35 @@ class HessianMonitor(LandscapeMonitor):
             keeps the gradient graph of the ``num_batches`` batches during the measurement (about
             2x faster per product, measured; memory of that many activations with their
             gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
+        ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
+            density (the same options as the Hessian's), the residual R = H − G's most negative
+            eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.
+        ggn_fn: ``ggn_fn(pl_module, batch) -> (output, target)``, the model output and the target
+            of the loss (a ``training_step`` cannot be split into them). Default: the module's
+            own ``output_and_target(batch)`` method; with neither, setup raises.
+        ggn_loss: the loss of ``(output, target)``, mean over the batch: ``"cross_entropy"``,
+            ``"mse"`` (closed-form output Hessians) or a callable ``loss(output, target)``. It
+            should be the training loss; the first measurement warns once if it is not.
+        preconditioned: for an adaptive optimizer (Adam, AdamW) also the preconditioned
+            sharpness λ_max(P⁻¹H), which ``hessian/eos_ratio`` needs.
         epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
             prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
         SetupError: (a ``ValueError``) at setup, for FSDP (v1)/DeepSpeed, manual optimization
-            without ``loss_fn``, ``top_k`` above the number of parameters or unknown
-            ``per_module`` names.
+            without ``loss_fn``, ``top_k`` above the number of parameters, unknown
+            ``per_module`` names, and ``ggn=True`` with neither ``ggn_fn`` nor
+            ``output_and_target``.
 
     Logged metrics (at the global step of each measurement; ``hessian`` is the default
     ``prefix``):
         - ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``: largest eigenvalues, largest first.
         - ``hessian/min_eigenvalue``: the most negative (smallest) eigenvalue.
         - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate and its standard error.
-        - ``hessian/eos_ratio``: λ_max · lr / 2, lr of the first parameter group.
+        - ``hessian/eos_ratio``: the relevant sharpness over ``hessian/eos_threshold``, the
+          optimizer's stability threshold (see above).
+        - ``hessian/preconditioned_eigenvalue_1``: λ_max(P⁻¹H) for Adam and AdamW.
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
         - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
@@ -93,11 +126,21 @@ class HessianMonitor(LandscapeMonitor):
           block, with ``per_module``.
         - figure ``hessian/spectral_density`` and histogram ``hessian/eigenvalue_histogram``
           with ``density``.
+        - with ``ggn``: ``hessian/ggn/eigenvalue_1`` ... ``_k``, ``hessian/ggn/trace``,
+          ``hessian/ggn/trace_stderr``, ``hessian/ggn/num_matvecs`` (GGN products),
+          ``hessian/ggn_overlap`` (|⟨u_H, u_G⟩| of the top eigenvectors),
+          ``hessian/residual/min_eigenvalue`` and ``hessian/residual/num_matvecs`` (with
+          ``min_eigenvalue``), figure ``hessian/ggn/spectral_density`` and histogram
+          ``hessian/ggn/eigenvalue_histogram`` (with ``density``).
 
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
     ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
     gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
+    Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
+    ``ggn``: the same analysis on G (a GGN product costs about 2 gradients with its graphs kept,
+    holding about twice the activations of a gradient) and a Lanczos run on R for its most
+    negative eigenvalue, each product one Hessian and one GGN product.
 
     Example::
 
@@ -122,6 +165,10 @@ class HessianMonitor(LandscapeMonitor):
         per_module: bool | Sequence[str] = False,
         fd_step: float | None = None,
         hvp: HVPMode = "cached",
+        ggn: bool = False,
+        ggn_fn: Callable[[pl.LightningModule, Any], tuple[Tensor, Tensor]] | None = None,
+        ggn_loss: LossKind | OutputLoss = "cross_entropy",
+        preconditioned: bool = True,
         epochs: Iterable[int] | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
@@ -155,8 +202,12 @@ class HessianMonitor(LandscapeMonitor):
             ("min_eigenvalue", min_eigenvalue),
             ("trace", trace),
             ("density", density),
+            ("ggn", ggn),
+            ("preconditioned", preconditioned),
         ):
             check_bool(name, value)
+        check_callable("ggn_fn", ggn_fn, allow_none=True)
+        check_loss(ggn_loss)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in ("double_backward", "cached"):
@@ -188,6 +239,10 @@ class HessianMonitor(LandscapeMonitor):
         self.fd_step = None if fd_step is None else check_positive("fd_step", fd_step)
         self.hvp = hvp
         self._block_names: list[str] = []
+        self.ggn = ggn
+        self.ggn_fn = ggn_fn
+        self.ggn_loss = ggn_loss
+        self.preconditioned = preconditioned
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -196,6 +251,8 @@ class HessianMonitor(LandscapeMonitor):
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > dim:
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
+        if self.ggn:
+            _hessian_ggn.check_setup(pl_module, self.ggn_fn)
         if isinstance(self.per_module, list):
             names = dict(pl_module.named_modules())
             missing = [n for n in self.per_module if n not in names]
@@ -209,12 +266,14 @@ class HessianMonitor(LandscapeMonitor):
         keys = [self.key(f"eigenvalue_{i + 1}") for i in range(self.top_k)]
         keys += [self.key("min_eigenvalue")] if self.min_eigenvalue else []
         keys += [self.key("trace"), self.key("trace_stderr")] if self.trace else []
-        keys += [self.key(k) for k in ("eos_ratio", "num_matvecs", "converged")]
+        keys += [self.key(k) for k in ("eos_ratio", "eos_threshold", "num_matvecs", "converged")]
         for name in self._block_names:
             keys += [self.key(f"{name}/eigenvalue_1"), self.key(f"{name}/num_matvecs")]
             keys += (
                 [self.key(f"{name}/trace"), self.key(f"{name}/trace_stderr")] if self.trace else []
             )
+        if self.ggn:
+            keys += _hessian_ggn.metric_keys(self)
         return keys
 
     def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
@@ -276,9 +335,10 @@ class HessianMonitor(LandscapeMonitor):
         if result.trace is not None:
             out[self.key("trace")] = result.trace.estimate
             out[self.key("trace_stderr")] = result.trace.stderr
-        out[self.key("eos_ratio")] = out[self.key("eigenvalue_1")] * ctx.lr / 2
         out[self.key("converged")] = float(result.top.converged)
-        total = result.num_matvecs
+        eos, total = _hessian_eos.measure_eos(self, ctx, out[self.key("eigenvalue_1")])
+        out.update(eos)
+        total += result.num_matvecs
         blocks = _blocks(ctx.module, self.per_module)
         self._block_names = [name for name, _ in blocks]
         for name, params in blocks:
@@ -291,7 +351,9 @@ class HessianMonitor(LandscapeMonitor):
             total += block.num_matvecs
         out[self.key("num_matvecs")] = float(total)
         if result.density is not None and ctx.draw_figures:
-            _log_density(ctx, self.key, result.density)
+            _logging.log_density(ctx, self.key, result.density)
+        if self.ggn:
+            out.update(_hessian_ggn.measure_ggn(self, ctx, result.top))
         return out
 
 
@@ -308,19 +370,3 @@ def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple
     return [
         (n, ps) for n, ps in ((n, [p for p in ps if p.requires_grad]) for n, ps in chosen) if ps
     ]
-
-
-def _log_density(ctx: MeasureContext, key: Callable[[str], str], density: DensityResult) -> None:
-    """The SLQ density as a figure (log density, log counts per bin) and as a histogram."""
-    if not torch.isfinite(density.nodes).all():
-        return
-    grid = density.grid(800)
-    edges = torch.linspace(float(grid[0]), float(grid[-1]), 61, dtype=torch.float64)
-    centers = (edges[1:] + edges[:-1]) / 2
-    width = float(edges[1] - edges[0])
-    counts = density.evaluate(centers) * width * density.dim
-    fig = plots.density_figure(
-        grid, density.evaluate(grid), edges, counts, dim=density.dim, where=f"at step {ctx.step}"
-    )
-    ctx.log_figure(key("spectral_density"), fig)
-    ctx.log_histogram(key("eigenvalue_histogram"), edges, counts)

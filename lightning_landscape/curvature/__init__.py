@@ -11,29 +11,45 @@ that read it. Pure torch; it does not import Lightning.
 - :func:`dense_hessian` (the exact oracle),
 - :func:`twice_differentiable` (the kernels every product runs through: math attention, no
   cuDNN RNNs, eager torch.compile'd code; see :mod:`.kernels`).
+- :class:`GGNOperator` (the generalized Gauss-Newton matrix) and :class:`ResidualOperator` (H − G),
+- :func:`stability_rule` (an optimizer's edge of stability) and :class:`PreconditionedOperator`
+  (P^{-1/2} H P^{-1/2}, for adaptive optimizers).
 """
 
 from lightning_landscape.curvature.analyze import AnalysisResult, analyze
 from lightning_landscape.curvature.dense import dense_hessian
 from lightning_landscape.curvature.density import DensityResult, spectral_density
 from lightning_landscape.curvature.eigen import EigenResult, top_eigenvalues
+from lightning_landscape.curvature.ggn import GGNOperator, ResidualOperator
 from lightning_landscape.curvature.kernels import twice_differentiable
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator, MatrixOperator
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
+from lightning_landscape.curvature.stability import (
+    PreconditionedOperator,
+    StabilityRule,
+    register_stability_rule,
+    stability_rule,
+)
 from lightning_landscape.curvature.trace import TraceResult, trace
 
 __all__ = [
     "AnalysisResult",
     "DensityResult",
     "EigenResult",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
     "ShardedHessianOperator",
+    "PreconditionedOperator",
+    "ResidualOperator",
+    "StabilityRule",
     "TraceResult",
     "analyze",
     "dense_hessian",
+    "register_stability_rule",
     "spectral_density",
+    "stability_rule",
     "top_eigenvalues",
     "trace",
     "twice_differentiable",

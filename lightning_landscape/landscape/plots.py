@@ -207,7 +207,14 @@ def slice_2d_figure(xs: Tensor, ys: Tensor, z: Tensor, *, where: str = "") -> Fi
 
 
 def density_figure(
-    grid: Tensor, density: Tensor, edges: Tensor, counts: Tensor, *, dim: int, where: str = ""
+    grid: Tensor,
+    density: Tensor,
+    edges: Tensor,
+    counts: Tensor,
+    *,
+    dim: int,
+    where: str = "",
+    what: str = "Hessian",
 ) -> Figure:
     """The Hessian eigenvalue density: the smoothed SLQ density on a log scale (top) and the
     number of eigenvalues per bin on a log count scale (bottom), so that the few outliers beside
@@ -218,6 +225,7 @@ def density_figure(
         edges, counts: ``n + 1`` bin edges and the expected number of eigenvalues in each bin.
         dim: the number of eigenvalues (the Hessian's dimension).
         where: what the title says of the weights (e.g. ``"at step 120"``).
+        what: the matrix named in the title (``"Hessian"``, ``"GGN"``).
     """
     x, y = _np(grid), np.clip(_np(density), 1e-300, None)
     fig = Figure(figsize=(6.4, 6.0))
@@ -226,7 +234,7 @@ def density_figure(
     top.set_ylim(float(y.max()) * 1e-8, float(y.max()) * 3)  # eight decades below the peak
     top.set_ylabel("density (log scale)")
     top.grid(True, alpha=0.3)
-    top.set_title(f"Hessian eigenvalue density {where} (SLQ, {dim} eigenvalues)", fontsize=9)
+    top.set_title(f"{what} eigenvalue density {where} (SLQ, {dim} eigenvalues)", fontsize=9)
     e, n = _np(edges), _np(counts)
     floor = 0.1  # a tenth of an eigenvalue: lower bars are noise of the smoothing
     bottom.bar(e[:-1], np.where(n >= floor, n, 0.0), width=np.diff(e), align="edge", color="tab:blue")  # fmt: skip

@@ -66,7 +66,9 @@ def test_logged_tags_and_value_equal_dense_oracle(tmp_path):
         assert logged[f"hessian/eigenvalue_{i + 1}"] == pytest.approx(float(eig[-1 - i]), rel=1e-6)
     assert logged["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6)
     assert abs(logged["hessian/trace"] - float(eig.sum())) <= 3 * logged["hessian/trace_stderr"]
-    assert logged["hessian/eos_ratio"] == pytest.approx(float(eig[-1]) * 0.2 / 2, rel=1e-6)
+    # SGD with heavy-ball momentum 0.9 at lr 0.2: the threshold is (2 + 2β)/η = 19
+    assert logged["hessian/eos_ratio"] == pytest.approx(float(eig[-1]) * 0.2 / 3.8, rel=1e-6)
+    assert ea.Scalars("hessian/eos_threshold")[-1].value == pytest.approx(19.0, rel=1e-6)
     assert t.callback_metrics["hessian/eigenvalue_1"].item() == pytest.approx(
         float(eig[-1]), rel=1e-6
     )

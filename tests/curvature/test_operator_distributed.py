@@ -1,4 +1,5 @@
-"""Two gloo ranks with unequal shards give the single-process answer on the union of shards."""
+"""Two gloo ranks with unequal shards give the single-process answer on the union of shards
+(the Hessian, and the Gauss-Newton part with its residual)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_landscape.curvature import (
+    GGNOperator,
     HessianOperator,
+    ResidualOperator,
     analyze,
     spectral_density,
     top_eigenvalues,
@@ -46,6 +49,13 @@ def _measure(batches) -> dict:
                an_trace=torch.tensor([res.trace.estimate, res.trace.stderr]),
                an_nodes=res.density.nodes, an_n=res.num_matvecs)  # fmt: skip
     out["num_matvecs"] = op.num_matvecs
+    # the Gauss-Newton part and the residual H − G, reduced the same way
+    ggn = GGNOperator(lambda b: (model(b[0]), b[1]), model, batches)
+    out.update(ggn_v=ggn @ v, ggn_total=ggn.total_size,
+               ggn_top=top_eigenvalues(ggn, 2, tol=1e-8, seed=0).eigenvalues,
+               res_low=top_eigenvalues(ResidualOperator(op, ggn), which="smallest", tol=1e-8,
+                                       seed=0).eigenvalues)  # fmt: skip
+    ggn.release()
     out["fresh_seed"] = top_eigenvalues(op, tol=1e-2).eigenvalues  # seed broadcast from rank 0
     op.release()
     return out

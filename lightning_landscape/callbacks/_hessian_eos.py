@@ -1,0 +1,75 @@
+"""HessianMonitor's edge of stability: the optimizer's own threshold, the preconditioned sharpness
+of adaptive optimizers, and the ratio of the relevant sharpness to the threshold.
+
+The thresholds and preconditioners come from
+:func:`lightning_landscape.curvature.stability_rule` (SGD, heavy-ball and Nesterov momentum, Adam,
+AdamW; others through :func:`~lightning_landscape.curvature.register_stability_rule`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning_landscape.callbacks.context import MeasureContext
+from lightning_landscape.curvature import HessianOperator, top_eigenvalues
+from lightning_landscape.curvature.stability import (
+    PreconditionedOperator,
+    inverse_sqrt_preconditioner,
+    stability_rule,
+)
+
+
+def measure_eos(
+    monitor: Any, ctx: MeasureContext, sharpness: float
+) -> tuple[dict[str, float], int]:
+    """``<prefix>/eos_threshold``, ``<prefix>/eos_ratio`` and, for an adaptive optimizer,
+    ``<prefix>/preconditioned_eigenvalue_1``; and the Hessian-vector products spent.
+
+    ``sharpness`` is λ_max(H), already measured. The context's optimizer (the fit's first) is the
+    one read. Before an adaptive optimizer's first step there is no preconditioner yet: only the
+    threshold is logged.
+    """
+    key = monitor.key
+    try:
+        if ctx.optimizer is None:
+            raise ValueError("the trainer holds no optimizer.")
+        rule = stability_rule(ctx.optimizer)
+    except ValueError as err:
+        ctx.warn(
+            "eos-threshold",
+            f"HessianMonitor: {err} `{key('eos_ratio')}` and `{key('eos_threshold')}` are logged "
+            "as NaN.",
+        )
+        return {key("eos_threshold"): math.nan, key("eos_ratio"): math.nan}, 0
+    out = {key("eos_threshold"): rule.threshold}
+    if rule.preconditioner is None:
+        out[key("eos_ratio")] = sharpness / rule.threshold
+        return out, 0
+    if not monitor.preconditioned:
+        ctx.warn(
+            "eos-preconditioned",
+            f"HessianMonitor: with {type(ctx.optimizer).__name__} the edge of stability bounds "
+            "the preconditioned sharpness λ_max(P⁻¹H), which `preconditioned=False` skips; "
+            f"`{key('eos_ratio')}` is logged as NaN.",
+        )
+        out[key("eos_ratio")] = math.nan
+        return out, 0
+    scale = inverse_sqrt_preconditioner(rule, ctx.params)
+    if scale is None:  # no optimizer state yet
+        return out, 0
+    hessian = HessianOperator(
+        ctx.loss_fn, ctx.module, ctx.batches, hvp=monitor.hvp, seed=ctx.seed_for("operator")
+    )
+    op = PreconditionedOperator(hessian, scale)
+    op.on_matvec = lambda n: ctx.status("preconditioned Hessian, products", n)
+    try:
+        top = top_eigenvalues(
+            op, tol=monitor.tol, max_matvecs=monitor.max_matvecs, seed=ctx.seed_for("eos")
+        )
+    finally:
+        hessian.release()
+    value = float(top.eigenvalues[0])
+    out[key("preconditioned_eigenvalue_1")] = value
+    out[key("eos_ratio")] = value / rule.threshold
+    return out, top.num_matvecs
