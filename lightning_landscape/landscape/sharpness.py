@@ -30,9 +30,10 @@ underestimates, median (worst) (``benchmarks/sharpness_ascent.py``):
 - quadratic at its minimum, eigenvalues linspace(0.1, 4, 20), 20 random bases: projected
   gradient 10 % (17 %) at 10 steps, 3.9 % (11 %) at 20; the pure normalized step (a power
   iteration) 4.4 % (11 %) and 0.85 % (10 %), 38 % (75 %) with an added eigenvalue −6, onto which
-  it locks; Krylov 0.013 % (5.2 %) at 10 products, 4e-8 (0.11 %) at 15, exact at 20 (3e-9 in
-  dimension 200 with 180 more eigenvalues in [0, 0.1]). The trust-region maximum never follows
-  negative curvature: ρ² max(λ_max, 0) / 2 at a stationary point.
+  it locks; Krylov with 10 polish steps 0.013 % (5.2 %) at 10 products, 4e-8 (0.11 %) at 15,
+  exact at 20 (3e-9 in dimension 200 with 180 more eigenvalues in [0, 0.1]); a start from the
+  top Lanczos eigenvector ignores g and stays 0.93 % (5 %) low at w* + 0.01 z. The trust-region
+  maximum never follows negative curvature: ρ² max(λ_max, 0) / 2 at a stationary point.
 - a digits MLP (2,410 parameters, 3 seeds, 100 or 600 training steps, ρ 0.05-0.5): 10 gradient
   steps 0.5-6.9 % (48 %); the Krylov maximizer alone 0.7-9.4 % (47 %), since third-order terms
   move the maximum; with 10 polish steps 7e-5 to 4e-4 (9.5 %).
