@@ -93,8 +93,14 @@ def main() -> None:
         "sharpness: all 4 kinds, every epoch (defaults)": lambda: SharpnessMonitor(
             every_n_epochs=1
         ),
+        "sharpness: all 4 kinds, ascent='gradient' 10 steps": lambda: SharpnessMonitor(
+            every_n_epochs=1, ascent="gradient", ascent_steps=10
+        ),
         "sharpness: sam 1 step (first order), every epoch": lambda: SharpnessMonitor(
-            every_n_epochs=1, kinds=["sam"], ascent_steps=1
+            every_n_epochs=1, kinds=["sam"], ascent="gradient", ascent_steps=1
+        ),
+        "sharpness: local entropy only, 64 pairs": lambda: SharpnessMonitor(
+            every_n_epochs=1, kinds=["average"], average_samples=2, local_entropy_gamma=1e4
         ),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
@@ -114,7 +120,7 @@ def main() -> None:
     )
     print(
         f"{'configuration':52s} {'time (s)':>9s} {'ratio':>7s} {'ms/step extra':>14s} "
-        f"{'fwd/bwd per measurement':>24s} {'s/measurement':>14s}"
+        f"{'fwd/bwd/hvp per measurement':>28s} {'s/measurement':>14s}"
     )
     for name in configs:
         t = min(times[name])
@@ -124,9 +130,10 @@ def main() -> None:
         if history:
             fwd = sum(h["sharpness/num_forward"] for h in history) / len(history)
             bwd = sum(h["sharpness/num_backward"] for h in history) / len(history)
+            hvp = sum(h["sharpness/num_hvp"] for h in history) / len(history)
             sec = sum(h["sharpness/seconds"] for h in history) / len(history)
-            cost, seconds = f"{fwd:.0f} / {bwd:.0f}", f"{sec:.3f}"
-        print(f"{name:52s} {t:9.2f} {t / base:7.2f} {extra:14.3f} {cost:>24s} {seconds:>14s}")
+            cost, seconds = f"{fwd:.0f} / {bwd:.0f} / {hvp:.0f}", f"{sec:.3f}"
+        print(f"{name:52s} {t:9.2f} {t / base:7.2f} {extra:14.3f} {cost:>28s} {seconds:>14s}")
 
 
 if __name__ == "__main__":

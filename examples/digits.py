@@ -125,7 +125,7 @@ def monitors(max_epochs: int) -> list[pl.Callback]:
     return [
         HessianMonitor(every_n_epochs=1, top_k=3, density=True, num_batches=4),
         NoiseTemperatureMonitor(every_n_steps=1),
-        SharpnessMonitor(every_n_epochs=1, num_batches=4),
+        SharpnessMonitor(every_n_epochs=1, num_batches=4, local_entropy_gamma=1e4),
         TrajectoryMonitor(
             every_n_epochs=1,
             metric_fn=accuracy,

@@ -1,2 +1,3 @@
 """Pure-math pieces of the landscape monitors (no Lightning import): losses over fixed batches
-at moved weights, sharpness, noise statistics, interpolation and projection of trajectories."""
+at moved weights, sharpness, local entropy, noise statistics, interpolation and projection of
+trajectories."""

@@ -1,5 +1,6 @@
 """The objectives of the sharpness measures: the loss at flat weights ``w`` as ``value(w)`` and
-``value_and_grad(w)``, counting the forward and backward passes spent (pure torch).
+``value_and_grad(w)``, counting the forward and backward passes spent, and its Hessian at ``w``
+as a linear operator of the curvature engine, ``hessian_at(w)`` (pure torch).
 
 :class:`FunctionObjective` wraps a function of a flat tensor, :class:`BatchObjective` the mean
 loss of fixed batches at moved parameters, reduced across ranks. Import them from
@@ -8,7 +9,8 @@ loss of fixed batches at moved parameters, reduced across ranks. Import them fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -16,13 +18,33 @@ from torch import Tensor
 
 from lightning_landscape._core.batches import mean_gradient, mean_value
 from lightning_landscape._core.vectors import ParamVector
+from lightning_landscape.curvature.operator import HessianOperator, LinearOperator
+
+
+class _FunctionHessian(LinearOperator):
+    """The Hessian of ``fn`` at ``w``: the gradient graph is built once, then one backward a
+    product (Pearlmutter 1994)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], w: Tensor) -> None:
+        super().__init__()
+        self.dim, self.dtype, self.device = w.numel(), w.dtype, w.device
+        self._x = w.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (self._grad,) = torch.autograd.grad(fn(self._x), self._x, create_graph=True)
+
+    def _matmat(self, Vt: Tensor) -> Tensor:
+        if not self._grad.requires_grad:  # fn is linear: H = 0
+            return torch.zeros_like(Vt)
+        rows = [torch.autograd.grad(self._grad, self._x, v, retain_graph=True)[0] for v in Vt]
+        return torch.stack(rows)
 
 
 class FunctionObjective:
     """The loss as a function ``f(w) -> scalar tensor`` of a flat weight vector.
 
     Attributes:
-        num_forward, num_backward: evaluations of ``f`` and of its gradient so far.
+        num_forward, num_backward, num_hvp: evaluations of ``f``, of its gradient and of
+            Hessian-vector products so far.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -31,6 +53,7 @@ class FunctionObjective:
         self.fn = fn
         self.num_forward = 0
         self.num_backward = 0
+        self.num_hvp = 0
 
     @torch.no_grad()
     def value(self, w: Tensor) -> float:
@@ -46,6 +69,16 @@ class FunctionObjective:
             (grad,) = torch.autograd.grad(out, x)
         return float(out.detach()), grad
 
+    @contextlib.contextmanager
+    def hessian_at(self, w: Tensor) -> Iterator[LinearOperator]:
+        """The Hessian of ``fn`` at ``w`` as an operator (its products count in its
+        ``num_matvecs``; building it costs one gradient with its graph)."""
+        op = _FunctionHessian(self.fn, w)
+        try:
+            yield op
+        finally:
+            self.num_hvp += op.num_matvecs
+
 
 class BatchObjective:
     """The batch-size-weighted mean loss of fixed batches at moved parameters, over all ranks.
@@ -57,7 +90,10 @@ class BatchObjective:
         distributed: reduce across ranks when a process group is up.
 
     Attributes:
-        num_forward, num_backward: forward and backward passes over single batches so far.
+        num_forward, num_backward, num_hvp: forward and backward passes and Hessian-vector
+            products over single batches so far.
+        hvp_seed: the seed of any randomness in the forwards of :meth:`hessian_at` (dropout in
+            train mode), see :class:`~lightning_landscape.curvature.HessianOperator`.
     """
 
     def __init__(
@@ -74,6 +110,8 @@ class BatchObjective:
         self.distributed = distributed
         self.num_forward = 0
         self.num_backward = 0
+        self.num_hvp = 0
+        self.hvp_seed = 0
 
     def value(self, w: Tensor) -> float:
         self.num_forward += len(self.batches)
@@ -87,6 +125,27 @@ class BatchObjective:
             return mean_gradient(
                 self.loss_fn, self.params.params, self.batches, distributed=self.distributed
             )
+
+    @contextlib.contextmanager
+    def hessian_at(self, w: Tensor) -> Iterator[LinearOperator]:
+        """The Hessian of the batch-weighted loss at ``w`` (over all ranks) as a
+        :class:`~lightning_landscape.curvature.HessianOperator` with cached gradient graphs: the
+        parameters hold ``w`` inside the block and are restored bit for bit afterwards. Each
+        product visits every batch; the first also builds their gradient graphs."""
+        with (
+            self.params.moved_to(w),
+            HessianOperator(
+                self.loss_fn,
+                self.params.params,
+                self.batches,
+                distributed=self.distributed,
+                seed=self.hvp_seed,
+            ) as op,
+        ):
+            try:
+                yield op
+            finally:
+                self.num_hvp += op.num_matvecs * len(self.batches)
 
 
 Objective = FunctionObjective | BatchObjective

@@ -153,7 +153,10 @@ class RecordingNoise(NoiseTemperatureMonitor):
 
 
 ACCUMULATE = 2
-SHARPNESS = {"epochs": [0], "num_batches": 3, "seed": 2, "ascent_steps": 3, "average_samples": 3}
+SHARPNESS = {
+    "epochs": [0], "num_batches": 3, "seed": 2, "ascent": "gradient", "ascent_steps": 3,
+    "average_samples": 3,
+}  # fmt: skip
 TRAJECTORY = {
     "every_n_steps": 2, "num_batches": 3, "num_points": 5, "grid_size": 3,
     "snapshot_dtype": torch.float64, "metric_fn": accuracy, "seed": 4,

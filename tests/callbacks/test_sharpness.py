@@ -11,6 +11,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import NoiseTemperatureMonitor, SharpnessMonitor
+from lightning_landscape._core.random import make_generator
+from lightning_landscape.landscape.local_entropy import local_entropy
 from lightning_landscape.landscape.sharpness import (
     FunctionObjective,
     adaptive_sharpness,
@@ -79,6 +81,7 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
         epochs=[0, 1],
         rho=[0.01, 0.05],
         sigma=0.02,
+        ascent="gradient",
         ascent_steps=4,
         average_samples=50,
         num_batches=2,
@@ -99,16 +102,22 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
         "sharpness/num_forward",
         "sharpness/num_backward",
         "sharpness/seconds",
+        "sharpness/sam_curvature_rho0.01",
+        "sharpness/sam_curvature_rho0.05",
+        "sharpness/adaptive_curvature",
+        "sharpness/keskar_curvature",
+        "sharpness/grad_norm",
+        "sharpness/num_hvp",
     }
     assert keys <= set(logged)
     assert not any(k.startswith("sharpness/sam") and k not in keys for k in logged)
     assert all(sorted(logged[k]) == [0, 4] for k in keys)  # epoch 0 (step 0), epoch 1 (step 4)
     for rho in (0.01, 0.05):
-        ref = sam_sharpness(FunctionObjective(f), w0, rho, steps=4)
+        ref = sam_sharpness(FunctionObjective(f), w0, rho, steps=4, method="gradient")
         assert logged[f"sharpness/sam_rho{rho}"][0] == pytest.approx(ref.sharpness, rel=1e-5)
-    ref = adaptive_sharpness(FunctionObjective(f), w0, 0.5, eta=0.01, steps=4)
+    ref = adaptive_sharpness(FunctionObjective(f), w0, 0.5, eta=0.01, steps=4, method="gradient")
     assert logged["sharpness/adaptive"][0] == pytest.approx(ref.sharpness, rel=1e-5)
-    ref = keskar_sharpness(FunctionObjective(f), w0, 1e-3, steps=4)
+    ref = keskar_sharpness(FunctionObjective(f), w0, 1e-3, steps=4, method="gradient")
     assert logged["sharpness/keskar"][0] == pytest.approx(ref.sharpness, rel=1e-5)
     # average case: σ² tr(H) / 2 to second order (the third-order term cancels by antithesis)
     h = torch.autograd.functional.hessian(f, w0)
@@ -121,6 +130,61 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
     assert logged["sharpness/num_forward"][0] >= 2 * (1 + 3 * 4 + 100)
     assert "sharpness/sam_rho0.05" in trainer.callback_metrics
     assert monitor.done == [0, 1]
+
+
+def test_krylov_default_curvature_parts_grad_norm_and_local_entropy(tmp_path):
+    x, y = _data()
+    fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    monitor = SharpnessMonitor(
+        epochs=[0],
+        rho=[0.01, 0.05],
+        sigma=0.02,
+        ascent_steps=8,
+        polish_steps=3,
+        local_entropy_gamma=[1e3, 1e4],
+        local_entropy_samples=64,
+        num_batches=2,
+        dataloader=fixed,
+    )
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
+    f, w0 = _flat_loss(Net(), x[:16], y[:16])
+    trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
+    logged = {k: v[0] for k, v in scalars(tmp_path).items() if k.startswith("sharpness/")}
+    suffixed = [f"sam{c}_rho{r}" for c in ("", "_curvature") for r in (0.01, 0.05)]
+    suffixed += [f"local_entropy{e}_gamma{g}" for e in ("", "_stderr") for g in (1000, 10000)]
+    plain = ["adaptive", "adaptive_curvature", "keskar", "keskar_curvature", "average"]
+    plain += ["average_stderr", "grad_norm", "num_forward", "num_backward", "num_hvp", "seconds"]
+    assert set(logged) == {f"sharpness/{k}" for k in suffixed + plain}
+    obj = FunctionObjective(f)
+    loss0, g = obj.value_and_grad(w0)
+    assert logged["sharpness/grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
+    for rho in (0.01, 0.05):
+        ref = sam_sharpness(FunctionObjective(f), w0, rho, steps=8, polish=3)
+        assert logged[f"sharpness/sam_rho{rho}"] == pytest.approx(ref.sharpness, rel=1e-5)
+        curvature = logged[f"sharpness/sam_curvature_rho{rho}"]
+        assert curvature == pytest.approx(ref.sharpness - rho * float(g.norm()), rel=1e-4)
+    ref = adaptive_sharpness(FunctionObjective(f), w0, 0.5, steps=8, polish=3)
+    assert logged["sharpness/adaptive_curvature"] == pytest.approx(ref.curvature, rel=1e-4)
+    ref = keskar_sharpness(FunctionObjective(f), w0, 1e-3, steps=8, polish=3)
+    assert logged["sharpness/keskar"] == pytest.approx(ref.sharpness, rel=1e-5)
+    assert logged["sharpness/keskar_curvature"] == pytest.approx(ref.curvature, rel=1e-4)
+    # local entropy: the package's seed rule, and the Gaussian integral of the quadratic model
+    h = torch.autograd.functional.hessian(f, w0)
+    lam = torch.linalg.eigvalsh(h)
+    for index, gamma in ((5, 1e3), (6, 1e4)):
+        gen = make_generator(0, 0, "local_entropy", index)
+        ref = local_entropy(obj, w0, gamma, samples=64, generator=gen)
+        value = logged[f"sharpness/local_entropy_gamma{gamma:g}"]
+        stderr = logged[f"sharpness/local_entropy_stderr_gamma{gamma:g}"]
+        assert value == pytest.approx(ref.estimate, rel=1e-5, abs=1e-9)
+        assert stderr == pytest.approx(ref.stderr, rel=1e-4)
+        eye = torch.eye(len(w0), dtype=D)
+        closed = -0.5 * torch.log1p(lam / gamma).sum() + 0.5 * g @ torch.linalg.solve(
+            gamma * eye + h, g
+        )
+        assert abs(value - float(closed)) < 3 * stderr + 0.05 * abs(float(closed))
+    # one Lanczos run of 8 products per worst-case kind, on 2 batches
+    assert logged["sharpness/num_hvp"] == 3 * 8 * 2
 
 
 def test_bit_identical_training_with_both_monitors(tmp_path):
@@ -136,7 +200,14 @@ def test_bit_identical_training_with_both_monitors(tmp_path):
     plain = run([], tmp_path / "plain")
     monitors = [
         NoiseTemperatureMonitor(),
-        SharpnessMonitor(every_n_epochs=1, num_batches=2, ascent_steps=2, average_samples=2),
+        SharpnessMonitor(
+            every_n_epochs=1,
+            num_batches=2,
+            ascent_steps=2,
+            average_samples=2,
+            local_entropy_gamma=100.0,
+            local_entropy_samples=2,
+        ),
         SharpnessMonitor(every_n_epochs=1, num_batches=2, mode="train", seed=1, kinds=["sam"]),
     ]
     watched = run(monitors, tmp_path / "watched")
@@ -144,6 +215,7 @@ def test_bit_identical_training_with_both_monitors(tmp_path):
         assert torch.equal(a, b)
     logged = scalars(tmp_path / "watched")
     assert sorted(logged["sharpness/keskar"]) == [0, 3, 6, 9]
+    assert sorted(logged["sharpness/local_entropy"]) == [0, 3, 6, 9]
     assert len(logged["noise/temperature"]) == 9
     # 5 batches an epoch, accumulate 2: the epoch's last step has one backward pass on one
     # device, hence no second batch size, and logs the temperature only
@@ -199,6 +271,16 @@ def test_errors():
         SharpnessMonitor(epsilon=math.inf)
     with pytest.raises(ValueError, match="`ascent_steps` must be a positive int"):
         SharpnessMonitor(ascent_steps=0)
+    with pytest.raises(ValueError, match="`ascent` must be one of"):
+        SharpnessMonitor(ascent="lanczos")
+    with pytest.raises(ValueError, match="`polish_steps` must be an int >= 0"):
+        SharpnessMonitor(polish_steps=-1)
+    with pytest.raises(ValueError, match="`local_entropy_gamma` must hold positive numbers"):
+        SharpnessMonitor(local_entropy_gamma=[1.0, 0.0])
+    with pytest.raises(ValueError, match="`local_entropy_beta` must be a positive number"):
+        SharpnessMonitor(local_entropy_gamma=1.0, local_entropy_beta=0.0)
+    with pytest.raises(ValueError, match="`local_entropy_samples` must be an int >= 2"):
+        SharpnessMonitor(local_entropy_samples=1)
     with pytest.raises(ValueError, match="`average_samples` must be >= 2"):
         SharpnessMonitor(average_samples=1)
     with pytest.raises(ValueError, match="`eta` must be a non-negative number"):
