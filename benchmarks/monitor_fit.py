@@ -1,12 +1,13 @@
-"""One training step in a real Lightning ``Trainer``, then (optionally) one HessianMonitor
-measurement at the end of that epoch, as a user's run would take it; with the peak memory of the
+"""A few training steps in a real Lightning ``Trainer``, then (optionally) one HessianMonitor
+measurement at the end of that epoch, as a user's run would take it; with the peak memory of a
 step and of the measurement (``benchmarks/gpu.py`` and ``benchmarks/memory.py``).
 
-The memory is read by a *meter*: ``baseline()`` at the start of training, ``peak()`` after the
-training step, ``reset_peak()`` just before the monitor measures and ``peak()`` just after. The
-callbacks around the monitor run in list order, so the measurement's peak is its own. The
-measurement happens after the step, as at any epoch end: the gradients and the optimizer state
-(SGD with momentum) are resident, as in training.
+The memory is read by a *meter*: ``baseline()`` just before each step but the first (which
+makes the optimizer state and pays the one-time allocations of a first step), ``peak()`` after
+it, ``reset_peak()`` just before the monitor measures and ``peak()`` just after. The callbacks around
+the monitor run in list order, so the measurement's peak is its own. The measurement happens
+after the step, as at any epoch end: the gradients and the optimizer state (SGD with momentum)
+are resident, as in training.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class _Before(Callback):
     def __init__(self, meter: Any, out: dict) -> None:
         self.meter, self.out = meter, out
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.meter.baseline()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= 1:
+            self.meter.baseline()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.out["train_step"] = self.meter.peak()
+        if batch_idx >= 1:
+            self.out.setdefault("train_steps", []).append(self.meter.peak())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.meter.reset_peak()
@@ -70,12 +73,15 @@ def fit_one_step(
     monitor_kwargs: dict | None = None,
     accelerator: str = "cpu",
     lr: float = 0.01,
+    steps: int = 6,
 ) -> dict:
-    """Fit one step of batch ``batch_size`` on ``TensorDataset(*tensors)``; with
-    ``monitor_kwargs`` a ``HessianMonitor(epochs=[1], **monitor_kwargs)`` measures after it.
+    """Fit ``steps`` steps of batch ``batch_size`` on ``TensorDataset(*tensors)``; with
+    ``monitor_kwargs`` a ``HessianMonitor(epochs=[1], **monitor_kwargs)`` measures after them.
 
-    Returns ``{"train_step": peak, "measurement": peak, "metrics": {...}, "warnings": [...]}``,
-    the peaks as the meter reports them and the metrics of the monitor's measurement.
+    Returns ``{"train_step": peak, "train_steps": [...], "measurement": peak, "metrics": {...},
+    "warnings": [...]}``: the peaks as the meter reports them (``train_step`` the largest over the
+    steps after the first, each from its own baseline; the measurement's from the baseline of
+    the last step), and the metrics of the monitor's measurement.
     """
     out: dict = {}
     callbacks: list[Callback] = [_Before(meter, out)]
@@ -93,7 +99,7 @@ def fit_one_step(
             accelerator=accelerator,
             devices=1,
             max_epochs=1,
-            limit_train_batches=1,
+            limit_train_batches=steps,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -103,6 +109,8 @@ def fit_one_step(
             callbacks=callbacks,
         )
         trainer.fit(Wrapped(net, loss_fn, lr), train_dataloaders=loader)
+    peaks = [p for p in out.get("train_steps", []) if p is not None]
+    out["train_step"] = max(peaks) if peaks else None
     out["metrics"] = dict(monitor.history[0]) if monitor is not None and monitor.history else {}
     out["warnings"] = [str(w.message) for w in caught if "Monitor" in str(w.message)]
     return out
