@@ -1,6 +1,6 @@
 """GPU benchmark (issue 10): ResNet-18 and a GPT-2-small-sized Transformer, against PyHessian.
 
-    PYTHONPATH=. python benchmarks/gpu.py [--budget-seconds 420] [--models resnet18,gpt]
+    PYTHONPATH=. python benchmarks/gpu.py [--budget-seconds 400] [--models resnet18,gpt]
     PYTHONPATH=. python benchmarks/gpu.py --smoke      # the same code on CPU, tiny sizes (~20 s)
 
 For each model (``benchmarks/gpu_models.py``; synthetic data, float32, TF32 off unless a row
@@ -33,6 +33,7 @@ import copy
 import gc
 import importlib
 import inspect
+import logging
 import math
 import os
 import statistics
@@ -72,6 +73,7 @@ warnings.filterwarnings("ignore")
 MONITOR_FALLBACK = dict(top_k=1, min_eigenvalue=True, trace=True, density=False, tol=1e-3,
                         max_matvecs=200, trace_probes=50, density_steps=80, density_probes=1,
                         hvp="cached")  # fmt: skip
+MODELS = ("resnet18", "gpt")
 FULL = dict(
     resnet=dict(width=64, batches=4, batch=128, side=32, classes=10),
     gpt=dict(vocab=50257, context=256, layers=12, width=768, heads=12, batches=2, batch=8),
@@ -150,9 +152,9 @@ def math_attention():
 @contextlib.contextmanager
 def tf32(enabled: bool):
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
     try:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
@@ -451,8 +453,8 @@ class Bench:
         c = self.cfg
         op = self.make_op(m, kind)
         before = {k: val for k, val in vars(op).items() if isinstance(val, str)}
-        g = torch.Generator().manual_seed(0)
-        v = torch.randn(m.dim, generator=g).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)  # on the device: P is 162M
+        v = torch.randn(m.dim, generator=g, device=self.device)
         v /= v.norm()
         self.meter.reset_peak()
         t0 = time.perf_counter()
@@ -472,7 +474,7 @@ class Bench:
             store["ref"] = (kind, hv.detach())
         t_block, block_note = None, ""
         try:
-            V = torch.randn(m.dim, c["block"], generator=g).to(self.device)
+            V = torch.randn(m.dim, c["block"], generator=g, device=self.device)
             t_block = self.timed(lambda: op.matmat(V), c["block_repeats"]) / c["block"]
         except Exception as err:  # noqa: BLE001
             block_note = f"block failed: {describe(err)}"
@@ -612,7 +614,7 @@ class Bench:
         cuda = self.device.type == "cuda"
         try:
             with (
-                torch.random.fork_rng(devices=[self.device] if cuda else []),
+                torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []),
                 CountProducts() as counter,
             ):
                 torch.manual_seed(0)
@@ -770,12 +772,12 @@ class Bench:
         ]
         plan += [
             ("memory", "top-1", measure(1, False, False, False), 30),
-            ("memory", f"HessianMonitor defaults ({top})",
-             measure(d["top_k"], d["min_eigenvalue"], d["trace"], d["density"]), 150),
             ("lambda", "reference: ours, tol 1e-6", lambda lab: self.reference(m, lab), 60),
             ("lambda", "ours: top_eigenvalues(tol=1e-4)", lambda lab: self.ours_lambda(m, lab), 30),
             ("lambda", "PyHessian eigenvalues(tol=1e-4) on one batch",
              lambda lab: self.pyhessian_lambda(m, lab, True), iters / 2),
+            ("memory", f"HessianMonitor defaults ({top})",
+             measure(d["top_k"], d["min_eigenvalue"], d["trace"], d["density"]), 150),
             ("memory", "top-3 + trace", measure(3, d["min_eigenvalue"], True, False), 150),
             ("memory", "top-3 + trace + density", measure(3, d["min_eigenvalue"], True, True), 150),
             ("lambda", "PyHessian eigenvalues(tol=1e-4) on the batches",
@@ -836,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on CPU unless --device")
     parser.add_argument("--device", default=None, help="default: cuda (full) or cpu (--smoke)")
     parser.add_argument("--budget-seconds", type=float, default=None,
-                        help="soft limit of the whole run (default 420; 600 with --smoke)")  # fmt: skip
+                        help="soft limit of the whole run (default 400; 600 with --smoke)")  # fmt: skip
     parser.add_argument("--models", default="resnet18,gpt")
     parser.add_argument("--resnet-share", type=float, default=0.45,
                         help="share of the time left that ResNet-18 may use before the GPT")  # fmt: skip
@@ -850,8 +852,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-section", default=None, help=argparse.SUPPRESS
     )  # a label; the tests
     args = parser.parse_args(argv)
+    unknown = [k for k in args.models.split(",") if k.strip() and k.strip() not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {list(MODELS)}")
     if args.budget_seconds is None:
-        args.budget_seconds = 600.0 if args.smoke else 420.0
+        args.budget_seconds = 600.0 if args.smoke else 400.0
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs CUDA (no GPU is visible); `--smoke` runs the same code on "
@@ -859,8 +864,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    try:  # float32 throughout, unless a row says TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    except Exception as err:  # noqa: BLE001
+        print(f"could not turn TF32 off: {describe(err)}", flush=True)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     bench = Bench(args, device)
     bench.log(f"torch {torch.__version__} on {bench.report.meta['device']}; kinds {bench.kinds}; "
               f"budget {args.budget_seconds:.0f} s; out: {args.out or '(stdout only)'}")  # fmt: skip

@@ -155,22 +155,26 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def save(self) -> None:
+        """Write gpu.md and gpu.json to ``out`` (a failure to write is printed, never raised)."""
         if not self.out:
             return
-        os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, "gpu.md"), "w") as fh:
-            fh.write(self.markdown())
-        raw = {
-            "meta": self.meta,
-            "models": {
-                k: {"title": m["title"], "info": m["info"],
-                    "tables": {t: [r["raw"] for r in rows] for t, rows in m["tables"].items()}}
-                for k, m in self.models.items()
-            },
-            "targets": self.goals,
-        }  # fmt: skip
-        with open(os.path.join(self.out, "gpu.json"), "w") as fh:
-            json.dump(_clean(raw), fh, indent=1, default=repr)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "gpu.md"), "w") as fh:
+                fh.write(self.markdown())
+            raw = {
+                "meta": self.meta,
+                "models": {
+                    k: {"title": m["title"], "info": m["info"],
+                        "tables": {t: [r["raw"] for r in rows] for t, rows in m["tables"].items()}}
+                    for k, m in self.models.items()
+                },
+                "targets": self.goals,
+            }  # fmt: skip
+            with open(os.path.join(self.out, "gpu.json"), "w") as fh:
+                json.dump(_clean(raw), fh, indent=1, default=repr)
+        except Exception as err:  # noqa: BLE001 - the tables are printed anyway
+            print(f"could not write to {self.out}: {describe(err)}", flush=True)
 
 
 def _clean(x):

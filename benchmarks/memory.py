@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
     s = SIZES[size]
     print(f"MLP {s['inputs']}-" + "-".join([str(s["width"])] * s["depth"]) + f"-{s['classes']} "
-          f"(GELU), batch {s['batch']}, 4 batches; each configuration in a fresh process", flush=True)  # fmt: skip
+          f"(GELU), batch {s['batch']} (the monitor's fixed batches: its default 4); each "
+          "configuration in a fresh process", flush=True)  # fmt: skip
     results = []
     for config in configs:
         t0 = time.perf_counter()

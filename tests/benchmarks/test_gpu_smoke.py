@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def test_full_run_needs_cuda(gpu, tmp_path, capsys):
     assert "needs CUDA" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # PyHessian's
 def test_smoke_gpt_every_kind_of_section(gpu, tmp_path, capsys):
     code = gpu.main(["--smoke", "--models", "gpt", "--only", SECTIONS,
                      "--fail-section", "top-1", "--out", str(tmp_path)])  # fmt: skip
@@ -85,3 +87,12 @@ def test_over_budget_sections_are_skipped_rows(gpu, tmp_path):
     assert gpu.main(["--smoke", "--budget-seconds", "0", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "gpu.md").read_text()
     assert "skipped: over the time budget" in md
+
+
+def test_a_kind_the_operator_refuses_is_a_failed_row(gpu, tmp_path, monkeypatch):
+    kinds = typing.get_args(gpu._operator.HVPMode)
+    monkeypatch.setattr(gpu._operator, "HVPMode", typing.Literal[(*kinds, "bogus")])
+    args = ["--smoke", "--models", "gpt", "--only", "bogus", "--out", str(tmp_path)]
+    assert gpu.main(args) == 0
+    (row,) = rows(tmp_path, "gpt", "products")
+    assert row["label"] == "bogus" and row["failed"].startswith("failed: ValueError")
