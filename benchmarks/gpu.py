@@ -229,8 +229,9 @@ class Bench:
         self.last_error: str | None = None
         self.last_oom = False
         self.kinds = list(typing.get_args(_operator.HVPMode))
-        self.monitor, self.monitor_source = monitor_defaults()
-        self.monitor.update(self.cfg["monitor_overrides"])
+        defaults, self.monitor_source = monitor_defaults()
+        # every key the sections read exists, whatever the monitor's signature has become
+        self.monitor = {**MONITOR_FALLBACK, **defaults, **self.cfg["monitor_overrides"]}
         op_params = inspect.signature(HessianOperator.__init__).parameters
         self.op_defaults = {
             k: self.monitor[k]
@@ -394,6 +395,7 @@ class Bench:
 
             title = (f"GPT ({c['layers']} layers, width {c['width']}, {c['heads']} heads, vocab "
                      f"{c['vocab']}), {c['batches']} batches of {c['batch']} x {c['context']} tokens")  # fmt: skip
+        model.eval()  # measurements run in eval mode (the monitor's default); steps in train
         dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return Model(
             key, f"{title}, {dim:,} parameters", model, batches, loss, criterion, sdpa, lr, dim
@@ -595,6 +597,7 @@ class Bench:
         lam = float(r.eigenvalues[0])
         err = self.error(m, lam)
         m.info["ours_lambda_seconds"] = wall
+        m.info["ours_lambda_error"] = err
         self.report.add(
             m.key, "lambda",
             [label, r.num_matvecs, fmt(wall, ".2f"), fmt(lam, ".8g"), fmt(err, ".1e"), fmt(peak, "gib"),
@@ -656,7 +659,8 @@ class Bench:
             [label, count, fmt(wall, ".2f"), fmt(lam, ".8g"), fmt(err, ".1e"), fmt(peak, "gib"),
              f"{mode}; maxIter {iters}{' (reached)' if count >= iters else ''}; ours / this wall: {ratio(ours, wall)}"],
             dict(label=label, products=count, seconds=wall, lambda_max=lam, rel_error=err, peak=peak,
-                 one_batch=one_batch, ours_over_pyhessian=ours / wall if ours else None),
+                 one_batch=one_batch, ours_over_pyhessian=ours / wall if ours else None,
+                 ours_rel_error=m.info.get("ours_lambda_error")),
         )  # fmt: skip
 
     def trace_row(self, m: Model, label: str, method: str | None) -> None:
@@ -747,8 +751,9 @@ class Bench:
         top = f"top-{d['top_k']}" + " + min" * d["min_eigenvalue"] + " + trace" * d["trace"]
 
         def measure(top_k, smallest, with_trace, density):
-            kwargs = self.analyze_kwargs(top_k, smallest, with_trace, density)
-            return lambda lab: self.measurement(m, lab, kwargs)
+            return lambda lab: self.measurement(
+                m, lab, self.analyze_kwargs(top_k, smallest, with_trace, density)
+            )
 
         def forced_math(fn):
             def run(lab: str) -> None:
@@ -825,7 +830,10 @@ class Bench:
             share = self.args.resnet_share if key == "resnet18" and i < len(keys) - 1 else 1.0
             self.model_deadline = time.perf_counter() + share * left
             self.run_model(key)
-        self.report.targets()
+        try:
+            self.report.targets()
+        except Exception as err:  # noqa: BLE001 - the tables stand without the summary
+            self.log(f"targets failed: {describe(err)}")
         self.report.save()
         self.log("done")
         print("\n" + self.report.markdown(), flush=True)
