@@ -11,7 +11,7 @@ says otherwise) it prints markdown tables of
 - the time of one Hessian-vector product of every kind the engine offers
   (``typing.get_args(HVPMode)``), single and per product in blocks of 8, over the gradient's;
 - the peak memory of each measurement (top-1; the HessianMonitor's defaults; top-3 + trace;
-  + density; and the monitor itself in a one-step Lightning fit), over the training step's;
+  + density; and the monitor itself in a short Lightning fit), over the training step's;
 - λ_max to 1e-4 against PyHessian (power iteration, its ``tol=1e-4``) on the same samples: wall
   time, products, and each one's error against a tightly converged Lanczos reference;
 - the trace at equal products (ours and PyHessian's Hutchinson, with standard errors), the
@@ -73,6 +73,8 @@ warnings.filterwarnings("ignore")
 MONITOR_FALLBACK = dict(top_k=1, min_eigenvalue=True, trace=True, density=False, tol=1e-3,
                         max_matvecs=200, trace_probes=50, density_steps=80, density_probes=1,
                         hvp="cached")  # fmt: skip
+NOT_OPERATOR = {*MONITOR_FALLBACK, "per_module", "epochs", "every_n_epochs", "every_n_steps",
+                "num_batches", "dataloader", "loss_fn", "mode", "seed", "params", "batches"} - {"hvp"}  # fmt: skip
 MODELS = ("resnet18", "gpt")
 FULL = dict(
     resnet=dict(width=64, batches=4, batch=128, side=32, classes=10),
@@ -233,10 +235,12 @@ class Bench:
         # every key the sections read exists, whatever the monitor's signature has become
         self.monitor = {**MONITOR_FALLBACK, **defaults, **self.cfg["monitor_overrides"]}
         op_params = inspect.signature(HessianOperator.__init__).parameters
+        # the monitor's arguments that configure its operator (hvp, and whatever both gain,
+        # a memory_budget say), not those of its schedule, batches or Lanczos run
         self.op_defaults = {
             k: self.monitor[k]
             for k in op_params
-            if k in self.monitor and k not in ("self", "loss_fn", "params", "batches", "seed")
+            if k in self.monitor and k not in NOT_OPERATOR and k != "self"
         }
         self.op_defaults.update(
             {k: v for k, v in args.operator_kwargs.items() if k in op_params}
@@ -474,10 +478,12 @@ class Bench:
             diff = float((hv - store["ref"][1]).norm() / store["ref"][1].norm())
         elif kind in ("double_backward", "cached") and not tf32_on:
             store["ref"] = (kind, hv.detach())
-        t_block, block_note = None, ""
+        t_block, block_peak, block_note = None, None, ""
         try:
             V = torch.randn(m.dim, c["block"], generator=g, device=self.device)
+            self.meter.reset_peak()
             t_block = self.timed(lambda: op.matmat(V), c["block_repeats"]) / c["block"]
+            block_peak = self.meter.peak()
         except Exception as err:  # noqa: BLE001
             block_note = f"block failed: {describe(err)}"
             self.cleanup()
@@ -491,13 +497,15 @@ class Bench:
             m.key, "tf32" if tf32_on else "products",
             [label, fmt(1e3 * t_first, ".1f"), fmt(1e3 * t_one, ".1f"), ratio(t_one, t_grad),
              fmt(1e3 * t_block if t_block else None, ".1f"), ratio(t_block, t_grad),
-             fmt(peak, "gib"), fmt(diff, ".1e") + (f" ({ref})" if diff is not None else ""),
+             fmt(peak, "gib"), fmt(block_peak, "gib"),
+             fmt(diff, ".1e") + (f" ({ref})" if diff is not None else ""),
              "; ".join(x for x in (notes, block_note) if x)],
             dict(label=label, kind=kind, first_ms=1e3 * t_first, ms=1e3 * t_one,
                  per_gradient=t_one / t_grad if t_grad else None,
                  block_ms=1e3 * t_block if t_block else None,
                  block_per_gradient=t_block / t_grad if t_block and t_grad else None,
-                 peak=peak, rel_diff=diff, notes=notes, block_note=block_note),
+                 peak=peak, block_peak=block_peak, rel_diff=diff, notes=notes,
+                 block_note=block_note),
         )  # fmt: skip
 
     def measurement(self, m: Model, label: str, kwargs: dict) -> None:
@@ -806,7 +814,7 @@ class Bench:
                 for kind in self.kinds
             ]  # fmt: skip
         # last: the fit trains the model one step and replaces its optimizer state
-        plan.append(("memory", "HessianMonitor() in a one-step Lightning fit",
+        plan.append(("memory", "HessianMonitor() in a short Lightning fit",
                      lambda lab: self.in_trainer(m, lab), 150))  # fmt: skip
         return plan
 
@@ -814,7 +822,7 @@ class Bench:
         with tf32(True):
             store["t_grad"] = self.timed(self.gradient_fn(m), self.cfg["repeats"])
         note = f"TF32 gradient {1e3 * store['t_grad']:.1f} ms (without TF32: {fmt(1e3 * m.t_grad if m.t_grad else None, '.1f')} ms)"
-        cells = [label] + [""] * 7 + [note]
+        cells = [label] + [""] * 8 + [note]
         self.report.add(m.key, "tf32", cells, dict(label=label, ms=1e3 * store["t_grad"]))
 
     def tf32_product(self, m: Model, kind: str, label: str, store: dict) -> None:

@@ -12,7 +12,8 @@ import torch
 GiB = 2**30
 PRODUCT_COLUMNS = ["kind", "first product (ms)", "1 product (ms)", "1 product / gradient",
                    "block of 8, per product (ms)", "block of 8, per product / gradient",
-                   "peak of the first product (GiB)", "rel. difference of Hv (to)", "notes"]  # fmt: skip
+                   "peak of the first product (GiB)", "peak of a block (GiB)",
+                   "rel. difference of Hv (to)", "notes"]  # fmt: skip
 TABLES = {
     "train": ("Gradient and training step",
               ["what", "time (ms)", "peak memory (GiB)", "resident after (GiB)", "notes"]),

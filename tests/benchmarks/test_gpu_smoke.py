@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 # every kind of section, on the GPT (whose products are the cheapest of the two smoke models)
 SECTIONS = (
     "training step,cached,top-1,HessianMonitor defaults,reference,ours: top_eigenvalues,"
-    "on one batch,PyHessian trace,PyHessian density,one-step Lightning fit"
+    "on one batch,PyHessian trace,PyHessian density,short Lightning fit"
 )
 
 
