@@ -18,7 +18,8 @@ from lightning_landscape import HessianMonitor
 from lightning_landscape.curvature import GGNOperator, dense_hessian, stability_rule
 from lightning_landscape.curvature.stability import inverse_sqrt_preconditioner
 
-from .test_hessian import dataset, trainer
+from ._helpers import make_trainer as trainer
+from ._helpers import random_classes as dataset
 
 
 class Net(pl.LightningModule):

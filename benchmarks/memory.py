@@ -1,0 +1,234 @@
+"""Memory of a HessianMonitor measurement over a training step's, on CPU (issue 10).
+
+    PYTHONPATH=. python benchmarks/memory.py            # about 1-2 minutes on one thread
+    PYTHONPATH=. python benchmarks/memory.py --tiny     # a smoke run (the test runs it)
+
+An activation-heavy MLP (activations of a batch many times its parameters) is trained for one
+step in a real Lightning ``Trainer`` and, in the measuring configurations, a HessianMonitor
+measures at the end of that epoch, with its own defaults except what the row names (the
+monitor's own code path: its fixed batches, its operator, its Lanczos run). Each configuration
+runs in a fresh process. Memory is the peak resident set (``VmHWM``) above a baseline
+(``VmRSS``) taken just before a training step, when imports, model, data, gradients and
+optimizer state are resident and the one-time allocations of a first step are done: for the
+training step, to the end of that step (the largest of steps 2-6: the resident set under-counts
+a step now and then by a megabyte or two); for the measurement, from
+the baseline of the last step, with the peak reset just before the measurement (through
+``/proc/self/clear_refs``). The ratio is the measurement's peak over the training step's. Large allocations are kept out of malloc's free lists
+(``MALLOC_MMAP_THRESHOLD_``) so that the resident set follows the live tensors. Re-run it
+unchanged after an engine change: the monitor's defaults are whatever the checkout's
+HessianMonitor has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 2**20
+SIZES = {  # inputs, hidden width, hidden layers, batch (the monitor draws num_batches of them)
+    "default": dict(inputs=32, width=64, depth=3, batch=8192, classes=10),
+    "tiny": dict(inputs=8, width=16, depth=2, batch=128, classes=4),
+}
+CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
+    "train": ("training step (forward, backward, SGD with momentum), no monitor", None),
+    "defaults": ("HessianMonitor() with its defaults", {}),
+    "top1": ("top-1 only (min_eigenvalue=False, trace=False)",
+             {"min_eigenvalue": False, "trace": False}),
+    "top3_trace": ("top-3 + trace (top_k=3, trace=True)", {"top_k": 3, "trace": True}),
+    "top3_trace_density": ("top-3 + trace + density (density=True)",
+                           {"top_k": 3, "trace": True, "density": True}),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- child process
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` entry in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class RSSMeter:
+    """Peak resident set above the baseline (``VmHWM`` − baseline ``VmRSS``), in bytes."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.resettable = True
+
+    def baseline(self) -> None:
+        gc.collect()
+        self.base = _status("VmRSS")
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        try:  # "5" resets the peak resident set to the current one (Linux ≥ 4.0)
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self.resettable = False
+
+    def peak(self) -> float:
+        if self.resettable:
+            return float(_status("VmHWM") - self.base)
+        # without a reset: the peak since the process started (an upper bound)
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
+
+
+def mlp(inputs: int, width: int, depth: int, classes: int):
+    from torch import nn
+
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(inputs, width), nn.GELU()]
+        inputs = width
+    return nn.Sequential(*layers, nn.Linear(inputs, classes))
+
+
+def child(config: str, size: str, warmup: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from monitor_fit import fit_one_step
+
+    import lightning_landscape.callbacks.hessian  # noqa: F401 - imported before the baseline
+
+    torch.set_num_threads(1)
+    s = SIZES[size]
+
+    def problem(size: dict, seed: int):
+        torch.manual_seed(seed)
+        net = mlp(size["inputs"], size["width"], size["depth"], size["classes"])
+        n = 6 * size["batch"]  # 6 training steps; the monitor draws its default 4 batches
+        X = torch.randn(n, size["inputs"])
+        y = torch.randint(size["classes"], (n,))
+        return net, (lambda batch: F.cross_entropy(net(batch[0]), batch[1])), (X, y)
+
+    if warmup:  # the same code paths once on a tiny model: first-call costs (code pages,
+        # library workspaces) are paid here, not in the rows
+        tiny_net, tiny_loss, tiny_data = problem(SIZES["tiny"], 1)
+        fit_one_step(tiny_net, tiny_loss, tiny_data, SIZES["tiny"]["batch"], RSSMeter(),
+                     CONFIGS[config][1])  # fmt: skip
+        del tiny_net, tiny_loss, tiny_data
+    net, loss, data = problem(s, 0)
+    meter = RSSMeter()
+    t0 = time.perf_counter()
+    out = fit_one_step(net, loss, data, s["batch"], meter, CONFIGS[config][1])
+    params = sum(p.numel() for p in net.parameters())
+    return dict(
+        config=config,
+        train_step=out["train_step"],
+        train_steps=out.get("train_steps"),
+        measurement=out.get("measurement"),
+        metrics=out["metrics"],
+        warnings=out["warnings"],
+        warmup=warmup,
+        baseline_rss=meter.base,
+        peak_reset=meter.resettable,
+        params=params,
+        activations_per_batch=4 * s["batch"] * (2 * s["depth"] * s["width"] + s["classes"]),
+        seconds=time.perf_counter() - t0,
+        torch=torch.__version__,
+    )
+
+
+# ----------------------------------------------------------------------------- parent
+def run_fresh(config: str, size: str, warmup: bool) -> dict:
+    """Run one configuration in a fresh interpreter; its last stdout line is the JSON."""
+    # A fixed mmap threshold (no glibc dynamic threshold): every large tensor is mapped and
+    # unmapped, so the resident set follows the live tensors instead of malloc's free lists.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, __file__, "--child", config, "--size", size]
+    cmd += [] if warmup else ["--no-warmup"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(config=config, error=" / ".join(tail) or f"exit code {proc.returncode}")
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict]) -> str:
+    train = next((r for r in results if r["config"] == "train" and "error" not in r), None)
+    base = train["train_step"] if train else None
+    header = ["configuration", "peak RSS above baseline (MiB)", "/ training step", "products",
+              "seconds", "λ_max", "training step in the same process (MiB)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in results:
+        label = CONFIGS[r["config"]][0]
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error'][:200]} |  |  |  |  |  |")
+            continue
+        m = r["metrics"]
+        peak = r["train_step"] if r["config"] == "train" else r["measurement"]
+        ratio = f"{peak / base:.2f}" if base and base > 0.5 * MiB else "n/a"
+        cells = [
+            label,
+            f"{peak / MiB:.1f}",
+            ratio,
+            f"{m['hessian/num_matvecs']:.0f}" if m else "",
+            f"{m['hessian/seconds']:.2f}" if m else "",
+            f"{m['hessian/eigenvalue_1']:.5g}" if m else "",
+            f"{r['train_step'] / MiB:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"of {list(CONFIGS)}")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="write memory.md/.json there")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="count first-call costs too (no warm-up fit of a tiny model first)")  # fmt: skip
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.size, not args.no_warmup)), flush=True)
+        return 0
+    size = "tiny" if args.tiny else "default"
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
+    s = SIZES[size]
+    print(f"MLP {s['inputs']}-" + "-".join([str(s["width"])] * s["depth"]) + f"-{s['classes']} "
+          f"(GELU), batch {s['batch']} (the monitor's fixed batches: its default 4); each "
+          "configuration in a fresh process", flush=True)  # fmt: skip
+    results = []
+    for config in configs:
+        t0 = time.perf_counter()
+        results.append(run_fresh(config, size, not args.no_warmup))
+        r = results[-1]
+        print(
+            f"  {config}: {r.get('error') or 'done'} ({time.perf_counter() - t0:.0f} s)", flush=True
+        )
+    ok = next((r for r in results if "error" not in r), None)
+    if ok:
+        print(f"parameters {ok['params']:,} ({ok['params'] * 4 / MiB:.2f} MiB); activations of "
+              f"the 4 batches ~{ok['activations_per_batch'] * 4 / MiB:.0f} MiB; torch {ok['torch']}; "
+              f"peak reset via clear_refs: {ok['peak_reset']}", flush=True)  # fmt: skip
+    text = table(results)
+    print("\n" + text, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, "memory.md").write_text(text + "\n")
+        Path(args.out, "memory.json").write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
