@@ -13,9 +13,13 @@ from ._helpers import Classifier, random_classes
 
 
 def _trainer(loader=None):
-    """What draw_batches reads from a Trainer: its train dataloader and batch transfer."""
+    """What draw_batches reads from a Trainer: its train dataloader, the precision plugin's input
+    conversion and the batch transfer."""
     strategy = types.SimpleNamespace(batch_to_device=lambda batch, device: batch)
-    return types.SimpleNamespace(train_dataloader=loader, strategy=strategy)
+    precision = types.SimpleNamespace(convert_input=lambda batch: batch)
+    return types.SimpleNamespace(
+        train_dataloader=loader, strategy=strategy, precision_plugin=precision
+    )
 
 
 def test_the_same_batches_at_every_draw_and_the_rng_untouched():
