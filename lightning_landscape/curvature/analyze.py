@@ -16,6 +16,7 @@ import torch
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
@@ -57,6 +58,7 @@ def analyze(
     tol: float = 1e-3,
     max_steps: int | None = None,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> AnalysisResult:
     """Top eigenvalues, and optionally the most negative eigenvalue, trace and density, from one
     shared Lanczos run.
@@ -73,18 +75,24 @@ def analyze(
         tol: residual tolerance of the eigenvalues, relative to the spectral scale.
         max_steps: cap on the shared run; default ``min(dim, max(100, 20·top_k, density_steps))``.
         seed: seed of every probe (identical on every rank); ``None`` draws one.
+        basis_device: where the Lanczos bases are kept (default the operator's device;
+            ``"cpu"``: host memory, for models where steps × P does not fit the accelerator).
 
     Returns:
         An :class:`AnalysisResult` with the total cost.
 
     Raises:
         TypeError: if ``top_k``, ``trace_probes``, ``density_steps``, ``density_probes``,
-            ``max_steps`` or ``seed`` is not an int.
+            ``max_steps`` or ``seed`` is not an int, or ``basis_device`` is not a device.
         ValueError: if one of those counts is not positive, ``top_k`` exceeds the dimension, or
             ``tol`` is not positive.
 
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
-    ``trace_probes`` and ``(density_probes − 1) · density_steps`` products.
+    ``trace_probes`` (in blocks of 8) and ``(density_probes − 1) · density_steps`` products (in
+    blocks of ``density_probes − 1``). Memory, in units of P numbers: the shared run's basis
+    (its steps) plus 8 trace probes and their products, then ``(density_probes − 1) ·
+    density_steps`` for the other density probes (the shared basis is freed first); the
+    products add what their kind needs (:class:`HessianOperator`).
     """
     _validate(top_k, "largest", tol, max_steps, names=("top_k", "max_steps"))
     if top_k > op.dim:
@@ -92,6 +100,7 @@ def analyze(
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
+    basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     d = op.dim
@@ -109,10 +118,10 @@ def analyze(
         return done
 
     start = gaussian((density_probes, d), gen, op.dtype, op.device)
-    run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop)
-    steps = run.num_steps
-    top = extract(run, top_k, "largest", tol, steps, d)
-    low = extract(run, 1, "smallest", tol, steps, d) if smallest else None
+    run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop, basis_device=basis_device)
+    steps, finite = run.num_steps, run.finite
+    top = extract(run, top_k, "largest", tol, steps, d, op.device)
+    low = extract(run, 1, "smallest", tol, steps, d, op.device) if smallest else None
 
     trace_result = None
     if trace:
@@ -122,17 +131,18 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            mean, stderr, n = deflated_hutchinson(op, run.basis[0], probes, gen)
+            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
     density_result = None
-    if density:
-        nodes, weights = quadrature(run)
-        rows_n, rows_w = list(nodes), list(weights)
+    shared = quadrature(run) if density else None
+    del run  # frees the shared basis before the other density probes
+    if shared is not None:
+        rows_n, rows_w = list(shared[0]), list(shared[1])
         cost = steps
-        if density_probes > 1 and run.finite:
+        if density_probes > 1 and finite:
             mark = op.num_matvecs
-            extra = lanczos(op, start[1:], density_steps, generator=gen)
+            extra = lanczos(op, start[1:], density_steps, generator=gen, basis_device=basis_device)
             cost += op.num_matvecs - mark
             n2, w2 = quadrature(extra)
             rows_n += list(n2)

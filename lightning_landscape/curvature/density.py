@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -89,6 +90,7 @@ def spectral_density(
     num_probes: int = 1,
     num_steps: int = 100,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> DensityResult:
     """The eigenvalue spectral density by stochastic Lanczos quadrature.
 
@@ -97,21 +99,27 @@ def spectral_density(
         num_probes: independent probes (their Lanczos chains share batched products).
         num_steps: Lanczos steps per probe (capped at the dimension).
         seed: probe seed (identical on every rank); ``None`` draws one.
+        basis_device: where the Lanczos bases are kept (default the operator's device;
+            ``"cpu"``: host memory).
 
     Returns:
         A :class:`DensityResult`; ``evaluate(grid)`` gives the smoothed density.
 
     Raises:
-        TypeError: if ``num_probes``, ``num_steps`` or ``seed`` is not an int.
+        TypeError: if ``num_probes``, ``num_steps`` or ``seed`` is not an int, or
+            ``basis_device`` is not a device.
         ValueError: if ``num_probes`` or ``num_steps`` is not positive.
 
-    Cost: ``num_probes · num_steps`` products in ``num_steps`` batched calls.
+    Cost: ``num_probes · num_steps`` products in ``num_steps`` batched calls (blocks of
+    ``num_probes`` columns). Memory: ``num_probes · num_steps`` · P numbers of Lanczos bases,
+    grown as the run goes.
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)
+    basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     start = gaussian((num_probes, op.dim), gen, op.dtype, op.device)
-    run = lanczos(op, start, num_steps, generator=gen)
+    run = lanczos(op, start, num_steps, generator=gen, basis_device=basis_device)
     nodes, weights = quadrature(run)
     return DensityResult(nodes, weights, op.num_matvecs - before, op.dim)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -78,16 +79,24 @@ def is_converged(alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, 
 
 
 def extract(
-    run: LanczosRun, k: int, which: str, tol: float, num_matvecs: int, dim: int
+    run: LanczosRun,
+    k: int,
+    which: str,
+    tol: float,
+    num_matvecs: int,
+    dim: int,
+    device: torch.device | None = None,
 ) -> EigenResult:
-    """Ritz pairs of chain 0 of a run, as an :class:`EigenResult`."""
+    """Ritz pairs of chain 0 of a run, as an :class:`EigenResult` (vectors on ``device``,
+    default where the basis lives)."""
+    device = device or run.vectors.device
     if not run.finite:
         nan = torch.full((k,), float("nan"), dtype=torch.float64)
-        vecs = torch.full((dim, k), float("nan"), dtype=run.basis.dtype, device=run.basis.device)
+        vecs = torch.full((dim, k), float("nan"), dtype=run.vectors.dtype, device=device)
         return EigenResult(nan, vecs, nan.clone(), num_matvecs, False)
     theta, S, res = run.ritz(0)
     idx = wanted(theta, k, which)
-    vecs = run.basis[0].T @ S[:, idx].to(run.basis.dtype).to(run.basis.device)
+    vecs = run.vectors.combine(S[:, idx], device=device)
     converged = is_converged(run.alphas[0], run.betas[0], k, which, tol, dim)
     return EigenResult(theta[idx], vecs, res[idx], num_matvecs, converged)
 
@@ -100,6 +109,7 @@ def top_eigenvalues(
     tol: float = 1e-3,
     max_matvecs: int | None = None,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """The k largest (or most negative) eigenvalues of a symmetric operator by Lanczos.
 
@@ -116,20 +126,25 @@ def top_eigenvalues(
         tol: residual tolerance relative to the spectral scale.
         max_matvecs: cap on products; default ``min(dim, max(100, 20 k))``.
         seed: seed of the start vector; ``None`` draws one (broadcast from rank 0).
+        basis_device: where the Lanczos basis is kept (default the operator's device);
+            ``"cpu"`` keeps it in host memory when steps × P does not fit the accelerator.
 
     Returns:
         An :class:`EigenResult`; ``converged`` is False if the cap was hit first, and values are
         NaN if a product was not finite.
 
     Raises:
-        TypeError: if ``k``, ``max_matvecs`` or ``seed`` is not an int.
+        TypeError: if ``k``, ``max_matvecs`` or ``seed`` is not an int, or ``basis_device`` is
+            not a device.
         ValueError: if ``k`` is not in [1, dim], ``which`` is unknown, ``tol`` is not positive,
             or ``max_matvecs`` is smaller than ``k``.
 
-    Cost: one product per Lanczos step (typically 10-40 for k = 1 at tol 1e-3), plus
-    O(steps · dim) memory for the basis.
+    Cost: one product per Lanczos step (typically 10-40 for k = 1 at tol 1e-3). Memory: the
+    basis grows with the steps taken (steps · P numbers, on ``basis_device``) plus a few
+    P-vectors, on top of what a product needs (see :class:`HessianOperator`).
     """
     _validate(k, which, tol, max_matvecs)
+    basis_device = check_basis_device(basis_device)
     if k > op.dim:
         raise ValueError(f"`k` must be at most the dimension {op.dim}, got {k}.")
     if max_matvecs is not None and max_matvecs < k:
@@ -142,5 +157,5 @@ def top_eigenvalues(
     def stop(alphas: Tensor, betas: Tensor) -> bool:
         return is_converged(alphas[0], betas[0], k, which, tol, op.dim)
 
-    run = lanczos(op, start, limit, generator=gen, should_stop=stop)
-    return extract(run, k, which, tol, op.num_matvecs - before, op.dim)
+    run = lanczos(op, start, limit, generator=gen, should_stop=stop, basis_device=basis_device)
+    return extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device)

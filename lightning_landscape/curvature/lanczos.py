@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.random import gaussian
+from lightning_landscape.curvature.basis import Basis
 from lightning_landscape.curvature.operator import LinearOperator
 
 
@@ -29,14 +30,20 @@ class LanczosRun:
         alphas: ``(b, m)`` float64 diagonals of the tridiagonals.
         betas: ``(b, m)`` float64 off-diagonals; ``betas[:, j]`` couples steps j and j+1, and the
             last column is the norm of the final residual (the Ritz residual scale).
-        basis: ``(b, m, dim)`` orthonormal Krylov bases, in the operator's dtype.
+        vectors: the orthonormal Krylov bases (a :class:`~.basis.Basis` of ``b`` chains and
+            ``m`` vectors, in the operator's dtype, on the basis device).
         finite: False if a product returned NaN/inf (the run stopped there).
     """
 
     alphas: Tensor
     betas: Tensor
-    basis: Tensor
+    vectors: Basis
     finite: bool
+
+    @property
+    def basis(self) -> Tensor:
+        """The bases as one ``(b, m, dim)`` tensor (a copy of the chunks: m · P more memory)."""
+        return self.vectors.tensor()
 
     @property
     def num_steps(self) -> int:
@@ -66,6 +73,7 @@ def lanczos(
     generator: torch.Generator,
     should_stop: Callable[[Tensor, Tensor], bool] | None = None,
     observe: Callable[[Tensor, Tensor], None] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> LanczosRun:
     """Run ``b`` Lanczos chains with full reorthogonalization.
 
@@ -78,14 +86,22 @@ def lanczos(
             float64 ``(b, j)`` coefficients so far; True ends the run.
         observe: ``observe(q, w)`` called after every step, before ``should_stop``, with the
             ``(b, dim)`` newest basis vectors q_j and their residuals w_j = β_j q_{j+1}.
+        basis_device: where the basis is kept; default the operator's device. ``"cpu"`` keeps
+            it in host memory (each step then moves two P-vectors per chain across the bus and
+            reorthogonalizes on the host).
 
     Returns:
         A :class:`LanczosRun`.
+
+    Cost: one product per chain per step; one device-to-host transfer per step (α, β and
+    finiteness together). Memory: the basis grows with the steps taken, b · (j + chunk − 1) · P
+    numbers after j steps (:class:`~.basis.Basis`), plus a few P-vectors per chain; nothing is
+    allocated for ``max_steps`` up front.
     """
     b, d = start.shape
     m = min(int(max_steps), d)
     dtype, device = op.dtype, op.device
-    Q = torch.zeros(b, m, d, dtype=dtype, device=device)
+    basis = Basis(b, d, dtype, device if basis_device is None else basis_device)
     alphas = torch.zeros(b, m, dtype=torch.float64)
     betas = torch.zeros(b, m, dtype=torch.float64)
     q = start.to(dtype=dtype, device=device)
@@ -95,23 +111,20 @@ def lanczos(
     finite = True
     steps = 0
     for j in range(m):
-        Q[:, j] = q
+        basis.append(q)
         w = op.matmat(q.T).T.contiguous()
-        if not torch.isfinite(w).all():
+        alpha = (w * q).sum(dim=1)
+        w = basis.orthogonalize(w)
+        beta = w.norm(dim=1)
+        coef = torch.stack([alpha, beta]).double().cpu()  # the step's one host sync
+        steps = j + 1
+        if not torch.isfinite(coef).all():  # a non-finite product: α or β is NaN/inf
             finite = False
             alphas[:, j] = float("nan")
             betas[:, j] = float("nan")
-            steps = j + 1
             break
-        alpha = (w * q).sum(dim=1)
-        basis = Q[:, : j + 1]
-        for _ in range(2):
-            w -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, w))
-        beta = w.norm(dim=1)
-        alphas[:, j] = alpha.double().cpu()
-        betas[:, j] = beta.double().cpu()
+        alphas[:, j], betas[:, j] = coef[0], coef[1]
         scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
-        steps = j + 1
         if observe is not None:
             observe(q, w)
         if should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps]):
@@ -120,12 +133,10 @@ def lanczos(
             break
         small = betas[:, j] <= 100 * eps * d**0.5 * torch.clamp(scale, min=1e-300)
         if small.any():  # exhausted Krylov space: restart orthogonally, with β = 0 in T
-            fresh = gaussian((b, d), generator, dtype, device)
-            for _ in range(2):
-                fresh -= torch.einsum("bjd,bj->bd", basis, torch.einsum("bjd,bd->bj", basis, fresh))
+            fresh = basis.orthogonalize(gaussian((b, d), generator, dtype, device))
             for c in torch.nonzero(small).flatten().tolist():
                 w[c] = fresh[c]
                 betas[c, j] = 0.0
             beta = torch.where(small.to(device), w.norm(dim=1), beta)
         q = w / beta[:, None]
-    return LanczosRun(alphas[:, :steps], betas[:, :steps], Q[:, :steps], finite)
+    return LanczosRun(alphas[:, :steps], betas[:, :steps], basis, finite)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
+from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -69,13 +70,15 @@ def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -
 
 def deflated_hutchinson(
     op: LinearOperator,
-    basis: Tensor | None,
+    basis: Basis | Tensor | None,
     num_probes: int,
     gen: torch.Generator,
     block: int = 8,
     shift: float = 0.0,
 ) -> tuple[float, float, int]:
-    """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal ``(j, dim)`` basis (or none).
+    """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal basis (a :class:`~.basis.Basis`,
+    chain 0, or the rows of a ``(j, dim)`` tensor), or none. Probes go to the operator in blocks
+    of ``block`` columns.
 
     A Rademacher probe z has ‖z‖² = dim, so the projected probe Pz = z − QᵀQz loses Hutchinson's
     immunity to the diagonal of H: a shift c of the spectrum adds c (‖Qz‖² − j) to each sample.
@@ -84,15 +87,17 @@ def deflated_hutchinson(
 
     Returns the mean, its stderr and the number of probes.
     """
+    if isinstance(basis, Tensor):
+        basis = Basis.from_rows(basis)
+    j = 0 if basis is None else len(basis)
     if num_probes <= 0:
-        return 0.0, (0.0 if basis is not None and basis.shape[0] >= op.dim else math.nan), 0
+        return 0.0, (0.0 if j >= op.dim else math.nan), 0
     samples = []
-    j = 0 if basis is None else basis.shape[0]
     for Z in _probe_block(op, num_probes, gen, block):
         control = torch.zeros(Z.shape[1], dtype=torch.float64)
         if j > 0:
-            coef = basis @ Z
-            Z = Z - basis.T @ coef
+            coef = basis.coefficients(Z)
+            Z = Z - basis.combine(coef, device=Z.device)
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         samples.append((Z * op.matmat(Z)).sum(dim=0).double().cpu() + control)
     x = torch.cat(samples)
@@ -114,17 +119,23 @@ def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Trace
     HQ = op.matmat(Q)
     exact = float((Q * HQ).sum().double())
     probes = 0 if s >= op.dim else max(num_matvecs - 2 * s, 0)
-    mean, stderr, n = deflated_hutchinson(op, Q.T.contiguous(), probes, gen)
+    mean, stderr, n = deflated_hutchinson(op, Basis.from_rows(Q.T.contiguous()), probes, gen)
     if s >= op.dim:
         stderr = 0.0
     return TraceResult(exact + mean, stderr, 2 * s + n, "hutch++", s)
 
 
-def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
+def deflated_auto(
+    op: LinearOperator,
+    num_matvecs: int,
+    gen: torch.Generator,
+    basis_device: torch.device | None = None,
+) -> TraceResult:
     """Adaptive Lanczos deflation, then Hutchinson on the remainder (see module docstring)."""
     m, d = num_matvecs, op.dim
     if d <= m:  # the budget covers the dimension: a full Lanczos run gives the exact trace
-        run = lanczos(op, gaussian((1, d), gen, op.dtype, op.device), d, generator=gen)
+        start = gaussian((1, d), gen, op.dtype, op.device)
+        run = lanczos(op, start, d, generator=gen, basis_device=basis_device)
         exact = float(run.alphas[0].sum()) if run.finite else math.nan
         return TraceResult(exact, 0.0 if run.finite else math.nan, run.num_steps, "auto", d)
     p = min(8, max(2, m // 25))  # pilot probes: they only steer the split
@@ -180,22 +191,30 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     start = U.sum(dim=1)[None]
     if not torch.isfinite(U).all():
         return TraceResult(math.nan, math.nan, p, "auto", 0)
-    run = lanczos(op, start, max_steps, generator=gen, should_stop=stop, observe=observe)
+    run = lanczos(
+        op,
+        start,
+        max_steps,
+        generator=gen,
+        should_stop=stop,
+        observe=observe,
+        basis_device=basis_device,
+    )
     if not run.finite:
         return TraceResult(math.nan, math.nan, p + run.num_steps, "auto", run.num_steps)
     j = run.num_steps
     exact = float(run.alphas[0].sum())
     if j >= d:
         return TraceResult(exact, 0.0, p + j, "auto", j)
-    shift = _remainder_mean(run.basis[0], run.tridiagonal(), Z, U)
-    mean, stderr, n = deflated_hutchinson(op, run.basis[0], max(m - p - j, 2), gen, shift=shift)
+    shift = _remainder_mean(run.vectors, run.tridiagonal(), Z, U)
+    mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, shift=shift)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 
-def _remainder_mean(Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
+def _remainder_mean(Q: Basis, T: Tensor, Z: Tensor, U: Tensor) -> float:
     """Σ zᵀPHPz / Σ ‖Pz‖² over the pilots (P = I − QᵀQ, U = HZ, QHQᵀ = T): the mean eigenvalue
     of the deflated remainder, from products already paid."""
-    y, qu = (Q @ Z).double(), (Q @ U).double()
+    y, qu = Q.coefficients(Z).double(), Q.coefficients(U).double()
     T = T.to(y.device)
     quad = (Z * U).sum(dim=0).double() - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
     norm = Z.shape[0] - (y**2).sum(dim=0)
@@ -208,6 +227,7 @@ def trace(
     num_matvecs: int = 100,
     method: TraceMethod = "auto",
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> TraceResult:
     """Estimate tr(H) with its standard error.
 
@@ -217,18 +237,25 @@ def trace(
         method: ``"auto"`` (Lanczos-deflated Hutchinson, adaptive split: recommended),
             ``"hutchinson"`` or ``"hutch++"``.
         seed: seed of the probes (identical on every rank); ``None`` draws one.
+        basis_device: where the deflation basis of ``"auto"`` is kept (default the operator's
+            device; ``"cpu"``: host memory).
 
     Returns:
         A :class:`TraceResult` (``stderr`` 0 when exact).
 
     Raises:
-        TypeError: if ``num_matvecs`` or ``seed`` is not an int.
+        TypeError: if ``num_matvecs`` or ``seed`` is not an int, or ``basis_device`` is not a
+            device.
         ValueError: if ``num_matvecs`` is not positive (at least 3 for ``"auto"`` and
             ``"hutch++"``), or ``method`` is unknown.
 
-    Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact).
+    Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact); probes go to
+    the operator in blocks of 8 (vmapped where the product kind allows). Memory: ``"auto"``
+    keeps its Lanczos basis (the steps it takes, at most ``num_matvecs``, times P numbers);
+    Hutch++ two ``(dim, num_matvecs/3)`` blocks; Hutchinson a block of 8 probes.
     """
     check_positive_int("num_matvecs", num_matvecs)
+    basis_device = check_basis_device(basis_device)
     if method not in ("auto", "hutchinson", "hutch++"):
         raise ValueError(f"`method` must be 'auto', 'hutchinson' or 'hutch++', got {method!r}.")
     if method != "hutchinson" and num_matvecs < 3:
@@ -242,7 +269,7 @@ def trace(
     elif method == "hutch++":
         res = hutchpp(op, num_matvecs, gen)
     else:
-        res = deflated_auto(op, num_matvecs, gen)
+        res = deflated_auto(op, num_matvecs, gen, basis_device)
     return TraceResult(
         res.estimate, res.stderr, op.num_matvecs - before, res.method, res.deflation_dim
     )
