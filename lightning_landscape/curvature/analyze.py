@@ -20,7 +20,7 @@ from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 from lightning_landscape.curvature.trace import TraceResult, deflated_hutchinson
 
 

@@ -21,7 +21,7 @@ from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 
 @dataclass(frozen=True)

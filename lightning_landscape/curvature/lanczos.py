@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_landscape._core.random import gaussian
 from lightning_landscape.curvature.basis import Basis
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
 from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.lanczos import lanczos
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 TraceMethod = Literal["auto", "hutchinson", "hutch++"]
 
