@@ -63,6 +63,32 @@ def _storage_key(t: Tensor) -> tuple[Any, int]:
         return id(t), t.numel() * t.element_size()
 
 
+def check_twice_differentiable(grad: Tensor) -> None:
+    """Raise if a gradient's graph passes through a backward marked ``@once_differentiable``.
+
+    Such a backward runs without a graph and hands autograd an error node on fake leaves; a
+    second backward towards the parameters never visits that node, so it would silently drop
+    every second-order term through it (torch 2.13) instead of raising. Walks the graph once.
+
+    Raises:
+        RuntimeError: naming the node, if one is found.
+    """
+    if grad.grad_fn is None:
+        return
+    seen, stack = set(), [grad.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            raise RuntimeError(
+                "no double backward: the gradient passes through a backward marked "
+                "@once_differentiable (a custom autograd.Function)"
+            )
+        stack.extend(f for f, _ in node.next_functions)
+
+
 def rng_state(cuda_devices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
     """The CPU generator's state and those of the given CUDA devices."""
     return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in cuda_devices]
@@ -127,6 +153,7 @@ class GraphCache:
                 forward = counter.bytes
                 grad = flat_grad(loss, params, create_graph=True)
             if i == 0:
+                check_twice_differentiable(grad)
                 self.step_bytes = forward + 2 * numel_bytes
                 self.budget = float(self.step_bytes if budget is None else budget)
             self.graph_bytes.append(counter.bytes)

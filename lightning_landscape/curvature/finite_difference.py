@@ -25,7 +25,6 @@ are caught. Checked products: the 1st, 2nd, 4th, 8th, ... (two more gradients ea
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,13 +123,14 @@ class CentralDifferences:
     Args:
         rel_step: the step relative to the weights, ‖h v‖ = ``rel_step`` · ‖w‖.
         tolerance: warn (once) when a checked product's estimated relative error exceeds it.
+        warn: ``warn("fd_inaccurate", message)`` is how it warns.
 
     Attributes:
         errors: the error estimates of the checked products (1st, 2nd, 4th, ...).
     """
 
-    def __init__(self, rel_step: float, tolerance: float) -> None:
-        self.rel_step, self.tolerance = rel_step, tolerance
+    def __init__(self, rel_step: float, tolerance: float, warn: Callable[[str, str], None]) -> None:
+        self.rel_step, self.tolerance, self.warn = rel_step, tolerance, warn
         self.errors: list[float] = []
         self.count = 0
         self.warned = False
@@ -156,11 +156,11 @@ class CentralDifferences:
         worst = max(new, default=0.0)
         if worst > self.tolerance and not self.warned:
             self.warned = True
-            warnings.warn(
+            self.warn(
+                "fd_inaccurate",
                 "finite-difference Hessian-vector products are inaccurate here: estimated "
                 f"relative error {worst:.2g} > fd_tolerance={self.tolerance:g} (the loss is "
                 "probably not smooth in the weights, e.g. ReLU or max-pooling kinks, or its "
                 f"gradient is too noisy in {Vt.dtype}); prefer an exact kind.",
-                stacklevel=5,
             )
         return main

@@ -40,13 +40,14 @@ from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import auto as _auto
 from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
-from lightning_landscape.curvature.cache import GraphCache
+from lightning_landscape.curvature.cache import GraphCache, check_twice_differentiable
 from lightning_landscape.curvature.linear import LinearOperator, MatrixOperator
 
 __all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
 
 HVPMode = Literal["auto", "cached", "double_backward", "func", "finite_difference"]
 KINDS = ("auto", "cached", "double_backward", "func", "finite_difference")
+EXACT = ("cached", "double_backward", "func")
 BLOCK = 8  # at most this many vectors go through one vmapped product
 
 
@@ -80,6 +81,9 @@ class HessianOperator(LinearOperator):
             double backward. ``"auto"``: the fastest exact kind that works for this model,
             chosen at the first product by trying each (:mod:`.auto`, a few products' time);
             finite differences only when no exact kind works, with a warning that says why.
+        block_hvp: the kind for blocks of several vectors (trace and density probes); default
+            ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
+            forward-over-reverse), timed on the first block.
         memory_budget: bytes the cached gradient graphs may hold (``"cached"`` and ``"auto"``).
             ``None``: one training step, estimated at the first product as the activations the
             first batch's forward saves plus parameters and gradients (2 P numbers); ``0``:
@@ -95,6 +99,9 @@ class HessianOperator(LinearOperator):
     Attributes:
         hvp_choice: the kind in use (for ``"auto"``: None until the first product).
         hvp_reason: why it was chosen.
+        block_choice: the kind in use for blocks (None until decided).
+        warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"`` or
+            ``"fd_inaccurate"``); default ``warnings.warn``.
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
             ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step.
@@ -104,8 +111,8 @@ class HessianOperator(LinearOperator):
         TypeError: if ``loss_fn`` or ``batch_size_fn`` is not callable, ``params``/``batches``
             have the wrong type, or ``seed``, ``memory_budget``, ``fd_step`` or
             ``fd_tolerance`` is not a number.
-        ValueError: if ``batches`` is empty, ``hvp`` is unknown, ``hvp="func"`` is asked without
-            a module, ``params`` is empty or holds a tensor that does not require grad, a batch
+        ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` is
+            asked without a module, ``params`` is empty or holds a tensor that does not require grad, a batch
             size is not positive (or cannot be inferred), ``memory_budget`` is negative, or
             ``fd_step`` or ``fd_tolerance`` is not positive.
 
@@ -124,6 +131,7 @@ class HessianOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
         hvp: HVPMode = "cached",
+        block_hvp: HVPMode | None = None,
         memory_budget: float | None = None,
         fd_step: float | None = None,
         fd_tolerance: float = 1e-2,
@@ -133,6 +141,8 @@ class HessianOperator(LinearOperator):
         check_callable("loss_fn", loss_fn)
         if hvp not in KINDS:
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
+        if block_hvp not in (None, *EXACT):
+            raise ValueError(f"`block_hvp` must be None or one of {EXACT}, got {block_hvp!r}.")
         if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
             raise TypeError(
                 f"`batches` must be a sequence of batches, got {type(batches).__name__}."
@@ -147,7 +157,7 @@ class HessianOperator(LinearOperator):
             check_real("fd_step", fd_step, low=0.0, strict=True, what="a positive number")
         check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
         self.module = params if isinstance(params, nn.Module) else None
-        if hvp == "func" and self.module is None:
+        if "func" in (hvp, block_hvp) and self.module is None:
             raise ValueError(
                 "`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls."
             )
@@ -168,7 +178,7 @@ class HessianOperator(LinearOperator):
         self.device = first.device
         self.dim = sum(p.numel() for p in self.params)
         rel_step = float(fd_step) if fd_step is not None else _fd.default_rel_step(self.dtype)
-        self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance))
+        self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), self._warn_hook)
         total = torch.tensor(
             [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
         )
@@ -179,10 +189,12 @@ class HessianOperator(LinearOperator):
         )
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
+        self._graph_checked = False
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
         self.choice: _auto.Choice | None = None
-        self._block_kind: str | None = None if hvp == "auto" else hvp
+        self.block_choice: str | None = block_hvp or (None if hvp == "auto" else hvp)
+        self.warn: Callable[[str, str], None] = _warn
 
     @property
     def local_size(self) -> int:
@@ -209,54 +221,22 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         if self.hvp_choice is None:
-            self._choose(Vt[:1])
+            _auto.resolve(self, Vt[:1])
         if self.hvp_choice == "finite_difference":
             return self._fd.products(Vt, self._differences, self._reduce)
-        kind = self.hvp_choice
-        if len(Vt) > 1:
-            if self._block_kind is None:
-                return self._reduce(self._choose_block_kind(Vt))
-            kind = self._block_kind
-        return self._reduce(self._local(kind, Vt))
+        if len(Vt) == 1:
+            return self._reduce(self.local_products(self.hvp_choice, Vt))
+        if self.block_choice is None:
+            return self._reduce(_auto.resolve_blocks(self, Vt))
+        return self._reduce(self.local_products(self.block_choice, Vt))
 
     def _reduce(self, acc: Tensor) -> Tensor:
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)
 
-    def _choose(self, v: Tensor) -> None:
-        kinds = ["cached", "double_backward"] + (["func"] if self.module is not None else [])
-        choice = _auto.choose(
-            self._local, kinds, v, skip=self._nothing_cached, distributed=self.distributed
-        )
-        self.choice, self.hvp_choice, self.hvp_reason = choice, choice.kind, choice.reason
-        if choice.kind != "cached":
-            self.release()
-        use_func = choice.exact and choice.kind != "func" and "func" in choice.seconds
-        self._block_kind = None if use_func else choice.kind
-        if not choice.exact:
-            warnings.warn(
-                "HessianOperator(hvp='auto'): Hessian-vector products fall back to finite "
-                f"differences: {choice.reason}. They are inexact; their error estimate is "
-                "`product_error`.",
-                stacklevel=4,
-            )
-
-    def _nothing_cached(self, kind: str) -> str | None:
-        if kind != "cached" or self.graphs.cut > 0:
-            return None
-        return (
-            f"no batch's gradient graph fits memory_budget ({self.graphs.budget:.3g} bytes; "
-            f"the first takes {self.graphs.graph_bytes[0]})"
-        )
-
-    def _choose_block_kind(self, Vt: Tensor) -> Tensor:
-        kinds = [self.hvp_choice, "func"]
-        best, out = _auto.faster_for_blocks(self._local, kinds, Vt, distributed=self.distributed)
-        self._block_kind = best
-        return self._local(best, Vt) if out is None else out
-
-    def _local(self, kind: str, Vt: Tensor) -> Tensor:
-        """This rank's Σ_b n_b H_b V (not reduced, not divided), ``(k, dim)``."""
+    def local_products(self, kind: str, Vt: Tensor) -> Tensor:
+        """This rank's Σ_b n_b H_b V by ``kind`` for a ``(k, dim)`` block: not reduced across
+        ranks nor divided by Σ n_b (what the trials of ``"auto"`` time)."""
         if kind == "cached":
             return self._cached(Vt)
         if kind == "func" and self._forward_over_reverse:
@@ -298,6 +278,9 @@ class HessianOperator(LinearOperator):
             for n, batch in zip(self.batch_sizes, self.batches, strict=True):
                 if kind == "double_backward":
                     grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
+                    if not self._graph_checked:
+                        check_twice_differentiable(grad)
+                        self._graph_checked = True
                     acc.add_(self._through_graph(grad, Vt, retain=False), alpha=n)
                     continue
                 for lo in range(0, len(Vt), BLOCK):  # "func", vmapped over blocks
@@ -325,6 +308,9 @@ class HessianOperator(LinearOperator):
                 self._cuda,
             )
 
+    def _warn_hook(self, kind: str, message: str) -> None:
+        self.warn(kind, message)
+
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""
         flags = tuple(m.training for m in self.module.modules()) if self.module is not None else ()
@@ -351,3 +337,8 @@ class HessianOperator(LinearOperator):
                 batch_size_fn=self._size_fn,
                 distributed=self.distributed,
             )[1]
+
+
+def _warn(kind: str, message: str) -> None:
+    """The default of :attr:`HessianOperator.warn`: a ``UserWarning``."""
+    warnings.warn(message, stacklevel=5)
