@@ -8,14 +8,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_landscape._core.checks import check_bool, check_positive_int
+from lightning_landscape._core.checks import check_bool, check_positive_int, check_real
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._context import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature import DensityResult, HessianOperator, analyze
-from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.curvature.basis import check_basis_device
+from lightning_landscape.curvature.operator import KINDS, HVPMode
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -47,10 +49,16 @@ class HessianMonitor(LandscapeMonitor):
             names (the block of all that submodule's parameters): also the top eigenvalue and
             trace of each diagonal block of H, the other parameters held fixed.
         hvp: the Hessian-vector product kind (see
-            :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"cached"``
-            keeps the gradient graph of the ``num_batches`` batches during the measurement (about
-            2x faster per product, measured; memory of that many activations with their
-            gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
+            :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"auto"``
+            tries the exact kinds (``"cached"`` within ``memory_budget``, ``"double_backward"``,
+            ``"func"``) at the first measurement of a fit, keeps the fastest that works for the
+            whole fit (:attr:`hvp_choice`, stated once in the log), and falls back to
+            ``"finite_difference"`` (with a warning saying why) only when none works, e.g.
+            kernels without a double backward. Explicit kinds skip the trial.
+        memory_budget: bytes the cached gradient graphs may hold; ``None``: one training step
+            (estimated at the first product); ``0``: batch by batch; ``math.inf``: all batches.
+        basis_device: where the Lanczos basis is kept; ``None``: the model's device, ``"cpu"``:
+            host memory, for models where ``max_matvecs`` · P numbers do not fit the device.
         epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed:
             see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
 
@@ -66,6 +74,9 @@ class HessianMonitor(LandscapeMonitor):
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
         - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
+        - ``hessian/hvp_exact``: 1 if the products are exact, 0 for finite differences.
+        - ``hessian/hvp_error``: the estimated relative error of the finite-difference products
+          (only with them).
         - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
           ``hessian/<module>/trace_stderr``, ``hessian/<module>/num_matvecs``: per diagonal
           block, with ``per_module``.
@@ -73,8 +84,15 @@ class HessianMonitor(LandscapeMonitor):
           with ``density``.
 
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
-    ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
-    gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
+    ``density_steps`` with ``density``) plus ``trace_probes`` products (in blocks of 8), each
+    product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
+    differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
+    products of each candidate kind once per fit. Memory, with T a training step and P the
+    number of parameters: the Lanczos basis (its steps, at most ``max_matvecs``, times P
+    numbers, grown as it runs; on the host with ``basis_device="cpu"``), 8 probes and their
+    products (16 P), plus the product's own: about 2 T for exact products batch by batch (one
+    batch's gradient graph), the cached graphs within ``memory_budget`` (default 1 T) when they
+    pay, 1 T for finite differences.
 
     Example::
 
@@ -96,7 +114,9 @@ class HessianMonitor(LandscapeMonitor):
         density_steps: int = 80,
         density_probes: int = 1,
         per_module: bool | Sequence[str] = False,
-        hvp: HVPMode = "cached",
+        hvp: HVPMode = "auto",
+        memory_budget: float | None = None,
+        basis_device: str | None = None,
         epochs: Iterable[int] | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
@@ -132,12 +152,11 @@ class HessianMonitor(LandscapeMonitor):
             check_bool(name, value)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if hvp not in ("double_backward", "cached"):
-            raise ValueError(
-                f"`hvp` must be 'cached' or 'double_backward', got {hvp!r} (the torch.func kind "
-                "is offered by HessianOperator, not by the monitor: it needs the module as a "
-                "function of its parameters and is the slowest on CPU)."
-            )
+        if hvp not in KINDS:
+            raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
+        if memory_budget is not None and memory_budget != math.inf:
+            check_real("memory_budget", memory_budget, low=0.0, what="a number of bytes >= 0")
+        check_basis_device(basis_device)
         if not isinstance(per_module, bool):
             if (
                 isinstance(per_module, str)
@@ -159,11 +178,18 @@ class HessianMonitor(LandscapeMonitor):
         self.density_probes = density_probes
         self.per_module = per_module
         self.hvp = hvp
+        self.memory_budget = memory_budget
+        self.basis_device = basis_device
+        self.hvp_choice: str | None = None if hvp == "auto" else hvp
+        self.hvp_reason = "" if hvp == "auto" else "requested"
+        self._block_choice: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.hvp == "auto":  # decided afresh in every fit, at its first measurement
+            self.hvp_choice, self.hvp_reason, self._block_choice = None, "", None
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > dim:
             raise ValueError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
@@ -180,13 +206,48 @@ class HessianMonitor(LandscapeMonitor):
         keys += ["hessian/min_eigenvalue"] if self.min_eigenvalue else []
         keys += ["hessian/trace", "hessian/trace_stderr"] if self.trace else []
         keys += ["hessian/eos_ratio", "hessian/num_matvecs", "hessian/converged"]
+        keys += ["hessian/hvp_exact"]
         return dict.fromkeys(keys, math.nan)
 
-    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, full: bool, what: str):
-        op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=ctx.seed)
+    def _operator(self, trainer: pl.Trainer, ctx: MeasureContext, params: Any) -> HessianOperator:
+        """An operator of the kind of this fit (``"auto"`` until the first one has chosen)."""
+        kind = self.hvp_choice or "auto"
+        blocks = self._block_choice
+        if not isinstance(params, torch.nn.Module) and "func" in (kind, blocks):
+            kind, blocks = ("cached" if kind == "func" else kind), None  # func needs the module
+        op = HessianOperator(
+            ctx.loss_fn,
+            params,
+            ctx.batches,
+            hvp=kind,
+            block_hvp=blocks,
+            memory_budget=self.memory_budget,
+            seed=ctx.seed,
+        )
+        op.warn = lambda key, message: _logging.warn_once(
+            trainer, f"HessianMonitor-{key}", f"HessianMonitor: {message}"
+        )
+        return op
+
+    def _record_choice(self, op: HessianOperator) -> None:
+        """Keep the kind ``"auto"`` chose for the rest of the fit, and say it once."""
+        if self.hvp_choice is not None or op.hvp_choice is None:
+            return
+        if op.choice is not None and op.choice.exact and not op.choice.seconds:
+            return  # no kind gave finite products (a NaN loss): decide at the next measurement
+        self.hvp_choice, self.hvp_reason = op.hvp_choice, op.hvp_reason
+        self._block_choice = op.block_choice
+        if op.exact:  # the fallback to finite differences has warned already
+            rank_zero_info(
+                f"HessianMonitor: Hessian-vector products by {op.hvp_choice!r} "
+                f"(hvp='auto': {op.hvp_reason})."
+            )
+
+    def _analyze(self, trainer, ctx: MeasureContext, params: Any, top_k: int, full: bool, what):
+        op = self._operator(trainer, ctx, params)
         op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
         try:
-            return analyze(
+            return op, analyze(
                 op,
                 top_k=top_k,
                 smallest=self.min_eigenvalue and full,
@@ -198,15 +259,21 @@ class HessianMonitor(LandscapeMonitor):
                 tol=self.tol,
                 max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
                 seed=ctx.seed + ctx.step,
+                basis_device=self.basis_device,
             )
         finally:
             op.release()
+            self._record_choice(op)
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
     ) -> dict[str, float]:
-        result = self._analyze(ctx, ctx.module, self.top_k, full=True, what="full Hessian")
-        out: dict[str, float] = {}
+        op, result = self._analyze(
+            trainer, ctx, ctx.module, self.top_k, full=True, what="full Hessian"
+        )
+        out: dict[str, float] = {"hessian/hvp_exact": float(op.exact)}
+        if not op.exact:
+            out["hessian/hvp_error"] = op.product_error
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
             out[f"hessian/eigenvalue_{i + 1}"] = values[i] if i < len(values) else math.nan
@@ -220,7 +287,7 @@ class HessianMonitor(LandscapeMonitor):
         out["hessian/converged"] = float(result.top.converged)
         total = result.num_matvecs
         for name, params in _blocks(pl_module, self.per_module):
-            block = self._analyze(ctx, params, 1, full=False, what=f"block {name}")
+            _, block = self._analyze(trainer, ctx, params, 1, full=False, what=f"block {name}")
             out[f"hessian/{name}/eigenvalue_1"] = float(block.top.eigenvalues[0])
             if block.trace is not None:
                 out[f"hessian/{name}/trace"] = block.trace.estimate
