@@ -236,7 +236,7 @@ class HessianMonitor(LandscapeMonitor):
         if op.choice is not None and op.choice.exact and not op.choice.seconds:
             return  # no kind gave finite products (a NaN loss): decide at the next measurement
         self.hvp_choice, self.hvp_reason = op.hvp_choice, op.hvp_reason
-        self._block_choice = op.block_choice
+        self._block_choice = op.block_choice if op.exact else None
         if op.exact:  # the fallback to finite differences has warned already
             rank_zero_info(
                 f"HessianMonitor: Hessian-vector products by {op.hvp_choice!r} "

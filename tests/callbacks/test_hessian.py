@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import HessianMonitor
@@ -194,6 +195,105 @@ def test_resume_continues_the_schedule(tmp_path):
     assert [int(h["epoch"]) for h in mon2.history] == [0, 1, 2, 3, 4]
     steps = [int(h["step"]) for h in mon2.history]
     assert steps == sorted(set(steps))
+
+
+class _FusedTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated, like a fused attention kernel's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class FusedNet(Net):
+    def forward(self, x):
+        first, _, dropout, last = self.net
+        return last(dropout(_FusedTanh.apply(first(x))))
+
+
+def test_auto_is_decided_once_per_fit_and_stated(tmp_path, monkeypatch):
+    from lightning_landscape.curvature import auto
+
+    calls = []
+    original = auto.choose
+    monkeypatch.setattr(auto, "choose", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mon = HessianMonitor(epochs=[0, 1, 2], trace=False, min_eigenvalue=False)
+    for fit in range(2):
+        mon.done.clear()  # measure the same epochs again in the second fit
+        t = trainer(tmp_path, [mon], max_epochs=2, logger=False)
+        t.fit(Net(), DataLoader(dataset(), batch_size=8))
+        assert len(calls) == fit + 1  # three measurements, one decision per fit
+    assert mon.hvp_choice in ("cached", "double_backward", "func")
+    assert "fastest exact kind" in mon.hvp_reason
+    assert [h["hessian/hvp_exact"] for h in mon.history] == [1.0] * 6
+    assert not any("hessian/hvp_error" in h for h in mon.history)
+
+
+def test_no_double_backward_falls_back_to_finite_differences(tmp_path):
+    """A kernel without a double backward: one warning naming why, products by finite
+    differences, values equal to the oracle of the differentiable twin, training untouched."""
+    data = dataset()
+    fixed = [(data.tensors[0][:12], data.tensors[1][:12])]
+    mon = HessianMonitor(epochs=[0, 1], tol=1e-8, num_batches=1, dataloader=fixed, trace=False)
+    pl.seed_everything(4)
+    model = FusedNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "finite differences" in str(w.message)]
+    assert len(said) == 1 and "once_differentiable" in said[0]
+    assert mon.hvp_choice == "finite_difference"
+    last = mon.history[-1]
+    assert last["hessian/hvp_exact"] == 0.0 and 0 < last["hessian/hvp_error"] < 1e-6
+    twin = Net()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(twin(b[0]), b[1]), twin, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    assert last["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+    assert last["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-7)
+    pl.seed_everything(4)
+    plain = FusedNet()
+    trainer(tmp_path, [], max_epochs=1, logger=False).fit(plain, DataLoader(data, batch_size=8))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"hvp": "func", "basis_device": "cpu"},
+        {"hvp": "finite_difference"},
+        {"hvp": "cached", "memory_budget": 0},
+    ],
+)
+def test_explicit_kinds_match_the_oracle(tmp_path, kw):
+    data = dataset()
+    fixed = [
+        (data.tensors[0][:7], data.tensors[1][:7]),
+        (data.tensors[0][7:20], data.tensors[1][7:20]),
+    ]
+    mon = HessianMonitor(epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, **kw)
+    model = Net(bn=True, dropout=0.3)
+    trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(model, DataLoader(data, batch_size=8))
+    model.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    got = mon.history[-1]
+    assert mon.hvp_choice == kw["hvp"]
+    for i in range(2):
+        assert got[f"hessian/eigenvalue_{i + 1}"] == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+    assert abs(got["hessian/trace"] - float(eig.sum())) <= 3 * got["hessian/trace_stderr"] + 1e-6
 
 
 def test_nan_loss_warns_and_logs_nan(tmp_path):
