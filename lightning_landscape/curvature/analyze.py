@@ -10,7 +10,7 @@ probes of (I − QQᵀ)H(I − QQᵀ) estimate the rest.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,8 @@ class AnalysisResult:
         density: the SLQ density (None unless asked).
         num_matvecs: total products of the whole analysis.
         lanczos_steps: length of the shared Lanczos run.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     top: EigenResult
@@ -43,6 +45,7 @@ class AnalysisResult:
     density: DensityResult | None
     num_matvecs: int
     lanczos_steps: int
+    product_error: float = 0.0
 
 
 def analyze(
@@ -149,7 +152,12 @@ def analyze(
             rows_w += list(w2)
         nodes, weights = _stack(rows_n, rows_w)
         density_result = DensityResult(nodes, weights, cost, d)
-    return AnalysisResult(top, low, trace_result, density_result, op.num_matvecs - before, steps)
+    used, error = op.num_matvecs - before, op.product_error
+    parts = [
+        None if r is None else replace(r, product_error=error)
+        for r in (top, low, trace_result, density_result)
+    ]
+    return AnalysisResult(*parts, used, steps, error)
 
 
 def _stack(

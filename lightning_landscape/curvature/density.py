@@ -33,12 +33,15 @@ class DensityResult:
         weights: ``(num_probes, m)`` quadrature weights, each row sums to 1.
         num_matvecs: operator products spent.
         dim: the operator's dimension.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     nodes: Tensor
     weights: Tensor
     num_matvecs: int
     dim: int
+    product_error: float = 0.0
 
     def moment(self, power: int) -> float:
         """SLQ estimate of tr(Hᵖ)/d (average over probes of Σ τ θᵖ)."""
@@ -122,4 +125,4 @@ def spectral_density(
     start = gaussian((num_probes, op.dim), gen, op.dtype, op.device)
     run = lanczos(op, start, num_steps, generator=gen, basis_device=basis_device)
     nodes, weights = quadrature(run)
-    return DensityResult(nodes, weights, op.num_matvecs - before, op.dim)
+    return DensityResult(nodes, weights, op.num_matvecs - before, op.dim, op.product_error)

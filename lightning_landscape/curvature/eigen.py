@@ -7,7 +7,7 @@ ends of the spectrum from one run (Dauphin et al. 2014 for the negative end).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -34,6 +34,8 @@ class EigenResult:
             distance of each value).
         num_matvecs: operator products spent.
         converged: every residual is within ``tol`` × the spectral scale.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     eigenvalues: Tensor
@@ -41,6 +43,7 @@ class EigenResult:
     residuals: Tensor
     num_matvecs: int
     converged: bool
+    product_error: float = 0.0
 
 
 def _validate(
@@ -158,4 +161,5 @@ def top_eigenvalues(
         return is_converged(alphas[0], betas[0], k, which, tol, op.dim)
 
     run = lanczos(op, start, limit, generator=gen, should_stop=stop, basis_device=basis_device)
-    return extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device)
+    res = extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device)
+    return replace(res, product_error=op.product_error)

@@ -49,6 +49,8 @@ class TraceResult:
         num_matvecs: operator products spent.
         method: the method used.
         deflation_dim: dimension of the subspace whose trace was taken exactly.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     estimate: float
@@ -56,6 +58,7 @@ class TraceResult:
     num_matvecs: int
     method: str
     deflation_dim: int = 0
+    product_error: float = 0.0
 
 
 def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> list[Tensor]:
@@ -270,6 +273,7 @@ def trace(
         res = hutchpp(op, num_matvecs, gen)
     else:
         res = deflated_auto(op, num_matvecs, gen, basis_device)
+    used = op.num_matvecs - before
     return TraceResult(
-        res.estimate, res.stderr, op.num_matvecs - before, res.method, res.deflation_dim
+        res.estimate, res.stderr, used, res.method, res.deflation_dim, op.product_error
     )

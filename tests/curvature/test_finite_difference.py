@@ -121,3 +121,17 @@ def test_one_all_reduce_per_product(monkeypatch):
     op @ torch.ones(op.dim, dtype=torch.float64)  # the 3rd is not checked
     op.matmat(torch.ones(op.dim, 2, dtype=torch.float64))  # 4th (checked) and 5th
     assert calls == [(2, op.dim), (2, op.dim), (1, op.dim), (3, op.dim)]
+
+
+def test_results_carry_the_product_error():
+    from lightning_landscape.curvature import analyze, spectral_density, trace
+
+    p = make_problem("mlp", mode="eval")
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp="finite_difference")
+    res = analyze(op, trace=True, trace_probes=4, density=True, density_steps=5, seed=0)
+    assert 0 < res.product_error == op.product_error < 1e-6
+    assert res.top.product_error == res.trace.product_error == res.density.product_error
+    assert trace(op, num_matvecs=6, seed=0).product_error == op.product_error
+    assert spectral_density(op, num_steps=4, seed=0).product_error == op.product_error
+    exact = HessianOperator(p.loss_fn, p.model, p.batches)
+    assert top_eigenvalues(exact, max_matvecs=5, seed=0).product_error == 0.0
