@@ -6,18 +6,19 @@ every rank holds its own batches; sums of n_b H_b v and of n_b are reduced acros
 rank gets the Hessian of the union of all shards (one all-reduce of one flat vector per product).
 
 Hessian-vector products (Pearlmutter 1994) come in four kinds (:mod:`.hvp`,
-:mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Memory of
-one product, with T the memory of a training step (activations of one batch, parameters,
-gradients) and P the number of parameters; measured on ResNet-18 (4 x 128, H200) with T =
-0.73 GiB, and on this project's CPU MLPs with the saved-tensor counter of :mod:`.cache`:
+:mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Peak
+memory of a product above the model's, in units of T, a training step on one batch, and of P,
+the number of parameters; measured on ResNet-18 (4 batches of 128, H200: T = 0.73 GiB) and on a
+64-256-256-10 tanh MLP with 4 batches of 4096 (CPU, live memory: T = 19 MB):
 
-- ``"cached"``: the gradient graphs of the cached batches, about 2.3 times their activations
-  (ResNet-18: 5.5 GiB = 7.5 T for all four), held between products and bounded by
-  ``memory_budget`` (default 1 T); uncached batches as ``"double_backward"``.
-- ``"double_backward"``: one batch's gradient graph at a time, about 2 T (ResNet-18: 1.6 GiB).
-- ``"func"``: one batch's forward with its tangents, per vector of a vmapped block.
-- ``"finite_difference"``: one gradient, about 1 T, plus 3 P (saved weights, a gradient, the
-  accumulator).
+- ``"cached"``: the gradient graphs of the cached batches, held between products and bounded by
+  ``memory_budget`` (default 1 T); all four batches take 7.5 T (ResNet-18) and 7.8 T (MLP).
+  Uncached batches go as ``"double_backward"``.
+- ``"double_backward"``: one batch's gradient graph and its second backward: 2.2 T (ResNet-18),
+  4.3 T (MLP; the second backward's temporaries are 2.6 times the saved graph).
+- ``"func"``: 7.9 T (MLP), per vector of a vmapped block.
+- ``"finite_difference"``: one gradient and 3 P (saved weights, a gradient, the accumulator):
+  1.2 T (MLP).
 
 Every kind adds P numbers per vector of a block (at most 8 vectors go through one vmapped
 product).
