@@ -84,15 +84,12 @@ def differences(
             h = rel_step * scale / norm if norm > 0 else 0.0
             for s, rows in ((1, main), (2, extra)) if check else ((1, main),):
                 acc = torch.zeros_like(v)
-                if h > 0:
-                    set_rng_state(start, cuda_devices)
+                for sign in (1, -1) if h > 0 else ():
+                    set_rng_state(start, cuda_devices)  # the same masks on both sides
+                    _move(params, saved, v, sign * s * h)
                     for n, batch in zip(sizes, batches, strict=True):
-                        before = rng_state(cuda_devices)
-                        _move(params, saved, v, s * h)
-                        acc.add_(_gradient(loss_fn, params, batch), alpha=n)
-                        set_rng_state(before, cuda_devices)  # the same masks on both sides
-                        _move(params, saved, v, -s * h)
-                        acc.sub_(_gradient(loss_fn, params, batch), alpha=n)
+                        acc.add_(_gradient(loss_fn, params, batch), alpha=sign * n)
+                if h > 0:
                     acc.div_(2 * s * h)
                 rows.append(acc)
     finally:
