@@ -15,16 +15,16 @@ from lightning_landscape._core.checks import (
     check_callable,
     check_positive,
     check_positive_int,
+    check_real,
 )
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
+from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
-from lightning_landscape.curvature import HessianOperator, analyze
-from lightning_landscape.curvature.operator import HVPMode
+from lightning_landscape.curvature.basis import check_basis_device
+from lightning_landscape.curvature.operator import KINDS, HVPMode
 from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
-from lightning_landscape.curvature.sharded import ShardedHessianOperator
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -83,10 +83,16 @@ class HessianMonitor(LandscapeMonitor):
         fd_step: the norm of the perturbation of the finite-difference products (sharded models
             only); default 0.1 · ε^(1/3) · max(1, ‖w‖) for machine epsilon ε.
         hvp: the Hessian-vector product kind (see
-            :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"cached"``
-            keeps the gradient graph of the ``num_batches`` batches during the measurement (about
-            2x faster per product, measured; memory of that many activations with their
-            gradient graph); ``"double_backward"`` rebuilds it per product and keeps one batch's.
+            :class:`~lightning_landscape.curvature.HessianOperator`). The default ``"auto"``
+            tries the exact kinds (``"cached"`` within ``memory_budget``, ``"double_backward"``,
+            ``"func"``) at the first measurement of a fit, keeps the fastest that works for the
+            whole fit (:attr:`hvp_choice`, stated once in the log), and falls back to
+            ``"finite_difference"`` (with a warning saying why) only when none works, e.g.
+            kernels without a double backward. Explicit kinds skip the trial.
+        memory_budget: bytes the cached gradient graphs may hold; ``None``: one training step
+            (estimated at the first product); ``0``: batch by batch; ``math.inf``: all batches.
+        basis_device: where the Lanczos basis is kept; ``None``: the model's device, ``"cpu"``:
+            host memory, for models where ``max_matvecs`` · P numbers do not fit the device.
         ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
             density (the same options as the Hessian's), the residual R = H − G's most negative
             eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.
@@ -119,6 +125,8 @@ class HessianMonitor(LandscapeMonitor):
         - ``hessian/num_matvecs``: Hessian-vector products spent (blocks included).
         - ``hessian/converged``: 1 if the top-k eigenvalues met ``tol``.
         - ``hessian/seconds``: wall time of the measurement.
+        - ``hessian/hvp_exact``: 1 if the products are exact, 0 for finite differences;
+          ``hessian/hvp_error``: the estimated relative error of finite-difference products.
         - ``hessian/fd_error``, ``hessian/fd_step`` (sharded models): the estimated error of
           ``eigenvalue_1`` due to the finite differences, and the step they used.
         - ``hessian/<module>/eigenvalue_1``, ``hessian/<module>/trace``,
@@ -134,8 +142,15 @@ class HessianMonitor(LandscapeMonitor):
           ``hessian/ggn/eigenvalue_histogram`` (with ``density``).
 
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
-    ``density_steps`` with ``density``) plus ``trace_probes`` products, each product about 2-3
-    gradients on the ``num_batches`` batches; the same again per block with ``per_module``.
+    ``density_steps`` with ``density``) plus ``trace_probes`` products (in blocks of 8), each
+    product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
+    differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
+    products of each candidate kind once per fit. Memory, with T a training step and P the
+    number of parameters: the Lanczos basis (its steps, at most ``max_matvecs``, times P
+    numbers, grown as it runs; on the host with ``basis_device="cpu"``), 8 probes and their
+    products (16 P), plus the product's own: 2-4 T for exact products batch by batch, the
+    cached graphs within ``memory_budget`` (default 1 T) where they fit, about 1.2 T for finite
+    differences.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients with its graphs kept,
@@ -164,7 +179,9 @@ class HessianMonitor(LandscapeMonitor):
         density_probes: int = 1,
         per_module: bool | Sequence[str] = False,
         fd_step: float | None = None,
-        hvp: HVPMode = "cached",
+        hvp: HVPMode = "auto",
+        memory_budget: float | None = None,
+        basis_device: str | None = None,
         ggn: bool = False,
         ggn_fn: Callable[[pl.LightningModule, Any], tuple[Tensor, Tensor]] | None = None,
         ggn_loss: LossKind | OutputLoss = "cross_entropy",
@@ -210,12 +227,11 @@ class HessianMonitor(LandscapeMonitor):
         check_loss(ggn_loss)
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if hvp not in ("double_backward", "cached"):
-            raise ValueError(
-                f"`hvp` must be 'cached' or 'double_backward', got {hvp!r} (the torch.func kind "
-                "is offered by HessianOperator, not by the monitor: it needs the module as a "
-                "function of its parameters and is the slowest on CPU)."
-            )
+        if hvp not in KINDS:
+            raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
+        if memory_budget is not None and memory_budget != math.inf:
+            check_real("memory_budget", memory_budget, low=0.0, what="a number of bytes >= 0")
+        check_basis_device(basis_device)
         if not isinstance(per_module, bool):
             if (
                 isinstance(per_module, str)
@@ -238,6 +254,11 @@ class HessianMonitor(LandscapeMonitor):
         self.per_module = per_module
         self.fd_step = None if fd_step is None else check_positive("fd_step", fd_step)
         self.hvp = hvp
+        self.memory_budget = memory_budget
+        self.basis_device = basis_device
+        self.hvp_choice: str | None = None if hvp == "auto" else hvp
+        self.hvp_reason = "" if hvp == "auto" else "requested"
+        self._block_choice: str | None = None
         self._block_names: list[str] = []
         self.ggn = ggn
         self.ggn_fn = ggn_fn
@@ -248,6 +269,8 @@ class HessianMonitor(LandscapeMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.hvp == "auto":  # decided afresh in every fit, at its first measurement
+            self.hvp_choice, self.hvp_reason, self._block_choice = None, "", None
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > dim:
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
@@ -267,6 +290,7 @@ class HessianMonitor(LandscapeMonitor):
         keys += [self.key("min_eigenvalue")] if self.min_eigenvalue else []
         keys += [self.key("trace"), self.key("trace_stderr")] if self.trace else []
         keys += [self.key(k) for k in ("eos_ratio", "eos_threshold", "num_matvecs", "converged")]
+        keys += [self.key("hvp_exact")]
         for name in self._block_names:
             keys += [self.key(f"{name}/eigenvalue_1"), self.key(f"{name}/num_matvecs")]
             keys += (
@@ -276,56 +300,8 @@ class HessianMonitor(LandscapeMonitor):
             keys += _hessian_ggn.metric_keys(self)
         return keys
 
-    def _analyze(self, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
-        """One :func:`analyze` of the Hessian of ``params`` (the whole spectrum when ``block`` is
-        None, else the top eigenvalue and trace of that diagonal block) and, for a sharded
-        module, the finite-difference error of its top eigenvalue."""
-        full = block is None
-        salt = () if full else (block,)
-        seed = ctx.seed_for("operator", *salt)
-        if is_fsdp2(ctx.module):
-            op = ShardedHessianOperator(
-                ctx.loss_fn,
-                ctx.module,
-                ctx.batches,
-                params=None if params is ctx.module else params,
-                step=self.fd_step,
-                seed=seed,
-            )
-        else:
-            op = HessianOperator(ctx.loss_fn, params, ctx.batches, hvp=self.hvp, seed=seed)
-        what = "full Hessian" if full else f"block {block}"
-        op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
-        try:
-            result = analyze(
-                op,
-                top_k=top_k,
-                smallest=self.min_eigenvalue and full,
-                trace=self.trace,
-                trace_probes=self.trace_probes,
-                density=self.density and full,
-                density_steps=self.density_steps,
-                density_probes=self.density_probes,
-                tol=self.tol,
-                max_steps=max(self.max_matvecs, self.density_steps if self.density and full else 1),
-                seed=ctx.seed_for("analyze", *salt),
-            )
-            fd: dict[str, float] = {}
-            if isinstance(op, ShardedHessianOperator):
-                ctx.status(f"{what}, finite-difference error")
-                top = result.top
-                fd["fd_error"] = (
-                    op.finite_difference_error(top.eigenvectors[:, 0], top.eigenvalues[0])
-                    if bool(torch.isfinite(top.eigenvalues[0]))
-                    else math.nan
-                )
-                fd["fd_step"] = op.step
-            return result, fd
-        finally:
-            op.release()
-
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        result, fd = self._analyze(ctx, ctx.module, self.top_k, block=None)
+        result, fd = products.analyze_block(self, ctx, ctx.module, self.top_k, block=None)
         out: dict[str, float] = {self.key(k): v for k, v in fd.items()}
         values = result.top.eigenvalues.tolist()
         for i in range(self.top_k):
@@ -342,7 +318,7 @@ class HessianMonitor(LandscapeMonitor):
         blocks = _blocks(ctx.module, self.per_module)
         self._block_names = [name for name, _ in blocks]
         for name, params in blocks:
-            block, _ = self._analyze(ctx, params, 1, block=name)
+            block, _ = products.analyze_block(self, ctx, params, 1, block=name)
             out[self.key(f"{name}/eigenvalue_1")] = float(block.top.eigenvalues[0])
             if block.trace is not None:
                 out[self.key(f"{name}/trace")] = block.trace.estimate

@@ -10,17 +10,18 @@ probes of (I − QQᵀ)H(I − QQᵀ) estimate the rest.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 from lightning_landscape.curvature.trace import TraceResult, deflated_hutchinson
 
 
@@ -35,6 +36,8 @@ class AnalysisResult:
         density: the SLQ density (None unless asked).
         num_matvecs: total products of the whole analysis.
         lanczos_steps: length of the shared Lanczos run.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     top: EigenResult
@@ -43,6 +46,7 @@ class AnalysisResult:
     density: DensityResult | None
     num_matvecs: int
     lanczos_steps: int
+    product_error: float = 0.0
 
 
 def analyze(
@@ -58,6 +62,7 @@ def analyze(
     tol: float = 1e-3,
     max_steps: int | None = None,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> AnalysisResult:
     """Top eigenvalues, and optionally the most negative eigenvalue, trace and density, from one
     shared Lanczos run.
@@ -74,18 +79,24 @@ def analyze(
         tol: residual tolerance of the eigenvalues, relative to the spectral scale.
         max_steps: cap on the shared run; default ``min(dim, max(100, 20·top_k, density_steps))``.
         seed: seed of every probe (identical on every rank); ``None`` draws one.
+        basis_device: where the Lanczos bases are kept (default the operator's device;
+            ``"cpu"``: host memory, for models where steps × P does not fit the accelerator).
 
     Returns:
         An :class:`AnalysisResult` with the total cost.
 
     Raises:
         TypeError: if ``top_k``, ``trace_probes``, ``density_steps``, ``density_probes``,
-            ``max_steps`` or ``seed`` is not an int.
+            ``max_steps`` or ``seed`` is not an int, or ``basis_device`` is not a device.
         ValueError: if one of those counts is not positive, ``top_k`` exceeds the dimension, or
             ``tol`` is not positive.
 
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
-    ``trace_probes`` and ``(density_probes − 1) · density_steps`` products.
+    ``trace_probes`` (in blocks of 8) and ``(density_probes − 1) · density_steps`` products (in
+    blocks of ``density_probes − 1``). Memory, in units of P numbers: the shared run's basis
+    (its steps) plus 8 trace probes and their products, then ``(density_probes − 1) ·
+    density_steps`` for the other density probes (the shared basis is freed first); the
+    products add what their kind needs (:class:`HessianOperator`).
     """
     _validate(top_k, "largest", tol, max_steps, names=("top_k", "max_steps"))
     if top_k > op.dim:
@@ -93,6 +104,7 @@ def analyze(
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
+    basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     d = op.dim
@@ -110,10 +122,10 @@ def analyze(
         return done
 
     start = space_of(op).draw(gaussian, (density_probes, d), gen)
-    run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop)
-    steps = run.num_steps
-    top = extract(run, top_k, "largest", tol, steps, d)
-    low = extract(run, 1, "smallest", tol, steps, d) if smallest else None
+    run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop, basis_device=basis_device)
+    steps, finite = run.num_steps, run.finite
+    top = extract(run, top_k, "largest", tol, steps, d, op.device)
+    low = extract(run, 1, "smallest", tol, steps, d, op.device) if smallest else None
 
     trace_result = None
     if trace:
@@ -123,24 +135,30 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            mean, stderr, n = deflated_hutchinson(op, run.basis[0], probes, gen)
+            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
     density_result = None
-    if density:
-        nodes, weights = quadrature(run)
-        rows_n, rows_w = list(nodes), list(weights)
+    shared = quadrature(run) if density else None
+    del run  # frees the shared basis before the other density probes
+    if shared is not None:
+        rows_n, rows_w = list(shared[0]), list(shared[1])
         cost = steps
-        if density_probes > 1 and run.finite:
+        if density_probes > 1 and finite:
             mark = op.num_matvecs
-            extra = lanczos(op, start[1:], density_steps, generator=gen)
+            extra = lanczos(op, start[1:], density_steps, generator=gen, basis_device=basis_device)
             cost += op.num_matvecs - mark
             n2, w2 = quadrature(extra)
             rows_n += list(n2)
             rows_w += list(w2)
         nodes, weights = _stack(rows_n, rows_w)
         density_result = DensityResult(nodes, weights, cost, d)
-    return AnalysisResult(top, low, trace_result, density_result, op.num_matvecs - before, steps)
+    used, error = op.num_matvecs - before, op.product_error
+    parts = [
+        None if r is None else replace(r, product_error=error)
+        for r in (top, low, trace_result, density_result)
+    ]
+    return AnalysisResult(*parts, used, steps, error)
 
 
 def _stack(

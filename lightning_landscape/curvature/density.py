@@ -20,8 +20,9 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,15 @@ class DensityResult:
         weights: ``(num_probes, m)`` quadrature weights, each row sums to 1.
         num_matvecs: operator products spent.
         dim: the operator's dimension.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     nodes: Tensor
     weights: Tensor
     num_matvecs: int
     dim: int
+    product_error: float = 0.0
 
     def moment(self, power: int) -> float:
         """SLQ estimate of tr(Hᵖ)/d (average over probes of Σ τ θᵖ)."""
@@ -90,6 +94,7 @@ def spectral_density(
     num_probes: int = 1,
     num_steps: int = 100,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> DensityResult:
     """The eigenvalue spectral density by stochastic Lanczos quadrature.
 
@@ -98,21 +103,27 @@ def spectral_density(
         num_probes: independent probes (their Lanczos chains share batched products).
         num_steps: Lanczos steps per probe (capped at the dimension).
         seed: probe seed (identical on every rank); ``None`` draws one.
+        basis_device: where the Lanczos bases are kept (default the operator's device;
+            ``"cpu"``: host memory).
 
     Returns:
         A :class:`DensityResult`; ``evaluate(grid)`` gives the smoothed density.
 
     Raises:
-        TypeError: if ``num_probes``, ``num_steps`` or ``seed`` is not an int.
+        TypeError: if ``num_probes``, ``num_steps`` or ``seed`` is not an int, or
+            ``basis_device`` is not a device.
         ValueError: if ``num_probes`` or ``num_steps`` is not positive.
 
-    Cost: ``num_probes · num_steps`` products in ``num_steps`` batched calls.
+    Cost: ``num_probes · num_steps`` products in ``num_steps`` batched calls (blocks of
+    ``num_probes`` columns). Memory: ``num_probes · num_steps`` · P numbers of Lanczos bases,
+    grown as the run goes.
     """
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_steps", num_steps)
+    basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
     start = space_of(op).draw(gaussian, (num_probes, op.dim), gen)
-    run = lanczos(op, start, num_steps, generator=gen)
+    run = lanczos(op, start, num_steps, generator=gen, basis_device=basis_device)
     nodes, weights = quadrature(run)
-    return DensityResult(nodes, weights, op.num_matvecs - before, op.dim)
+    return DensityResult(nodes, weights, op.num_matvecs - before, op.dim, op.product_error)

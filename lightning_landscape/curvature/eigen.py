@@ -7,7 +7,7 @@ ends of the spectrum from one run (Dauphin et al. 2014 for the negative end).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -16,8 +16,9 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.lanczos import LanczosRun, lanczos, ritz
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 Which = Literal["largest", "smallest"]
 
@@ -29,12 +30,13 @@ class EigenResult:
     Attributes:
         eigenvalues: ``(k,)`` largest first for ``which="largest"``, most negative first for
             ``"smallest"``.
-        eigenvectors: ``(dim, k)`` unit Ritz vectors in the operator's dtype (this process's
-            part of them for a sharded operator).
+        eigenvectors: ``(dim, k)`` unit Ritz vectors in the operator's dtype.
         residuals: ``(k,)`` Lanczos residual bounds ‖H x − θ x‖ (an eigenvalue lies within this
             distance of each value).
         num_matvecs: operator products spent.
         converged: every residual is within ``tol`` × the spectral scale.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     eigenvalues: Tensor
@@ -42,6 +44,7 @@ class EigenResult:
     residuals: Tensor
     num_matvecs: int
     converged: bool
+    product_error: float = 0.0
 
 
 def _validate(
@@ -80,17 +83,25 @@ def is_converged(alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, 
 
 
 def extract(
-    run: LanczosRun, k: int, which: str, tol: float, num_matvecs: int, dim: int
+    run: LanczosRun,
+    k: int,
+    which: str,
+    tol: float,
+    num_matvecs: int,
+    dim: int,
+    device: torch.device | None = None,
 ) -> EigenResult:
-    """Ritz pairs of chain 0 of a run, as an :class:`EigenResult`."""
+    """Ritz pairs of chain 0 of a run, as an :class:`EigenResult` (vectors on ``device``,
+    default where the basis lives)."""
+    device = device or run.vectors.device
     if not run.finite:
         nan = torch.full((k,), float("nan"), dtype=torch.float64)
-        local = run.basis.shape[2]
-        vecs = torch.full((local, k), float("nan"), dtype=run.basis.dtype, device=run.basis.device)
+        local = run.vectors.dim  # this process's part of a vector (all of it unless sharded)
+        vecs = torch.full((local, k), float("nan"), dtype=run.vectors.dtype, device=device)
         return EigenResult(nan, vecs, nan.clone(), num_matvecs, False)
     theta, S, res = run.ritz(0)
     idx = wanted(theta, k, which)
-    vecs = run.basis[0].T @ S[:, idx].to(run.basis.dtype).to(run.basis.device)
+    vecs = run.vectors.combine(S[:, idx], device=device)
     converged = is_converged(run.alphas[0], run.betas[0], k, which, tol, dim)
     return EigenResult(theta[idx], vecs, res[idx], num_matvecs, converged)
 
@@ -103,6 +114,7 @@ def top_eigenvalues(
     tol: float = 1e-3,
     max_matvecs: int | None = None,
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """The k largest (or most negative) eigenvalues of a symmetric operator by Lanczos.
 
@@ -119,20 +131,25 @@ def top_eigenvalues(
         tol: residual tolerance relative to the spectral scale.
         max_matvecs: cap on products; default ``min(dim, max(100, 20 k))``.
         seed: seed of the start vector; ``None`` draws one (broadcast from rank 0).
+        basis_device: where the Lanczos basis is kept (default the operator's device);
+            ``"cpu"`` keeps it in host memory when steps × P does not fit the accelerator.
 
     Returns:
         An :class:`EigenResult`; ``converged`` is False if the cap was hit first, and values are
         NaN if a product was not finite.
 
     Raises:
-        TypeError: if ``k``, ``max_matvecs`` or ``seed`` is not an int.
+        TypeError: if ``k``, ``max_matvecs`` or ``seed`` is not an int, or ``basis_device`` is
+            not a device.
         ValueError: if ``k`` is not in [1, dim], ``which`` is unknown, ``tol`` is not positive,
             or ``max_matvecs`` is smaller than ``k``.
 
-    Cost: one product per Lanczos step (typically 10-40 for k = 1 at tol 1e-3), plus
-    O(steps · dim) memory for the basis.
+    Cost: one product per Lanczos step (typically 10-40 for k = 1 at tol 1e-3). Memory: the
+    basis grows with the steps taken (steps · P numbers, on ``basis_device``) plus a few
+    P-vectors, on top of what a product needs (see :class:`HessianOperator`).
     """
     _validate(k, which, tol, max_matvecs)
+    basis_device = check_basis_device(basis_device)
     if k > op.dim:
         raise ValueError(f"`k` must be at most the dimension {op.dim}, got {k}.")
     if max_matvecs is not None and max_matvecs < k:
@@ -145,5 +162,6 @@ def top_eigenvalues(
     def stop(alphas: Tensor, betas: Tensor) -> bool:
         return is_converged(alphas[0], betas[0], k, which, tol, op.dim)
 
-    run = lanczos(op, start, limit, generator=gen, should_stop=stop)
-    return extract(run, k, which, tol, op.num_matvecs - before, op.dim)
+    run = lanczos(op, start, limit, generator=gen, should_stop=stop, basis_device=basis_device)
+    res = extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device)
+    return replace(res, product_error=op.product_error)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from lightning_landscape._core.random import gaussian
 from lightning_landscape._core.space import space_of
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.basis import Basis
+from lightning_landscape.curvature.linear import LinearOperator
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,20 @@ class LanczosRun:
         alphas: ``(b, m)`` float64 diagonals of the tridiagonals.
         betas: ``(b, m)`` float64 off-diagonals; ``betas[:, j]`` couples steps j and j+1, and the
             last column is the norm of the final residual (the Ritz residual scale).
-        basis: ``(b, m, dim)`` orthonormal Krylov bases, in the operator's dtype.
+        vectors: the orthonormal Krylov bases (a :class:`~.basis.Basis` of ``b`` chains and
+            ``m`` vectors, in the operator's dtype, on the basis device).
         finite: False if a product returned NaN/inf (the run stopped there).
     """
 
     alphas: Tensor
     betas: Tensor
-    basis: Tensor
+    vectors: Basis
     finite: bool
+
+    @property
+    def basis(self) -> Tensor:
+        """The bases as one ``(b, m, dim)`` tensor (a copy of the chunks: m · P more memory)."""
+        return self.vectors.tensor()
 
     @property
     def num_steps(self) -> int:
@@ -67,28 +74,38 @@ def lanczos(
     generator: torch.Generator,
     should_stop: Callable[[Tensor, Tensor], bool] | None = None,
     observe: Callable[[Tensor, Tensor], None] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> LanczosRun:
     """Run ``b`` Lanczos chains with full reorthogonalization.
 
     Args:
         op: the symmetric operator.
-        start: ``(b, dim)`` start vectors (normalized here); this process's part of them
-            for a sharded operator (see :mod:`.space`).
+        start: ``(b, dim)`` start vectors (normalized here); this process's part of them for a
+            sharded operator (see :mod:`lightning_landscape._core.space`).
         max_steps: at most this many steps (capped at ``dim``); one product per chain per step.
         generator: CPU generator for restart vectors after an exhausted Krylov space.
         should_stop: ``should_stop(alphas, betas) -> bool`` called after every step with the
             float64 ``(b, j)`` coefficients so far; True ends the run.
         observe: ``observe(q, w)`` called after every step, before ``should_stop``, with the
             ``(b, dim)`` newest basis vectors q_j and their residuals w_j = β_j q_{j+1}.
+        basis_device: where the basis is kept; default the operator's device. ``"cpu"`` keeps
+            it in host memory (each step then moves two P-vectors per chain across the bus and
+            reorthogonalizes on the host).
 
     Returns:
         A :class:`LanczosRun`.
+
+    Cost: one product per chain per step; one device-to-host transfer per step (α, β and
+    finiteness together). Memory: the basis grows with the steps taken, b · (j + chunk − 1) · P
+    numbers after j steps (:class:`~.basis.Basis`), plus a few P-vectors per chain; nothing is
+    allocated for ``max_steps`` up front.
     """
     sp = space_of(op)  # inner products and norms of (possibly sharded) vectors
     b, d = start.shape[0], op.dim
     m = min(int(max_steps), d)
     dtype, device = op.dtype, op.device
-    Q = torch.zeros(b, m, start.shape[1], dtype=dtype, device=device)
+    where = device if basis_device is None else basis_device
+    basis = Basis(b, start.shape[1], dtype, where, reduce=sp.reduce)
     alphas = torch.zeros(b, m, dtype=torch.float64)
     betas = torch.zeros(b, m, dtype=torch.float64)
     q = start.to(dtype=dtype, device=device)
@@ -98,23 +115,20 @@ def lanczos(
     finite = True
     steps = 0
     for j in range(m):
-        Q[:, j] = q
+        basis.append(q)
         w = op.matmat(q.T).T.contiguous()
-        if not sp.all_finite(w):
+        alpha = sp.reduce((w * q).sum(dim=1))
+        w = basis.orthogonalize(w)
+        beta = sp.norm(w)
+        coef = torch.stack([alpha, beta]).double().cpu()  # the step's one host sync
+        steps = j + 1
+        if not torch.isfinite(coef).all():  # a non-finite product: α or β is NaN/inf
             finite = False
             alphas[:, j] = float("nan")
             betas[:, j] = float("nan")
-            steps = j + 1
             break
-        alpha = sp.reduce((w * q).sum(dim=1))
-        basis = Q[:, : j + 1]
-        for _ in range(2):
-            w -= torch.einsum("bjd,bj->bd", basis, sp.reduce(torch.einsum("bjd,bd->bj", basis, w)))
-        beta = sp.norm(w)
-        alphas[:, j] = alpha.double().cpu()
-        betas[:, j] = beta.double().cpu()
+        alphas[:, j], betas[:, j] = coef[0], coef[1]
         scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
-        steps = j + 1
         if observe is not None:
             observe(q, w)
         if should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps]):
@@ -123,13 +137,10 @@ def lanczos(
             break
         small = betas[:, j] <= 100 * eps * d**0.5 * torch.clamp(scale, min=1e-300)
         if small.any():  # exhausted Krylov space: restart orthogonally, with β = 0 in T
-            fresh = sp.draw(gaussian, (b, d), generator)
-            for _ in range(2):
-                coef = sp.reduce(torch.einsum("bjd,bd->bj", basis, fresh))
-                fresh -= torch.einsum("bjd,bj->bd", basis, coef)
+            fresh = basis.orthogonalize(sp.draw(gaussian, (b, d), generator))
             for c in torch.nonzero(small).flatten().tolist():
                 w[c] = fresh[c]
                 betas[c, j] = 0.0
             beta = torch.where(small.to(device), sp.norm(w), beta)
         q = w / beta[:, None]
-    return LanczosRun(alphas[:, :steps], betas[:, :steps], Q[:, :steps], finite)
+    return LanczosRun(alphas[:, :steps], betas[:, :steps], basis, finite)

@@ -1,15 +1,33 @@
-"""Linear operators: the Hessian of a loss over fixed batches, and a dense matrix wrapper.
+"""The Hessian of a loss over fixed batches as a linear operator (:mod:`.linear`).
 
 The Hessian is represented as H = Σ_b n_b H_b / Σ_b n_b, where H_b is the Hessian of the mean loss
 of batch b (n_b samples), so batches of unequal size are weighted exactly. Under torch.distributed
 every rank holds its own batches; sums of n_b H_b v and of n_b are reduced across ranks, so every
 rank gets the Hessian of the union of all shards (one all-reduce of one flat vector per product).
 
-Hessian-vector products (Pearlmutter 1994) come in three kinds, see :mod:`.hvp`.
+Hessian-vector products (Pearlmutter 1994) come in four kinds (:mod:`.hvp`,
+:mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Peak
+memory of a product above the model's, in units of T, a training step on one batch, and of P,
+the number of parameters; measured on ResNet-18 (4 batches of 128, H200: T = 0.73 GiB) and on a
+64-256-256-10 tanh MLP with 4 batches of 4096 (CPU, live memory: T = 19 MB):
+
+- ``"cached"``: the gradient graphs of the cached batches, held between products and bounded by
+  ``memory_budget`` (default 1 T); all four batches take 7.5 T (ResNet-18) and 7.8 T (MLP).
+  Uncached batches go as ``"double_backward"``.
+- ``"double_backward"``: one batch's gradient graph and its second backward: 2.2 T (ResNet-18),
+  4.3 T (MLP; the second backward's temporaries are 2.6 times the saved graph).
+- ``"func"``: 7.9 T (MLP), per vector of a vmapped block.
+- ``"finite_difference"``: one gradient and 3 P (saved weights, a gradient, the accumulator):
+  1.2 T (MLP).
+
+Every kind adds P numbers per vector of a block (at most 8 vectors go through one vmapped
+product).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -17,94 +35,21 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, mean_gradient
-from lightning_landscape._core.checks import check_callable, check_int
+from lightning_landscape._core.checks import check_callable, check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import resolve_params
+from lightning_landscape.curvature import auto as _auto
+from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
+from lightning_landscape.curvature.cache import GraphCache, check_twice_differentiable
+from lightning_landscape.curvature.linear import LinearOperator, MatrixOperator
 
-HVPMode = Literal["double_backward", "cached", "func"]
+__all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
 
-
-class LinearOperator:
-    """A symmetric linear operator on flat vectors: ``matvec``, ``matmat``, ``@``, ``dim``,
-    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block.
-
-    What the algorithms read from an operator, and nothing else:
-
-    Attributes:
-        dim, dtype, device: the vectors' length, dtype and device.
-        distributed: True when the products are reduced across ranks (every rank must then
-            take part in every product, and random seeds are broadcast so probes agree).
-        num_matvecs: products so far (blocks count their columns).
-        on_matvec: optional progress hook, called with ``num_matvecs`` after each block.
-    """
-
-    dim: int
-    dtype: torch.dtype
-    device: torch.device
-    distributed: bool = False
-
-    def __init__(self) -> None:
-        self.num_matvecs = 0
-        self.on_matvec: Callable[[int], None] | None = None  # progress hook: total products so far
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """Return ``H v`` for a flat vector ``v`` of length ``dim``.
-
-        Raises:
-            ValueError: if ``v`` is not of shape ``(dim,)``.
-        """
-        if v.dim() != 1 or v.shape[0] != self.dim:
-            raise ValueError(f"`v` must have shape ({self.dim},), got {tuple(v.shape)}.")
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """Return ``H V`` for a ``(dim, k)`` block (products batched where the kind allows).
-
-        Raises:
-            ValueError: if ``V`` is not of shape ``(dim, k)``.
-        """
-        if V.dim() != 2 or V.shape[0] != self.dim:
-            raise ValueError(f"`V` must have shape ({self.dim}, k), got {tuple(V.shape)}.")
-        out = self._matmat(V.T.to(dtype=self.dtype, device=self.device).contiguous())
-        self.num_matvecs += V.shape[1]
-        if self.on_matvec is not None:
-            self.on_matvec(self.num_matvecs)
-        return out.T
-
-    def __matmul__(self, other: Tensor) -> Tensor:
-        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
-
-    def _matmat(self, Vt: Tensor) -> Tensor:  # (k, dim) -> (k, dim)
-        raise NotImplementedError
-
-
-class MatrixOperator(LinearOperator):
-    """Wrap a dense symmetric matrix as an operator (for tests and small problems).
-
-    Raises:
-        ValueError: if ``matrix`` is not a square 2-D tensor.
-
-    Example::
-
-        op = MatrixOperator(Q @ torch.diag(eigs) @ Q.T)
-    """
-
-    def __init__(self, matrix: Tensor) -> None:
-        super().__init__()
-        if (
-            not isinstance(matrix, Tensor)
-            or matrix.dim() != 2
-            or matrix.shape[0] != matrix.shape[1]
-        ):
-            raise ValueError("`matrix` must be a square 2-D tensor.")
-        self.matrix = matrix
-        self.dim = matrix.shape[0]
-        self.dtype = matrix.dtype
-        self.device = matrix.device
-
-    def _matmat(self, Vt: Tensor) -> Tensor:
-        return Vt @ self.matrix.T
+HVPMode = Literal["auto", "cached", "double_backward", "func", "finite_difference"]
+KINDS = ("auto", "cached", "double_backward", "func", "finite_difference")
+EXACT = ("cached", "double_backward", "func")
+BLOCK = 8  # at most this many vectors go through one vmapped product
 
 
 class HessianOperator(LinearOperator):
@@ -120,28 +65,57 @@ class HessianOperator(LinearOperator):
         batch_size_fn: ``batch_size_fn(batch) -> int``; default: leading size of the batch's first
             tensor.
         distributed: reduce across ranks when a process group with several ranks is initialized.
-        hvp: the kind of Hessian-vector product. ``"cached"`` (default, the fastest measured:
-            1.3x / 2.0-2.3x a gradient on 2.4k / 405k-parameter MLPs on CPU, against 2.9x / 3.2x
-            for double backward and 8.6x / 4.1x for ``"func"``, ``benchmarks/curvature.py``): the gradient graph of every batch
-            is built at the first product (about 3 gradients) and kept, then each product is one
-            backward through it; it holds the activations of all the batches until
-            :meth:`release` (or the end of a ``with`` block, or the operator's deletion), and is
-            rebuilt if the parameters change in place or a module switches train/eval.
+        hvp: the kind of Hessian-vector product (memory of each in the module docstring).
+            ``"cached"`` (default): the gradient graphs of the batches that fit
+            ``memory_budget`` are built at the first product (about 2 gradients each) and kept,
+            then a product is one backward through them (measured 0.65x / 1.7x a gradient on
+            4.9k / 400k-parameter MLPs on CPU); the other batches are differentiated twice per
+            product. The graphs are freed by :meth:`release` (or the end of a ``with`` block),
+            and rebuilt if the parameters change in place or a module switches train/eval.
             ``"double_backward"`` (Pearlmutter): the gradient graph is built afresh for each
-            product, memory of one batch at a time. ``"func"``: torch.func forward-over-reverse
-            ``jvp(grad)`` (``vjp(grad)`` where that raises, e.g. on ``F.mse_loss``); needs
-            ``params`` to be the ``nn.Module`` that ``loss_fn`` calls; slow on small models
-            unless products come in blocks.
+            product and batch (2.2-2.7x a gradient). ``"func"``: torch.func forward-over-reverse
+            ``jvp(grad)`` (``vjp(grad)`` where that raises, e.g. on ``F.mse_loss``), vmapped
+            over blocks; needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls (3.4x
+            a gradient on CPU; on GPU 4.3x alone, 2.1x per product in blocks of 8).
+            ``"finite_difference"``: central differences of two gradients
+            (:mod:`.finite_difference`: 2.2x a gradient, memory of one), inexact, with its error
+            estimated (:attr:`product_error`); for kernels without a double backward. ``"auto"``: the fastest exact kind that works for this model,
+            chosen at the first product by trying each (:mod:`.auto`, a few products' time);
+            finite differences only when no exact kind works, with a warning that says why.
+        block_hvp: the kind for blocks of several vectors (trace and density probes); default
+            ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
+            forward-over-reverse), timed on the first block.
+        memory_budget: bytes the cached gradient graphs may hold (``"cached"`` and ``"auto"``).
+            ``None``: one training step, estimated at the first product as the activations the
+            first batch's forward saves plus parameters and gradients (2 P numbers); ``0``:
+            nothing cached (batch by batch); ``math.inf``: every batch.
+        fd_step: the finite-difference step relative to the weights, ‖h v‖ = ``fd_step`` · ‖w‖;
+            default ε_mach^{1/3} of the dtype (4.9e-3 in float32, 6.1e-6 in float64).
+        fd_tolerance: finite differences warn (once) when their estimated relative error
+            exceeds this.
         seed: seed for any randomness in the forward (dropout in train mode): the same masks
             are replayed for every product, so the operator is a fixed matrix. The global RNG
             is left untouched.
 
+    Attributes:
+        hvp_choice: the kind in use (for ``"auto"``: None until the first product).
+        hvp_reason: why it was chosen.
+        block_choice: the kind in use for blocks (None until decided).
+        warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"`` or
+            ``"fd_inaccurate"``); default ``warnings.warn``.
+        choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
+        graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
+            ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step.
+        fd_errors: the error estimates of the checked finite-difference products.
+
     Raises:
         TypeError: if ``loss_fn`` or ``batch_size_fn`` is not callable, ``params``/``batches``
-            have the wrong type, or ``seed`` is not an int.
-        ValueError: if ``batches`` is empty, ``hvp`` is unknown, ``hvp="func"`` is asked without
-            a module, ``params`` is empty or holds a tensor that does not require grad, or a
-            batch size is not positive (or cannot be inferred).
+            have the wrong type, or ``seed``, ``memory_budget``, ``fd_step`` or
+            ``fd_tolerance`` is not a number.
+        ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` is
+            asked without a module, ``params`` is empty or holds a tensor that does not require
+            grad, a batch size is not positive (or cannot be inferred), ``memory_budget`` is
+            negative, or ``fd_step`` or ``fd_tolerance`` is not positive.
 
     Example::
 
@@ -158,12 +132,18 @@ class HessianOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
         hvp: HVPMode = "cached",
+        block_hvp: HVPMode | None = None,
+        memory_budget: float | None = None,
+        fd_step: float | None = None,
+        fd_tolerance: float = 1e-2,
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_callable("loss_fn", loss_fn)
-        if hvp not in ("double_backward", "cached", "func"):
-            raise ValueError(f"`hvp` must be 'double_backward', 'cached' or 'func', got {hvp!r}.")
+        if hvp not in KINDS:
+            raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
+        if block_hvp not in (None, *EXACT):
+            raise ValueError(f"`block_hvp` must be None or one of {EXACT}, got {block_hvp!r}.")
         if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
             raise TypeError(
                 f"`batches` must be a sequence of batches, got {type(batches).__name__}."
@@ -172,8 +152,13 @@ class HessianOperator(LinearOperator):
             raise ValueError("`batches` is empty.")
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
+        if memory_budget is not None and not (memory_budget == math.inf):
+            check_real("memory_budget", memory_budget, low=0.0, what="a number of bytes >= 0")
+        if fd_step is not None:
+            check_real("fd_step", fd_step, low=0.0, strict=True, what="a positive number")
+        check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
         self.module = params if isinstance(params, nn.Module) else None
-        if hvp == "func" and self.module is None:
+        if "func" in (hvp, block_hvp) and self.module is None:
             raise ValueError(
                 "`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls."
             )
@@ -181,6 +166,7 @@ class HessianOperator(LinearOperator):
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.hvp = hvp
+        self.memory_budget = memory_budget
         self.seed = int(seed)
         self.distributed = is_distributed(distributed)
         self._size_fn = batch_size_fn or default_batch_size
@@ -192,67 +178,139 @@ class HessianOperator(LinearOperator):
         self.dtype = first.dtype
         self.device = first.device
         self.dim = sum(p.numel() for p in self.params)
+        rel_step = float(fd_step) if fd_step is not None else _fd.default_rel_step(self.dtype)
+        self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), self._warn_hook)
         total = torch.tensor(
             [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
         )
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
-        self._cache: Tensor | None = None
-        self._cache_key: tuple = ()
+        self._cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
+        self.graphs = GraphCache(
+            loss_fn, self.params, self.batches, self.batch_sizes, memory_budget, self._cuda
+        )
+        self._cache_key: tuple | None = None
         self._forward_over_reverse = True
+        self._graph_checked = False
+        self.hvp_choice: str | None = None if hvp == "auto" else hvp
+        self.hvp_reason = "" if hvp == "auto" else "requested"
+        self.choice: _auto.Choice | None = None
+        self.block_choice: str | None = block_hvp or (None if hvp == "auto" else hvp)
+        self.warn: Callable[[str, str], None] = _warn
 
     @property
     def local_size(self) -> int:
         """Number of samples on this rank."""
         return sum(self.batch_sizes)
 
+    @property
+    def product_error(self) -> float:  # type: ignore[override]
+        """Largest estimated relative error of the checked products: 0 for exact kinds, NaN
+        for finite differences before the first product."""
+        if self.hvp_choice != "finite_difference":
+            return 0.0
+        return max(self._fd.errors) if self._fd.errors else math.nan
+
+    @property
+    def fd_errors(self) -> list[float]:
+        """The error estimates of the checked finite-difference products (1st, 2nd, 4th, ...)."""
+        return list(self._fd.errors)
+
+    @property
+    def exact(self) -> bool:
+        """False when the products are finite differences."""
+        return self.hvp_choice != "finite_difference"
+
     def _matmat(self, Vt: Tensor) -> Tensor:
-        if self.hvp == "func" and self._forward_over_reverse:
+        if self.hvp_choice is None:
+            _auto.resolve(self, Vt[:1])
+        if self.hvp_choice == "finite_difference":
+            return self._fd.products(Vt, self._differences, self._reduce)
+        if len(Vt) == 1:
+            return self._reduce(self.local_products(self.hvp_choice, Vt))
+        if self.block_choice is None:
+            return self._reduce(_auto.resolve_blocks(self, Vt))
+        return self._reduce(self.local_products(self.block_choice, Vt))
+
+    def _reduce(self, acc: Tensor) -> Tensor:
+        all_reduce_sum_(acc, self.distributed)
+        return acc.div_(self.total_size)
+
+    def local_products(self, kind: str, Vt: Tensor) -> Tensor:
+        """This rank's Σ_b n_b H_b V by ``kind`` for a ``(k, dim)`` block: not reduced across
+        ranks nor divided by Σ n_b (what the trials of ``"auto"`` time)."""
+        if kind == "cached":
+            return self._cached(Vt)
+        if kind == "func" and self._forward_over_reverse:
             try:
-                return self._products(Vt)
+                return self._batch_by_batch(kind, Vt)
             except RuntimeError as err:  # jvp(grad(F.mse_loss)) raises in torch 2.13
                 if "ZeroTensor" not in str(err):
                     raise
                 self._forward_over_reverse = False  # and start over: same masks, same RNG
-        return self._products(Vt)
+        return self._batch_by_batch(kind, Vt)
 
-    def _products(self, Vt: Tensor) -> Tensor:
+    def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool) -> Tensor:
+        # A block is one vmapped backward; on CPU that pays only for small models (per
+        # product, 0.75x against 1.29x a gradient at 2.4k parameters, 2.6x against 1.8x at
+        # 400k: benchmarks/curvature.py), so larger ones take the columns one by one.
+        step = BLOCK if self.device.type != "cpu" or self.dim <= 5000 else 1
+        parts = [
+            _hvp.hvp_from_graph(
+                grad, self.params, Vt[lo : lo + step], retain or lo + step < len(Vt)
+            )
+            for lo in range(0, len(Vt), step)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _cached(self, Vt: Tensor) -> Tensor:
+        with _hvp.guard(self.module, self.params, self.seed):
+            key = self._key()
+            if self._cache_key != key:  # first product, parameters updated, train/eval switched
+                self.graphs.grad = None
+                self.graphs.build()
+                self._cache_key = key
+            return self.graphs.products(Vt, self._through_graph)
+
+    def _batch_by_batch(self, kind: str, Vt: Tensor) -> Tensor:
+        if kind == "finite_difference":  # unreduced: only the "auto" trial asks for it
+            return self._differences(Vt, [False] * len(Vt))[0]
         acc = torch.zeros_like(Vt)
-        if self.hvp == "cached":
-            if self._cache is not None and self._cache_key != self._key():
-                self._cache = None  # parameters updated in place, or train/eval switched
-            if self._cache is None:
-                with _hvp.guard(self.module, self.params, self.seed):
-                    self._cache_key = self._key()
-                    # one tensor Σ n_b ∇L_b holding every batch's graph: one backward a product
-                    self._cache = sum(
-                        n * _hvp.gradient_graph(self.loss_fn, self.params, b)
-                        for n, b in zip(self.batch_sizes, self.batches, strict=True)
+        with _hvp.guard(self.module, self.params, self.seed):
+            for n, batch in zip(self.batch_sizes, self.batches, strict=True):
+                if kind == "double_backward":
+                    grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
+                    if not self._graph_checked:
+                        check_twice_differentiable(grad)
+                        self._graph_checked = True
+                    acc.add_(self._through_graph(grad, Vt, retain=False), alpha=n)
+                    continue
+                for lo in range(0, len(Vt), BLOCK):  # "func", vmapped over blocks
+                    product = _hvp.hvp_func(
+                        self.loss_fn,
+                        self.params,
+                        batch,
+                        Vt[lo : lo + BLOCK],
+                        self.module,
+                        forward_over_reverse=self._forward_over_reverse,
                     )
-            # A block is one vmapped backward; on CPU that pays only for small models (per
-            # product, 0.75x against 1.29x a gradient at 2.4k parameters, 2.6x against 1.8x at
-            # 400k: benchmarks/curvature.py), so larger ones take the columns one by one.
-            step = len(Vt) if self.device.type != "cpu" or self.dim <= 5000 else 1
-            for lo in range(0, len(Vt), step):
-                acc[lo : lo + step] = _hvp.hvp_from_graph(
-                    self._cache, self.params, Vt[lo : lo + step]
-                )
-        else:
-            with _hvp.guard(self.module, self.params, self.seed):
-                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                    if self.hvp == "func":
-                        product = _hvp.hvp_func(
-                            self.loss_fn,
-                            self.params,
-                            batch,
-                            Vt,
-                            self.module,
-                            forward_over_reverse=self._forward_over_reverse,
-                        )
-                    else:
-                        product = _hvp.hvp_double_backward(self.loss_fn, self.params, batch, Vt)
-                    acc.add_(product, alpha=n)
-        all_reduce_sum_(acc, self.distributed)
-        return acc.div_(self.total_size)
+                    acc[lo : lo + BLOCK].add_(product, alpha=n)
+        return acc
+
+    def _differences(self, Vt: Tensor, checked: list[bool]) -> tuple[Tensor, Tensor]:
+        with _hvp.guard(self.module, self.params, self.seed):
+            return _fd.differences(
+                self.loss_fn,
+                self.params,
+                self.batches,
+                self.batch_sizes,
+                Vt,
+                checked,
+                self._fd.rel_step,
+                self._cuda,
+            )
+
+    def _warn_hook(self, kind: str, message: str) -> None:
+        self.warn(kind, message)
 
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""
@@ -261,7 +319,8 @@ class HessianOperator(LinearOperator):
 
     def release(self) -> None:
         """Free the cached gradient graphs (``hvp="cached"``); the next product rebuilds them."""
-        self._cache = None
+        self.graphs.grad = None
+        self._cache_key = None
 
     def __enter__(self) -> HessianOperator:
         return self
@@ -279,3 +338,8 @@ class HessianOperator(LinearOperator):
                 batch_size_fn=self._size_fn,
                 distributed=self.distributed,
             )[1]
+
+
+def _warn(kind: str, message: str) -> None:
+    """The default of :attr:`HessianOperator.warn`: a ``UserWarning``."""
+    warnings.warn(message, stacklevel=5)

@@ -33,8 +33,9 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, rademacher, resolve_seed
 from lightning_landscape._core.space import Space, space_of
+from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.lanczos import lanczos
-from lightning_landscape.curvature.operator import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator
 
 TraceMethod = Literal["auto", "hutchinson", "hutch++"]
 
@@ -49,6 +50,8 @@ class TraceResult:
         num_matvecs: operator products spent.
         method: the method used.
         deflation_dim: dimension of the subspace whose trace was taken exactly.
+        product_error: estimated relative error of the operator's products (0 when exact;
+            finite differences estimate theirs, see :class:`HessianOperator`).
     """
 
     estimate: float
@@ -56,6 +59,7 @@ class TraceResult:
     num_matvecs: int
     method: str
     deflation_dim: int = 0
+    product_error: float = 0.0
 
 
 def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> list[Tensor]:
@@ -70,13 +74,15 @@ def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -
 
 def deflated_hutchinson(
     op: LinearOperator,
-    basis: Tensor | None,
+    basis: Basis | Tensor | None,
     num_probes: int,
     gen: torch.Generator,
     block: int = 8,
     shift: float = 0.0,
 ) -> tuple[float, float, int]:
-    """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal ``(j, dim)`` basis (or none).
+    """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal basis (a :class:`~.basis.Basis`,
+    chain 0, or the rows of a ``(j, dim)`` tensor), or none. Probes go to the operator in blocks
+    of ``block`` columns.
 
     A Rademacher probe z has ‖z‖² = dim, so the projected probe Pz = z − QᵀQz loses Hutchinson's
     immunity to the diagonal of H: a shift c of the spectrum adds c (‖Qz‖² − j) to each sample.
@@ -85,16 +91,17 @@ def deflated_hutchinson(
 
     Returns the mean, its stderr and the number of probes.
     """
+    if isinstance(basis, Tensor):
+        basis = Basis.from_rows(basis, space_of(op).reduce)
+    j = 0 if basis is None else len(basis)
     if num_probes <= 0:
-        return 0.0, (0.0 if basis is not None and basis.shape[0] >= op.dim else math.nan), 0
-    sp = space_of(op)
-    samples = []
-    j = 0 if basis is None else basis.shape[0]
+        return 0.0, (0.0 if j >= op.dim else math.nan), 0
+    samples, sp = [], space_of(op)
     for Z in _probe_block(op, num_probes, gen, block):
         control = torch.zeros(Z.shape[1], dtype=torch.float64)
         if j > 0:
-            coef = sp.reduce(basis @ Z)
-            Z = Z - basis.T @ coef
+            coef = basis.coefficients(Z)
+            Z = Z - basis.combine(coef, device=Z.device)
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         samples.append(sp.reduce((Z * op.matmat(Z)).sum(dim=0)).double().cpu() + control)
     x = torch.cat(samples)
@@ -110,24 +117,32 @@ def hutchinson(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Tr
 
 def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
     """Hutch++: sketch s = budget/3 columns, exact trace on their range, Hutchinson on the rest."""
-    sp = space_of(op)
     s = min(op.dim, max(1, num_matvecs // 3))
+    sp = space_of(op)
     S = sp.draw(rademacher, (op.dim, s), gen, axis=0)
     Q = sp.orthonormalize(op.matmat(S))
     HQ = op.matmat(Q)
     exact = float(sp.reduce((Q * HQ).sum()).double())
     probes = 0 if s >= op.dim else max(num_matvecs - 2 * s, 0)
-    mean, stderr, n = deflated_hutchinson(op, Q.T.contiguous(), probes, gen)
+    mean, stderr, n = deflated_hutchinson(
+        op, Basis.from_rows(Q.T.contiguous(), sp.reduce), probes, gen
+    )
     if s >= op.dim:
         stderr = 0.0
     return TraceResult(exact + mean, stderr, 2 * s + n, "hutch++", s)
 
 
-def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> TraceResult:
+def deflated_auto(
+    op: LinearOperator,
+    num_matvecs: int,
+    gen: torch.Generator,
+    basis_device: torch.device | None = None,
+) -> TraceResult:
     """Adaptive Lanczos deflation, then Hutchinson on the remainder (see module docstring)."""
     m, d, sp = num_matvecs, op.dim, space_of(op)
     if d <= m:  # the budget covers the dimension: a full Lanczos run gives the exact trace
-        run = lanczos(op, sp.draw(gaussian, (1, d), gen), d, generator=gen)
+        start = sp.draw(gaussian, (1, d), gen)
+        run = lanczos(op, start, d, generator=gen, basis_device=basis_device)
         exact = float(run.alphas[0].sum()) if run.finite else math.nan
         return TraceResult(exact, 0.0 if run.finite else math.nan, run.num_steps, "auto", d)
     p = min(8, max(2, m // 25))  # pilot probes: they only steer the split
@@ -183,22 +198,30 @@ def deflated_auto(op: LinearOperator, num_matvecs: int, gen: torch.Generator) ->
     start = U.sum(dim=1)[None]
     if not sp.all_finite(U):
         return TraceResult(math.nan, math.nan, p, "auto", 0)
-    run = lanczos(op, start, max_steps, generator=gen, should_stop=stop, observe=observe)
+    run = lanczos(
+        op,
+        start,
+        max_steps,
+        generator=gen,
+        should_stop=stop,
+        observe=observe,
+        basis_device=basis_device,
+    )
     if not run.finite:
         return TraceResult(math.nan, math.nan, p + run.num_steps, "auto", run.num_steps)
     j = run.num_steps
     exact = float(run.alphas[0].sum())
     if j >= d:
         return TraceResult(exact, 0.0, p + j, "auto", j)
-    shift = _remainder_mean(sp, run.basis[0], run.tridiagonal(), Z, U)
-    mean, stderr, n = deflated_hutchinson(op, run.basis[0], max(m - p - j, 2), gen, shift=shift)
+    shift = _remainder_mean(sp, run.vectors, run.tridiagonal(), Z, U)
+    mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, shift=shift)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 
-def _remainder_mean(sp: Space, Q: Tensor, T: Tensor, Z: Tensor, U: Tensor) -> float:
+def _remainder_mean(sp: Space, Q: Basis, T: Tensor, Z: Tensor, U: Tensor) -> float:
     """Σ zᵀPHPz / Σ ‖Pz‖² over the pilots (P = I − QᵀQ, U = HZ, QHQᵀ = T): the mean eigenvalue
     of the deflated remainder, from products already paid."""
-    y, qu = sp.reduce(Q @ Z).double(), sp.reduce(Q @ U).double()
+    y, qu = Q.coefficients(Z).double(), Q.coefficients(U).double()
     T = T.to(y.device)
     zu = sp.reduce((Z * U).sum(dim=0)).double()
     quad = zu - 2 * (y * qu).sum(dim=0) + (y * (T @ y)).sum(dim=0)
@@ -212,6 +235,7 @@ def trace(
     num_matvecs: int = 100,
     method: TraceMethod = "auto",
     seed: int | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> TraceResult:
     """Estimate tr(H) with its standard error.
 
@@ -221,18 +245,25 @@ def trace(
         method: ``"auto"`` (Lanczos-deflated Hutchinson, adaptive split: recommended),
             ``"hutchinson"`` or ``"hutch++"``.
         seed: seed of the probes (identical on every rank); ``None`` draws one.
+        basis_device: where the deflation basis of ``"auto"`` is kept (default the operator's
+            device; ``"cpu"``: host memory).
 
     Returns:
         A :class:`TraceResult` (``stderr`` 0 when exact).
 
     Raises:
-        TypeError: if ``num_matvecs`` or ``seed`` is not an int.
+        TypeError: if ``num_matvecs`` or ``seed`` is not an int, or ``basis_device`` is not a
+            device.
         ValueError: if ``num_matvecs`` is not positive (at least 3 for ``"auto"`` and
             ``"hutch++"``), or ``method`` is unknown.
 
-    Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact).
+    Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact); probes go to
+    the operator in blocks of 8 (vmapped where the product kind allows). Memory: ``"auto"``
+    keeps its Lanczos basis (the steps it takes, at most ``num_matvecs``, times P numbers);
+    Hutch++ two ``(dim, num_matvecs/3)`` blocks; Hutchinson a block of 8 probes.
     """
     check_positive_int("num_matvecs", num_matvecs)
+    basis_device = check_basis_device(basis_device)
     if method not in ("auto", "hutchinson", "hutch++"):
         raise ValueError(f"`method` must be 'auto', 'hutchinson' or 'hutch++', got {method!r}.")
     if method != "hutchinson" and num_matvecs < 3:
@@ -246,7 +277,8 @@ def trace(
     elif method == "hutch++":
         res = hutchpp(op, num_matvecs, gen)
     else:
-        res = deflated_auto(op, num_matvecs, gen)
+        res = deflated_auto(op, num_matvecs, gen, basis_device)
+    used = op.num_matvecs - before
     return TraceResult(
-        res.estimate, res.stderr, op.num_matvecs - before, res.method, res.deflation_dim
+        res.estimate, res.stderr, used, res.method, res.deflation_dim, op.product_error
     )

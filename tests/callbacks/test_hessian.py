@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor
@@ -186,6 +187,109 @@ def test_every_n_steps_schedule(tmp_path):
     assert mon.done == [0, 2, 4]
 
 
+class _FusedTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated, like a fused attention kernel's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class FusedNet(Classifier):
+    def forward(self, x):
+        first, _, dropout, last = self.net
+        return last(dropout(_FusedTanh.apply(first(x))))
+
+
+def test_auto_is_decided_once_per_fit_and_stated(tmp_path, monkeypatch):
+    from lightning_landscape.curvature import auto
+
+    calls = []
+    original = auto.choose
+    monkeypatch.setattr(auto, "choose", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mon = HessianMonitor(epochs=[0, 1, 2], trace=False, min_eigenvalue=False)
+    for fit in range(2):
+        mon.done.clear()  # measure the same epochs again in the second fit
+        t = make_trainer(tmp_path, [mon], max_epochs=2, logger=False)
+        t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
+        assert len(calls) == fit + 1  # three measurements, one decision per fit
+    assert mon.hvp_choice in ("cached", "double_backward", "func")
+    assert "fastest exact kind" in mon.hvp_reason
+    assert [h["hessian/hvp_exact"] for h in mon.history] == [1.0] * 6
+    assert not any("hessian/hvp_error" in h for h in mon.history)
+
+
+def test_no_double_backward_falls_back_to_finite_differences(tmp_path):
+    """A kernel without a double backward: one warning naming why, products by finite
+    differences, values equal to the oracle of the differentiable twin, training untouched."""
+    data = random_classes()
+    fixed = [(data.tensors[0][:12], data.tensors[1][:12])]
+    mon = HessianMonitor(epochs=[0, 1], tol=1e-8, num_batches=1, dataloader=fixed, trace=False)
+    pl.seed_everything(4)
+    model = FusedNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "finite differences" in str(w.message)]
+    assert len(said) == 1 and "once_differentiable" in said[0]
+    assert mon.hvp_choice == "finite_difference"
+    last = mon.history[-1]
+    assert last["hessian/hvp_exact"] == 0.0 and 0 < last["hessian/hvp_error"] < 1e-6
+    twin = Classifier()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(twin(b[0]), b[1]), twin, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    assert last["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+    assert last["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-7)
+    pl.seed_everything(4)
+    plain = FusedNet()
+    make_trainer(tmp_path, [], max_epochs=1, logger=False).fit(
+        plain, DataLoader(data, batch_size=8)
+    )
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"hvp": "func", "basis_device": "cpu"},
+        {"hvp": "finite_difference"},
+        {"hvp": "cached", "memory_budget": 0},
+    ],
+)
+def test_explicit_kinds_match_the_oracle(tmp_path, kw):
+    data = random_classes()
+    fixed = [
+        (data.tensors[0][:7], data.tensors[1][:7]),
+        (data.tensors[0][7:20], data.tensors[1][7:20]),
+    ]
+    mon = HessianMonitor(epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, **kw)
+    model = Classifier(bn=True, dropout=0.3)
+    make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+        model, DataLoader(data, batch_size=8)
+    )
+    model.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    got = mon.history[-1]
+    assert mon.hvp_choice == kw["hvp"]
+    for i in range(2):
+        assert got[f"hessian/eigenvalue_{i + 1}"] == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+    assert abs(got["hessian/trace"] - float(eig.sum())) <= 3 * got["hessian/trace_stderr"] + 1e-6
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -195,7 +299,8 @@ def test_every_n_steps_schedule(tmp_path):
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
         ({"per_module": "net"}, TypeError, "`per_module` must be a bool or a list"),
         ({"hvp": "fast"}, ValueError, "`hvp` must be"),
-        ({"hvp": "func"}, ValueError, "`hvp` must be 'cached' or 'double_backward'"),
+        ({"memory_budget": -1}, ValueError, "`memory_budget` must be a number of bytes"),
+        ({"basis_device": 3}, TypeError, "`basis_device` must be None"),
         ({"num_batches": 0}, ValueError, "`num_batches` must be a positive int"),
         ({"loss_fn": 3}, TypeError, "`loss_fn` must be callable"),
         ({"epochs": [1], "every_n_steps": 3}, ValueError, "exactly one"),

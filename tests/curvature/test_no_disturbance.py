@@ -4,6 +4,7 @@ autograd graph outlives a call (BatchNorm + Dropout CNN, train and eval mode, ev
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 import weakref
 
@@ -92,7 +93,8 @@ def test_nothing_disturbed(mode, kind):
             return F.cross_entropy(model(batch[0]), batch[1])
 
     before = _state(model)
-    op = HessianOperator(loss_fn, model, batches, hvp=kind)
+    budget = math.inf if kind == "cached" else None  # cache every batch's graph
+    op = HessianOperator(loss_fn, model, batches, hvp=kind, memory_budget=budget)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     op @ v
     top_eigenvalues(op, 2, max_matvecs=8)  # seed=None: a fresh seed that is not torch's RNG

@@ -138,7 +138,7 @@ def test_cached_graphs_follow_parameter_updates():
     assert rel(op @ v, H_eval @ v) < 1e-10
     with op:
         op @ v
-    assert op._cache is None  # the context manager released the graphs
+    assert op.graphs.grad is None  # the context manager released the graphs
 
 
 def test_cached_blocks_of_large_models_go_column_by_column():

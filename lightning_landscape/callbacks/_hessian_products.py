@@ -1,0 +1,117 @@
+"""HessianMonitor's products: the operator of each measurement, and the kind ``hvp="auto"``
+chose, kept for the rest of the fit and stated once.
+
+Under FSDP2 (``ModelParallelStrategy``) the operator is a
+:class:`~lightning_landscape.curvature.ShardedHessianOperator` (shards, finite differences);
+otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monitor's kind.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_landscape._core.sharding import is_fsdp2
+from lightning_landscape.callbacks.context import MeasureContext
+from lightning_landscape.curvature import HessianOperator, ShardedHessianOperator, analyze
+
+
+def make_operator(monitor: Any, ctx: MeasureContext, params: Any, seed: int):
+    """An operator of the kind of this fit (``"auto"`` until the first one has chosen)."""
+    if is_fsdp2(ctx.module):
+        return ShardedHessianOperator(
+            ctx.loss_fn,
+            ctx.module,
+            ctx.batches,
+            params=None if params is ctx.module else params,
+            step=monitor.fd_step,
+            seed=seed,
+        )
+    kind = monitor.hvp_choice or "auto"
+    blocks = monitor._block_choice
+    if not isinstance(params, torch.nn.Module) and "func" in (kind, blocks):
+        kind, blocks = ("cached" if kind == "func" else kind), None  # func needs the module
+    op = HessianOperator(
+        ctx.loss_fn,
+        params,
+        ctx.batches,
+        hvp=kind,
+        block_hvp=blocks,
+        memory_budget=monitor.memory_budget,
+        seed=seed,
+    )
+    op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
+    return op
+
+
+def record_choice(monitor: Any, op: Any) -> None:
+    """Keep the kind ``"auto"`` chose for the rest of the fit, and say it once."""
+    if not isinstance(op, HessianOperator):
+        return
+    if monitor.hvp_choice is not None or op.hvp_choice is None:
+        return
+    if op.choice is not None and op.choice.exact and not op.choice.seconds:
+        return  # no kind gave finite products (a NaN loss): decide at the next measurement
+    monitor.hvp_choice, monitor.hvp_reason = op.hvp_choice, op.hvp_reason
+    monitor._block_choice = op.block_choice if op.exact else None
+    if op.exact:  # the fallback to finite differences has warned already
+        rank_zero_info(
+            f"HessianMonitor: Hessian-vector products by {op.hvp_choice!r} "
+            f"(hvp='auto': {op.hvp_reason})."
+        )
+
+
+def product_metrics(op: Any) -> dict[str, float]:
+    """``hvp_exact`` (1, or 0 for finite differences) and, with finite differences, ``hvp_error``
+    (their estimated relative error; sharded operators log ``fd_error`` instead)."""
+    if isinstance(op, ShardedHessianOperator):
+        return {"hvp_exact": 0.0}
+    out = {"hvp_exact": float(op.exact)}
+    if not op.exact:
+        out["hvp_error"] = op.product_error
+    return out
+
+
+def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
+    """One :func:`analyze` of the Hessian of ``params`` (the whole spectrum when ``block`` is
+    None, else the top eigenvalue and trace of that diagonal block) and, for a sharded
+    module, the finite-difference error of its top eigenvalue."""
+    full = block is None
+    salt = () if full else (block,)
+    op = make_operator(monitor, ctx, params, ctx.seed_for("operator", *salt))
+    what = "full Hessian" if full else f"block {block}"
+    op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
+    try:
+        result = analyze(
+            op,
+            top_k=top_k,
+            smallest=monitor.min_eigenvalue and full,
+            trace=monitor.trace,
+            trace_probes=monitor.trace_probes,
+            density=monitor.density and full,
+            density_steps=monitor.density_steps,
+            density_probes=monitor.density_probes,
+            tol=monitor.tol,
+            max_steps=max(
+                monitor.max_matvecs, monitor.density_steps if monitor.density and full else 1
+            ),
+            seed=ctx.seed_for("analyze", *salt),
+            basis_device=monitor.basis_device,
+        )
+        fd: dict[str, float] = {}
+        if isinstance(op, ShardedHessianOperator):
+            ctx.status(f"{what}, finite-difference error")
+            top = result.top
+            fd["fd_error"] = (
+                op.finite_difference_error(top.eigenvectors[:, 0], top.eigenvalues[0])
+                if bool(torch.isfinite(top.eigenvalues[0]))
+                else math.nan
+            )
+            fd["fd_step"] = op.step
+        return result, fd | product_metrics(op)
+    finally:
+        op.release()
+        record_choice(monitor, op)

@@ -1,0 +1,205 @@
+"""``hvp="auto"``: the fastest exact product kind that works for this model, decided by trial.
+
+Which kind is fastest depends on the model and the device (measured, per product over a
+gradient: on CPU cached 0.65-1.7x, double backward 2.2-2.7x, forward-over-reverse 3.4-3.5x; on an
+H200 with ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x alone and 2.1x in
+vmapped blocks of 8), and whether a kind works at all depends on the model's kernels (fused
+attention and cuDNN RNN backwards are not differentiable; ``jvp`` is missing for some ops; a
+``@once_differentiable`` backward would silently lose terms and is detected). So each candidate
+computes the first product three times (the first call warms up; the cached kind builds its
+graphs within the memory budget), the faster of the other two counts, and a candidate is
+dropped if it raises, returns NaN/inf, or disagrees with the others. Cost: about 3 products of
+each candidate (plus the cached kind's graphs), once per operator. Finite differences are the
+fallback when no exact kind works, never a silent choice. Under torch.distributed the trial products are local
+and the verdicts and timings are summed over ranks, so every rank chooses the same kind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_landscape._core.distributed import all_reduce_sum_
+
+if TYPE_CHECKING:
+    from lightning_landscape.curvature.operator import HessianOperator
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of the trial.
+
+    Attributes:
+        kind: the kind chosen.
+        reason: one sentence saying why (timings, or why no exact kind works).
+        seconds: trial time of one product for each kind that worked (summed over ranks).
+        failures: why each dropped kind was dropped.
+    """
+
+    kind: str
+    reason: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return self.kind != "finite_difference"
+
+
+def why(err: BaseException) -> str:
+    """The first line of an exception, as a short reason."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
+    _sync(device)
+    start = time.perf_counter()
+    out = run()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def choose(
+    local: Callable[[str, Tensor], Tensor],
+    kinds: Sequence[str],
+    v: Tensor,
+    *,
+    skip: Callable[[str], str | None] = lambda kind: None,
+    distributed: bool = False,
+) -> Choice:
+    """Try each exact kind on the ``(1, dim)`` block ``v`` with ``local(kind, v)`` (this rank's
+    unreduced product) and choose the fastest that works; fall back to ``"finite_difference"``
+    only when every exact kind raised or gave non-finite products while finite differences give
+    finite ones. ``skip(kind)`` after the first call may return a reason to drop a kind that
+    works but offers nothing (the cached kind with nothing cached)."""
+    outs: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    raised = False
+    for kind in kinds:
+        try:
+            local(kind, v)
+            reason = skip(kind)
+            if reason is not None:
+                failures[kind] = reason
+                continue
+            out, first = _timed(lambda k=kind: local(k, v), v.device)
+            out, second = _timed(lambda k=kind: local(k, v), v.device)
+            seconds[kind] = min(first, second)
+        except Exception as err:  # any failure of a candidate only drops it
+            failures[kind], raised = why(err), True
+            continue
+        if not torch.isfinite(out).all():
+            failures[kind] = "non-finite products"
+            continue
+        outs[kind] = out
+    ref = "double_backward" if "double_backward" in outs else next(iter(outs), None)
+    tol = 10 * torch.finfo(v.dtype).eps ** 0.5
+    for kind in list(outs):
+        diff = float((outs[kind] - outs[ref]).norm() / outs[ref].norm().clamp_min(1e-300))
+        if diff > tol:
+            failures[kind] = f"disagrees with {ref} by {diff:.1e} (relative)"
+            del outs[kind]
+    # every rank must choose the same: sum the verdicts and timings over ranks
+    stats = torch.tensor(
+        [[float(k not in outs), seconds.get(k, 0.0)] for k in kinds] + [[float(raised), 0.0]],
+        dtype=torch.float64,
+    )
+    all_reduce_sum_(stats, distributed)
+    works = {k: float(stats[i, 1]) for i, k in enumerate(kinds) if stats[i, 0] == 0}
+    for k in kinds:
+        if k not in works and k not in failures:
+            failures[k] = "failed on another rank"
+    if works:
+        best = min(works, key=works.__getitem__)
+        times = ", ".join(f"{k} {t * 1e3:.3g} ms" for k, t in sorted(works.items()))
+        dropped = "; ".join(f"{k}: {r}" for k, r in failures.items())
+        reason = f"fastest exact kind that works here ({times} per product"
+        reason += f"; dropped {dropped})" if dropped else ")"
+        return Choice(best, reason, works, failures)
+    summary = "; ".join(f"{k}: {r}" for k, r in failures.items())
+    if stats[-1, 0] > 0 and _finite_on_all(local, v, distributed):
+        return Choice("finite_difference", f"no exact kind works ({summary})", {}, failures)
+    # nothing raised: the products are NaN because the loss or its gradient is
+    fallback = "double_backward" if "double_backward" in kinds else kinds[0]
+    return Choice(fallback, f"no kind gives finite products ({summary})", {}, failures)
+
+
+def _finite_on_all(local: Callable[[str, Tensor], Tensor], v: Tensor, distributed: bool) -> bool:
+    try:
+        bad = float(not torch.isfinite(local("finite_difference", v)).all())
+    except Exception:  # the loss itself cannot be differentiated: nothing works
+        bad = 1.0
+    flag = torch.tensor([bad], dtype=torch.float64)
+    return float(all_reduce_sum_(flag, distributed)[0]) == 0
+
+
+def faster_for_blocks(
+    local: Callable[[str, Tensor], Tensor],
+    kinds: Sequence[str],
+    Vt: Tensor,
+    *,
+    distributed: bool = False,
+) -> tuple[str, Tensor | None]:
+    """Time each kind once on the block ``Vt``; return the fastest and its (local) product
+    (None when every kind failed).
+    Used once per operator on its first block of several vectors (vmapped forward-over-reverse
+    against the kind chosen for single vectors)."""
+    outs, seconds = {}, {}
+    for kind in kinds:
+        try:
+            outs[kind], seconds[kind] = _timed(lambda k=kind: local(k, Vt), Vt.device)
+        except Exception:  # noqa: BLE001 - a kind that fails on blocks is not used for them
+            seconds[kind] = float("inf")
+    stats = torch.tensor([seconds[k] for k in kinds], dtype=torch.float64)
+    all_reduce_sum_(stats, distributed)
+    best = kinds[int(torch.argmin(stats))]
+    return best, outs.get(best)
+
+
+def resolve(op: HessianOperator, v: Tensor) -> None:
+    """Choose ``op``'s kind by trial on the ``(1, dim)`` block ``v`` and record it on ``op``
+    (``hvp_choice``, ``hvp_reason``, ``choice``, ``block_choice``); warn once on a fallback to
+    finite differences."""
+    kinds = ["cached", "double_backward"] + (["func"] if op.module is not None else [])
+
+    def nothing_cached(kind: str) -> str | None:
+        if kind != "cached" or op.graphs.cut > 0:
+            return None
+        return (
+            f"no batch's gradient graph fits memory_budget ({op.graphs.budget:.3g} bytes; "
+            f"the first takes {op.graphs.graph_bytes[0]})"
+        )
+
+    choice = choose(op.local_products, kinds, v, skip=nothing_cached, distributed=op.distributed)
+    op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
+    if choice.kind != "cached":
+        op.release()
+    if op.block_choice is None and not (choice.exact and "func" in choice.seconds):
+        op.block_choice = choice.kind  # no other candidate for blocks
+    if not choice.exact:
+        op.warn(
+            "fd_fallback",
+            "Hessian-vector products fall back to finite differences: "
+            f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
+        )
+
+
+def resolve_blocks(op: HessianOperator, Vt: Tensor) -> Tensor:
+    """Set ``op.block_choice`` to the faster of its kind and ``"func"`` on the block ``Vt``;
+    return this rank's (unreduced) product of the block."""
+    kinds = list(dict.fromkeys([op.hvp_choice, "func"]))
+    best, out = faster_for_blocks(op.local_products, kinds, Vt, distributed=op.distributed)
+    op.block_choice = best
+    return op.local_products(best, Vt) if out is None else out

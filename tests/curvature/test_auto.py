@@ -1,0 +1,122 @@
+"""``hvp="auto"``: an exact kind on a normal model, finite differences (with a warning that names
+why) on a model without a double backward, and the decision rules themselves."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from lightning_landscape.curvature import HessianOperator, analyze, dense_hessian
+from lightning_landscape.curvature.auto import choose
+
+from ._problems import make_batches, make_loss, make_problem
+
+# torch's own warning when forward-mode AD first loads its decompositions ("func" products)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("arch", "loss"), [("mlp", "ce_mean"), ("cnn", "mse")])
+def test_normal_model_gets_the_fastest_exact_kind(arch, loss):
+    p = make_problem(arch, loss, mode="train")
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp="auto")
+    V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        assert rel(op @ V[:, 0], H @ V[:, 0]) < 1e-10
+    assert op.exact and op.product_error == 0.0 and op.num_matvecs == 1  # trials not counted
+    c = op.choice
+    assert op.hvp_choice in ("cached", "double_backward", "func") and c.kind == op.hvp_choice
+    assert c.seconds[c.kind] == min(c.seconds.values()) and len(c.seconds) >= 2
+    assert "fastest exact kind" in op.hvp_reason
+    assert rel(op.matmat(V), H @ V) < 1e-10  # the first block decides the block kind
+    assert op.block_choice in (op.hvp_choice, "func")
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated (like a fused kernel's)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class TwinMLP(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.fused = nn.Linear(4, 6), nn.Linear(6, 3), fused
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_Tanh.apply(h) if self.fused else torch.tanh(h))
+
+
+def test_no_double_backward_falls_back_to_finite_differences_with_one_warning():
+    fused, plain = TwinMLP(True).double(), TwinMLP(False).double()
+    batches = make_batches((4,))
+    H = dense_hessian(make_loss(plain), plain, batches)  # the same function, differentiable
+    op = HessianOperator(make_loss(fused), fused, batches, hvp="auto")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="fall back to finite differences") as caught:
+        hv = op @ v
+    message = str(caught[0].message)
+    assert "once_differentiable" in message and "no exact kind works" in message
+    assert op.hvp_choice == "finite_difference" and not op.exact
+    assert set(op.choice.failures) == {"cached", "double_backward", "func"}
+    assert rel(hv, H @ v) <= op.product_error < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # said once
+        res = analyze(op, top_k=2, tol=1e-6, seed=0)
+    eig = torch.linalg.eigvalsh(H)
+    assert torch.allclose(res.top.eigenvalues, eig[-2:].flip(0), atol=1e-6)
+
+
+def test_nan_loss_keeps_an_exact_kind():
+    """Non-finite products from every kind mean a NaN loss, not a missing kernel: no fallback."""
+    p = make_problem("mlp")
+    op = HessianOperator(lambda b: p.loss_fn(b) * math.nan, p.model, p.batches, hvp="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        hv = op @ torch.ones(op.dim, dtype=torch.float64)
+    assert torch.isnan(hv).all() and op.hvp_choice == "double_backward" and op.exact
+    assert "no kind gives finite products" in op.hvp_reason
+
+
+def test_choose_drops_raising_nan_and_disagreeing_kinds():
+    v = torch.ones(1, 4, dtype=torch.float64)
+
+    def local(kind, V):
+        if kind == "slow":
+            time.sleep(0.02)
+        if kind == "raises":
+            raise NotImplementedError("derivative for aten::fused_backward is not implemented")
+        if kind == "nan":
+            return V * math.nan
+        return V * (1.5 if kind == "wrong" else 2.0)
+
+    c = choose(local, ["slow", "raises", "nan", "wrong", "fast"], v)
+    assert c.kind == "fast" and set(c.seconds) == {"slow", "fast"}
+    assert "aten::fused_backward" in c.failures["raises"]
+    assert c.failures["nan"] == "non-finite products"
+    assert c.failures["wrong"].startswith("disagrees with slow")
+    c = choose(lambda kind, V: local("raises", V) if kind != "finite_difference" else V, ["a"], v)
+    assert c.kind == "finite_difference" and "no exact kind works" in c.reason

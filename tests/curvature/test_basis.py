@@ -1,0 +1,126 @@
+"""The growing Krylov basis: chunked storage equals a dense one, Lanczos allocates only the steps
+it takes, and the basis may live elsewhere than the products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_landscape._core.random import make_generator
+from lightning_landscape.curvature import (
+    LinearOperator,
+    MatrixOperator,
+    analyze,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+from lightning_landscape.curvature.basis import Basis
+from lightning_landscape.curvature.lanczos import lanczos
+
+from ._problems import flat_spectrum, outlier_spectrum, spectrum_matrix
+
+
+class Diagonal(LinearOperator):
+    """A large diagonal operator (no dense matrix): the size where a basis matters."""
+
+    def __init__(self, diag: torch.Tensor) -> None:
+        super().__init__()
+        self.diag, self.dim, self.dtype, self.device = diag, diag.numel(), diag.dtype, diag.device
+
+    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
+        return Vt * self.diag
+
+
+def test_chunked_basis_equals_dense_operations():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 7, generator=g, dtype=torch.float64))
+    rows = Q.T  # 7 orthonormal rows
+    basis = Basis(1, 30, torch.float64, "cpu", chunk=3)
+    for r in rows:
+        basis.append(r[None])
+    assert len(basis) == 7 and basis.capacity == 9  # 3 chunks of 3: at most chunk − 1 spare
+    assert torch.equal(basis.tensor()[0], rows)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    assert torch.allclose(basis.coefficients(X), rows @ X, atol=1e-14)
+    assert torch.allclose(basis.combine(C), rows.T @ C, atol=1e-14)
+    w = torch.randn(1, 30, generator=g, dtype=torch.float64)
+    projected = w - (rows.T @ (rows @ w[0]))[None]
+    assert torch.allclose(basis.orthogonalize(w, passes=1), projected, atol=1e-14)
+    assert torch.allclose(Basis.from_rows(rows).coefficients(X), rows @ X, atol=1e-14)
+
+
+def test_chunk_size_shrinks_with_the_dimension():
+    assert Basis(1, 100, torch.float32, "cpu").chunk == 16
+    assert Basis(1, 1 << 21, torch.float32, "cpu").chunk == 8
+    assert Basis(2, 1 << 24, torch.float32, "cpu").chunk == 1
+
+
+def test_lanczos_allocates_only_the_steps_it_takes():
+    """A run capped at 500 steps that stops after 12 holds 12 vectors (plus the spare of the
+    last chunk), not 500 x P: nothing is preallocated for max_steps."""
+    d = 1 << 21  # 2M: one chunk is 8 vectors
+    diag = torch.linspace(0, 1, d, dtype=torch.float32)
+    op = Diagonal(diag)
+    start = torch.ones(1, d)
+    run = lanczos(
+        op, start, 500, generator=make_generator(0), should_stop=lambda a, b: a.shape[1] == 12
+    )
+    assert run.num_steps == 12 and op.num_matvecs == 12
+    assert len(run.vectors) == 12 and run.vectors.capacity == 16  # 2 chunks of 8
+    held = sum(c.numel() for c in run.vectors._chunks)
+    assert held == 16 * d  # 128 MB at 500 x P would have been 4 GB
+
+
+def test_growing_basis_matches_the_dense_reference():
+    """Lanczos over several chunks: the same tridiagonal as a textbook dense implementation."""
+    A = spectrum_matrix(outlier_spectrum(80))
+    start = torch.randn(1, 80, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    run = lanczos(MatrixOperator(A), start, 40, generator=make_generator(0))
+    assert run.vectors.chunk == 16 and len(run.vectors._chunks) == 3
+    Q = torch.zeros(40, 80, dtype=torch.float64)
+    q, alphas, betas = start[0] / start[0].norm(), [], []
+    for j in range(40):
+        Q[j] = q
+        w = A @ q
+        alphas.append(float(w @ q))
+        for _ in range(2):
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        betas.append(float(w.norm()))
+        q = w / w.norm()
+    assert torch.allclose(run.alphas[0], torch.tensor(alphas, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(run.betas[0], torch.tensor(betas, dtype=torch.float64), atol=1e-12)
+
+
+def test_host_basis_gives_the_same_answers():
+    """``basis_device="cpu"`` (here the same device, so the numbers are identical) goes through
+    every algorithm; Ritz vectors come back on the operator's device."""
+    A = spectrum_matrix(flat_spectrum(60) - 0.2)
+    op = MatrixOperator(A)
+    for kw in ({}, {"basis_device": "cpu"}, {"basis_device": torch.device("cpu")}):
+        top = top_eigenvalues(op, 2, tol=1e-8, seed=0, **kw)
+        tr = trace(op, num_matvecs=30, seed=1, **kw)
+        dens = spectral_density(op, num_probes=2, num_steps=10, seed=2, **kw)
+        res = analyze(op, top_k=2, trace=True, density=True, density_probes=2, seed=3, **kw)
+        got = (top.eigenvalues, tr.estimate, dens.nodes, res.top.eigenvalues, res.trace.estimate)
+        if not kw:
+            ref = got
+        else:
+            assert torch.equal(got[0], ref[0]) and got[1] == ref[1]
+            assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+            assert got[4] == ref[4]
+        assert top.eigenvectors.device == op.device
+    assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(A)[-2:].flip(0), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [(3, TypeError, "`basis_device` must be None"), ("nowhere", ValueError, "must name a device")],
+)
+def test_bad_basis_device_raises(value, error, match):
+    op = MatrixOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(error, match=match):
+        top_eigenvalues(op, basis_device=value)
+    with pytest.raises(error, match=match):
+        analyze(op, basis_device=value)

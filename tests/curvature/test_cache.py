@@ -1,0 +1,119 @@
+"""Cached gradient graphs within a memory budget: the same products whatever is cached, the
+memory measured from what autograd saves, and backwards that cannot be differentiated twice."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch.autograd.function import once_differentiable
+
+from lightning_landscape.curvature import HessianOperator, dense_hessian
+from lightning_landscape.curvature.cache import SavedBytes, check_twice_differentiable
+
+from ._problems import make_problem
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@functools.cache
+def _dense(arch: str) -> torch.Tensor:
+    p = make_problem(arch, mode="train")
+    return dense_hessian(p.loss_fn, p.model, p.batches)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_budget_switches_cached_and_batch_by_batch_with_identical_products(arch):
+    """Budgets 0 / one graph / all graphs cache 0 / 1 / 3 batches; in train mode with Dropout
+    and BatchNorm the uncached batches replay the masks they draw in sequence, so every budget
+    gives the same matrix as the dense oracle."""
+    H = _dense(arch)
+    p = make_problem(arch, mode="train")
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probe = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=math.inf)
+    reference = probe @ V
+    sizes = probe.graphs.graph_bytes
+    assert probe.graphs.cut == 3 and probe.graphs.cached_bytes == sum(sizes) > 0
+    for budget, cut in ((0, 0), (sizes[0], 1), (sizes[0] + sizes[1], 2), (math.inf, 3)):
+        op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=budget)
+        out = op @ V
+        assert op.graphs.cut == cut and op.graphs.cached_bytes <= budget
+        assert rel(out, H @ V) < 1e-10
+        assert rel(out, reference) < 1e-12
+        assert rel(op @ V[:, 0], H @ V[:, 0]) < 1e-10  # again, from the kept graphs
+        op.release()
+
+
+def test_default_budget_is_one_training_step():
+    """``None``: the first batch's saved forward activations plus 2 P numbers."""
+    p = make_problem("cnn", mode="train")
+    op = HessianOperator(p.loss_fn, p.model, p.batches)
+    op @ torch.ones(op.dim, dtype=torch.float64)
+    g = op.graphs
+    two_p = 2 * op.dim * 8
+    assert g.budget == g.step_bytes > two_p
+    assert g.cached_bytes <= g.budget < sum(g.graph_bytes)  # not every graph fits
+    with SavedBytes(exclude=op.params) as counter:
+        p.loss_fn(p.batches[0])
+    assert g.step_bytes == counter.bytes + two_p
+
+
+def test_saved_bytes_counts_distinct_storages_without_parameters():
+    w = torch.randn(5, 5, requires_grad=True)
+    x = torch.randn(3, 5)
+    with SavedBytes(exclude=[w]) as counter:
+        h = torch.tanh(x @ w)  # saves x (w is excluded) and tanh's output
+        (h * h).sum()  # saves h twice: one storage
+    assert counter.bytes == x.numel() * 4 + h.numel() * 4
+
+
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_once_differentiable_backward_is_refused_not_silently_wrong():
+    """A second backward towards the parameters would skip the error node of a
+    ``@once_differentiable`` backward and drop its second-order terms without a word."""
+    w = torch.randn(3, requires_grad=True, dtype=torch.float64)
+    x = torch.randn(3, dtype=torch.float64)
+    (g,) = torch.autograd.grad(_Tanh.apply(w * x).sum() ** 2, [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        check_twice_differentiable(g)
+    (g,) = torch.autograd.grad(torch.tanh(w * x).sum() ** 2, [w], create_graph=True)
+    check_twice_differentiable(g)  # a plain graph passes
+    for kind in ("cached", "double_backward"):
+        op = HessianOperator(lambda b: _Tanh.apply(w * b).sum() ** 2, [w], [x[None]], hvp=kind)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            op @ torch.ones(3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"memory_budget": -1}, ValueError, "`memory_budget` must be a number of bytes"),
+        ({"memory_budget": "1GB"}, TypeError, "`memory_budget` must be a number of bytes"),
+        ({"memory_budget": math.nan}, ValueError, "`memory_budget` must be a number of bytes"),
+        ({"block_hvp": "finite_difference"}, ValueError, "`block_hvp` must be None or one of"),
+        ({"fd_step": 0.0}, ValueError, "`fd_step` must be a positive number"),
+        ({"fd_tolerance": -1.0}, ValueError, "`fd_tolerance` must be a positive number"),
+        ({"fd_tolerance": "x"}, TypeError, "`fd_tolerance` must be a positive number"),
+    ],
+)
+def test_memory_and_kind_arguments_raise(kwargs, error, match):
+    p = make_problem("mlp")
+    with pytest.raises(error, match=match):
+        HessianOperator(p.loss_fn, p.model, p.batches, **kwargs)
