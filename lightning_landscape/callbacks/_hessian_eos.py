@@ -59,7 +59,11 @@ def measure_eos(
     if scale is None:  # no optimizer state yet
         return out, 0
     hessian = HessianOperator(
-        ctx.loss_fn, ctx.module, ctx.batches, hvp=monitor.hvp, seed=ctx.seed_for("operator")
+        ctx.loss_fn,
+        ctx.module,
+        ctx.batches,
+        hvp=monitor.hvp_choice or "auto",
+        seed=ctx.seed_for("operator"),
     )
     op = PreconditionedOperator(hessian, scale)
     op.on_matvec = lambda n: ctx.status("preconditioned Hessian, products", n)

@@ -95,7 +95,11 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
         out[key("ggn/num_matvecs")] = float(result.num_matvecs)
         if monitor.min_eigenvalue:
             hessian = HessianOperator(
-                ggn.loss_fn, ctx.module, ctx.batches, hvp=monitor.hvp, seed=ctx.seed_for("operator")
+                ggn.loss_fn,
+                ctx.module,
+                ctx.batches,
+                hvp=monitor.hvp_choice or "auto",
+                seed=ctx.seed_for("operator"),
             )
             residual = ResidualOperator(hessian, ggn)
             residual.on_matvec = lambda n: ctx.status("residual H − G, products", n)
