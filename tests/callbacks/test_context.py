@@ -30,7 +30,8 @@ def _context(model, **kw):
 
 def test_hessian_monitor_measures_a_hand_built_context():
     model = Classifier().eval()
-    ctx = _context(model, step=3, lr=0.1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # its threshold 2/η sets the ratio
+    ctx = _context(model, step=3, lr=0.1, optimizer=sgd)
     mon = HessianMonitor(top_k=2, tol=1e-10, per_module=["net.0"])
     metrics = mon.measure(ctx)
     H = dense_hessian(ctx.loss_fn, model, ctx.batches)

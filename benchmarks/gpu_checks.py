@@ -1,0 +1,212 @@
+"""GPU correctness checks of the monitors on the models users train (issues 10 and 11).
+
+    PYTHONPATH=. python benchmarks/gpu_checks.py            # needs CUDA
+    PYTHONPATH=. python benchmarks/gpu_checks.py --cpu      # the same code on CPU (a dry run)
+
+On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its defaults
+(``hvp="auto"``) measures, in float32:
+
+- a tiny causal Transformer (``nn.TransformerEncoder``, fused scaled-dot-product attention on the
+  GPU: the efficient/flash kernels have no double backward),
+- an LSTM (cuDNN on the GPU: no double backward at all),
+- an MLP compiled with ``torch.compile`` (inductor),
+- the same MLP under ``ModelParallelStrategy`` (FSDP2, world size 1: sharded vectors, finite
+  differences);
+
+and ``FSDPStrategy`` is checked to be refused with its reason. Each top eigenvalue is compared
+with the float64 dense oracle of the same weights on the same fixed batches, computed on the CPU
+with math attention; the product kind ``auto`` chose is reported. Training with the monitor is
+compared bit for bit with training without it (same seed; on the GPU this needs deterministic
+kernels, which the check turns on). Results go to stdout and, with ``$OUT`` set, to
+``$OUT/checks.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "callbacks"))
+from _models import TinyCausalLM, TinyLSTM, TinyMLP, sequence_data, token_data, vector_data  # noqa: E402
+
+from lightning_landscape import HessianMonitor  # noqa: E402
+from lightning_landscape.curvature import dense_hessian  # noqa: E402
+
+
+def _whole(t):
+    """A tensor, or the whole of an FSDP2 DTensor shard (a collective under FSDP2)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Fixed(HessianMonitor):
+    """Keeps the fixed batches and the weights of the last measurement (for the oracle)."""
+
+    def measure(self, ctx):
+        out = super().measure(ctx)
+        self.seen_batches = [tuple(t.detach().cpu() for t in b) for b in ctx.batches]
+        self.seen_weights = copy.deepcopy(
+            {k: _whole(v).detach().cpu() for k, v in ctx.module.state_dict().items()}
+        )
+        return out
+
+
+def _trainer(accelerator: str, callbacks, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=kw.pop("max_epochs", 2),
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(),
+        **kw,
+    )
+
+
+def _oracle(make, monitor: Fixed) -> float:
+    model = make().double().eval()  # an uncompiled, unsharded twin
+    state = {k: v.double() if v.is_floating_point() else v for k, v in monitor.seen_weights.items()}
+    state = {k.replace("._orig_mod", ""): v for k, v in state.items()}
+    model.load_state_dict(state)
+    batches = [
+        tuple(t.double() if t.is_floating_point() else t for t in b) for b in monitor.seen_batches
+    ]
+    H = dense_hessian(model.loss, model, batches)
+    return float(torch.linalg.eigvalsh(H)[-1])
+
+
+def check_model(
+    name: str, make, data, accelerator: str, twin=None, strategy=None, **trainer_kw
+) -> dict:
+    """Fit with and without the monitor; the logged λ_max against the oracle of ``twin`` (the
+    plain model, default ``make``); ``strategy()`` builds a fresh strategy for each fit."""
+    out: dict = {"model": name}
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+
+    def fit(callbacks):
+        pl.seed_everything(0)
+        model = make()
+        kw = dict(trainer_kw, strategy=strategy()) if strategy else trainer_kw
+        _trainer(accelerator, callbacks, **kw).fit(model, loader)
+        return model
+
+    monitor = Fixed(epochs=[2], top_k=1, trace=False, min_eigenvalue=False, tol=1e-6)
+    watched = fit([monitor])
+    plain = fit([])
+    out["bit_identical"] = all(
+        torch.equal(a.detach().cpu(), b.detach().cpu())
+        for a, b in zip(watched.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
+    row = monitor.history[-1]
+    out["eigenvalue_1"] = row["hessian/eigenvalue_1"]
+    out["hvp_choice"] = monitor.hvp_choice
+    out["hvp_reason"] = monitor.hvp_reason
+    out["hvp_exact"] = row.get("hessian/hvp_exact")
+    out["oracle"] = _oracle(twin or make, monitor)
+    out["rel_error"] = abs(out["eigenvalue_1"] - out["oracle"]) / abs(out["oracle"])
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def check_fsdp2(accelerator: str) -> dict:
+    """HessianMonitor under ModelParallelStrategy (FSDP2, world size 1)."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+    from torch.distributed._composable.fsdp import fully_shard
+
+    class ShardedMLP(TinyMLP):
+        def configure_model(self):
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+    data = vector_data(dtype=torch.float32)
+    return check_model(
+        "mlp-fsdp2", ShardedMLP, data, accelerator, twin=TinyMLP,
+        strategy=lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+    )  # fmt: skip
+
+
+def check_fsdp1_refused(accelerator: str) -> dict:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    try:
+        _trainer(accelerator, [HessianMonitor()], strategy=FSDPStrategy(), max_epochs=1).fit(
+            TinyMLP(), torch.utils.data.DataLoader(vector_data(dtype=torch.float32), batch_size=8)
+        )
+    except Exception as err:  # noqa: BLE001 - the refusal is what is checked
+        return {"model": "mlp-fsdp1", "refused": type(err).__name__, "message": str(err)[:300]}
+    return {"model": "mlp-fsdp1", "refused": False}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu", action="store_true", help="dry run on CPU")
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_checks.py needs CUDA (or --cpu for a dry run).")
+        return 2
+    accelerator = "cpu" if args.cpu else "gpu"
+    if not args.cpu:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    checks = [
+        (
+            "transformer",
+            lambda: check_model("transformer", TinyCausalLM, token_data(), accelerator),
+        ),
+        (
+            "lstm",
+            lambda: check_model("lstm", TinyLSTM, sequence_data(dtype=torch.float32), accelerator),
+        ),
+        (
+            "compiled-mlp",
+            lambda: check_model(
+                "compiled-mlp",
+                lambda: TinyMLP(compile="inductor"),
+                vector_data(dtype=torch.float32),
+                accelerator,
+                twin=TinyMLP,
+            ),
+        ),
+        ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
+        ("mlp-fsdp1", lambda: check_fsdp1_refused(accelerator)),
+    ]
+    results = []
+    for name, fn in checks:
+        try:
+            row = fn()
+        except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
+            row = {
+                "model": name,
+                "failed": f"{type(err).__name__}: {err}"[:500],
+                "trace": traceback.format_exc()[-1500:],
+            }
+        results.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "checks.json").write_text(
+            json.dumps(results, indent=1, default=str)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
