@@ -100,6 +100,7 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
             ),
             seed=ctx.seed_for("analyze", *salt),
             basis_device=monitor.basis_device,
+            probe_block=monitor.probe_block,
         )
         fd: dict[str, float] = {}
         if isinstance(op, ShardedHessianOperator):

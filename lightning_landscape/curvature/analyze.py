@@ -63,6 +63,7 @@ def analyze(
     max_steps: int | None = None,
     seed: int | None = None,
     basis_device: torch.device | str | None = None,
+    probe_block: int = 8,
 ) -> AnalysisResult:
     """Top eigenvalues, and optionally the most negative eigenvalue, trace and density, from one
     shared Lanczos run.
@@ -73,6 +74,10 @@ def analyze(
         smallest: also the most negative eigenvalue.
         trace: also the trace, deflated on the Lanczos basis.
         trace_probes: Hutchinson probes of the deflated remainder.
+        probe_block: trace probes per call of the operator (a block is vmapped where the product
+            kind allows: faster per product, and about ``probe_block`` times the memory of one
+            product; measured on an H200, ResNet-18: 2.05x a gradient per product in blocks of 8
+            against 5.6x one at a time, peak 15.3 against 3.5 GiB).
         density: also the spectral density (the run lasts at least ``density_steps``).
         density_steps: Lanczos steps per density probe.
         density_probes: density probes; the first is the shared run, the others run batched.
@@ -104,6 +109,7 @@ def analyze(
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
+    check_positive_int("probe_block", probe_block)
     basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
@@ -135,7 +141,7 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen)
+            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=probe_block)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
     density_result = None

@@ -46,6 +46,7 @@ class ShardedBatchObjective:
 
     Attributes:
         num_forward, num_backward: forward and backward passes over this rank's batches so far.
+        num_hvp: always 0 (no Hessian-vector products: sharded worst cases use gradients).
 
     Raises:
         ValueError: if a parameter is not an FSDP2 shard or a batch size is not positive.
@@ -67,6 +68,7 @@ class ShardedBatchObjective:
         self.batches = self.passes.batches
         self.num_forward = 0
         self.num_backward = 0
+        self.num_hvp = 0  # no Hessian operator here: the worst cases take the gradient ascent
 
     def get(self) -> Tensor:
         """The whole flat weight vector (one all-reduce of P entries)."""
