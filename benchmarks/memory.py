@@ -44,6 +44,9 @@ CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
     "top3_trace": ("top-3 + trace (top_k=3, trace=True)", {"top_k": 3, "trace": True}),
     "top3_trace_density": ("top-3 + trace + density (density=True)",
                            {"top_k": 3, "trace": True, "density": True}),
+    "probe_block1": ("defaults with probe_block=1 (trace probes one at a time)",
+                     {"probe_block": 1}),
+    "fd": ("defaults with hvp='finite_difference'", {"hvp": "finite_difference"}),
 }  # fmt: skip
 
 
