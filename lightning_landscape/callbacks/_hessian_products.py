@@ -116,3 +116,18 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
     finally:
         op.release()
         record_choice(monitor, op)
+
+
+def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
+    """(name, trainable parameters) of each diagonal block: a named submodule's parameters
+    (recursively), or with ``True`` the parameters each submodule owns directly (disjoint)."""
+    if per_module is False:
+        return []
+    named = dict(module.named_modules())
+    if isinstance(per_module, list):
+        chosen = [(n, list(named[n].parameters())) for n in per_module]
+    else:
+        chosen = [(n, list(m.parameters(recurse=False))) for n, m in named.items() if n]
+    return [
+        (n, ps) for n, ps in ((n, [p for p in ps if p.requires_grad]) for n, ps in chosen) if ps
+    ]

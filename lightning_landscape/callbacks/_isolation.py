@@ -231,3 +231,23 @@ def counted(loss_fn: Callable[[Any], Tensor], calls: list[int]) -> Callable[[Any
         return loss_fn(batch)
 
     return counted
+
+
+def warn_side_effects(
+    trainer: Any, owner: str, before: dict[str, Any], after: dict[str, Any], calls: int
+) -> None:
+    """One warning when the module's training_step, serving as a measurement's loss, changed a
+    plain attribute of the module (an outputs list, a counter)."""
+    from lightning_landscape.callbacks import _logging
+
+    changed = changed_attributes(before, after)
+    if changed:
+        _logging.warn_once(
+            trainer,
+            "training-step-side-effects",
+            f"{owner} called the module's training_step {calls} times as the loss of a "
+            f"measurement, and it changed {', '.join(changed[:3])}. Side effects in "
+            "training_step also run during measurements: skip them while "
+            "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is True, "
+            "or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
+        )

@@ -31,13 +31,13 @@ from lightning_landscape.callbacks._isolation import (
     MARKER,
     Mode,
     cast_batch,
-    changed_attributes,
     counted,
     forward_dtype,
     measurement_dtype,
     measuring,
     module_loss,
     plain_attributes,
+    warn_side_effects,
 )
 from lightning_landscape.callbacks._sharded import refuse_sharded
 from lightning_landscape.callbacks._trainer_state import (
@@ -325,7 +325,9 @@ class LandscapeMonitor(Callback):
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
         if before is not None:
-            self._check_training_step(trainer, before, plain_attributes(pl_module), calls[0])
+            warn_side_effects(
+                trainer, type(self).__name__, before, plain_attributes(pl_module), calls[0]
+            )
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad and not failed:  # a failure was warned about above, with its cause
             _logging.warn_once(
@@ -337,20 +339,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-    def _check_training_step(
-        self, trainer: pl.Trainer, before: dict[str, Any], after: dict[str, Any], calls: int
-    ) -> None:
-        """One warning when the module's training_step, serving as the measurement's loss,
-        changed a plain attribute of the module (an outputs list, a counter)."""
-        changed = changed_attributes(before, after)
-        if changed:
-            _logging.warn_once(
-                trainer,
-                "training-step-side-effects",
-                f"{type(self).__name__} called the module's training_step {calls} times as the "
-                f"loss of a measurement, and it changed {', '.join(changed[:3])}. Side effects "
-                "in training_step also run during measurements: skip them while "
-                "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is "
-                "True, or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
-            )

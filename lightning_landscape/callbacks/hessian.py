@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from lightning_landscape._core.checks import (
@@ -289,7 +288,7 @@ class HessianMonitor(LandscapeMonitor):
                 raise SetupError(
                     f"`per_module` names unknown submodules {missing}; known: {sorted(names)[:20]}."
                 )
-        self._block_names = [name for name, _ in _blocks(pl_module, self.per_module)]
+        self._block_names = [name for name, _ in products.blocks(pl_module, self.per_module)]
 
     def metric_keys(self) -> list[str]:
         keys = [self.key(f"eigenvalue_{i + 1}") for i in range(self.top_k)]
@@ -321,7 +320,7 @@ class HessianMonitor(LandscapeMonitor):
         eos, total = _hessian_eos.measure_eos(self, ctx, out[self.key("eigenvalue_1")])
         out.update(eos)
         total += result.num_matvecs
-        blocks = _blocks(ctx.module, self.per_module)
+        blocks = products.blocks(ctx.module, self.per_module)
         self._block_names = [name for name, _ in blocks]
         for name, params in blocks:
             block, _ = products.analyze_block(self, ctx, params, 1, block=name)
@@ -337,18 +336,3 @@ class HessianMonitor(LandscapeMonitor):
         if self.ggn:
             out.update(_hessian_ggn.measure_ggn(self, ctx, result.top))
         return out
-
-
-def _blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:
-    """(name, trainable parameters) of each diagonal block: a named submodule's parameters
-    (recursively), or with ``True`` the parameters each submodule owns directly (disjoint)."""
-    if per_module is False:
-        return []
-    named = dict(module.named_modules())
-    if isinstance(per_module, list):
-        chosen = [(n, list(named[n].parameters())) for n in per_module]
-    else:
-        chosen = [(n, list(m.parameters(recurse=False))) for n, m in named.items() if n]
-    return [
-        (n, ps) for n, ps in ((n, [p for p in ps if p.requires_grad]) for n, ps in chosen) if ps
-    ]

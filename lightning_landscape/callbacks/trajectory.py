@@ -7,7 +7,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
@@ -15,6 +14,7 @@ from lightning_landscape._core.checks import check_bool, check_floating_dtype, c
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
 from lightning_landscape.callbacks._isolation import Mode
+from lightning_landscape.callbacks._snapshots import checked_parameters, thin_snapshots
 from lightning_landscape.callbacks._trainer_state import epochs_done
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
@@ -188,21 +188,7 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pv = flat_parameters(pl_module)
-        local = pv.local_dim if isinstance(pv, ShardLayout) else pv.dim
-        if isinstance(pv, ShardLayout) and len(self.snapshots):
-            rank_zero_warn(
-                "TrajectoryMonitor: snapshots restored from a checkpoint are dropped under a "
-                "sharded strategy (the checkpoint holds one rank's shards); the trajectory "
-                "starts afresh."
-            )
-            self.snapshots.load_state_dict({})
-        size = self.snapshots.tensors[0].numel() if len(self.snapshots) else local
-        if size != local:
-            raise ValueError(
-                f"TrajectoryMonitor: the restored snapshots have {size} entries but the module "
-                f"has {local} trainable parameters."
-            )
+        pv = checked_parameters(self.snapshots, pl_module)
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
         super().on_train_start(trainer, pl_module)
@@ -267,7 +253,7 @@ class TrajectoryMonitor(LandscapeMonitor):
                 out.update(self._curves(ctx, pv, theta))
             if self._final or self.pictures_every_measurement:
                 out.update(self._picture(ctx, pv, theta))
-        self._thin()
+        thin_snapshots(self)
         if self._final:
             out[self.key("picture_num_forward")] = float(self._forward)
             return out
@@ -277,19 +263,6 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     def seconds_key(self) -> str:
         return self.key("picture_seconds") if self._final else super().seconds_key()
-
-    def _thin(self) -> None:
-        """Keep at most ``max_snapshots`` snapshots (:meth:`Snapshots.thin`), with one warning the
-        first time one is dropped."""
-        steps = list(self.snapshots.steps)
-        dropped = self.snapshots.thin(self.max_snapshots)
-        if dropped and not self._warned_thin:
-            self._warned_thin = True
-            rank_zero_warn(
-                f"TrajectoryMonitor: more than max_snapshots={self.max_snapshots} snapshots; "
-                f"dropped the one at step {steps[dropped[0]]} and will thin older ones from now "
-                "on (the initial and latest are kept). Raise `max_snapshots` to keep them all."
-            )
 
     def _curves(self, ctx: MeasureContext, pv: Any, theta: Tensor) -> dict[str, float]:
         value = self._value_fn(ctx, pv, "loss along the trajectory", metric=True)
