@@ -10,6 +10,7 @@ figures. Subclasses implement :meth:`LandscapeMonitor.measure` on a
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -339,3 +340,11 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
+
+
+def base_arguments(values: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`LandscapeMonitor` arguments among a subclass constructor's ``locals()``: the
+    subclasses spell them out in their own signatures (for LightningCLI and YAML) and pass them
+    on with ``super().__init__(**base_arguments(locals()))``."""
+    names = list(inspect.signature(LandscapeMonitor.__init__).parameters)[1:]
+    return {name: values[name] for name in names}

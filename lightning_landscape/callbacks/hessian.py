@@ -20,7 +20,7 @@ from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
 from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.operator import KINDS, HVPMode
 from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
@@ -199,17 +199,7 @@ class HessianMonitor(LandscapeMonitor):
         seed: int = 0,
         prefix: str | None = None,
     ) -> None:
-        super().__init__(
-            epochs=epochs,
-            every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps,
-            num_batches=num_batches,
-            dataloader=dataloader,
-            loss_fn=loss_fn,
-            mode=mode,
-            seed=seed,
-            prefix=prefix,
-        )
+        super().__init__(**base_arguments(locals()))
         for name, value in (
             ("top_k", top_k),
             ("max_matvecs", max_matvecs),

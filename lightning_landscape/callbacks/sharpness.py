@@ -19,7 +19,7 @@ from lightning_landscape._core.checks import (
 from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
 from lightning_landscape.landscape.local_entropy import local_entropy
 from lightning_landscape.landscape.sharded import ShardedBatchObjective
 from lightning_landscape.landscape.sharpness import (
@@ -186,17 +186,7 @@ class SharpnessMonitor(LandscapeMonitor):
         seed: int = 0,
         prefix: str | None = None,
     ) -> None:
-        super().__init__(
-            epochs=epochs,
-            every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps,
-            num_batches=num_batches,
-            dataloader=dataloader,
-            loss_fn=loss_fn,
-            mode=mode,
-            seed=seed,
-            prefix=prefix,
-        )
+        super().__init__(**base_arguments(locals()))
         if isinstance(kinds, str) or not isinstance(kinds, Sequence):
             raise TypeError(f"`kinds` must be a list of measure names, got {kinds!r}.")
         unknown = [k for k in kinds if k not in KINDS]

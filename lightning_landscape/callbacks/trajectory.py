@@ -16,7 +16,7 @@ from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_p
 from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks._snapshots import checked_parameters, thin_snapshots
 from lightning_landscape.callbacks._trainer_state import epochs_done
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
 from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture
@@ -128,17 +128,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         seed: int = 0,
         prefix: str | None = None,
     ) -> None:
-        super().__init__(
-            epochs=epochs,
-            every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps,
-            num_batches=num_batches,
-            dataloader=dataloader,
-            loss_fn=loss_fn,
-            mode=mode,
-            seed=seed,
-            prefix=prefix,
-        )
+        super().__init__(**base_arguments(locals()))
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
         check_positive_int("grid_size", grid_size)
         if grid_size < 2:

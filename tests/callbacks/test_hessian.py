@@ -10,9 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from curvature._problems import OnceDifferentiableTanh
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor
@@ -187,26 +187,10 @@ def test_every_n_steps_schedule(tmp_path):
     assert mon.done == [0, 2, 4]
 
 
-class _FusedTanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated, like a fused attention kernel's."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 class FusedNet(Classifier):
     def forward(self, x):
         first, _, dropout, last = self.net
-        return last(dropout(_FusedTanh.apply(first(x))))
+        return last(dropout(OnceDifferentiableTanh.apply(first(x))))
 
 
 def test_auto_is_decided_once_per_fit_and_stated(tmp_path, monkeypatch):

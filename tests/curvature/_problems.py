@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 SIZES = (5, 3, 7)  # unequal batches
 NUM_CLASSES = 3
@@ -95,3 +96,19 @@ def outlier_spectrum(d: int = 200, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     bulk = 0.01 * torch.rand(d - 8, generator=g, dtype=torch.float64)
     return torch.cat([bulk, torch.logspace(0, 2, 8, dtype=torch.float64)])
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again, like a fused kernel's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)

@@ -10,12 +10,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from lightning_landscape.curvature import HessianOperator, analyze, dense_hessian
 from lightning_landscape.curvature.auto import choose
 
-from ._problems import make_batches, make_loss, make_problem
+from ._problems import OnceDifferentiableTanh, make_batches, make_loss, make_problem
 
 # torch's own warning when forward-mode AD first loads its decompositions ("func" products)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -43,22 +42,6 @@ def test_normal_model_gets_the_fastest_exact_kind(arch, loss):
     assert op.block_choice in (op.hvp_choice, "func")
 
 
-class _Tanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated (like a fused kernel's)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 class TwinMLP(nn.Module):
     def __init__(self, fused: bool) -> None:
         super().__init__()
@@ -67,7 +50,7 @@ class TwinMLP(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(_Tanh.apply(h) if self.fused else torch.tanh(h))
+        return self.b(OnceDifferentiableTanh.apply(h) if self.fused else torch.tanh(h))
 
 
 def test_no_double_backward_falls_back_to_finite_differences_with_one_warning():

@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-from torch.autograd.function import once_differentiable
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature.cache import SavedBytes, check_twice_differentiable
 
-from ._problems import make_problem
+from ._problems import OnceDifferentiableTanh, make_problem
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,32 +70,22 @@ def test_saved_bytes_counts_distinct_storages_without_parameters():
     assert counter.bytes == x.numel() * 4 + h.numel() * 4
 
 
-class _Tanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 def test_once_differentiable_backward_is_refused_not_silently_wrong():
     """A second backward towards the parameters would skip the error node of a
     ``@once_differentiable`` backward and drop its second-order terms without a word."""
     w = torch.randn(3, requires_grad=True, dtype=torch.float64)
     x = torch.randn(3, dtype=torch.float64)
-    (g,) = torch.autograd.grad(_Tanh.apply(w * x).sum() ** 2, [w], create_graph=True)
+    (g,) = torch.autograd.grad(
+        OnceDifferentiableTanh.apply(w * x).sum() ** 2, [w], create_graph=True
+    )
     with pytest.raises(RuntimeError, match="once_differentiable"):
         check_twice_differentiable(g)
     (g,) = torch.autograd.grad(torch.tanh(w * x).sum() ** 2, [w], create_graph=True)
     check_twice_differentiable(g)  # a plain graph passes
     for kind in ("cached", "double_backward"):
-        op = HessianOperator(lambda b: _Tanh.apply(w * b).sum() ** 2, [w], [x[None]], hvp=kind)
+        op = HessianOperator(
+            lambda b: OnceDifferentiableTanh.apply(w * b).sum() ** 2, [w], [x[None]], hvp=kind
+        )
         with pytest.raises(RuntimeError, match="once_differentiable"):
             op @ torch.ones(3, dtype=torch.float64)
 
