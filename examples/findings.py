@@ -19,6 +19,9 @@ finding (``findings_<name>.png``) in ``--out`` (default ``docs/``).
    removes the difference, or reverses it.
 6. Entropy-SGD (Chaudhari et al. 2017) against SGD at equal training loss: λ_max, trace and test
    accuracy.
+7. Adam's edge of stability (Cohen et al. 2022): with full-batch Adam the preconditioned
+   sharpness λ_max(P⁻¹H) rises to (2 + 2β₁)/((1 − β₁)η) and hovers (``HessianMonitor``'s
+   ``hessian/eos_ratio`` ≈ 1), while λ_max(H)·η/2 stays far below 1.
 
     python examples/findings.py             # full run, a few minutes on one CPU thread
     python examples/findings.py --quick     # reduced (CI): under a minute
@@ -372,6 +375,60 @@ def entropy_sgd(quick: bool) -> Finding:
     )
 
 
+def adam_edge_of_stability(quick: bool) -> Finding:
+    """Full-batch Adam, MSE, tanh MLP, inside a Trainer with a HessianMonitor: the preconditioned
+    sharpness over Adam's threshold, ``hessian/eos_ratio``, rises to about 1 and hovers."""
+    import pytorch_lightning as pl
+
+    from lightning_landscape import HessianMonitor
+
+    X, y, _, _ = digits(1000)
+    batch = (X, F.one_hot(y, 10).float())
+    steps, every, lr = (600, 100, 1e-3) if quick else (3000, 100, 1e-3)
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(0)
+
+        def training_step(self, b, i):
+            return F.mse_loss(self.net(b[0]), b[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
+
+    monitor = HessianMonitor(
+        every_n_steps=every, dataloader=[batch], num_batches=1, trace=False, min_eigenvalue=False
+    )
+    trainer = pl.Trainer(
+        max_steps=steps, max_epochs=1, callbacks=[monitor], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1,
+    )  # fmt: skip
+    full = torch.utils.data.DataLoader(range(steps), batch_size=None, collate_fn=lambda _: batch)
+    trainer.fit(Net(), train_dataloaders=full)  # every step on the full batch
+    rows = [h for h in monitor.history if h["step"] > 0]
+    s = np.array([h["step"] for h in rows])
+    ratio = np.array([h["hessian/eos_ratio"] for h in rows])
+    plain = np.array([h["hessian/eigenvalue_1"] * lr / 2 for h in rows])
+    fig, ax = _fig(f"Adam at the edge of stability: full batch, η = {lr:g}")
+    ax.plot(s, ratio, "o-", color="tab:blue", label="λ_max(P⁻¹H) / (38/η)  (hessian/eos_ratio)")
+    ax.plot(s, plain, "s--", color="tab:gray", label="λ_max(H)·η/2 (the SGD reading)")
+    ax.axhline(1.0, color="k", lw=1, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ratio to the stability threshold")
+    ax.legend(loc="center right", fontsize=8)
+    late = ratio[s >= min(800, s.max())]
+    return Finding(
+        "adam_edge_of_stability",
+        "Cohen et al. 2022",
+        "Adam's preconditioned sharpness rises to (2 + 2β₁)/((1 − β₁)η) and hovers",
+        f"eos_ratio {ratio[0]:.2f} at step {int(s[0])}, {late.min():.2f}-{late.max():.2f} from step "
+        f"{int(s[s >= min(800, s.max())][0])} to {int(s.max())}; λ_max(H)·η/2 ≤ {plain.max():.3f}",
+        fig,
+    )
+
+
 def main(argv: list[str] | None = None) -> list[Finding]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (CI)")
@@ -402,6 +459,7 @@ def main(argv: list[str] | None = None) -> list[Finding]:
         run("interpolation", lambda: interpolation(model, snapshots, data))
     run("batch_size", lambda: batch_size(args.quick))
     run("entropy_sgd", lambda: entropy_sgd(args.quick))
+    run("adam_edge_of_stability", lambda: adam_edge_of_stability(args.quick))
     print("\n| finding | paper | the paper says | measured here |\n|---|---|---|---|")
     for f in findings:
         print(f"| {f.name} | {f.paper} | {f.claim} | {f.measured} |")

@@ -27,6 +27,7 @@ def test_findings_quick(tmp_path):
         "interpolation",
         "batch_size",
         "entropy_sgd",
+        "adam_edge_of_stability",
     ]
     for name in names:
         assert (tmp_path / f"findings_{name}.png").stat().st_size > 10_000
