@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import HessianOperator, top_eigenvalues
 from lightning_landscape.curvature.stability import (
@@ -37,7 +38,7 @@ def measure_eos(
         rule = stability_rule(ctx.optimizer)
     except ValueError as err:
         ctx.warn(
-            "eos-threshold",
+            f"HessianMonitor-{key('eos-threshold')}",
             f"HessianMonitor: {err} `{key('eos_ratio')}` and `{key('eos_threshold')}` are logged "
             "as NaN.",
         )
@@ -48,10 +49,18 @@ def measure_eos(
         return out, 0
     if not monitor.preconditioned:
         ctx.warn(
-            "eos-preconditioned",
+            f"HessianMonitor-{key('eos-preconditioned')}",
             f"HessianMonitor: with {type(ctx.optimizer).__name__} the edge of stability bounds "
             "the preconditioned sharpness λ_max(P⁻¹H), which `preconditioned=False` skips; "
             f"`{key('eos_ratio')}` is logged as NaN.",
+        )
+        out[key("eos_ratio")] = math.nan
+        return out, 0
+    if is_fsdp2(ctx.module):  # the preconditioned operator needs whole, unsharded vectors
+        ctx.warn(
+            f"HessianMonitor-{key('eos-sharded')}",
+            f"HessianMonitor: the preconditioned sharpness of {type(ctx.optimizer).__name__} is "
+            f"not measured on sharded (FSDP2) models; `{key('eos_ratio')}` is logged as NaN.",
         )
         out[key("eos_ratio")] = math.nan
         return out, 0
@@ -63,13 +72,19 @@ def measure_eos(
         ctx.module,
         ctx.batches,
         hvp=monitor.hvp_choice or "auto",
+        block_hvp=monitor._block_choice,
+        memory_budget=monitor.memory_budget,
         seed=ctx.seed_for("operator"),
     )
     op = PreconditionedOperator(hessian, scale)
     op.on_matvec = lambda n: ctx.status("preconditioned Hessian, products", n)
     try:
         top = top_eigenvalues(
-            op, tol=monitor.tol, max_matvecs=monitor.max_matvecs, seed=ctx.seed_for("eos")
+            op,
+            tol=monitor.tol,
+            max_matvecs=monitor.max_matvecs,
+            seed=ctx.seed_for("eos"),
+            basis_device=monitor.basis_device,
         )
     finally:
         hessian.release()

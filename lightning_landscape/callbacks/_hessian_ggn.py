@@ -83,6 +83,8 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
             tol=monitor.tol,
             max_steps=max(monitor.max_matvecs, monitor.density_steps if monitor.density else 1),
             seed=ctx.seed_for("ggn"),
+            basis_device=monitor.basis_device,
+            probe_block=monitor.probe_block,
         )
         out: dict[str, float] = {}
         values = result.top.eigenvalues.tolist()

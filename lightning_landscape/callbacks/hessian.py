@@ -16,6 +16,7 @@ from lightning_landscape._core.checks import (
     check_positive_int,
     check_real,
 )
+from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks._errors import SetupError
@@ -271,6 +272,11 @@ class HessianMonitor(LandscapeMonitor):
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
         if self.ggn:
             _hessian_ggn.check_setup(pl_module, self.ggn_fn)
+            if is_fsdp2(pl_module):
+                raise SetupError(
+                    "HessianMonitor(ggn=True) does not support sharded (FSDP2) models: the "
+                    "Gauss-Newton products need the whole model output's Jacobian."
+                )
         if isinstance(self.per_module, list):
             names = dict(pl_module.named_modules())
             missing = [n for n in self.per_module if n not in names]

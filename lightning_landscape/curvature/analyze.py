@@ -99,9 +99,9 @@ def analyze(
             ``tol`` is not positive.
 
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
-    ``trace_probes`` (in blocks of 8) and ``(density_probes − 1) · density_steps`` products (in
-    blocks of ``density_probes − 1``). Memory, in units of P numbers: the shared run's basis
-    (its steps) plus 8 trace probes and their products, then ``(density_probes − 1) ·
+    ``trace_probes`` (in blocks of ``probe_block``) and ``(density_probes − 1) · density_steps``
+    products (in blocks of ``density_probes − 1``). Memory, in units of P numbers: the shared
+    run's basis (its steps) plus ``probe_block`` trace probes and their products, then ``(density_probes − 1) ·
     density_steps`` for the other density probes (the shared basis is freed first); the
     products add what their kind needs (:class:`HessianOperator`).
     """
