@@ -151,3 +151,17 @@ def check_floating_dtype(name: str, value: Any) -> torch.dtype:
             f"`{name}` must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}."
         )
     return dtype
+
+
+def check_batches(batches: Any) -> Sequence[Any]:
+    """``batches`` itself, if it is a non-empty sequence of batches (a tensor is not).
+
+    Raises:
+        TypeError: if it is not a sequence, or is a tensor.
+        ValueError: if it is empty.
+    """
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Sequence):
+        raise TypeError(f"`batches` must be a sequence of batches, got {type(batches).__name__}.")
+    if len(batches) == 0:
+        raise ValueError("`batches` is empty.")
+    return batches

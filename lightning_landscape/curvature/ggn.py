@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size
-from lightning_landscape._core.checks import check_bool, check_callable, check_int
+from lightning_landscape._core.checks import check_batches, check_bool, check_callable, check_int
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import flatten, resolve_params
 from lightning_landscape.curvature import hvp as _hvp
@@ -152,12 +152,7 @@ class GGNOperator(LinearOperator):
         super().__init__()
         check_callable("model_fn", model_fn)
         check_loss(loss)
-        if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
-            raise TypeError(
-                f"`batches` must be a sequence of batches, got {type(batches).__name__}."
-            )
-        if len(batches) == 0:
-            raise ValueError("`batches` is empty.")
+        check_batches(batches)
         check_bool("cache", cache)
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, mean_gradient
-from lightning_landscape._core.checks import check_callable, check_int, check_real
+from lightning_landscape._core.checks import check_batches, check_callable, check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import auto as _auto
@@ -144,12 +144,7 @@ class HessianOperator(LinearOperator):
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
         if block_hvp not in (None, *EXACT):
             raise ValueError(f"`block_hvp` must be None or one of {EXACT}, got {block_hvp!r}.")
-        if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
-            raise TypeError(
-                f"`batches` must be a sequence of batches, got {type(batches).__name__}."
-            )
-        if len(batches) == 0:
-            raise ValueError("`batches` is empty.")
+        check_batches(batches)
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         if memory_budget is not None and not (memory_budget == math.inf):

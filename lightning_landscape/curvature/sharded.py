@@ -36,7 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.checks import check_callable, check_int, check_positive
+from lightning_landscape._core.checks import (
+    check_batches,
+    check_callable,
+    check_int,
+    check_positive,
+)
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp import FSDPBatches, reshard_all
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
@@ -100,12 +105,7 @@ class ShardedHessianOperator(LinearOperator):
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
-        if isinstance(batches, Tensor) or not isinstance(batches, Sequence):
-            raise TypeError(
-                f"`batches` must be a sequence of batches, got {type(batches).__name__}."
-            )
-        if len(batches) == 0:
-            raise ValueError("`batches` is empty.")
+        check_batches(batches)
         check_int("seed", seed)
         reshard_all(module)  # parameters left unsharded by a forward are plain tensors
         named = {id(p): n for n, p in module.named_parameters()}
