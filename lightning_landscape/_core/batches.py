@@ -49,9 +49,17 @@ def _first_tensor(obj: Any) -> Tensor | None:
 def batch_sizes(
     batches: Sequence[Any], batch_size_fn: Callable[[Any], int] | None = None
 ) -> list[int]:
-    """The size of each batch (``batch_size_fn`` or :func:`default_batch_size`)."""
+    """The size of each batch (``batch_size_fn`` or :func:`default_batch_size`).
+
+    Raises:
+        ValueError: if a size is not positive (or cannot be inferred).
+    """
     size_fn = batch_size_fn or default_batch_size
-    return [int(size_fn(b)) for b in batches]
+    sizes = [int(size_fn(b)) for b in batches]
+    for i, n in enumerate(sizes):
+        if n < 1:
+            raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
+    return sizes
 
 
 def flat_grad(

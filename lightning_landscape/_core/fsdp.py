@@ -57,9 +57,6 @@ class FSDPBatches:
     ) -> None:
         self.module, self.batches, self.world = module, list(batches), int(world)
         self.sizes = batch_sizes(self.batches, batch_size_fn)
-        for i, n in enumerate(self.sizes):
-            if n < 1:
-                raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
         self.distributed = is_distributed()
         rank, size = (
             (torch.distributed.get_rank(), torch.distributed.get_world_size())

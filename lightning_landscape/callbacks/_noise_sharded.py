@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import flatten
+from lightning_landscape.callbacks._noise_step import trainable_params
 
 
 class ShardedGradientSteps:
@@ -43,12 +44,7 @@ class ShardedGradientSteps:
 
     def attach(self, param_groups: Iterable[dict[str, Any]], world: int) -> None:
         """Read the distinct parameters that require grad (nothing if there is none)."""
-        seen: set[int] = set()
-        for group in param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self.params.append(p)
+        self.params.extend(trainable_params(param_groups))
         self.world = int(world)
         self.attached = bool(self.params)
 

@@ -17,6 +17,18 @@ from torchmetrics import Metric
 from lightning_landscape.landscape.noise import temperature
 
 
+def trainable_params(param_groups: Iterable[dict[str, Any]]) -> list[Tensor]:
+    """The distinct parameters that require grad, in the optimizer's order."""
+    seen: set[int] = set()
+    out = []
+    for group in param_groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def _temperature(lr: float, batch: float, momentum: float = 0.0, dampening: float = 0.0) -> float:
     """:func:`~lightning_landscape.landscape.noise.temperature`, NaN where it is undefined (a group
     without ``lr``, momentum ≥ 1)."""
@@ -95,12 +107,7 @@ class GradientHooks:
 
     def attach(self, param_groups: Iterable[dict[str, Any]]) -> None:
         """Hook every distinct parameter that requires grad (nothing if there is none)."""
-        seen: set[int] = set()
-        for group in param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self.params.append(p)
+        self.params.extend(trainable_params(param_groups))
         if not self.params:
             return
         device = self.params[0].device

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.batches import default_batch_size, mean_gradient
+from lightning_landscape._core.batches import batch_sizes, default_batch_size, mean_gradient
 from lightning_landscape._core.checks import check_batches, check_callable, check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import resolve_params
@@ -165,10 +165,7 @@ class HessianOperator(LinearOperator):
         self.seed = int(seed)
         self.distributed = is_distributed(distributed)
         self._size_fn = batch_size_fn or default_batch_size
-        self.batch_sizes = [int(self._size_fn(b)) for b in self.batches]
-        for i, n in enumerate(self.batch_sizes):
-            if n < 1:
-                raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
+        self.batch_sizes = batch_sizes(self.batches, self._size_fn)
         first = self.params[0]
         self.dtype = first.dtype
         self.device = first.device
