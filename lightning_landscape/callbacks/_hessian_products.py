@@ -58,9 +58,10 @@ def record_choice(monitor: Any, op: Any) -> None:
     monitor.hvp_choice, monitor.hvp_reason = op.hvp_choice, op.hvp_reason
     monitor._block_choice = op.block_choice if op.exact else None
     if op.exact:  # the fallback to finite differences has warned already
+        pieces = f"; on {op.plan.reason}" if op.plan is not None and op.plan.reason else ""
         rank_zero_info(
             f"HessianMonitor: Hessian-vector products by {op.hvp_choice!r} "
-            f"(hvp='auto': {op.hvp_reason})."
+            f"(hvp='auto': {op.hvp_reason}){pieces}."
         )
 
 
