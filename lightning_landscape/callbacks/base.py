@@ -10,7 +10,6 @@ figures. Subclasses implement :meth:`LandscapeMonitor.measure` on a
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -93,6 +92,10 @@ class LandscapeMonitor(Callback):
     upcast to float32; torch.compile'd code runs eagerly, cuDNN is off for CUDA RNNs and
     Hessian-vector products route attention through its math kernel
     (:mod:`lightning_landscape.curvature.kernels`).
+
+    The subclasses take these arguments as ``**kwargs`` and pass them on with
+    ``super().__init__(**kwargs)``: LightningCLI (jsonargparse) reads that call and lists them,
+    with their types and defaults, among each subclass's own.
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -340,11 +343,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-
-def base_arguments(values: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`LandscapeMonitor` arguments among a subclass constructor's ``locals()``: the
-    subclasses spell them out in their own signatures (for LightningCLI and YAML) and pass them
-    on with ``super().__init__(**base_arguments(locals()))``."""
-    names = list(inspect.signature(LandscapeMonitor.__init__).parameters)[1:]
-    return {name: values[name] for name in names}

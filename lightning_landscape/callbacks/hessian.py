@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,8 +20,7 @@ from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks._errors import SetupError
-from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.operator import KINDS, HVPMode
 from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
@@ -108,8 +107,9 @@ class HessianMonitor(LandscapeMonitor):
             should be the training loss; the first measurement warns once if it is not.
         preconditioned: for an adaptive optimizer (Adam, AdamW) also the preconditioned
             sharpness λ_max(P⁻¹H), which ``hessian/eos_ratio`` needs.
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
-            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        **kwargs: the arguments every monitor takes, passed on: ``epochs``, ``every_n_epochs``,
+            ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
+            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -191,17 +191,9 @@ class HessianMonitor(LandscapeMonitor):
         ggn_fn: Callable[[pl.LightningModule, Any], tuple[Tensor, Tensor]] | None = None,
         ggn_loss: LossKind | OutputLoss = "cross_entropy",
         preconditioned: bool = True,
-        epochs: Iterable[int] | None = None,
-        every_n_epochs: int | None = None,
-        every_n_steps: int | None = None,
-        num_batches: int = 4,
-        dataloader: Iterable | None = None,
-        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        mode: Mode = "eval",
-        seed: int = 0,
-        prefix: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**base_arguments(locals()))
+        super().__init__(**kwargs)
         for name, value in (
             ("top_k", top_k),
             ("max_matvecs", max_matvecs),
