@@ -52,6 +52,7 @@ def make_operator(
         hvp=kind,
         block_hvp=blocks,
         memory_budget=monitor.memory_budget,
+        micro_batch_size=monitor.micro_batch_size,
         seed=seed,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")

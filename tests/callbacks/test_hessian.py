@@ -278,10 +278,40 @@ def test_explicit_kinds_match_the_oracle(tmp_path, kw):
     assert abs(got["hessian/trace"] - float(eig.sum())) <= 3 * got["hessian/trace_stderr"] + 1e-6
 
 
+def test_products_on_pieces_match_the_oracle_and_are_stated(tmp_path, caplog):
+    """A budget too small for a whole batch's product: batches of 7 and 13 are cut into pieces
+    (eval mode, a mean loss: the same matrix), said once in the log with the kind."""
+    data = random_classes()
+    fixed = [
+        (data.tensors[0][:7], data.tensors[1][:7]),
+        (data.tensors[0][7:20], data.tensors[1][7:20]),
+    ]
+    mon = HessianMonitor(
+        epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, memory_budget=3000
+    )
+    model = Classifier(bn=True, dropout=0.3)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    said = [
+        r.getMessage() for r in caplog.records if "Hessian-vector products by" in r.getMessage()
+    ]
+    assert len(said) == 1 and "on pieces of at most" in said[0]
+    model.eval()
+    eig = torch.linalg.eigvalsh(
+        dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    )
+    for i in range(2):
+        got = mon.history[-1][f"hessian/eigenvalue_{i + 1}"]
+        assert got == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"top_k": 0}, ValueError, "`top_k` must be a positive int"),
+        ({"micro_batch_size": 0}, ValueError, "`micro_batch_size` must be a positive int"),
         ({"tol": 2.0}, ValueError, "`tol` must be a number in"),
         ({"trace": "yes"}, TypeError, "`trace` must be a bool"),
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
