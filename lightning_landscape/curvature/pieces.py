@@ -31,9 +31,9 @@ from torch import Tensor
 
 from lightning_landscape._core.batches import batch_sizes, flat_grad
 from lightning_landscape._core.checks import check_int
-from lightning_landscape.curvature.cache import SavedBytes
+from lightning_landscape.curvature.cache import FLOOR, SavedBytes
 
-__all__ = ["PRODUCT_FACTOR", "Plan", "choose", "plan", "split_batch", "split_batches"]
+__all__ = ["FLOOR", "PRODUCT_FACTOR", "Plan", "choose", "plan", "split_batch", "split_batches"]
 
 #: An exact product's peak memory over its gradient graph's saved bytes (the graph plus the
 #: second backward's temporaries). Measured on CPU (peak resident set of one double-backward
@@ -41,8 +41,6 @@ __all__ = ["PRODUCT_FACTOR", "Plan", "choose", "plan", "split_batch", "split_bat
 #: 1.87 on a 2-layer causal Transformer with math attention (64 x 64 tokens): the largest, about.
 PRODUCT_FACTOR = 3.0
 SLICE = 8  # the graph is measured on 1/SLICE of the first batch, then scaled
-#: The default budget is at least this many bytes: below it, cutting saves nothing that matters.
-FLOOR = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,8 @@ def plan(
     size_fn: Callable[[Any], int],
 ) -> Plan:
     """The piece size for products within ``budget`` bytes (None: one training step, at least
-    :data:`FLOOR`; math.inf: whole batches). Runs inside :func:`~.hvp.guard` (the forwards draw the products' masks)."""
+    :data:`FLOOR`; math.inf: whole batches). Runs inside :func:`~.hvp.guard` (the forwards draw
+    the products' masks)."""
     n = sizes[0]
     m = max(1, math.ceil(n / SLICE))
     head = split_batch(batches[0], n, m)[0] if n > m else batches[0]
