@@ -173,8 +173,9 @@ def plan(
         return Plan(0, graph, step, limit, "")
     if not gap <= tol:
         return Plan(0, graph, step, limit, (
-            f"whole batches, above the memory budget: the loss is not a mean over independent samples (a batch's loss "
-            f"differs from its pieces' mean by {gap:.2g}, relative), so its products take about "
+            f"whole batches, above the memory budget: the loss is not a mean over independent "
+            f"samples (a batch's loss differs from its pieces' mean by {gap:.2g}, relative), so "
+            f"its products take about "
             f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB over memory_budget {limit / 2**20:.3g} MiB"
         ))  # fmt: skip
     reason = (
