@@ -159,8 +159,17 @@ class LandscapeMonitor(Callback):
         return f"{self.prefix}/{name}"
 
     def nan_metrics(self) -> dict[str, float]:
-        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`."""
-        return dict.fromkeys(self.metric_keys(), math.nan)
+        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`, and
+        for every other key an earlier measurement of this monitor returned (those logged only
+        in some runs: ``hvp_error`` with finite differences, ``fd_error`` on sharded models,
+        ``preconditioned_eigenvalue_1`` with Adam), the wall times apart."""
+        seen = [
+            k
+            for row in self.history
+            for k in row
+            if k.startswith(f"{self.prefix}/") and not k.endswith("seconds")
+        ]
+        return dict.fromkeys([*self.metric_keys(), *seen], math.nan)
 
     def summary_rows(self) -> list[dict[str, float]]:
         """The rows this monitor adds to the end-of-fit summary."""
