@@ -179,7 +179,8 @@ def plan(
             f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB over memory_budget {limit / 2**20:.3g} MiB"
         ))  # fmt: skip
     reason = (
-        f"pieces of at most {piece} samples (a product on a whole batch would take about "
+        f"pieces of at most {piece} sample{'s' if piece > 1 else ''} (a product on a whole "
+        f"batch would take about "
         f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB; memory_budget {limit / 2**20:.3g} MiB)"
     )
     return Plan(piece, graph, step, limit, reason)

@@ -383,13 +383,15 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     init = {k: v.clone() for k, v in model.state_dict().items()}
     kw = {"epochs": [0], "top_k": 2, "num_batches": 3, "tol": 1e-8, "trace_probes": 20, "seed": 11}
     mon = RecordingHessianMonitor(out, **kw)
+    # the same measurement with products on pieces of each rank's batches (a tiny budget)
+    cut = RecordingHessianMonitor(f"{out}.pieces", prefix="pieces", memory_budget=2000, **kw)
     t = pl.Trainer(
         max_epochs=1,
         max_steps=1,
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[mon],
+        callbacks=[mon, cut],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -423,6 +425,9 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     )
     assert m["hessian/trace"] == pytest.approx(ref.trace.estimate, rel=1e-9)
     assert m["hessian/num_matvecs"] == ref.num_matvecs
+    pieces = torch.load(f"{out}.pieces")
+    for name in ("eigenvalue_1", "eigenvalue_2", "min_eigenvalue", "trace", "num_matvecs"):
+        assert pieces[f"pieces/{name}"] == pytest.approx(m[f"hessian/{name}"], rel=1e-9), name
 
 
 def test_persistent_workers_loader_is_not_disturbed(tmp_path):
