@@ -46,6 +46,8 @@ CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
                            {"top_k": 3, "trace": True, "density": True}),
     "probe_block1": ("defaults with probe_block=1 (trace probes one at a time)",
                      {"probe_block": 1}),
+    "whole": ("defaults with micro_batch_size=None (products on whole batches)",
+              {"micro_batch_size": None}),
     "fd": ("defaults with hvp='finite_difference'", {"hvp": "finite_difference"}),
 }  # fmt: skip
 
