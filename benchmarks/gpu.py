@@ -10,10 +10,14 @@ says otherwise) it prints markdown tables of
   with momentum), with the peak memory of the step (``torch.cuda.max_memory_allocated``);
 - the time of one Hessian-vector product of every kind the engine offers
   (``typing.get_args(HVPMode)``), single and per product in blocks of 8, over the gradient's;
-- the peak memory of each measurement (top-1; the HessianMonitor's defaults; top-3 + trace;
-  + density; and the monitor itself in a short Lightning fit), over the training step's;
-- λ_max to 1e-4 against PyHessian (power iteration, its ``tol=1e-4``) on the same samples: wall
-  time, products, and each one's error against a tightly converged Lanczos reference;
+- the peak memory of each measurement (top-1, also on whole batches; the HessianMonitor's
+  defaults; top-3 + trace; + density; the monitor itself in a short Lightning fit), over the
+  training step's, with the operator's ``plan`` (how it cut the batches);
+- λ_max against PyHessian (power iteration, its ``tol=1e-4``) on the same samples: ours as a
+  fit's first measurement (``"auto"`` tries the kinds) and as its later ones (the kind decided;
+  ``tol`` 1e-4, 1e-3, 1e-2), with wall time, products and errors against a tightly converged
+  reference; the target takes our fastest row at PyHessian's error or better
+  (``benchmarks/gpu_lambda.py``);
 - the trace at equal products (ours and PyHessian's Hutchinson, with standard errors), the
   density (PyHessian's only where its ``density()`` runs), and the ResNet ratios with TF32.
 
@@ -50,6 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 from cost import CountProducts, wall_times  # noqa: E402
+from gpu_lambda import DECIDED, TRIAL, LambdaRows, decided_label  # noqa: E402
 from gpu_models import (  # noqa: E402
     GPT,
     ResNet18,
@@ -58,13 +63,12 @@ from gpu_models import (  # noqa: E402
     language_loss,
     token_batches,
 )
-from gpu_report import Report, describe, fmt, is_oom, ratio  # noqa: E402
+from gpu_report import Report, describe, fmt, is_oom, plan_note, ratio  # noqa: E402
 
 from lightning_landscape.curvature import (  # noqa: E402
     HessianOperator,
     analyze,
     spectral_density,
-    top_eigenvalues,
     trace,
 )
 from lightning_landscape.curvature import operator as _operator  # noqa: E402
@@ -193,7 +197,7 @@ def pyhessian_density_works(pyhessian) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the runner
-class Bench:
+class Bench(LambdaRows):
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         self.args = args
         self.cfg = SMOKE if args.smoke else FULL
@@ -315,8 +319,8 @@ class Bench:
         """Median wall time of ``fn`` after one warm-up run, synchronized."""
         return statistics.median(wall_times(fn, repeats, self.meter.sync))
 
-    def make_op(self, m: Model, kind: str | None = None) -> HessianOperator:
-        kwargs = dict(self.op_defaults)
+    def make_op(self, m: Model, kind: str | None = None, **overrides) -> HessianOperator:
+        kwargs = {**self.op_defaults, **overrides}
         if kind is not None:
             kwargs["hvp"] = kind
         return HessianOperator(m.loss, m.model, m.batches, **kwargs)
@@ -438,7 +442,8 @@ class Bench:
         chosen = {
             k: val for k, val in vars(op).items() if isinstance(val, str) and before.get(k) != val
         }
-        notes = ", ".join(f"{k}={val!r}" for k, val in chosen.items())
+        plan = plan_note(op)
+        notes = ", ".join([f"{k}={val!r}" for k, val in chosen.items()] + [plan[0]] * bool(plan[0]))
         diff = None
         if "ref" in store and not tf32_on:
             diff = float((hv - store["ref"][1]).norm() / store["ref"][1].norm())
@@ -470,12 +475,12 @@ class Bench:
                  per_gradient=t_one / t_grad if t_grad else None,
                  block_ms=1e3 * t_block if t_block else None,
                  block_per_gradient=t_block / t_grad if t_block and t_grad else None,
-                 peak=peak, block_peak=block_peak, rel_diff=diff, notes=notes,
+                 peak=peak, block_peak=block_peak, rel_diff=diff, notes=notes, plan=plan[1],
                  block_note=block_note),
         )  # fmt: skip
 
-    def measurement(self, m: Model, label: str, kwargs: dict) -> None:
-        op = self.make_op(m)
+    def measurement(self, m: Model, label: str, kwargs: dict, **op_kwargs) -> None:
+        op = self.make_op(m, **op_kwargs)
         self.meter.reset_peak()
         t0 = time.perf_counter()
         r = analyze(op, seed=0, **kwargs)
@@ -487,7 +492,7 @@ class Bench:
         lam = float(r.top.eigenvalues[0])
         if not math.isfinite(lam):
             raise FloatingPointError("the measurement returned NaN")
-        extra = []
+        extra = [plan_note(op)[0]]
         if r.trace is not None:
             extra.append(f"trace {r.trace.estimate:.4g} ± {r.trace.stderr:.2g}")
         if r.smallest is not None:
@@ -495,10 +500,10 @@ class Bench:
         self.report.add(
             m.key, "memory",
             [label, fmt(peak, "gib"), ratio(peak, m.train_peak), r.num_matvecs, fmt(wall, ".1f"),
-             fmt(lam, ".6g"), "yes" if r.top.converged else "no", "; ".join(extra)],
+             fmt(lam, ".6g"), "yes" if r.top.converged else "no", "; ".join(x for x in extra if x)],
             dict(label=label, peak=peak, per_train_step=peak / m.train_peak if peak and m.train_peak else None,
                  products=r.num_matvecs, seconds=wall, lambda_max=lam, converged=r.top.converged,
-                 kwargs={k: repr(v) for k, v in kwargs.items()}),
+                 kwargs={k: repr(v) for k, v in {**kwargs, **op_kwargs}.items()}, plan=plan_note(op)[1]),
         )  # fmt: skip
 
     def in_trainer(self, m: Model, label: str) -> None:
@@ -536,50 +541,6 @@ class Bench:
                  metrics=metrics),
         )  # fmt: skip
 
-    def reference(self, m: Model, label: str) -> None:
-        op = self.make_op(m)
-        t0 = time.perf_counter()
-        r = top_eigenvalues(op, 1, tol=self.cfg["ref_tol"], max_matvecs=min(self.cfg["ref_cap"][m.key], m.dim), seed=12345)  # fmt: skip
-        self.meter.sync()
-        wall = time.perf_counter() - t0
-        if hasattr(op, "release"):
-            op.release()
-        lam, res = float(r.eigenvalues[0]), float(r.residuals[0])
-        if not math.isfinite(lam):
-            raise FloatingPointError("the reference returned NaN")
-        m.ref = dict(lambda_max=lam, residual=res, converged=r.converged)
-        self.report.add(
-            m.key, "lambda",
-            [label, r.num_matvecs, fmt(wall, ".1f"), fmt(lam, ".8g"), "0 (reference)", "",
-             f"residual bound {res / abs(lam):.1e} (relative); converged: {r.converged}"],
-            dict(label=label, products=r.num_matvecs, seconds=wall, **m.ref),
-        )  # fmt: skip
-
-    def error(self, m: Model, lam: float) -> float | None:
-        return abs(lam - m.ref["lambda_max"]) / abs(m.ref["lambda_max"]) if m.ref else None
-
-    def ours_lambda(self, m: Model, label: str) -> None:
-        self.meter.reset_peak()
-        t0 = time.perf_counter()
-        op = self.make_op(m)  # construction and graph building are part of the wall time
-        r = top_eigenvalues(op, 1, tol=1e-4, seed=0)
-        self.meter.sync()
-        wall = time.perf_counter() - t0
-        peak = self.meter.peak()
-        if hasattr(op, "release"):
-            op.release()
-        lam = float(r.eigenvalues[0])
-        err = self.error(m, lam)
-        m.info["ours_lambda_seconds"] = wall
-        m.info["ours_lambda_error"] = err
-        self.report.add(
-            m.key, "lambda",
-            [label, r.num_matvecs, fmt(wall, ".2f"), fmt(lam, ".8g"), fmt(err, ".1e"), fmt(peak, "gib"),
-             f"kind {self.default_kind!r}, converged: {r.converged}"],
-            dict(label=label, products=r.num_matvecs, seconds=wall, lambda_max=lam, rel_error=err,
-                 peak=peak, converged=r.converged),
-        )  # fmt: skip
-
     def pyhessian_run(self, m: Model, one_batch: bool, work: Callable):
         """Run ``work(h)`` on PyHessian's ``hessian`` of a deep copy of the model (it leaves
         the model in eval mode with graphs on .grad); returns (value, products, seconds, peak)."""
@@ -614,28 +575,6 @@ class Bench:
             for p in peer.parameters():
                 p.grad = None
             del peer
-
-    def pyhessian_lambda(self, m: Model, label: str, one_batch: bool) -> None:
-        iters = self.cfg["pyhessian_iters"]
-        values, count, wall, peak = self.pyhessian_run(
-            m, one_batch, lambda h: h.eigenvalues(maxIter=iters, tol=1e-4)[0]
-        )
-        lam = float(values[0])
-        err = self.error(m, lam)
-        ours = m.info.get("ours_lambda_seconds")
-        mode = (
-            "one batch of all samples (graph kept)"
-            if one_batch
-            else "the same batches (dataloader)"
-        )
-        self.report.add(
-            m.key, "lambda",
-            [label, count, fmt(wall, ".2f"), fmt(lam, ".8g"), fmt(err, ".1e"), fmt(peak, "gib"),
-             f"{mode}; maxIter {iters}{' (reached)' if count >= iters else ''}; ours / this wall: {ratio(ours, wall)}"],
-            dict(label=label, products=count, seconds=wall, lambda_max=lam, rel_error=err, peak=peak,
-                 one_batch=one_batch, ours_over_pyhessian=ours / wall if ours else None,
-                 ours_rel_error=m.info.get("ours_lambda_error")),
-        )  # fmt: skip
 
     def trace_row(self, m: Model, label: str, method: str | None) -> None:
         M = self.monitor["trace_probes"]
@@ -751,8 +690,15 @@ class Bench:
         ]
         plan += [
             ("memory", "top-1", measure(1, False, False, False), 30),
+            ("memory", "top-1, whole batches (micro_batch_size=None)",
+             lambda lab: self.measurement(m, lab, self.analyze_kwargs(1, False, False, False),
+                                          micro_batch_size=None), 30),
             ("lambda", "reference: ours, tol 1e-6", lambda lab: self.reference(m, lab), 60),
-            ("lambda", "ours: top_eigenvalues(tol=1e-4)", lambda lab: self.ours_lambda(m, lab), 30),
+            ("lambda", TRIAL, lambda lab: self.ours_lambda(m, lab), 30),
+        ]  # fmt: skip
+        plan += [("lambda", decided_label(t), lambda lab, x=x: self.ours_decided(m, lab, x), 30)
+                 for t, x in DECIDED]  # fmt: skip
+        plan += [
             ("lambda", "PyHessian eigenvalues(tol=1e-4) on one batch",
              lambda lab: self.pyhessian_lambda(m, lab, True), iters / 2),
             ("memory", f"HessianMonitor defaults ({top})",
