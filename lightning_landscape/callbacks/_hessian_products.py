@@ -1,7 +1,7 @@
 """HessianMonitor's products: the operator of each measurement, and the kind ``hvp="auto"``
 chose, kept for the rest of the fit and stated once.
 
-Under FSDP2 (``ModelParallelStrategy``) the operator is a
+Under FSDP2 (``ModelParallelStrategy``) and FSDP (v1) (``FSDPStrategy``) the operator is a
 :class:`~lightning_landscape.curvature.ShardedHessianOperator` (shards, finite differences);
 otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monitor's kind.
 """
@@ -14,17 +14,17 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import HessianOperator, ShardedHessianOperator, analyze
 
 
 def make_operator(monitor: Any, ctx: MeasureContext, params: Any, seed: int):
     """An operator of the kind of this fit (``"auto"`` until the first one has chosen)."""
-    if is_fsdp2(ctx.module):
+    sharded = ctx.sharded_module
+    if sharded is not None:
         return ShardedHessianOperator(
             ctx.loss_fn,
-            ctx.module,
+            sharded,
             ctx.batches,
             params=None if params is ctx.module else params,
             step=monitor.fd_step,
