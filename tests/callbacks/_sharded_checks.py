@@ -25,10 +25,13 @@ from lightning_landscape import (
     TrajectoryMonitor,
 )
 from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape._core.sharding import flat_parameters
+from lightning_landscape._core.space import space_of
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks.base import MeasureContext
-from lightning_landscape.curvature import dense_hessian
+from lightning_landscape.curvature import dense_hessian, top_eigenvalues
+from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.landscape.noise import micro_batch_estimates
 
 WORLD = 2
@@ -225,6 +228,27 @@ def _context(model, record, seed, union):
     params = list(model.parameters())
     loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
     return MeasureContext(model, union, loss, params=params, seed=seed, step=record["step"])
+
+
+def share(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the data for a sharded operator by hand: two batches of 7."""
+    mine = dataset()[rank * 21 : rank * 21 + 21]
+    return [tuple(t[i : i + 7] for t in mine) for i in (0, 7)]
+
+
+def engine(op, top_k: int):
+    """The record of the engine on a sharded operator (its whole weights, batches, top
+    eigenvalues and a 6-step Lanczos basis from ``top_k`` vectors) and its top eigenpairs."""
+    top = top_eigenvalues(op, top_k, tol=1e-6, seed=1)
+    run = lanczos(op, space_of(op).draw(gaussian, (top_k, op.dim), make_generator(2)), 6,
+                  generator=make_generator(3))  # fmt: skip
+    record = {
+        "weights": whole_params(op.module),
+        "batches": op.batches,
+        "top": top.eigenvalues,
+        "basis": (tuple(run.basis.shape), run.alphas),
+    }
+    return record, top
 
 
 def save_shards(out: str, rank: int, plain: nn.Module, watched: nn.Module) -> None:

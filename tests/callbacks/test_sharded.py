@@ -25,7 +25,6 @@ from lightning_landscape import (
     TrajectoryMonitor,
 )
 from lightning_landscape._core.random import gaussian, make_generator
-from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature import (
     HessianOperator,
     ShardedHessianOperator,
@@ -35,23 +34,8 @@ from lightning_landscape.curvature import (
 )
 from lightning_landscape.curvature.lanczos import lanczos
 
-from ._sharded_checks import (
-    ACCUMULATE,
-    WORLD,
-    check_bit_identical,
-    check_hessian,
-    check_noise,
-    check_sharpness,
-    check_trajectory,
-    dataset,
-    free_port,
-    load_weights,
-    monitors,
-    plain_net,
-    save_shards,
-    set_env,
-    whole_params,
-)
+from . import _sharded_checks as checks
+from ._sharded_checks import WORLD
 
 
 class ShardedNet(pl.LightningModule):
@@ -85,7 +69,7 @@ def _fit(callbacks, out=None):
     model = ShardedNet()
     trainer = pl.Trainer(
         max_steps=4,
-        accumulate_grad_batches=ACCUMULATE,
+        accumulate_grad_batches=checks.ACCUMULATE,
         accelerator="cpu",
         devices=WORLD,
         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
@@ -95,47 +79,41 @@ def _fit(callbacks, out=None):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, DataLoader(dataset(), batch_size=8, shuffle=False))
+    trainer.fit(model, DataLoader(checks.dataset(), batch_size=8, shuffle=False))
     return model
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    set_env(rank, port)
+    checks.set_env(rank, port)
     plain = _fit([])
-    watched = _fit(monitors(out, tol=1e-6, fd_step=1e-3))
-    save_shards(out, rank, plain, watched)
+    watched = _fit(checks.monitors(out, tol=1e-6, fd_step=1e-3))
+    checks.save_shards(out, rank, plain, watched)
     torch.save(_engine(watched, rank), os.path.join(out, f"engine-{rank}.pt"))
 
 
 def _engine(model, rank):
     """The curvature engine on the trained sharded model and this rank's share of fixed
     batches: the algorithms whose reductions the monitors do not exercise."""
-    mine = [tuple(t[i : i + 7] for t in dataset()[rank * 21 : rank * 21 + 21]) for i in (0, 7)]
-    op = ShardedHessianOperator(lambda b: F.cross_entropy(model.net(b[0]), b[1]), model, mine)
-    top = top_eigenvalues(op, 2, tol=1e-6, seed=1)
-    run = lanczos(op, space_of(op).draw(gaussian, (2, op.dim), make_generator(2)), 6,
-                  generator=make_generator(3))  # fmt: skip
-    return {
-        "weights": whole_params(model),
-        "batches": mine,
-        "top": top.eigenvalues,
+    loss = lambda b: F.cross_entropy(model.net(b[0]), b[1])  # noqa: E731
+    op = ShardedHessianOperator(loss, model, checks.share(rank))
+    record, _ = checks.engine(op, 2)
+    return record | {
         "hutch++": trace(op, num_matvecs=9, method="hutch++", seed=4).estimate,
         "hutchinson": trace(op, num_matvecs=4, method="hutchinson", seed=4).estimate,
         "density": spectral_density(op, num_probes=2, num_steps=5, seed=5).nodes,
-        "basis": (tuple(run.basis.shape), run.alphas),
     }
 
 
 @pytest.mark.distributed
 def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
     out = str(tmp_path)
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(checks.free_port(), out), nprocs=WORLD, join=True)
 
-    assert check_bit_identical(out) == [33, 20]  # of 53
+    assert checks.check_bit_identical(out) == [33, 20]  # of 53
 
     # the engine on shards: the same as on whole vectors, the basis 1/world of them per rank
     eng = [torch.load(os.path.join(out, f"engine-{r}.pt"), weights_only=False) for r in range(2)]
-    model = load_weights(plain_net(), eng[0]["weights"])
+    model = checks.load_weights(checks.plain_net(), eng[0]["weights"])
     union = [b for r in range(WORLD) for b in eng[r]["batches"]]
     exact = HessianOperator(lambda b: F.cross_entropy(model(b[0]), b[1]), model, union)
     run = lanczos(exact, gaussian((2, exact.dim), make_generator(2), exact.dtype, exact.device), 6,
@@ -152,11 +130,11 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
         assert torch.allclose(e["basis"][1], run.alphas, rtol=1e-7, atol=1e-10)
 
     # the float64 dense oracle of the unsharded model, single-process replays, on the union
-    hessian = check_hessian(out)
+    hessian = checks.check_hessian(out)
     assert hessian["fd_step"] == 1e-3 and 0 < hessian["fd_error"] < 1e-4 * abs(hessian["top"])
-    check_sharpness(out)
-    check_trajectory(out)
-    check_noise(out)
+    checks.check_sharpness(out)
+    checks.check_trajectory(out)
+    checks.check_noise(out)
 
 
 def test_strategy_refusals_name_the_way_out():

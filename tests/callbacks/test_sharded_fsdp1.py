@@ -25,30 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_landscape._core.fsdp1 import through
-from lightning_landscape._core.random import gaussian, make_generator
-from lightning_landscape._core.space import space_of
-from lightning_landscape.curvature import ShardedHessianOperator, dense_hessian, top_eigenvalues
-from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature import ShardedHessianOperator, dense_hessian
 
-from ._sharded_checks import (
-    ACCUMULATE,
-    WORLD,
-    check_bit_identical,
-    check_hessian,
-    check_noise,
-    check_sharpness,
-    check_trajectory,
-    cpu_fsdp_strategy,
-    dataset,
-    float64_precision,
-    free_port,
-    load_weights,
-    monitors,
-    plain_net,
-    save_shards,
-    set_env,
-    whole_params,
-)
+from . import _sharded_checks as checks
+from ._sharded_checks import WORLD
 
 
 class Hidden(nn.Linear):
@@ -76,25 +56,27 @@ def _fit(callbacks) -> nn.Module:
     """The FSDP wrapper of the trained module."""
     trainer = pl.Trainer(
         max_steps=4,
-        accumulate_grad_batches=ACCUMULATE,
+        accumulate_grad_batches=checks.ACCUMULATE,
         accelerator="cpu",
         devices=WORLD,
-        strategy=cpu_fsdp_strategy(auto_wrap_policy={Hidden}, precision_plugin=float64_precision()),
+        strategy=checks.cpu_fsdp_strategy(
+            auto_wrap_policy={Hidden}, precision_plugin=checks.float64_precision()
+        ),
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(FSDP1Net(), DataLoader(dataset(), batch_size=8, shuffle=False))
+    trainer.fit(FSDP1Net(), DataLoader(checks.dataset(), batch_size=8, shuffle=False))
     return trainer.strategy.model
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    set_env(rank, port)
+    checks.set_env(rank, port)
     plain = _fit([])
-    watched = _fit(monitors(out, tol=1e-6))
-    save_shards(out, rank, plain, watched)
+    watched = _fit(checks.monitors(out, tol=1e-6))
+    checks.save_shards(out, rank, plain, watched)
     torch.save(_engine(watched, rank), os.path.join(out, f"engine-{rank}.pt"))
 
 
@@ -102,42 +84,35 @@ def _engine(wrapper, rank):
     """The sharded operator by hand on the FSDP wrapper (the loss through its forward), this
     rank's share of fixed batches."""
     module = wrapper.module
-    mine = [tuple(t[i : i + 7] for t in dataset()[rank * 21 : rank * 21 + 21]) for i in (0, 7)]
     loss = through(wrapper, module, lambda b: F.cross_entropy(module.net(b[0]), b[1]))
-    op = ShardedHessianOperator(loss, wrapper, mine)
-    top = top_eigenvalues(op, 1, tol=1e-6, seed=1)
-    run = lanczos(op, space_of(op).draw(gaussian, (1, op.dim), make_generator(2)), 6,
-                  generator=make_generator(3))  # fmt: skip
-    return {
-        "weights": whole_params(wrapper),
-        "batches": mine,
-        "top": float(top.eigenvalues[0]),
-        "fd_error": op.finite_difference_error(top.eigenvectors[:, 0], top.eigenvalues[0]),
-        "basis": tuple(run.basis.shape),
+    op = ShardedHessianOperator(loss, wrapper, checks.share(rank))
+    record, top = checks.engine(op, 1)
+    return record | {
+        "fd_error": op.finite_difference_error(top.eigenvectors[:, 0], top.eigenvalues[0])
     }
 
 
 @pytest.mark.distributed
 def test_monitors_under_fsdp1_equal_single_process_on_the_union(tmp_path):
     out = str(tmp_path)
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(checks.free_port(), out), nprocs=WORLD, join=True)
 
-    sizes = check_bit_identical(out)
+    sizes = checks.check_bit_identical(out)
     assert sum(sizes) == 53 and sizes[0] != sizes[1]
 
     # by hand: the basis holds each rank's part only; λ_max within the finite-difference error
     eng = [torch.load(os.path.join(out, f"engine-{r}.pt"), weights_only=False) for r in range(2)]
-    assert [e["basis"] for e in eng] == [(1, 6, n) for n in sizes]
-    model = load_weights(plain_net(), eng[0]["weights"])
+    assert [e["basis"][0] for e in eng] == [(1, 6, n) for n in sizes]
+    model = checks.load_weights(checks.plain_net(), eng[0]["weights"])
     union = [b for r in range(WORLD) for b in eng[r]["batches"]]
     H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, union)
     top = float(torch.linalg.eigvalsh(H)[-1])
     for e in eng:
-        assert abs(e["top"] - top) <= min(e["fd_error"], 2e-3 * top)
+        assert abs(float(e["top"][0]) - top) <= min(e["fd_error"], 2e-3 * top)
 
     # the float64 dense oracle of the unsharded model, single-process replays, on the union
-    hessian = check_hessian(out)
+    hessian = checks.check_hessian(out)
     assert 0 < hessian["fd_error"] < 1e-4 * abs(hessian["top"])
-    check_sharpness(out)
-    check_trajectory(out)
-    check_noise(out, local=True)  # each rank's micro-batches: hooks see them
+    checks.check_sharpness(out)
+    checks.check_trajectory(out)
+    checks.check_noise(out, local=True)  # each rank's micro-batches: hooks see them
