@@ -9,8 +9,8 @@ its own; on one rank FSDP keeps the parameters whole, NO_SHARD) on scikit-learn
 digits (4 batches of 256 samples, split over the ranks), a Lanczos run of ``--steps`` steps
 started from the same Gaussian vector at every world size. Per rank: the bytes of the Lanczos
 basis actually allocated (its local length times steps), the growth of the peak RSS over the run
-(everything: basis, FSDP's gathered parameters, activations), and the time of one gradient and of
-one product. The top eigenvalue is compared with the exact cached product of the unsharded float64
+(everything: basis, FSDP's gathered parameters, activations), and the time of one gradient (after
+a warm-up one) and of one product. The top eigenvalue is compared with the exact cached product of the unsharded float64
 model (world 1, no FSDP).
 """
 
@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, kind: str, args, out: str) -> None:
     model = shard(make(args.width, torch.float32), kind, world)
     mine = batches(torch.float32)[rank::world]
     op = ShardedHessianOperator(lambda b: F.cross_entropy(model(b[0]), b[1]), model, mine)
+    op.gradient()  # warm-up: FSDP's lazy initialization, first allocations
     start = time.perf_counter()
     for _ in range(3):
         op.gradient()
