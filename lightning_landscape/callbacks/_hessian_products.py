@@ -123,7 +123,11 @@ def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[
     (recursively), or with ``True`` the parameters each submodule owns directly (disjoint)."""
     if per_module is False:
         return []
-    named = dict(module.named_modules())
+
+    def clean(name: str) -> str:  # an FSDP (v1) unit's wrapped module answers to the unit's name
+        return name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
+
+    named = {clean(n): m for n, m in module.named_modules()}  # the wrapped module last: kept
     if isinstance(per_module, list):
         chosen = [(n, list(named[n].parameters())) for n in per_module]
     else:

@@ -267,9 +267,10 @@ def check_bit_identical(out: str) -> list[int]:
     return sizes
 
 
-def check_hessian(out, min_abs: float = 1e-6) -> dict[str, float]:
+def check_hessian(out, min_abs: float = 1e-6, blocks: dict | None = None) -> dict[str, float]:
     """The logged eigenvalues and trace against the float64 dense oracle of the unsharded model
-    on the union of batches; returns the numbers compared."""
+    on the union of batches (and the top eigenvalue of each of the ``blocks``, name: slice of
+    the whole vector); returns the numbers compared."""
     rec = records(out, "RecordingHessian", 0)
     union = [tuple(t.double() if t.is_floating_point() else t for t in b)
              for r in rec for b in r["batches"]]  # fmt: skip
@@ -285,6 +286,9 @@ def check_hessian(out, min_abs: float = 1e-6) -> dict[str, float]:
     assert m["hessian/min_eigenvalue"] == pytest.approx(float(eigs[0]), rel=2e-3, abs=min_abs)
     z = (m["hessian/trace"] - float(H.trace())) / m["hessian/trace_stderr"]
     assert abs(z) <= 4
+    for name, part in (blocks or {}).items():
+        block = float(torch.linalg.eigvalsh(H[part, part])[-1])
+        assert m[f"hessian/{name}/eigenvalue_1"] == pytest.approx(block, rel=1e-6), name
     return {"top": top, "error": error, "fd_error": m["hessian/fd_error"], "trace_z": z,
             "fd_step": m["hessian/fd_step"]}  # fmt: skip
 

@@ -75,7 +75,7 @@ def _fit(callbacks) -> nn.Module:
 def _worker(rank: int, port: int, out: str) -> None:
     checks.set_env(rank, port)
     plain = _fit([])
-    watched = _fit(checks.monitors(out, tol=1e-6))
+    watched = _fit(checks.monitors(out, tol=1e-6, per_module=True))
     checks.save_shards(out, rank, plain, watched)
     torch.save(_engine(watched, rank), os.path.join(out, f"engine-{rank}.pt"))
 
@@ -111,7 +111,7 @@ def test_monitors_under_fsdp1_equal_single_process_on_the_union(tmp_path):
         assert abs(float(e["top"][0]) - top) <= min(e["fd_error"], 2e-3 * top)
 
     # the float64 dense oracle of the unsharded model, single-process replays, on the union
-    hessian = checks.check_hessian(out)
+    hessian = checks.check_hessian(out, blocks={"net.0": slice(0, 35), "net.2": slice(35, 53)})
     assert 0 < hessian["fd_error"] < 1e-4 * abs(hessian["top"])
     checks.check_sharpness(out)
     checks.check_trajectory(out)
