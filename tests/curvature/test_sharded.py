@@ -209,11 +209,12 @@ def test_errors_name_the_argument(mesh):
         ShardedHessianOperator(exact.loss_fn, exact.module, batches())
     with pytest.raises(ValueError, match="is not sharded"):
         ShardLayout([torch.zeros(3, requires_grad=True)])
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     flat = FullyShardedDataParallel(
-        make_net(), device_id=torch.device("cpu"), use_orig_params=False
-    )
+        make_net(), device_id=torch.device("cpu"), use_orig_params=False,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="FSDP \\(v1\\) with use_orig_params=False"):
         ShardedHessianOperator(loss_of(flat), flat, batches())
     with pytest.raises(ValueError, match="`batches` is empty"):
