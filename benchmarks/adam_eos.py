@@ -18,6 +18,7 @@ import warnings
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from monitor_fit import quiet_trainer
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -73,17 +74,7 @@ def run(steps: int, every: int, seed: int, dtype=torch.float32, **monitor_kw) ->
     batch = full_batch(dtype=dtype)
     mon = HessianMonitor(every_n_steps=every, dataloader=[batch], num_batches=1, trace=False,
                          min_eigenvalue=False, seed=seed, **monitor_kw)  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=1,
-        callbacks=[mon],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_steps=steps, max_epochs=1, callbacks=[mon], devices=1)
     trainer.fit(model, train_dataloaders=Repeat(batch, steps))
     return mon.history
 

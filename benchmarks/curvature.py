@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import math
 import statistics
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from cost import CountProducts, wall_times
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -99,13 +99,7 @@ def dense_truth(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- helpers
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(wall_times(fn, repeats))
 
 
 def gradient_fn(model: nn.Module, batches) -> Callable[[], object]:
@@ -132,33 +126,6 @@ def pyhessian_module():
     except ImportError:
         return None
     return pyhessian
-
-
-class CountProducts:
-    """Counts PyHessian's Hessian-vector products (single-batch and dataloader modes)."""
-
-    def __init__(self) -> None:
-        self.mod = importlib.import_module("pyhessian.hessian")
-        self.count = 0
-
-    def __enter__(self):
-        self.saved = (self.mod.hessian_vector_product, self.mod.hessian.dataloader_hv_product)
-        hvp, loader_hvp = self.saved
-
-        def counted_hvp(*args, **kwargs):
-            self.count += 1
-            return hvp(*args, **kwargs)
-
-        def counted_loader(*args, **kwargs):
-            self.count += 1
-            return loader_hvp(*args, **kwargs)
-
-        self.mod.hessian_vector_product = counted_hvp
-        self.mod.hessian.dataloader_hv_product = counted_loader
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.mod.hessian_vector_product, self.mod.hessian.dataloader_hv_product = self.saved
 
 
 def pyhessian_run(pyhessian, model, batches, single: bool, fn: Callable, seed: int):

@@ -11,22 +11,16 @@ over the time of one gradient of the same loss.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from cost import wall_times
 from torch import nn
 
 from lightning_landscape.curvature import GGNOperator, HessianOperator
 
 
 def _best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(wall_times(fn, repeats))
 
 
 def row(width: int, repeats: int) -> dict[str, float]:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+from cost import CountProducts, wall_times  # noqa: E402
 from gpu_models import (  # noqa: E402
     GPT,
     ResNet18,
@@ -177,33 +178,6 @@ def monitor_defaults() -> tuple[dict, str]:
         return keyword_defaults(HessianMonitor.__init__), "read from HessianMonitor"
     except Exception as err:  # noqa: BLE001 - Lightning missing: the documented defaults
         return dict(MONITOR_FALLBACK), f"fallback ({describe(err)})"
-
-
-class CountProducts:
-    """Counts PyHessian's Hessian-vector products (its one-batch and dataloader modes)."""
-
-    def __init__(self) -> None:
-        self.mod = importlib.import_module("pyhessian.hessian")
-        self.count = 0
-
-    def __enter__(self) -> CountProducts:
-        self.saved = (self.mod.hessian_vector_product, self.mod.hessian.dataloader_hv_product)
-        one, loader = self.saved
-
-        def counted_one(*args, **kwargs):
-            self.count += 1
-            return one(*args, **kwargs)
-
-        def counted_loader(*args, **kwargs):
-            self.count += 1
-            return loader(*args, **kwargs)
-
-        self.mod.hessian_vector_product = counted_one
-        self.mod.hessian.dataloader_hv_product = counted_loader
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.mod.hessian_vector_product, self.mod.hessian.dataloader_hv_product = self.saved
 
 
 def pyhessian_density_works(pyhessian) -> str | None:
@@ -339,15 +313,7 @@ class Bench:
 
     def timed(self, fn: Callable, repeats: int) -> float:
         """Median wall time of ``fn`` after one warm-up run, synchronized."""
-        fn()
-        self.meter.sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            self.meter.sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(wall_times(fn, repeats, self.meter.sync))
 
     def make_op(self, m: Model, kind: str | None = None) -> HessianOperator:
         kwargs = dict(self.op_defaults)

@@ -7,58 +7,13 @@ the monitor, wall time ratio, and the monitor's cost in Hessian-vector products.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
-import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from monitor_fit import timed_fit
 
 from lightning_landscape import HessianMonitor
 
 warnings.filterwarnings("ignore")
-
-
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 10)
-        )
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def loader() -> DataLoader:
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    return DataLoader(TensorDataset(X, torch.tensor(d.target)), batch_size=64, shuffle=True)
-
-
-def fit(callbacks, epochs: int) -> float:
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    start = time.perf_counter()
-    trainer.fit(Net(), loader())
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -71,7 +26,7 @@ def main() -> None:
         "top-3 + min + trace": dict(top_k=3, trace=True),
         "top-3 + min + trace + density": dict(top_k=3, trace=True, density=True),
     }
-    base = min(fit([], args.epochs) for _ in range(args.repeats))
+    base = min(timed_fit([], args.epochs)[0] for _ in range(args.repeats))
     print(
         f"model: 64-128-10 MLP with BatchNorm/Dropout (9.7k params), digits (1797 samples), "
         f"{args.epochs} epochs, batch 64; baseline {base:.2f} s"
@@ -84,7 +39,7 @@ def main() -> None:
         times, mons = [], []
         for _ in range(args.repeats):
             mon = HessianMonitor(every_n_epochs=1, num_batches=4, **kw)
-            times.append(fit([mon], args.epochs))
+            times.append(timed_fit([mon], args.epochs)[0])
             mons.append(mon)
         hist = mons[0].history
         mv = sum(h["hessian/num_matvecs"] for h in hist) / len(hist)

@@ -8,20 +8,82 @@ it, ``reset_peak()`` just before the monitor measures and ``peak()`` just after.
 the monitor run in list order, so the measurement's peak is its own. The measurement happens
 after the step, as at any epoch end: the gradients and the optimizer state (SGD with momentum)
 are resident, as in training.
+
+``quiet_trainer`` is the Trainer of every benchmark that fits (nothing logged, saved or printed),
+and ``timed_fit`` the timed digits run of the overhead benchmarks (``hessian_monitor.py``,
+``monitor_overhead_noise_sharpness.py``).
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A ``Trainer`` with no logger, checkpoints, progress bar or model summary, on the CPU unless
+    ``accelerator`` is given: a benchmark's fit times the training and the monitors alone."""
+    return pl.Trainer(
+        **{"accelerator": "cpu", **kwargs},
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+class DigitsMLP(pl.LightningModule):
+    """A 64-``width``-10 MLP with BatchNorm and Dropout, cross-entropy, SGD with momentum."""
+
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(width, 10),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def digits_loader(batch_size: int) -> DataLoader:
+    """scikit-learn's 1,797 digits (pixels / 16), shuffled."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    return DataLoader(TensorDataset(X, torch.tensor(d.target)), batch_size=batch_size, shuffle=True)
+
+
+def timed_fit(
+    callbacks: list, epochs: int, width: int = 128, batch_size: int = 64, **trainer_kwargs: Any
+) -> tuple[float, int]:
+    """Fit ``DigitsMLP(width)`` on the digits with ``callbacks`` from seed 0: the wall time of the
+    fit (model and data included) and the optimizer steps taken."""
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
+    start = time.perf_counter()
+    trainer.fit(DigitsMLP(width), digits_loader(batch_size))
+    return time.perf_counter() - start, trainer.global_step
 
 
 class Wrapped(pl.LightningModule):
@@ -95,15 +157,11 @@ def fit_one_step(
     loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=False)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             accelerator=accelerator,
             devices=1,
             max_epochs=1,
             limit_train_batches=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=root,
             callbacks=callbacks,

@@ -12,65 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 import warnings
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from monitor_fit import DigitsMLP, timed_fit
 
 from lightning_landscape import NoiseTemperatureMonitor, SharpnessMonitor
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 logging.getLogger("lightning_landscape").setLevel(logging.WARNING)
-
-
-class Net(pl.LightningModule):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, width),
-            nn.BatchNorm1d(width),
-            nn.ReLU(),
-            nn.Dropout(0.1),
-            nn.Linear(width, 10),
-        )
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def loader() -> DataLoader:
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    return DataLoader(TensorDataset(X, torch.tensor(d.target)), batch_size=32, shuffle=True)
-
-
-def fit(callbacks, epochs: int, width: int) -> tuple[float, int]:
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        accumulate_grad_batches=2,
-    )
-    start = time.perf_counter()
-    trainer.fit(Net(width), loader())
-    return time.perf_counter() - start, trainer.global_step
 
 
 def main() -> None:
@@ -80,7 +31,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    params = sum(p.numel() for p in Net(args.width).parameters())
+    params = sum(p.numel() for p in DigitsMLP(args.width).parameters())
     configs = {
         "baseline (no monitor)": lambda: None,
         "noise: temperature only (noise_scale=False)": lambda: NoiseTemperatureMonitor(
@@ -109,7 +60,13 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, make in configs.items():
             monitor = make()
-            elapsed, steps = fit([monitor] if monitor is not None else [], args.epochs, args.width)
+            elapsed, steps = timed_fit(
+                [monitor] if monitor is not None else [],
+                args.epochs,
+                args.width,
+                batch_size=32,
+                accumulate_grad_batches=2,
+            )
             times[name].append(elapsed)
             monitors[name] = monitor
     base = min(times["baseline (no monitor)"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks.context import MeasureContext
-from lightning_landscape.curvature import HessianOperator, top_eigenvalues
 from lightning_landscape.curvature.stability import (
     PreconditionedOperator,
     inverse_sqrt_preconditioner,
@@ -66,27 +66,13 @@ def measure_eos(
     scale = inverse_sqrt_preconditioner(rule, ctx.params)
     if scale is None:  # no optimizer state yet
         return out, 0
-    hessian = HessianOperator(
-        ctx.loss_fn,
-        ctx.module,
-        ctx.batches,
-        hvp=monitor.hvp_choice or "auto",
-        block_hvp=monitor._block_choice,
-        memory_budget=monitor.memory_budget,
-        seed=ctx.seed_for("operator"),
+    top = products.derived_eigenvalues(
+        monitor,
+        ctx,
+        lambda hessian: PreconditionedOperator(hessian, scale),
+        "preconditioned Hessian, products",
+        "eos",
     )
-    op = PreconditionedOperator(hessian, scale)
-    op.on_matvec = lambda n: ctx.status("preconditioned Hessian, products", n)
-    try:
-        top = top_eigenvalues(
-            op,
-            tol=monitor.tol,
-            max_matvecs=monitor.max_matvecs,
-            seed=ctx.seed_for("eos"),
-            basis_device=monitor.basis_device,
-        )
-    finally:
-        hessian.release()
     value = float(top.eigenvalues[0])
     out[key("preconditioned_eigenvalue_1")] = value
     out[key("eos_ratio")] = value / rule.threshold

@@ -15,16 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks.context import MeasureContext
-from lightning_landscape.curvature import (
-    GGNOperator,
-    HessianOperator,
-    ResidualOperator,
-    analyze,
-    top_eigenvalues,
-)
+from lightning_landscape.curvature import GGNOperator, ResidualOperator, analyze
 from lightning_landscape.curvature.eigen import EigenResult
 from lightning_landscape.curvature.hvp import guard
 
@@ -96,25 +91,15 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
         out[key("ggn_overlap")] = _overlap(hessian_top.eigenvectors, result.top.eigenvectors)
         out[key("ggn/num_matvecs")] = float(result.num_matvecs)
         if monitor.min_eigenvalue:
-            hessian = HessianOperator(
-                ggn.loss_fn,
-                ctx.module,
-                ctx.batches,
-                hvp=monitor.hvp_choice or "auto",
-                seed=ctx.seed_for("operator"),
+            low = products.derived_eigenvalues(
+                monitor,
+                ctx,
+                lambda hessian: ResidualOperator(hessian, ggn),
+                "residual H − G, products",
+                "residual",
+                which="smallest",
+                loss_fn=ggn.loss_fn,
             )
-            residual = ResidualOperator(hessian, ggn)
-            residual.on_matvec = lambda n: ctx.status("residual H − G, products", n)
-            try:
-                low = top_eigenvalues(
-                    residual,
-                    which="smallest",
-                    tol=monitor.tol,
-                    max_matvecs=monitor.max_matvecs,
-                    seed=ctx.seed_for("residual"),
-                )
-            finally:
-                hessian.release()
             out[key("residual/min_eigenvalue")] = float(low.eigenvalues[0])
             out[key("residual/num_matvecs")] = float(low.num_matvecs)
     finally:

@@ -9,17 +9,28 @@ otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_landscape.callbacks.context import MeasureContext
-from lightning_landscape.curvature import HessianOperator, ShardedHessianOperator, analyze
+from lightning_landscape.curvature import (
+    HessianOperator,
+    ShardedHessianOperator,
+    analyze,
+    top_eigenvalues,
+)
+from lightning_landscape.curvature.eigen import EigenResult, Which
+from lightning_landscape.curvature.linear import LinearOperator
 
 
-def make_operator(monitor: Any, ctx: MeasureContext, params: Any, seed: int):
-    """An operator of the kind of this fit (``"auto"`` until the first one has chosen)."""
+def make_operator(
+    monitor: Any, ctx: MeasureContext, params: Any, seed: int, loss_fn: Callable | None = None
+):
+    """An operator of the kind of this fit (``"auto"`` until the first one has chosen), of the
+    Hessian of ``loss_fn`` (default the context's loss)."""
     sharded = ctx.sharded_module
     if sharded is not None:
         return ShardedHessianOperator(
@@ -35,16 +46,46 @@ def make_operator(monitor: Any, ctx: MeasureContext, params: Any, seed: int):
     if not isinstance(params, torch.nn.Module) and "func" in (kind, blocks):
         kind, blocks = ("cached" if kind == "func" else kind), None  # func needs the module
     op = HessianOperator(
-        ctx.loss_fn,
+        loss_fn or ctx.loss_fn,
         params,
         ctx.batches,
         hvp=kind,
         block_hvp=blocks,
         memory_budget=monitor.memory_budget,
+        micro_batch_size=monitor.micro_batch_size,
         seed=seed,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
     return op
+
+
+def derived_eigenvalues(
+    monitor: Any,
+    ctx: MeasureContext,
+    wrap: Callable[[HessianOperator], LinearOperator],
+    what: str,
+    purpose: str,
+    *,
+    which: Which = "largest",
+    loss_fn: Callable | None = None,
+) -> EigenResult:
+    """The top (or most negative) eigenvalue of an operator built on the Hessian, ``wrap(H)``
+    (the preconditioned Hessian, the residual H − G), by one Lanczos run with the fit's product
+    kind, ``memory_budget`` and ``basis_device``; the Hessian's graphs are released after."""
+    hessian = make_operator(monitor, ctx, ctx.module, ctx.seed_for("operator"), loss_fn)
+    op = wrap(hessian)
+    op.on_matvec = lambda n: ctx.status(what, n)
+    try:
+        return top_eigenvalues(
+            op,
+            which=which,
+            tol=monitor.tol,
+            max_matvecs=monitor.max_matvecs,
+            seed=ctx.seed_for(purpose),
+            basis_device=monitor.basis_device,
+        )
+    finally:
+        hessian.release()
 
 
 def record_choice(monitor: Any, op: Any) -> None:
@@ -58,9 +99,10 @@ def record_choice(monitor: Any, op: Any) -> None:
     monitor.hvp_choice, monitor.hvp_reason = op.hvp_choice, op.hvp_reason
     monitor._block_choice = op.block_choice if op.exact else None
     if op.exact:  # the fallback to finite differences has warned already
+        pieces = f"; on {op.plan.reason}" if op.plan is not None and op.plan.reason else ""
         rank_zero_info(
             f"HessianMonitor: Hessian-vector products by {op.hvp_choice!r} "
-            f"(hvp='auto': {op.hvp_reason})."
+            f"(hvp='auto': {op.hvp_reason}){pieces}."
         )
 
 

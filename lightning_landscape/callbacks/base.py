@@ -10,7 +10,6 @@ figures. Subclasses implement :meth:`LandscapeMonitor.measure` on a
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -93,6 +92,10 @@ class LandscapeMonitor(Callback):
     Hessian-vector products route attention through its math kernel
     (:mod:`lightning_landscape.curvature.kernels`).
 
+    The subclasses take these arguments as ``**kwargs`` and pass them on with
+    ``super().__init__(**kwargs)``: LightningCLI (jsonargparse) reads that call and lists them,
+    with their types and defaults, among each subclass's own.
+
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
     """
@@ -156,8 +159,17 @@ class LandscapeMonitor(Callback):
         return f"{self.prefix}/{name}"
 
     def nan_metrics(self) -> dict[str, float]:
-        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`."""
-        return dict.fromkeys(self.metric_keys(), math.nan)
+        """The row logged when a measurement fails: NaN for every key of :meth:`metric_keys`, and
+        for every other key an earlier measurement of this monitor returned (those logged only
+        in some runs: ``hvp_error`` with finite differences, ``fd_error`` on sharded models,
+        ``preconditioned_eigenvalue_1`` with Adam), the wall times apart."""
+        seen = [
+            k
+            for row in self.history
+            for k in row
+            if k.startswith(f"{self.prefix}/") and not k.endswith("seconds")
+        ]
+        return dict.fromkeys([*self.metric_keys(), *seen], math.nan)
 
     def summary_rows(self) -> list[dict[str, float]]:
         """The rows this monitor adds to the end-of-fit summary."""
@@ -335,11 +347,3 @@ class LandscapeMonitor(Callback):
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
-
-
-def base_arguments(values: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`LandscapeMonitor` arguments among a subclass constructor's ``locals()``: the
-    subclasses spell them out in their own signatures (for LightningCLI and YAML) and pass them
-    on with ``super().__init__(**base_arguments(locals()))``."""
-    names = list(inspect.signature(LandscapeMonitor.__init__).parameters)[1:]
-    return {name: values[name] for name in names}

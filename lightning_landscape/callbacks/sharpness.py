@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
-
-import pytorch_lightning as pl
-from torch import Tensor
 
 from lightning_landscape._core.checks import (
     check_choice,
@@ -17,8 +14,7 @@ from lightning_landscape._core.checks import (
     check_real,
 )
 from lightning_landscape._core.vectors import ParamVector
-from lightning_landscape.callbacks._isolation import Mode
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.landscape.local_entropy import local_entropy
 from lightning_landscape.landscape.sharded import ShardedBatchObjective
 from lightning_landscape.landscape.sharpness import (
@@ -113,8 +109,9 @@ class SharpnessMonitor(LandscapeMonitor):
         local_entropy_gamma: γ > 0 of the local entropy, or a list; None (default): not measured.
         local_entropy_beta: its β > 0.
         local_entropy_samples: its antithetic pairs (≥ 2; two losses each).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
-            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        **kwargs: the arguments every monitor takes, passed on: ``epochs``, ``every_n_epochs``,
+            ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
+            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
@@ -176,17 +173,9 @@ class SharpnessMonitor(LandscapeMonitor):
         local_entropy_gamma: float | Sequence[float] | None = None,
         local_entropy_beta: float = 1.0,
         local_entropy_samples: int = 64,
-        epochs: Iterable[int] | None = None,
-        every_n_epochs: int | None = None,
-        every_n_steps: int | None = None,
-        num_batches: int = 4,
-        dataloader: Iterable | None = None,
-        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        mode: Mode = "eval",
-        seed: int = 0,
-        prefix: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**base_arguments(locals()))
+        super().__init__(**kwargs)
         if isinstance(kinds, str) or not isinstance(kinds, Sequence):
             raise TypeError(f"`kinds` must be a list of measure names, got {kinds!r}.")
         unknown = [k for k in kinds if k not in KINDS]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,11 +13,10 @@ from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
-from lightning_landscape.callbacks._isolation import Mode
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._snapshots import checked_parameters, thin_snapshots
 from lightning_landscape.callbacks._trainer_state import epochs_done
-from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext, base_arguments
+from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture
@@ -66,8 +65,10 @@ class TrajectoryMonitor(LandscapeMonitor):
             (smallest step gap between its two neighbours) is dropped, with a warning the first
             time; the initial and the latest snapshots are always kept.
         snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
-        epochs, every_n_epochs, every_n_steps, num_batches, dataloader, loss_fn, mode, seed,
-            prefix: see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`.
+        num_batches: fixed training batches per rank (2 here, 4 in the other monitors).
+        **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
+            ``every_n_epochs``, ``every_n_steps``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
+            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
@@ -121,17 +122,10 @@ class TrajectoryMonitor(LandscapeMonitor):
         pictures_every_measurement: bool = False,
         max_snapshots: int = 32,
         snapshot_dtype: torch.dtype | str = torch.float32,
-        epochs: Iterable[int] | None = None,
-        every_n_epochs: int | None = None,
-        every_n_steps: int | None = None,
         num_batches: int = 2,
-        dataloader: Iterable | None = None,
-        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-        mode: Mode = "eval",
-        seed: int = 0,
-        prefix: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**base_arguments(locals()))
+        super().__init__(num_batches=num_batches, **kwargs)
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
         check_positive_int("grid_size", grid_size)
         if grid_size < 2:

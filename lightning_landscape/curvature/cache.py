@@ -10,7 +10,9 @@ memory of one batch's graph at a time).
 The memory of a graph is measured, not guessed: the bytes of the distinct storages autograd saves
 for backward (``torch.autograd.graph.saved_tensors_hooks``) while it is built, parameters
 excluded. The default budget is one training step, estimated at the first build as the
-activations one batch's forward saves plus the parameters and their gradients (2 P numbers).
+activations one batch's forward saves plus the parameters and their gradients (2 P numbers), and
+at least :data:`FLOOR`: on small models, graphs that cost little are kept (a cached product is
+1.4x a gradient against 3x by double backward on a 11k-parameter MLP).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import flat_grad
+
+#: The default budget is at least this many bytes: below it, saving memory saves nothing that
+#: matters, and cached graphs are faster.
+FLOOR = 16 * 2**20
 
 
 class SavedBytes:
@@ -106,7 +112,7 @@ class GraphCache:
 
     Args:
         loss_fn, params, batches, sizes: the operator's loss, parameters, batches and sizes.
-        budget: bytes the kept graphs may take; None: :attr:`step_bytes`.
+        budget: bytes the kept graphs may take; None: :attr:`step_bytes`, at least :data:`FLOOR`.
         cuda_devices: the CUDA devices whose generators the forwards draw from.
 
     Attributes:
@@ -155,7 +161,7 @@ class GraphCache:
             if i == 0:
                 check_twice_differentiable(grad)
                 self.step_bytes = forward + 2 * numel_bytes
-                self.budget = float(self.step_bytes if budget is None else budget)
+                self.budget = float(max(self.step_bytes, FLOOR) if budget is None else budget)
             self.graph_bytes.append(counter.bytes)
             if total + counter.bytes > self.budget:
                 return  # this graph is dropped; batches i: are differentiated per product

@@ -6,22 +6,17 @@ every rank holds its own batches; sums of n_b H_b v and of n_b are reduced acros
 rank gets the Hessian of the union of all shards (one all-reduce of one flat vector per product).
 
 Hessian-vector products (Pearlmutter 1994) come in four kinds (:mod:`.hvp`,
-:mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Peak
-memory of a product above the model's, in units of T, a training step on one batch, and of P,
-the number of parameters; measured on ResNet-18 (4 batches of 128, H200: T = 0.73 GiB) and on a
-64-256-256-10 tanh MLP with 4 batches of 4096 (CPU, live memory: T = 19 MB):
-
-- ``"cached"``: the gradient graphs of the cached batches, held between products and bounded by
-  ``memory_budget`` (default 1 T); all four batches take 7.5 T (ResNet-18) and 7.8 T (MLP).
-  Uncached batches go as ``"double_backward"``.
-- ``"double_backward"``: one batch's gradient graph and its second backward: 2.2 T (ResNet-18),
-  4.3 T (MLP; the second backward's temporaries are 2.6 times the saved graph).
-- ``"func"``: 7.9 T (MLP), per vector of a vmapped block.
-- ``"finite_difference"``: one gradient and 3 P (saved weights, a gradient, the accumulator):
-  1.2 T (MLP).
-
-Every kind adds P numbers per vector of a block (at most 8 vectors go through one vmapped
-product).
+:mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Memory
+above the model's, in units of T, a training step on one batch, and of P, the number of
+parameters: an exact product on a whole batch holds its gradient graph and the second backward's
+temporaries, 2.2 T (ResNet-18, H200) to 4.3 T (GELU MLP, CPU) for ``"double_backward"``, 7.9 T a
+vector for ``"func"`` (MLP); so by default (``micro_batch_size="auto"``, :mod:`.pieces`) batches
+are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T), when the
+loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs of the
+pieces that fit ``memory_budget`` and differentiates the others per product: about 2 budgets in
+all. ``"finite_difference"``: one gradient and 3 P. Blocks add P numbers a vector (at most 8 in a
+vmapped product). A whole HessianMonitor measurement (benchmarks/memory.py, MLP): 1.9 T with
+pieces, 5.1 T on whole batches.
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import auto as _auto
 from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
+from lightning_landscape.curvature import pieces as _pieces
 from lightning_landscape.curvature.cache import GraphCache, check_twice_differentiable
 from lightning_landscape.curvature.linear import LinearOperator, MatrixOperator
 
@@ -49,7 +45,7 @@ __all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
 HVPMode = Literal["auto", "cached", "double_backward", "func", "finite_difference"]
 KINDS = ("auto", "cached", "double_backward", "func", "finite_difference")
 EXACT = ("cached", "double_backward", "func")
-BLOCK = 8  # at most this many vectors go through one vmapped product
+BLOCK = _hvp.COLUMNS  # at most this many vectors go through one vmapped product
 
 
 class HessianOperator(LinearOperator):
@@ -65,30 +61,30 @@ class HessianOperator(LinearOperator):
         batch_size_fn: ``batch_size_fn(batch) -> int``; default: leading size of the batch's first
             tensor.
         distributed: reduce across ranks when a process group with several ranks is initialized.
-        hvp: the kind of Hessian-vector product (memory of each in the module docstring).
-            ``"cached"`` (default): the gradient graphs of the batches that fit
-            ``memory_budget`` are built at the first product (about 2 gradients each) and kept,
-            then a product is one backward through them (measured 0.65x / 1.7x a gradient on
-            4.9k / 400k-parameter MLPs on CPU); the other batches are differentiated twice per
-            product. The graphs are freed by :meth:`release` (or the end of a ``with`` block),
-            and rebuilt if the parameters change in place or a module switches train/eval.
-            ``"double_backward"`` (Pearlmutter): the gradient graph is built afresh for each
-            product and batch (2.2-2.7x a gradient). ``"func"``: torch.func forward-over-reverse
-            ``jvp(grad)`` (``vjp(grad)`` where that raises, e.g. on ``F.mse_loss``), vmapped
-            over blocks; needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls (3.4x
-            a gradient on CPU; on GPU 4.3x alone, 2.1x per product in blocks of 8).
-            ``"finite_difference"``: central differences of two gradients
-            (:mod:`.finite_difference`: 2.2x a gradient, memory of one), inexact, with its error
-            estimated (:attr:`product_error`); for kernels without a double backward. ``"auto"``: the fastest exact kind that works for this model,
-            chosen at the first product by trying each (:mod:`.auto`, a few products' time);
-            finite differences only when no exact kind works, with a warning that says why.
+        hvp: the kind of Hessian-vector product (costs in :mod:`.hvp`, memory above).
+            ``"cached"`` (default): the gradient graphs of the batches that fit ``memory_budget``
+            are built at the first product and kept (freed by :meth:`release` or the end of a
+            ``with`` block, rebuilt if the parameters change in place or a module switches
+            train/eval), the others differentiated twice per product; ``"double_backward"``
+            (Pearlmutter); ``"func"``: torch.func forward-over-reverse, vmapped over blocks
+            (needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls);
+            ``"finite_difference"`` (:mod:`.finite_difference`): inexact, its error estimated
+            (:attr:`product_error`), for kernels without a double backward; ``"auto"``: the
+            fastest exact kind that works here, by trial (:mod:`.auto`), finite differences
+            only when no exact kind works, with a warning that says why.
         block_hvp: the kind for blocks of several vectors (trace and density probes); default
             ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
             forward-over-reverse), timed on the first block.
-        memory_budget: bytes the cached gradient graphs may hold (``"cached"`` and ``"auto"``).
+        memory_budget: bytes the cached gradient graphs may hold (``"cached"`` and ``"auto"``),
+            and the working memory one exact product should fit (``micro_batch_size="auto"``).
             ``None``: one training step, estimated at the first product as the activations the
             first batch's forward saves plus parameters and gradients (2 P numbers); ``0``:
-            nothing cached (batch by batch); ``math.inf``: every batch.
+            nothing cached (batch by batch); ``math.inf``: every batch, whole.
+        micro_batch_size: the most samples one pass of a product takes: batches are cut into
+            pieces, weighted by their sizes (exact when the loss is a mean over independent
+            samples). ``"auto"``: pieces only as small as ``memory_budget`` needs, after checking
+            that the loss decomposes (:mod:`.pieces`; otherwise whole batches and one warning,
+            ``"whole_batches"``); ``None``: whole batches.
         fd_step: the finite-difference step relative to the weights, ‖h v‖ = ``fd_step`` · ‖w‖;
             default ε_mach^{1/3} of the dtype (4.9e-3 in float32, 6.1e-6 in float64).
         fd_tolerance: finite differences warn (once) when their estimated relative error
@@ -101,8 +97,9 @@ class HessianOperator(LinearOperator):
         hvp_choice: the kind in use (for ``"auto"``: None until the first product).
         hvp_reason: why it was chosen.
         block_choice: the kind in use for blocks (None until decided).
-        warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"`` or
-            ``"fd_inaccurate"``); default ``warnings.warn``.
+        warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"``,
+            ``"fd_inaccurate"`` or ``"whole_batches"``); default ``warnings.warn``.
+        plan: how the batches were cut (a :class:`~.pieces.Plan`; None before the first product).
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
             ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step.
@@ -115,7 +112,7 @@ class HessianOperator(LinearOperator):
         ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` is
             asked without a module, ``params`` is empty or holds a tensor that does not require
             grad, a batch size is not positive (or cannot be inferred), ``memory_budget`` is
-            negative, or ``fd_step`` or ``fd_tolerance`` is not positive.
+            negative, or ``fd_step``, ``fd_tolerance`` or ``micro_batch_size`` is not positive.
 
     Example::
 
@@ -134,6 +131,7 @@ class HessianOperator(LinearOperator):
         hvp: HVPMode = "cached",
         block_hvp: HVPMode | None = None,
         memory_budget: float | None = None,
+        micro_batch_size: int | Literal["auto"] | None = "auto",
         fd_step: float | None = None,
         fd_tolerance: float = 1e-2,
         seed: int = 0,
@@ -152,6 +150,7 @@ class HessianOperator(LinearOperator):
         if fd_step is not None:
             check_real("fd_step", fd_step, low=0.0, strict=True, what="a positive number")
         check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
+        _pieces.check_micro_batch_size(micro_batch_size)
         self.module = params if isinstance(params, nn.Module) else None
         if "func" in (hvp, block_hvp) and self.module is None:
             raise ValueError(
@@ -171,15 +170,15 @@ class HessianOperator(LinearOperator):
         self.device = first.device
         self.dim = sum(p.numel() for p in self.params)
         rel_step = float(fd_step) if fd_step is not None else _fd.default_rel_step(self.dtype)
-        self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), self._warn_hook)
+        self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), lambda *a: self.warn(*a))
         total = torch.tensor(
             [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
         )
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
         self._cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        self.graphs = GraphCache(
-            loss_fn, self.params, self.batches, self.batch_sizes, memory_budget, self._cuda
-        )
+        self.micro_batch_size = micro_batch_size
+        self.plan: _pieces.Plan | None = None
+        self.graphs = GraphCache(loss_fn, self.params, [], [], memory_budget, self._cuda)
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
         self._graph_checked = False
@@ -212,7 +211,28 @@ class HessianOperator(LinearOperator):
         """False when the products are finite differences."""
         return self.hvp_choice != "finite_difference"
 
+    def _split(self) -> None:
+        """Cut the batches into pieces once, before the first product (:mod:`.pieces`)."""
+        if self.plan is not None:
+            return
+        with _hvp.guard(self.module, self.params, self.seed):
+            self.plan = _pieces.choose(
+                self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
+                self.micro_batch_size, self.memory_budget,
+            )  # fmt: skip
+        if self.plan.piece:
+            self.batches, self.batch_sizes = _pieces.split_batches(
+                self.batches, self.batch_sizes, self.plan.piece, self._size_fn
+            )
+        elif self.plan.reason:
+            self.warn("whole_batches", f"Hessian-vector products on {self.plan.reason}.")
+        budget = self.plan.cache_budget(self.memory_budget)
+        self.graphs.batches, self.graphs.sizes, self.graphs.requested_budget = (
+            self.batches, self.batch_sizes, budget,
+        )  # fmt: skip
+
     def _matmat(self, Vt: Tensor) -> Tensor:
+        self._split()
         if self.hvp_choice is None:
             _auto.resolve(self, Vt[:1])
         if self.hvp_choice == "finite_difference":
@@ -230,6 +250,7 @@ class HessianOperator(LinearOperator):
     def local_products(self, kind: str, Vt: Tensor) -> Tensor:
         """This rank's Σ_b n_b H_b V by ``kind`` for a ``(k, dim)`` block: not reduced across
         ranks nor divided by Σ n_b (what the trials of ``"auto"`` time)."""
+        self._split()
         if kind == "cached":
             return self._cached(Vt)
         if kind == "func" and self._forward_over_reverse:
@@ -242,17 +263,8 @@ class HessianOperator(LinearOperator):
         return self._batch_by_batch(kind, Vt)
 
     def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool) -> Tensor:
-        # A block is one vmapped backward; on CPU that pays only for small models (per
-        # product, 0.75x against 1.29x a gradient at 2.4k parameters, 2.6x against 1.8x at
-        # 400k: benchmarks/curvature.py), so larger ones take the columns one by one.
-        step = BLOCK if self.device.type != "cpu" or self.dim <= 5000 else 1
-        parts = [
-            _hvp.hvp_from_graph(
-                grad, self.params, Vt[lo : lo + step], retain or lo + step < len(Vt)
-            )
-            for lo in range(0, len(Vt), step)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        step = _hvp.COLUMNS if self.device.type != "cpu" or self.dim <= 5000 else 1
+        return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step)
 
     def _cached(self, Vt: Tensor) -> Tensor:
         with _hvp.guard(self.module, self.params, self.seed):
@@ -301,9 +313,6 @@ class HessianOperator(LinearOperator):
                 self._cuda,
             )
 
-    def _warn_hook(self, kind: str, message: str) -> None:
-        self.warn(kind, message)
-
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""
         flags = tuple(m.training for m in self.module.modules()) if self.module is not None else ()
@@ -322,6 +331,7 @@ class HessianOperator(LinearOperator):
 
     def gradient(self) -> Tensor:
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
+        self._split()
         with _hvp.guard(self.module, self.params, self.seed):
             return mean_gradient(
                 self.loss_fn,

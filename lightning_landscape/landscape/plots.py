@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
@@ -33,6 +34,19 @@ def figure_pixels(figure: Figure) -> np.ndarray:
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
+
+
+def _new_axes() -> tuple[Figure, Axes]:
+    """A figure of the package's size with one axes."""
+    fig = Figure(figsize=_SIZE)
+    return fig, fig.add_subplot()
+
+
+def _titled(fig: Figure, ax: Axes, title: str) -> Figure:
+    """``fig``, with ``title`` over ``ax`` in the package's 9-point type, laid out tight."""
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _filled_contour(fig: Figure, ax, xs: Tensor, ys: Tensor, z: Tensor, label: str):
@@ -101,8 +115,7 @@ def interpolation_figure(
     alphas, losses = curve.alphas, curve.losses
     metric = curve.values[:, 1] if curve.values.shape[1] > 1 else None
     a, y = _np(alphas), _np(losses)
-    fig = Figure(figsize=_SIZE)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes()
     ax.plot(a, y, "-o", color="tab:blue", ms=3, label="loss")
     i0, i1 = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(a - 1)))
     ax.plot([0, 1], [y[i0], y[i1]], "--", color="gray", lw=1, label="chord")
@@ -123,9 +136,7 @@ def interpolation_figure(
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="best", fontsize=8)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, ax, title)
 
 
 def trajectory_figure(
@@ -148,8 +159,7 @@ def trajectory_figure(
         f"loss on the plane; largest snapshot distance from it {float(pca.off_plane.max()):.3g}"
     )
     coords = pca.coords
-    fig = Figure(figsize=_SIZE)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes()
     _filled_contour(fig, ax, xs, ys, z, "loss on the plane")
     c = _np(coords)
     path = np.vstack([c[:, :2], np.zeros((1, 2))])
@@ -169,31 +179,25 @@ def trajectory_figure(
     ax.set_aspect("equal")  # distances and angles as they are in weight space
     ax.locator_params(nbins=6)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, ax, title)
 
 
 def slice_1d_figure(ts: Tensor, losses: Tensor, *, where: str = "") -> Figure:
     """The loss along one filter-normalized direction, t in [−1, 1] around the weights."""
     title = f"1-D slice around the weights {where}\n(filter-normalized random direction)"
-    fig = Figure(figsize=_SIZE)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes()
     ax.plot(_np(ts), _np(losses), "-o", color="tab:blue", ms=3)
     ax.axvline(0, color="gray", ls="--", lw=1)
     ax.set_xlabel("t   (θ + t·d, d a filter-normalized random direction)")
     ax.set_ylabel("loss on the fixed batches")
     ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, ax, title)
 
 
 def slice_2d_figure(xs: Tensor, ys: Tensor, z: Tensor, *, where: str = "") -> Figure:
     """The loss on the plane of two filter-normalized directions around the weights."""
     title = f"2-D slice around the weights {where}\n(filter-normalized random directions)"
-    fig = Figure(figsize=_SIZE)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes()
     _filled_contour(fig, ax, xs, ys, z, "loss")
     ax.plot([0], [0], "*", color="gold", mec="k", ms=14, label="current weights")
     ax.set_xlabel("direction 1 (filter-normalized)")
@@ -201,9 +205,7 @@ def slice_2d_figure(xs: Tensor, ys: Tensor, z: Tensor, *, where: str = "") -> Fi
     ax.set_aspect("equal")
     ax.locator_params(nbins=5)
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, ax, title)
 
 
 def density_figure(
@@ -234,7 +236,6 @@ def density_figure(
     top.set_ylim(float(y.max()) * 1e-8, float(y.max()) * 3)  # eight decades below the peak
     top.set_ylabel("density (log scale)")
     top.grid(True, alpha=0.3)
-    top.set_title(f"{what} eigenvalue density {where} (SLQ, {dim} eigenvalues)", fontsize=9)
     e, n = _np(edges), _np(counts)
     floor = 0.1  # a tenth of an eigenvalue: lower bars are noise of the smoothing
     bottom.bar(e[:-1], np.where(n >= floor, n, 0.0), width=np.diff(e), align="edge", color="tab:blue")  # fmt: skip
@@ -243,5 +244,4 @@ def density_figure(
     bottom.set_ylabel("eigenvalues per bin (log scale)")
     bottom.set_xlabel("eigenvalue")
     bottom.grid(True, alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, top, f"{what} eigenvalue density {where} (SLQ, {dim} eigenvalues)")

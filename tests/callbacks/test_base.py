@@ -1,12 +1,15 @@
 """LandscapeMonitor's bookkeeping under a real Trainer: exact labels when a fit stops mid-epoch,
-the marker a training_step can test, the warning when it has side effects."""
+the marker a training_step can test, the warning when it has side effects; the arguments every
+monitor takes, as LightningCLI sees them."""
 
+import inspect
 import warnings
 
 import pytest
 from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor, is_measuring
+from lightning_landscape.callbacks.base import LandscapeMonitor
 from lightning_landscape.callbacks.schedule import describe
 
 from ._helpers import Classifier, learnable_classes, make_trainer
@@ -73,3 +76,25 @@ def test_training_step_marker_and_one_warning(tmp_path):
     model, texts = fit(guard=True)
     assert texts == [] and len(model.training_step_outputs) == 10
     assert not is_measuring(model)
+
+
+@pytest.mark.parametrize("cls", [HessianMonitor, SharpnessMonitor, TrajectoryMonitor])
+def test_lightning_cli_sees_every_base_argument(cls):
+    """The monitors take the base arguments as ``**kwargs``: jsonargparse (LightningCLI's parser)
+    follows ``super().__init__(**kwargs)`` and lists each, typed, with its default."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "monitor")
+    defaults = vars(parser.get_defaults().monitor)
+    base = list(inspect.signature(LandscapeMonitor.__init__).parameters.values())[1:]
+    assert len(base) == 9
+    for param in base:
+        own = cls is TrajectoryMonitor and param.name == "num_batches"
+        assert defaults[param.name] == (2 if own else param.default), param.name
+    cfg = parser.parse_args(["--monitor.epochs=[0, 2]", "--monitor.mode=train", "--monitor.seed=3"])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # < 4.49
+    monitor = instantiate(cfg).monitor
+    assert type(monitor) is cls
+    assert (monitor.schedule.epochs, monitor.mode, monitor.seed) == ((0, 2), "train", 3)
+    with pytest.raises(jsonargparse.ArgumentError, match="mode"):
+        parser.parse_args(["--monitor.mode=sideways"])  # the Literal type is seen too

@@ -45,6 +45,19 @@ def test_hessian_monitor_measures_a_hand_built_context():
     assert all(math.isnan(v) for v in mon.nan_metrics().values())
 
 
+def test_failed_measurement_row_covers_keys_logged_only_sometimes():
+    """Finite differences add ``hvp_error`` to a measurement; a later failure logs it as NaN
+    too, so its curve gets a NaN point instead of a silent gap. Wall times stay out."""
+    model = Classifier().eval()
+    mon = HessianMonitor(hvp="finite_difference", trace=False, min_eigenvalue=False)
+    metrics = mon.measure(_context(model, step=1))
+    assert "hessian/hvp_error" in metrics and "hessian/hvp_error" not in mon.metric_keys()
+    mon.history.append({"epoch": 0.0, "step": 1.0, "hessian/seconds": 0.1, **metrics})
+    nan = mon.nan_metrics()
+    assert set(nan) == set(mon.metric_keys()) | {"hessian/hvp_error"}
+    assert all(math.isnan(v) for v in nan.values())
+
+
 def test_sharpness_and_trajectory_return_declared_keys_only():
     model = Classifier()
     ctx = _context(model, step=1)

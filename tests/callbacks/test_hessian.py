@@ -278,10 +278,40 @@ def test_explicit_kinds_match_the_oracle(tmp_path, kw):
     assert abs(got["hessian/trace"] - float(eig.sum())) <= 3 * got["hessian/trace_stderr"] + 1e-6
 
 
+def test_products_on_pieces_match_the_oracle_and_are_stated(tmp_path, caplog):
+    """A budget too small for a whole batch's product: batches of 7 and 13 are cut into pieces
+    (eval mode, a mean loss: the same matrix), said once in the log with the kind."""
+    data = random_classes()
+    fixed = [
+        (data.tensors[0][:7], data.tensors[1][:7]),
+        (data.tensors[0][7:20], data.tensors[1][7:20]),
+    ]
+    mon = HessianMonitor(
+        epochs=[1], top_k=2, tol=1e-9, num_batches=2, dataloader=fixed, memory_budget=3000
+    )
+    model = Classifier(bn=True, dropout=0.3)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    said = [
+        r.getMessage() for r in caplog.records if "Hessian-vector products by" in r.getMessage()
+    ]
+    assert len(said) == 1 and "on pieces of at most" in said[0]
+    model.eval()
+    eig = torch.linalg.eigvalsh(
+        dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, fixed)
+    )
+    for i in range(2):
+        got = mon.history[-1][f"hessian/eigenvalue_{i + 1}"]
+        assert got == pytest.approx(float(eig[-1 - i]), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"top_k": 0}, ValueError, "`top_k` must be a positive int"),
+        ({"micro_batch_size": 0}, ValueError, "`micro_batch_size` must be a positive int"),
         ({"tol": 2.0}, ValueError, "`tol` must be a number in"),
         ({"trace": "yes"}, TypeError, "`trace` must be a bool"),
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
@@ -359,13 +389,15 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     init = {k: v.clone() for k, v in model.state_dict().items()}
     kw = {"epochs": [0], "top_k": 2, "num_batches": 3, "tol": 1e-8, "trace_probes": 20, "seed": 11}
     mon = RecordingHessianMonitor(out, **kw)
+    # the same measurement with products on pieces of each rank's batches (a tiny budget)
+    cut = RecordingHessianMonitor(f"{out}.pieces", prefix="pieces", memory_budget=2000, **kw)
     t = pl.Trainer(
         max_epochs=1,
         max_steps=1,
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[mon],
+        callbacks=[mon, cut],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -399,6 +431,9 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     )
     assert m["hessian/trace"] == pytest.approx(ref.trace.estimate, rel=1e-9)
     assert m["hessian/num_matvecs"] == ref.num_matvecs
+    pieces = torch.load(f"{out}.pieces")
+    for name in ("eigenvalue_1", "eigenvalue_2", "min_eigenvalue", "trace", "num_matvecs"):
+        assert pieces[f"pieces/{name}"] == pytest.approx(m[f"hessian/{name}"], rel=1e-9), name
 
 
 def test_persistent_workers_loader_is_not_disturbed(tmp_path):

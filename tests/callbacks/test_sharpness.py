@@ -59,22 +59,7 @@ def _data(n=32, seed=1):
     return x, torch.sin(x.sum(1)) + 0.1 * torch.randn(n, generator=g, dtype=D)
 
 
-def _flat_loss(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-
-    def f(w):
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = w[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        out = torch.func.functional_call(model.net, {k[4:]: v for k, v in params.items()}, (x,))
-        return F.mse_loss(out.squeeze(-1), y)
-
-    return f, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
+def test_logged_tags_and_values_match_the_pure_measures(tmp_path, flat_loss):
     x, y = _data()
     fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
     monitor = SharpnessMonitor(
@@ -89,7 +74,8 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
     )
     trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
     model = Net()
-    f, w0 = _flat_loss(Net(), x[:16], y[:16])  # the initial weights
+    # the initial weights
+    f, w0 = flat_loss(Net().net, x[:16], lambda out: F.mse_loss(out.squeeze(-1), y[:16]))
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
     logged = scalars(tmp_path)
     keys = {
@@ -132,7 +118,7 @@ def test_logged_tags_and_values_match_the_pure_measures(tmp_path):
     assert monitor.done == [0, 1]
 
 
-def test_krylov_default_curvature_parts_grad_norm_and_local_entropy(tmp_path):
+def test_krylov_default_curvature_parts_grad_norm_and_local_entropy(tmp_path, flat_loss):
     x, y = _data()
     fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
     monitor = SharpnessMonitor(
@@ -147,7 +133,7 @@ def test_krylov_default_curvature_parts_grad_norm_and_local_entropy(tmp_path):
         dataloader=fixed,
     )
     trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
-    f, w0 = _flat_loss(Net(), x[:16], y[:16])
+    f, w0 = flat_loss(Net().net, x[:16], lambda out: F.mse_loss(out.squeeze(-1), y[:16]))
     trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
     logged = {k: v[0] for k, v in scalars(tmp_path).items() if k.startswith("sharpness/")}
     suffixed = [f"sam{c}_rho{r}" for c in ("", "_curvature") for r in (0.01, 0.05)]

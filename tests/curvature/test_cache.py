@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lightning_landscape.curvature import HessianOperator, dense_hessian
+from lightning_landscape.curvature import HessianOperator, cache, dense_hessian
 from lightning_landscape.curvature.cache import SavedBytes, check_twice_differentiable
 
 from ._problems import OnceDifferentiableTanh, make_problem
@@ -47,8 +47,10 @@ def test_budget_switches_cached_and_batch_by_batch_with_identical_products(arch)
         op.release()
 
 
-def test_default_budget_is_one_training_step():
-    """``None``: the first batch's saved forward activations plus 2 P numbers."""
+def test_default_budget_is_one_training_step(monkeypatch):
+    """``None``: the first batch's saved forward activations plus 2 P numbers (and at least
+    ``FLOOR``, set to 0 here so that the step itself decides on this tiny model)."""
+    monkeypatch.setattr(cache, "FLOOR", 0)
     p = make_problem("cnn", mode="train")
     op = HessianOperator(p.loss_fn, p.model, p.batches)
     op @ torch.ones(op.dim, dtype=torch.float64)
@@ -59,6 +61,16 @@ def test_default_budget_is_one_training_step():
     with SavedBytes(exclude=op.params) as counter:
         p.loss_fn(p.batches[0])
     assert g.step_bytes == counter.bytes + two_p
+
+
+def test_default_budget_keeps_every_graph_of_a_small_model():
+    """Below ``FLOOR`` (16 MiB) a training step's worth of memory saves nothing that matters:
+    every graph is kept, and products are one backward through them."""
+    p = make_problem("cnn", mode="train")
+    op = HessianOperator(p.loss_fn, p.model, p.batches)
+    op @ torch.ones(op.dim, dtype=torch.float64)
+    g = op.graphs
+    assert g.budget == cache.FLOOR > g.step_bytes and g.cut == len(p.batches)
 
 
 def test_saved_bytes_counts_distinct_storages_without_parameters():

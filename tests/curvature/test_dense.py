@@ -29,22 +29,13 @@ def test_linear_least_squares_closed_form():
     assert torch.allclose(H, closed, rtol=1e-12, atol=1e-14)
 
 
-def test_matches_torch_func_hessian():
+def test_matches_torch_func_hessian(flat_loss):
     """One batch: the oracle equals torch.func.hessian of the loss in the flat parameters."""
     model = make_mlp(dropout=0.0).eval()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (9,), generator=g)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(flat):
-        parts = torch.split(flat, [s.numel() for s in shapes])
-        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        out = torch.func.functional_call(model, params, (x,))
-        return torch.nn.functional.cross_entropy(out, y)
-
+    f, flat0 = flat_loss(model, x, lambda out: torch.nn.functional.cross_entropy(out, y))
     ref = torch.func.hessian(f)(flat0)
     H = dense_hessian(
         lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), model, [(x, y)]

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lightning_landscape._core.random import make_generator
 from lightning_landscape._core.vectors import ParamVector
@@ -124,23 +123,13 @@ def test_average_matches_sigma2_trace_over_2(offset):
     assert res.num_forward == 401 and res.num_backward == 0
 
 
-def _relu_net_objective(seed=0):
+def _relu_net_objective(flat_loss, seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     x = torch.randn(32, 4, dtype=D)
     y = torch.randint(0, 3, (32,))
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for _, p in net.named_parameters()]
-
-    def f(w):
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = w[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return nn.functional.cross_entropy(functional_call(net, params, (x,)), y)
-
-    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-    sizes = [s.numel() for s in shapes]
+    f, flat = flat_loss(net, x, lambda out: nn.functional.cross_entropy(out, y))
+    sizes = [p.numel() for p in net.parameters()]
     # layer 1 (weight and bias) × 10, layer 2 weight × 1/10, output bias unchanged
     factors = torch.cat(
         [
@@ -153,8 +142,8 @@ def _relu_net_objective(seed=0):
     return f, flat, factors
 
 
-def test_adaptive_invariant_to_relu_rescaling_while_sam_is_not():
-    f, w, factors = _relu_net_objective()
+def test_adaptive_invariant_to_relu_rescaling_while_sam_is_not(flat_loss):
+    f, w, factors = _relu_net_objective(flat_loss)
     w2 = w * factors
     assert float(f(w2)) == pytest.approx(float(f(w)), rel=1e-12)  # the same function
     a1 = adaptive_sharpness(FunctionObjective(f), w, 0.5, eta=0.0, steps=5)
@@ -169,7 +158,10 @@ def test_adaptive_invariant_to_relu_rescaling_while_sam_is_not():
     assert b.sharpness == pytest.approx(a1.sharpness, rel=1e-12)
 
 
-def test_batch_objective_restores_parameters_and_matches_function():
+def _mlp_objective(flat_loss):
+    """A float64 3-4-1 tanh MLP with MSE on two batches (5 and 3 samples): the module, a copy of
+    its parameters, its :class:`BatchObjective`, and the same loss as a function of flat weights
+    on the two batches together."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     batches = [(torch.randn(n, 3, dtype=D), torch.randn(n, 1, dtype=D)) for n in (5, 3)]
@@ -177,24 +169,22 @@ def test_batch_objective_restores_parameters_and_matches_function():
     def loss_fn(batch):
         return nn.functional.mse_loss(model(batch[0]), batch[1])
 
-    pv = ParamVector(list(model.parameters()))
     saved = [p.detach().clone() for p in model.parameters()]
-    obj = BatchObjective(loss_fn, pv, batches)
-    w = pv.get()
+    obj = BatchObjective(loss_fn, ParamVector(list(model.parameters())), batches)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    f, _ = flat_loss(model, x, lambda out: nn.functional.mse_loss(out, y))
+    return model, saved, obj, f
+
+
+def test_batch_objective_restores_parameters_and_matches_function(flat_loss):
+    model, saved, obj, f = _mlp_objective(flat_loss)
+    w = obj.params.get()
     res = sam_sharpness(obj, w, 0.1, steps=3, method="gradient")
     avg = average_sharpness(obj, w, 0.1, samples=3, generator=make_generator(0))
     for p, s in zip(model.parameters(), saved, strict=True):
         assert torch.equal(p, s) and p.grad is None
     assert (obj.num_forward, obj.num_backward) == (2 * 4 + 2 * 7, 2 * 3)
-
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-
-    def f(flat):
-        params = dict(
-            zip([n for n, _ in model.named_parameters()], _split(flat, saved), strict=True)
-        )
-        return nn.functional.mse_loss(functional_call(model, params, (x,)), y)
 
     ref = sam_sharpness(FunctionObjective(f), w, 0.1, steps=3, method="gradient")
     assert res.sharpness == pytest.approx(ref.sharpness, rel=1e-10)
@@ -202,14 +192,6 @@ def test_batch_objective_restores_parameters_and_matches_function():
         FunctionObjective(f), w, 0.1, samples=3, generator=make_generator(0)
     )
     assert avg.sharpness == pytest.approx(ref_avg.sharpness, rel=1e-10)
-
-
-def _split(flat, like):
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i : i + t.numel()].reshape(t.shape))
-        i += t.numel()
-    return out
 
 
 def test_nan_loss_gives_nan():
@@ -404,31 +386,14 @@ def test_keskar_first_order_part_and_one_model_for_all_radii():
         assert shared.num_hvp == 0 and alone.num_hvp == 20
 
 
-def test_batch_objective_krylov_restores_parameters_and_matches_function():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    batches = [(torch.randn(n, 3, dtype=D), torch.randn(n, 1, dtype=D)) for n in (5, 3)]
-
-    def loss_fn(batch):
-        return nn.functional.mse_loss(model(batch[0]), batch[1])
-
-    pv = ParamVector(list(model.parameters()))
-    saved = [p.detach().clone() for p in model.parameters()]
-    obj = BatchObjective(loss_fn, pv, batches)
-    w = pv.get() + 0.01  # away from the parameters' values
+def test_batch_objective_krylov_restores_parameters_and_matches_function(flat_loss):
+    model, saved, obj, f = _mlp_objective(flat_loss)
+    w = obj.params.get() + 0.01  # away from the parameters' values
     res = sam_sharpness(obj, w, 0.1, steps=5, polish=2)
     kes = keskar_sharpness(obj, w, 1e-2, steps=5, polish=2)
     for p, s in zip(model.parameters(), saved, strict=True):
         assert torch.equal(p, s) and p.grad is None
     assert res.num_hvp == 2 * 5  # 5 products over 2 batches
-
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    names = [n for n, _ in model.named_parameters()]
-
-    def f(flat):
-        params = dict(zip(names, _split(flat, saved), strict=True))
-        return nn.functional.mse_loss(functional_call(model, params, (x,)), y)
 
     ref = sam_sharpness(FunctionObjective(f), w, 0.1, steps=5, polish=2)
     assert res.sharpness == pytest.approx(ref.sharpness, rel=1e-8)

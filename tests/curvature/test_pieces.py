@@ -1,0 +1,118 @@
+"""Products on pieces of each batch (``micro_batch_size``): the same matrix as on whole batches
+where the loss is a mean over independent samples, whole batches (and one warning) where it is
+not, and pieces only as small as the memory budget needs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import namedtuple
+
+import pytest
+import torch
+
+from lightning_landscape.curvature import HessianOperator, dense_hessian
+from lightning_landscape.curvature.pieces import FLOOR, split_batch
+
+from ._problems import make_batches, make_loss, make_problem
+
+KINDS = ("cached", "double_backward", "func", "finite_difference", "auto")
+# torch's own warning when forward-mode AD first loads its decompositions ("func" products)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def probes(dim: int) -> torch.Tensor:
+    return torch.randn(dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+Pair = namedtuple("Pair", "x y")
+
+
+def test_split_batch_slices_samples_and_keeps_the_rest():
+    x, y, w = torch.arange(14.0).reshape(7, 2), torch.arange(7), torch.ones(3)
+    batch = {"pair": Pair(x, y), "list": [y, "tag"], "weights": w, "n": 7}
+    parts = split_batch(batch, 7, 3)
+    assert [len(p["pair"].y) for p in parts] == [2, 2, 3]  # ⌈7/3⌉ near-equal pieces
+    assert torch.equal(torch.cat([p["pair"].x for p in parts]), x)
+    assert torch.equal(torch.cat([p["list"][0] for p in parts]), y)
+    assert all(isinstance(p["pair"], Pair) and p["list"][1] == "tag" for p in parts)
+    assert all(p["weights"] is w and p["n"] == 7 for p in parts)  # not per-sample: shared
+    assert parts[0]["pair"].x.data_ptr() == x.data_ptr()  # views, no copies
+    assert split_batch(batch, 7, 7)[0]["pair"].x is not None and len(split_batch(x, 7, 7)) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pieces_give_the_dense_oracle_for_every_kind(kind):
+    """Eval mode (BatchNorm on running statistics, no dropout), a mean-reduced loss, batches of
+    5, 3 and 7 cut into pieces of at most 2: the matrix of the whole batches."""
+    p = make_problem("cnn", mode="eval")
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp=kind, micro_batch_size=2)
+    V = probes(op.dim)
+    tol = 1e-6 if kind == "finite_difference" else 1e-10
+    assert rel(op @ V, H @ V) < tol
+    assert op.batch_sizes == [1, 2, 2, 1, 2, 1, 2, 2, 2] and op.local_size == 15
+    assert rel(op.gradient(), HessianOperator(p.loss_fn, p.model, p.batches).gradient()) < 1e-12
+
+
+def test_auto_cuts_only_as_much_as_the_budget_needs():
+    p = make_problem("mlp", mode="eval")
+    whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=math.inf)
+    V = probes(whole.dim)
+    reference = whole @ V
+    assert whole.plan.piece == 0 and len(whole.batches) == 3
+    graph = whole.plan.graph_bytes  # the first batch's, estimated from a slice
+    for budget, most in ((graph, 5), (graph / 2, 3), (graph / 10, 1)):
+        op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=budget)
+        out = op @ V
+        assert 1 <= op.plan.piece <= most and "pieces of at most" in op.plan.reason
+        assert max(op.batch_sizes) <= op.plan.piece and sum(op.batch_sizes) == 15
+        assert rel(out, reference) < 1e-12
+        assert op.graphs.cached_bytes <= budget
+
+
+def test_default_budget_leaves_small_models_whole():
+    p = make_problem("mlp", mode="eval")
+    op = HessianOperator(p.loss_fn, p.model, p.batches)
+    op @ probes(op.dim)
+    assert op.plan.piece == 0 and op.plan.reason == "" and op.plan.budget == FLOOR
+
+
+@pytest.mark.parametrize(("loss", "mode"), [("ce_sum", "eval"), ("ce_mean", "train")])
+def test_loss_that_does_not_decompose_keeps_whole_batches_with_one_warning(loss, mode):
+    """A sum-reduced loss, or dropout and BatchNorm in train mode: a batch's loss is not the mean
+    of its pieces', so cutting would change the matrix; the batches stay whole and one warning
+    says why and what it costs."""
+    p = make_problem("cnn", loss, mode=mode)
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        V = probes(op.dim)
+        out = op @ V
+        op @ V
+    messages = [str(w.message) for w in caught if "pieces' mean" in str(w.message)]
+    assert len(messages) == 1 and "not a mean over independent samples" in messages[0]
+    assert op.plan.piece == 0 and len(op.batches) == 3
+    assert rel(out, H @ V) < 1e-10
+
+
+def test_micro_batch_size_is_checked():
+    p = make_problem("mlp", mode="eval")
+    for bad, err in (("8", TypeError), (2.0, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(err, match="`micro_batch_size` must be a positive int, 'auto' or None"):
+            HessianOperator(p.loss_fn, p.model, p.batches, micro_batch_size=bad)
+
+
+def test_batches_that_cannot_be_cut_are_refused_when_asked_for():
+    model = make_problem("mlp", mode="eval").model
+    batches = make_batches((4,))
+    op = HessianOperator(
+        make_loss(model), model, batches, micro_batch_size=2, batch_size_fn=lambda b: 5
+    )
+    with pytest.raises(ValueError, match="cannot be cut into pieces"):
+        op @ probes(op.dim)
