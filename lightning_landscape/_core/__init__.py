@@ -9,8 +9,9 @@
 - :mod:`.checks`: the argument checks (``TypeError``/``ValueError`` naming the argument);
 - :mod:`.space`: the vectors an algorithm holds and how they are measured (inner products,
   norms, random draws), whole or sharded;
-- :mod:`.sharding` and :mod:`.fsdp`: FSDP2 shards (their layout in the whole vector, the
-  :class:`~.sharding.ShardedSpace`) and passes through a sharded module (mean losses, gradients).
+- :mod:`.sharding`, :mod:`.fsdp` and :mod:`.fsdp1`: shards of FSDP2 and FSDP (v1) modules
+  (their layout in the whole vector, the :class:`~.sharding.ShardedSpace`), passes through a
+  sharded module (mean losses, gradients), and FSDP (v1)'s pieces, resharding and forward.
 
 Every other subpackage may import these modules; they import nothing above them.
 """

@@ -1,13 +1,14 @@
-"""Passes through an FSDP2 module over fixed batches: batch-weighted mean losses (forwards) and
-gradients (forwards and backwards), reduced across ranks, with the training's state untouched.
+"""Passes through a sharded module (FSDP2's ``fully_shard`` or FSDP (v1)'s wrapper) over fixed
+batches: batch-weighted mean losses (forwards) and gradients (forwards and backwards), reduced
+across ranks, with the training's state untouched.
 
-Every forward of an FSDP2 module is a chain of collectives (all-gathers), every backward
+Every forward of a sharded module is a chain of collectives (all-gathers), every backward
 another (all-gathers and reduce-scatters), so every rank must make the same number of passes: a
-rank with fewer batches pads with its first batch at weight 0. FSDP2 keeps the root's parameters
-unsharded after a forward (it expects the backward to follow), and a later forward reuses them,
-so each evaluation starts and ends with every FSDP module resharded (:func:`reshard_all`):
-perturbed shards are then always all-gathered afresh, and the training's next forward gathers
-the restored ones.
+rank with fewer batches pads with its first batch at weight 0. Both FSDPs keep the root's
+parameters unsharded after a forward (they expect the backward to follow), and a later forward
+reuses them, so each evaluation starts and ends with every FSDP module resharded
+(:func:`reshard_all`): perturbed shards are then always all-gathered afresh, and the training's
+next forward gathers the restored ones.
 """
 
 from __future__ import annotations
@@ -20,28 +21,48 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import batch_sizes
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.fsdp1 import flat_parameters_v1, reshard_fsdp1
 from lightning_landscape._core.vectors import flatten
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_part(t: Tensor) -> Tensor:
+    """This rank's part of a sharded parameter or gradient, flat and sharing its storage: the
+    local shard of an FSDP2 DTensor; FSDP (v1)'s flat views (and whole tensors) as they are."""
+    t = t.detach()
+    return (t.to_local() if is_dtensor(t) else t).view(-1)
+
+
 def reshard_all(module: nn.Module) -> None:
-    """Reshard every FSDP2 module in ``module`` (frees unsharded parameters; no collective)."""
+    """Reshard every FSDP2 module and free every FSDP (v1) unit's gathered parameters in
+    ``module`` (no collective)."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+    reshard_fsdp1(module)
 
 
 class FSDPBatches:
-    """This rank's fixed batches, for passes through an FSDP2 module.
+    """This rank's fixed batches, for passes through a sharded module.
 
     Built with one all-reduce (every rank builds it together): the total sample count N over
     all ranks and the number of passes (the largest batch count of any rank).
 
     Args:
-        module: the module ``fully_shard`` was applied to.
+        module: the module ``fully_shard`` was applied to, or the FSDP (v1) wrapper.
         batches: this rank's batches.
-        world: the size of the data-parallel mesh (FSDP2's reduce-scatter divides by it).
+        world: the number of ranks the parameters are sharded over (FSDP's gradient reduction
+            divides by it).
         batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size.
 
     Raises:
@@ -95,8 +116,8 @@ class FSDPBatches:
     ) -> tuple[float, Tensor]:
         """The mean loss Σ n_b L_b / N and this rank's shard of its gradient, through FSDP's own
         backward: the batch weights n_b · world / N undo the reduce-scatter's division by the
-        world size (FSDP2's default; a factor set by ``set_gradient_divide_factor`` is not
-        read, and would scale the result).
+        world size (the default of both FSDPs; a factor set by FSDP2's
+        ``set_gradient_divide_factor`` is not read, and would scale the result).
 
         **Why ``.backward()``** (the only one in the package; everything else uses
         ``torch.autograd.grad``): FSDP2 all-gathers the shards into temporary unsharded
@@ -104,13 +125,15 @@ class FSDPBatches:
         the sharded parameters (``torch.autograd.grad`` w.r.t. them raises "appears to not have
         been used in the graph"). The gradient reaches the shards only through FSDP's backward
         hooks, which reduce-scatter the unsharded gradients and accumulate them into the sharded
-        ``.grad``; they run only inside ``backward()``. So: every parameter's ``.grad`` object
-        of the module is saved and set to None, the passes run, the sharded ``.grad`` is copied
-        out, and the saved objects are put back (the training's gradients are never read or
-        written). Post-accumulate-grad hooks on the parameters (optimizer-in-backward) would
-        fire: they are not supported.
+        ``.grad``; they run only inside ``backward()``. FSDP (v1) is alike: its wrapper's forward
+        gathers the ``FlatParameter`` and its hooks reduce-scatter into ``FlatParameter.grad``,
+        of which the original parameters' ``.grad`` are views. So: every parameter's (and
+        ``FlatParameter``'s) ``.grad`` object of the module is saved and set to None, the passes
+        run, the sharded ``.grad`` is copied out, and the saved objects are put back (the
+        training's gradients are never read or written). Post-accumulate-grad hooks on the
+        parameters (optimizer-in-backward) would fire: they are not supported.
         """
-        every = list(self.module.parameters())
+        every = flat_parameters_v1(self.module) + list(self.module.parameters())
         saved = [p.grad for p in every]
         loss_sum = torch.zeros(1, dtype=torch.float64)
         reshard_all(self.module)
@@ -124,12 +147,12 @@ class FSDPBatches:
                     loss_sum[0] += n * float(loss.detach())
             grad = flatten(
                 [
-                    torch.zeros_like(p.detach().to_local()) if p.grad is None else p.grad.to_local()
+                    torch.zeros_like(local_part(p)) if p.grad is None else local_part(p.grad)
                     for p in params
-                ]
+                ]  # fmt: skip
             )
         finally:
+            reshard_all(self.module)  # FSDP (v1) takes a .grad of the sharded size only
             for p, g in zip(every, saved, strict=True):
                 p.grad = g
-            reshard_all(self.module)
         return float(all_reduce_sum_(loss_sum, self.distributed)[0]) / self.total_size, grad

@@ -1,38 +1,37 @@
-"""Sharded vectors: where each rank's shards of an FSDP2 module's parameters sit in the whole flat
-vector (:class:`ShardLayout`), and the :class:`~.space.Space` of vectors split that way
+"""Sharded vectors: where this rank's part of each parameter of a sharded module sits in the
+whole flat vector (:class:`ShardLayout`), and the :class:`~.space.Space` of vectors split that way
 (:class:`ShardedSpace`: inner products are all-reduced sums of local ones).
 
-``fully_shard`` (FSDP2) replaces each parameter of a module by a ``DTensor`` sharded on dim 0
-(``Shard(0)``) over a 1-D device mesh: rank r holds rows [o_r, o_r + n_r) of every parameter, with
-n_r = ceil(rows / world) for the first ranks and fewer (possibly none) for the last ones, so
-uneven sizes are fine. Flattened parameter by parameter in the module's order, the whole vector
-is the one a single process would use, and each rank's part is one contiguous range of every
-parameter's block (:class:`ShardLayout`).
+Two shardings give such parts, and one layout holds both:
+
+- ``fully_shard`` (FSDP2) replaces each parameter of a module by a ``DTensor`` sharded on dim 0
+  (``Shard(0)``) over a 1-D device mesh: rank r holds rows [o_r, o_r + n_r) of every parameter,
+  with n_r = ceil(rows / world) for the first ranks and fewer (possibly none) for the last ones,
+  so uneven sizes are fine.
+- FSDP (v1, ``FullyShardedDataParallel`` with ``use_orig_params=True``) gives each rank one
+  contiguous slice of each unit's flattened parameters: the original parameters are flat views
+  of their pieces in that slice, cut anywhere, possibly empty (:mod:`.fsdp1`).
+
+Either way each rank's part of a parameter is one contiguous range of its flattened entries.
+Flattened parameter by parameter in the module's order, the whole vector is the one a single
+process would use, and each rank's part is one contiguous range of every parameter's block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
-from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.fsdp import is_dtensor, local_part, reshard_all
+from lightning_landscape._core.fsdp1 import Piece, is_fsdp1, shard_pieces
 from lightning_landscape._core.space import Draw, Space
 from lightning_landscape._core.vectors import ParamVector, flatten
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a sharded parameter)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def is_fsdp2(module: nn.Module) -> bool:
@@ -46,6 +45,11 @@ def is_fsdp2(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters sharded by FSDP2 or FSDP (v1)."""
+    return is_fsdp2(module) or is_fsdp1(module)
 
 
 def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
@@ -62,7 +66,7 @@ def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
         if not is_dtensor(p):
             raise ValueError(
                 f"parameter {name!r} is not sharded (a {type(p).__name__}); the sharded Hessian "
-                "needs every trainable parameter under `fully_shard` (FSDP2)."
+                "needs every trainable parameter under `fully_shard` (FSDP2) or in an FSDP unit."
             )
         if tuple(p.placements) != (Shard(0),) or p.device_mesh.ndim != 1:
             raise ValueError(
@@ -83,47 +87,67 @@ def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
     return mesh
 
 
-class ShardLayout:
-    """Where this rank's shards of ``params`` sit in the whole flat vector.
+def dtensor_pieces(params: Sequence[Tensor], names: Sequence[str]) -> list[Piece]:
+    """``(start, count, world)`` of this rank's rows of each FSDP2 parameter, in entries of the
+    flattened parameter (one all-reduce of the row counts: every rank calls it together)."""
+    mesh = _check_sharded(params, names)
+    world, me = mesh.size(), mesh.get_local_rank()
+    rows = torch.zeros(world, len(params), dtype=torch.float64)
+    for i, p in enumerate(params):
+        rows[me, i] = p.to_local().shape[0] if p.dim() > 0 else 0
+    all_reduce_sum_(rows)
+    return [
+        (int(rows[:me, i].sum()) * math.prod(p.shape[1:]), p.to_local().numel(), world)
+        for i, p in enumerate(params)
+    ]
 
-    Built with one all-reduce of the row counts (every rank must build it together).
+
+class ShardLayout:
+    """Where this rank's parts of ``params`` sit in the whole flat vector.
 
     Args:
-        params: DTensor parameters, ``Shard(0)`` on one 1-D mesh spanning every rank.
+        params: the parameters: FSDP2 DTensors (``Shard(0)`` on one 1-D mesh spanning every
+            rank), or FSDP (v1)'s original parameters (flat views of this rank's pieces).
         names: their names (for error messages).
+        pieces: ``(start, count, world)`` of each parameter (see :func:`.fsdp1.shard_pieces`);
+            default: read from the DTensors, with one all-reduce of the row counts (every rank
+            must then build it together).
+        shapes: the whole parameters' shapes (default: ``params``' own, right for DTensors).
 
     It reads and writes this rank's part like :class:`~.vectors.ParamVector` reads and writes
     whole vectors (:meth:`get`, :meth:`set_`, :meth:`moved_to`).
 
     Attributes:
         dim: numel of the whole vector; local_dim: of this rank's part.
-        dtype, device: of the local shards.
+        dtype, device: of the local parts.
         ranges: ``(start, length)`` of this rank's part of each parameter in the whole vector.
-        rows: ``(first row, number of rows)`` of this rank's shard of each parameter.
-        world: the mesh size (FSDP2 divides the summed gradient by it).
+        starts: the first entry of this rank's part within each flattened parameter.
+        shapes: the whole parameters' shapes.
+        world: the number of ranks the parameters are sharded over (FSDP divides the summed
+            gradient by it).
     """
 
-    def __init__(self, params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        names: Sequence[str] | None = None,
+        pieces: Sequence[Piece] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         self.params = list(params)
         names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
-        mesh = _check_sharded(self.params, names)
-        self.world = mesh.size()
-        first = self.params[0].detach().to_local()
+        if pieces is None:
+            pieces = dtensor_pieces(self.params, names)
+        self.shapes = [tuple(s) for s in (shapes or [p.shape for p in self.params])]
+        self.world = max(w for _, _, w in pieces)
+        first = local_part(self.params[0])
         self.dtype, self.device = first.dtype, first.device
-        me = mesh.get_local_rank()
-        rows = torch.zeros(self.world, len(self.params), dtype=torch.float64)
-        for i, p in enumerate(self.params):
-            rows[me, i] = p.to_local().shape[0] if p.dim() > 0 else 0
-        all_reduce_sum_(rows)
+        self.starts = [start for start, _, _ in pieces]
         self.ranges: list[tuple[int, int]] = []
-        self.rows: list[tuple[int, int]] = []
         offset = 0
-        for i, p in enumerate(self.params):
-            row = math.prod(p.shape[1:])  # numel of one row of the whole parameter
-            before = int(rows[:me, i].sum())
-            self.rows.append((before, int(rows[me, i])))
-            self.ranges.append((offset + before * row, p.to_local().numel()))
-            offset += p.numel()
+        for (start, count, _), shape in zip(pieces, self.shapes, strict=True):
+            self.ranges.append((offset + start, count))
+            offset += math.prod(shape)
         self.dim = offset
         self.local_dim = sum(n for _, n in self.ranges)
 
@@ -142,7 +166,7 @@ class ShardLayout:
 
     def get(self) -> Tensor:
         """This rank's part of the parameters, flat (a copy)."""
-        return flatten([p.detach().to_local() for p in self.params]).clone()
+        return flatten([local_part(p) for p in self.params])
 
     @torch.no_grad()
     def set_(self, flat: Tensor) -> None:
@@ -150,9 +174,9 @@ class ShardLayout:
         the next forward all-gathers)."""
         pos = 0
         for p in self.params:
-            local = p.to_local()
+            local = local_part(p)
             n = local.numel()
-            local.copy_(flat[pos : pos + n].view_as(local))
+            local.copy_(flat[pos : pos + n])
             pos += n
 
     @contextlib.contextmanager
@@ -224,12 +248,37 @@ class ShardedSpace(Space):
         return Q.to(Y.dtype)
 
 
+def shard_layout(module: nn.Module, params: Iterable[Tensor] | None = None) -> ShardLayout:
+    """The :class:`ShardLayout` of ``params`` (default: every trainable parameter) of a sharded
+    module (FSDP2, or FSDP (v1): its wrapper or a module holding its units), every FSDP module
+    resharded first (a collective for FSDP2: every rank calls it).
+
+    Raises:
+        ValueError: if ``params`` is empty, or a parameter is not sharded over every rank
+            (see :func:`dtensor_pieces` and :func:`.fsdp1.shard_pieces`).
+    """
+    reshard_all(module)  # parameters left unsharded by a forward are plain (or whole) tensors
+    named = {id(p): n for n, p in module.named_parameters()}
+    chosen = [p for p in module.parameters() if p.requires_grad] if params is None else params
+    chosen = list(chosen)
+    if not chosen:
+        raise ValueError("`params` holds no trainable tensor.")
+    names = [named.get(id(p), "?") for p in chosen]
+    if not is_fsdp1(module):
+        return ShardLayout(chosen, names)
+    found = shard_pieces(module)
+    for p, name in zip(chosen, names, strict=True):
+        if id(p) not in found:
+            raise ValueError(f"parameter {name!r} is not sharded (in no FSDP unit); the sharded "
+                             "Hessian needs every trainable parameter in an FSDP unit.")  # fmt: skip
+    pieces, shapes = zip(*(found[id(p)] for p in chosen), strict=True)
+    return ShardLayout(chosen, names, pieces, shapes)
+
+
 def flat_parameters(module: nn.Module) -> ParamVector | ShardLayout:
     """The trainable parameters of ``module`` as one flat vector: a :class:`~.vectors.ParamVector`
-    of whole tensors, or under FSDP2 the :class:`ShardLayout` of this rank's shards (every FSDP
-    module resharded first; a collective: every rank calls it)."""
-    if is_fsdp2(module):
-        reshard_all(module)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        return ShardLayout([p for _, p in named], [n for n, _ in named])
+    of whole tensors, or for a sharded module (FSDP2, FSDP (v1)) the :class:`ShardLayout` of this
+    rank's parts (a collective: every rank calls it)."""
+    if is_sharded(module):
+        return shard_layout(module)
     return ParamVector([p for p in module.parameters() if p.requires_grad])

@@ -12,7 +12,7 @@ residuals) as the operator's *local* vectors and measures them through the opera
 
 An operator on whole vectors (:class:`~.operator.HessianOperator` under DDP, a dense matrix)
 needs nothing: :func:`space_of` gives it the plain :class:`Space`, whose reductions are the
-local ones, bit for bit what the algorithms computed before. A sharded operator (FSDP2:
+local ones, bit for bit what the algorithms computed before. A sharded operator (FSDP2, FSDP (v1):
 :class:`~lightning_landscape.curvature.sharded.ShardedHessianOperator`) carries a ``space``
 attribute whose vectors are this rank's shards and whose reductions all-reduce the partial sums
 (:class:`~.sharding.ShardedSpace`), so the algorithms give the same answers on shards as on

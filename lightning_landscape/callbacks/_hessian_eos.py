@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature.stability import (
@@ -56,11 +55,11 @@ def measure_eos(
         )
         out[key("eos_ratio")] = math.nan
         return out, 0
-    if is_fsdp2(ctx.module):  # the preconditioned operator needs whole, unsharded vectors
+    if ctx.sharded_module is not None:  # the preconditioned operator needs whole vectors
         ctx.warn(
             f"HessianMonitor-{key('eos-sharded')}",
             f"HessianMonitor: the preconditioned sharpness of {type(ctx.optimizer).__name__} is "
-            f"not measured on sharded (FSDP2) models; `{key('eos_ratio')}` is logged as NaN.",
+            f"not measured on sharded (FSDP) models; `{key('eos_ratio')}` is logged as NaN.",
         )
         out[key("eos_ratio")] = math.nan
         return out, 0

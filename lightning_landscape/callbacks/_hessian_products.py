@@ -1,7 +1,7 @@
 """HessianMonitor's products: the operator of each measurement, and the kind ``hvp="auto"``
 chose, kept for the rest of the fit and stated once.
 
-Under FSDP2 (``ModelParallelStrategy``) the operator is a
+Under FSDP2 (``ModelParallelStrategy``) and FSDP (v1) (``FSDPStrategy``) the operator is a
 :class:`~lightning_landscape.curvature.ShardedHessianOperator` (shards, finite differences);
 otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monitor's kind.
 """
@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import (
     HessianOperator,
@@ -32,10 +31,11 @@ def make_operator(
 ):
     """An operator of the kind of this fit (``"auto"`` until the first one has chosen), of the
     Hessian of ``loss_fn`` (default the context's loss)."""
-    if is_fsdp2(ctx.module):
+    sharded = ctx.sharded_module
+    if sharded is not None:
         return ShardedHessianOperator(
             ctx.loss_fn,
-            ctx.module,
+            sharded,
             ctx.batches,
             params=None if params is ctx.module else params,
             step=monitor.fd_step,
@@ -165,7 +165,11 @@ def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[
     (recursively), or with ``True`` the parameters each submodule owns directly (disjoint)."""
     if per_module is False:
         return []
-    named = dict(module.named_modules())
+
+    def clean(name: str) -> str:  # an FSDP (v1) unit's wrapped module answers to the unit's name
+        return name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
+
+    named = {clean(n): m for n, m in module.named_modules()}  # the wrapped module last: kept
     if isinstance(per_module, list):
         chosen = [(n, list(named[n].parameters())) for n in per_module]
     else:

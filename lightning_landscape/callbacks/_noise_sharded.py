@@ -1,6 +1,15 @@
-"""NoiseTemperatureMonitor's gradient readings under FSDP2 (``ModelParallelStrategy``).
+"""NoiseTemperatureMonitor's gradient readings under FSDP2 (``ModelParallelStrategy``) and FSDP
+(v1) (``FSDPStrategy``).
 
-Under FSDP2 no rank ever holds its local (pre-reduction) gradient as a whole: FSDP reduce-scatters
+**FSDP (v1)** gathers each unit's parameters as views of its ``FlatParameter``, the leaf that
+autograd accumulates into: tensor hooks on it see this rank's local, unsharded gradient of every
+backward pass, before FSDP's reduce-scatter (and in the ``no_sync`` passes Lightning runs between
+the micro-batches of gradient accumulation), exactly as DDP's hooks on the parameters do.
+:class:`FlatGradientHooks` is :class:`~._noise_step.GradientHooks` on those leaves: the small
+batches are each rank's micro-batches; the big batch is the sharded ``.grad``, whose squared
+norm is summed over ranks.
+
+**FSDP2** never forms a rank's local (pre-reduction) gradient as a whole: FSDP reduce-scatters
 each unsharded gradient inside the backward, and tensor hooks on the sharded parameters never
 fire. What can be observed is the sharded ``.grad`` after each backward pass, which already holds
 the mean over the ranks. With gradient accumulation (Lightning does not block FSDP2's
@@ -24,8 +33,21 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
+from lightning_landscape._core.fsdp import local_part
 from lightning_landscape._core.vectors import flatten
-from lightning_landscape.callbacks._noise_step import trainable_params
+from lightning_landscape.callbacks._noise_step import GradientHooks, trainable_params
+
+
+class FlatGradientHooks(GradientHooks):
+    """:class:`~._noise_step.GradientHooks` on FSDP (v1)'s ``FlatParameter`` s (attach them as
+    one parameter group); the big batch's |.grad|² is summed over the ranks' shards (a
+    collective: every rank calls :meth:`grad_norm_sq`)."""
+
+    def grad_norm_sq(self) -> float | None:
+        local = super().grad_norm_sq()
+        total = torch.tensor([local or 0.0, float(local is not None)], dtype=torch.float64)
+        all_reduce_sum_(total, is_distributed())
+        return float(total[0]) if total[1] > 0 else None
 
 
 class ShardedGradientSteps:
@@ -69,9 +91,7 @@ class ShardedGradientSteps:
         """This rank's shards of ``.grad``, flat, in float64 (zeros where there is none)."""
         return flatten(
             [
-                (p.grad.to_local() if p.grad is not None else torch.zeros_like(p.to_local()))
-                .detach()
-                .double()
+                local_part(p.grad if p.grad is not None else torch.zeros_like(p)).double()
                 for p in self.params
             ]
         )

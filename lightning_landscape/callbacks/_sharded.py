@@ -1,22 +1,32 @@
-"""The monitors under sharded strategies: which ones run, and which are refused at setup.
+"""The monitors under sharded strategies: which ones run, on what, and which are refused at setup.
 
 - ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, 1-D
-  data-parallel mesh): every parameter is a DTensor shard. The monitors that support it
-  (``supports_sharded``) measure on shards: HessianMonitor by finite differences of gradients
-  through FSDP's backward (:mod:`lightning_landscape.curvature.sharded`). Tensor parallelism
-  (2-D meshes) is refused at the first measurement, naming the parameter.
-- ``FSDPStrategy`` (FSDP1) is refused: it flattens each wrapped module's parameters into one
-  padded ``FlatParameter`` per rank and runs the forward through its wrapper, so neither the
-  shard layout nor the forward path of FSDP2 applies (and Lightning runs it on GPUs only, where
-  it could not be tested here). Use ``ModelParallelStrategy`` with ``fully_shard``.
-- DeepSpeed is refused: ZeRO partitions parameters and gradients in its own engine, outside
-  torch's DTensor, and steps the optimizer itself.
+  data-parallel mesh): every parameter is a DTensor shard. Tensor parallelism (2-D meshes) is
+  refused at the first measurement, naming the parameter.
+- ``FSDPStrategy`` (FSDP v1): Lightning wraps the LightningModule in ``FullyShardedDataParallel``
+  (or the module holds units it wrapped in ``configure_model``); with ``use_orig_params=True``
+  (Lightning's default) the original parameters are flat views of each rank's slice of the
+  units' ``FlatParameter``. The measurements run the module inside the wrapper's forward, as
+  Lightning runs ``training_step`` (:func:`fsdp_wrapper`). Refused at setup, with the option
+  to change: ``use_orig_params=False``, CPU offload, hybrid sharding, ``NO_SHARD`` on several
+  ranks, and half-precision parameters or gradient reduction (``precision`` other than
+  ``"32-true"``, or a ``mixed_precision`` with float16/bfloat16): finite differences of
+  half-precision gradients are dominated by round-off.
+
+The monitors that support both (``supports_sharded``) measure on shards: HessianMonitor by
+finite differences of gradients through FSDP's backward
+(:mod:`lightning_landscape.curvature.sharded`). DeepSpeed is refused: ZeRO partitions
+parameters and gradients in its own engine, outside torch's FSDP, and steps the optimizer itself.
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
 
+from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.sharding import is_sharded
 from lightning_landscape.callbacks._errors import SetupError
 
 
@@ -33,24 +43,89 @@ def strategy_kind(trainer: pl.Trainer) -> str:
     return ""
 
 
-_WHY = {
-    "fsdp": "FSDP (v1) keeps each rank's parameters in padded FlatParameters behind its wrapper; "
-    "the monitors measure sharded models under ModelParallelStrategy (FSDP2: `fully_shard` in "
-    "`configure_model`)",
-    "deepspeed": "DeepSpeed partitions parameters and gradients in its own engine, outside "
-    "torch's DTensor",
-}
+def sharded_fit(trainer: pl.Trainer, pl_module: nn.Module) -> bool:
+    """Whether the module is, or will be, sharded (at setup, before ``configure_model`` and the
+    strategy's wrapping, the strategy tells)."""
+    return strategy_kind(trainer) in ("fsdp", "fsdp2") or is_sharded(pl_module)
 
 
-def refuse_sharded(trainer: pl.Trainer, owner: str, why: str, *, fsdp2: bool = False) -> None:
-    """Raise :class:`SetupError` (a ``ValueError``) at setup for a strategy ``owner`` cannot measure under, saying why:
-    FSDPStrategy and DeepSpeed always, ModelParallelStrategy unless ``fsdp2`` (then ``why``)."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fsdp1_problems(trainer: pl.Trainer, half: bool) -> list[str]:
+    """What in the ``FSDPStrategy``'s configuration the sharded measurements cannot work with
+    (``half``: half precision included)."""
+    strategy = trainer.strategy
+    kwargs = getattr(strategy, "kwargs", None) or {}
+    sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", "FULL_SHARD")
+    precision = getattr(strategy, "mixed_precision_config", None)
+    dtypes = [getattr(precision, k, None) for k in ("param_dtype", "reduce_dtype")]
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    problems = [
+        (kwargs.get("use_orig_params", True) is False, "use_orig_params=False registers no "
+         "original parameters (set use_orig_params=True, Lightning's default)"),
+        (getattr(getattr(strategy, "cpu_offload", None), "offload_params", False),
+         "cpu_offload keeps the shards on the CPU (drop cpu_offload)"),
+        ("HYBRID" in sharding, f"sharding_strategy={sharding} replicates the shards across "
+         "nodes (use FULL_SHARD or SHARD_GRAD_OP)"),
+        (sharding == "NO_SHARD" and world > 1, "sharding_strategy=NO_SHARD replicates every "
+         "parameter, as DDP does (use FULL_SHARD, or strategy='ddp')"),
+        (half and any(d in _HALF for d in dtypes), "a half-precision forward or gradient reduction "
+         f"({', '.join(str(d) for d in dtypes if d in _HALF)}) drowns finite differences in "
+         "round-off (use precision='32-true' and no half-precision `mixed_precision`)"),
+    ]  # fmt: skip
+    return [why for bad, why in problems if bad]
+
+
+def refuse_sharded(
+    trainer: pl.Trainer, owner: str, why: str, *, sharded: bool = False, half: bool = True
+) -> None:
+    """Raise :class:`SetupError` (a ``ValueError``) at setup for a strategy ``owner`` cannot
+    measure under, saying why: DeepSpeed always; ModelParallelStrategy and FSDPStrategy unless
+    ``sharded`` (then ``why``); FSDPStrategy configurations the sharded measurements cannot work
+    with (see the module's docstring; half precision only with ``half``: finite differences)."""
     kind = strategy_kind(trainer)
-    if kind in _WHY or (kind == "fsdp2" and not fsdp2):
-        name = type(trainer.strategy).__name__
-        reason = _WHY.get(kind, why)
+    name = type(trainer.strategy).__name__
+    if kind == "deepspeed" or (kind in ("fsdp", "fsdp2") and not sharded):
+        reason = (
+            "DeepSpeed partitions parameters and gradients in its own engine, outside torch's FSDP"
+            if kind == "deepspeed"
+            else why
+        )
         raise SetupError(
             f"{owner} does not support the {name} strategy: {reason}. "
             "Use DDP (strategy='ddp' or 'ddp_spawn'), a single device"
-            + (" or ModelParallelStrategy with FSDP2." if fsdp2 else ".")
+            + (", ModelParallelStrategy (FSDP2) or FSDPStrategy." if sharded else ".")
+        )
+    problems = _fsdp1_problems(trainer, half) if kind == "fsdp" else []
+    if problems:
+        raise SetupError(f"{owner} cannot measure under this {name}: {'; '.join(problems)}.")
+
+
+def fsdp_wrapper(trainer: pl.Trainer, pl_module: nn.Module) -> nn.Module | None:
+    """The ``FullyShardedDataParallel`` wrapper ``pl_module`` runs inside under ``FSDPStrategy``
+    (``trainer.strategy.model``); None otherwise, and when the module holds its FSDP units
+    itself (wrapped in ``configure_model``)."""
+    model = getattr(trainer.strategy, "model", None)
+    if strategy_kind(trainer) != "fsdp" or model is None or model is pl_module:
+        return None
+    return model
+
+
+def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
+    """Reshard every FSDP module of a sharded ``module`` (a forward may have left the root's
+    parameters gathered), and refuse half-precision parameters there.
+
+    Raises:
+        ValueError: if ``upcast`` (half-precision parameters) and ``module`` is sharded.
+    """
+    if not is_sharded(module):
+        return
+    reshard_all(module)
+    if upcast:
+        raise ValueError(
+            f"{owner}: half-precision parameters under FSDP cannot be upcast for the "
+            "measurement (FSDP owns their storage), and finite differences in half precision "
+            "are meaningless; keep float32 parameters (with FSDP2's MixedPrecisionPolicy the "
+            "forward still runs in half precision: read hessian/fd_error)."
         )

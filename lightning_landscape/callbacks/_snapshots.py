@@ -6,21 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 
 from lightning_landscape._core.sharding import ShardLayout, flat_parameters
 from lightning_landscape.landscape.trajectory import Snapshots
 
 
-def checked_parameters(snapshots: Snapshots, pl_module: pl.LightningModule) -> Any:
-    """The module's flat parameters (a :class:`ShardLayout` under FSDP2), after checking that
-    restored snapshots match them.
+def checked_parameters(snapshots: Snapshots, module: nn.Module) -> Any:
+    """The module's flat parameters (a :class:`ShardLayout` under FSDP: pass the FSDP (v1)
+    wrapper, if any), after checking that restored snapshots match them.
 
     Raises:
         ValueError: if the restored snapshots do not have the module's number of parameters.
     """
-    pv = flat_parameters(pl_module)
+    pv = flat_parameters(module)
     local = pv.local_dim if isinstance(pv, ShardLayout) else pv.dim
     if isinstance(pv, ShardLayout) and len(snapshots):
         rank_zero_warn(

@@ -21,8 +21,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
-from lightning_landscape._core.fsdp import reshard_all
-from lightning_landscape._core.sharding import is_fsdp2
+from lightning_landscape._core.fsdp1 import through
 from lightning_landscape.callbacks import _logging, _progress, _summary
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
@@ -39,7 +38,7 @@ from lightning_landscape.callbacks._isolation import (
     plain_attributes,
     warn_side_effects,
 )
-from lightning_landscape.callbacks._sharded import refuse_sharded
+from lightning_landscape.callbacks._sharded import check_sharded, fsdp_wrapper, refuse_sharded
 from lightning_landscape.callbacks._trainer_state import (
     check_prefix,
     epochs_done,
@@ -102,7 +101,8 @@ class LandscapeMonitor(Callback):
     """
 
     namespace = "landscape"
-    #: measures FSDP2-sharded modules (ModelParallelStrategy); the others are refused at setup
+    #: measures sharded modules (ModelParallelStrategy's FSDP2, FSDPStrategy); the others are
+    #: refused at setup
     supports_sharded = False
 
     def __init__(
@@ -206,7 +206,7 @@ class LandscapeMonitor(Callback):
             trainer,
             type(self).__name__,
             "sharded parameters have no full Hessian-vector product or loss here",
-            fsdp2=self.supports_sharded,
+            sharded=self.supports_sharded,
         )
         warn_shared_prefix(trainer, self)
         pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
@@ -277,19 +277,10 @@ class LandscapeMonitor(Callback):
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
         batches = self.fixed_batches(trainer, pl_module)
-        sharded = is_fsdp2(pl_module)
-        if sharded:  # a forward may have left the root's parameters unsharded
-            reshard_all(pl_module)
+        wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
-        if sharded and upcast:
-            raise ValueError(
-                f"{type(self).__name__}: half-precision parameters under FSDP2 cannot be upcast "
-                "for the measurement (FSDP owns their storage), and finite differences in half "
-                "precision are meaningless; keep float32 parameters (with FSDP2's "
-                "MixedPrecisionPolicy the forward still runs in half precision: read "
-                "hessian/fd_error)."
-            )
+        check_sharded(pl_module if wrapper is None else wrapper, type(self).__name__, upcast)
         before = plain_attributes(pl_module) if self.loss_fn is None else None
         calls = [0]
         start = time.perf_counter()
@@ -300,10 +291,13 @@ class LandscapeMonitor(Callback):
             measuring(pl_module, self.mode, forward_dtype(trainer, pl_module)),
         ):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches
+            loss = module_loss(pl_module, used, self.loss_fn)
             ctx = MeasureContext(
                 module=pl_module,
                 batches=used,
-                loss_fn=counted(module_loss(pl_module, used, self.loss_fn), calls),
+                loss_fn=counted(
+                    loss if wrapper is None else through(wrapper, pl_module, loss), calls
+                ),
                 params=[p for p in pl_module.parameters() if p.requires_grad],
                 seed=self.seed,
                 step=step,
@@ -315,6 +309,7 @@ class LandscapeMonitor(Callback):
                 log_histogram=partial(_logging.log_histogram, trainer, step=step),
                 optimizer=trainer.optimizers[0] if trainer.optimizers else None,
                 warn=partial(_logging.warn_once, trainer),
+                wrapper=wrapper,
             )
             failed = False
             try:

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._core.fsdp1 import through
 from lightning_landscape._core.random import derive_seed, make_generator
+from lightning_landscape._core.sharding import is_sharded
 
 
 def _no_status(what: str, done: int | None = None, total: int | None = None) -> None:
@@ -63,6 +65,9 @@ class MeasureContext:
         optimizer: the first optimizer of the fit (None without one), read by measurements
             that depend on it (the edge-of-stability threshold, Adam's preconditioner).
         warn: ``warn(key, message)``: one warning per fit and key, on rank zero.
+        wrapper: the FSDP (v1) wrapper ``module`` runs inside (``FSDPStrategy``: its forward
+            gathers the parameters); None otherwise. ``loss_fn`` already runs through it; other
+            functions of a batch that run the module go through :meth:`through`.
 
     Example (a monitor measured by hand, without a Trainer)::
 
@@ -89,12 +94,25 @@ class MeasureContext:
     log_histogram: Callable[[str, Tensor, Tensor], None] = _no_histogram
     optimizer: Any = None
     warn: Callable[[str, str], None] = _warn
+    wrapper: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if not self.params:
             trainable = [p for p in self.module.parameters() if p.requires_grad]
             object.__setattr__(self, "params", trainable)
         object.__setattr__(self, "batches", list(self.batches))
+
+    @property
+    def sharded_module(self) -> nn.Module | None:
+        """The module whose FSDP shards hold the parameters (the FSDP (v1) wrapper, or ``module``
+        under FSDP2), to hand the sharded estimators; None when the parameters are whole."""
+        root = self.module if self.wrapper is None else self.wrapper
+        return root if is_sharded(root) else None
+
+    def through(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``fn(batch)`` run inside the wrapper's forward (:func:`~lightning_landscape._core.fsdp1.through`),
+        or ``fn`` itself without a wrapper."""
+        return fn if self.wrapper is None else through(self.wrapper, self.module, fn)
 
     def seed_for(self, *salt: int | str) -> int:
         """The seed of the stream named by ``salt`` at this measurement:

@@ -16,10 +16,10 @@ from lightning_landscape._core.checks import (
     check_positive_int,
     check_real,
 )
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks._errors import SetupError
+from lightning_landscape.callbacks._sharded import sharded_fit
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.operator import KINDS, HVPMode
@@ -58,11 +58,12 @@ class HessianMonitor(LandscapeMonitor):
     eagerly and switch cuDNN off for RNNs (:mod:`lightning_landscape.curvature.kernels`); an
     operation with no double backward at all logs NaN with one warning naming it.
 
-    **Sharded models** (``ModelParallelStrategy`` with FSDP2's ``fully_shard``): every vector of
-    the run is kept as this rank's shards (the Lanczos basis costs k · P / world per rank) and
-    every product is a central difference of two gradients taken through FSDP's own backward
+    **Sharded models** (``ModelParallelStrategy`` with FSDP2's ``fully_shard``, or
+    ``FSDPStrategy``): every vector of the run is kept as this rank's shards (the Lanczos basis
+    costs k · P / world per rank) and every product is a central difference of two gradients
+    taken through FSDP's own forward and backward
     (:class:`~lightning_landscape.curvature.sharded.ShardedHessianOperator`; ``hvp`` is ignored:
-    FSDP2 allows no exact product). The error the finite differences put on λ_max is estimated
+    FSDP allows no exact product). The error the finite differences put on λ_max is estimated
     and logged (``hessian/fd_error``); on a ReLU network (kinks) it can be large: read it.
 
     Args:
@@ -121,10 +122,11 @@ class HessianMonitor(LandscapeMonitor):
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
-        SetupError: (a ``ValueError``) at setup, for FSDP (v1)/DeepSpeed, manual optimization
-            without ``loss_fn``, ``top_k`` above the number of parameters, unknown
-            ``per_module`` names, and ``ggn=True`` with neither ``ggn_fn`` nor
-            ``output_and_target``.
+        SetupError: (a ``ValueError``) at setup, for DeepSpeed, an ``FSDPStrategy`` setting the
+            sharded measurements cannot work with (see :mod:`~lightning_landscape.callbacks._sharded`),
+            manual optimization without ``loss_fn``, ``top_k`` above the number of parameters,
+            unknown ``per_module`` names, ``ggn=True`` under FSDP, and ``ggn=True`` with neither
+            ``ggn_fn`` nor ``output_and_target``.
 
     Logged metrics (at the global step of each measurement; ``hessian`` is the default
     ``prefix``):
@@ -277,9 +279,9 @@ class HessianMonitor(LandscapeMonitor):
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
         if self.ggn:
             _hessian_ggn.check_setup(pl_module, self.ggn_fn)
-            if is_fsdp2(pl_module):
+            if sharded_fit(trainer, pl_module):
                 raise SetupError(
-                    "HessianMonitor(ggn=True) does not support sharded (FSDP2) models: the "
+                    "HessianMonitor(ggn=True) does not support sharded (FSDP) models: the "
                     "Gauss-Newton products need the whole model output's Jacobian."
                 )
         if isinstance(self.per_module, list):

@@ -11,11 +11,13 @@ from torch import Tensor
 from lightning_landscape._core.batches import default_batch_size
 from lightning_landscape._core.checks import check_bool, check_callable, check_real
 from lightning_landscape._core.distributed import is_distributed
+from lightning_landscape._core.fsdp1 import flat_parameters_v1
 from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._compat import Callback
-from lightning_landscape.callbacks._noise_sharded import ShardedGradientSteps
+from lightning_landscape.callbacks._noise_sharded import FlatGradientHooks, ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
+from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._trainer_state import check_prefix, warn_shared_prefix
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
@@ -63,11 +65,14 @@ class NoiseTemperatureMonitor(Callback):
     (divide the temperature by their number if you divide their losses by it; the noise scale
     assumes undivided losses and, on one device, steps over at least two batches).
 
-    **Sharded models** (``ModelParallelStrategy`` with FSDP2): the temperature as above. No rank
-    ever holds its local gradient (FSDP reduce-scatters it inside the backward), so the small
-    batches are the micro-batches of gradient accumulation taken on every rank together (the
-    increments of the sharded ``.grad`` over each backward pass, squared norms reduced across
-    ranks); without accumulation, the temperature only, with one warning.
+    **Sharded models**: the temperature as above. Under ``FSDPStrategy`` (FSDP v1) each rank's
+    local gradient of each backward pass is seen by hooks on the units' ``FlatParameter``s, as
+    under DDP (the big batch is the sharded ``.grad``, its squared norm reduced). Under
+    ``ModelParallelStrategy`` (FSDP2) no rank ever holds its local gradient (FSDP reduce-scatters
+    it inside the backward), so the small batches are the micro-batches of gradient accumulation
+    taken on every rank together (the increments of the sharded ``.grad`` over each backward
+    pass, squared norms reduced across ranks); without accumulation, the temperature only, with
+    one warning.
 
     Only the first optimizer (``trainer.optimizers[0]``) is followed. The monitor never calls
     ``backward`` and never writes ``.grad``: the hooks only read, training is unchanged.
@@ -83,8 +88,9 @@ class NoiseTemperatureMonitor(Callback):
             prefixes to log both.
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for the FSDP (v1)
-            and DeepSpeed strategies.
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed and
+            for ``FSDPStrategy`` with ``use_orig_params=False``, CPU offload, hybrid sharding or
+            ``NO_SHARD`` on several ranks.
 
     Logged metrics (at the global step s of the update, before it is applied; ``noise`` is the
     default ``prefix``):
@@ -167,7 +173,8 @@ class NoiseTemperatureMonitor(Callback):
             "NoiseTemperatureMonitor",
             "its gradients are sharded, so per-rank gradient norms are not those of the full "
             "gradient",
-            fsdp2=True,
+            sharded=True,
+            half=False,
         )
         warn_shared_prefix(trainer, self)
 
@@ -187,7 +194,8 @@ class NoiseTemperatureMonitor(Callback):
         if is_fsdp2(pl_module):
             self._attach_sharded(trainer, pl_module)
             return
-        self._hooks = GradientHooks()
+        units = flat_parameters_v1(fsdp_wrapper(trainer, pl_module) or pl_module)
+        self._hooks = FlatGradientHooks() if units else GradientHooks()
         single = trainer.world_size == 1 and (
             pl_module.automatic_optimization and trainer.accumulate_grad_batches == 1
         )
@@ -200,7 +208,7 @@ class NoiseTemperatureMonitor(Callback):
                 "(use accumulate_grad_batches > 1 or several devices).",
             )
             return
-        self._hooks.attach(trainer.optimizers[0].param_groups)
+        self._hooks.attach([{"params": units}] if units else trainer.optimizers[0].param_groups)
 
     def _attach_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """FSDP2: the micro-batches of gradient accumulation are the small batches; without

@@ -13,7 +13,6 @@ from lightning_landscape._core.checks import (
     check_positive_values,
     check_real,
 )
-from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.landscape.local_entropy import local_entropy
@@ -89,11 +88,11 @@ class SharpnessMonitor(LandscapeMonitor):
     train/eval modes after the measurement; training is unchanged (see
     :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
-    Sharded models (``ModelParallelStrategy`` with FSDP2): each rank perturbs its shards in place,
-    losses and gradients go through FSDP's forward and backward and are reduced across ranks
-    (:class:`~lightning_landscape.landscape.sharded.ShardedBatchObjective`); the values equal the
-    single-process ones on the union of the ranks' batches. The ascent holds whole flat vectors
-    (a few times P per rank) while it runs.
+    Sharded models (``ModelParallelStrategy`` with FSDP2, ``FSDPStrategy``): each rank perturbs
+    its shards in place, losses and gradients go through FSDP's forward and backward and are
+    reduced across ranks (:class:`~lightning_landscape.landscape.sharded.ShardedBatchObjective`);
+    the values equal the single-process ones on the union of the ranks' batches. The ascent holds
+    whole flat vectors (a few times P per rank) while it runs.
 
     Args:
         kinds: which measures (any of ``"sam"``, ``"adaptive"``, ``"average"``, ``"keskar"``).
@@ -115,8 +114,9 @@ class SharpnessMonitor(LandscapeMonitor):
             ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
-            or manual optimization without ``loss_fn``.
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
+            ``FSDPStrategy`` setting the sharded measurements cannot work with, or manual
+            optimization without ``loss_fn``.
 
     Logged metrics (at the global step of each measurement, ``sharpness`` being the default
     ``prefix``; when a measure has several values,
@@ -237,8 +237,8 @@ class SharpnessMonitor(LandscapeMonitor):
         return keys + [self.key(k) for k in ("num_forward", "num_backward", "num_hvp")]
 
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        if is_fsdp2(ctx.module):
-            objective = ShardedBatchObjective(ctx.loss_fn, ctx.module, ctx.batches)
+        if ctx.sharded_module is not None:
+            objective = ShardedBatchObjective(ctx.loss_fn, ctx.sharded_module, ctx.batches)
             w = objective.get()
         else:
             pv = ParamVector(ctx.params)

@@ -13,6 +13,7 @@ from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
+from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._snapshots import checked_parameters, thin_snapshots
 from lightning_landscape.callbacks._trainer_state import epochs_done
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
@@ -40,11 +41,12 @@ class TrajectoryMonitor(LandscapeMonitor):
     faithful it is. Under DDP each rank evaluates its own batches and the sums are reduced; the
     snapshots, directions and planes are identical on every rank.
 
-    Sharded models (``ModelParallelStrategy`` with FSDP2): each rank keeps its own shards of the
-    snapshots (``max_snapshots`` · P / world per rank), distances and the PCA's Gram matrix,
-    coordinates and off-plane distances are reduced across ranks, and the random slice
-    directions are the shards of the single-process ones: every value equals the single-process
-    one on the union of the ranks' batches. Snapshots restored from a checkpoint are dropped with
+    Sharded models (``ModelParallelStrategy`` with FSDP2, ``FSDPStrategy``): each rank keeps its
+    own shards of the snapshots (``max_snapshots`` · P / world per rank), distances and the PCA's
+    Gram matrix, coordinates and off-plane distances are reduced across ranks, and the random
+    slice directions are the shards of the single-process ones (filter norms summed across ranks
+    where FSDP (v1) cuts a filter): every value equals the single-process one on the union of the
+    ranks' batches. Snapshots restored from a checkpoint are dropped with
     a warning (a checkpoint holds one rank's shards), so a resumed sharded fit starts its
     trajectory afresh.
 
@@ -69,9 +71,10 @@ class TrajectoryMonitor(LandscapeMonitor):
             ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
-        TypeError, ValueError: on invalid arguments, naming them; at setup, for FSDP (v1)/DeepSpeed
-            or manual optimization without ``loss_fn``; at train start, if restored snapshots do
-            not match the number of trainable parameters.
+        TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
+            ``FSDPStrategy`` setting the sharded measurements cannot work with, or manual
+            optimization without ``loss_fn``; at train start, if restored snapshots do not
+            match the number of trainable parameters.
 
     Logged metrics (at the global step of each measurement; distances in weight units;
     ``trajectory`` is the default ``prefix``):
@@ -172,7 +175,7 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pv = checked_parameters(self.snapshots, pl_module)
+        pv = checked_parameters(self.snapshots, fsdp_wrapper(trainer, pl_module) or pl_module)
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
         super().on_train_start(trainer, pl_module)
@@ -206,7 +209,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     def _value_fn(self, ctx: MeasureContext, pv: Any, what: str, metric: bool = False):
         fns = [ctx.loss_fn]
         if metric and self.metric_fn is not None:
-            fns.append(lambda batch: self.metric_fn(ctx.module, batch))
+            fns.append(ctx.through(lambda batch: self.metric_fn(ctx.module, batch)))
         passes = self._passes
 
         def value(theta: Tensor) -> list[float]:
@@ -221,11 +224,11 @@ class TrajectoryMonitor(LandscapeMonitor):
         return value
 
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        pv = flat_parameters(ctx.module)
+        pv = flat_parameters(ctx.sharded_module or ctx.module)
         self._space, self._passes, self._layout = None, None, None
         if isinstance(pv, ShardLayout):
             self._space = ShardedSpace(pv, torch.float64, torch.device("cpu"))
-            self._passes = FSDPBatches(ctx.module, ctx.batches, pv.world)
+            self._passes = FSDPBatches(ctx.sharded_module, ctx.batches, pv.world)
             self._layout = pv
         theta = pv.get()
         self._points = self._forward = 0

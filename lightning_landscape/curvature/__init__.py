@@ -4,7 +4,7 @@ that read it. Pure torch; it does not import Lightning.
 - :class:`HessianOperator` (and :class:`MatrixOperator` to wrap a dense matrix), with products
   by cached graphs within a memory budget, double backward, torch.func, finite differences, or
   ``"auto"`` (the fastest exact kind that works, by trial), and :class:`ShardedHessianOperator`
-  for FSDP2-sharded modules (vectors are shards, products finite differences),
+  for modules sharded by FSDP2 or FSDP (v1) (vectors are shards, products finite differences),
 - :func:`top_eigenvalues` (Lanczos, largest or most negative),
 - :func:`trace` (Hutchinson, Hutch++, Lanczos-deflated "auto"),
 - :func:`spectral_density` (stochastic Lanczos quadrature),

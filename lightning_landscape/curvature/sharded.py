@@ -1,12 +1,14 @@
-"""The Hessian of a sharded (FSDP2) model, on this rank's shards of every vector.
+"""The Hessian of a sharded (FSDP2 or FSDP (v1)) model, on this rank's shards of every vector.
 
-Under FSDP2 (``fully_shard``, e.g. Lightning's ``ModelParallelStrategy``) no rank holds the whole
-parameter vector, and gradients reach the shards only through FSDP's own backward (see
+Under FSDP2 (``fully_shard``, e.g. Lightning's ``ModelParallelStrategy``) and FSDP (v1)
+(``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) no rank holds the whole parameter
+vector, and gradients reach the shards only through FSDP's own backward (see
 :meth:`~lightning_landscape._core.fsdp.FSDPBatches.gradient`). So:
 
 - **Vectors are shards.** Each rank holds its part of every Lanczos vector, probe and Ritz vector
   (:class:`~lightning_landscape._core.sharding.ShardedSpace`): the local parts of the parameters
-  in the module's order. Inner products and norms are local sums all-reduced across ranks, so
+  in the module's order (FSDP2's rows of each parameter; FSDP (v1)'s pieces of each original
+  parameter in the rank's slice of its unit's ``FlatParameter``, padding left out). Inner products and norms are local sums all-reduced across ranks, so
   the algorithms of the engine
   (:func:`~.lanczos.lanczos`, :func:`~.trace.trace`, :func:`~.density.spectral_density`,
   :func:`~.analyze.analyze`) run unchanged and agree with a run on whole vectors: a Lanczos basis
@@ -17,7 +19,7 @@ parameter vector, and gradients reach the shards only through FSDP's own backwar
 - **Products are central differences** of two gradients through the sharded module
   (:class:`ShardedHessianOperator`): H v ≈ (∇L(w + h v) − ∇L(w − h v)) / 2h, with the shards
   perturbed in place and restored bit for bit. Exact products (double backward or
-  forward-over-reverse) are not possible: FSDP2's reduce-scatter in the backward hooks is not
+  forward-over-reverse) are not possible: FSDP's reduce-scatter in the backward hooks is not
   differentiable, and the graph never reaches the sharded parameters.
 
 Cost of one product: 2 gradients on the fixed batches (each a forward and a backward with FSDP's
@@ -43,14 +45,15 @@ from lightning_landscape._core.checks import (
     check_positive,
 )
 from lightning_landscape._core.distributed import is_distributed
-from lightning_landscape._core.fsdp import FSDPBatches, reshard_all
-from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
+from lightning_landscape._core.fsdp import FSDPBatches
+from lightning_landscape._core.sharding import ShardedSpace, shard_layout
 from lightning_landscape.curvature import hvp as _hvp
 from lightning_landscape.curvature.operator import LinearOperator
 
 
 class ShardedHessianOperator(LinearOperator):
-    """The Hessian of a batch-averaged loss of an FSDP2 module, acting on this rank's shards.
+    """The Hessian of a batch-averaged loss of a sharded module (FSDP2 or FSDP (v1)), acting on
+    this rank's shards.
 
     H = Σ_b n_b ∇²L_b / Σ_b n_b over every rank's batches, as :class:`~.operator.HessianOperator`,
     but vectors are shards (:class:`~lightning_landscape._core.sharding.ShardedSpace`) and
@@ -61,13 +64,14 @@ class ShardedHessianOperator(LinearOperator):
     rank must take part in every product.
 
     Args:
-        loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch, through the FSDP-wrapped
-            forward (e.g. the LightningModule's ``training_step``).
-        module: the module ``fully_shard`` was applied to (its parameters' ``.grad`` are saved and
-            restored around every gradient).
+        loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch, through the sharded forward
+            (FSDP (v1): through the wrapper's forward, e.g. ``loss(wrapper(x), y)``).
+        module: the module ``fully_shard`` was applied to, or the FSDP (v1) wrapper (its
+            parameters' ``.grad`` are saved and restored around every gradient).
         batches: this rank's batches.
         params: the parameters to differentiate with respect to (default: every trainable
-            parameter of ``module``); all DTensors ``Shard(0)`` on one 1-D mesh of every rank.
+            parameter of ``module``); all DTensors ``Shard(0)`` on one 1-D mesh of every rank,
+            or original parameters of FSDP (v1) units sharded over every rank.
         batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size.
         step: the norm h of the perturbation h v̂. Default 0.1 · ε^(1/3) · max(1, ‖w‖), ε the
             dtype's machine epsilon (about 1.8e-6 ‖w‖ in float64, 1.6e-3 ‖w‖ in float32): the
@@ -78,7 +82,7 @@ class ShardedHessianOperator(LinearOperator):
         TypeError: if ``loss_fn``/``batch_size_fn`` is not callable, ``module`` is not an
             ``nn.Module``, ``batches`` is not a sequence or ``seed`` is not an int.
         ValueError: if ``batches`` is empty, ``step`` is not positive, or a parameter is not
-            an FSDP2 shard (see :class:`~lightning_landscape._core.sharding.ShardLayout`).
+            sharded over every rank (see :func:`~lightning_landscape._core.sharding.shard_layout`).
 
     Cost: 2 gradients per product, memory of one gradient; vectors cost P / world per rank.
 
@@ -107,21 +111,15 @@ class ShardedHessianOperator(LinearOperator):
             raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
         check_batches(batches)
         check_int("seed", seed)
-        reshard_all(module)  # parameters left unsharded by a forward are plain tensors
-        named = {id(p): n for n, p in module.named_parameters()}
-        chosen = [p for p in module.parameters() if p.requires_grad] if params is None else params
-        self.params = list(chosen)
-        if not self.params:
-            raise ValueError("`params` holds no trainable tensor.")
-        self.layout = ShardLayout(self.params, [named.get(id(p), "?") for p in self.params])
+        self.layout = shard_layout(module, params)
+        self.params = self.layout.params
         self.module, self.loss_fn = module, loss_fn
         self.seed = int(seed)
         self.distributed = is_distributed()
         self.passes = FSDPBatches(module, batches, self.layout.world, batch_size_fn)
         self.batches, self.batch_sizes = self.passes.batches, self.passes.sizes
         self.total_size = self.passes.total_size
-        local = self.params[0].detach().to_local()
-        self.dtype, self.device = local.dtype, local.device
+        self.dtype, self.device = self.layout.dtype, self.layout.device
         self.dim, self.local_dim = self.layout.dim, self.layout.local_dim
         self.space = ShardedSpace(self.layout, self.dtype, self.device)
         if step is None:

@@ -1,7 +1,8 @@
-"""The loss of an FSDP2-sharded module at moved weights, for the landscape measures.
+"""The loss of a sharded module (FSDP2 or FSDP (v1)) at moved weights, for the landscape measures.
 
 :class:`ShardedBatchObjective` is :class:`~lightning_landscape.landscape.sharpness.BatchObjective`
-for a module under ``fully_shard``: each rank writes its shards of the weights in place, runs the
+for a module under ``fully_shard`` or an FSDP (v1) wrapper: each rank writes its shards of the
+weights in place, runs the
 forward (and for gradients FSDP's own backward, see
 :meth:`~lightning_landscape._core.fsdp.FSDPBatches.gradient`) on its own batches, and the
 batch-weighted sums are reduced across ranks. The shards are restored bit for bit from a saved
@@ -17,6 +18,7 @@ trajectory's random slice directions as shards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,23 +26,23 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.checks import check_positive_int
-from lightning_landscape._core.fsdp import FSDPBatches, reshard_all
+from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.random import gaussian, make_generator
-from lightning_landscape._core.sharding import ShardLayout
-from lightning_landscape._core.vectors import flatten
-from lightning_landscape.landscape.directions import filter_normalize
+from lightning_landscape._core.sharding import ShardLayout, shard_layout
 
 
 class ShardedBatchObjective:
-    """The batch-size-weighted mean loss of fixed batches of an FSDP2 module at moved weights,
+    """The batch-size-weighted mean loss of fixed batches of a sharded module at moved weights,
     over all ranks; weights and gradients are whole flat vectors.
 
     Every rank must make the same calls in the same order (each one is a chain of collectives).
 
     Args:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch, through the sharded forward.
-        module: the module ``fully_shard`` was applied to; its trainable parameters are the
-            weights (DTensors ``Shard(0)`` on a 1-D mesh of every rank).
+        module: the module ``fully_shard`` was applied to, or the FSDP (v1) wrapper; its
+            trainable parameters are the weights (sharded over every rank, see
+            :func:`~lightning_landscape._core.sharding.shard_layout`).
         batches: this rank's batches.
         batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size.
 
@@ -49,7 +51,7 @@ class ShardedBatchObjective:
         num_hvp: always 0 (no Hessian-vector products: sharded worst cases use gradients).
 
     Raises:
-        ValueError: if a parameter is not an FSDP2 shard or a batch size is not positive.
+        ValueError: if a parameter is not sharded over every rank or a batch size is not positive.
     """
 
     def __init__(
@@ -60,9 +62,7 @@ class ShardedBatchObjective:
         *,
         batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
-        reshard_all(module)  # parameters left unsharded by a forward are plain tensors
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.layout = ShardLayout([p for _, p in named], [n for n, _ in named])
+        self.layout = shard_layout(module)
         self.loss_fn = loss_fn
         self.passes = FSDPBatches(module, batches, self.layout.world, batch_size_fn)
         self.batches = self.passes.batches
@@ -102,30 +102,46 @@ def sharded_filter_directions(
     num: int = 2,
     seed: int = 0,
     zero: Sequence[bool] | None = None,
+    eps: float = 1e-12,
 ) -> Tensor:
     """This rank's shards of :func:`~lightning_landscape.landscape.directions.filter_normalized_directions`
     (Li et al. 2018) around the sharded weights ``theta``.
 
     Each parameter's direction is drawn whole from the same generator stream as on one process
-    and cut to this rank's rows; ``Shard(0)`` keeps whole filters (rows of a linear weight,
-    output channels of a convolution) on one rank, so the filter norms are local.
+    (so its filter norms are local) and cut to this rank's part. A rank's part may cut a filter
+    (FSDP (v1) cuts anywhere; FSDP2 keeps whole rows): the weights' squared filter norms are
+    summed over ranks, in one all-reduce of one number per filter (a collective: every rank
+    calls it).
 
     Returns:
-        A ``(num, local_dim)`` tensor in ``theta``'s dtype.
+        A ``(num, local_dim)`` tensor in ``theta``'s dtype and on its device.
     """
     check_positive_int("num", num)
-    gen = make_generator(seed)
-    weights = [
-        w.reshape(p.to_local().shape)
-        for w, p in zip(
-            torch.split(theta, [n for _, n in layout.ranges]), layout.params, strict=True
-        )
+    parts = torch.split(theta.detach().cpu().double(), [n for _, n in layout.ranges])
+    kept = [
+        len(shape) > 1 and not (zero is not None and zero[i])
+        for i, shape in enumerate(layout.shapes)
     ]
-    rows = []
+    rows, sums = [], []  # the filter index of each local entry; the weights' squared filter norms
+    for w, shape, start, keep in zip(parts, layout.shapes, layout.starts, kept, strict=True):
+        rows.append(torch.arange(start, start + w.numel()) // math.prod(shape[1:]))
+        if keep:
+            sums.append(torch.zeros(shape[0], dtype=torch.float64).index_add_(0, rows[-1], w**2))
+    norms = iter(torch.split(all_reduce_sum_(torch.cat(sums)).sqrt(), [len(t) for t in sums])
+                 if sums else ())  # fmt: skip
+    scales = [next(norms) if keep else None for keep in kept]
+    gen = make_generator(seed)
+    out = []
     for _ in range(num):
-        raw = [
-            gaussian(tuple(p.shape), gen, torch.float64, "cpu").narrow(0, first, count)
-            for p, (first, count) in zip(layout.params, layout.rows, strict=True)
-        ]
-        rows.append(flatten(filter_normalize(raw, weights, zero)))
-    return torch.stack(rows).to(dtype=theta.dtype)
+        pieces = []
+        for w, shape, start, row, scale in zip(
+            parts, layout.shapes, layout.starts, rows, scales, strict=True
+        ):
+            whole = gaussian(tuple(shape), gen, torch.float64, "cpu")
+            if scale is None:
+                pieces.append(torch.zeros_like(w))
+                continue
+            ratio = scale / whole.reshape(shape[0], -1).norm(dim=1).clamp(min=eps)
+            pieces.append(whole.reshape(-1)[start : start + w.numel()] * ratio[row])
+        out.append(torch.cat(pieces))
+    return torch.stack(out).to(dtype=theta.dtype, device=theta.device)

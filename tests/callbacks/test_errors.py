@@ -11,8 +11,9 @@ from lightning_landscape.callbacks import SetupError
 from lightning_landscape.callbacks.base import refuse_sharded
 
 
-class FSDPStrategy:  # only the name is read
-    pass
+class FSDPStrategy:  # the name and the options are read
+    def __init__(self, **options):
+        self.__dict__.update(options)
 
 
 def test_setup_error_is_both_a_misconfiguration_and_a_value_error():
@@ -22,10 +23,12 @@ def test_setup_error_is_both_a_misconfiguration_and_a_value_error():
 
 def test_every_setup_refusal_raises_setup_error():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), optimizers=[])
-    with pytest.raises(
-        SetupError, match=r"does not support the FSDPStrategy strategy: FSDP \(v1\)"
-    ):
-        refuse_sharded(trainer, "Owner", "why")
+    with pytest.raises(SetupError, match="Owner does not support the FSDPStrategy strategy: why"):
+        refuse_sharded(trainer, "Owner", "why")  # without sharded support
+    with pytest.raises(SetupError, match="Owner cannot measure under this FSDPStrategy"):
+        offload = SimpleNamespace(offload_params=True)
+        refuse_sharded(SimpleNamespace(strategy=FSDPStrategy(cpu_offload=offload)), "Owner", "why",
+                       sharded=True)  # fmt: skip
 
     manual = SimpleNamespace(automatic_optimization=False)
     with pytest.raises(SetupError, match="uses manual optimization"):

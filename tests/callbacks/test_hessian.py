@@ -337,10 +337,16 @@ def test_setup_refuses_sharded_strategies_and_manual_optimization():
 
     mon = HessianMonitor()
     module = Classifier()
-    for cls in (FSDPStrategy, DeepSpeedStrategy):
-        fake = types.SimpleNamespace(strategy=cls.__new__(cls))
-        with pytest.raises(ValueError, match="does not support the"):
-            mon.setup(fake, module, "fit")
+    fake = types.SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(ValueError, match="does not support the DeepSpeedStrategy"):
+        mon.setup(fake, module, "fit")
+    fake = types.SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False))
+    with pytest.raises(ValueError, match="FSDPStrategy: use_orig_params=False"):
+        mon.setup(fake, module, "fit")
+    with pytest.raises(ValueError, match="ggn=True.*sharded"):
+        HessianMonitor(ggn=True, ggn_fn=lambda m, b: None).setup(
+            types.SimpleNamespace(strategy=FSDPStrategy()), module, "fit"
+        )
     module.automatic_optimization = False
     ok = types.SimpleNamespace(strategy=object())
     with pytest.raises(ValueError, match="manual optimization"):

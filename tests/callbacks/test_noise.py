@@ -232,11 +232,11 @@ def test_errors():
     with pytest.raises(TypeError, match="`batch_size_fn` must be callable"):
         NoiseTemperatureMonitor(batch_size_fn=4)
 
-    class FSDPStrategy:  # the name is what setup checks
+    class DeepSpeedStrategy:  # the name is what setup checks
         pass
 
-    fake = types.SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy"):
+    fake = types.SimpleNamespace(strategy=DeepSpeedStrategy())
+    with pytest.raises(ValueError, match="does not support the DeepSpeedStrategy strategy"):
         NoiseTemperatureMonitor().setup(fake, Regression(), "fit")
 
 

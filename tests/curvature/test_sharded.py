@@ -1,6 +1,7 @@
-"""ShardedHessianOperator on FSDP2 in this process (a gloo group of one rank: every parameter a
-DTensor shard, every product through FSDP's own backward) against the exact operator; the
-2-rank run with uneven shards is tests/callbacks/test_sharded.py."""
+"""ShardedHessianOperator on FSDP2 and FSDP (v1) in this process (a gloo group of one rank: every
+parameter a DTensor shard, or a view into FSDP (v1)'s ``FlatParameter``, which one rank keeps
+whole (NO_SHARD); every product through FSDP's own backward) against the exact operator; the
+2-rank runs with uneven shards are tests/callbacks/test_sharded.py and test_sharded_fsdp1.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_landscape._core.sharding import ShardLayout, is_fsdp2
+from lightning_landscape._core.fsdp import local_part
+from lightning_landscape._core.sharding import ShardLayout, is_fsdp2, is_sharded
 from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature import (
     HessianOperator,
@@ -43,8 +45,21 @@ def make_net(bn: bool = False, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*layers).double()
 
 
-def sharded(mesh, net: nn.Module, children: bool = True) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+@pytest.fixture(params=["fsdp2", "fsdp1"])
+def kind(request):
+    return request.param
+
+
+def sharded(mesh, net: nn.Module, children: bool = True, kind: str = "fsdp2") -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    if kind == "fsdp1":  # the whole module wrapped, each Linear a unit of its own
+        policy = ModuleWrapPolicy({nn.Linear}) if children else None
+        return FullyShardedDataParallel(
+            net, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy,
+            sharding_strategy=ShardingStrategy.NO_SHARD,  # what FSDP picks on one rank anyway
+        )  # fmt: skip
 
     for layer in net if children else ():
         if isinstance(layer, nn.Linear):
@@ -67,19 +82,20 @@ def loss_of(model):
     return lambda b: F.cross_entropy(model(b[0]), b[1])
 
 
-def pair(mesh, **kw):
+def pair(mesh, kind="fsdp2", **kw):
     """(sharded operator, exact operator) of the same network and batches."""
     ref = make_net(**kw)
-    model = sharded(mesh, make_net(**kw))
+    model = sharded(mesh, make_net(**kw), kind=kind)
     return (
         ShardedHessianOperator(loss_of(model), model, batches(), seed=3),
         HessianOperator(loss_of(ref), ref, batches(), seed=3),
     )
 
 
-def test_products_equal_exact_ones_and_error_estimate_covers_them(mesh):
-    op, exact = pair(mesh)
-    assert is_fsdp2(op.module) and not is_fsdp2(exact.module)
+def test_products_equal_exact_ones_and_error_estimate_covers_them(mesh, kind):
+    op, exact = pair(mesh, kind)
+    assert is_sharded(op.module) and not is_sharded(exact.module)
+    assert is_fsdp2(op.module) == (kind == "fsdp2")
     assert op.dim == exact.dim == 4 * 5 + 5 + 5 * 3 + 3 and op.local_dim == op.dim
     V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(op @ V, exact @ V, rtol=0, atol=1e-8)
@@ -93,12 +109,12 @@ def test_products_equal_exact_ones_and_error_estimate_covers_them(mesh):
     assert abs(rho - float(eigs[-1])) <= error < 1e-3 * float(eigs[-1])
 
 
-def test_nothing_is_disturbed(mesh):
-    op, _ = pair(mesh, bn=True, dropout=0.3)
+def test_nothing_is_disturbed(mesh, kind):
+    op, _ = pair(mesh, kind, bn=True, dropout=0.3)
     model = op.module.train()
     params = list(model.parameters())
-    storage = [p.detach().to_local().data_ptr() for p in params]
-    before = [p.detach().to_local().clone() for p in params]
+    storage = [local_part(p).data_ptr() for p in params]
+    before = [local_part(p).clone() for p in params]
     sentinels = [torch.full_like(p, 7.0) for p in params]
     for p, s in zip(params, sentinels, strict=True):
         p.grad = s
@@ -110,15 +126,15 @@ def test_nothing_is_disturbed(mesh):
     op.gradient()
     op.finite_difference_error(v / v.norm(), 0.0)
     for p, b, s, ptr in zip(params, before, sentinels, storage, strict=True):
-        assert torch.equal(p.detach().to_local(), b) and p.grad is s
-        assert p.detach().to_local().data_ptr() == ptr  # FSDP's sharded storage, resharded
+        assert torch.equal(local_part(p), b) and p.grad is s
+        assert local_part(p).data_ptr() == ptr  # FSDP's sharded storage, resharded
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
     assert torch.equal(torch.get_rng_state(), rng) and model.training
 
 
-def test_a_block_of_parameters_equals_the_exact_block(mesh):
+def test_a_block_of_parameters_equals_the_exact_block(mesh, kind):
     ref = make_net()
-    model = sharded(mesh, make_net())
+    model = sharded(mesh, make_net(), kind=kind)
     block = list(model[0].parameters())
     op = ShardedHessianOperator(loss_of(model), model, batches(), params=block)
     exact = HessianOperator(loss_of(ref), list(ref[0].parameters()), batches())
@@ -141,8 +157,8 @@ def test_root_parameters_left_unsharded_by_a_forward_are_not_reused(mesh):
     assert torch.equal(model(x).detach(), before)
 
 
-def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh):
-    op, exact = pair(mesh)
+def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh, kind):
+    op, exact = pair(mesh, kind)
     for kind in (top_eigenvalues, lambda o, **k: top_eigenvalues(o, which="smallest", **k)):
         a, b = kind(op, tol=1e-8, seed=0), kind(exact, tol=1e-8, seed=0)
         assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-7)
@@ -193,6 +209,14 @@ def test_errors_name_the_argument(mesh):
         ShardedHessianOperator(exact.loss_fn, exact.module, batches())
     with pytest.raises(ValueError, match="is not sharded"):
         ShardLayout([torch.zeros(3, requires_grad=True)])
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    flat = FullyShardedDataParallel(
+        make_net(), device_id=torch.device("cpu"), use_orig_params=False,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="FSDP \\(v1\\) with use_orig_params=False"):
+        ShardedHessianOperator(loss_of(flat), flat, batches())
     with pytest.raises(ValueError, match="`batches` is empty"):
         ShardedHessianOperator(op.loss_fn, op.module, [])
     with pytest.raises(TypeError, match="`batches` must be a sequence"):
