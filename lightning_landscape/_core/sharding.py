@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.fsdp import is_dtensor, local_part, reshard_all
 from lightning_landscape._core.fsdp1 import Piece, is_fsdp1, shard_pieces
-from lightning_landscape._core.space import Draw, Space
+from lightning_landscape._core.space import Space
 from lightning_landscape._core.vectors import ParamVector, flatten
 
 
@@ -202,6 +202,8 @@ class ShardedSpace(Space):
         dtype, device: of the local parts.
     """
 
+    draw_device = torch.device("cpu")
+
     def __init__(self, layout: ShardLayout, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(layout.dim, dtype, device)
         self.layout = layout
@@ -219,19 +221,6 @@ class ShardedSpace(Space):
 
     def restrict(self, full: Tensor, axis: int = -1) -> Tensor:
         return self.layout.restrict(full, axis)
-
-    def draw(
-        self,
-        fn: Draw,
-        shape: tuple[int, ...],
-        gen: torch.Generator,
-        axis: int = -1,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        whole = fn(shape, gen, dtype or self.dtype, torch.device("cpu"))
-        return self.restrict(whole, axis).to(device or self.device)
 
     def orthonormalize(self, Y: Tensor) -> Tensor:
         """Orthonormal columns spanning those of ``Y`` from eigen-decomposed Gram matrices

@@ -41,6 +41,10 @@ class Space:
         local_dim: the length of this process's part of a vector (``dim`` here).
     """
 
+    #: Where whole random vectors are drawn (None: the device asked for). Sharded spaces draw
+    #: on the CPU, so that every process draws the same numbers whatever its device.
+    draw_device: torch.device | None = None
+
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dim = int(dim)
         self.local_dim = int(dim)
@@ -75,8 +79,10 @@ class Space:
     ) -> Tensor:
         """This process's part of random vectors ``fn(shape, gen, dtype, device)``, whose
         ``axis`` has length :attr:`dim` (default dtype and device: the space's); every process
-        advances ``gen`` alike."""
-        return fn(shape, gen, dtype or self.dtype, device or self.device)
+        draws the whole vectors (on :attr:`draw_device` when set) and advances ``gen`` alike."""
+        target = device or self.device
+        whole = fn(shape, gen, dtype or self.dtype, self.draw_device or target)
+        return self.restrict(whole, axis).to(target)
 
     def orthonormalize(self, Y: Tensor) -> Tensor:
         """An orthonormal basis (``(local_dim, k)`` columns) of the range of the columns of
