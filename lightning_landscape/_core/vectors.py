@@ -52,7 +52,7 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector (or a batch ``(k, d)`` of them) into views shaped like ``like``."""
     lead = vec.shape[:-1]
     chunks = torch.split(vec, [t.numel() for t in like], dim=-1)
-    return [c.reshape(*lead, *t.shape) for c, t in zip(chunks, like, strict=True)]
+    return [c.reshape((*lead, *t.shape)) for c, t in zip(chunks, like, strict=True)]
 
 
 class ParamVector:
