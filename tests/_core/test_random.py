@@ -1,0 +1,78 @@
+"""The seed rule, generators and probe vectors: reproducible, distinct, and the global RNG untouched."""
+
+import itertools
+import re
+
+import pytest
+import torch
+
+from lightning_landscape._core.random import (
+    derive_seed,
+    gaussian,
+    make_generator,
+    rademacher,
+    resolve_seed,
+)
+
+
+@pytest.fixture
+def global_rng_untouched():
+    """Fails the test if it consumed the global torch RNG."""
+    state = torch.get_rng_state()
+    yield
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was consumed"
+
+
+def test_derive_seed_is_fixed_distinct_and_in_range():
+    assert derive_seed(7) == 7  # no salt: the seed itself
+    # the same in every run and on every machine (a hash, not Python's salted hash())
+    assert derive_seed(0, 1, "probe") == 3254715634051057300
+    assert derive_seed(1234, 0) == 3085323692435224229
+
+    salts = list(itertools.product((0, 1, 2**40), range(50), ("probe", "direction", 0, 1)))
+    seeds = [derive_seed(*s) for s in salts]
+    assert len(set(seeds)) == len(salts)
+    assert len({derive_seed(0, 3), derive_seed(0, 3, "probe"), derive_seed(0, "probe", 3)}) == 3
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert 0 <= derive_seed(-5, "x") < 2**63
+
+
+def test_make_generator_is_reproducible(global_rng_untouched):
+    gen = make_generator(3, 10, "probe")
+    assert gen.device == torch.device("cpu")
+    assert gen.initial_seed() == derive_seed(3, 10, "probe")
+    first = torch.randn(5, generator=gen, dtype=torch.float64)
+    again = torch.randn(5, generator=make_generator(3, 10, "probe"), dtype=torch.float64)
+    other = torch.randn(5, generator=make_generator(3, 11, "probe"), dtype=torch.float64)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_resolve_seed(global_rng_untouched):
+    assert resolve_seed(42) == 42
+    assert resolve_seed(0, distributed=False) == 0
+    fresh = {resolve_seed(None), resolve_seed(None, distributed=False)}
+    assert len(fresh) == 2 and all(isinstance(s, int) and 0 <= s < 2**56 for s in fresh)
+    for bad in (True, 1.0, "3"):
+        message = f"`seed` must be an int or None, got {bad!r}."
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            resolve_seed(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_probes(dtype, global_rng_untouched):
+    shape = (3, 400)
+    signs = rademacher(shape, make_generator(0, "r"), dtype, "cpu")
+    assert (signs.shape, signs.dtype, signs.device.type) == (shape, dtype, "cpu")
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(signs, rademacher(shape, make_generator(0, "r"), dtype, "cpu"))
+
+    normal = gaussian(shape, make_generator(0, "g"), dtype, torch.device("cpu"))
+    assert (normal.shape, normal.dtype) == (shape, dtype)
+    # drawn in float64 and then cast: the same numbers whatever the dtype asked for
+    drawn = gaussian(shape, make_generator(0, "g"), torch.float64, "cpu")
+    assert torch.equal(normal, drawn.to(dtype))
+    assert abs(float(drawn.mean())) < 0.1 and abs(float(drawn.std()) - 1) < 0.1
+
+    gen = make_generator(0, "g")  # each draw advances the generator: the next draw differs
+    assert not torch.equal(gaussian(shape, gen, dtype, "cpu"), gaussian(shape, gen, dtype, "cpu"))
