@@ -1,4 +1,4 @@
-"""The seed rule, generators and probe vectors: reproducible, distinct, and the global RNG untouched."""
+"""The seed rule, generators and probes: reproducible, distinct, the global RNG untouched."""
 
 import itertools
 import re
