@@ -153,15 +153,14 @@ def plan(
     the products' masks)."""
     n = sizes[0]
     m = max(1, math.ceil(n / SLICE))
-    head = split_batch(batches[0], n, m)[0] if n > m else batches[0]
     numel_bytes = sum(p.numel() for p in params) * params[0].element_size()
-    with torch.enable_grad(), SavedBytes(exclude=params) as counter:
-        loss = loss_fn(head)
-        forward = counter.bytes
-        flat_grad(loss, params, create_graph=True)
-    scale = n / size_fn(head)
-    graph, step = counter.bytes * scale, forward * scale + 2 * numel_bytes
-    del loss
+    try:  # a slice of the first batch; the whole batch where the batch cannot be sliced
+        head = split_batch(batches[0], n, m)[0]
+        forward, saved = _graph_bytes(loss_fn, params, head)
+        scale = n / size_fn(head)
+    except Exception:  # noqa: BLE001 - e.g. a time-first batch: its loss refuses a slice
+        (forward, saved), scale = _graph_bytes(loss_fn, params, batches[0]), 1.0
+    graph, step = saved * scale, forward * scale + 2 * numel_bytes
     limit = max(step, FLOOR) if budget is None else float(budget)
     pieces = math.ceil(PRODUCT_FACTOR * graph / limit) if limit > 0 else n
     if pieces <= 1:
@@ -172,10 +171,15 @@ def plan(
     if math.isnan(gap):  # a non-finite loss: nothing to measure, nothing to cut
         return Plan(0, graph, step, limit, "")
     if not gap <= tol:
+        why = (
+            "the batches cannot be cut along their leading dimension (a piece's loss fails, or "
+            "its size does not add up)"
+            if math.isinf(gap)
+            else "the loss is not a mean over independent samples (a batch's loss differs from "
+            f"its pieces' mean by {gap:.2g}, relative)"
+        )
         return Plan(0, graph, step, limit, (
-            f"whole batches, above the memory budget: the loss is not a mean over independent "
-            f"samples (a batch's loss differs from its pieces' mean by {gap:.2g}, relative), so "
-            f"its products take about "
+            f"whole batches, above the memory budget: {why}, so its products take about "
             f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB over memory_budget {limit / 2**20:.3g} MiB"
         ))  # fmt: skip
     reason = (
@@ -184,6 +188,17 @@ def plan(
         f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB; memory_budget {limit / 2**20:.3g} MiB)"
     )
     return Plan(piece, graph, step, limit, reason)
+
+
+def _graph_bytes(
+    loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any
+) -> tuple[int, int]:
+    """Bytes autograd saves for ``batch``'s forward and for its gradient graph."""
+    with torch.enable_grad(), SavedBytes(exclude=params) as counter:
+        loss = loss_fn(batch)
+        forward = counter.bytes
+        flat_grad(loss, params, create_graph=True)
+    return forward, counter.bytes
 
 
 def _decomposition_gap(
@@ -200,7 +215,11 @@ def _decomposition_gap(
         return math.inf
     with torch.no_grad():
         whole = float(loss_fn(batch).double())
-        mean = sum(k * float(loss_fn(p).double()) for k, p in zip(sizes, parts, strict=True)) / n
+        try:
+            mean = sum(k * float(loss_fn(p).double()) for k, p in zip(sizes, parts, strict=True))
+        except Exception:  # noqa: BLE001 - a piece the loss refuses: the batch cannot be cut
+            return math.inf
+        mean /= n
     if not (math.isfinite(whole) and math.isfinite(mean)):
         return math.nan
     return abs(whole - mean) / max(abs(whole), 1e-30)

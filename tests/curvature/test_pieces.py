@@ -116,3 +116,49 @@ def test_batches_that_cannot_be_cut_are_refused_when_asked_for():
     )
     with pytest.raises(ValueError, match="cannot be cut into pieces"):
         op @ probes(op.dim)
+
+
+def test_time_first_batches_stay_whole_with_one_warning():
+    """An LSTM fed (time, batch, features) with targets (batch,): the leading size is the time,
+    so pieces would be stretches of time, whose losses are not the batch's (the hidden state
+    is not carried over): the batches stay whole, with one warning, and products stay exact."""
+    torch.manual_seed(0)
+    lstm, head = torch.nn.LSTM(3, 4).double(), torch.nn.Linear(4, 2).double()
+    model = torch.nn.ModuleList([lstm, head])
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 5, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
+    ]
+
+    def loss_fn(batch):
+        out, _ = lstm(batch[0])
+        return torch.nn.functional.cross_entropy(head(out[-1]), batch[1])
+
+    H = dense_hessian(loss_fn, model, batches)
+    op = HessianOperator(loss_fn, model, batches, memory_budget=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        V = probes(op.dim)
+        out = op @ V
+    said = [str(w.message) for w in caught if "whole batches" in str(w.message)]
+    assert len(said) == 1 and op.plan.piece == 0
+    assert rel(out, H @ V) < 1e-10
+
+
+def test_a_loss_that_refuses_pieces_keeps_whole_batches():
+    """A loss that raises on anything but the full batch (here: a fixed-size reshape): the
+    plan's slice and pieces fail, the batches stay whole, the warning says they cannot be cut."""
+    p = make_problem("mlp", mode="eval")
+    n = p.batches[0][0].shape[0]
+
+    def loss_fn(batch):
+        if batch[0].shape[0] != n and batch[0].shape[0] not in (3, 7):  # only whole batches
+            raise RuntimeError("shape mismatch")
+        return p.loss_fn(batch)
+
+    op = HessianOperator(loss_fn, p.model, p.batches, memory_budget=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op @ probes(op.dim)
+    said = [str(w.message) for w in caught if "cannot be cut" in str(w.message)]
+    assert len(said) == 1 and op.plan.piece == 0 and len(op.batches) == 3
