@@ -52,6 +52,28 @@ def reshard_all(module: nn.Module) -> None:
     reshard_fsdp1(module)
 
 
+def fsdp2_policies(module: nn.Module) -> list[Any]:
+    """The ``MixedPrecisionPolicy`` of every FSDP2 module in ``module``, as ``fully_shard`` got
+    it (``param_dtype``, ``reduce_dtype``; there from ``fully_shard`` on, before any forward).
+
+    torch keeps it privately: as the module state's ``_mp_policy`` and as the ``mp_policy`` of
+    its ``FSDPParamGroup`` (``_fsdp_param_groups``, one ``_fsdp_param_group`` in older torch);
+    whichever of them this torch has is read, and a module without ``_get_fsdp_state`` gives none.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    policies = []
+    for m in module.modules():
+        get_state = getattr(m, "_get_fsdp_state", None) if isinstance(m, FSDPModule) else None
+        state = get_state() if get_state is not None else None
+        groups = getattr(state, "_fsdp_param_groups", None) or [
+            getattr(state, "_fsdp_param_group", None)
+        ]
+        policies.append(getattr(state, "_mp_policy", None))
+        policies += [getattr(g, "mp_policy", None) for g in groups]
+    return [p for p in policies if p is not None]
+
+
 class FSDPBatches:
     """This rank's fixed batches, for passes through a sharded module.
 

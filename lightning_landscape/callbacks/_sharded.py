@@ -1,8 +1,11 @@
 """The monitors under sharded strategies: which ones run, on what, and which are refused at setup.
 
 - ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, 1-D
-  data-parallel mesh): every parameter is a DTensor shard. Tensor parallelism (2-D meshes) is
-  refused at the first measurement, naming the parameter.
+  data-parallel mesh): every parameter is a DTensor shard. Refused at the first measurement
+  (``configure_model`` runs after the callbacks' setup): tensor parallelism (2-D meshes), naming
+  the parameter, and for the finite-difference monitors half-precision parameters or a
+  ``MixedPrecisionPolicy`` with a float16/bfloat16 ``param_dtype`` or ``reduce_dtype`` (a
+  ``ValueError`` that stops the fit, as FSDP (v1)'s refusals at setup do).
 - ``FSDPStrategy`` (FSDP v1): Lightning wraps the LightningModule in ``FullyShardedDataParallel``
   (or the module holds units it wrapped in ``configure_model``); with ``use_orig_params=True``
   (Lightning's default) the original parameters are flat views of each rank's slice of the
@@ -25,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_landscape._core.fsdp import reshard_all
+from lightning_landscape._core.fsdp import fsdp2_policies, reshard_all
 from lightning_landscape._core.sharding import is_sharded
 from lightning_landscape.callbacks._errors import SetupError
 
@@ -52,6 +55,27 @@ def sharded_fit(trainer: pl.Trainer, pl_module: nn.Module) -> bool:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _half_dtypes(policies: list[object]) -> list[str]:
+    """``"param_dtype=torch.bfloat16"`` and the like: the float16/bfloat16 forward and reduction
+    dtypes of mixed-precision policies (FSDP (v1)'s ``MixedPrecision``, FSDP2's
+    ``MixedPrecisionPolicy``), each once."""
+    found = [
+        f"{key}={dtype}"
+        for policy in policies
+        for key in ("param_dtype", "reduce_dtype")
+        if (dtype := getattr(policy, key, None)) in _HALF
+    ]
+    return list(dict.fromkeys(found))
+
+
+def _half_problem(half_dtypes: list[str], fix: str) -> str:
+    """Why finite differences cannot run with these half-precision dtypes, and ``fix``."""
+    return (
+        f"a half-precision forward or gradient reduction ({', '.join(half_dtypes)}) drowns "
+        f"finite differences in round-off ({fix})"
+    )
+
+
 def _fsdp1_problems(trainer: pl.Trainer, half: bool) -> list[str]:
     """What in the ``FSDPStrategy``'s configuration the sharded measurements cannot work with
     (``half``: half precision included)."""
@@ -59,7 +83,7 @@ def _fsdp1_problems(trainer: pl.Trainer, half: bool) -> list[str]:
     kwargs = getattr(strategy, "kwargs", None) or {}
     sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", "FULL_SHARD")
     precision = getattr(strategy, "mixed_precision_config", None)
-    dtypes = [getattr(precision, k, None) for k in ("param_dtype", "reduce_dtype")]
+    half_dtypes = _half_dtypes([precision]) if half else []
     world = int(getattr(trainer, "world_size", 1) or 1)
     problems = [
         (kwargs.get("use_orig_params", True) is False, "use_orig_params=False registers no "
@@ -70,9 +94,8 @@ def _fsdp1_problems(trainer: pl.Trainer, half: bool) -> list[str]:
          "nodes (use FULL_SHARD or SHARD_GRAD_OP)"),
         (sharding == "NO_SHARD" and world > 1, "sharding_strategy=NO_SHARD replicates every "
          "parameter, as DDP does (use FULL_SHARD, or strategy='ddp')"),
-        (half and any(d in _HALF for d in dtypes), "a half-precision forward or gradient reduction "
-         f"({', '.join(str(d) for d in dtypes if d in _HALF)}) drowns finite differences in "
-         "round-off (use precision='32-true' and no half-precision `mixed_precision`)"),
+        (bool(half_dtypes), _half_problem(half_dtypes, "use precision='32-true' and no "
+         "half-precision `mixed_precision`")),
     ]  # fmt: skip
     return [why for bad, why in problems if bad]
 
@@ -114,10 +137,13 @@ def fsdp_wrapper(trainer: pl.Trainer, pl_module: nn.Module) -> nn.Module | None:
 
 def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
     """Reshard every FSDP module of a sharded ``module`` (a forward may have left the root's
-    parameters gathered), and refuse half-precision parameters there.
+    parameters gathered), and refuse half-precision parameters there, and a half-precision
+    ``param_dtype`` or ``reduce_dtype`` in an FSDP2 module's ``MixedPrecisionPolicy`` (set in
+    ``configure_model``, after the callbacks' setup: seen first here).
 
     Raises:
-        ValueError: if ``upcast`` (half-precision parameters) and ``module`` is sharded.
+        ValueError: if ``module`` is sharded and ``upcast`` (half-precision parameters), or an
+            FSDP2 policy computes or reduces in half precision.
     """
     if not is_sharded(module):
         return
@@ -126,6 +152,13 @@ def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
         raise ValueError(
             f"{owner}: half-precision parameters under FSDP cannot be upcast for the "
             "measurement (FSDP owns their storage), and finite differences in half precision "
-            "are meaningless; keep float32 parameters (with FSDP2's MixedPrecisionPolicy the "
-            "forward still runs in half precision: read hessian/fd_error)."
+            "are meaningless; keep float32 parameters (and no half-precision FSDP2 "
+            "MixedPrecisionPolicy)."
+        )
+    half_dtypes = _half_dtypes(fsdp2_policies(module))
+    if half_dtypes:
+        fix = "give fully_shard an mp_policy without a float16/bfloat16 param_dtype or reduce_dtype"
+        raise ValueError(
+            f"{owner} cannot measure under FSDP2's MixedPrecisionPolicy: "
+            f"{_half_problem(half_dtypes, fix)}."
         )

@@ -157,6 +157,33 @@ def test_root_parameters_left_unsharded_by_a_forward_are_not_reused(mesh):
     assert torch.equal(model(x).detach(), before)
 
 
+def test_half_precision_fsdp2_policies_are_refused_at_the_measurement(mesh):
+    """FSDP2's MixedPrecisionPolicy is set in configure_model, after the callbacks' setup: the
+    finite-difference monitors refuse a float16/bfloat16 param_dtype or reduce_dtype at their
+    first measurement (check_sharded), as FSDPStrategy's at setup; float32 policies pass."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lightning_landscape._core.fsdp import fsdp2_policies
+    from lightning_landscape.callbacks._sharded import check_sharded
+
+    def policed(**policy):
+        net = make_net().float()
+        fully_shard(net[0], mesh=mesh, mp_policy=MixedPrecisionPolicy(**policy))
+        return fully_shard(net, mesh=mesh)
+
+    for policy, match in (
+        ({"param_dtype": torch.bfloat16}, r"param_dtype=torch\.bfloat16\) drowns"),
+        ({"reduce_dtype": torch.float16}, r"\(reduce_dtype=torch\.float16\) drowns"),
+    ):
+        model = policed(**policy)
+        assert MixedPrecisionPolicy(**policy) in fsdp2_policies(model)
+        with pytest.raises(ValueError, match="HessianMonitor cannot measure under FSDP2's "
+                           f"MixedPrecisionPolicy: a half-precision .*{match}.*mp_policy"):  # fmt: skip
+            check_sharded(model, "HessianMonitor", upcast=False)
+    check_sharded(policed(param_dtype=torch.float32), "HessianMonitor", upcast=False)
+    check_sharded(sharded(mesh, make_net(), kind="fsdp1"), "HessianMonitor", upcast=False)
+
+
 def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh, kind):
     op, exact = pair(mesh, kind)
     for kind in (top_eigenvalues, lambda o, **k: top_eigenvalues(o, which="smallest", **k)):
