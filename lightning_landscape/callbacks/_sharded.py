@@ -4,8 +4,8 @@
   data-parallel mesh): every parameter is a DTensor shard. Refused at the first measurement
   (``configure_model`` runs after the callbacks' setup): tensor parallelism (2-D meshes), naming
   the parameter, and for the finite-difference monitors half-precision parameters or a
-  ``MixedPrecisionPolicy`` with a float16/bfloat16 ``param_dtype`` or ``reduce_dtype`` (a
-  ``ValueError`` that stops the fit, as FSDP (v1)'s refusals at setup do).
+  ``MixedPrecisionPolicy`` with a float16/bfloat16 ``param_dtype`` or ``reduce_dtype`` (the
+  same on every rank: the measurement logs NaN with one warning and training goes on).
 - ``FSDPStrategy`` (FSDP v1): Lightning wraps the LightningModule in ``FullyShardedDataParallel``
   (or the module holds units it wrapped in ``configure_model``); with ``use_orig_params=True``
   (Lightning's default) the original parameters are flat views of each rank's slice of the
@@ -142,14 +142,14 @@ def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
     ``configure_model``, after the callbacks' setup: seen first here).
 
     Raises:
-        ValueError: if ``module`` is sharded and ``upcast`` (half-precision parameters), or an
-            FSDP2 policy computes or reduces in half precision.
+        SetupError: (a ``ValueError``) if ``module`` is sharded and ``upcast`` (half-precision
+            parameters), or an FSDP2 policy computes or reduces in half precision.
     """
     if not is_sharded(module):
         return
     reshard_all(module)
     if upcast:
-        raise ValueError(
+        raise SetupError(
             f"{owner}: half-precision parameters under FSDP cannot be upcast for the "
             "measurement (FSDP owns their storage), and finite differences in half precision "
             "are meaningless; keep float32 parameters (and no half-precision FSDP2 "
@@ -158,7 +158,20 @@ def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
     half_dtypes = _half_dtypes(fsdp2_policies(module))
     if half_dtypes:
         fix = "give fully_shard an mp_policy without a float16/bfloat16 param_dtype or reduce_dtype"
-        raise ValueError(
+        raise SetupError(
             f"{owner} cannot measure under FSDP2's MixedPrecisionPolicy: "
             f"{_half_problem(half_dtypes, fix)}."
         )
+
+
+def sharded_refusal(
+    wrapper: nn.Module | None, pl_module: nn.Module, owner: str, upcast: bool
+) -> SetupError | None:
+    """:func:`check_sharded` on the FSDP (v1) ``wrapper`` if any, else on ``pl_module``; its
+    refusal returned instead of raised: the monitor logs NaN and warns once (the same on every
+    rank, so no rank waits in a collective), and training goes on."""
+    try:
+        check_sharded(pl_module if wrapper is None else wrapper, owner, upcast)
+    except SetupError as err:
+        return err
+    return None

@@ -38,7 +38,7 @@ from lightning_landscape.callbacks._isolation import (
     plain_attributes,
     warn_side_effects,
 )
-from lightning_landscape.callbacks._sharded import check_sharded, fsdp_wrapper, refuse_sharded
+from lightning_landscape.callbacks._sharded import fsdp_wrapper, refuse_sharded, sharded_refusal
 from lightning_landscape.callbacks._trainer_state import (
     check_prefix,
     epochs_done,
@@ -280,7 +280,7 @@ class LandscapeMonitor(Callback):
         wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
-        check_sharded(pl_module if wrapper is None else wrapper, type(self).__name__, upcast)
+        refusal = sharded_refusal(wrapper, pl_module, type(self).__name__, upcast)
         before = plain_attributes(pl_module) if self.loss_fn is None else None
         calls = [0]
         start = time.perf_counter()
@@ -313,12 +313,13 @@ class LandscapeMonitor(Callback):
             )
             failed = False
             try:
+                if refusal is not None:  # the same on every rank: NaN, one warning
+                    raise refusal
                 metrics = self.measure(ctx)
             except (RuntimeError, ValueError, FloatingPointError) as err:
-                if is_distributed():
+                if is_distributed() and err is not refusal:
                     # A failure on one rank only (out of memory, say) would leave the others
-                    # waiting in a collective forever: stop the run rather than hang it.
-                    raise
+                    raise  # waiting in a collective forever: stop the run rather than hang it
                 # Once per fit and kind of failure: a model that cannot be measured fails alike
                 # at every measurement.
                 _logging.warn_once(

@@ -159,6 +159,26 @@ def test_nan_loss_warns_and_logs_nan(tmp_path):
     assert math.isnan(mon.history[0]["hessian/eigenvalue_1"])
 
 
+def test_a_refused_sharded_measurement_logs_nan_and_training_goes_on(tmp_path, monkeypatch):
+    """A refusal only seen at a measurement (an FSDP2 half-precision policy, set in
+    configure_model after setup) is the same on every rank: NaN, one warning, no crash."""
+    from lightning_landscape.callbacks import base
+    from lightning_landscape.callbacks._errors import SetupError
+
+    refusal = SetupError("HessianMonitor cannot measure under FSDP2's MixedPrecisionPolicy")
+    monkeypatch.setattr(base, "sharded_refusal", lambda *a: refusal)
+    monkeypatch.setattr(base, "is_distributed", lambda: True)  # as on several ranks
+    mon = HessianMonitor(epochs=[0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = make_trainer(tmp_path, [mon], max_epochs=2, logger=False)
+        t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
+    said = [str(w.message) for w in caught if "MixedPrecisionPolicy" in str(w.message)]
+    assert len(said) == 1 and "NaN is logged and training goes on" in said[0]
+    assert len(mon.history) == 2 and t.global_step > 0
+    assert all(math.isnan(h["hessian/eigenvalue_1"]) for h in mon.history)
+
+
 def test_other_logger_gets_scalars_and_one_warning(tmp_path):
     mon = HessianMonitor(epochs=[0, 1], density=True, trace=False)
     t = make_trainer(tmp_path, [mon], max_epochs=1, logger=CSVLogger(str(tmp_path)))

@@ -164,7 +164,8 @@ def test_half_precision_fsdp2_policies_are_refused_at_the_measurement(mesh):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lightning_landscape._core.fsdp import fsdp2_policies
-    from lightning_landscape.callbacks._sharded import check_sharded
+    from lightning_landscape.callbacks._errors import SetupError
+    from lightning_landscape.callbacks._sharded import check_sharded, sharded_refusal
 
     def policed(**policy):
         net = make_net().float()
@@ -180,8 +181,11 @@ def test_half_precision_fsdp2_policies_are_refused_at_the_measurement(mesh):
         with pytest.raises(ValueError, match="HessianMonitor cannot measure under FSDP2's "
                            f"MixedPrecisionPolicy: a half-precision .*{match}.*mp_policy"):  # fmt: skip
             check_sharded(model, "HessianMonitor", upcast=False)
+        refusal = sharded_refusal(None, model, "HessianMonitor", upcast=False)
+        assert isinstance(refusal, SetupError) and "MixedPrecisionPolicy" in str(refusal)
     check_sharded(policed(param_dtype=torch.float32), "HessianMonitor", upcast=False)
     check_sharded(sharded(mesh, make_net(), kind="fsdp1"), "HessianMonitor", upcast=False)
+    assert sharded_refusal(None, policed(param_dtype=torch.float32), "H", upcast=False) is None
 
 
 def test_algorithms_on_shards_equal_those_on_whole_vectors(mesh, kind):
