@@ -43,6 +43,16 @@ def all_reduce_sum_(tensor: Tensor, enabled: bool = True) -> Tensor:
     return tensor
 
 
+def all_reduce_max_(tensor: Tensor, enabled: bool = True) -> Tensor:
+    """The elementwise largest ``tensor`` over all ranks, in place (no-op without a process
+    group), and return it: for decisions every rank must take alike, not for statistics."""
+    if not is_distributed(enabled):
+        return tensor
+    moved = tensor.detach().to(collective_device(tensor))
+    dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+    return tensor.copy_(moved)
+
+
 def broadcast(tensor: Tensor, src: int = 0, enabled: bool = True) -> Tensor:
     """Rank ``src``'s copy of ``tensor`` on every rank (a new tensor on ``tensor``'s device)."""
     if not is_distributed(enabled):

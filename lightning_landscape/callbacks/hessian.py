@@ -97,7 +97,7 @@ class HessianMonitor(LandscapeMonitor):
         micro_batch_size: the most samples one pass of a product takes (batches are cut into
             pieces weighted by their sizes: the same Hessian when the loss is a mean over
             independent samples). ``"auto"``: only as small as ``memory_budget`` needs, after
-            checking on the first batch that its loss is the mean of its pieces' (else whole
+            checking on every fixed batch that its loss is the mean of its pieces' (else whole
             batches, and one warning); ``None``: whole batches.
         basis_device: where the Lanczos basis is kept; ``None``: the model's device, ``"cpu"``:
             host memory, for models where ``max_matvecs`` · P numbers do not fit the device.

@@ -216,17 +216,17 @@ class HessianOperator(LinearOperator):
         if self.plan is not None:
             return
         with _hvp.guard(self.module, self.params, self.seed):
-            self.plan = _pieces.choose(
+            plan = _pieces.choose(
                 self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
-                self.micro_batch_size, self.memory_budget,
+                self.micro_batch_size, self.memory_budget, self.distributed,
             )  # fmt: skip
-        if self.plan.piece:
+        if plan.piece:  # may raise (an explicit size on batches that cannot be cut): no plan
             self.batches, self.batch_sizes = _pieces.split_batches(
-                self.batches, self.batch_sizes, self.plan.piece, self._size_fn
+                self.batches, self.batch_sizes, plan.piece, self._size_fn
             )
-        elif self.plan.reason:
-            self.warn("whole_batches", f"Hessian-vector products on {self.plan.reason}.")
-        budget = self.plan.cache_budget(self.memory_budget)
+        elif plan.reason:
+            self.warn("whole_batches", f"Hessian-vector products on {plan.reason}.")
+        self.plan, budget = plan, plan.cache_budget(self.memory_budget)
         self.graphs.batches, self.graphs.sizes, self.graphs.requested_budget = (
             self.batches, self.batch_sizes, budget,
         )  # fmt: skip

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_landscape._core.distributed import (
+    all_reduce_max_,
     all_reduce_sum_,
     broadcast,
     broadcast_int,
@@ -31,6 +32,7 @@ def _hands_back_what_it_got():
     for enabled in (True, False):
         assert is_distributed(enabled) is False
         assert all_reduce_sum_(x, enabled) is x
+        assert all_reduce_max_(x, enabled) is x
         assert broadcast(x, enabled=enabled) is x
         assert broadcast_int(12345, enabled=enabled) == 12345
     assert torch.equal(x, torch.tensor([1.5, -2.0], dtype=torch.float64))

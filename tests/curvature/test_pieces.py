@@ -4,9 +4,8 @@ not, and pieces only as small as the memory budget needs."""
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections import namedtuple
+from collections import defaultdict, namedtuple
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ def test_pieces_give_the_dense_oracle_for_every_kind(kind):
 
 def test_auto_cuts_only_as_much_as_the_budget_needs():
     p = make_problem("mlp", mode="eval")
-    whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=math.inf)
+    whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=1e12)  # no cut
     V = probes(whole.dim)
     reference = whole @ V
     assert whole.plan.piece == 0 and len(whole.batches) == 3
@@ -162,3 +161,52 @@ def test_a_loss_that_refuses_pieces_keeps_whole_batches():
         op @ probes(op.dim)
     said = [str(w.message) for w in caught if "cannot be cut" in str(w.message)]
     assert len(said) == 1 and op.plan.piece == 0 and len(op.batches) == 3
+
+
+def test_review_cases_pinn_defaultdict_later_batches_and_retry():
+    """Cases a review found: a loss that differentiates inside (a PINN residual) is cut and
+    exact; a defaultdict batch is cut; a later batch whose loss does not decompose (a token mean
+    with padding only there) keeps every batch whole; an explicit size on batches that cannot be
+    cut raises at every product, never returns zeros; an infinite budget measures nothing."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).double()
+
+    def pinn(b):
+        x = b["x"].clone().requires_grad_(True)
+        (du,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        return ((du - b["f"]) ** 2).mean()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [defaultdict(list, x=torch.randn(12, 1, generator=g, dtype=torch.float64),
+                           f=torch.randn(12, 1, generator=g, dtype=torch.float64))]  # fmt: skip
+    op = HessianOperator(pinn, net, batches, memory_budget=1.0)
+    V = probes(op.dim)
+    assert rel(op @ V, dense_hessian(pinn, net, batches) @ V) < 1e-10 and op.plan.piece == 1
+
+    def token_mean(b):  # mean over the tokens kept by the mask: samples weigh unequally
+        per_token = net(b[0]).squeeze(-1) ** 2
+        return (per_token * b[1]).sum() / b[1].sum()
+
+    x = torch.randn(2, 6, 4, 1, generator=g, dtype=torch.float64)
+    masks = torch.ones(2, 6, 4, dtype=torch.float64)
+    masks[1, :3, 1:] = 0  # padding in the second batch only
+    batches = [(x[0], masks[0]), (x[1], masks[1])]
+    op = HessianOperator(token_mean, net, batches, memory_budget=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = op @ V
+    assert op.plan.piece == 0 and any("not a mean" in str(w.message) for w in caught)
+    assert rel(out, dense_hessian(token_mean, net, batches) @ V) < 1e-10
+
+    p = make_problem("mlp", mode="eval")
+    op = HessianOperator(
+        p.loss_fn, p.model, p.batches, micro_batch_size=2, batch_size_fn=lambda b: 5
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cannot be cut into pieces"):
+            op @ probes(op.dim)
+    op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=float("inf"))
+    op @ probes(op.dim)
+    assert op.plan.piece == 0 and op.plan.graph_bytes != op.plan.graph_bytes  # NaN: not measured
