@@ -166,7 +166,7 @@ class HessianMonitor(LandscapeMonitor):
     enough for one to fit ``memory_budget`` (default 1 T), and the cached graphs within it, so
     about 2 T in all (2-4 T on whole batches: a loss that is not a mean over samples, or
     ``micro_batch_size=None``); about 1.2 T for finite differences. Measured on an
-    activation-heavy MLP (CPU): the defaults 1.9 T, top-1 1.8 T.
+    activation-heavy MLP (CPU): the defaults and top-1 1.9 T.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients with its graphs kept,
