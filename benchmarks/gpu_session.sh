@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of one device session, in one run (issues 10 and 11), all output
+# under $OUT. Run from the repository root on the GPU machine, with `.whl` carried (PyHessian's
+# wheel: `pip download --no-deps pyhessian==0.1 -d .whl` here, `.whl` ignored by git):
+#
+#     BUDGET=300 bash benchmarks/gpu_session.sh        # give the device call a 590 s limit
+#
+# 1. the monitors in GPU Trainers against CPU float64 oracles (fused attention, cuDNN LSTM,
+#    compiled MLP, FSDP2 and FSDPStrategy at world size 1): gpu_checks.py -> checks.log/.json;
+# 2. the CUDA-only kernel tests -> cuda_tests.log;
+# 3. gpu.py within $BUDGET seconds: products, memory (pieces and whole batches), λ_max at
+#    equal accuracy against PyHessian, trace, density -> gpu.md, gpu.json, gpu.log.
+# Each step goes on when the one before fails; `--cpu`/`--smoke` dry runs of 1 and 3 are tested
+# on CPU (tests/benchmarks).
+set -u
+OUT=${OUT:?set OUT to the folder that comes back}
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1 \
+  || echo "no PyHessian wheel in .whl/: its rows will say so"
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/device.txt" 2>&1
+python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1; echo "gpu_checks exit $?" >> "$OUT/checks.log"
+python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py > "$OUT/cuda_tests.log" 2>&1
+python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" --out "$OUT" > "$OUT/gpu.log" 2>&1
+echo "gpu.py exit $?" >> "$OUT/gpu.log"
+tail -n 40 "$OUT/gpu.log"
