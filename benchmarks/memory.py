@@ -49,6 +49,11 @@ CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
     "whole": ("defaults with micro_batch_size=None (products on whole batches)",
               {"micro_batch_size": None}),
     "fd": ("defaults with hvp='finite_difference'", {"hvp": "finite_difference"}),
+    "ggn": ("defaults with ggn=True (GGN and residual H − G as well)",
+            {"ggn": True, "ggn_fn": lambda m, b: (m.net(b[0]), b[1])}),
+    "ggn_whole": ("ggn=True with micro_batch_size=None (whole batches)",
+                  {"ggn": True, "ggn_fn": lambda m, b: (m.net(b[0]), b[1]),
+                   "micro_batch_size": None}),
 }  # fmt: skip
 
 

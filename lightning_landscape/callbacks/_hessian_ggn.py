@@ -61,7 +61,12 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
         ctx.module,
         ctx.batches,
         loss=monitor.ggn_loss,
+        memory_budget=monitor.memory_budget,
+        micro_batch_size=monitor.micro_batch_size,
         seed=ctx.seed_for("operator"),
+    )
+    ggn.warn = lambda key, message: ctx.warn(
+        f"HessianMonitor-ggn-{key}", f"HessianMonitor: {message}"
     )
     _check_same_loss(ggn, ctx)
     ggn.on_matvec = lambda n: ctx.status("GGN, Gauss-Newton-vector products", n)

@@ -27,8 +27,9 @@ thread), per product over one gradient: graphs kept (``cache=True``, two backwar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,62 +37,17 @@ from torch import Tensor, nn
 from lightning_landscape._core.batches import batch_sizes, default_batch_size
 from lightning_landscape._core.checks import check_batches, check_bool, check_callable, check_int
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
-from lightning_landscape._core.vectors import flatten, resolve_params
+from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import hvp as _hvp
+from lightning_landscape.curvature import pieces as _pieces
+from lightning_landscape.curvature.linearization import Linearizations, split_output
 from lightning_landscape.curvature.operator import LinearOperator
 from lightning_landscape.curvature.output_hessian import (
     LossKind,
     OutputLoss,
     check_loss,
     loss_value,
-    output_hessian,
 )
-
-
-class _Linearized:
-    """One batch's model output with the graphs a GGN product needs: the output (for Jᵀw), the
-    dummy cotangent u and Jᵀu (for J v), and the output Hessian."""
-
-    def __init__(self, model_fn, loss, params: Sequence[Tensor], batch: Any) -> None:
-        with torch.enable_grad():
-            output, target = _split(model_fn(batch))
-            self.shape = output.shape
-            self.hout = output_hessian(loss, output, target)
-            self.output = output.reshape(-1)
-            self.reaches = output.requires_grad
-            if self.reaches:
-                self.u = torch.zeros_like(self.output, requires_grad=True)
-                jtu = torch.autograd.grad(
-                    self.output, params, self.u, create_graph=True, allow_unused=True
-                )
-                self.jtu = flatten(
-                    [
-                        torch.zeros_like(p) if g is None else g
-                        for g, p in zip(jtu, params, strict=True)
-                    ]
-                )
-
-    def product(self, params: Sequence[Tensor], Vt: Tensor, retain: bool) -> Tensor:
-        """``(J_bᵀ H_b J_b V)ᵀ`` for a ``(k, dim)`` block."""
-        if not self.reaches:  # the output does not depend on the parameters
-            return torch.zeros_like(Vt)
-        k = Vt.shape[0]
-        jv = _hvp.hvp_from_graph(self.jtu, [self.u], Vt, retain=True)  # (k, outputs): J V
-        w = self.hout(jv.reshape(k, *self.shape)).reshape(k, -1)
-        return _hvp.hvp_from_graph(self.output, params, w.to(self.output.dtype), retain=retain)
-
-
-def _split(result: Any) -> tuple[Tensor, Tensor]:
-    if (
-        not isinstance(result, tuple | list)
-        or len(result) != 2
-        or not all(isinstance(t, Tensor) for t in result)
-    ):
-        raise TypeError(
-            "`model_fn(batch)` must return a pair (output, target) of tensors, got "
-            f"{type(result).__name__}."
-        )
-    return result[0], result[1]
 
 
 class GGNOperator(LinearOperator):
@@ -113,20 +69,39 @@ class GGNOperator(LinearOperator):
             tensor.
         distributed: reduce across ranks when a process group with several ranks is initialized
             (one all-reduce of one flat vector per product).
-        cache: keep each batch's output and Jᵀu graphs from the first product on (memory of the
-            activations of all batches, about twice a gradient's graph; per product two
-            backwards, about 2 gradients); ``False`` rebuilds them per product (a forward and
-            three backwards, 3.5-5x a gradient, memory of one batch). Cached graphs are rebuilt if the parameters
-            change in place or a module switches train/eval; :meth:`release` frees them.
+        cache: keep the linearizations (output and Jᵀu graphs, :mod:`.linearization`) of the
+            first batches whose measured bytes fit ``memory_budget``; per product two backwards
+            through each kept one (about 2 gradients), a forward and three backwards for each
+            other batch (3.5-5x a gradient, the memory of one batch). ``False``: keep nothing.
+            Kept graphs are rebuilt if the parameters change in place or a module switches
+            train/eval; :meth:`release` frees them. Results do not depend on what is kept.
+        memory_budget: bytes the kept linearizations may hold, and the working memory one
+            product should fit (``micro_batch_size="auto"``): as for
+            :class:`~.operator.HessianOperator`, None is one training step (at least
+            :data:`~.cache.FLOOR`), 0 keeps nothing, ``math.inf`` keeps every batch, whole.
+        micro_batch_size: the most samples one linearization takes: batches are cut into
+            pieces weighted by their sizes (the same G when the loss is a mean over independent
+            samples). ``"auto"``: :func:`.pieces.plan` on :meth:`loss_fn`, after checking that
+            the loss decomposes (otherwise whole batches and one warning, ``"whole_batches"``);
+            ``None``: whole batches. The plan's estimate is a Hessian gradient graph of
+            :meth:`loss_fn` (measured on a slice of the first batch, times
+            :data:`~.pieces.PRODUCT_FACTOR`), not a linearization: a linearization holds about
+            as much (the forward, and a backward with ``create_graph``, less the loss's own
+            few output-sized tensors), and a GGN product's two backwards need no more than a
+            double backward, so the estimate is close and, if anything, high. What is kept
+            is measured.
         seed: seed of the forward's randomness (dropout masks replayed for every product); the
             global RNG is left untouched.
 
     Raises:
         TypeError: if ``model_fn`` or ``batch_size_fn`` is not callable, ``loss`` is neither a
             known name nor callable, ``params``/``batches`` have the wrong type, or ``seed`` is not
-            an int; at the first product, if ``model_fn`` does not return two tensors.
+            an int, ``memory_budget`` is not a number or ``micro_batch_size`` not an int,
+            ``"auto"`` or None; at the first product, if ``model_fn`` does not return two
+            tensors.
         ValueError: if ``batches`` is empty, ``loss`` is an unknown name, ``params`` is empty or
-            holds a tensor that does not require grad, or a batch size is not positive; at the
+            holds a tensor that does not require grad, a batch size is not positive,
+            ``memory_budget`` is negative or ``micro_batch_size`` below 1; at the
             first product, for an MSE target shaped unlike the output, a cross-entropy output
             of fewer than 2 dimensions, or a callable loss that does not return a scalar.
 
@@ -147,6 +122,8 @@ class GGNOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
         cache: bool = True,
+        memory_budget: float | None = None,
+        micro_batch_size: int | Literal["auto"] | None = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -156,6 +133,8 @@ class GGNOperator(LinearOperator):
         check_bool("cache", cache)
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
+        _pieces.check_memory_budget(memory_budget)
+        _pieces.check_micro_batch_size(micro_batch_size)
         self.module = params if isinstance(params, nn.Module) else None
         self.params = resolve_params(params)
         self.model_fn = model_fn
@@ -164,8 +143,10 @@ class GGNOperator(LinearOperator):
         self.cache = cache
         self.seed = int(seed)
         self.distributed = is_distributed(distributed)
-        size_fn = batch_size_fn or default_batch_size
-        self.batch_sizes = batch_sizes(self.batches, size_fn)
+        self.memory_budget = memory_budget
+        self.micro_batch_size = micro_batch_size
+        self._size_fn = batch_size_fn or default_batch_size
+        self.batch_sizes = batch_sizes(self.batches, self._size_fn)
         first = self.params[0]
         self.dtype = first.dtype
         self.device = first.device
@@ -174,42 +155,46 @@ class GGNOperator(LinearOperator):
             [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
         )
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
-        self._cache: list[_Linearized] | None = None
-        self._cache_key: tuple = ()
+        cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
+        self.plan: _pieces.Plan | None = None
+        self.linearizations = Linearizations(self.model_fn, loss, self.params, cuda)
+        self._cache_key: tuple | None = None
+        self.warn: Callable[[str, str], None] = _warn
 
     def loss_fn(self, batch: Any) -> Tensor:
         """The loss of one batch whose GGN this is, ``loss(*model_fn(batch))``: give it to
         :class:`~.operator.HessianOperator` so that H − G is the Gauss-Newton residual."""
-        output, target = _split(self.model_fn(batch))
+        output, target = split_output(self.model_fn(batch))
         return loss_value(self.loss, output, target)
 
+    def _split(self) -> None:
+        """Cut the batches into pieces once, before the first product (:mod:`.pieces`), and
+        set the linearizations' budget."""
+        if self.plan is not None:
+            return
+        with _hvp.guard(self.module, self.params, self.seed):  # may raise: then no plan
+            plan, self.batches, self.batch_sizes = _pieces.cut(
+                self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
+                self.micro_batch_size, self.memory_budget, self.distributed,
+            )  # fmt: skip
+        if not plan.piece and plan.reason:
+            self.warn("whole_batches", f"GGN products on {plan.reason}.")
+        self.plan = plan
+        lins = self.linearizations
+        lins.batches, lins.sizes = self.batches, self.batch_sizes
+        lins.requested_budget = plan.cache_budget(self.memory_budget) if self.cache else 0.0
+
     def _matmat(self, Vt: Tensor) -> Tensor:
-        acc = torch.zeros_like(Vt)
+        self._split()
         # A block is one vmapped backward; on CPU that pays only for small models (as for
         # HessianOperator's cached products), so larger ones take the columns one by one.
         step = len(Vt) if self.device.type != "cpu" or self.dim <= 5000 else 1
-        if self.cache:
-            if self._cache is not None and self._cache_key != self._key():
-                self._cache = None  # parameters updated in place, or train/eval switched
-            if self._cache is None:
-                with _hvp.guard(self.module, self.params, self.seed):
-                    self._cache_key = self._key()
-                    self._cache = [
-                        _Linearized(self.model_fn, self.loss, self.params, b) for b in self.batches
-                    ]
-            for n, lin in zip(self.batch_sizes, self._cache, strict=True):
-                for lo in range(0, len(Vt), step):
-                    chunk = Vt[lo : lo + step]
-                    acc[lo : lo + step].add_(lin.product(self.params, chunk, True), alpha=n)
-        else:
-            with _hvp.guard(self.module, self.params, self.seed):
-                for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                    lin = _Linearized(self.model_fn, self.loss, self.params, batch)
-                    for lo in range(0, len(Vt), step):
-                        last = lo + step >= len(Vt)
-                        chunk = Vt[lo : lo + step]
-                        acc[lo : lo + step].add_(lin.product(self.params, chunk, not last), alpha=n)
-                    del lin
+        with _hvp.guard(self.module, self.params, self.seed):
+            key = self._key()
+            if self._cache_key != key:  # first product, parameters updated, train/eval switched
+                self.linearizations.build()
+                self._cache_key = key
+            acc = self.linearizations.products(Vt, step)
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)
 
@@ -220,7 +205,8 @@ class GGNOperator(LinearOperator):
 
     def release(self) -> None:
         """Free the cached graphs; the next product rebuilds them."""
-        self._cache = None
+        self.linearizations.release()
+        self._cache_key = None
 
     def __enter__(self) -> GGNOperator:
         return self
@@ -268,3 +254,8 @@ class ResidualOperator(LinearOperator):
     def _matmat(self, Vt: Tensor) -> Tensor:
         V = Vt.T
         return (self.hessian.matmat(V) - self.ggn.matmat(V)).T
+
+
+def _warn(kind: str, message: str) -> None:
+    """The default of :attr:`GGNOperator.warn`: a ``UserWarning``."""
+    warnings.warn(message, stacklevel=5)

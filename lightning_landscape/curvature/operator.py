@@ -145,8 +145,7 @@ class HessianOperator(LinearOperator):
         check_batches(batches)
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
-        if memory_budget is not None and not (memory_budget == math.inf):
-            check_real("memory_budget", memory_budget, low=0.0, what="a number of bytes >= 0")
+        _pieces.check_memory_budget(memory_budget)
         if fd_step is not None:
             check_real("fd_step", fd_step, low=0.0, strict=True, what="a positive number")
         check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
@@ -215,16 +214,12 @@ class HessianOperator(LinearOperator):
         """Cut the batches into pieces once, before the first product (:mod:`.pieces`)."""
         if self.plan is not None:
             return
-        with _hvp.guard(self.module, self.params, self.seed):
-            plan = _pieces.choose(
+        with _hvp.guard(self.module, self.params, self.seed):  # may raise: then no plan
+            plan, self.batches, self.batch_sizes = _pieces.cut(
                 self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
                 self.micro_batch_size, self.memory_budget, self.distributed,
             )  # fmt: skip
-        if plan.piece:  # may raise (an explicit size on batches that cannot be cut): no plan
-            self.batches, self.batch_sizes = _pieces.split_batches(
-                self.batches, self.batch_sizes, plan.piece, self._size_fn
-            )
-        elif plan.reason:
+        if not plan.piece and plan.reason:
             self.warn("whole_batches", f"Hessian-vector products on {plan.reason}.")
         self.plan, budget = plan, plan.cache_budget(self.memory_budget)
         self.graphs.batches, self.graphs.sizes, self.graphs.requested_budget = (

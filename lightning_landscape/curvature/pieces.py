@@ -34,11 +34,13 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import batch_sizes, flat_grad
-from lightning_landscape._core.checks import check_int
+from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape.curvature.cache import FLOOR, SavedBytes
 
-__all__ = ["FLOOR", "PRODUCT_FACTOR", "Plan", "choose", "plan", "split_batch", "split_batches"]
+__all__ = [
+    "FLOOR", "PRODUCT_FACTOR", "Plan", "choose", "cut", "plan", "split_batch", "split_batches",
+]  # fmt: skip
 
 #: An exact product's peak memory over its gradient graph's saved bytes (the graph plus the
 #: second backward's temporaries). Measured on CPU (peak resident set of one double-backward
@@ -88,6 +90,17 @@ def check_micro_batch_size(value: Any) -> None:
     if value is None or (isinstance(value, str) and value == "auto"):
         return
     check_int("micro_batch_size", value, low=1, what="a positive int, 'auto' or None")
+
+
+def check_memory_budget(value: Any) -> None:
+    """Refuse a ``memory_budget`` that is not None, math.inf or a number of bytes >= 0.
+
+    Raises:
+        TypeError: if it is not a real number (bools refused) or None.
+        ValueError: if it is negative or NaN.
+    """
+    if value is not None and not (value == math.inf):
+        check_real("memory_budget", value, low=0.0, what="a number of bytes >= 0")
 
 
 def split_batch(batch: Any, n: int, piece: int) -> list[Any]:
@@ -154,6 +167,30 @@ def choose(
     size = int(micro_batch_size or 0)
     reason = f"pieces of at most {size} samples (micro_batch_size)" if size else ""
     return Plan(size, math.nan, math.nan, math.nan, reason)
+
+
+def cut(
+    loss_fn: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    batches: Sequence[Any],
+    sizes: Sequence[int],
+    size_fn: Callable[[Any], int],
+    micro_batch_size: int | str | None,
+    memory_budget: float | None,
+    distributed: bool = False,
+) -> tuple[Plan, list[Any], list[int]]:
+    """The :func:`choose` plan, and the batches and their sizes cut by it (unchanged when the
+    plan keeps whole batches). Runs inside :func:`~.hvp.guard`.
+
+    Raises:
+        ValueError: if an explicit ``micro_batch_size`` meets batches that cannot be cut.
+    """
+    chosen = choose(
+        loss_fn, params, batches, sizes, size_fn, micro_batch_size, memory_budget, distributed
+    )
+    if not chosen.piece:
+        return chosen, list(batches), list(sizes)
+    return chosen, *split_batches(batches, sizes, chosen.piece, size_fn)
 
 
 def plan(

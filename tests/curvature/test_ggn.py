@@ -4,6 +4,8 @@ and the output Hessians (closed forms against the autograd fallback)."""
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import pytest
 import torch
@@ -110,7 +112,7 @@ def test_blocks_equal_columns_and_cache_follows_parameter_updates(mlp_problem):
     assert torch.allclose(G @ V[:, 0], fresh @ V[:, 0], rtol=1e-12, atol=1e-14)
     with G:
         G @ V[:, 0]
-    assert G._cache is None
+    assert G.linearizations.cut == 0
 
 
 def _logits_and_targets():
@@ -148,6 +150,56 @@ def test_mse_closed_form_and_a_callable_loss():
     assert torch.linalg.eigvalsh(_dense(G))[0] > -1e-12
 
 
+@pytest.mark.parametrize("budget", [0.0, "one", math.inf])
+def test_budgets_give_the_same_matrix(budget):
+    """Train mode (dropout masks of the uncached batches replayed): whatever is kept, G is the
+    oracle's. A budget of one linearization keeps exactly the first batch."""
+    pb = make_problem("mlp")
+    model_fn = _model_fn(pb.model, "cross_entropy")
+    if budget == "one":
+        probe = GGNOperator(model_fn, pb.model, pb.batches, memory_budget=math.inf)
+        probe @ torch.ones(probe.dim, dtype=torch.float64)
+        budget = float(probe.linearizations.lin_bytes[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dropout: pieces refused, whole batches (a warning)
+        G = GGNOperator(model_fn, pb.model, pb.batches, memory_budget=budget)
+        Gd = _dense(G)
+    kept = {0.0: 0, math.inf: len(pb.batches)}.get(budget, 1)
+    assert G.linearizations.cut == kept and len(G.batches) == len(pb.batches)
+    oracle = _oracle(pb.model, model_fn, "cross_entropy", pb.batches)
+    assert torch.allclose(Gd, oracle, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("budget", [0.0, math.inf])
+def test_pieces_give_the_same_matrix(budget):
+    """A mean over independent samples (eval mode): pieces of 2 samples, the same G."""
+    pb = make_problem("mlp", mode="eval")
+    model_fn = _model_fn(pb.model, "mse")
+    G = GGNOperator(
+        model_fn, pb.model, pb.batches, loss="mse", micro_batch_size=2, memory_budget=budget
+    )
+    Gd = _dense(G)
+    assert G.plan.piece == 2 and len(G.batches) > len(pb.batches)
+    assert max(G.batch_sizes) == 2
+    oracle = _oracle(pb.model, model_fn, "mse", pb.batches)
+    assert torch.allclose(Gd, oracle, rtol=1e-10, atol=1e-13)
+
+
+def test_sum_reduced_loss_keeps_whole_batches_with_one_warning():
+    pb = make_problem("mlp", mode="eval")
+    model_fn = _model_fn(pb.model, "cross_entropy")
+
+    def loss(o, t):
+        return F.cross_entropy(o, t, reduction="sum")
+
+    G = GGNOperator(model_fn, pb.model, pb.batches, loss=loss, memory_budget=1.0)
+    with pytest.warns(UserWarning, match="GGN products on whole batches") as caught:
+        Gd = _dense(G)
+    assert len(caught) == 1 and G.plan.piece == 0 and len(G.batches) == len(pb.batches)
+    whole = GGNOperator(model_fn, pb.model, pb.batches, loss=loss, micro_batch_size=None)
+    assert torch.allclose(Gd, _dense(whole), rtol=1e-10, atol=1e-13)
+
+
 def test_nothing_disturbed_and_graphs_freed(cnn_problem):
     model = cnn_problem.model
     params = list(model.parameters())
@@ -160,7 +212,7 @@ def test_nothing_disturbed_and_graphs_freed(cnn_problem):
     )
     G = GGNOperator(_model_fn(model, "cross_entropy"), model, cnn_problem.batches)
     G @ torch.ones(G.dim, dtype=torch.float64)
-    assert G._cache is not None
+    assert G.linearizations.cut == len(G.batches)  # a small model: all within the floor
     G.release()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before[0], params, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(before[1], model.buffers(), strict=True))
@@ -180,6 +232,10 @@ def test_nothing_disturbed_and_graphs_freed(cnn_problem):
         ({"model_fn": 1}, TypeError, "`model_fn` must be callable"),
         ({"cache": 1}, TypeError, "`cache` must be a bool"),
         ({"seed": 0.5}, TypeError, "`seed` must be an int"),
+        ({"memory_budget": -1.0}, ValueError, "`memory_budget` must be a number of bytes >= 0"),
+        ({"memory_budget": "1G"}, TypeError, "`memory_budget` must be"),
+        ({"micro_batch_size": 0}, ValueError, "`micro_batch_size` must be a positive int"),
+        ({"micro_batch_size": "big"}, TypeError, "`micro_batch_size` must be a positive int"),
     ],
 )
 def test_constructor_raises(mlp_problem, kwargs, error, match):
@@ -193,6 +249,7 @@ def test_constructor_raises(mlp_problem, kwargs, error, match):
         GGNOperator(args.pop("model_fn"), args.pop("params"), args.pop("batches"), **args)
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")  # the plan measures the loss first
 def test_product_time_raises(mlp_problem):
     model, batches = mlp_problem.model, mlp_problem.batches
     v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
