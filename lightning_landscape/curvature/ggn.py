@@ -172,17 +172,10 @@ class GGNOperator(LinearOperator):
         set the linearizations' budget."""
         if self.plan is not None:
             return
-        with _hvp.guard(self.module, self.params, self.seed):  # may raise: then no plan
-            plan, self.batches, self.batch_sizes = _pieces.cut(
-                self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
-                self.micro_batch_size, self.memory_budget, self.distributed,
-            )  # fmt: skip
-        if not plan.piece and plan.reason:
-            self.warn("whole_batches", f"GGN products on {plan.reason}.")
-        self.plan = plan
+        _pieces.cut(self, "GGN products")
         lins = self.linearizations
         lins.batches, lins.sizes = self.batches, self.batch_sizes
-        lins.requested_budget = plan.cache_budget(self.memory_budget) if self.cache else 0.0
+        lins.requested_budget = self.plan.cache_budget(self.memory_budget) if self.cache else 0.0
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()

@@ -214,14 +214,8 @@ class HessianOperator(LinearOperator):
         """Cut the batches into pieces once, before the first product (:mod:`.pieces`)."""
         if self.plan is not None:
             return
-        with _hvp.guard(self.module, self.params, self.seed):  # may raise: then no plan
-            plan, self.batches, self.batch_sizes = _pieces.cut(
-                self.loss_fn, self.params, self.batches, self.batch_sizes, self._size_fn,
-                self.micro_batch_size, self.memory_budget, self.distributed,
-            )  # fmt: skip
-        if not plan.piece and plan.reason:
-            self.warn("whole_batches", f"Hessian-vector products on {plan.reason}.")
-        self.plan, budget = plan, plan.cache_budget(self.memory_budget)
+        _pieces.cut(self, "Hessian-vector products")
+        budget = self.plan.cache_budget(self.memory_budget)
         self.graphs.batches, self.graphs.sizes, self.graphs.requested_budget = (
             self.batches, self.batch_sizes, budget,
         )  # fmt: skip

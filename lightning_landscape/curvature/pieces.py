@@ -37,6 +37,7 @@ from lightning_landscape._core.batches import batch_sizes, flat_grad
 from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape.curvature.cache import FLOOR, SavedBytes
+from lightning_landscape.curvature.hvp import guard
 
 __all__ = [
     "FLOOR", "PRODUCT_FACTOR", "Plan", "choose", "cut", "plan", "split_batch", "split_batches",
@@ -169,28 +170,30 @@ def choose(
     return Plan(size, math.nan, math.nan, math.nan, reason)
 
 
-def cut(
-    loss_fn: Callable[[Any], Tensor],
-    params: Sequence[Tensor],
-    batches: Sequence[Any],
-    sizes: Sequence[int],
-    size_fn: Callable[[Any], int],
-    micro_batch_size: int | str | None,
-    memory_budget: float | None,
-    distributed: bool = False,
-) -> tuple[Plan, list[Any], list[int]]:
-    """The :func:`choose` plan, and the batches and their sizes cut by it (unchanged when the
-    plan keeps whole batches). Runs inside :func:`~.hvp.guard`.
+def cut(op: Any, what: str) -> None:
+    """Plan the pieces of an operator's batches once, before its first product: set
+    ``op.plan``, cut ``op.batches`` and ``op.batch_sizes``, and when whole batches stay above the
+    budget warn through ``op.warn("whole_batches", ...)`` about ``what`` (its products). ``op``
+    has the attributes of :class:`~.operator.HessianOperator` this reads (``loss_fn``,
+    ``params``, ``module``, ``seed``, ``_size_fn``, ``micro_batch_size``, ``memory_budget``,
+    ``distributed``).
 
     Raises:
-        ValueError: if an explicit ``micro_batch_size`` meets batches that cannot be cut.
+        ValueError: if an explicit ``micro_batch_size`` meets batches that cannot be cut (then
+            ``op`` is left unchanged).
     """
-    chosen = choose(
-        loss_fn, params, batches, sizes, size_fn, micro_batch_size, memory_budget, distributed
-    )
-    if not chosen.piece:
-        return chosen, list(batches), list(sizes)
-    return chosen, *split_batches(batches, sizes, chosen.piece, size_fn)
+    with guard(op.module, op.params, op.seed):
+        chosen = choose(
+            op.loss_fn, op.params, op.batches, op.batch_sizes, op._size_fn,
+            op.micro_batch_size, op.memory_budget, op.distributed,
+        )  # fmt: skip
+    if chosen.piece:
+        op.batches, op.batch_sizes = split_batches(
+            op.batches, op.batch_sizes, chosen.piece, op._size_fn
+        )
+    elif chosen.reason:
+        op.warn("whole_batches", f"{what} on {chosen.reason}.")
+    op.plan = chosen
 
 
 def plan(
