@@ -147,9 +147,7 @@ class GGNOperator(LinearOperator):
         self.micro_batch_size = micro_batch_size
         self._size_fn = batch_size_fn or default_batch_size
         self.batch_sizes = batch_sizes(self.batches, self._size_fn)
-        first = self.params[0]
-        self.dtype = first.dtype
-        self.device = first.device
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
         total = torch.tensor(
             [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
