@@ -104,6 +104,7 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
                 "residual",
                 which="smallest",
                 loss_fn=ggn.loss_fn,
+                cache=False,  # the GGN keeps its linearizations within the budget already
             )
             out[key("residual/min_eigenvalue")] = float(low.eigenvalues[0])
             out[key("residual/num_matvecs")] = float(low.num_matvecs)

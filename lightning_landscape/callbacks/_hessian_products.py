@@ -27,10 +27,16 @@ from lightning_landscape.curvature.linear import LinearOperator
 
 
 def make_operator(
-    monitor: Any, ctx: MeasureContext, params: Any, seed: int, loss_fn: Callable | None = None
+    monitor: Any,
+    ctx: MeasureContext,
+    params: Any,
+    seed: int,
+    loss_fn: Callable | None = None,
+    cache: bool = True,
 ):
     """An operator of the kind of this fit (``"auto"`` until the first one has chosen), of the
-    Hessian of ``loss_fn`` (default the context's loss)."""
+    Hessian of ``loss_fn`` (default the context's loss); with ``cache=False`` it keeps no graph
+    (unless the budget is infinite), its products piece by piece within the budget."""
     sharded = ctx.sharded_module
     if sharded is not None:
         return ShardedHessianOperator(
@@ -51,7 +57,7 @@ def make_operator(
         ctx.batches,
         hvp=kind,
         block_hvp=blocks,
-        memory_budget=monitor.memory_budget,
+        memory_budget=monitor.memory_budget if cache or monitor.memory_budget == math.inf else 0,
         micro_batch_size=monitor.micro_batch_size,
         seed=seed,
     )
@@ -68,11 +74,14 @@ def derived_eigenvalues(
     *,
     which: Which = "largest",
     loss_fn: Callable | None = None,
+    cache: bool = True,
 ) -> EigenResult:
     """The top (or most negative) eigenvalue of an operator built on the Hessian, ``wrap(H)``
     (the preconditioned Hessian, the residual H − G), by one Lanczos run with the fit's product
-    kind, ``memory_budget`` and ``basis_device``; the Hessian's graphs are released after."""
-    hessian = make_operator(monitor, ctx, ctx.module, ctx.seed_for("operator"), loss_fn)
+    kind, ``memory_budget`` and ``basis_device``; the Hessian's graphs are released after.
+    ``cache=False`` where ``wrap`` holds graphs of its own within the budget (the GGN's)."""
+    seed = ctx.seed_for("operator")
+    hessian = make_operator(monitor, ctx, ctx.module, seed, loss_fn, cache)
     op = wrap(hessian)
     op.on_matvec = lambda n: ctx.status(what, n)
     try:
