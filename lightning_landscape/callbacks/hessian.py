@@ -14,7 +14,6 @@ from lightning_landscape._core.checks import (
     check_callable,
     check_positive,
     check_positive_int,
-    check_real,
 )
 from lightning_landscape.callbacks import _hessian_eos, _hessian_ggn, _logging
 from lightning_landscape.callbacks import _hessian_products as products
@@ -24,7 +23,7 @@ from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.operator import KINDS, HVPMode
 from lightning_landscape.curvature.output_hessian import LossKind, OutputLoss, check_loss
-from lightning_landscape.curvature.pieces import check_micro_batch_size
+from lightning_landscape.curvature.pieces import check_memory_budget, check_micro_batch_size
 
 
 class HessianMonitor(LandscapeMonitor):
@@ -232,8 +231,7 @@ class HessianMonitor(LandscapeMonitor):
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in KINDS:
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
-        if memory_budget is not None and memory_budget != math.inf:
-            check_real("memory_budget", memory_budget, low=0.0, what="a number of bytes >= 0")
+        check_memory_budget(memory_budget)
         check_basis_device(basis_device)
         if not isinstance(per_module, bool):
             if (

@@ -30,6 +30,13 @@ from lightning_landscape._core.batches import flat_grad
 FLOOR = 16 * 2**20
 
 
+def budget_bytes(requested: float | None, step_bytes: float) -> float:
+    """The budget in bytes: the one ``requested``, or by default (None) one training step of
+    ``step_bytes`` and at least :data:`FLOOR` (the one rule of the cache, the GGN's
+    linearizations and the pieces)."""
+    return float(max(step_bytes, FLOOR) if requested is None else requested)
+
+
 class SavedBytes:
     """Counts the bytes of the distinct storages autograd saves for backward while active.
 
@@ -161,7 +168,7 @@ class GraphCache:
             if i == 0:
                 check_twice_differentiable(grad)
                 self.step_bytes = forward + 2 * numel_bytes
-                self.budget = float(max(self.step_bytes, FLOOR) if budget is None else budget)
+                self.budget = budget_bytes(budget, self.step_bytes)
             self.graph_bytes.append(counter.bytes)
             if total + counter.bytes > self.budget:
                 return  # this graph is dropped; batches i: are differentiated per product

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_landscape._core.vectors import flatten
 from lightning_landscape.curvature import hvp as _hvp
-from lightning_landscape.curvature.cache import FLOOR, SavedBytes, rng_state, set_rng_state
+from lightning_landscape.curvature.cache import SavedBytes, budget_bytes, rng_state, set_rng_state
 from lightning_landscape.curvature.output_hessian import output_hessian
 
 
@@ -150,8 +150,7 @@ class Linearizations:
             lin, nbytes = self._linearize(batch)
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
-                budget = self.requested_budget
-                self.budget = float(max(self.step_bytes, FLOOR) if budget is None else budget)
+                self.budget = budget_bytes(self.requested_budget, self.step_bytes)
             self.lin_bytes.append(nbytes)
             if total + nbytes > self.budget:
                 return  # this one is dropped; batches i: are linearized per product

@@ -36,7 +36,7 @@ from torch import Tensor
 from lightning_landscape._core.batches import batch_sizes, flat_grad
 from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
-from lightning_landscape.curvature.cache import FLOOR, SavedBytes
+from lightning_landscape.curvature.cache import FLOOR, SavedBytes, budget_bytes
 from lightning_landscape.curvature.hvp import guard
 
 __all__ = [
@@ -214,7 +214,7 @@ def plan(
         return Plan(0, math.nan, math.nan, math.inf, "")
     n = sizes[0]
     graph, step, failure = _estimate(loss_fn, params, batches[0], n, size_fn)
-    limit = max(step, FLOOR) if budget is None else float(budget)
+    limit = budget_bytes(budget, step)
     need = math.ceil(PRODUCT_FACTOR * graph / limit) if limit > 0 else max(sizes)
     if _max(float(need), distributed) <= 1:
         return Plan(0, graph, step, limit, "")
