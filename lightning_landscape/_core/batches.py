@@ -8,6 +8,7 @@ touched.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -116,3 +117,31 @@ def mean_value(
         acc[1] += n
     all_reduce_sum_(acc, distributed)
     return float(acc[0] / acc[1])
+
+
+def split_batch(batch: Any, n: int, piece: int) -> list[Any]:
+    """``batch`` cut into ⌈n / piece⌉ consecutive pieces of near-equal sizes (at most ``piece``
+    samples each): every tensor whose leading size is ``n`` is sliced (views, no copies); tuples,
+    lists, dicts and named tuples are rebuilt around the slices; everything else is shared by all
+    pieces."""
+    k = -(-n // piece)
+    cuts = [i * n // k for i in range(k + 1)]
+    return [_slice(batch, n, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def _slice(obj: Any, n: int, lo: int, hi: int) -> Any:
+    if isinstance(obj, Tensor):
+        return obj[lo:hi] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, Mapping):
+        items = {k: _slice(v, n, lo, hi) for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except TypeError:  # a mapping built otherwise (a defaultdict): a copy, updated
+            out = copy.copy(obj)
+            out.update(items)  # type: ignore[attr-defined]
+            return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_slice(v, n, lo, hi) for v in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(_slice(v, n, lo, hi) for v in obj)
+    return obj

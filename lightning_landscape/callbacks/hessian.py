@@ -100,10 +100,12 @@ class HessianMonitor(LandscapeMonitor):
             batches, and one warning); ``None``: whole batches.
         basis_device: where the Lanczos basis is kept; ``None``: the model's device, ``"cpu"``:
             host memory, for models where ``max_matvecs`` · P numbers do not fit the device.
-        probe_block: trace probes per product call; ``None``: 8 for models of at most 5,000
-            parameters, else 1. Blocks are faster per product (vmapped) but hold about
-            ``probe_block`` products' memory: on an H200 ResNet-18 and GPT-2-small measured at
-            about 20x a training step with blocks of 8, 6x one at a time.
+        probe_block: trace probes per product call; ``None``: 8, or as many as fit the
+            memory budget at 3 P numbers a probe. Blocks are vmapped where faster (on an H200,
+            ResNet-18: 2.05x a gradient per product in blocks of 8, 5.6x one at a time); the
+            products take fewer vectors at a time, or smaller pieces of the batches, as the
+            memory budget needs (on CPU, forward-over-reverse blocks of 8: 1.0x a training
+            step, 4.1x before).
         ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
             density (the same options as the Hessian's), the residual R = H − G's most negative
             eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.

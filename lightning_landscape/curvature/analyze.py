@@ -75,11 +75,13 @@ def analyze(
         trace: also the trace, deflated on the Lanczos basis.
         trace_probes: Hutchinson probes of the deflated remainder.
         probe_block: trace probes per call of the operator. A block is vmapped where the
-            product kind allows: faster per product, and about ``probe_block`` times the memory
-            of one product (H200, ResNet-18: 2.05x a gradient per product in blocks of 8 against
-            5.6x one at a time, peak 15.3 against 3.5 GiB; CPU MLP of 11k parameters: a
-            measurement at 19.5x a training step against 5.2x). Default: 8 for operators of at
-            most 5,000 dimensions (blocks pay there and cost little), else 1.
+            product kind allows (H200, ResNet-18: 2.05x a gradient per product in blocks of 8,
+            5.6x one at a time), within the operator's memory budget: a
+            :class:`HessianOperator` takes fewer vectors at a time, or smaller pieces of the
+            batches, as its budget needs. A block also holds 3 P numbers a probe (the probe,
+            its product, its projection). Default: 8, or as many as those fit the operator's
+            budget (at least 1); without a budget (other operators) 8 up to 5,000 dimensions,
+            else 1.
         density: also the spectral density (the run lasts at least ``density_steps``).
         density_steps: Lanczos steps per density probe.
         density_probes: density probes; the first is the shared run, the others run batched.
@@ -112,7 +114,6 @@ def analyze(
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)
     check_positive_int("probe_block", probe_block, allow_none=True)
-    probe_block = probe_block or (8 if op.dim <= 5000 else 1)
     basis_device = check_basis_device(basis_device)
     gen = make_generator(resolve_seed(seed, op.distributed))
     before = op.num_matvecs
@@ -144,7 +145,8 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=probe_block)
+            block = probe_block or default_probe_block(op)
+            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=block)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
     density_result = None
@@ -168,6 +170,17 @@ def analyze(
         for r in (top, low, trace_result, density_result)
     ]
     return AnalysisResult(*parts, used, steps, error)
+
+
+def default_probe_block(op: LinearOperator) -> int:
+    """Probes per call: 8, or as many as fit the operator's memory budget at 3 P numbers each
+    (at least 1); without a budget, 8 up to 5,000 dimensions and else 1."""
+    plan = getattr(op, "plan", None)
+    budget = getattr(plan, "budget", math.nan)
+    if not isinstance(budget, float) or math.isnan(budget):
+        return 8 if op.dim <= 5000 else 1
+    per_probe = 3 * op.dim * torch.finfo(op.dtype).bits // 8
+    return int(min(8, max(1, budget // per_probe)))
 
 
 def _stack(

@@ -14,9 +14,9 @@ vector for ``"func"`` (MLP); so by default (``micro_batch_size="auto"``, :mod:`.
 are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T), when the
 loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs of the
 pieces that fit ``memory_budget`` and differentiates the others per product: about 2 budgets in
-all. ``"finite_difference"``: one gradient and 3 P. Blocks add P numbers a vector (at most 8 in a
-vmapped product). A whole HessianMonitor measurement (benchmarks/memory.py, MLP): 1.9 T with
-pieces, 5.1 T on whole batches.
+all. ``"finite_difference"``: one gradient and 3 P. A vmapped block of k vectors holds about
+1 + 2k graphs, so blocks take fewer vectors at a time, or smaller pieces, as the budget needs.
+A HessianMonitor measurement (benchmarks/memory.py, MLP): 1.9 T with pieces, 5.1 T without.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.batches import batch_sizes, default_batch_size, mean_gradient
+from lightning_landscape._core import batches as _batches
 from lightning_landscape._core.checks import check_batches, check_callable, check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import resolve_params
@@ -162,8 +162,8 @@ class HessianOperator(LinearOperator):
         self.memory_budget = memory_budget
         self.seed = int(seed)
         self.distributed = is_distributed(distributed)
-        self._size_fn = batch_size_fn or default_batch_size
-        self.batch_sizes = batch_sizes(self.batches, self._size_fn)
+        self._size_fn = batch_size_fn or _batches.default_batch_size
+        self.batch_sizes = _batches.batch_sizes(self.batches, self._size_fn)
         first = self.params[0]
         self.dtype = first.dtype
         self.device = first.device
@@ -215,10 +215,9 @@ class HessianOperator(LinearOperator):
         if self.plan is not None:
             return
         _pieces.cut(self, "Hessian-vector products")
-        budget = self.plan.cache_budget(self.memory_budget)
-        self.graphs.batches, self.graphs.sizes, self.graphs.requested_budget = (
-            self.batches, self.batch_sizes, budget,
-        )  # fmt: skip
+        g = self.graphs
+        g.batches, g.sizes = self.batches, self.batch_sizes
+        g.requested_budget = self.plan.cache_budget(self.memory_budget)
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()
@@ -251,9 +250,22 @@ class HessianOperator(LinearOperator):
                 self._forward_over_reverse = False  # and start over: same masks, same RNG
         return self._batch_by_batch(kind, Vt)
 
-    def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool) -> Tensor:
-        step = _hvp.COLUMNS if self.device.type != "cpu" or self.dim <= 5000 else 1
+    def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool, n: int = 0) -> Tensor:
+        """A block through a gradient graph of ``n`` samples (0: the largest batch, the cached
+        graphs), as many vectors at a time as the plan allows (:meth:`.pieces.Plan.width`); on
+        CPU above 5,000 parameters one at a time (vmapped backwards are slower there)."""
+        step = self.plan.width(n or max(self.batch_sizes))
+        step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
         return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step)
+
+    def _parts(self, batch: Any, n: int, k: int) -> list[tuple[int, Any]]:
+        """``batch``, or for a block of ``k`` > 1 vectors its pieces of at most the plan's
+        :attr:`~.pieces.Plan.block_piece` samples, with their sizes."""
+        piece = self.plan.block_piece if k > 1 else 0
+        if not piece or n <= piece:
+            return [(n, batch)]
+        parts = _batches.split_batch(batch, n, piece)
+        return list(zip(_batches.batch_sizes(parts, self._size_fn), parts, strict=True))
 
     def _cached(self, Vt: Tensor) -> Tensor:
         with _hvp.guard(self.module, self.params, self.seed):
@@ -269,24 +281,26 @@ class HessianOperator(LinearOperator):
             return self._differences(Vt, [False] * len(Vt))[0]
         acc = torch.zeros_like(Vt)
         with _hvp.guard(self.module, self.params, self.seed):
-            for n, batch in zip(self.batch_sizes, self.batches, strict=True):
-                if kind == "double_backward":
-                    grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
-                    if not self._graph_checked:
-                        check_twice_differentiable(grad)
-                        self._graph_checked = True
-                    acc.add_(self._through_graph(grad, Vt, retain=False), alpha=n)
-                    continue
-                for lo in range(0, len(Vt), BLOCK):  # "func", vmapped over blocks
-                    product = _hvp.hvp_func(
-                        self.loss_fn,
-                        self.params,
-                        batch,
-                        Vt[lo : lo + BLOCK],
-                        self.module,
-                        forward_over_reverse=self._forward_over_reverse,
-                    )
-                    acc[lo : lo + BLOCK].add_(product, alpha=n)
+            for size, whole in zip(self.batch_sizes, self.batches, strict=True):
+                for n, batch in self._parts(whole, size, len(Vt)):
+                    if kind == "double_backward":
+                        grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
+                        if not self._graph_checked:
+                            check_twice_differentiable(grad)
+                            self._graph_checked = True
+                        acc.add_(self._through_graph(grad, Vt, False, n), alpha=n)
+                        continue
+                    step = self.plan.width(n)
+                    for lo in range(0, len(Vt), step):  # "func", vmapped over blocks
+                        product = _hvp.hvp_func(
+                            self.loss_fn,
+                            self.params,
+                            batch,
+                            Vt[lo : lo + step],
+                            self.module,
+                            forward_over_reverse=self._forward_over_reverse,
+                        )
+                        acc[lo : lo + step].add_(product, alpha=n)
         return acc
 
     def _differences(self, Vt: Tensor, checked: list[bool]) -> tuple[Tensor, Tensor]:
@@ -322,7 +336,7 @@ class HessianOperator(LinearOperator):
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
         self._split()
         with _hvp.guard(self.module, self.params, self.seed):
-            return mean_gradient(
+            return _batches.mean_gradient(
                 self.loss_fn,
                 self.params,
                 self.batches,

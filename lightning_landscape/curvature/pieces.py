@@ -24,23 +24,23 @@ all ranks take the same decision.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.batches import batch_sizes, flat_grad
+from lightning_landscape._core.batches import batch_sizes, flat_grad, split_batch
 from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape.curvature.cache import FLOOR, SavedBytes, budget_bytes
 from lightning_landscape.curvature.hvp import guard
 
 __all__ = [
-    "FLOOR", "PRODUCT_FACTOR", "Plan", "choose", "cut", "plan", "split_batch", "split_batches",
+    "COLUMNS", "FLOOR", "PRODUCT_FACTOR", "VECTOR_FACTOR", "Plan", "choose", "cut", "plan",
+    "split_batch", "split_batches",
 ]  # fmt: skip
 
 #: An exact product's peak memory over its gradient graph's saved bytes (the graph plus the
@@ -48,6 +48,12 @@ __all__ = [
 #: product): 3.05 on a GELU MLP (batch 8192), 1.75 on a 3-layer CNN with BatchNorm (batch 128),
 #: 1.87 on a 2-layer causal Transformer with math attention (64 x 64 tokens): the largest, about.
 PRODUCT_FACTOR = 3.0
+#: A vmapped product of k vectors on s samples takes about 1 + VECTOR_FACTOR · k gradient graphs
+#: of s samples (k = 1: PRODUCT_FACTOR). Measured on CPU, peak over graph at k = 8 (MLP, CNN,
+#: Transformer): forward-over-reverse 10.8, 12.0, 15.9; a vmapped backward through a kept graph
+#: 5.9, 7.2, 9.2 above that graph.
+VECTOR_FACTOR = 2.0
+COLUMNS = 8  # the most vectors one vmapped product takes
 SLICE = 8  # the graph is measured on 1/SLICE of the first batch, then scaled
 #: A gradient graph over its forward's saved bytes, measured: 1.8 (MLP), 1.86 (CNN), 2.1
 #: (Transformer); used only where the loss refuses a slice of the batch.
@@ -65,6 +71,10 @@ class Plan:
             2 P numbers (bytes).
         budget: the budget used (bytes).
         reason: one sentence for the operator's ``hvp_reason``.
+        block_piece: the most samples one vmapped product of several vectors takes, where blocks
+            need pieces smaller than ``piece`` (0: blocks run on the pieces, :meth:`width` vectors
+            at a time).
+        per_sample: one sample's gradient graph over the budget (NaN: not measured, no limit).
     """
 
     piece: int
@@ -72,6 +82,17 @@ class Plan:
     step_bytes: float
     budget: float
     reason: str
+    block_piece: int = 0
+    per_sample: float = math.nan
+
+    def width(self, samples: int) -> int:
+        """The most vectors one vmapped product on ``samples`` samples may take within the
+        budget: 1 + VECTOR_FACTOR · k graphs fit (between 1 and :data:`COLUMNS`; all of them
+        where nothing was measured)."""
+        if not self.per_sample > 0:
+            return COLUMNS
+        k = (1 / (self.per_sample * max(samples, 1)) - 1) / VECTOR_FACTOR
+        return int(min(COLUMNS, max(1, math.floor(k))))
 
     def cache_budget(self, requested: float | None) -> float | None:
         """The cached graphs' budget: the one requested, or by default one training step on a
@@ -102,34 +123,6 @@ def check_memory_budget(value: Any) -> None:
     """
     if value is not None and not (value == math.inf):
         check_real("memory_budget", value, low=0.0, what="a number of bytes >= 0")
-
-
-def split_batch(batch: Any, n: int, piece: int) -> list[Any]:
-    """``batch`` cut into ⌈n / piece⌉ consecutive pieces of near-equal sizes (at most ``piece``
-    samples each): every tensor whose leading size is ``n`` is sliced (views, no copies); tuples,
-    lists, dicts and named tuples are rebuilt around the slices; everything else is shared by all
-    pieces."""
-    k = -(-n // piece)
-    cuts = [i * n // k for i in range(k + 1)]
-    return [_slice(batch, n, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
-
-
-def _slice(obj: Any, n: int, lo: int, hi: int) -> Any:
-    if isinstance(obj, Tensor):
-        return obj[lo:hi] if obj.dim() > 0 and obj.shape[0] == n else obj
-    if isinstance(obj, Mapping):
-        items = {k: _slice(v, n, lo, hi) for k, v in obj.items()}
-        try:
-            return type(obj)(items)
-        except TypeError:  # a mapping built otherwise (a defaultdict): a copy, updated
-            out = copy.copy(obj)
-            out.update(items)  # type: ignore[attr-defined]
-            return out
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
-        return type(obj)(*(_slice(v, n, lo, hi) for v in obj))
-    if isinstance(obj, list | tuple):
-        return type(obj)(_slice(v, n, lo, hi) for v in obj)
-    return obj
 
 
 def split_batches(
@@ -191,7 +184,7 @@ def cut(op: Any, what: str) -> None:
         op.batches, op.batch_sizes = split_batches(
             op.batches, op.batch_sizes, chosen.piece, op._size_fn
         )
-    elif chosen.reason:
+    elif chosen.reason and not chosen.block_piece:
         op.warn("whole_batches", f"{what} on {chosen.reason}.")
     op.plan = chosen
 
@@ -215,18 +208,20 @@ def plan(
     n = sizes[0]
     graph, step, failure = _estimate(loss_fn, params, batches[0], n, size_fn)
     limit = budget_bytes(budget, step)
-    need = math.ceil(PRODUCT_FACTOR * graph / limit) if limit > 0 else max(sizes)
-    if _max(float(need), distributed) <= 1:
-        return Plan(0, graph, step, limit, "")
-    piece = max(1, math.ceil(n / min(need, n)))
-    tol = min(1e3 * torch.finfo(params[0].dtype).eps, 2e-2)
-    gaps = [math.inf] if failure else [
-        _decomposition_gap(loss_fn, b, k, piece, size_fn) for k, b in zip(sizes, batches, strict=True)
-    ]  # fmt: skip
-    finite = [g for g in gaps if not math.isnan(g)]  # NaN: a non-finite loss, no objection
-    gap = _max(max(finite) if finite else -1.0, distributed)
+    ratio, per_sample = (graph / limit, graph / n / limit) if limit > 0 else (math.inf, math.inf)
+    ratio, per_sample = _max([ratio, per_sample], distributed)
+    need = math.ceil(PRODUCT_FACTOR * ratio) if math.isfinite(ratio) else max(sizes)
+    piece = 0 if need <= 1 else max(1, math.ceil(n / min(need, n)))
+    block = _block_piece(Plan(0, graph, step, limit, "", 0, per_sample), piece or max(sizes))
+    if not (piece or block):
+        return Plan(0, graph, step, limit, "", 0, per_sample)
+    gap = _gap(loss_fn, batches, sizes, block or piece, size_fn, failure, distributed)
     if gap < 0:  # every loss is non-finite: nothing to measure, nothing to cut
         return Plan(0, graph, step, limit, "")
+    tol = min(1e3 * torch.finfo(params[0].dtype).eps, 2e-2)
+    if gap > tol and block:  # blocks keep the pieces (fewer vectors at a time); check those
+        block = 0
+        gap = _gap(loss_fn, batches, sizes, piece, size_fn, failure, distributed) if piece else 0
     if gap > tol:
         cause = failure or "a piece's loss fails, or the pieces' sizes do not add up"
         why = (
@@ -238,18 +233,52 @@ def plan(
         return Plan(0, graph, step, limit, (
             f"whole batches, above the memory budget: {why}, so its products take about "
             f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB over memory_budget {limit / 2**20:.3g} MiB"
-        ))  # fmt: skip
+        ), 0, per_sample)  # fmt: skip
+    if not (piece or block):  # single products fit; blocks take fewer vectors at a time
+        return Plan(0, graph, step, limit, "", 0, per_sample)
+    parts = [f"pieces of at most {piece} sample{'s' if piece > 1 else ''}"] if piece else []
+    parts += [f"blocks of vectors on pieces of at most {block}"] if block else []
     reason = (
-        f"pieces of at most {piece} sample{'s' if piece > 1 else ''} (a product on a whole "
-        f"batch would take about "
+        f"{' and '.join(parts)} (a product on a whole batch would take about "
         f"{PRODUCT_FACTOR * graph / 2**20:.3g} MiB; memory_budget {limit / 2**20:.3g} MiB)"
     )
-    return Plan(piece, graph, step, limit, reason)
+    return Plan(piece, graph, step, limit, reason, block, per_sample)
 
 
-def _max(value: float, distributed: bool) -> float:
-    """The largest ``value`` over ranks."""
-    return float(all_reduce_max_(torch.tensor([value], dtype=torch.float64), distributed)[0])
+def _block_piece(plan: Plan, whole: int) -> int:
+    """The most samples one vmapped product of :data:`COLUMNS` vectors takes within the budget,
+    when that is fewer than ``whole`` (the samples a single product takes), and no fewer than
+    ``whole / COLUMNS`` (which keeps a block's passes as large as a single product's); 0 when
+    the blocks fit on the pieces as they are."""
+    if plan.width(whole) >= COLUMNS:
+        return 0
+    fit = math.floor(1 / (plan.per_sample * (1 + VECTOR_FACTOR * COLUMNS)))
+    block = max(1, math.ceil(whole / COLUMNS), fit)
+    return block if block < whole else 0
+
+
+def _gap(
+    loss_fn: Callable[[Any], Tensor],
+    batches: Sequence[Any],
+    sizes: Sequence[int],
+    piece: int,
+    size_fn: Callable[[Any], int],
+    failure: str,
+    distributed: bool,
+) -> float:
+    """The largest :func:`_decomposition_gap` over the batches and ranks (inf when the batches
+    cannot be sliced; −1 when every loss is non-finite)."""
+    gaps = [math.inf] if failure else [
+        _decomposition_gap(loss_fn, b, k, piece, size_fn) for k, b in zip(sizes, batches, strict=True)
+    ]  # fmt: skip
+    finite = [g for g in gaps if not math.isnan(g)]  # NaN: a non-finite loss, no objection
+    return _max([max(finite) if finite else -1.0], distributed)[0]
+
+
+def _max(values: Sequence[float], distributed: bool) -> list[float]:
+    """The largest of each value over ranks (one all-reduce)."""
+    out = all_reduce_max_(torch.tensor(list(values), dtype=torch.float64), distributed)
+    return out.tolist()
 
 
 def _estimate(

@@ -63,11 +63,12 @@ class TraceResult:
 
 
 def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> list[Tensor]:
-    """Rademacher probes in blocks of at most ``block`` columns."""
+    """Rademacher probes in blocks of at most ``block`` columns, drawn probe after probe: the
+    same probes whatever the block size."""
     out, left = [], n
     while left > 0:
         k = min(block, left)
-        out.append(space_of(op).draw(rademacher, (op.dim, k), gen, axis=0))
+        out.append(space_of(op).draw(rademacher, (k, op.dim), gen).T.contiguous())
         left -= k
     return out
 

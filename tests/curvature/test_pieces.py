@@ -4,6 +4,7 @@ not, and pieces only as small as the memory budget needs."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict, namedtuple
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
-from lightning_landscape.curvature.pieces import FLOOR, split_batch
+from lightning_landscape.curvature import hvp as hvp_module
+from lightning_landscape.curvature.analyze import default_probe_block
+from lightning_landscape.curvature.pieces import COLUMNS, FLOOR, Plan, split_batch
+from lightning_landscape.curvature.trace import deflated_hutchinson
 
 from ._problems import make_batches, make_loss, make_problem
 
@@ -210,3 +214,103 @@ def test_review_cases_pinn_defaultdict_later_batches_and_retry():
     op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=float("inf"))
     op @ probes(op.dim)
     assert op.plan.piece == 0 and op.plan.graph_bytes != op.plan.graph_bytes  # NaN: not measured
+
+
+def test_plan_width_fits_one_plus_two_graphs_a_vector():
+    """A vmapped product of k vectors on s samples holds about 1 + 2k graphs of s samples."""
+    plan = Plan(0, 1e3, 1e3, 1e3, "", 0, per_sample=0.01)  # a sample's graph: 1 % of the budget
+    assert plan.width(10) == 4 and plan.width(40) == 1 and plan.width(1) == COLUMNS
+    assert Plan(0, math.nan, math.nan, math.nan, "").width(10**9) == COLUMNS  # nothing measured
+
+
+def recorded(monkeypatch) -> list[tuple[str, int, int]]:
+    """(kind, samples, vectors) of every vmapped product call the operator makes."""
+    calls: list[tuple[str, int, int]] = []
+    func, through = hvp_module.hvp_func, hvp_module.hvp_from_graph_in_blocks
+
+    def spy_func(loss_fn, params, batch, Vt, module=None, **kw):
+        calls.append(("func", len(batch[1]), len(Vt)))
+        return func(loss_fn, params, batch, Vt, module, **kw)
+
+    def spy_through(grad, params, Vt, retain, step):
+        calls.append(("graph", -1, min(step, len(Vt))))
+        return through(grad, params, Vt, retain, step)
+
+    monkeypatch.setattr(hvp_module, "hvp_func", spy_func)
+    monkeypatch.setattr(hvp_module, "hvp_from_graph_in_blocks", spy_through)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["func", "double_backward", "cached"])
+def test_blocks_take_smaller_pieces_or_fewer_vectors_within_the_budget(kind, monkeypatch):
+    """A budget that fits single products on whole batches but not vmapped blocks of 8: blocks
+    of forward-over-reverse and double-backward products run on smaller pieces (8 vectors on
+    each), cached ones on their whole-batch graphs a vector at a time; the same matrix."""
+    p = make_problem("mlp", mode="eval")
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=1e12)
+    whole @ probes(whole.dim)
+    budget = 4 * whole.plan.graph_bytes  # the first batch's graph: 5 samples
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp=kind, memory_budget=budget)
+    V = torch.randn(op.dim, COLUMNS, generator=torch.Generator().manual_seed(1), dtype=H.dtype)
+    op @ V[:, :1]
+    assert op.plan.piece == 0 and op.plan.block_piece == 1 and len(op.batches) == 3
+    assert "blocks of vectors on pieces of at most 1" in op.plan.reason
+    calls = recorded(monkeypatch)
+    assert rel(op @ V, H @ V) < 1e-10
+    if kind == "func":
+        assert calls == [("func", 1, COLUMNS)] * 15  # every sample, all 8 vectors at once
+    elif kind == "double_backward":
+        assert calls == [("graph", -1, COLUMNS)] * 15
+    else:
+        assert calls == [("graph", -1, 1)]  # one backward through the kept graphs, 1 at a time
+
+
+def test_blocks_keep_the_pieces_when_smaller_ones_fail_the_check(monkeypatch):
+    """A loss that refuses fewer than 3 samples: blocks cannot take pieces of 1 sample, so they
+    run on the whole batches, as few vectors at a time as the budget needs, without a warning
+    (single products fit)."""
+    p = make_problem("mlp", mode="eval")
+
+    def loss_fn(batch):
+        if len(batch[1]) < 3:
+            raise RuntimeError("needs 3 samples")
+        return p.loss_fn(batch)
+
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    whole = HessianOperator(loss_fn, p.model, p.batches, memory_budget=1e12)
+    whole @ probes(whole.dim)
+    op = HessianOperator(
+        loss_fn, p.model, p.batches, hvp="func", memory_budget=4 * whole.plan.graph_bytes
+    )
+    V = probes(op.dim)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op @ V[:, :1]
+    assert not [w for w in caught if "Hessian-vector products on" in str(w.message)]
+    assert op.plan.piece == 0 and op.plan.block_piece == 0 and op.plan.reason == ""
+    calls = recorded(monkeypatch)
+    assert rel(op @ V, H @ V) < 1e-10
+    assert op.plan.width(7) == op.plan.width(5) == 1 and op.plan.width(3) == 2
+    assert sorted(calls) == sorted([("func", 5, 1)] * 3 + [("func", 7, 1)] * 3 + [
+        ("func", 3, 2), ("func", 3, 1)
+    ])  # fmt: skip
+
+
+def test_default_probe_block_fits_the_budget():
+    """Trace probes per call: as many as fit the operator's budget at 3 P numbers each, at most
+    8; the probes are the same whatever the block."""
+    p = make_problem("mlp", mode="eval")
+    op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=1.0)
+    op @ probes(op.dim)
+    assert default_probe_block(op) == 1
+    op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=3 * op.dim * 8 * 2.5)
+    op @ probes(op.dim)
+    assert default_probe_block(op) == 2
+    op = HessianOperator(p.loss_fn, p.model, p.batches)  # default budget: at least 16 MiB
+    op @ probes(op.dim)
+    assert default_probe_block(op) == COLUMNS
+    one, eight = (
+        deflated_hutchinson(op, None, 12, torch.Generator().manual_seed(4), block=b) for b in (1, 8)
+    )
+    assert one[0] == pytest.approx(eight[0], rel=1e-12) and one[2] == eight[2] == 12
