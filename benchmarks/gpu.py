@@ -492,6 +492,7 @@ class Bench(LambdaRows):
         lam = float(r.top.eigenvalues[0])
         if not math.isfinite(lam):
             raise FloatingPointError("the measurement returned NaN")
+        per_product = wall / max(r.num_matvecs, 1)  # the whole measurement's, trials included
         extra = [plan_note(op)[0]]
         if r.trace is not None:
             extra.append(f"trace {r.trace.estimate:.4g} ± {r.trace.stderr:.2g}")
@@ -500,9 +501,11 @@ class Bench(LambdaRows):
         self.report.add(
             m.key, "memory",
             [label, fmt(peak, "gib"), ratio(peak, m.train_peak), r.num_matvecs, fmt(wall, ".1f"),
-             fmt(lam, ".6g"), "yes" if r.top.converged else "no", "; ".join(x for x in extra if x)],
+             ratio(per_product, m.t_grad), fmt(lam, ".6g"), "yes" if r.top.converged else "no",
+             "; ".join(x for x in extra if x)],
             dict(label=label, peak=peak, per_train_step=peak / m.train_peak if peak and m.train_peak else None,
                  products=r.num_matvecs, seconds=wall, lambda_max=lam, converged=r.top.converged,
+                 per_product_per_gradient=per_product / m.t_grad if m.t_grad else None,
                  kwargs={k: repr(v) for k, v in {**kwargs, **op_kwargs}.items()}, plan=plan_note(op)[1]),
         )  # fmt: skip
 
@@ -532,7 +535,9 @@ class Bench(LambdaRows):
         self.report.add(
             m.key, "memory",
             [label, fmt(peak, "gib"), ratio(peak, train), int(metrics.get("hessian/num_matvecs", 0)),
-             fmt(metrics.get("hessian/seconds"), ".1f"), fmt(lam, ".6g"),
+             fmt(metrics.get("hessian/seconds"), ".1f"),
+             ratio((metrics.get("hessian/seconds") or 0) / max(metrics.get("hessian/num_matvecs") or 1, 1),
+                   m.t_grad), fmt(lam, ".6g"),
              "yes" if metrics.get("hessian/converged") == 1.0 else "no",
              f"ratio to the step in the same fit ({fmt(train, 'gib')} GiB); fit {wall:.0f} s"],
             dict(label=label, peak=peak, train_step_in_fit=train,

@@ -20,8 +20,8 @@ TABLES = {
     "products": ("Hessian-vector products, time over one gradient of the same batches",
                  PRODUCT_COLUMNS),
     "memory": ("Peak memory of a measurement, over a training step's",
-               ["measurement", "peak (GiB)", "/ training step", "products", "wall (s)", "λ_max",
-                "converged", "notes"]),
+               ["measurement", "peak (GiB)", "/ training step", "products", "wall (s)",
+                "wall per product / gradient", "λ_max", "converged", "notes"]),
     "lambda": ("λ_max to 1e-4 against PyHessian, same samples",
                ["method", "products", "wall (s)", "λ_max", "rel. error vs reference",
                 "peak (GiB)", "notes"]),
@@ -64,7 +64,8 @@ def plan_note(op) -> tuple[str, dict | None]:
     plan = getattr(op, "plan", None)
     if plan is None:
         return "", None
-    raw = {k: getattr(plan, k, None) for k in ("piece", "reason", "graph_bytes", "step_bytes", "budget")}  # fmt: skip
+    keys = ("piece", "block_piece", "per_sample", "reason", "graph_bytes", "step_bytes", "budget")
+    raw = {k: getattr(plan, k, None) for k in keys}
     piece, reason, budget = raw["piece"] or 0, raw["reason"] or "", raw["budget"]
     if not reason:
         planned = isinstance(budget, int | float) and math.isfinite(budget)
