@@ -177,9 +177,11 @@ class GGNOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()
-        # A block is one vmapped backward; on CPU that pays only for small models (as for
-        # HessianOperator's cached products), so larger ones take the columns one by one.
-        step = len(Vt) if self.device.type != "cpu" or self.dim <= 5000 else 1
+        # A block is one vmapped backward, as many vectors as the budget allows (Plan.width);
+        # on CPU that pays only for small models (as for HessianOperator's cached products),
+        # so larger ones take the columns one by one.
+        step = self.plan.width(max(self.batch_sizes))
+        step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
         with _hvp.guard(self.module, self.params, self.seed):
             key = self._key()
             if self._cache_key != key:  # first product, parameters updated, train/eval switched
