@@ -162,12 +162,13 @@ class HessianMonitor(LandscapeMonitor):
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
     products of each candidate kind once per fit. Memory, with T a training step and P the
     number of parameters: the Lanczos basis (its steps, at most ``max_matvecs``, times P
-    numbers, grown as it runs; on the host with ``basis_device="cpu"``), 8 probes and their
-    products (16 P), plus the product's own: exact products on pieces of the batches small
-    enough for one to fit ``memory_budget`` (default 1 T), and the cached graphs within it, so
-    about 2 T in all (2-4 T on whole batches: a loss that is not a mean over samples, or
-    ``micro_batch_size=None``); about 1.2 T for finite differences. Measured on an
-    activation-heavy MLP (CPU): the defaults and top-1 1.9 T.
+    numbers, grown as it runs; on the host with ``basis_device="cpu"``), a block of probes
+    (3 P each, 8 or as many as fit ``memory_budget``), plus the product's own: exact products
+    on pieces of the batches small enough for one (or a vmapped block) to fit ``memory_budget``
+    (default 1 T), and the cached graphs within it, so about 2 T in all (2-4 T on whole batches:
+    a loss that is not a mean over samples, or ``micro_batch_size=None``); about 1.2 T for
+    finite differences. Measured on an activation-heavy MLP (CPU): the defaults 2.2 T, top-1
+    1.9 T.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
