@@ -52,7 +52,7 @@ def is_sharded(module: nn.Module) -> bool:
     return is_fsdp2(module) or is_fsdp1(module)
 
 
-def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
+def check_dtensors(params: Sequence[Tensor], names: Sequence[str]) -> Any:
     """The common 1-D mesh of ``params``, each a DTensor sharded on dim 0 over all ranks.
 
     Raises:
@@ -90,7 +90,7 @@ def _check_sharded(params: Sequence[Tensor], names: Sequence[str]) -> Any:
 def dtensor_pieces(params: Sequence[Tensor], names: Sequence[str]) -> list[Piece]:
     """``(start, count, world)`` of this rank's rows of each FSDP2 parameter, in entries of the
     flattened parameter (one all-reduce of the row counts: every rank calls it together)."""
-    mesh = _check_sharded(params, names)
+    mesh = check_dtensors(params, names)
     world, me = mesh.size(), mesh.get_local_rank()
     rows = torch.zeros(world, len(params), dtype=torch.float64)
     for i, p in enumerate(params):

@@ -1,11 +1,12 @@
 """The monitors under sharded strategies: which ones run, on what, and which are refused at setup.
 
 - ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, 1-D
-  data-parallel mesh): every parameter is a DTensor shard. Refused at the first measurement
-  (``configure_model`` runs after the callbacks' setup): tensor parallelism (2-D meshes), naming
-  the parameter, and for the finite-difference monitors half-precision parameters or a
-  ``MixedPrecisionPolicy`` with a float16/bfloat16 ``param_dtype`` or ``reduce_dtype`` (the
-  same on every rank: the measurement logs NaN with one warning and training goes on).
+  data-parallel mesh): every parameter is a DTensor shard. The finite-difference monitors
+  refuse at their first measurement (``configure_model`` runs after the callbacks' setup),
+  naming the parameter or the policy: tensor parallelism (2-D meshes), HSDP, a parameter left
+  out of ``fully_shard``, half-precision parameters, a ``MixedPrecisionPolicy`` with a
+  float16/bfloat16 ``param_dtype`` or ``reduce_dtype``. The verdict is the same on every rank:
+  the measurement logs NaN with one warning and training goes on.
 - ``FSDPStrategy`` (FSDP v1): Lightning wraps the LightningModule in ``FullyShardedDataParallel``
   (or the module holds units it wrapped in ``configure_model``); with ``use_orig_params=True``
   (Lightning's default) the original parameters are flat views of each rank's slice of the
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_landscape._core.fsdp import fsdp2_policies, reshard_all
-from lightning_landscape._core.sharding import is_sharded
+from lightning_landscape._core.sharding import check_dtensors, is_fsdp2, is_sharded
 from lightning_landscape.callbacks._errors import SetupError
 
 
@@ -143,7 +144,10 @@ def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
 
     Raises:
         SetupError: (a ``ValueError``) if ``module`` is sharded and ``upcast`` (half-precision
-            parameters), or an FSDP2 policy computes or reduces in half precision.
+            parameters), an FSDP2 module holds a trainable parameter that is not a ``Shard(0)``
+            DTensor on one 1-D mesh spanning every rank (tensor parallelism, HSDP, a parameter
+            left out of ``fully_shard``), or an FSDP2 policy computes or reduces in half
+            precision.
     """
     if not is_sharded(module):
         return
@@ -155,6 +159,12 @@ def check_sharded(module: nn.Module, owner: str, upcast: bool) -> None:
             "are meaningless; keep float32 parameters (and no half-precision FSDP2 "
             "MixedPrecisionPolicy)."
         )
+    if is_fsdp2(module):  # every rank holds the same placements: the same verdict everywhere
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        try:
+            check_dtensors([p for _, p in named], [n for n, _ in named])
+        except ValueError as err:
+            raise SetupError(f"{owner} cannot measure this FSDP2 model: {err}") from err
     half_dtypes = _half_dtypes(fsdp2_policies(module))
     if half_dtypes:
         fix = "give fully_shard an mp_policy without a float16/bfloat16 param_dtype or reduce_dtype"

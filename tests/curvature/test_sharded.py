@@ -264,3 +264,33 @@ def test_errors_name_the_argument(mesh):
         op.matvec(torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"`V` must have shape \(43, k\)"):
         op.matmat(torch.zeros(43, dtype=torch.float64))
+
+
+def test_parameters_fsdp2_cannot_measure_are_refused_at_the_measurement(mesh):
+    """A parameter left out of ``fully_shard``, or one placed otherwise than Shard(0) (tensor
+    parallelism: here Replicate), is refused by check_sharded with its name, the same verdict on
+    every rank: the monitors log NaN with one warning instead of stopping the fit."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
+
+    from lightning_landscape.callbacks._errors import SetupError
+    from lightning_landscape.callbacks._sharded import check_sharded, sharded_refusal
+
+    partial = make_net()
+    fully_shard(partial[0], mesh=mesh)  # the last Linear stays a plain module
+    with pytest.raises(ValueError, match=r"cannot measure this FSDP2 model: parameter '3\.weight' "
+                       "is not sharded"):  # fmt: skip
+        check_sharded(partial, "HessianMonitor", upcast=False)
+
+    def replicate(name, module, device_mesh):
+        for key, p in list(module.named_parameters(recurse=False)):
+            dt = distribute_tensor(p.detach(), device_mesh, [Replicate()])
+            module.register_parameter(key, nn.Parameter(dt))
+
+    tp = make_net()
+    distribute_module(tp[3], mesh, replicate)
+    fully_shard(tp[0], mesh=mesh)
+    refusal = sharded_refusal(None, tp, "HessianMonitor", upcast=False)
+    assert isinstance(refusal, SetupError)
+    assert "'3.weight' has placements (Replicate(),)" in str(refusal)
+    assert "not tensor parallelism or HSDP" in str(refusal)
