@@ -18,13 +18,17 @@ Parts (each compiles once, cold: a fresh inductor cache directory unless ``--war
 - ``compiled_autograd``: the cached product (a backward through a kept gradient graph) under
   ``torch._dynamo.compiled_autograd._enable(torch.compile(backend="inductor"))``.
 
-Each row gives the compile time (the first call, compilation included), the median time of
-``--repeats`` later calls, the eager time of the same function, the eager cached product and the
-eager gradient (``torch.autograd.grad``) of the same model, and the relative difference of the
-result from the eager product. Everything runs in eval mode with attention through the math
-kernel (``sdpa_kernel(SDPBackend.MATH)``, as the engine's products do). ``mode="reduce-overhead"``
-is not tried: it adds CUDA graphs, which do not exist on the CPU. Models and shapes are those
-of ``product_profile.py`` (default ``--size quick``: ResNet-18 width 64 on 2 images, the
+Each row gives the compile time (the first call, compilation included), the kernels in the
+compiled code (``torch._inductor.metrics.generated_kernel_count`` plus the inductor counter
+``extern_calls``: matrix products and convolutions left to ATen) against the computing ops the
+same function dispatches eagerly (``op_census.py``), the median time per product of
+``--repeats`` later calls of the compiled and the eager function, called in turn, over the
+eager gradient (``torch.autograd.grad``) and the eager cached product of the same model (also
+timed in turn), and the relative difference of the compiled result from the eager one.
+Everything runs in eval mode with attention through the math kernel
+(``sdpa_kernel(SDPBackend.MATH)``, as the engine's products do). ``mode="reduce-overhead"`` is
+not tried: it adds CUDA graphs, which do not exist on the CPU. Models and shapes are those of
+``product_profile.py`` (default ``--size quick``: ResNet-18 width 64 on 2 images, the
 4-layer GPT on 1 x 64 tokens; ``--size h200`` with ``--device cuda`` for the GPU session).
 Inductor compiles with one worker (``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set).
 """
@@ -42,12 +46,16 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # read when inductor is imported
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from op_census import census  # noqa: E402
 from product_profile import SIZES, build  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+from torch._inductor import metrics  # noqa: E402
 
 from lightning_landscape.curvature import hvp as H  # noqa: E402
 from lightning_landscape.curvature.kernels import math_attention  # noqa: E402
@@ -56,16 +64,18 @@ PARTS = ("func", "block", "float64", "double_backward", "compiled_autograd")
 BLOCK = 8
 
 
-def timed(fn, repeats: int, sync) -> float:
-    """The median wall time of ``repeats`` calls of ``fn``."""
-    times = []
+def timed(fns, repeats: int, sync) -> list[float]:
+    """The median wall time of each of ``fns`` over ``repeats`` rounds, calling them in turn
+    within a round so that a load shared with other processes falls on all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def flat(tensors) -> torch.Tensor:
@@ -124,16 +134,24 @@ class Setup:
 
 
 def compile_row(label, compiled, eager, reference, per: int, repeats: int, sync) -> dict:
-    """Compile time, time per product compiled and eager, and the relative difference."""
+    """Compile time, the kernels inductor generated and the extern kernels it calls (matrix
+    products, convolutions), against the eager function's computing ops (``op_census.py``), time
+    per product compiled and eager, and the relative difference of the results."""
     row = dict(part=label)
     try:
+        metrics.reset()
+        counters.clear()
         start = time.perf_counter()
         out = compiled()
         sync()
         row["compile_s"] = time.perf_counter() - start
+        row["generated_kernels"] = metrics.generated_kernel_count
+        row["extern_calls"] = counters["inductor"]["extern_calls"]
         row["rel_diff"] = rel(out, reference)
-        row["compiled_ms"] = 1e3 * timed(compiled, repeats, sync) / per
-        row["eager_ms"] = 1e3 * timed(eager, repeats, sync) / per
+        eager_census, _ = census(eager)
+        row["eager_computing_ops"], row["eager_bytes"] = eager_census.kernels, eager_census.bytes
+        t_compiled, t_eager = timed([compiled, eager], repeats, sync)
+        row["compiled_ms"], row["eager_ms"] = 1e3 * t_compiled / per, 1e3 * t_eager / per
     except Exception as err:  # noqa: BLE001 - the failure is the finding
         row["error"] = error(err)
         traceback.print_exc(limit=2)
@@ -191,29 +209,30 @@ def baseline(s: Setup, repeats: int) -> dict:
     """Eager gradient and eager cached product (graph kept) of the same model, in ms."""
     graph = H.gradient_graph(s.loss, s.params, (s.x, s.y))
     Vt = flat(s.V[0])[None]
+    product = lambda: H.hvp_from_graph(graph, s.params, Vt, retain=True)  # noqa: E731
     s.gradient()
-    H.hvp_from_graph(graph, s.params, Vt, retain=True)
-    return dict(
-        gradient_ms=1e3 * timed(s.gradient, repeats, s.sync),
-        cached_ms=1e3 * timed(lambda: H.hvp_from_graph(graph, s.params, Vt, retain=True),
-                              repeats, s.sync),
-    )  # fmt: skip
+    product()
+    gradient, cached = timed([s.gradient, product], repeats, s.sync)
+    return dict(gradient_ms=1e3 * gradient, cached_ms=1e3 * cached)
 
 
 def table(title: str, base: dict, rows: list[dict]) -> str:
     g, c = base["gradient_ms"], base["cached_ms"]
     lines = [f"**{title}**: eager gradient {g:.1f} ms, eager cached product {c:.1f} ms "
              f"({c / g:.2f}x)", "",
-             "| part | compile + first call (s) | compiled (ms / product) | eager, same function "
-             "(ms / product) | compiled / gradient | compiled / eager cached | relative "
-             "difference from eager |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| part | compile + first call (s) | kernels: generated + extern (eager: computing "
+             "ops) | compiled (ms / product) | eager, same function (ms / product) | compiled / "
+             "gradient | compiled / eager cached | relative difference from eager |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['part']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['part']} | failed: {r['error']} | | | | | | |")
             continue
         t = r["compiled_ms"]
-        lines.append(f"| {r['part']} | {r['compile_s']:.1f} | {t:.1f} | {r['eager_ms']:.1f} | "
-                     f"{t / g:.2f} | {t / c:.2f} | {r['rel_diff']:.1e} |")  # fmt: skip
+        kernels = (f"{r['generated_kernels']} + {r['extern_calls']} "
+                   f"({r['eager_computing_ops']})")  # fmt: skip
+        lines.append(f"| {r['part']} | {r['compile_s']:.1f} | {kernels} | {t:.1f} | "
+                     f"{r['eager_ms']:.1f} | {t / g:.2f} | {t / c:.2f} | {r['rel_diff']:.1e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
         p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if not args.warm_cache:  # a cold compile: nothing from an earlier run's cache
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     compilers = {c: shutil.which(c) for c in ("gcc", "g++")}

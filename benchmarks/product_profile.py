@@ -15,8 +15,9 @@ batch, synthetic data): ResNet-18 with the CIFAR stem, width 64 (11.17M paramete
   12 heads, vocabulary 50257, 8 x 256 tokens). On the ``meta`` device only the counts are taken
   (no data, no compute, seconds), so they describe the H200 runs exactly.
 
-``--runs`` picks (size:device) pairs; default ``small:cpu,h200:meta``, or ``h200:cuda`` when
-CUDA is available. Rows (every product through :func:`lightning_landscape.curvature.hvp.guard`,
+``--runs`` picks (size:device) pairs; default ``small:cpu,h200:meta`` (100 s on one CPU thread),
+``small:cpu`` with ``--quick`` (30 s) or ``--tiny`` (toy widths, for the tests), ``h200:cuda``
+when CUDA is available. Rows (every product through :func:`lightning_landscape.curvature.hvp.guard`,
 as the operator runs them: math attention, same RNG; the gradient outside it, as
 ``benchmarks/gpu.py`` takes it, with the default kernels):
 
@@ -58,7 +59,7 @@ from gpu_models import (  # noqa: E402
     language_loss,
     token_batches,
 )
-from op_census import FLOP_OPS, census, uncounted  # noqa: E402
+from op_census import FLOP_OPS, census, time_convolutions, uncounted  # noqa: E402
 
 from lightning_landscape.curvature import hvp as H  # noqa: E402
 
@@ -67,6 +68,8 @@ SIZES = {
                   gpt=dict(layers=4, width=256, heads=4, vocab=8192, context=64, batch=2)),
     "quick": dict(resnet=dict(batch=2, side=32, width=64),
                   gpt=dict(layers=4, width=256, heads=4, vocab=8192, context=64, batch=1)),
+    "tiny": dict(resnet=dict(batch=2, side=8, width=4),
+                 gpt=dict(layers=2, width=16, heads=2, vocab=64, context=8, batch=2)),
     "h200": dict(resnet=dict(batch=128, side=32, width=64),
                  gpt=dict(layers=12, width=768, heads=12, vocab=50257, context=256, batch=8)),
 }  # fmt: skip
@@ -161,7 +164,14 @@ def measure(key: str, size_name: str, device: torch.device, repeats: int, block_
         print(f"  {key} {size_name}:{device.type} {label}: {per.flops / 1e9:.2f} GFLOP, "
               f"{per.kernels:.0f} computing ops" + (f", {1e3 * t:.1f} ms" if t else ""),
               file=sys.stderr, flush=True)  # fmt: skip
-    return dict(model=key, size=size_name, device=str(device), title=title, dim=dim, rows=results)
+    run = dict(model=key, size=size_name, device=str(device), title=title, dim=dim, rows=results)
+    if device.type != "meta" and results[0]["census"].conv_calls:  # replay the convolutions
+        run["conv_ms"] = {
+            label: {k: 1e3 * t for k, t in time_convolutions(c, device).items()}
+            for label, c in (("gradient", results[0]["census"]),
+                             ("cached", rows_by(run, "cached (")), ("func", rows_by(run, "func")))
+        }  # fmt: skip
+    return run
 
 
 def _ratio(x: float, g: float) -> str:
@@ -191,11 +201,15 @@ def tables(run: dict) -> str:
     cached, func = rows_by(run, "cached ("), rows_by(run, "func")
     ops = [o for o, _ in cached.by_op.most_common(15)]
     ops += [o for o, _ in g.by_op.most_common(15) if o not in ops]
-    lines += ["Computing ops by aten op (count, MiB of new outputs), the top 15 of the cached "
+    lines += ["Computing ops by aten op (count, MiB of new outputs, FLOPs), the top 15 of the cached "
               "product and of the gradient:", "",
               "| aten op | FLOPs counted | gradient | cached product | func product |",
               "|---|---|---|---|---|"]  # fmt: skip
-    cell = lambda c, o: f"{c.by_op[o]:.0f}, {c.bytes_by_op[o] / 2**20:.0f}"  # noqa: E731
+
+    def cell(c, o):
+        flops = f", {c.flops_by_op[o] / 1e9:.1f} GFLOP" if c.flops_by_op[o] else ""
+        return f"{c.by_op[o]:.0f}, {c.bytes_by_op[o] / 2**20:.0f}{flops}"
+
     for o in ops:
         counted = "yes" if o in FLOP_OPS else ""
         lines.append(f"| `{o}` | {counted} | {cell(g, o)} | {cell(cached, o)} | {cell(func, o)} |")
@@ -206,6 +220,21 @@ def tables(run: dict) -> str:
     for n in nodes + [n for n, _ in g.by_node.most_common(6) if n not in nodes]:
         lines.append(f"| `{n}` | {g.by_node[n]:.0f}, {g.bytes_by_node[n] / 2**20:.0f} | "
                      f"{cached.by_node[n]:.0f}, {cached.bytes_by_node[n] / 2**20:.0f} |")  # fmt: skip
+    if cached.conv_calls:
+        replay = run.get("conv_ms", {})
+        lines += ["", "`aten.convolution` calls by kernel size (calls, GFLOP"
+                  + (", ms replayed alone on the device" if replay else "") + "):", "",
+                  "| kernel | gradient | cached product | func product |", "|---|---|---|---|"]  # fmt: skip
+
+        def conv(c, label, k):
+            ms = replay.get(label, {}).get(k)
+            ms = f", {ms:.1f} ms" if ms is not None else ""
+            return f"{c.conv_calls[k]:.0f}, {c.conv_flops[k] / 1e9:.1f}{ms}"
+
+        keys = sorted({*g.conv_calls, *cached.conv_calls, *func.conv_calls})
+        for k in keys:
+            lines.append(f"| {k} | {conv(g, 'gradient', k)} | {conv(cached, 'cached', k)} | "
+                         f"{conv(func, 'func', k)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -217,21 +246,24 @@ def rows_by(run: dict, prefix: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller CPU batches, fewer repeats")
+    p.add_argument("--tiny", action="store_true", help="tiny models for a test of the script")
     p.add_argument("--runs", default=None, help="size:device pairs, e.g. small:cpu,h200:meta")
     p.add_argument("--models", default="resnet18,gpt")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of a single product")
     p.add_argument("--out", default=None, help="folder for product_profile.json and .md")
     args = p.parse_args(argv)
-    default = "h200:cuda" if torch.cuda.is_available() else "small:cpu,h200:meta"
+    default = "small:cpu" if args.quick or args.tiny else "small:cpu,h200:meta"
+    default = "h200:cuda" if torch.cuda.is_available() else default
     runs = [r.split(":") for r in (args.runs or default).split(",")]
     repeats = args.repeats or (3 if args.quick else 5)
-    block_repeats = 1 if args.quick else 3
+    block_repeats = 1 if args.quick or args.tiny else 3
     md = [f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "") + "\n"]  # fmt: skip
     out = []
     start = time.perf_counter()
     for size, device in runs:
-        size = "quick" if args.quick and size == "small" else size
+        if size == "small" and (args.quick or args.tiny):
+            size = "tiny" if args.tiny else "quick"
         for key in args.models.split(","):
             run = measure(key, size, torch.device(device), repeats, block_repeats)
             out.append(run)
