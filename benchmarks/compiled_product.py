@@ -265,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
                 base64 = baseline(s64, args.repeats)
                 rows64 = run_part(part, s64, args.repeats)
                 for r in rows64:
-                    r.update(eager_gradient_ms_float64=base64["gradient_ms"])
+                    r.update(base64, dtype="float64")
                 md.append(table(s64.title.replace("float32", "float64"), base64, rows64))
                 rows += rows64
             else:
                 new = run_part(part, s, args.repeats)
+                for r in new:
+                    r.update(base, dtype="float32")
                 rows += new
                 md.append(table(s.title, base, new))
             print(md[-1], flush=True)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / f"compiled_product_{args.model}.json"
         old = json.loads(path.read_text()) if path.exists() else dict(rows=[])
         meta = dict(torch=torch.__version__, device=args.device, size=args.size,
-                    title=s.title, compilers=compilers, **base)  # fmt: skip
+                    title=s.title, compilers=compilers)  # fmt: skip
         path.write_text(json.dumps(dict(meta=meta, rows=old["rows"] + rows), indent=1))
     return 0
 

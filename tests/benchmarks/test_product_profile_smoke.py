@@ -71,3 +71,10 @@ def test_tiny_run_writes_tables_and_json(bench, tmp_path, capsys):
         assert cached["census"]["kernels"] > grad["census"]["kernels"]
         assert (grad["seconds"] is None) == (run["device"] == "meta")
     assert (tmp_path / "product_profile.md").read_text().startswith("torch ")
+
+
+def test_compiled_product_refuses_unknown_parts(bench):
+    compiled = bench("compiled_product")
+    with pytest.raises(SystemExit) as info:
+        compiled.main(["--parts", "func,nonsense"])
+    assert info.value.code == 2
