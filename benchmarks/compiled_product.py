@@ -5,7 +5,7 @@ faster? A feasibility check beside ``benchmarks/product_profile.py``; the librar
         --parts func [--out DIR]
 
 Parts (each compiles once, cold: a fresh inductor cache directory unless ``--warm-cache``;
-1.5-2 minutes each on one CPU thread, so run them one or two at a time):
+1.5-3.5 minutes each on one CPU thread, so run them one at a time):
 
 - ``func``: ``torch.compile(fullgraph=True)`` of ``jvp(grad(loss_of))`` over a tuple of
   parameter tensors, ``loss_of`` calling the module through ``torch.func.functional_call``
