@@ -9,7 +9,9 @@
 #    compiled MLP, FSDP2 and FSDPStrategy at world size 1): gpu_checks.py -> checks.log/.json;
 # 2. the CUDA-only kernel tests -> cuda_tests.log;
 # 3. gpu.py within $BUDGET seconds: products, memory (pieces and whole batches), λ_max at
-#    equal accuracy against PyHessian, trace, density -> gpu.md, gpu.json, gpu.log.
+#    equal accuracy against PyHessian, trace, density -> gpu.md, gpu.json, gpu.log;
+# 4. with PROFILE=1 (give BUDGET 60 s less): product_profile.py, where a product's time goes
+#    (per kind, per convolution shape) -> profile/, profile.log.
 # Each step goes on when the one before fails; `--cpu`/`--smoke` dry runs of 1 and 3 are tested
 # on CPU (tests/benchmarks).
 set -u
@@ -22,4 +24,9 @@ python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1; echo "gpu_checks exit
 python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py > "$OUT/cuda_tests.log" 2>&1
 python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" --out "$OUT" > "$OUT/gpu.log" 2>&1
 echo "gpu.py exit $?" >> "$OUT/gpu.log"
+if [ "${PROFILE:-0}" = 1 ]; then  # where a product's time goes, per kind and convolution (~2 min)
+  mkdir -p "$OUT/profile"
+  timeout 240 python3 benchmarks/product_profile.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+  echo "product_profile exit $?" >> "$OUT/profile.log"
+fi
 tail -n 40 "$OUT/gpu.log"
