@@ -1,12 +1,13 @@
 """Calibration of the trace estimators' reported standard error.
 
-    python benchmarks/trace_calibration.py [--seeds 400] [--threads 1] [--quick]
+    python benchmarks/trace_calibration.py [--seeds 400] [--spectra outlier,flat,network]
+        [--methods auto,hutchinson,hutch++,analyze] [--threads 1] [--quick]
 
 For each method, budget and synthetic spectrum (the ``MatrixOperator`` of Q diag(λ) Qᵀ, d = 500,
-the "outlier" and "flat" spectra of ``benchmarks/curvature.py``), runs ``trace`` over many seeds
-and computes z = (estimate − exact) / stderr. A calibrated stderr gives std(z) ≈ 1, about 4.6 %
-of runs with |z| > 2 and 0.3 % with |z| > 3, and a mean stderr close to the root-mean-square
-error. Rows "analyze" run :func:`analyze` (top eigenvalue, ``trace=True``) with ``trace_probes``
+the "outlier" and "flat" spectra of ``benchmarks/curvature.py``; ``--spectra network`` adds the
+exact Hessian of its trained MLP), runs ``trace`` over many seeds and computes z = (estimate −
+exact) / stderr. A calibrated stderr gives std(z) ≈ 1, about 4.6 % of runs with |z| > 2 and
+0.3 % with |z| > 3, and a mean stderr close to the root-mean-square error. Rows "analyze" run :func:`analyze` (top eigenvalue, ``trace=True``) with ``trace_probes``
 equal to the budget column (its Lanczos run comes on top). NaN stderrs are counted apart.
 
 ``--save results.json`` keeps the numbers; ``--before results.json`` (saved by a run of older
@@ -20,13 +21,25 @@ import json
 import time
 
 import torch
-from curvature import rotate, synthetic
+from curvature import dense_truth, digits, rotate, split, synthetic, trained_mlp
 
 from lightning_landscape.curvature import MatrixOperator, analyze, trace
 
 BUDGETS = (5, 6, 8, 10, 15, 20, 30, 50, 100)
 PROBES = (2, 3, 5, 10, 20, 50)  # trace_probes of analyze
 METHODS = ("auto", "hutchinson", "hutch++")
+
+
+def problem(name: str) -> tuple[MatrixOperator, float]:
+    """The operator and its exact trace: a synthetic spectrum (d = 500), or "network", the
+    exact float64 Hessian of ``benchmarks/curvature.py``'s trained MLP (2,410 parameters)."""
+    if name == "network":
+        X, y = digits()
+        model, _ = trained_mlp(X, y)
+        lam, H = dense_truth(model, split(X, y))
+        return MatrixOperator(H), float(lam.sum())
+    lam = synthetic(500, name)
+    return MatrixOperator(rotate(lam)), float(lam.sum())
 
 
 def run(op: MatrixOperator, method: str, budget: int, seed: int) -> tuple[float, float]:
@@ -81,6 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="100 seeds, fewer budgets")
     parser.add_argument("--methods", default=",".join((*METHODS, "analyze")))
+    parser.add_argument("--spectra", default="outlier,flat", help="also: network")
     parser.add_argument("--save", default=None, help="write the numbers to this JSON file")
     parser.add_argument("--before", default=None, help="JSON of an older run to compare with")
     args = parser.parse_args()
@@ -90,11 +104,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.seeds} seeds\n")
-    d = 500
-    spectra = {"outlier": synthetic(d, "outlier"), "flat": synthetic(d, "flat")}
     rows = []
-    for name, lam in spectra.items():
-        op, exact = MatrixOperator(rotate(lam)), float(lam.sum())
+    for name in args.spectra.split(","):
+        op, exact = problem(name)
         for method in args.methods.split(","):
             for budget in probes if method == "analyze" else budgets:
                 cells = calibration(op, exact, method, budget, args.seeds)
