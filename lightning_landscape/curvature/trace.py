@@ -24,7 +24,7 @@
 Error bars (all three methods, and :func:`~.analyze.analyze`). The stderr comes from the final
 probes alone, independent of whatever steered them. With n of them, their sample variance has
 n − 1 degrees of freedom: with 2-4 probes (``"auto"`` up to ~20 products, Hutch++ up to ~10) it
-is often far too small (measured on synthetic spectra: 25-33 % of runs beyond 3 stderr). Each
+is often far too small (measured: 9-29 % of runs beyond 3 stderr at 2-3 probes). Each
 product also gives, at no further product, ‖(B − cP) z‖² for the remainder B = PHP, P = I − QQᵀ
 (P = I without deflation) and c its mean eigenvalue (from the first block of probes): an
 unbiased estimate of ‖B − cP‖²_F with at least one degree of freedom per probe (many when the
@@ -34,10 +34,10 @@ bounds a Rademacher probe's variance from above (Rademacher probes save the diag
 1-6 % of ‖B − cP‖²_F on a trained MLP's Hessian). The stderr pools the two estimates (n − 1
 and n degrees of freedom) and is scaled by Student's t quantile with 2n − 1 degrees of freedom,
 so that ±1 stderr covers about 68 % of runs. The estimate itself is unchanged. Measured
-(``benchmarks/trace_calibration.py``, 400 seeds, budgets 5-100): the std of z = (estimate −
-exact) / stderr is 0.85-1.21 (before: up to 180 at 2 probes), with 0-1.3 % of runs beyond 3
-stderr, up to 4.5 % where a few eigenvalues dominate the remainder (a run whose probes miss
-them has both a low estimate and a low stderr: heavy tails no pooling removes).
+(``benchmarks/trace_calibration.py``, budgets 5-100, synthetic spectra and a trained MLP): the
+std of z = (estimate − exact) / stderr is 0.85-1.21 (before: 8-1500 at 2 probes), with 0-2 % of
+runs beyond 3 stderr, up to 4.5 % where a few eigenvalues dominate the remainder (a run whose
+probes miss them has both a low estimate and a low stderr: heavy tails no pooling removes).
 """
 
 from __future__ import annotations

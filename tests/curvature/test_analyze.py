@@ -129,7 +129,7 @@ def test_raises(kwargs, error, match):
 def test_trace_stderr_calibrated_with_two_probes():
     """Two probes of the deflated remainder: over 200 seeds z = (estimate − exact) / stderr has
     a std in [0.7, 1.4] and at most 5 % of runs lie beyond 3 stderr (measured 0.88 and 0 %;
-    with the samples' variance alone the std was 40 and 25 % of runs were beyond 3)."""
+    with the samples' variance alone the std was 7.0 and 18.5 % of runs were beyond 3)."""
     lam = flat_spectrum(200)
     op, exact = MatrixOperator(spectrum_matrix(lam)), float(lam.sum())
     z = []
