@@ -7,6 +7,7 @@
 - :mod:`.random`: the one seed rule (:func:`~.random.derive_seed`), generators and probes;
 - :mod:`.distributed`: the collectives (sums and counts, never averages);
 - :mod:`.checks`: the argument checks (``TypeError``/``ValueError`` naming the argument);
+- :mod:`.stats`: Student's t quantiles, for error bars estimated from few samples;
 - :mod:`.space`: the vectors an algorithm holds and how they are measured (inner products,
   norms, random draws), whole or sharded;
 - :mod:`.sharding`, :mod:`.fsdp` and :mod:`.fsdp1`: shards of FSDP2 and FSDP (v1) modules
