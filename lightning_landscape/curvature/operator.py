@@ -45,7 +45,6 @@ __all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
 HVPMode = Literal["auto", "cached", "double_backward", "func", "finite_difference"]
 KINDS = ("auto", "cached", "double_backward", "func", "finite_difference")
 EXACT = ("cached", "double_backward", "func")
-BLOCK = _hvp.COLUMNS  # at most this many vectors go through one vmapped product
 
 
 class HessianOperator(LinearOperator):
@@ -290,16 +289,14 @@ class HessianOperator(LinearOperator):
                             self._graph_checked = True
                         acc.add_(self._through_graph(grad, Vt, False, n), alpha=n)
                         continue
-                    step = self.plan.width(n)
-                    for lo in range(0, len(Vt), step):  # "func", vmapped over blocks
+                    step, replay = self.plan.width(n), _hvp.rng_replay(self.params)
+                    for lo in range(0, len(Vt), step):  # "func", vmapped; same masks each
+                        if lo:
+                            replay()
                         product = _hvp.hvp_func(
-                            self.loss_fn,
-                            self.params,
-                            batch,
-                            Vt[lo : lo + step],
-                            self.module,
+                            self.loss_fn, self.params, batch, Vt[lo : lo + step], self.module,
                             forward_over_reverse=self._forward_over_reverse,
-                        )
+                        )  # fmt: skip
                         acc[lo : lo + step].add_(product, alpha=n)
         return acc
 

@@ -213,6 +213,7 @@ def plan(
     need = math.ceil(PRODUCT_FACTOR * ratio) if math.isfinite(ratio) else max(sizes)
     piece = 0 if need <= 1 else max(1, math.ceil(n / min(need, n)))
     block = _block_piece(Plan(0, graph, step, limit, "", 0, per_sample), piece or max(sizes))
+    block = int(_max([block], distributed)[0])  # every rank checks (and cuts) alike
     if not (piece or block):
         return Plan(0, graph, step, limit, "", 0, per_sample)
     gap = _gap(loss_fn, batches, sizes, block or piece, size_fn, failure, distributed)

@@ -314,3 +314,69 @@ def test_default_probe_block_fits_the_budget():
         deflated_hutchinson(op, None, 12, torch.Generator().manual_seed(4), block=b) for b in (1, 8)
     )
     assert one[0] == pytest.approx(eight[0], rel=1e-12) and one[2] == eight[2] == 12
+
+
+def _narrow_budget(model, batches) -> float:
+    """A budget a single product fits on the first batch, but not 8 vectors at once."""
+    from lightning_landscape.curvature import pieces
+
+    loss, params = make_loss(model), list(model.parameters())
+    graph = pieces._estimate(loss, params, batches[0], len(batches[0][0]), lambda b: len(b[0]))[0]
+    return 6 * graph
+
+
+def test_func_blocks_in_parts_replay_the_same_dropout_masks():
+    """Dropout fails the decomposition check (whole batches), and blocks narrower than 8 run the
+    "func" kind in several forwards per batch: each must draw the masks a single product draws."""
+    from ._problems import make_mlp
+
+    model = make_mlp(dropout=0.3).train()
+    batches = make_batches((4,), sizes=(64, 32))
+    budget = _narrow_budget(model, batches)
+    V = torch.randn(8, 51, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kind in ("double_backward", "func"):
+        op = HessianOperator(make_loss(model), model, batches, hvp=kind, memory_budget=budget)
+        block = op.matmat(V.T).T
+        assert op.plan.block_piece == 0 and op.plan.width(64) < COLUMNS
+        single = torch.stack([op @ v for v in V])
+        torch.testing.assert_close(block, single, rtol=1e-10, atol=1e-12)
+
+
+def _uneven_ranks(rank: int, tmp: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from ._problems import make_mlp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    try:
+        model = make_mlp(dropout=0.0).eval()
+        batches = make_batches((4,), sizes=((8, 64), (8, 8))[rank])
+        budget = 40 * _narrow_budget(model, batches[:1]) / 6  # blocks need pieces on rank 0 only
+        op = HessianOperator(make_loss(model), model, batches, memory_budget=budget)
+        V = torch.randn(8, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.save((op.matmat(V.T), op.plan.block_piece), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_block_pieces_are_decided_alike_on_ranks_with_uneven_batches(tmp_path):
+    """Rank 0's largest batch needs block pieces, rank 1's does not: both must still run the
+    same collectives (a mismatch aborted gloo) and agree with the whole batches."""
+    import torch.multiprocessing as mp
+
+    from ._problems import make_mlp
+
+    mp.spawn(_uneven_ranks, args=(str(tmp_path),), nprocs=2, join=True)
+    (out0, block0), (out1, block1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert block0 == block1 > 0
+    torch.testing.assert_close(out0, out1)
+    model = make_mlp(dropout=0.0).eval()
+    union = make_batches((4,), sizes=(8, 64)) + make_batches((4,), sizes=(8, 8))
+    op = HessianOperator(make_loss(model), model, union, micro_batch_size=None)
+    V = torch.randn(8, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out0, op.matmat(V.T), rtol=1e-10, atol=1e-12)
