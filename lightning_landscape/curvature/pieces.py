@@ -36,7 +36,7 @@ from lightning_landscape._core.batches import batch_sizes, flat_grad, split_batc
 from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape.curvature.cache import FLOOR, SavedBytes, budget_bytes
-from lightning_landscape.curvature.hvp import guard
+from lightning_landscape.curvature.hvp import COLUMNS, guard
 
 __all__ = [
     "COLUMNS", "FLOOR", "PRODUCT_FACTOR", "VECTOR_FACTOR", "Plan", "choose", "cut", "plan",
@@ -53,7 +53,6 @@ PRODUCT_FACTOR = 3.0
 #: Transformer): forward-over-reverse 10.8, 12.0, 15.9; a vmapped backward through a kept graph
 #: 5.9, 7.2, 9.2 above that graph.
 VECTOR_FACTOR = 2.0
-COLUMNS = 8  # the most vectors one vmapped product takes
 SLICE = 8  # the graph is measured on 1/SLICE of the first batch, then scaled
 #: A gradient graph over its forward's saved bytes, measured: 1.8 (MLP), 1.86 (CNN), 2.1
 #: (Transformer); used only where the loss refuses a slice of the batch.
