@@ -260,11 +260,7 @@ class HessianOperator(LinearOperator):
     def _parts(self, batch: Any, n: int, k: int) -> list[tuple[int, Any]]:
         """``batch``, or for a block of ``k`` > 1 vectors its pieces of at most the plan's
         :attr:`~.pieces.Plan.block_piece` samples, with their sizes."""
-        piece = self.plan.block_piece if k > 1 else 0
-        if not piece or n <= piece:
-            return [(n, batch)]
-        parts = _batches.split_batch(batch, n, piece)
-        return list(zip(_batches.batch_sizes(parts, self._size_fn), parts, strict=True))
+        return _pieces.pieces_of(batch, n, self.plan.block_piece if k > 1 else 0, self._size_fn)
 
     def _cached(self, Vt: Tensor) -> Tensor:
         with _hvp.guard(self.module, self.params, self.seed):

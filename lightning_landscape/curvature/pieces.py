@@ -38,10 +38,8 @@ from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape.curvature.cache import FLOOR, SavedBytes, budget_bytes
 from lightning_landscape.curvature.hvp import COLUMNS, guard
 
-__all__ = [
-    "COLUMNS", "FLOOR", "PRODUCT_FACTOR", "VECTOR_FACTOR", "Plan", "choose", "cut", "plan",
-    "split_batch", "split_batches",
-]  # fmt: skip
+__all__ = ["COLUMNS", "FLOOR", "PRODUCT_FACTOR", "VECTOR_FACTOR", "Plan", "choose", "cut",
+           "pieces_of", "plan", "split_batch", "split_batches"]  # fmt: skip
 
 #: An exact product's peak memory over its gradient graph's saved bytes (the graph plus the
 #: second backward's temporaries). Measured on CPU (peak resident set of one double-backward
@@ -215,7 +213,7 @@ def plan(
     block = int(_max([block], distributed)[0])  # every rank checks (and cuts) alike
     if not (piece or block):
         return Plan(0, graph, step, limit, "", 0, per_sample)
-    gap = _gap(loss_fn, batches, sizes, block or piece, size_fn, failure, distributed)
+    gap = _gap(loss_fn, batches, sizes, piece, size_fn, failure, distributed, block)
     if gap < 0:  # every loss is non-finite: nothing to measure, nothing to cut
         return Plan(0, graph, step, limit, "")
     tol = min(1e3 * torch.finfo(params[0].dtype).eps, 2e-2)
@@ -258,18 +256,14 @@ def _block_piece(plan: Plan, whole: int) -> int:
 
 
 def _gap(
-    loss_fn: Callable[[Any], Tensor],
-    batches: Sequence[Any],
-    sizes: Sequence[int],
-    piece: int,
-    size_fn: Callable[[Any], int],
-    failure: str,
-    distributed: bool,
-) -> float:
+    loss_fn: Callable[[Any], Tensor], batches: Sequence[Any], sizes: Sequence[int], piece: int,
+    size_fn: Callable[[Any], int], failure: str, distributed: bool, sub: int = 0,
+) -> float:  # fmt: skip
     """The largest :func:`_decomposition_gap` over the batches and ranks (inf when the batches
     cannot be sliced; −1 when every loss is non-finite)."""
     gaps = [math.inf] if failure else [
-        _decomposition_gap(loss_fn, b, k, piece, size_fn) for k, b in zip(sizes, batches, strict=True)
+        _decomposition_gap(loss_fn, b, k, piece, size_fn, sub)
+        for k, b in zip(sizes, batches, strict=True)
     ]  # fmt: skip
     finite = [g for g in gaps if not math.isnan(g)]  # NaN: a non-finite loss, no objection
     return _max([max(finite) if finite else -1.0], distributed)[0]
@@ -324,22 +318,32 @@ def _value(loss_fn: Callable[[Any], Tensor], batch: Any) -> float:
 
 
 def _decomposition_gap(
-    loss_fn: Callable[[Any], Tensor], batch: Any, n: int, piece: int, size_fn: Callable
+    loss_fn: Callable[[Any], Tensor], batch: Any, n: int, piece: int, size_fn, sub: int = 0
 ) -> float:
-    """|L(batch) − Σ n_i L(piece_i) / n| / |L(batch)| (0 for a batch of at most ``piece``
-    samples; inf when the batch cannot be cut or a piece's loss fails; NaN when a loss is not
-    finite)."""
-    if n <= piece:
-        return 0.0
+    """|L(batch) − Σ n_i L(part_i) / n| / |L(batch)| for the batch cut as the products cut it:
+    into pieces of at most ``piece`` samples (0: whole), each cut again into pieces of at most
+    ``sub`` (0: not) for blocks. 0 when nothing is cut; inf when the batch cannot be cut or a
+    part's loss fails; NaN when a loss is not finite."""
     try:
-        parts = split_batch(batch, n, piece)
-        sizes = batch_sizes(parts, size_fn)
-        if sum(sizes) != n:
+        parts = pieces_of(batch, n, piece, size_fn)
+        if sub:
+            parts = [q for k, p in parts for q in pieces_of(p, k, sub, size_fn)]
+        if len(parts) == 1:
+            return 0.0
+        if sum(k for k, _ in parts) != n:
             return math.inf
         whole = _value(loss_fn, batch)
-        mean = sum(k * _value(loss_fn, p) for k, p in zip(sizes, parts, strict=True)) / n
+        mean = sum(k * _value(loss_fn, p) for k, p in parts) / n
     except Exception:  # noqa: BLE001 - a piece the loss refuses: the batch cannot be cut
         return math.inf
     if not (math.isfinite(whole) and math.isfinite(mean)):
         return math.nan
     return abs(whole - mean) / max(abs(whole), 1e-30)
+
+
+def pieces_of(batch: Any, n: int, piece: int, size_fn: Callable) -> list[tuple[int, Any]]:
+    """(size, part) of ``batch`` cut into pieces of at most ``piece`` samples (0: whole)."""
+    if not piece or n <= piece:
+        return [(n, batch)]
+    parts = split_batch(batch, n, piece)
+    return list(zip(batch_sizes(parts, size_fn), parts, strict=True))

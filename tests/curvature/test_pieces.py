@@ -380,3 +380,27 @@ def test_block_pieces_are_decided_alike_on_ranks_with_uneven_batches(tmp_path):
     op = HessianOperator(make_loss(model), model, union, micro_batch_size=None)
     V = torch.randn(8, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out0, op.matmat(V.T), rtol=1e-10, atol=1e-12)
+
+
+def test_decomposition_is_checked_on_the_parts_products_use():
+    """Blocks cut the pieces again: the check cuts a batch of 7 into pieces of at most 3 (2, 2,
+    3) and those into parts of at most 2 (2, 2, 1, 2), not the batch straight into parts of 2
+    (1, 2, 2, 2)."""
+    from lightning_landscape.curvature.pieces import _decomposition_gap, pieces_of
+
+    p = make_problem("mlp", mode="eval")
+    seen: list[int] = []
+
+    def loss_fn(batch):
+        seen.append(len(batch[1]))
+        return p.loss_fn(batch)
+
+    batch = p.batches[2]  # 7 samples
+    assert _decomposition_gap(loss_fn, batch, 7, 3, len_of, 2) < 1e-12
+    assert seen == [7, 2, 2, 1, 2]
+    assert [k for k, _ in pieces_of(batch, 7, 2, len_of)] == [1, 2, 2, 2]
+    assert pieces_of(batch, 7, 0, len_of) == [(7, batch)]
+
+
+def len_of(batch) -> int:
+    return len(batch[1])
