@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.vectors import flatten, unflatten
+from lightning_landscape.curvature.conv import standard_convolutions
 from lightning_landscape.curvature.kernels import twice_differentiable
 
 
@@ -150,14 +151,17 @@ def hvp_func(
 
 
 @contextlib.contextmanager
-def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iterator[None]:
+def guard(
+    module: nn.Module | None, params: Sequence[Tensor], seed: int, convs: bool = False
+) -> Iterator[None]:
     """The context every product runs in: kernels with a double backward, a fixed RNG (same
     dropout masks every product) with the global RNG untouched, and the module's buffers
     untouched.
 
     Kernels (:func:`~lightning_landscape.curvature.kernels.twice_differentiable`): attention
     through the math backend, cuDNN off when ``module`` holds a CUDA RNN, torch.compile'd code
-    run eagerly; all restored on exit. Pass the module the loss calls: without it cuDNN is left
+    run eagerly; with ``convs`` (graph kinds only) convolutions whose double backward uses the
+    standard kernels (:mod:`.conv`); all restored on exit. Pass the module the loss calls: without it cuDNN is left
     as it is.
 
     Every buffer is swapped for a clone while inside, and the original tensor objects are put
@@ -178,6 +182,7 @@ def guard(module: nn.Module | None, params: Sequence[Tensor], seed: int) -> Iter
             torch.random.fork_rng(devices=devices, enabled=True),
             torch.enable_grad(),
             twice_differentiable(module),
+            standard_convolutions(module if convs else None),
         ):
             _seed(seed, devices, {p.device.type for p in params})
             yield

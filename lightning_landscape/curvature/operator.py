@@ -263,7 +263,7 @@ class HessianOperator(LinearOperator):
         return _pieces.pieces_of(batch, n, self.plan.block_piece if k > 1 else 0, self._size_fn)
 
     def _cached(self, Vt: Tensor) -> Tensor:
-        with _hvp.guard(self.module, self.params, self.seed):
+        with _hvp.guard(self.module, self.params, self.seed, convs=True):
             key = self._key()
             if self._cache_key != key:  # first product, parameters updated, train/eval switched
                 self.graphs.grad = None
@@ -275,10 +275,11 @@ class HessianOperator(LinearOperator):
         if kind == "finite_difference":  # unreduced: only the "auto" trial asks for it
             return self._differences(Vt, [False] * len(Vt))[0]
         acc = torch.zeros_like(Vt)
-        with _hvp.guard(self.module, self.params, self.seed):
+        graph = kind == "double_backward"
+        with _hvp.guard(self.module, self.params, self.seed, convs=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
                 for n, batch in self._parts(whole, size, len(Vt)):
-                    if kind == "double_backward":
+                    if graph:
                         grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
                         if not self._graph_checked:
                             check_twice_differentiable(grad)
