@@ -10,7 +10,9 @@
 # 2. the CUDA-only kernel tests -> cuda_tests.log;
 # 3. gpu.py within $BUDGET seconds: products, memory (pieces and whole batches), λ_max at
 #    equal accuracy against PyHessian, trace, density -> gpu.md, gpu.json, gpu.log;
-# 4. with PROFILE=1 (give BUDGET 60 s less): product_profile.py, where a product's time goes
+# 4. conv_ab.py: ResNet-18's cached product with PyTorch's convolution double backward and with
+#    curvature/conv.py's -> conv_ab.log;
+# 5. with PROFILE=1 (give BUDGET 60 s less): product_profile.py, where a product's time goes
 #    (per kind, per convolution shape) -> profile/, profile.log.
 # Each step goes on when the one before fails; `--cpu`/`--smoke` dry runs of 1 and 3 are tested
 # on CPU (tests/benchmarks).
@@ -24,6 +26,7 @@ python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1; echo "gpu_checks exit
 python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py > "$OUT/cuda_tests.log" 2>&1
 python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" --out "$OUT" > "$OUT/gpu.log" 2>&1
 echo "gpu.py exit $?" >> "$OUT/gpu.log"
+python3 benchmarks/conv_ab.py --device cuda --batch 128 > "$OUT/conv_ab.log" 2>&1  # ~20 s
 if [ "${PROFILE:-0}" = 1 ]; then  # where a product's time goes, per kind and convolution (~2 min)
   mkdir -p "$OUT/profile"
   timeout 240 python3 benchmarks/product_profile.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1

@@ -106,16 +106,20 @@ def build(key: str, size: dict, device: torch.device):
 
 
 def rows(key: str, model, loss, params, batch, V):
-    """(label, vectors, inside the guard, setup, fn) for every measured call; ``setup`` runs
+    """(label, vectors, inside the guard (``"convs"``: with the standard convolutions of
+    :mod:`lightning_landscape.curvature.conv`), setup, fn) for every measured call; ``setup`` runs
     before the counted call (the cached rows build their graph there, uncounted)."""
     graph = {}
 
-    def build_graph():
-        if "g" not in graph:
-            graph["g"] = H.gradient_graph(loss, params, batch)
+    def build_graph(name: str = "g"):
+        def build():
+            if name not in graph:
+                graph[name] = H.gradient_graph(loss, params, batch)
 
-    def cached(k: int):
-        return lambda: H.hvp_from_graph(graph["g"], params, V[:k], retain=True)
+        return build
+
+    def cached(k: int, name: str = "g"):
+        return lambda: H.hvp_from_graph(graph[name], params, V[:k], retain=True)
 
     def grad():
         return torch.autograd.grad(loss(batch), params)
@@ -124,16 +128,22 @@ def rows(key: str, model, loss, params, batch, V):
     out = [("gradient", 1, False, none, grad)]
     if key == "gpt":
         out.append(("gradient (math attention)", 1, True, none, grad))
+    if key == "resnet18":  # curvature/conv.py: the graph kinds' convolutions
+        out += [
+            ("cached, standard convolutions", 1, "convs", build_graph("c"), cached(1, "c")),
+            ("double_backward, standard convolutions", 1, "convs", none,
+             lambda: H.hvp_double_backward(loss, params, batch, V[:1])),
+        ]  # fmt: skip
     return out + [
         ("graph build (create_graph=True)", 1, True, none,
          lambda: H.gradient_graph(loss, params, batch)),
-        ("cached (graph kept)", 1, True, build_graph, cached(1)),
+        ("cached (graph kept)", 1, True, build_graph(), cached(1)),
         ("double_backward (build + product)", 1, True, none,
          lambda: H.hvp_double_backward(loss, params, batch, V[:1])),
         ("func", 1, True, none, lambda: H.hvp_func(loss, params, batch, V[:1], model)),
         (f"func, block of {BLOCK}", BLOCK, True, none,
          lambda: H.hvp_func(loss, params, batch, V, model)),
-        (f"cached, block of {BLOCK}", BLOCK, True, build_graph, cached(BLOCK)),
+        (f"cached, block of {BLOCK}", BLOCK, True, build_graph(), cached(BLOCK)),
     ]  # fmt: skip
 
 
@@ -148,7 +158,8 @@ def measure(key: str, size_name: str, device: torch.device, repeats: int, block_
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = []
     for label, k, guarded, setup, fn in rows(key, model, loss, params, batch, V):
-        with H.guard(model, params, 0) if guarded else torch.enable_grad():
+        convs = guarded == "convs"  # PyTorch's own convolution double backward otherwise
+        with H.guard(model, params, 0, convs=convs) if guarded else torch.enable_grad():
             setup()
             c, _ = census(fn)  # also the warm-up
             times = []
