@@ -49,7 +49,7 @@ def main() -> None:
     V = torch.randn(1, sum(p.numel() for p in params), dtype=dtype, device=device)
     graphs = {}
     for convs in (False, True):  # build both graphs, and one product of each to warm up
-        with H.guard(model, params, 0, convs=convs):
+        with H.guard(model, params, 0, graph_kernels=convs):
             graphs[convs] = H.gradient_graph(loss, params, batch)
             H.hvp_from_graph(graphs[convs], params, V, retain=True)
     times: dict = {False: [], True: [], "gradient": []}
@@ -63,7 +63,7 @@ def main() -> None:
 
     for _ in range(args.repeats):
         for convs in (False, True):
-            with H.guard(model, params, 0, convs=convs):
+            with H.guard(model, params, 0, graph_kernels=convs):
                 timed(convs, lambda c=convs: H.hvp_from_graph(graphs[c], params, V, retain=True))
         timed("gradient", lambda: torch.autograd.grad(loss(batch), params))
     g = median(times["gradient"])

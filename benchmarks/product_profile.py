@@ -159,7 +159,7 @@ def measure(key: str, size_name: str, device: torch.device, repeats: int, block_
     results = []
     for label, k, guarded, setup, fn in rows(key, model, loss, params, batch, V):
         convs = guarded == "convs"  # PyTorch's own convolution double backward otherwise
-        with H.guard(model, params, 0, convs=convs) if guarded else torch.enable_grad():
+        with H.guard(model, params, 0, graph_kernels=convs) if guarded else torch.enable_grad():
             setup()
             c, _ = census(fn)  # also the warm-up
             times = []

@@ -1,4 +1,4 @@
-"""Convolutions whose double backward runs on the standard convolution kernels.
+"""Convolutions and eval-mode BatchNorm whose double backwards take fewer, standard kernels.
 
 A Hessian-vector product through a kept gradient graph (``hvp="cached"``, ``"double_backward"``)
 differentiates each convolution's backward once more. PyTorch's own double backward of a
@@ -23,6 +23,13 @@ for a cached product on ResNet-18, interleaved runs in one process, per product 
 2.21x. GPU: not measured yet. Forward-mode AD (``hvp="func"``) does not go through it (the
 Function has no ``jvp``): only the graph kinds use it. Modules with ``padding_mode`` other than
 zeros or string padding keep PyTorch's own path.
+
+:func:`affine_batch_norms` does the same for eval-mode BatchNorm layers (running statistics):
+y = x s + t with s = w / √(var + ε) and t = b − mean s, the same function, whose double backward
+is a few products and sums instead of ``NativeBatchNormBackwardBackward0`` (528 of the 884
+computing ops of a cached product on ResNet-18). Exact (3e-16 in float64); with both, a cached
+product on ResNet-18 (8 images, CPU) is 2.20x a gradient against 2.29x with the convolutions
+alone and 2.58x with neither (float32; float64 2.17x, 2.27x, 2.89x).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 _aten = torch.ops.aten
 
@@ -123,3 +132,31 @@ def standard_convolutions(module: nn.Module | None) -> Iterator[None]:
     finally:
         for m in routed:
             m.__dict__.pop("_conv_forward", None)
+
+
+def _affine_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    s = torch.rsqrt(self.running_var + self.eps)
+    s = s if self.weight is None else self.weight * s
+    t = -self.running_mean * s if self.bias is None else self.bias - self.running_mean * s
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * s.view(shape) + t.view(shape)
+
+
+@contextlib.contextmanager
+def affine_batch_norms(module: nn.Module | None) -> Iterator[None]:
+    """Run ``module``'s eval-mode BatchNorm layers (with running statistics) as x s + t while
+    inside (an instance ``forward`` on each, removed on exit); train-mode ones are untouched."""
+    layers = [
+        m
+        for m in (module.modules() if module is not None else [])
+        if isinstance(m, _BatchNorm) and not m.training and m.track_running_stats
+        and m.running_var is not None and not is_lazy(m.running_var)
+        and "forward" not in m.__dict__
+    ]  # fmt: skip
+    try:
+        for m in layers:
+            m.forward = types.MethodType(_affine_forward, m)
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.vectors import flatten, unflatten
-from lightning_landscape.curvature.conv import standard_convolutions
+from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
 from lightning_landscape.curvature.kernels import twice_differentiable
 
 
@@ -152,7 +152,7 @@ def hvp_func(
 
 @contextlib.contextmanager
 def guard(
-    module: nn.Module | None, params: Sequence[Tensor], seed: int, convs: bool = False
+    module: nn.Module | None, params: Sequence[Tensor], seed: int, graph_kernels: bool = False
 ) -> Iterator[None]:
     """The context every product runs in: kernels with a double backward, a fixed RNG (same
     dropout masks every product) with the global RNG untouched, and the module's buffers
@@ -160,8 +160,9 @@ def guard(
 
     Kernels (:func:`~lightning_landscape.curvature.kernels.twice_differentiable`): attention
     through the math backend, cuDNN off when ``module`` holds a CUDA RNN, torch.compile'd code
-    run eagerly; with ``convs`` (graph kinds only) convolutions whose double backward uses the
-    standard kernels (:mod:`.conv`); all restored on exit. Pass the module the loss calls: without it cuDNN is left
+    run eagerly; with ``graph_kernels`` (the graph kinds) convolutions whose double backward
+    uses the standard kernels and eval-mode BatchNorm as an affine map (:mod:`.conv`); all
+    restored on exit. Pass the module the loss calls: without it cuDNN is left
     as it is.
 
     Every buffer is swapped for a clone while inside, and the original tensor objects are put
@@ -182,7 +183,8 @@ def guard(
             torch.random.fork_rng(devices=devices, enabled=True),
             torch.enable_grad(),
             twice_differentiable(module),
-            standard_convolutions(module if convs else None),
+            standard_convolutions(module if graph_kernels else None),
+            affine_batch_norms(module if graph_kernels else None),
         ):
             _seed(seed, devices, {p.device.type for p in params})
             yield

@@ -263,7 +263,7 @@ class HessianOperator(LinearOperator):
         return _pieces.pieces_of(batch, n, self.plan.block_piece if k > 1 else 0, self._size_fn)
 
     def _cached(self, Vt: Tensor) -> Tensor:
-        with _hvp.guard(self.module, self.params, self.seed, convs=True):
+        with _hvp.guard(self.module, self.params, self.seed, graph_kernels=True):
             key = self._key()
             if self._cache_key != key:  # first product, parameters updated, train/eval switched
                 self.graphs.grad = None
@@ -276,7 +276,7 @@ class HessianOperator(LinearOperator):
             return self._differences(Vt, [False] * len(Vt))[0]
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
-        with _hvp.guard(self.module, self.params, self.seed, convs=graph):
+        with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
                 for n, batch in self._parts(whole, size, len(Vt)):
                     if graph:

@@ -75,3 +75,38 @@ def test_operator_on_a_cnn_equals_the_dense_hessian_and_other_convs_are_left_alo
         assert ["_conv_forward" in m.__dict__ for m in model if isinstance(m, nn.Conv2d)] == [
             False, False, True
         ]  # fmt: skip
+
+
+def test_eval_batch_norms_run_as_affine_maps_with_the_same_products():
+    """Eval-mode BatchNorm (1-d on (N, C) and (N, C, L), 2-d; with and without affine weights)
+    as x s + t: the same products as PyTorch's; train-mode layers and layers without running
+    statistics keep PyTorch's path; every forward is put back."""
+    from lightning_landscape.curvature.conv import affine_batch_norms
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Tanh(), nn.BatchNorm1d(4, affine=False),
+        nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5), nn.BatchNorm1d(5, track_running_stats=False),
+        nn.Linear(5, 3),
+    ).double()  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d) and m.track_running_stats:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (6,), generator=g)
+    params = list(model.parameters())
+    vs = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]
+    native = hvp(model, x, y, vs, False)
+    with affine_batch_norms(model):
+        routed = hvp(model, x, y, vs, False)
+        patched = ["forward" in m.__dict__ for m in model if isinstance(m, nn.BatchNorm1d)]
+    assert patched == [True, True, True, False]
+    for a, b in zip(routed, native, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model[1].train()
+    with affine_batch_norms(model):
+        assert "forward" not in model[1].__dict__
