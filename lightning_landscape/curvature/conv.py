@@ -120,18 +120,24 @@ def _routable(m: nn.Module) -> bool:
     )
 
 
-@contextlib.contextmanager
-def standard_convolutions(module: nn.Module | None) -> Iterator[None]:
+def standard_convolutions(module: nn.Module | None) -> contextlib.AbstractContextManager:
     """Route ``module``'s convolution layers through :class:`_Conv` while inside (an instance
     attribute on each, removed on exit); nothing else changes."""
     routed = [m for m in module.modules() if _routable(m)] if module is not None else []
+    return _instance_methods(routed, "_conv_forward", _conv_forward)
+
+
+@contextlib.contextmanager
+def _instance_methods(modules: list[nn.Module], name: str, fn: Any) -> Iterator[None]:
+    """``fn`` as the method ``name`` of each of ``modules`` while inside (instance attributes,
+    removed on exit, so the class's method is back)."""
     try:
-        for m in routed:
-            m._conv_forward = types.MethodType(_conv_forward, m)
+        for m in modules:
+            setattr(m, name, types.MethodType(fn, m))
         yield
     finally:
-        for m in routed:
-            m.__dict__.pop("_conv_forward", None)
+        for m in modules:
+            m.__dict__.pop(name, None)
 
 
 def _affine_forward(self: _BatchNorm, x: Tensor) -> Tensor:
@@ -142,8 +148,7 @@ def _affine_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     return x * s.view(shape) + t.view(shape)
 
 
-@contextlib.contextmanager
-def affine_batch_norms(module: nn.Module | None) -> Iterator[None]:
+def affine_batch_norms(module: nn.Module | None) -> contextlib.AbstractContextManager:
     """Run ``module``'s eval-mode BatchNorm layers (with running statistics) as x s + t while
     inside (an instance ``forward`` on each, removed on exit); train-mode ones are untouched."""
     layers = [
@@ -153,10 +158,4 @@ def affine_batch_norms(module: nn.Module | None) -> Iterator[None]:
         and m.running_var is not None and not is_lazy(m.running_var)
         and "forward" not in m.__dict__
     ]  # fmt: skip
-    try:
-        for m in layers:
-            m.forward = types.MethodType(_affine_forward, m)
-        yield
-    finally:
-        for m in layers:
-            m.__dict__.pop("forward", None)
+    return _instance_methods(layers, "forward", _affine_forward)
