@@ -197,20 +197,21 @@ def plan(
 ) -> Plan:
     """The piece size for products within ``budget`` bytes (None: one training step, at least
     :data:`FLOOR`; math.inf: whole batches). Runs inside :func:`~.hvp.guard` (the forwards draw
-    the products' masks). Under torch.distributed every rank takes the same decision (two
-    all-reduces of the largest need and the largest gap): cutting is exact on any rank, but a
-    forward with collectives in it must run as often on every rank."""
+    the products' masks). Under torch.distributed every rank takes the same decision (all-reduces
+    of the largest graph per sample and batch, block piece and gap): cutting is exact on any
+    rank, but a forward with collectives in it must run as often on every rank."""
     if budget is not None and math.isinf(budget):
         return Plan(0, math.nan, math.nan, math.inf, "")
     n = sizes[0]
     graph, step, failure = _estimate(loss_fn, params, batches[0], n, size_fn)
     limit = budget_bytes(budget, step)
-    ratio, per_sample = (graph / limit, graph / n / limit) if limit > 0 else (math.inf, math.inf)
-    ratio, per_sample = _max([ratio, per_sample], distributed)
-    need = math.ceil(PRODUCT_FACTOR * ratio) if math.isfinite(ratio) else max(sizes)
-    piece = 0 if need <= 1 else max(1, math.ceil(n / min(need, n)))
-    block = _block_piece(Plan(0, graph, step, limit, "", 0, per_sample), piece or max(sizes))
-    block = int(_max([block], distributed)[0])  # every rank checks (and cuts) alike
+    # the graph scales with the samples: the largest batch on any rank must fit
+    ratio = graph / n / limit if limit > 0 else math.inf
+    per_sample, top = _max([ratio, max(sizes)], distributed)
+    largest = int(top)
+    need = math.ceil(PRODUCT_FACTOR * per_sample * largest) if per_sample < math.inf else largest
+    piece = 0 if need <= 1 else max(1, math.floor(1 / (PRODUCT_FACTOR * per_sample)))
+    block = _block_piece(Plan(0, graph, step, limit, "", 0, per_sample), piece or largest)  # alike
     if not (piece or block):
         return Plan(0, graph, step, limit, "", 0, per_sample)
     gap = _gap(loss_fn, batches, sizes, piece, size_fn, failure, distributed, block)

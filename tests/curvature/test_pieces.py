@@ -250,7 +250,8 @@ def test_blocks_take_smaller_pieces_or_fewer_vectors_within_the_budget(kind, mon
     H = dense_hessian(p.loss_fn, p.model, p.batches)
     whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=1e12)
     whole @ probes(whole.dim)
-    budget = 4 * whole.plan.graph_bytes  # the first batch's graph: 5 samples
+    budget = 5.6 * whole.plan.graph_bytes  # the first batch's graph: 5 samples; single products
+    # on the largest batch (7) take 3 x 7/5 of it
     op = HessianOperator(p.loss_fn, p.model, p.batches, hvp=kind, memory_budget=budget)
     V = torch.randn(op.dim, COLUMNS, generator=torch.Generator().manual_seed(1), dtype=H.dtype)
     op @ V[:, :1]
@@ -281,7 +282,7 @@ def test_blocks_keep_the_pieces_when_smaller_ones_fail_the_check(monkeypatch):
     whole = HessianOperator(loss_fn, p.model, p.batches, memory_budget=1e12)
     whole @ probes(whole.dim)
     op = HessianOperator(
-        loss_fn, p.model, p.batches, hvp="func", memory_budget=4 * whole.plan.graph_bytes
+        loss_fn, p.model, p.batches, hvp="func", memory_budget=5.6 * whole.plan.graph_bytes
     )
     V = probes(op.dim)
     with warnings.catch_warnings(record=True) as caught:
@@ -291,9 +292,9 @@ def test_blocks_keep_the_pieces_when_smaller_ones_fail_the_check(monkeypatch):
     assert op.plan.piece == 0 and op.plan.block_piece == 0 and op.plan.reason == ""
     calls = recorded(monkeypatch)
     assert rel(op @ V, H @ V) < 1e-10
-    assert op.plan.width(7) == op.plan.width(5) == 1 and op.plan.width(3) == 2
-    assert sorted(calls) == sorted([("func", 5, 1)] * 3 + [("func", 7, 1)] * 3 + [
-        ("func", 3, 2), ("func", 3, 1)
+    assert [op.plan.width(n) for n in (7, 5, 3)] == [1, 2, 4]  # 1 + 2k graphs of n samples fit
+    assert sorted(calls) == sorted([("func", 7, 1)] * 3 + [
+        ("func", 5, 2), ("func", 5, 1), ("func", 3, 3)
     ])  # fmt: skip
 
 
@@ -404,3 +405,18 @@ def test_decomposition_is_checked_on_the_parts_products_use():
 
 def len_of(batch) -> int:
     return len(batch[1])
+
+
+def test_the_largest_batch_fits_the_budget_not_only_the_first():
+    """The graph is measured on the first batch and scaled by samples: a later batch 4 times as
+    large is cut so that its products fit too (the first alone would fit whole)."""
+    p = make_problem("mlp", mode="eval")
+    batches = make_batches((4,), sizes=(2, 8))
+    first = HessianOperator(p.loss_fn, p.model, batches[:1], memory_budget=1e12)
+    first @ probes(first.dim)
+    budget = 4 * first.plan.graph_bytes  # a product on 2 samples takes 3/4 of it, on 8 three
+    op = HessianOperator(p.loss_fn, p.model, batches, memory_budget=budget)
+    H = dense_hessian(p.loss_fn, p.model, batches)
+    V = probes(op.dim)
+    assert rel(op @ V, H @ V) < 1e-10
+    assert op.plan.piece == 2 and op.batch_sizes == [2, 2, 2, 2, 2]
