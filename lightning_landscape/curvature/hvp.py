@@ -205,20 +205,6 @@ def _seed(seed: int, cuda_devices: list[int], device_types: set[str]) -> None:
         torch.cuda.default_generators[index].manual_seed(seed)
 
 
-def rng_replay(params: Sequence[Tensor]) -> Callable[[], None]:
-    """A function that puts the generators a forward on ``params``' devices draws from back
-    where they are now: several forwards on one batch (a block in parts) draw the same masks."""
-    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-    cpu, cuda = torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in devices]
-
-    def restore() -> None:
-        torch.set_rng_state(cpu)
-        for index, state in zip(devices, cuda, strict=True):
-            torch.cuda.set_rng_state(state, index)
-
-    return restore
-
-
 @contextlib.contextmanager
 def batch_norm_stats_frozen(module: nn.Module) -> Iterator[None]:
     """Stop train-mode BatchNorm layers from updating their running statistics.

@@ -37,7 +37,12 @@ from lightning_landscape.curvature import auto as _auto
 from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
 from lightning_landscape.curvature import pieces as _pieces
-from lightning_landscape.curvature.cache import GraphCache, check_twice_differentiable
+from lightning_landscape.curvature.cache import (
+    GraphCache,
+    check_twice_differentiable,
+    rng_state,
+    set_rng_state,
+)
 from lightning_landscape.curvature.linear import LinearOperator, MatrixOperator
 
 __all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
@@ -286,10 +291,11 @@ class HessianOperator(LinearOperator):
                             self._graph_checked = True
                         acc.add_(self._through_graph(grad, Vt, False, n), alpha=n)
                         continue
-                    step, replay = self.plan.width(n), _hvp.rng_replay(self.params)
-                    for lo in range(0, len(Vt), step):  # "func", vmapped; same masks each
+                    step = self.plan.width(n)  # "func", vmapped; the same masks for each part
+                    start = rng_state(self._cuda) if step < len(Vt) else None
+                    for lo in range(0, len(Vt), step):
                         if lo:
-                            replay()
+                            set_rng_state(start, self._cuda)
                         product = _hvp.hvp_func(
                             self.loss_fn, self.params, batch, Vt[lo : lo + step], self.module,
                             forward_over_reverse=self._forward_over_reverse,

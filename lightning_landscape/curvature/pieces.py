@@ -130,13 +130,13 @@ def split_batches(
     Raises:
         ValueError: if the pieces' sizes (by ``size_fn``) do not add up to their batch's.
     """
-    pieces: list[Any] = []
+    pieces: list[tuple[int, Any]] = []
     for i, (n, batch) in enumerate(zip(sizes, batches, strict=True)):
-        parts = split_batch(batch, n, piece) if n > piece else [batch]
-        if len(parts) > 1 and sum(batch_sizes(parts, size_fn)) != n:
+        parts = pieces_of(batch, n, piece, size_fn)
+        if sum(k for k, _ in parts) != n:
             raise ValueError(f"batch {i} cannot be cut into pieces along its leading dimension")
         pieces += parts
-    return pieces, batch_sizes(pieces, size_fn)
+    return [b for _, b in pieces], [k for k, _ in pieces]
 
 
 def choose(
@@ -216,7 +216,7 @@ def plan(
         return Plan(0, graph, step, limit, "", 0, per_sample)
     gap = _gap(loss_fn, batches, sizes, piece, size_fn, failure, distributed, block)
     if gap < 0:  # every loss is non-finite: nothing to measure, nothing to cut
-        return Plan(0, graph, step, limit, "")
+        return Plan(0, graph, step, limit, "", 0, per_sample)
     tol = min(1e3 * torch.finfo(params[0].dtype).eps, 2e-2)
     if gap > tol and block:  # blocks keep the pieces (fewer vectors at a time); check those
         block = 0
