@@ -19,7 +19,9 @@ says otherwise) it prints markdown tables of
   reference; the target takes our fastest row at PyHessian's error or better
   (``benchmarks/gpu_lambda.py``);
 - the trace at equal products (ours and PyHessian's Hutchinson, with standard errors), the
-  density (PyHessian's only where its ``density()`` runs), and the ResNet ratios with TF32.
+  density (PyHessian's only where its ``density()`` runs), and the ResNet ratios with TF32;
+- last (compiling takes minutes): the ``"compiled"`` product (its "first" column is the compile
+  of a single product; the block compiles again) and the monitor's defaults with it.
 
 Every row runs in its own try/except: a failure (out of memory, an unsupported kind) prints
 "failed: <reason>" and the script goes on; a Transformer row that fails is tried once more with
@@ -142,6 +144,9 @@ class Meter:
 
     def now(self) -> float | None:
         return float(torch.cuda.memory_allocated()) if self.cuda else None
+
+
+COMPILE_SECONDS = 120.0  # what a compiled product's rows need first (measured on CPU: 1-5 min)
 
 
 def math_attention():
@@ -479,7 +484,12 @@ class Bench(LambdaRows):
                  block_note=block_note),
         )  # fmt: skip
 
-    def measurement(self, m: Model, label: str, kwargs: dict, **op_kwargs) -> None:
+    def measurement(self, m: Model, label: str, kwargs: dict, warm: bool = False, **op_kwargs):
+        """One ``analyze`` (with ``warm``, after an untimed one: what later measurements of a fit
+        cost once the compiled variants exist)."""
+        if warm:
+            analyze(self.make_op(m, **op_kwargs), seed=0, **kwargs)
+            self.cleanup()
         op = self.make_op(m, **op_kwargs)
         self.meter.reset_peak()
         t0 = time.perf_counter()
@@ -657,14 +667,16 @@ class Bench(LambdaRows):
         only = [x.strip() for x in (self.args.only or "").split(",") if x.strip()]
         for table, label, fn, products in self.plan(m):
             if not only or any(x in label for x in only):
-                self.attempt(m, table, label, fn, self.estimate(m, products))
+                est = products() if callable(products) else self.estimate(m, products)
+                self.attempt(m, table, label, fn, est)
         m.info.update(t_grad=m.t_grad, t_product=m.t_product, train_peak=m.train_peak, ref=m.ref)
         self.report.models[key]["info"] = dict(m.info)
         m.model, m.batches, m.optimizer = None, [], None
         self.cleanup()
 
-    def plan(self, m: Model) -> list[tuple[str, str, Callable[[str], None], float]]:
-        """The sections of one model, most wanted first: (table, label, fn(label), products)."""
+    def plan(self, m: Model) -> list[tuple[str, str, Callable[[str], None], float | Callable]]:
+        """The sections of one model, most wanted first: (table, label, fn(label), products, or
+        a function giving the seconds it needs)."""
         d, iters, M = self.monitor, self.cfg["pyhessian_iters"], self.monitor["trace_probes"]
         top = f"top-{d['top_k']}" + " + min" * d["min_eigenvalue"] + " + trace" * d["trace"]
 
@@ -689,9 +701,10 @@ class Bench(LambdaRows):
             plan.append(("train", "gradient over the fixed batches [math attention]",
                          forced_math(lambda lab: self.gradient(m, lab)), 0))  # fmt: skip
         store: dict = {}
+        eager = [k for k in self.kinds if k != "compiled"]  # compiling takes minutes: at the end
         plan += [
             ("products", kind, lambda lab, k=kind: self.product(m, k, lab, store, False), 40)
-            for kind in self.kinds
+            for kind in eager
         ]
         plan += [
             ("memory", "top-1", measure(1, False, False, False), 30),
@@ -728,7 +741,18 @@ class Bench(LambdaRows):
             )
             plan += [
                 ("tf32", f"{kind}, TF32", lambda lab, k=kind: self.tf32_product(m, k, lab, tstore), 30)
-                for kind in self.kinds
+                for kind in eager
+            ]  # fmt: skip
+        if "compiled" in self.kinds:  # first call compiles (its "first" column), then as above
+            plan += [
+                ("products", "compiled",
+                 lambda lab: self.product(m, "compiled", lab, store, False),
+                 lambda: COMPILE_SECONDS + self.estimate(m, 40)),
+                ("memory", f"HessianMonitor defaults ({top}), hvp='compiled', a later measurement",
+                 lambda lab: self.measurement(
+                     m, lab, self.analyze_kwargs(d["top_k"], d["min_eigenvalue"], d["trace"],
+                                                 d["density"]), warm=True, hvp="compiled"),
+                 lambda: COMPILE_SECONDS / 2 + self.estimate(m, 150)),
             ]  # fmt: skip
         # last: the fit trains the model one step and replaces its optimizer state
         plan.append(("memory", "HessianMonitor() in a short Lightning fit",

@@ -24,6 +24,7 @@ from lightning_landscape.curvature import (
 )
 from lightning_landscape.curvature.eigen import EigenResult, Which
 from lightning_landscape.curvature.linear import LinearOperator
+from lightning_landscape.curvature.operator import FUNC
 
 
 def make_operator(
@@ -49,8 +50,8 @@ def make_operator(
         )
     kind = monitor.hvp_choice or "auto"
     blocks = monitor._block_choice
-    if not isinstance(params, torch.nn.Module) and "func" in (kind, blocks):
-        kind, blocks = ("cached" if kind == "func" else kind), None  # func needs the module
+    if not isinstance(params, torch.nn.Module) and {kind, blocks} & set(FUNC):
+        kind, blocks = ("cached" if kind in FUNC else kind), None  # func needs the module
     op = HessianOperator(
         loss_fn or ctx.loss_fn,
         params,

@@ -204,13 +204,15 @@ def module_loss(
 ) -> Callable[[Any], Tensor]:
     """``loss(batch) -> scalar``: the user's ``loss_fn(module, batch)``, or the module's own
     ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``), with ``batch_idx`` the
-    batch's position among the fixed batches."""
+    batch's position among the fixed batches (0 for a piece of a batch, and in compiled
+    products)."""
     if loss_fn is not None:
         return lambda batch: loss_fn(module, batch)
     index = {id(b): i for i, b in enumerate(batches)}
 
     def loss(batch: Any) -> Tensor:
-        out = module.training_step(batch, index.get(id(batch), 0))
+        # compiled products (hvp="compiled"): dynamo would guard on id(batch), one variant each
+        out = module.training_step(batch, 0 if _compiling() else index.get(id(batch), 0))
         if isinstance(out, dict):
             out = out.get("loss")
         if not isinstance(out, Tensor) or out.numel() != 1:
@@ -223,11 +225,19 @@ def module_loss(
     return loss
 
 
+def _compiling() -> bool:
+    """True while dynamo traces (torch.compiler.is_compiling, torch >= 2.3)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check is not None and check())
+
+
 def counted(loss_fn: Callable[[Any], Tensor], calls: list[int]) -> Callable[[Any], Tensor]:
-    """``loss_fn`` that counts its calls in ``calls[0]``."""
+    """``loss_fn`` that counts its calls in ``calls[0]`` (not those of compiled products: dynamo
+    would guard on the count, and compile anew at every call)."""
 
     def counted(batch: Any) -> Tensor:
-        calls[0] += 1
+        if not _compiling():
+            calls[0] += 1
         return loss_fn(batch)
 
     return counted

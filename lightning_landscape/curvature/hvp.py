@@ -123,20 +123,41 @@ def hvp_func(
     """
     if module is None:
         raise ValueError("the 'func' product needs the module that `loss_fn` calls.")
-    wrapper = _LossOf(module, loss_fn)
+    with batch_norm_stats_frozen(module):
+        return func_products(*func_inputs(loss_fn, params, batch, module), Vt, forward_over_reverse)
+
+
+def func_inputs(
+    loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any, module: nn.Module
+) -> tuple[nn.Module, list[str], dict[str, Tensor], tuple[Tensor, ...], Any]:
+    """What :func:`func_products` takes: the module and loss as one ``nn.Module``, the names of
+    the trainable parameters, the frozen ones, the detached parameters and the batch."""
     names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
     frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}
+    return _LossOf(module, loss_fn), names, frozen, tuple(p.detach() for p in params), batch
+
+
+def func_products(
+    wrapper: nn.Module,
+    names: list[str],
+    frozen: dict[str, Tensor],
+    primals: tuple[Tensor, ...],
+    batch: Any,
+    Vt: Tensor,
+    forward_over_reverse: bool = True,
+) -> Tensor:
+    """``(H_b V)ᵀ`` by torch.func on the inputs of :func:`func_inputs`: a pure function of its
+    arguments, which :mod:`.compiled` also compiles."""
 
     def loss_of(*ps: Tensor) -> Tensor:
         return torch.func.functional_call(
             wrapper, {**frozen, **dict(zip(names, ps, strict=True))}, (batch,), strict=False
         )
 
-    primals = tuple(p.detach() for p in params)
     grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
 
     def one(v: Tensor) -> Tensor:
-        tangents = tuple(unflatten(v, params))
+        tangents = tuple(unflatten(v, primals))
         if forward_over_reverse:
             _, hv = torch.func.jvp(grad_fn, primals, tangents)
         else:
@@ -144,10 +165,9 @@ def hvp_func(
             hv = pullback(tangents)
         return flatten(hv)
 
-    with batch_norm_stats_frozen(module):
-        if Vt.shape[0] == 1:
-            return one(Vt[0])[None]
-        return torch.func.vmap(one, randomness="same")(Vt)
+    if Vt.shape[0] == 1:
+        return one(Vt[0])[None]
+    return torch.func.vmap(one, randomness="same")(Vt)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ of batch b (n_b samples), so batches of unequal size are weighted exactly. Under
 every rank holds its own batches; sums of n_b H_b v and of n_b are reduced across ranks, so every
 rank gets the Hessian of the union of all shards (one all-reduce of one flat vector per product).
 
-Hessian-vector products (Pearlmutter 1994) come in four kinds (:mod:`.hvp`,
+Hessian-vector products (Pearlmutter 1994) come in five kinds (:mod:`.hvp`, :mod:`.compiled`,
 :mod:`.finite_difference`), and ``"auto"`` chooses among them by trial (:mod:`.auto`). Memory
 above the model's, in units of T, a training step on one batch, and of P, the number of
 parameters: an exact product on a whole batch holds its gradient graph and the second backward's
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,7 @@ from lightning_landscape._core.checks import check_batches, check_callable, chec
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import auto as _auto
+from lightning_landscape.curvature import compiled as _compiled
 from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
 from lightning_landscape.curvature import pieces as _pieces
@@ -47,9 +49,10 @@ from lightning_landscape.curvature.linear import LinearOperator, MatrixOperator
 
 __all__ = ["HVPMode", "HessianOperator", "LinearOperator", "MatrixOperator"]
 
-HVPMode = Literal["auto", "cached", "double_backward", "func", "finite_difference"]
-KINDS = ("auto", "cached", "double_backward", "func", "finite_difference")
-EXACT = ("cached", "double_backward", "func")
+HVPMode = Literal["auto", "cached", "double_backward", "func", "compiled", "finite_difference"]
+KINDS = ("auto", "cached", "double_backward", "func", "compiled", "finite_difference")
+EXACT = ("cached", "double_backward", "func", "compiled")
+FUNC = ("func", "compiled")  # forward-over-reverse: they need the module
 
 
 class HessianOperator(LinearOperator):
@@ -71,7 +74,10 @@ class HessianOperator(LinearOperator):
             ``with`` block, rebuilt if the parameters change in place or a module switches
             train/eval), the others differentiated twice per product; ``"double_backward"``
             (Pearlmutter); ``"func"``: torch.func forward-over-reverse, vmapped over blocks
-            (needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls);
+            (needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls); ``"compiled"``:
+            the same compiled by ``torch.compile`` (:mod:`.compiled`: once per fit and shape,
+            seconds to minutes; eager with one warning if compiling fails), never chosen by
+            ``"auto"``;
             ``"finite_difference"`` (:mod:`.finite_difference`): inexact, its error estimated
             (:attr:`product_error`), for kernels without a double backward; ``"auto"``: the
             fastest exact kind that works here, by trial (:mod:`.auto`), finite differences
@@ -102,7 +108,8 @@ class HessianOperator(LinearOperator):
         hvp_reason: why it was chosen.
         block_choice: the kind in use for blocks (None until decided).
         warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"``,
-            ``"fd_inaccurate"`` or ``"whole_batches"``); default ``warnings.warn``.
+            ``"fd_inaccurate"``, ``"whole_batches"`` or ``"compile_failed"``); default
+            ``warnings.warn``.
         plan: how the batches were cut (a :class:`~.pieces.Plan`; None before the first product).
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
@@ -113,8 +120,8 @@ class HessianOperator(LinearOperator):
         TypeError: if ``loss_fn`` or ``batch_size_fn`` is not callable, ``params``/``batches``
             have the wrong type, or ``seed``, ``memory_budget``, ``fd_step`` or
             ``fd_tolerance`` is not a number.
-        ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` is
-            asked without a module, ``params`` is empty or holds a tensor that does not require
+        ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` or
+            ``"compiled"`` is asked without a module, ``params`` is empty or holds a tensor that does not require
             grad, a batch size is not positive (or cannot be inferred), ``memory_budget`` is
             negative, or ``fd_step``, ``fd_tolerance`` or ``micro_batch_size`` is not positive.
 
@@ -155,10 +162,8 @@ class HessianOperator(LinearOperator):
         check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
         _pieces.check_micro_batch_size(micro_batch_size)
         self.module = params if isinstance(params, nn.Module) else None
-        if "func" in (hvp, block_hvp) and self.module is None:
-            raise ValueError(
-                "`hvp='func'` needs `params` to be the nn.Module that `loss_fn` calls."
-            )
+        if {hvp, block_hvp} & set(FUNC) and self.module is None:
+            raise ValueError(f"`hvp={hvp!r}` needs `params` to be the nn.Module `loss_fn` calls.")
         self.params = resolve_params(params)
         self.loss_fn = loss_fn
         self.batches = list(batches)
@@ -245,7 +250,7 @@ class HessianOperator(LinearOperator):
         self._split()
         if kind == "cached":
             return self._cached(Vt)
-        if kind == "func" and self._forward_over_reverse:
+        if kind in FUNC and self._forward_over_reverse:
             try:
                 return self._batch_by_batch(kind, Vt)
             except RuntimeError as err:  # jvp(grad(F.mse_loss)) raises in torch 2.13
@@ -281,6 +286,7 @@ class HessianOperator(LinearOperator):
             return self._differences(Vt, [False] * len(Vt))[0]
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
+        fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
                 for n, batch in self._parts(whole, size, len(Vt)):
@@ -296,7 +302,7 @@ class HessianOperator(LinearOperator):
                     for lo in range(0, len(Vt), step):
                         if lo:
                             set_rng_state(start, self._cuda)
-                        product = _hvp.hvp_func(
+                        product = fn(
                             self.loss_fn, self.params, batch, Vt[lo : lo + step], self.module,
                             forward_over_reverse=self._forward_over_reverse,
                         )  # fmt: skip
@@ -306,15 +312,9 @@ class HessianOperator(LinearOperator):
     def _differences(self, Vt: Tensor, checked: list[bool]) -> tuple[Tensor, Tensor]:
         with _hvp.guard(self.module, self.params, self.seed):
             return _fd.differences(
-                self.loss_fn,
-                self.params,
-                self.batches,
-                self.batch_sizes,
-                Vt,
-                checked,
-                self._fd.rel_step,
-                self._cuda,
-            )
+                self.loss_fn, self.params, self.batches, self.batch_sizes, Vt, checked,
+                self._fd.rel_step, self._cuda,
+            )  # fmt: skip
 
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""
