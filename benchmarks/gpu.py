@@ -748,7 +748,7 @@ class Bench(LambdaRows):
                 ("products", "compiled",
                  lambda lab: self.product(m, "compiled", lab, store, False),
                  lambda: COMPILE_SECONDS + self.estimate(m, 40)),
-                ("memory", f"HessianMonitor defaults ({top}), hvp='compiled', a later measurement",
+                ("memory", f"hvp='compiled': a later measurement with the monitor's defaults ({top})",
                  lambda lab: self.measurement(
                      m, lab, self.analyze_kwargs(d["top_k"], d["min_eigenvalue"], d["trace"],
                                                  d["density"]), warm=True, hvp="compiled"),

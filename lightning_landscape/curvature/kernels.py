@@ -106,13 +106,14 @@ def eager(module: nn.Module | None) -> Iterator[None]:
         with torch.compiler.set_stance("force_eager"):
             yield
         return
-    with _uncompiled_submodules(module):
+    with uncompiled_submodules(module):
         yield
 
 
 @contextlib.contextmanager
-def _uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
-    """The fallback of :func:`eager` for torch < 2.6 (module surgery, undone on exit): compiled
+def uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
+    """The fallback of :func:`eager` for torch < 2.6, and what ``hvp="compiled"`` traces
+    through (module surgery, undone on exit): compiled
     children are swapped for their ``_orig_mod``, ``module.compile()``'s compiled call is set
     aside, and compiled functions stored on a module (an ``OptimizedModule``'s ``forward``, a
     compiled ``training_step``) are swapped for the functions they wrap."""

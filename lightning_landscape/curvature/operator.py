@@ -162,8 +162,9 @@ class HessianOperator(LinearOperator):
         check_real("fd_tolerance", fd_tolerance, low=0.0, strict=True, what="a positive number")
         _pieces.check_micro_batch_size(micro_batch_size)
         self.module = params if isinstance(params, nn.Module) else None
-        if {hvp, block_hvp} & set(FUNC) and self.module is None:
-            raise ValueError(f"`hvp={hvp!r}` needs `params` to be the nn.Module `loss_fn` calls.")
+        needs = [f"`{n}={k!r}`" for n, k in (("hvp", hvp), ("block_hvp", block_hvp)) if k in FUNC]
+        if needs and self.module is None:
+            raise ValueError(f"{needs[0]} needs `params` to be the nn.Module `loss_fn` calls.")
         self.params = resolve_params(params)
         self.loss_fn = loss_fn
         self.batches = list(batches)
@@ -205,7 +206,7 @@ class HessianOperator(LinearOperator):
     def product_error(self) -> float:  # type: ignore[override]
         """Largest estimated relative error of the checked products: 0 for exact kinds, NaN
         for finite differences before the first product."""
-        if self.hvp_choice != "finite_difference":
+        if self.exact:
             return 0.0
         return max(self._fd.errors) if self._fd.errors else math.nan
 
@@ -337,12 +338,9 @@ class HessianOperator(LinearOperator):
         self._split()
         with _hvp.guard(self.module, self.params, self.seed):
             return _batches.mean_gradient(
-                self.loss_fn,
-                self.params,
-                self.batches,
-                batch_size_fn=self._size_fn,
+                self.loss_fn, self.params, self.batches, batch_size_fn=self._size_fn,
                 distributed=self.distributed,
-            )[1]
+            )[1]  # fmt: skip
 
 
 def _warn(kind: str, message: str) -> None:

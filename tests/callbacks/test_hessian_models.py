@@ -112,9 +112,10 @@ def test_causal_transformer_equals_oracle_and_training_is_unchanged(tmp_path, hv
 
 
 def test_compiled_products_on_a_causal_transformer(tmp_path):
-    """``hvp="compiled"``: the product compiled by inductor (math attention, dropout with the
-    eager masks) logs the oracle's eigenvalues, and training stays bit-identical. One fixed batch
-    and no trace: one compiled variant (about 40 s to compile on this CPU)."""
+    """``hvp="compiled"``: the product compiled by inductor (math attention; the monitor's
+    eval mode) logs the oracle's eigenvalues, and training stays bit-identical. One fixed batch
+    and no trace: one compiled variant (about 40 s to compile on this CPU). Dropout in train
+    mode: tests/curvature/test_compiled.py."""
     data, fixed = token_data(), [token_data()[:8]]
     plain, _, _ = fit(tmp_path / "plain", TinyCausalLM, data, precision="64-true", max_epochs=1)
     mon = HessianMonitor(
@@ -141,7 +142,7 @@ def test_lstm_equals_oracle_and_training_is_unchanged(tmp_path):
     check_against_oracle(tmp_path, lambda: TinyLSTM().double(), sequence_data(), "cached")
 
 
-@pytest.mark.parametrize("hvp", ["double_backward", "cached"])
+@pytest.mark.parametrize("hvp", ["double_backward", "cached", "compiled"])
 def test_compiled_mlp_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
     # aot_eager: the aot_autograd of the default (inductor) backend, which refuses double
     # backward alike, without inductor's code generation (tens of seconds on this CPU).

@@ -46,13 +46,16 @@ def test_inductor_products_equal_the_dense_hessian(loss):
     assert rel(block, Hd @ V) < 1e-10
     assert op.block_choice == "compiled" and C.failure(p.model) is None
     assert op._forward_over_reverse == (loss == "ce_mean")
+    # the next measurement's operator starts with forward-over-reverse again: its variant was
+    # never compiled, so it is checked eagerly first (it crashed the process when it was not)
+    again = HessianOperator(p.loss_fn, p.model, batches, hvp="compiled")
+    assert rel(again.matvec(V[:, 0]), Hd @ V[:, 0]) < 1e-10
 
 
 def test_later_operators_reuse_the_compiled_code(monkeypatch):
     """A second measurement (a new operator, a new loss closure, updated weights) compiles
     nothing new; a new block width does, and is checked against the eager product once."""
-    counter = CompileCounter()
-    monkeypatch.setattr(C, "_compiled", torch.compile(H.func_products, backend=counter))
+    counter = counting(monkeypatch)
     p = make_problem("mlp", "ce_mean", "eval")
     eager = []
     monkeypatch.setattr(C._hvp, "hvp_func", _spy(H.hvp_func, eager))
@@ -69,6 +72,14 @@ def test_later_operators_reuse_the_compiled_code(monkeypatch):
             compiled_first, checked_first = counter.frame_count, len(eager)
     assert counter.frame_count == compiled_first > 0  # nothing compiled for the 2nd operator
     assert len(eager) == checked_first == 2 * 3  # widths 1 and 4, three batch shapes, once each
+
+
+def counting(monkeypatch) -> CompileCounter:
+    """Compile as the library does, with a backend that counts compiled frames (no inductor)."""
+    counter = CompileCounter()
+    compile_ = lambda fn: torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)  # noqa: E731
+    monkeypatch.setattr(C, "_compile", compile_)
+    return counter
 
 
 def _spy(fn, calls):
@@ -91,7 +102,7 @@ def test_a_failed_compile_warns_once_and_products_run_eagerly(monkeypatch, fault
             raise RuntimeError("inductor: no C++ compiler")
         return 2 * H.func_products(*args)
 
-    monkeypatch.setattr(C, "_compiled", broken)
+    monkeypatch.setattr(C, "_compile", lambda fn: broken)
     p = make_problem("cnn", "ce_mean", "train")
     Hd = dense_hessian(p.loss_fn, p.model, p.batches)
     warned = []
@@ -100,9 +111,32 @@ def test_a_failed_compile_warns_once_and_products_run_eagerly(monkeypatch, fault
     V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert rel(op.matvec(V[:, 0]), Hd @ V[:, 0]) < 1e-10  # the masks of later batches too
     assert rel(op.matmat(V), Hd @ V) < 1e-10
-    assert len(calls) == 1 and [k for k, _ in warned] == ["compile_failed"]
+    assert len(calls) == 1 and {k for k, _ in warned} == {"compile_failed"}  # every product
     reason = "no C++ compiler" if fault == "raises" else "differs from the eager one by 1.0e+00"
     assert reason in warned[0][1] and reason in C.failure(p.model)
+
+
+def test_a_loss_that_recompiles_at_every_measurement_is_given_up(monkeypatch):
+    """A loss reading a Python value that changes (here a step counter) makes dynamo compile
+    again for shapes it knows: the first such variant is checked after the fact, the second
+    gives up compiling for the module, with the reason."""
+    counter = counting(monkeypatch)
+    p = make_problem("mlp", "ce_mean", "eval")
+    step = [0]
+
+    def loss_fn(batch):
+        return torch.nn.functional.cross_entropy(p.model(batch[0]), batch[1]) * (1 + step[0])
+
+    batches, warned = p.batches[:1], []
+    V = torch.randn(51, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for step[0] in range(4):
+        op = HessianOperator(loss_fn, p.model, batches, hvp="compiled")
+        op.warn = lambda kind, message: warned.append(message)
+        Hd = dense_hessian(loss_fn, p.model, batches)
+        assert rel(op.matvec(V[:, 0]), Hd @ V[:, 0]) < 1e-10
+    assert counter.frame_count == 3  # steps 0, 1, 2; step 3 runs eagerly
+    assert "compiled again for shapes it had compiled before" in C.failure(p.model)
+    assert len(warned) == 2 and "step, the epoch" in warned[0]  # steps 2 and 3
 
 
 def test_compiled_needs_the_module():
