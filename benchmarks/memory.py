@@ -53,6 +53,8 @@ CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
     "func": ("defaults with hvp='func' (forward-over-reverse)", {"hvp": "func"}),
     "func_blocks": ("hvp='func', probe_block=8 (vmapped blocks of 8 trace probes)",
                     {"hvp": "func", "probe_block": 8}),
+    "compiled": ("defaults with hvp='compiled' (a first measurement: compiling included)",
+                 {"hvp": "compiled"}),
     "ggn": ("defaults with ggn=True (GGN and residual H − G as well)",
             {"ggn": True, "ggn_fn": lambda m, b: (m.net(b[0]), b[1])}),
     "ggn_whole": ("ggn=True with micro_batch_size=None (whole batches)",
