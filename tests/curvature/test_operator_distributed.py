@@ -1,5 +1,6 @@
 """Two gloo ranks with unequal shards give the single-process answer on the union of shards
-(the Hessian, and the Gauss-Newton part with its residual)."""
+(the Hessian, with every product kind's path: cached and compiled; and the Gauss-Newton part
+with its residual)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from lightning_landscape.curvature import (
     trace,
 )
 
-from ._problems import make_batches, make_cnn, make_loss
+from ._problems import make_batches, make_cnn, make_loss, make_mlp
 
 SIZES = (5, 3, 7, 2, 4)
 SHARDS = ((0, 1), (2, 3, 4))  # rank 0: 8 samples in 2 batches, rank 1: 13 in 3
@@ -58,6 +59,12 @@ def _measure(batches) -> dict:
     ggn.release()
     out["fresh_seed"] = top_eigenvalues(op, tol=1e-2).eigenvalues  # seed broadcast from rank 0
     op.release()
+    # compiled products (an MLP on the same samples: compiles in seconds): each rank compiles
+    # the variants of its own batch sizes, at its own pace, between the same all-reduces
+    mlp = make_mlp(dropout=0.0).eval()
+    flat = [(x.flatten(1)[:, :4], y) for x, y in batches]
+    compiled = HessianOperator(make_loss(mlp), mlp, flat, hvp="compiled")
+    out["compiled_top"] = top_eigenvalues(compiled, 2, tol=1e-8, seed=0).eigenvalues
     return out
 
 
