@@ -13,9 +13,10 @@ launches) 1.07x compiled against 6.99x eager; a 7.4M-parameter GPT (compute-boun
 relative to the cached kind, float64 1e-16). The GPU effect is not measured yet.
 
 **Compiling** costs time once per process and variant: seconds for an MLP, one to a few minutes
-for a Transformer or a ResNet. The compiled code is kept by ``torch.compile`` on
-:func:`.hvp.func_products` itself, so later operators (the next measurements) reuse it while the
-shapes and the model's structure stay the same. Each new piece size or block width compiles once
+for a Transformer or a ResNet. Each module gets its own compiled copy of
+:func:`.hvp.func_products` (its own dynamo cache and recompile limit, :data:`VARIANTS`), kept
+while the module lives, so later operators (the next measurements) reuse it while the shapes
+and the model's structure stay the same. Each new piece size or block width compiles once
 more, with static shapes (dynamic ones fail on dropout under ``torch.func`` in torch 2.13:
 "Cannot call numel() on tensor with symbolic sizes"). So the kind is chosen explicitly, never by
 ``"auto"``, for long fits with many measurements. Under DDP the ranks compile on their own
