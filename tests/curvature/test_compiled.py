@@ -143,5 +143,9 @@ def test_compiled_needs_the_module():
     p = make_problem("mlp", "ce_mean", "eval")
     with pytest.raises(ValueError, match="hvp='compiled'.*needs `params` to be the nn.Module"):
         HessianOperator(p.loss_fn, list(p.model.parameters()), p.batches, hvp="compiled")
+    with pytest.raises(ValueError, match="`block_hvp='compiled'` needs `params` to be"):
+        HessianOperator(
+            p.loss_fn, list(p.model.parameters()), p.batches, hvp="cached", block_hvp="compiled"
+        )
     with pytest.raises(ValueError, match="needs the module"):
         C.hvp_compiled(p.loss_fn, list(p.model.parameters()), p.batches[0], torch.ones(1, 3))
