@@ -83,33 +83,37 @@ def main() -> int:
         sync(device)
         times.append(time.perf_counter() - start)
     t_grad = statistics.median(times)
-    rows = []
-    first, decided = run(loss, model, batches, "auto", device)
-    rows.append(first | dict(label="auto (a fit's first measurement)"))
-    later, _ = run(loss, model, batches, decided, device)
-    rows.append(later | dict(label=f"{decided} (decided: a later measurement)"))
-    for label in ("compiled, first (compiles)", "compiled, later"):
-        row, _ = run(loss, model, batches, "compiled", device)
-        rows.append(row | dict(label=label))
     lines = [f"{title}; 2 batches; gradient over them {1e3 * t_grad:.1f} ms; torch "
              f"{torch.__version__}, {device}", "",
              "| measurement | wall (s) | products | wall per product / gradient | λ_max | trace |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        r["per_product_per_gradient"] = r["wall"] / r["products"] / t_grad
+    print("\n".join(lines), flush=True)
+    rows: list[dict] = []
+
+    def add(row: dict, label: str) -> None:
+        """Print the row and rewrite the files: a run cut short by a timeout keeps its rows."""
+        row |= dict(label=label, per_product_per_gradient=row["wall"] / row["products"] / t_grad)
+        rows.append(row)
         lines.append(
-            f"| {r['label']} | {r['wall']:.1f} | {r['products']} | "
-            f"{r['per_product_per_gradient']:.2f} | {r['lambda_max']:.6g} | "
-            f"{r['trace']:.4g} ± {r['trace_stderr']:.2g} |"
+            f"| {label} | {row['wall']:.1f} | {row['products']} | "
+            f"{row['per_product_per_gradient']:.2f} | {row['lambda_max']:.6g} | "
+            f"{row['trace']:.4g} ± {row['trace_stderr']:.2g} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"compiled_measurement_{args.model}_{args.size}"
-        (out / f"{name}.md").write_text(text + "\n")
-        (out / f"{name}.json").write_text(json.dumps(dict(title=title, t_grad=t_grad, rows=rows)))
+        print(lines[-1], flush=True)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            name = f"compiled_measurement_{args.model}_{args.size}"
+            (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+            (out / f"{name}.json").write_text(
+                json.dumps(dict(title=title, t_grad=t_grad, rows=rows))
+            )
+
+    first, decided = run(loss, model, batches, "auto", device)
+    add(first, "auto (a fit's first measurement)")
+    add(run(loss, model, batches, decided, device)[0], f"{decided} (decided: a later measurement)")
+    add(run(loss, model, batches, "compiled", device)[0], "compiled, first (compiles)")
+    add(run(loss, model, batches, "compiled", device)[0], "compiled, later")
     return 0
 
 

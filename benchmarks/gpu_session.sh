@@ -14,7 +14,7 @@
 #    curvature/conv.py's -> conv_ab.log;
 # 5. with PROFILE=1 (give BUDGET 60 s less): product_profile.py, where a product's time goes
 #    (per kind, per convolution shape) -> profile/, profile.log.
-# 6. with COMPILED=1 (give BUDGET 200 s less): compiled_measurement.py on both models at gpu.py's
+# 6. with COMPILED=1 (up to 8 minutes more: best as a second device call): compiled_measurement.py on both models at gpu.py's
 #    shapes, a monitor measurement with eager against hvp="compiled" products (the compile of
 #    every variant, then a later measurement) -> compiled/, compiled.log. gpu.py's own compiled
 #    rows come last and are skipped when the budget runs out.
@@ -36,10 +36,10 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where a product's time goes, per kind and co
   timeout 240 python3 benchmarks/product_profile.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
   echo "product_profile exit $?" >> "$OUT/profile.log"
 fi
-if [ "${COMPILED:-0}" = 1 ]; then  # hvp="compiled" against eager, a whole measurement (~3 min)
+if [ "${COMPILED:-0}" = 1 ]; then  # hvp="compiled" against eager, a whole measurement (rows kept as they come)
   mkdir -p "$OUT/compiled"
   for model in resnet18 gpt; do
-    timeout 150 python3 benchmarks/compiled_measurement.py --model "$model" --size h200 \
+    timeout 240 python3 benchmarks/compiled_measurement.py --model "$model" --size h200 \
       --device cuda --out "$OUT/compiled" >> "$OUT/compiled.log" 2>&1
     echo "compiled_measurement $model exit $?" >> "$OUT/compiled.log"
   done

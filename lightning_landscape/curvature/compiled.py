@@ -7,8 +7,9 @@ GELU, softmax, BatchNorm double backwards) that makes an eager product cost 3-6 
 GPU. curvlinops reports 1.7x a gradient for a compiled ResNet-18 product against 7.9x eager.
 Measured here on CPU (torch 2.13, one thread; ``benchmarks/compiled_measurement.py``,
 ``gpu.py --smoke``), a later HessianMonitor measurement (defaults), per product over a
-gradient: a tiny GPT (7.7k parameters, bound by per-op overhead as a GPU is by kernel
-launches) 1.07x compiled against 6.99x eager; a 7.4M-parameter GPT (compute-bound on the CPU)
+gradient: a tiny GPT (8.8k parameters, bound by per-op overhead as a GPU is by kernel
+launches) 0.63x compiled against 2.11x for the eager kind ``"auto"`` decided on (cached); a
+7.4M-parameter GPT (compute-bound on the CPU)
 6.65x against 6.67x, no gain, after 147 s of compiling. Exact to rounding (float32 2.5e-7
 relative to the cached kind, float64 1e-16). The GPU effect is not measured yet.
 
