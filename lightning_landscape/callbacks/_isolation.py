@@ -212,7 +212,7 @@ def module_loss(
 
     def loss(batch: Any) -> Tensor:
         # compiled products (hvp="compiled"): dynamo would guard on id(batch), one variant each
-        out = module.training_step(batch, 0 if _compiling() else index.get(id(batch), 0))
+        out = module.training_step(batch, 0 if _tracing() else index.get(id(batch), 0))
         if isinstance(out, dict):
             out = out.get("loss")
         if not isinstance(out, Tensor) or out.numel() != 1:
@@ -225,7 +225,7 @@ def module_loss(
     return loss
 
 
-def _compiling() -> bool:
+def _tracing() -> bool:
     """True while dynamo traces (torch.compiler.is_compiling, torch >= 2.3)."""
     check = getattr(torch.compiler, "is_compiling", None)
     return bool(check is not None and check())
@@ -236,7 +236,7 @@ def counted(loss_fn: Callable[[Any], Tensor], calls: list[int]) -> Callable[[Any
     would guard on the count, and compile anew at every call)."""
 
     def counted(batch: Any) -> Tensor:
-        if not _compiling():
+        if not _tracing():
             calls[0] += 1
         return loss_fn(batch)
 

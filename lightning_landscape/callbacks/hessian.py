@@ -89,8 +89,8 @@ class HessianMonitor(LandscapeMonitor):
             whole fit (:attr:`hvp_choice`, stated once in the log), and falls back to
             ``"finite_difference"`` (with a warning saying why) only when none works, e.g.
             kernels without a double backward. Explicit kinds skip the trial. ``"compiled"``
-            (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per fit
-            and shape (seconds to minutes), for long fits on GPUs
+            (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per
+            model and shape (seconds to minutes), for long fits on GPUs
             (:mod:`~lightning_landscape.curvature.compiled`).
         memory_budget: bytes the cached gradient graphs may hold, and one exact product's
             working memory (``micro_batch_size="auto"``); ``None``: one training step (estimated

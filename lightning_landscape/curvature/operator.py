@@ -75,7 +75,7 @@ class HessianOperator(LinearOperator):
             train/eval), the others differentiated twice per product; ``"double_backward"``
             (Pearlmutter); ``"func"``: torch.func forward-over-reverse, vmapped over blocks
             (needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls); ``"compiled"``:
-            the same compiled by ``torch.compile`` (:mod:`.compiled`: once per fit and shape,
+            the same compiled by ``torch.compile`` (:mod:`.compiled`: once per model and shape,
             seconds to minutes; eager with one warning if compiling fails), never chosen by
             ``"auto"``;
             ``"finite_difference"`` (:mod:`.finite_difference`): inexact, its error estimated
@@ -121,9 +121,10 @@ class HessianOperator(LinearOperator):
             have the wrong type, or ``seed``, ``memory_budget``, ``fd_step`` or
             ``fd_tolerance`` is not a number.
         ValueError: if ``batches`` is empty, ``hvp`` or ``block_hvp`` is unknown, ``"func"`` or
-            ``"compiled"`` is asked without a module, ``params`` is empty or holds a tensor that does not require
-            grad, a batch size is not positive (or cannot be inferred), ``memory_budget`` is
-            negative, or ``fd_step``, ``fd_tolerance`` or ``micro_batch_size`` is not positive.
+            ``"compiled"`` is asked without a module, ``params`` is empty or holds a tensor
+            that does not require grad, a batch size is not positive (or cannot be inferred),
+            ``memory_budget`` is negative, or ``fd_step``, ``fd_tolerance`` or
+            ``micro_batch_size`` is not positive.
 
     Example::
 
