@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python benchmarks/memory.py            # about 1-2 minutes on one thread
     PYTHONPATH=. python benchmarks/memory.py --tiny     # a smoke run (the test runs it)
+    PYTHONPATH=. python benchmarks/memory.py --model resnet18 --configs train,top1,defaults
+
+``--model resnet18`` and ``--model gpt`` take ``benchmarks/gpu.py``'s two architectures at sizes a
+CPU measures in minutes (ResNet-18 at half width on 128 CIFAR-sized images a batch; a 4-layer GPT
+of width 256 on 8 x 256 tokens): the same ratio on convolutions with BatchNorm and on attention.
 
 An activation-heavy MLP (activations of a batch many times its parameters) is trained for one
 step in a real Lightning ``Trainer`` and, in the measuring configurations, a HessianMonitor
@@ -32,9 +37,19 @@ import time
 from pathlib import Path
 
 MiB = 2**20
-SIZES = {  # inputs, hidden width, hidden layers, batch (the monitor draws num_batches of them)
-    "default": dict(inputs=32, width=64, depth=3, batch=8192, classes=10),
-    "tiny": dict(inputs=8, width=16, depth=2, batch=128, classes=4),
+SIZES = {  # model -> size -> its shape; batch: a training step's (the monitor draws 4 of them)
+    "mlp": {  # inputs, hidden width, hidden layers
+        "default": dict(inputs=32, width=64, depth=3, batch=8192, classes=10),
+        "tiny": dict(inputs=8, width=16, depth=2, batch=128, classes=4),
+    },
+    "resnet18": {  # gpu.py's ResNet-18 (CIFAR stem) at half its width: 2.8M parameters
+        "default": dict(width=32, side=32, batch=128, classes=10),
+        "tiny": dict(width=4, side=8, batch=8, classes=4),
+    },
+    "gpt": {  # gpu.py's GPT, narrower and shallower (7.4M parameters), 8 x 256 tokens a batch
+        "default": dict(vocab=8192, context=256, layers=4, width=256, heads=4, batch=8),
+        "tiny": dict(vocab=64, context=16, layers=1, width=16, heads=2, batch=4),
+    },
 }
 CONFIGS = {  # name -> (row label, HessianMonitor arguments; None: no monitor)
     "train": ("training step (forward, backward, SGD with momentum), no monitor", None),
@@ -109,9 +124,31 @@ def mlp(inputs: int, width: int, depth: int, classes: int):
     return nn.Sequential(*layers, nn.Linear(inputs, classes))
 
 
-def child(config: str, size: str, warmup: bool) -> dict:
+def problem(model: str, size: dict, seed: int):
+    """(network, loss of a batch, the data: six training steps' batches) of ``model``."""
     import torch
     import torch.nn.functional as F
+    from gpu_models import GPT, ResNet18, classification_loss, language_loss
+
+    torch.manual_seed(seed)
+    n = 6 * size["batch"]  # 6 training steps; the monitor draws its default 4 batches
+    if model == "mlp":
+        net = mlp(size["inputs"], size["width"], size["depth"], size["classes"])
+        X = torch.randn(n, size["inputs"])
+        y = torch.randint(size["classes"], (n,))
+        return net, (lambda batch: F.cross_entropy(net(batch[0]), batch[1])), (X, y)
+    if model == "resnet18":
+        net = ResNet18(size["classes"], size["width"])
+        X = torch.randn(n, 3, size["side"], size["side"])
+        return net, classification_loss(net), (X, torch.randint(size["classes"], (n,)))
+    shape = {k: size[k] for k in ("vocab", "context", "layers", "width", "heads")}
+    net = GPT(**shape)
+    tokens = torch.randint(size["vocab"], (n, size["context"] + 1))
+    return net, language_loss(net), (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+def child(config: str, model: str, size: str, warmup: bool) -> dict:
+    import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from monitor_fit import fit_one_step
@@ -119,29 +156,21 @@ def child(config: str, size: str, warmup: bool) -> dict:
     import lightning_landscape.callbacks.hessian  # noqa: F401 - imported before the baseline
 
     torch.set_num_threads(1)
-    s = SIZES[size]
-
-    def problem(size: dict, seed: int):
-        torch.manual_seed(seed)
-        net = mlp(size["inputs"], size["width"], size["depth"], size["classes"])
-        n = 6 * size["batch"]  # 6 training steps; the monitor draws its default 4 batches
-        X = torch.randn(n, size["inputs"])
-        y = torch.randint(size["classes"], (n,))
-        return net, (lambda batch: F.cross_entropy(net(batch[0]), batch[1])), (X, y)
-
+    s = SIZES[model][size]
     if warmup:  # the same code paths once on a tiny model: first-call costs (code pages,
         # library workspaces) are paid here, not in the rows
-        tiny_net, tiny_loss, tiny_data = problem(SIZES["tiny"], 1)
-        fit_one_step(tiny_net, tiny_loss, tiny_data, SIZES["tiny"]["batch"], RSSMeter(),
-                     CONFIGS[config][1])  # fmt: skip
+        tiny = SIZES[model]["tiny"]
+        tiny_net, tiny_loss, tiny_data = problem(model, tiny, 1)
+        fit_one_step(tiny_net, tiny_loss, tiny_data, tiny["batch"], RSSMeter(), CONFIGS[config][1])
         del tiny_net, tiny_loss, tiny_data
-    net, loss, data = problem(s, 0)
+    net, loss, data = problem(model, s, 0)
     meter = RSSMeter()
     t0 = time.perf_counter()
     out = fit_one_step(net, loss, data, s["batch"], meter, CONFIGS[config][1])
     params = sum(p.numel() for p in net.parameters())
     return dict(
         config=config,
+        model=model,
         train_step=out["train_step"],
         train_steps=out.get("train_steps"),
         measurement=out.get("measurement"),
@@ -151,21 +180,25 @@ def child(config: str, size: str, warmup: bool) -> dict:
         baseline_rss=meter.base,
         peak_reset=meter.resettable,
         params=params,
-        activations_per_batch=4 * s["batch"] * (2 * s["depth"] * s["width"] + s["classes"]),
+        activations_per_batch=(
+            4 * s["batch"] * (2 * s["depth"] * s["width"] + s["classes"])
+            if model == "mlp"
+            else None
+        ),
         seconds=time.perf_counter() - t0,
         torch=torch.__version__,
     )
 
 
 # ----------------------------------------------------------------------------- parent
-def run_fresh(config: str, size: str, warmup: bool) -> dict:
+def run_fresh(config: str, model: str, size: str, warmup: bool) -> dict:
     """Run one configuration in a fresh interpreter; its last stdout line is the JSON."""
     # A fixed mmap threshold (no glibc dynamic threshold): every large tensor is mapped and
     # unmapped, so the resident set follows the live tensors instead of malloc's free lists.
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--child", config, "--size", size]
+    cmd = [sys.executable, __file__, "--child", config, "--model", model, "--size", size]
     cmd += [] if warmup else ["--no-warmup"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -209,40 +242,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="write memory.md/.json there")
     parser.add_argument("--no-warmup", action="store_true",
                         help="count first-call costs too (no warm-up fit of a tiny model first)")  # fmt: skip
+    parser.add_argument("--model", default="mlp", choices=list(SIZES),
+                        help="mlp (default), resnet18 or gpt: smaller gpu.py models")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.size, not args.no_warmup)), flush=True)
+        result = child(args.child, args.model, args.size, not args.no_warmup)
+        print(json.dumps(result), flush=True)
         return 0
     size = "tiny" if args.tiny else "default"
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
-    s = SIZES[size]
-    print(f"MLP {s['inputs']}-" + "-".join([str(s["width"])] * s["depth"]) + f"-{s['classes']} "
-          f"(GELU), batch {s['batch']} (the monitor's fixed batches: its default 4); each "
-          "configuration in a fresh process", flush=True)  # fmt: skip
+    s = SIZES[args.model][size]
+    print(f"{args.model} {s}: a training step is one batch (the monitor's fixed batches: its "
+          "default 4); each configuration in a fresh process", flush=True)  # fmt: skip
     results = []
     for config in configs:
         t0 = time.perf_counter()
-        results.append(run_fresh(config, size, not args.no_warmup))
+        results.append(run_fresh(config, args.model, size, not args.no_warmup))
         r = results[-1]
         print(
             f"  {config}: {r.get('error') or 'done'} ({time.perf_counter() - t0:.0f} s)", flush=True
         )
     ok = next((r for r in results if "error" not in r), None)
     if ok:
-        print(f"parameters {ok['params']:,} ({ok['params'] * 4 / MiB:.2f} MiB); activations of "
-              f"the 4 batches ~{ok['activations_per_batch'] * 4 / MiB:.0f} MiB; torch {ok['torch']}; "
-              f"peak reset via clear_refs: {ok['peak_reset']}", flush=True)  # fmt: skip
+        acts = ok["activations_per_batch"]
+        acts = f"activations of the 4 batches ~{acts * 4 / MiB:.0f} MiB; " if acts else ""
+        print(f"parameters {ok['params']:,} ({ok['params'] * 4 / MiB:.2f} MiB); {acts}torch "
+              f"{ok['torch']}; peak reset via clear_refs: {ok['peak_reset']}", flush=True)  # fmt: skip
     text = table(results)
     print("\n" + text, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        Path(args.out, "memory.md").write_text(text + "\n")
-        Path(args.out, "memory.json").write_text(json.dumps(results, indent=1))
+        stem = "memory" if args.model == "mlp" else f"memory_{args.model}"
+        Path(args.out, f"{stem}.md").write_text(text + "\n")
+        Path(args.out, f"{stem}.json").write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results) else 1
 
 

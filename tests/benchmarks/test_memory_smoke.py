@@ -34,3 +34,17 @@ def test_unknown_configuration_is_refused(monkeypatch):
     with pytest.raises(SystemExit) as info:
         memory.main(["--configs", "train,nonsense"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("model", ["resnet18", "gpt"])
+def test_tiny_run_of_the_gpu_architectures(monkeypatch, tmp_path, model):
+    """--model resnet18 / gpt: the same rows on convolutions with BatchNorm and on attention,
+    written to memory_<model>.md/.json."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    memory = importlib.import_module("memory")
+    args = ["--tiny", "--no-warmup", "--model", model, "--configs", "train,top1"]
+    assert memory.main([*args, "--out", str(tmp_path)]) == 0
+    train, top1 = json.loads((tmp_path / f"memory_{model}.json").read_text())
+    assert train["model"] == model and len(train["train_steps"]) == 5
+    assert top1["metrics"]["hessian/num_matvecs"] > 0 and top1["measurement"] > 0
+    assert not (tmp_path / "memory.md").exists()
