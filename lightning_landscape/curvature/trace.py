@@ -43,6 +43,7 @@ probes miss them has both a low estimate and a low stderr: heavy tails no poolin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,15 +86,15 @@ class TraceResult:
     product_error: float = 0.0
 
 
-def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> list[Tensor]:
-    """Rademacher probes in blocks of at most ``block`` columns, drawn probe after probe: the
-    same probes whatever the block size."""
-    out, left = [], n
+def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> Iterator[Tensor]:
+    """Rademacher probes in blocks of at most ``block`` columns, drawn probe after probe (the
+    same probes whatever the block size) and block after block, when the caller asks for the
+    next: one block is held at a time, not the n · P numbers of all of them."""
+    left = n
     while left > 0:
         k = min(block, left)
-        out.append(space_of(op).draw(rademacher, (k, op.dim), gen).T.contiguous())
+        yield space_of(op).draw(rademacher, (k, op.dim), gen).T.contiguous()
         left -= k
-    return out
 
 
 def deflated_hutchinson(

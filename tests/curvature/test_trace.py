@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -71,6 +72,34 @@ def test_stderr_of_one_probe_is_finite_and_wide():
 def test_hutchinson_spends_exactly_its_budget():
     r = trace(OPS["flat"], num_matvecs=37, method="hutchinson", seed=0)
     assert r.num_matvecs == 37 and r.deflation_dim == 0
+
+
+class _Watching(MatrixOperator):
+    """Counts, at each product of a block of 8 probes, the other (dim, 8) tensors alive: the
+    probe blocks still waiting, and the last block's product and residual (the pilots of
+    "auto" have fewer columns)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__(matrix)
+        self.others: list[int] = []
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if V.shape[1] == 8:
+            shape = (self.dim, 8)
+            alive = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.shape == shape]
+            self.others.append(sum(t is not V for t in alive))
+        return super().matmat(V)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "auto"])
+def test_probes_are_drawn_block_by_block(method):
+    """The probes of a trace are drawn when their block is multiplied, not all up front (they
+    were: the monitor's 50 default probes held 50 P numbers, 0.9 GiB beside a 0.1 GiB training
+    step on a 5M-parameter GPT)."""
+    op = _Watching(spectrum_matrix(SPECTRA["flat"]))
+    r = trace(op, num_matvecs=60, method=method, seed=3)
+    assert len(op.others) >= 3 and max(op.others) <= 2, op.others  # were 6-9
+    assert math.isfinite(r.estimate) and r.num_matvecs == 60
 
 
 def test_hutchpp_exact_once_budget_covers_dimension():
