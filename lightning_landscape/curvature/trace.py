@@ -87,13 +87,14 @@ class TraceResult:
 
 
 def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> Iterator[Tensor]:
-    """Rademacher probes in blocks of at most ``block`` columns, drawn probe after probe (the
-    same probes whatever the block size) and block after block, when the caller asks for the
-    next: one block is held at a time, not the n · P numbers of all of them."""
+    """Rademacher probes as the rows of ``(k, dim)`` blocks of at most ``block``, drawn probe
+    after probe (the same probes whatever the block size) and block after block, when the caller
+    asks for the next: one block is held at a time, not the n · P numbers of all of them. Rows,
+    so that the operator takes a block (``rows.T``) without copying it."""
     left = n
     while left > 0:
         k = min(block, left)
-        yield space_of(op).draw(rademacher, (k, op.dim), gen).T.contiguous()
+        yield space_of(op).draw(rademacher, (k, op.dim), gen)
         left -= k
 
 
@@ -126,23 +127,24 @@ def deflated_hutchinson(
         return 0.0, (0.0 if j >= op.dim else math.nan), 0
     samples, bounds, sp = [], [], space_of(op)
     c = None  # the remainder's mean eigenvalue, from the first block
-    for Z in _probe_block(op, num_probes, gen, block):
-        control = torch.zeros(Z.shape[1], dtype=torch.float64)
+    for Z in _probe_block(op, num_probes, gen, block):  # rows: (k, dim)
+        control = torch.zeros(Z.shape[0], dtype=torch.float64)
         if j > 0:
-            coef = basis.coefficients(Z)
-            Z = Z - basis.combine(coef, device=Z.device)
+            coef = basis.coefficients(Z.T)
+            Z.sub_(basis.combine(coef, device=Z.device).T)
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
-        HZ = op.matmat(Z)
-        quad = sp.reduce((Z * HZ).sum(dim=0)).double().cpu()
+        HZ = op.matmat(Z.T).T
+        quad = sp.reduce((Z * HZ).sum(dim=1)).double().cpu()
         if c is None:
             c = float(quad.sum() / sp.reduce((Z * Z).sum()).double().cpu().clamp(min=1e-300))
         # ‖(B − cP) z‖² = ‖Hz' − c z'‖² − ‖Qᵀ H z'‖² with z' = Pz (Qᵀz' = 0)
-        R = HZ - c * Z
-        spread = sp.reduce((R * R).sum(dim=0)).double().cpu()
+        R = torch.sub(HZ, Z, alpha=c)
+        spread = sp.reduce((R * R).sum(dim=1)).double().cpu()
         if j > 0:
-            spread = spread - (basis.coefficients(HZ).double() ** 2).sum(dim=0).cpu()
+            spread = spread - (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu()
         bounds.append(2 * spread.clamp(min=0) + 2 * j * (c - shift) ** 2)
         samples.append(quad + control)
+        del Z, HZ, R  # before the next block is drawn: three blocks of P numbers at most
     x = torch.cat(samples)
     return float(x.mean()), _pooled_stderr(x, torch.cat(bounds)), len(x)
 
