@@ -11,6 +11,7 @@ eigenvalues of T are then exact eigenvalues of the operator. Chains share each o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,22 @@ def ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return theta, S, (betas[-1] * S[-1]).abs()
 
 
+def device_budget(op: LinearOperator) -> float:
+    """The bytes a basis may keep on the operator's device with ``basis_device="auto"``: the
+    budget of the operator's products (its plan's, after the first product: ``memory_budget``,
+    by default one training step), else its ``memory_budget``, looked up through
+    wrapping operators; unbounded (math.inf) for operators without one."""
+    inner: object = op
+    while inner is not None:
+        budget = getattr(getattr(inner, "plan", None), "budget", math.nan)
+        if not isinstance(budget, float) or math.isnan(budget):
+            budget = getattr(inner, "memory_budget", None)
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            return float(budget)
+        inner = getattr(inner, "op", None) or getattr(inner, "hessian", None)
+    return math.inf
+
+
 def lanczos(
     op: LinearOperator,
     start: Tensor,
@@ -90,7 +107,9 @@ def lanczos(
             ``(b, dim)`` newest basis vectors q_j and their residuals w_j = β_j q_{j+1}.
         basis_device: where the basis is kept; default the operator's device. ``"cpu"`` keeps
             it in host memory (each step then moves two P-vectors per chain across the bus and
-            reorthogonalizes on the host).
+            reorthogonalizes on the host). ``"auto"``: on the operator's device up to its memory
+            budget (:func:`device_budget`), the later vectors in host memory (the same on a
+            CPU operator).
 
     Returns:
         A :class:`LanczosRun`.
@@ -104,8 +123,15 @@ def lanczos(
     b, d = start.shape[0], op.dim
     m = min(int(max_steps), d)
     dtype, device = op.dtype, op.device
-    where = device if basis_device is None else basis_device
-    basis = Basis(b, start.shape[1], dtype, where, reduce=sp.reduce)
+    if basis_device == "auto":
+        spill = None if device.type == "cpu" else "cpu"
+        budget = lambda: device_budget(op)  # noqa: E731  (the plan exists after a product)
+        basis = Basis(
+            b, start.shape[1], dtype, device, reduce=sp.reduce, spill=spill, device_bytes=budget
+        )
+    else:
+        where = device if basis_device is None else basis_device
+        basis = Basis(b, start.shape[1], dtype, where, reduce=sp.reduce)
     alphas = torch.zeros(b, m, dtype=torch.float64)
     betas = torch.zeros(b, m, dtype=torch.float64)
     q = start.to(dtype=dtype, device=device)

@@ -3,6 +3,8 @@ it takes, and the basis may live elsewhere than the products."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,9 +18,13 @@ from lightning_landscape.curvature import (
     trace,
 )
 from lightning_landscape.curvature.basis import Basis
-from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.curvature.lanczos import device_budget, lanczos
+from lightning_landscape.curvature.pieces import Plan
+from lightning_landscape.curvature.stability import PreconditionedOperator
 
 from ._problems import flat_spectrum, outlier_spectrum, spectrum_matrix
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 class Diagonal(LinearOperator):
@@ -98,7 +104,8 @@ def test_host_basis_gives_the_same_answers():
     every algorithm; Ritz vectors come back on the operator's device."""
     A = spectrum_matrix(flat_spectrum(60) - 0.2)
     op = MatrixOperator(A)
-    for kw in ({}, {"basis_device": "cpu"}, {"basis_device": torch.device("cpu")}):
+    devices = ("cpu", torch.device("cpu"), "auto")
+    for kw in ({}, *({"basis_device": d} for d in devices)):
         top = top_eigenvalues(op, 2, tol=1e-8, seed=0, **kw)
         tr = trace(op, num_matvecs=30, seed=1, **kw)
         dens = spectral_density(op, num_probes=2, num_steps=10, seed=2, **kw)
@@ -124,3 +131,97 @@ def test_bad_basis_device_raises(value, error, match):
         top_eigenvalues(op, basis_device=value)
     with pytest.raises(error, match=match):
         analyze(op, basis_device=value)
+
+
+def _dense_checks(basis: Basis, rows: torch.Tensor, g: torch.Generator) -> None:
+    """Every operation of ``basis`` equals the dense one on its ``rows``."""
+    d = rows.shape[1]
+    X = torch.randn(d, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(len(rows), 2, generator=g, dtype=torch.float64)
+    w = torch.randn(1, d, generator=g, dtype=torch.float64)
+    dev = basis.device
+    assert torch.allclose(basis.coefficients(X.to(dev)).cpu(), rows @ X, atol=1e-14)
+    assert torch.allclose(basis.combine(C).cpu(), rows.T @ C, atol=1e-14)
+    assert basis.combine(C).device == dev and basis.coefficients(X.to(dev)).device == dev
+    projected = w - (rows.T @ (rows @ w[0]))[None]
+    got = basis.orthogonalize(w.to(dev), passes=1)
+    assert got.device == dev and torch.allclose(got.cpu(), projected, atol=1e-14)
+    assert torch.equal(basis.tensor()[0].cpu(), rows) and basis.tensor().device == dev
+
+
+def test_spilling_basis_keeps_its_first_chunks_on_the_device():
+    """With ``spill``, chunks go to ``device`` while they fit ``device_bytes`` (read when a
+    chunk is allocated), every later one to ``spill``; the operations are unchanged. Here both
+    are the CPU (the placement is counted); ``test_spilling_basis_on_a_gpu`` crosses devices."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 7, generator=g, dtype=torch.float64))
+    rows = Q.T
+    chunk_bytes = 2 * 30 * 8
+    asked = []
+
+    def limit() -> float:
+        asked.append(len(asked))
+        return 2.5 * chunk_bytes  # two chunks fit
+
+    basis = Basis(1, 30, torch.float64, "cpu", chunk=2, spill="cpu", device_bytes=limit)
+    for r in rows:
+        basis.append(r[None])
+    assert basis.capacity == 8 and basis.spilled == 4  # chunks 1-2 on the device, 3-4 spilled
+    assert len(asked) == 3  # read for chunks 1, 2, 3; chunk 4 follows chunk 3
+    _dense_checks(basis, rows, g)
+    for budget, spilled in ((0.0, 8), (math.inf, 0)):
+        other = Basis(1, 30, torch.float64, "cpu", chunk=2, spill="cpu", device_bytes=budget)
+        for r in rows:
+            other.append(r[None])
+        assert other.spilled == spilled
+        _dense_checks(other, rows, g)
+    assert Basis(1, 30, torch.float64, "cpu").spilled == 0
+
+
+class Budgeted(Diagonal):
+    """A diagonal operator with a ``memory_budget`` (bytes), as a HessianOperator has."""
+
+    def __init__(self, diag: torch.Tensor, memory_budget: float | None) -> None:
+        super().__init__(diag)
+        self.memory_budget = memory_budget
+
+
+def test_device_budget_reads_the_operators_budget():
+    """``basis_device="auto"`` keeps on the device what the products' budget allows: the plan's
+    budget once planned, else ``memory_budget``, through wrapping operators; none: unbounded."""
+    diag = torch.linspace(1, 2, 50, dtype=torch.float64)
+    assert device_budget(Diagonal(diag)) == math.inf
+    assert device_budget(Budgeted(diag, None)) == math.inf
+    op = Budgeted(diag, 4096)
+    assert device_budget(op) == 4096.0
+    assert device_budget(PreconditionedOperator(op, torch.ones(50, dtype=torch.float64))) == 4096
+    op.plan = Plan(0, 1e3, 2e3, 8192.0, "")
+    assert device_budget(op) == 8192.0
+    op.plan = Plan(0, math.nan, math.nan, math.nan, "")  # explicit pieces: no planned budget
+    assert device_budget(op) == 4096.0
+    run = lanczos(op, torch.ones(1, 50, dtype=torch.float64), 10, generator=make_generator(0),
+                  basis_device="auto")  # fmt: skip
+    assert run.vectors.spill is None  # a CPU operator: nothing to spill to
+
+
+@cuda
+def test_spilling_basis_on_a_gpu():
+    """On a GPU, ``basis_device="auto"`` keeps the first vectors on the device within the
+    operator's budget and the rest in pinned host memory; the run equals an all-device one."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(40, 9, generator=g, dtype=torch.float64))
+    basis = Basis(1, 40, torch.float64, "cuda", chunk=2, spill="cpu", device_bytes=2 * 2 * 40 * 8)
+    for r in Q.T:
+        basis.append(r[None].cuda())
+    assert basis.spilled == 6 and basis._chunks[-1].is_pinned()
+    _dense_checks(basis, Q.T, g)
+    diag = torch.linspace(-1, 3, 5000, dtype=torch.float64, device="cuda")
+    op = Budgeted(diag, 16 * 5000 * 8)  # one chunk of 16 vectors on the device
+    start = torch.randn(1, 5000, generator=g, dtype=torch.float64)
+    runs = [
+        lanczos(op, start, 30, generator=make_generator(0), basis_device=where)
+        for where in (None, "auto")
+    ]
+    assert runs[1].vectors.spilled == 16 and runs[0].vectors.spilled == 0  # the second chunk
+    assert torch.allclose(runs[0].alphas, runs[1].alphas, atol=1e-12)
+    assert torch.allclose(runs[0].betas, runs[1].betas, atol=1e-12)
