@@ -721,6 +721,10 @@ class Bench(LambdaRows):
              lambda lab: self.pyhessian_lambda(m, lab, True), iters / 2),
             ("memory", f"HessianMonitor defaults ({top})",
              measure(d["top_k"], d["min_eigenvalue"], d["trace"], d["density"]), 150),
+            ("memory", f"HessianMonitor defaults ({top}), basis_device=None (all on the GPU)",
+             lambda lab: self.measurement(m, lab, {**self.analyze_kwargs(
+                 d["top_k"], d["min_eigenvalue"], d["trace"], d["density"]), "basis_device": None}),
+             150),
             ("memory", "top-3 + trace", measure(3, d["min_eigenvalue"], True, False), 150),
             ("memory", "top-3 + trace + density", measure(3, d["min_eigenvalue"], True, True), 150),
             ("lambda", "PyHessian eigenvalues(tol=1e-4) on the batches",

@@ -101,8 +101,9 @@ class HessianMonitor(LandscapeMonitor):
             independent samples). ``"auto"``: only as small as ``memory_budget`` needs, after
             checking on every fixed batch that its loss is the mean of its pieces' (else whole
             batches, and one warning); ``None``: whole batches.
-        basis_device: where the Lanczos basis is kept; ``None``: the model's device, ``"cpu"``:
-            host memory, for models where ``max_matvecs`` · P numbers do not fit the device.
+        basis_device: where the Lanczos basis is kept. ``"auto"``: on the model's device up to
+            ``memory_budget``, later vectors in pinned host memory (projected there: slower per
+            step, within the device's memory); ``None``: all on the device; ``"cpu"``: host.
         probe_block: trace probes per product call; ``None``: 8, or as many as fit the
             memory budget at 3 P numbers a probe. Blocks are vmapped where faster (on an H200,
             ResNet-18: 2.05x a gradient per product in blocks of 8, 5.6x one at a time); the
@@ -165,13 +166,13 @@ class HessianMonitor(LandscapeMonitor):
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
     products of each candidate kind once per fit. Memory, with T a training step and P the
     number of parameters: the Lanczos basis (its steps, at most ``max_matvecs``, times P
-    numbers, grown as it runs; on the host with ``basis_device="cpu"``), a block of probes
-    (3 P each, 8 or as many as fit ``memory_budget``), plus the product's own: exact products
-    on pieces of the batches small enough for one (or a vmapped block) to fit ``memory_budget``
-    (default 1 T), and the cached graphs within it, so about 2 T in all (2-4 T on whole batches:
-    a loss that is not a mean over samples, or ``micro_batch_size=None``); about 1.2 T for
-    finite differences. Measured on an activation-heavy MLP (CPU): the defaults 2.2 T, top-1
-    1.9 T.
+    numbers, grown as it runs; on the device up to ``memory_budget``, then on the host), a block
+    of probes (3 P each, 8 or as many as fit ``memory_budget``), plus the product's own: exact
+    products on pieces of the batches small enough for one (or a vmapped block) to fit
+    ``memory_budget`` (default 1 T), and the cached graphs within it, so about 2 T in all (2-4 T
+    on whole batches: a loss that is not a mean over samples, or ``micro_batch_size=None``);
+    about 1.2 T for finite differences. Measured on an activation-heavy MLP (CPU): the defaults
+    2.2 T, top-1 1.9 T.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
@@ -206,7 +207,7 @@ class HessianMonitor(LandscapeMonitor):
         hvp: HVPMode = "auto",
         memory_budget: float | None = None,
         micro_batch_size: int | Literal["auto"] | None = "auto",
-        basis_device: str | None = None,
+        basis_device: str | None = "auto",
         probe_block: int | None = None,
         ggn: bool = False,
         ggn_fn: Callable[[pl.LightningModule, Any], tuple[Tensor, Tensor]] | None = None,

@@ -89,7 +89,9 @@ def analyze(
         max_steps: cap on the shared run; default ``min(dim, max(100, 20·top_k, density_steps))``.
         seed: seed of every probe (identical on every rank); ``None`` draws one.
         basis_device: where the Lanczos bases are kept (default the operator's device;
-            ``"cpu"``: host memory, for models where steps × P does not fit the accelerator).
+            ``"cpu"``: host memory, for models where steps × P does not fit the accelerator;
+            ``"auto"``: the device up to the operator's memory budget, then host memory, see
+            :func:`~.lanczos.device_budget`).
 
     Returns:
         An :class:`AnalysisResult` with the total cost.

@@ -104,7 +104,8 @@ def spectral_density(
         num_steps: Lanczos steps per probe (capped at the dimension).
         seed: probe seed (identical on every rank); ``None`` draws one.
         basis_device: where the Lanczos bases are kept (default the operator's device;
-            ``"cpu"``: host memory).
+            ``"cpu"``: host memory; ``"auto"``: the device up to the operator's memory budget,
+            then host memory).
 
     Returns:
         A :class:`DensityResult`; ``evaluate(grid)`` gives the smoothed density.

@@ -132,7 +132,8 @@ def top_eigenvalues(
         max_matvecs: cap on products; default ``min(dim, max(100, 20 k))``.
         seed: seed of the start vector; ``None`` draws one (broadcast from rank 0).
         basis_device: where the Lanczos basis is kept (default the operator's device);
-            ``"cpu"`` keeps it in host memory when steps × P does not fit the accelerator.
+            ``"cpu"`` keeps it in host memory when steps × P does not fit the accelerator,
+            ``"auto"`` on the device up to the operator's memory budget and on the host past it.
 
     Returns:
         An :class:`EigenResult`; ``converged`` is False if the cap was hit first, and values are

@@ -186,7 +186,7 @@ def deflated_auto(
     op: LinearOperator,
     num_matvecs: int,
     gen: torch.Generator,
-    basis_device: torch.device | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> TraceResult:
     """Adaptive Lanczos deflation, then Hutchinson on the remainder (see module docstring)."""
     m, d, sp = num_matvecs, op.dim, space_of(op)
@@ -297,7 +297,8 @@ def trace(
             ``"hutchinson"`` or ``"hutch++"``.
         seed: seed of the probes (identical on every rank); ``None`` draws one.
         basis_device: where the deflation basis of ``"auto"`` is kept (default the operator's
-            device; ``"cpu"``: host memory).
+            device; ``"cpu"``: host memory; ``"auto"``: the device up to the operator's memory
+            budget, then host memory).
 
     Returns:
         A :class:`TraceResult` (``stderr`` 0 when exact).
