@@ -7,7 +7,7 @@
 #
 # 1. the monitors in GPU Trainers against CPU float64 oracles (fused attention, cuDNN LSTM,
 #    compiled MLP, FSDP2 and FSDPStrategy at world size 1): gpu_checks.py -> checks.log/.json;
-# 2. the CUDA-only kernel tests -> cuda_tests.log;
+# 2. the CUDA-only tests (kernels; the basis spilled to pinned host memory) -> cuda_tests.log;
 # 3. gpu.py within $BUDGET seconds: products, memory (pieces and whole batches), λ_max at
 #    equal accuracy against PyHessian, trace, density -> gpu.md, gpu.json, gpu.log;
 # 4. conv_ab.py: ResNet-18's cached product with PyTorch's convolution double backward and with
@@ -27,7 +27,8 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&
   || echo "no PyHessian wheel in .whl/: its rows will say so"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/device.txt" 2>&1
 python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1; echo "gpu_checks exit $?" >> "$OUT/checks.log"
-python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py > "$OUT/cuda_tests.log" 2>&1
+python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py tests/curvature/test_basis.py \
+  > "$OUT/cuda_tests.log" 2>&1
 python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" --out "$OUT" > "$OUT/gpu.log" 2>&1
 echo "gpu.py exit $?" >> "$OUT/gpu.log"
 python3 benchmarks/conv_ab.py --device cuda --batch 128 > "$OUT/conv_ab.log" 2>&1  # ~20 s
