@@ -109,7 +109,9 @@ def lanczos(
             it in host memory (each step then moves two P-vectors per chain across the bus and
             reorthogonalizes on the host). ``"auto"``: on the operator's device up to its memory
             budget (:func:`device_budget`), the later vectors in host memory (the same on a
-            CPU operator).
+            CPU operator); once some are there, each step moves four P-vectors per chain
+            across the bus (two per Gram-Schmidt pass) and reads the spilled ones twice per
+            pass in host memory.
 
     Returns:
         A :class:`LanczosRun`.
