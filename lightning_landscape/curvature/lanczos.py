@@ -1,9 +1,13 @@
 """Lanczos iteration with full reorthogonalization, on several independent chains at once.
 
 Each chain builds an orthonormal Krylov basis q_1, q_2, ... of the operator from its start vector
-and the tridiagonal T = Qᵀ H Q (diagonal α, off-diagonal β). Full reorthogonalization (classical
-Gram-Schmidt, twice) keeps Q orthonormal in floating point, so Ritz values do not repeat ("ghost"
-eigenvalues) and the basis can deflate a trace estimate. When a chain's Krylov space is exhausted
+and the tridiagonal T = Qᵀ H Q (diagonal α, off-diagonal β). Full reorthogonalization keeps Q
+orthonormal in floating point, so Ritz values do not repeat ("ghost" eigenvalues) and the basis can
+deflate a trace estimate: after the three-term recurrence w = Hq_j − α_j q_j − β_{j−1} q_{j−1},
+one classical Gram-Schmidt pass against the whole basis, and a second one only where the first
+shrank w below 1/√2 of its norm (the DGKS criterion: Daniel, Gragg, Kaufman & Stewart 1976, as in
+ARPACK). After the recurrence the pass removes only rounding errors, so the second is rare: one
+read of the basis per step, not two (what a basis spilled to host memory costs). When a chain's Krylov space is exhausted
 (β ≈ 0) it continues from a fresh random vector orthogonal to its basis, with β = 0 in T: the
 eigenvalues of T are then exact eigenvalues of the operator. Chains share each operator product
 (one batched matmat per step), so b chains of m steps cost b·m products in m batched calls.
@@ -65,6 +69,11 @@ def ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     T = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
     theta, S = torch.linalg.eigh(T)
     return theta, S, (betas[-1] * S[-1]).abs()
+
+
+#: The DGKS criterion: a second Gram-Schmidt pass when the first leaves less than this share of
+#: the vector's norm.
+DGKS = 2**-0.5
 
 
 def device_budget(op: LinearOperator) -> float:
@@ -142,19 +151,28 @@ def lanczos(
     scale = torch.zeros(b, dtype=torch.float64)
     finite = True
     steps = 0
+    previous: tuple[Tensor, Tensor] | None = None  # q_{j−1} and β_{j−1} (0 after a restart)
     for j in range(m):
         basis.append(q)
         w = op.matmat(q.T).T.contiguous()
         alpha = sp.reduce((w * q).sum(dim=1))
-        w = basis.orthogonalize(w)
+        w = w - alpha[:, None] * q  # not in place: an operator may return its input's storage
+        if previous is not None:
+            w.sub_(previous[1][:, None] * previous[0])
+        before = sp.norm(w)
+        w = basis.orthogonalize(w, passes=1)
         beta = sp.norm(w)
-        coef = torch.stack([alpha, beta]).double().cpu()  # the step's one host sync
+        coef = torch.stack([alpha, beta, before]).double().cpu()  # the step's one host sync
         steps = j + 1
         if not torch.isfinite(coef).all():  # a non-finite product: α or β is NaN/inf
             finite = False
             alphas[:, j] = float("nan")
             betas[:, j] = float("nan")
             break
+        if (coef[1] < DGKS * coef[2]).any():  # the pass removed more than rounding: again
+            w = basis.orthogonalize(w, passes=1)
+            beta = sp.norm(w)
+            coef[1] = beta.double().cpu()
         alphas[:, j], betas[:, j] = coef[0], coef[1]
         scale = torch.maximum(scale, (alphas[:, j] ** 2 + betas[:, j] ** 2).sqrt())
         if observe is not None:
@@ -164,11 +182,14 @@ def lanczos(
         if j + 1 == m:
             break
         small = betas[:, j] <= 100 * eps * d**0.5 * torch.clamp(scale, min=1e-300)
+        coupling = beta
         if small.any():  # exhausted Krylov space: restart orthogonally, with β = 0 in T
             fresh = basis.orthogonalize(sp.draw(gaussian, (b, d), generator))
             for c in torch.nonzero(small).flatten().tolist():
                 w[c] = fresh[c]
                 betas[c, j] = 0.0
+            coupling = torch.where(small.to(device), torch.zeros_like(beta), beta)
             beta = torch.where(small.to(device), sp.norm(w), beta)
+        previous = (q, coupling)
         q = w / beta[:, None]
     return LanczosRun(alphas[:, :steps], betas[:, :steps], basis, finite)
