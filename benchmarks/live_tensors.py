@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import sys
+import traceback
 import weakref
 from pathlib import Path
 
@@ -33,9 +34,10 @@ MiB = 2**20
 class LiveStorages(TorchDispatchMode):
     """Counts the CPU storages of at least ``min_bytes`` that operations return, while alive."""
 
-    def __init__(self, min_bytes: int = MiB) -> None:
+    def __init__(self, min_bytes: int = MiB, where: str | None = None) -> None:
         super().__init__()
         self.min_bytes = min_bytes
+        self.where = where  # an operation name: its storages are grouped by the code that made them
         self.live: dict[int, tuple[int, str, tuple[int, ...]]] = {}
         self.now = self.peak = 0
         self.at_peak: list[tuple[int, str, tuple[int, ...]]] = []
@@ -52,7 +54,12 @@ class LiveStorages(TorchDispatchMode):
             key, size = storage.data_ptr(), storage.nbytes()
             if key in self.live or size < self.min_bytes:
                 continue
-            self.live[key] = (size, str(func), tuple(t.shape))
+            label = str(func)
+            if self.where and self.where in label:  # the project's frames that called it
+                frames = [f"{Path(fr.filename).name}:{fr.lineno}" for fr in traceback.extract_stack()
+                          if "lightning_landscape" in fr.filename][-4:]  # fmt: skip
+                label += " from " + " < ".join(reversed(frames))
+            self.live[key] = (size, label, tuple(t.shape))
             self.now += size
             weakref.finalize(storage, self._freed, key)
             if self.now > self.peak:
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="{}", help="JSON overriding the size's entries")
     parser.add_argument("--monitor", default="{}", help="JSON of HessianMonitor arguments")
     parser.add_argument("--min-mib", type=float, default=1.0, help="smallest storage counted")
+    parser.add_argument("--where", default=None,
+                        help="an operation (e.g. aten.cat): its storages named by their callers")  # fmt: skip
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import memory
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     size = {**memory.SIZES[args.model]["tiny" if args.tiny else "default"], **json.loads(args.size)}
-    mode = LiveStorages(int(args.min_mib * MiB))
+    mode = LiveStorages(int(args.min_mib * MiB), args.where)
     real = hessian.HessianMonitor
 
     def counted(**kwargs):  # the monitor fit_one_step makes, its measurement inside the mode
