@@ -177,20 +177,23 @@ class GraphCache:
             self.cut = i + 1
         self.rng = None
 
-    def products(self, Vt: Tensor, through: Callable[[Tensor, Tensor, bool], Tensor]) -> Tensor:
+    def products(
+        self, Vt: Tensor, through: Callable[[Tensor, Tensor, bool, Tensor, float], Tensor]
+    ) -> Tensor:
         """Σ_b n_b H_b V for a ``(k, dim)`` block: one backward through the cached graphs
-        (``through(grad, Vt, retain)``), then a gradient graph and a backward for each uncached
-        batch. Runs inside :func:`~.hvp.guard`, after :meth:`build`."""
+        (``through(grad, Vt, retain, out, alpha)`` adds alpha times its products into ``out``),
+        then a gradient graph and a backward for each uncached batch. Runs inside
+        :func:`~.hvp.guard`, after :meth:`build`."""
         acc = torch.zeros_like(Vt)
         if self.grad is not None:
-            acc += through(self.grad, Vt, True)
+            through(self.grad, Vt, True, acc, 1.0)
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
             rest = zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True)
             for n, batch in rest:
                 with torch.enable_grad():
                     grad = flat_grad(self.loss_fn(batch), self.params, create_graph=True)
-                acc.add_(through(grad, Vt, False), alpha=n)
+                through(grad, Vt, False, acc, n)
         return acc
 
     @property

@@ -261,13 +261,13 @@ class HessianOperator(LinearOperator):
                 self._forward_over_reverse = False  # and start over: same masks, same RNG
         return self._batch_by_batch(kind, Vt)
 
-    def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool, n: int = 0) -> Tensor:
-        """A block through a gradient graph of ``n`` samples (0: the largest batch, the cached
-        graphs), as many vectors at a time as the plan allows (:meth:`.pieces.Plan.width`); on
-        CPU above 5,000 parameters one at a time (vmapped backwards are slower there)."""
+    def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool, out: Tensor, alpha, n=0):
+        """``out += alpha`` times a block through a gradient graph of ``n`` samples (0: the
+        largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows; on CPU
+        above 5,000 parameters one at a time (vmapped backwards are slower there)."""
         step = self.plan.width(n or max(self.batch_sizes))
         step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
-        return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step)
+        return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step, out, alpha)
 
     def _parts(self, batch: Any, n: int, k: int) -> list[tuple[int, Any]]:
         """``batch``, or for a block of ``k`` > 1 vectors its pieces of at most the plan's
@@ -297,7 +297,7 @@ class HessianOperator(LinearOperator):
                         if not self._graph_checked:
                             check_twice_differentiable(grad)
                             self._graph_checked = True
-                        acc.add_(self._through_graph(grad, Vt, False, n), alpha=n)
+                        self._through_graph(grad, Vt, False, acc, n, n)
                         continue
                     step = self.plan.width(n)  # "func", vmapped; the same masks for each part
                     start = rng_state(self._cuda) if step < len(Vt) else None

@@ -232,9 +232,9 @@ def recorded(monkeypatch) -> list[tuple[str, int, int]]:
         calls.append(("func", len(batch[1]), len(Vt)))
         return func(loss_fn, params, batch, Vt, module, **kw)
 
-    def spy_through(grad, params, Vt, retain, step):
+    def spy_through(grad, params, Vt, retain, step, out=None, alpha=1.0):
         calls.append(("graph", -1, min(step, len(Vt))))
-        return through(grad, params, Vt, retain, step)
+        return through(grad, params, Vt, retain, step, out, alpha)
 
     monkeypatch.setattr(hvp_module, "hvp_func", spy_func)
     monkeypatch.setattr(hvp_module, "hvp_from_graph_in_blocks", spy_through)
