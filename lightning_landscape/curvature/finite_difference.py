@@ -62,28 +62,30 @@ def differences(
     checked: Sequence[bool],
     rel_step: float,
     cuda_devices: Sequence[int],
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     """Σ_b n_b (∇L_b(w + h v) − ∇L_b(w − h v)) / 2h for each row v of ``Vt`` (‖h v‖ =
     ``rel_step`` · ‖w‖), and the same at step 2h for the rows marked ``checked``; not yet divided
     by Σ n_b nor reduced across ranks. Runs inside :func:`~.hvp.guard`: every difference replays
     the dropout masks that batch b draws in sequence, as every other kind does.
 
-    Returns ``(k, dim)`` rows at step h and ``(c, dim)`` rows at 2h (c = number checked).
+    Returns one ``(k + c, dim)`` block: the k rows at step h, then the c checked ones at 2h.
 
-    Memory: a copy of the parameters (P numbers), one gradient graph at a time, one gradient and
-    one accumulator of P numbers per row.
+    Memory: a copy of the parameters (P numbers), one gradient graph at a time, one gradient, and
+    the block, each row accumulated in place (no row is copied into it).
     """
     saved = [p.detach().clone() for p in params]
     norms = [torch.linalg.vector_norm(s, dtype=torch.float64) for s in saved]
     scale = float(torch.linalg.vector_norm(torch.stack(norms))) or 1.0
     start = rng_state(cuda_devices)
-    main, extra = [], []
+    k = len(Vt)
+    block = Vt.new_zeros(k + sum(map(bool, checked)), Vt.shape[1])
+    at_2h = iter(range(k, len(block)))  # the rows at step 2h, in order
     try:
-        for v, check in zip(Vt, checked, strict=True):
+        for i, (v, check) in enumerate(zip(Vt, checked, strict=True)):
             norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
             h = rel_step * scale / norm if norm > 0 else 0.0
-            for s, rows in ((1, main), (2, extra)) if check else ((1, main),):
-                acc = torch.zeros_like(v)
+            for s in (1, 2) if check else (1,):
+                acc = block[i] if s == 1 else block[next(at_2h)]
                 for sign in (1, -1) if h > 0 else ():
                     set_rng_state(start, cuda_devices)  # the same masks on both sides
                     _move(params, saved, v, sign * s * h)
@@ -91,13 +93,11 @@ def differences(
                         acc.add_(_gradient(loss_fn, params, batch), alpha=sign * n)
                 if h > 0:
                     acc.div_(2 * s * h)
-                rows.append(acc)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
-    empty = Vt.new_zeros(0, Vt.shape[1])
-    return torch.stack(main), (torch.stack(extra) if extra else empty)
+    return block
 
 
 def _gradient(loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any) -> Tensor:
@@ -135,17 +135,17 @@ class CentralDifferences:
     def products(
         self,
         Vt: Tensor,
-        compute: Callable[[Tensor, list[bool]], tuple[Tensor, Tensor]],
+        compute: Callable[[Tensor, list[bool]], Tensor],
         reduce: Callable[[Tensor], Tensor],
     ) -> Tensor:
         """``(k, dim)`` products of the rows of ``Vt``: ``compute(Vt, checked)`` gives this
-        rank's rows at steps h and 2h (:func:`differences`), ``reduce`` sums and normalizes
-        them over ranks in one all-reduce; the checked rows update :attr:`errors`."""
+        rank's rows at steps h and 2h as one block (:func:`differences`), ``reduce`` sums and
+        normalizes it over ranks in one all-reduce, in place; the checked rows update
+        :attr:`errors`."""
         k = len(Vt)
         checked = [is_checked(self.count + i + 1) for i in range(k)]
         self.count += k
-        main, extra = compute(Vt, checked)
-        both = reduce(torch.cat([main, extra]))
+        both = reduce(compute(Vt, checked))
         main, extra = both[:k], both[k:]
         rows = [i for i, c in enumerate(checked) if c]
         new = [relative_error(main[i], extra[j]) for j, i in enumerate(rows)]

@@ -285,7 +285,7 @@ class HessianOperator(LinearOperator):
 
     def _batch_by_batch(self, kind: str, Vt: Tensor) -> Tensor:
         if kind == "finite_difference":  # unreduced: only the "auto" trial asks for it
-            return self._differences(Vt, [False] * len(Vt))[0]
+            return self._differences(Vt, [False] * len(Vt))
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
@@ -311,7 +311,7 @@ class HessianOperator(LinearOperator):
                         acc[lo : lo + step].add_(product, alpha=n)
         return acc
 
-    def _differences(self, Vt: Tensor, checked: list[bool]) -> tuple[Tensor, Tensor]:
+    def _differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:
         with _hvp.guard(self.module, self.params, self.seed):
             return _fd.differences(
                 self.loss_fn, self.params, self.batches, self.batch_sizes, Vt, checked,

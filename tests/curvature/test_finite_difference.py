@@ -4,6 +4,7 @@ on kinks, the parameters restored bit for bit, one all-reduce a product."""
 from __future__ import annotations
 
 import functools
+import gc
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian, top_eigenvalues
+from lightning_landscape.curvature import finite_difference as fd_module
 from lightning_landscape.curvature import operator as operator_module
 from lightning_landscape.curvature.finite_difference import default_rel_step, is_checked
 
@@ -135,3 +137,29 @@ def test_results_carry_the_product_error():
     assert spectral_density(op, num_steps=4, seed=0).product_error == op.product_error
     exact = HessianOperator(p.loss_fn, p.model, p.batches)
     assert top_eigenvalues(exact, max_matvecs=5, seed=0).product_error == 0.0
+
+
+def test_a_block_accumulates_its_rows_in_place(monkeypatch):
+    """Each row of a block (and its check at step 2h) is accumulated in place in one block: at
+    every gradient no other vector of P numbers is alive (the rows were kept apart, then
+    stacked, then concatenated with the checked ones: three blocks at the end)."""
+    p = make_problem("mlp", mode="eval")
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp="finite_difference")
+    vector = op.dim * 8
+    alive = []
+    original = fd_module._gradient
+
+    def watched(loss_fn, params, batch):
+        storages = {
+            t.untyped_storage().data_ptr()
+            for t in gc.get_objects()
+            if type(t) is torch.Tensor and t.untyped_storage().nbytes() == vector
+        }
+        alive.append(len(storages))
+        return original(loss_fn, params, batch)
+
+    monkeypatch.setattr(fd_module, "_gradient", watched)
+    V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    HV = op @ V  # products 1-3: the 1st and 2nd are checked at 2h as well
+    assert len(alive) == (3 + 2) * 2 * len(p.batches) and max(alive) == 0, alive
+    assert rel(HV, _dense("mlp", "eval") @ V) < 1e-5 and len(op.fd_errors) == 2
