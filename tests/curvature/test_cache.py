@@ -4,7 +4,6 @@ memory measured from what autograd saves, and backwards that cannot be different
 from __future__ import annotations
 
 import functools
-import gc
 import math
 
 import pytest
@@ -14,7 +13,7 @@ from lightning_landscape.curvature import HessianOperator, cache, dense_hessian
 from lightning_landscape.curvature import hvp as hvp_module
 from lightning_landscape.curvature.cache import SavedBytes, check_twice_differentiable
 
-from ._problems import OnceDifferentiableTanh, make_problem
+from ._problems import OnceDifferentiableTanh, live_storages, make_problem
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,11 +153,7 @@ def test_a_block_goes_into_one_accumulator_column_by_column(monkeypatch):
 
     def watched(grad, params, Vt, *args, **kwargs):
         # other storages of one vector than the flat gradients (this graph's, the cached one's)
-        storages = {
-            t.untyped_storage().data_ptr()
-            for t in gc.get_objects()
-            if type(t) is torch.Tensor and t.untyped_storage().nbytes() == vector
-        }
+        storages = live_storages(vector)
         gradients = {grad.untyped_storage().data_ptr(), op.graphs.grad.untyped_storage().data_ptr()}
         alive.append(len(storages - gradients))
         return original(grad, params, Vt, *args, **kwargs)

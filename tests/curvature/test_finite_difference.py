@@ -4,7 +4,6 @@ on kinks, the parameters restored bit for bit, one all-reduce a product."""
 from __future__ import annotations
 
 import functools
-import gc
 import warnings
 
 import pytest
@@ -16,7 +15,7 @@ from lightning_landscape.curvature import finite_difference as fd_module
 from lightning_landscape.curvature import operator as operator_module
 from lightning_landscape.curvature.finite_difference import default_rel_step, is_checked
 
-from ._problems import make_loss, make_problem
+from ._problems import live_storages, make_loss, make_problem
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,12 +149,7 @@ def test_a_block_accumulates_its_rows_in_place(monkeypatch):
     original = fd_module._gradient
 
     def watched(loss_fn, params, batch):
-        storages = {
-            t.untyped_storage().data_ptr()
-            for t in gc.get_objects()
-            if type(t) is torch.Tensor and t.untyped_storage().nbytes() == vector
-        }
-        alive.append(len(storages))
+        alive.append(len(live_storages(vector)))
         return original(loss_fn, params, batch)
 
     monkeypatch.setattr(fd_module, "_gradient", watched)
