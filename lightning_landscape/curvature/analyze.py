@@ -78,8 +78,9 @@ def analyze(
             product kind allows (H200, ResNet-18: 2.05x a gradient per product in blocks of 8,
             5.6x one at a time), within the operator's memory budget: a
             :class:`HessianOperator` takes fewer vectors at a time, or smaller pieces of the
-            batches, as its budget needs. A block also holds 3 P numbers a probe (the probe,
-            its product, its projection). Default: 8, or as many as those fit the operator's
+            batches, as its budget needs. A block also holds up to 3 P numbers a probe (the
+            probe, the accumulator of its product, a vmapped product's own output; the residual
+            takes the accumulator's place). Default: 8, or as many as those fit the operator's
             budget (at least 1); without a budget (other operators) 8 up to 5,000 dimensions,
             else 1.
         density: also the spectral density (the run lasts at least ``density_steps``).

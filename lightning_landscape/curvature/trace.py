@@ -116,7 +116,8 @@ def deflated_hutchinson(
     control variate that takes this term out again; E[‖Qz‖²] = j, so the mean is unchanged.
 
     The stderr pools the samples' variance with the bound from ‖(B − cP) z‖² (module docstring);
-    this costs one more pass over the basis per block (Qᵀ H z) and one more block of memory.
+    this costs one more pass over the basis per block (Qᵀ H z); the residual is computed in the
+    products' place, so a block holds two blocks of P numbers (the probes and their products).
 
     Returns the mean, its stderr and the number of probes.
     """
@@ -134,17 +135,18 @@ def deflated_hutchinson(
             Z.sub_(basis.combine(coef, device=Z.device).T)
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         HZ = op.matmat(Z.T).T
-        quad = sp.reduce((Z * HZ).sum(dim=1)).double().cpu()
+        quad = sp.reduce(torch.einsum("kd,kd->k", Z, HZ)).double().cpu()
         if c is None:
-            c = float(quad.sum() / sp.reduce((Z * Z).sum()).double().cpu().clamp(min=1e-300))
+            squares = sp.reduce(torch.linalg.vector_norm(Z) ** 2).double().cpu()
+            c = float(quad.sum() / squares.clamp(min=1e-300))
         # ‖(B − cP) z‖² = ‖Hz' − c z'‖² − ‖Qᵀ H z'‖² with z' = Pz (Qᵀz' = 0)
-        R = torch.sub(HZ, Z, alpha=c)
-        spread = sp.reduce((R * R).sum(dim=1)).double().cpu()
-        if j > 0:
-            spread = spread - (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu()
+        deflated = (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu() if j > 0 else 0.0
+        alias = HZ.untyped_storage().data_ptr() == Z.untyped_storage().data_ptr()
+        R = torch.sub(HZ, Z, alpha=c) if alias else HZ.sub_(Z, alpha=c)  # HZ is not needed after
+        spread = sp.reduce(torch.linalg.vector_norm(R, dim=1) ** 2).double().cpu() - deflated
         bounds.append(2 * spread.clamp(min=0) + 2 * j * (c - shift) ** 2)
         samples.append(quad + control)
-        del Z, HZ, R  # before the next block is drawn: three blocks of P numbers at most
+        del Z, HZ, R  # before the next block is drawn: two blocks of P numbers at most
     x = torch.cat(samples)
     return float(x.mean()), _pooled_stderr(x, torch.cat(bounds)), len(x)
 

@@ -15,7 +15,7 @@ from lightning_landscape.curvature import (
     trace,
 )
 
-from ._problems import flat_spectrum, outlier_spectrum, spectrum_matrix
+from ._problems import flat_spectrum, live_storages, outlier_spectrum, spectrum_matrix
 
 METHODS = ("hutchinson", "hutch++", "auto")
 SPECTRA = {"flat": flat_spectrum(200), "outlier": outlier_spectrum(200)}
@@ -193,3 +193,23 @@ def test_non_finite_operator_gives_nan():
 def test_raises(kwargs, error, match):
     with pytest.raises(error, match=match):
         trace(MatrixOperator(torch.eye(4, dtype=torch.float64)), **kwargs)
+
+
+def test_the_residual_takes_the_products_place(monkeypatch):
+    """‖(H − c) z‖² per probe is taken on the products' own block (the products are not needed
+    after): a block of probes holds two blocks of P numbers there, not three, and the residual's
+    squares are summed without a fourth."""
+    op = MatrixOperator(spectrum_matrix(SPECTRA["flat"]))
+    size = 8 * op.dim * 8  # a block of 8 float64 vectors, in bytes
+    blocks = []
+    norm = torch.linalg.vector_norm
+
+    def watched(x, *args, **kwargs):
+        if x.dim() == 2 and x.shape[0] == 8:
+            blocks.append(len(live_storages(size)))
+        return norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "vector_norm", watched)
+    r = trace(op, num_matvecs=40, method="hutchinson", seed=3)
+    assert len(blocks) == 1 + 5 and max(blocks) == 2, blocks  # c from block 1, 5 residuals
+    assert math.isfinite(r.estimate) and r.num_matvecs == 40
