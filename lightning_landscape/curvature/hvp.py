@@ -99,7 +99,7 @@ def hvp_from_graph_in_blocks(
     (per product, 0.75x against 1.29x a gradient at 2.4k parameters, 2.6x against 1.8x at 400k:
     benchmarks/curvature.py), so the operator takes the columns of larger ones one by one."""
     if out is None:
-        out, alpha = torch.zeros_like(Vt), 1.0
+        out = torch.zeros_like(Vt)
     for lo in range(0, len(Vt), step):
         more = retain or lo + step < len(Vt)
         hvp_from_graph(grad, params, Vt[lo : lo + step], more, out[lo : lo + step], alpha)

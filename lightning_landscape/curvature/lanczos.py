@@ -85,16 +85,24 @@ DGKS = 2**-0.5
 
 def device_budget(op: LinearOperator) -> float:
     """The bytes a basis may keep on the operator's device with ``basis_device="auto"``: the
-    budget of the operator's products (its plan's, after the first product: ``memory_budget``,
-    by default one training step), else its ``memory_budget``, looked up through
-    wrapping operators; unbounded (math.inf) for operators without one."""
+    budget of the operator's products (its plan's: ``memory_budget``, by default one training
+    step), else a positive ``memory_budget``, else its cached graphs' budget, looked up through
+    wrapping operators (``.op``, ``.hessian``). Unbounded (math.inf) before an operator's first
+    product (not planned yet: the first vectors stay on the device) and for operators without
+    a budget."""
     inner: object = op
     while inner is not None:
-        budget = getattr(getattr(inner, "plan", None), "budget", math.nan)
-        if not isinstance(budget, float) or math.isnan(budget):
-            budget = getattr(inner, "memory_budget", None)
-        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-            return float(budget)
+        plan = getattr(inner, "plan", False)
+        if plan is None:
+            return math.inf
+        graphs = getattr(inner, "graphs", None)
+        for budget in (
+            getattr(plan, "budget", None),
+            getattr(inner, "memory_budget", None),
+            getattr(graphs, "budget", None),
+        ):
+            if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0:
+                return float(budget)  # NaN fails the comparison
         inner = getattr(inner, "op", None) or getattr(inner, "hessian", None)
     return math.inf
 

@@ -16,7 +16,9 @@ from torch import Tensor
 
 class LinearOperator:
     """A symmetric linear operator on flat vectors: ``matvec``, ``matmat``, ``@``, ``dim``,
-    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block.
+    ``dtype``, ``device``. Subclasses implement :meth:`_matmat` on a ``(k, dim)`` block, and
+    return a block of their own (the algorithms may write into it: the trace computes its
+    residual there, when the block is a plain tensor not sharing the input's storage).
 
     What the algorithms read from an operator, and nothing else:
 

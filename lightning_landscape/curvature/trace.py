@@ -135,20 +135,28 @@ def deflated_hutchinson(
             Z.sub_(basis.combine(coef, device=Z.device).T)
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         HZ = op.matmat(Z.T).T
-        quad = sp.reduce(torch.einsum("kd,kd->k", Z, HZ)).double().cpu()
+        own = HZ.dtype == Z.dtype and _writable(HZ, Z)  # the products' block is ours to reuse
+        quad = torch.einsum("kd,kd->k", Z, HZ) if own else (Z * HZ).sum(dim=1)
+        quad = sp.reduce(quad).double().cpu()
         if c is None:
             squares = sp.reduce(torch.linalg.vector_norm(Z) ** 2).double().cpu()
             c = float(quad.sum() / squares.clamp(min=1e-300))
         # ‖(B − cP) z‖² = ‖Hz' − c z'‖² − ‖Qᵀ H z'‖² with z' = Pz (Qᵀz' = 0)
         deflated = (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu() if j > 0 else 0.0
-        alias = HZ.untyped_storage().data_ptr() == Z.untyped_storage().data_ptr()
-        R = torch.sub(HZ, Z, alpha=c) if alias else HZ.sub_(Z, alpha=c)  # HZ is not needed after
+        R = HZ.sub_(Z, alpha=c) if own else torch.sub(HZ, Z, alpha=c)  # HZ is not needed after
         spread = sp.reduce(torch.linalg.vector_norm(R, dim=1) ** 2).double().cpu() - deflated
         bounds.append(2 * spread.clamp(min=0) + 2 * j * (c - shift) ** 2)
         samples.append(quad + control)
         del Z, HZ, R  # before the next block is drawn: two blocks of P numbers at most
     x = torch.cat(samples)
     return float(x.mean()), _pooled_stderr(x, torch.cat(bounds)), len(x)
+
+
+def _writable(out: Tensor, other: Tensor) -> bool:
+    """Whether a product block may be overwritten: a plain contiguous tensor outside autograd
+    that shares no storage with ``other`` (an operator returning its input, say)."""
+    plain = out.is_contiguous() and not out.requires_grad and not out.is_inference()
+    return plain and out.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
 
 
 def _pooled_stderr(x: Tensor, bounds: Tensor) -> float:

@@ -118,6 +118,7 @@ class OnceDifferentiableTanh(torch.autograd.Function):
 def live_storages(nbytes: int) -> set[int]:
     """The data pointers of the storages of exactly ``nbytes`` that live plain tensors hold
     (functorch's wrappers, left by earlier tests, have no storage to read)."""
+    gc.collect()  # uncollected cycles would count now and vanish during the measured call
     out = set()
     for t in gc.get_objects():
         if type(t) is torch.Tensor:

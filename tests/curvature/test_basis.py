@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import lightning_landscape.curvature.lanczos as lanczos_module
 from lightning_landscape._core.random import make_generator
 from lightning_landscape.curvature import (
     LinearOperator,
@@ -139,7 +140,7 @@ def _dense_checks(basis: Basis, rows: torch.Tensor, g: torch.Generator) -> None:
     X = torch.randn(d, 4, generator=g, dtype=torch.float64)
     C = torch.randn(len(rows), 2, generator=g, dtype=torch.float64)
     w = torch.randn(1, d, generator=g, dtype=torch.float64)
-    dev = basis.device
+    dev = torch.empty(0, device=basis.device).device  # "cuda" names the current one: cuda:0
     assert torch.allclose(basis.coefficients(X.to(dev)).cpu(), rows @ X, atol=1e-14)
     assert torch.allclose(basis.combine(C).cpu(), rows.T @ C, atol=1e-14)
     assert basis.combine(C).device == dev and basis.coefficients(X.to(dev)).device == dev
@@ -188,13 +189,17 @@ class Budgeted(Diagonal):
 
 def test_device_budget_reads_the_operators_budget():
     """``basis_device="auto"`` keeps on the device what the products' budget allows: the plan's
-    budget once planned, else ``memory_budget``, through wrapping operators; none: unbounded."""
+    budget once planned, else a positive ``memory_budget``, through wrapping operators; before
+    the first product (no plan yet) and without a budget: unbounded."""
     diag = torch.linspace(1, 2, 50, dtype=torch.float64)
     assert device_budget(Diagonal(diag)) == math.inf
     assert device_budget(Budgeted(diag, None)) == math.inf
+    assert device_budget(Budgeted(diag, 0)) == math.inf  # 0: nothing cached, not "no device"
     op = Budgeted(diag, 4096)
     assert device_budget(op) == 4096.0
     assert device_budget(PreconditionedOperator(op, torch.ones(50, dtype=torch.float64))) == 4096
+    op.plan = None  # a HessianOperator before its first product: the first chunk stays
+    assert device_budget(op) == math.inf
     op.plan = Plan(0, 1e3, 2e3, 8192.0, "")
     assert device_budget(op) == 8192.0
     op.plan = Plan(0, math.nan, math.nan, math.nan, "")  # explicit pieces: no planned budget
@@ -225,3 +230,30 @@ def test_spilling_basis_on_a_gpu():
     assert runs[1].vectors.spilled == 16 and runs[0].vectors.spilled == 0  # the second chunk
     assert torch.allclose(runs[0].alphas, runs[1].alphas, atol=1e-12)
     assert torch.allclose(runs[0].betas, runs[1].betas, atol=1e-12)
+
+
+def test_every_algorithm_over_a_spilled_basis(monkeypatch):
+    """On CPU ``"auto"`` spills nowhere; spilled to the CPU itself (placement as on a GPU,
+    beyond the budget of 3 vectors), Lanczos, the top eigenpairs, the deflated trace and the
+    density give the same answers as an unspilled basis, to rounding."""
+    original = lanczos_module.Basis
+
+    def spilling(*args, **kwargs):
+        if "device_bytes" in kwargs:
+            kwargs["spill"] = "cpu"
+        return original(*args, **kwargs)
+
+    A = spectrum_matrix(outlier_spectrum(60))
+    op = MatrixOperator(A)
+    op.memory_budget = 3 * 60 * 8  # bytes: one chunk of 16 vectors does not fit, all spill
+    plain = analyze(op, top_k=2, smallest=True, trace=True, density=True, seed=4)
+    monkeypatch.setattr(lanczos_module, "Basis", spilling)
+    spilled = analyze(op, top_k=2, smallest=True, trace=True, density=True, seed=4,
+                      basis_device="auto")  # fmt: skip
+    run = lanczos(op, torch.ones(1, 60, dtype=torch.float64), 20, generator=make_generator(0),
+                  basis_device="auto")  # fmt: skip
+    assert run.vectors.spilled == 32 and run.vectors.capacity == 32  # 2 chunks of 16, on "spill"
+    assert torch.allclose(spilled.top.eigenvalues, plain.top.eigenvalues, atol=1e-12)
+    assert torch.allclose(spilled.smallest.eigenvalues, plain.smallest.eigenvalues, atol=1e-12)
+    assert spilled.trace.estimate == pytest.approx(plain.trace.estimate, abs=1e-10)
+    assert torch.allclose(spilled.density.nodes, plain.density.nodes, atol=1e-10)

@@ -215,3 +215,23 @@ def test_the_residual_takes_the_products_place(monkeypatch):
     assert len(blocks) == 1 + 5  # c from block 1, 5 residuals
     assert max(blocks) == before + 2, (before, blocks)
     assert math.isfinite(r.estimate) and r.num_matvecs == 40
+
+
+class _Returning(MatrixOperator):
+    """Returns its input block itself (an identity), or a float64 block for float32 input."""
+
+    def __init__(self, dim: int, how: str) -> None:
+        super().__init__(torch.eye(dim, dtype=torch.float32))
+        self.how = how
+
+    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
+        return Vt if self.how == "input" else Vt.double()
+
+
+@pytest.mark.parametrize("how", ["input", "float64"])
+def test_a_product_block_that_is_not_the_traces_own_is_left_alone(how):
+    """The residual goes in place only into a block the operator made for it: not into the
+    probes themselves (an operator returning its input), nor across dtypes."""
+    op = _Returning(200, how)
+    r = trace(op, num_matvecs=16, method="hutchinson", seed=0)
+    assert r.estimate == pytest.approx(200.0, rel=1e-6) and r.stderr < 1e-3
