@@ -153,19 +153,25 @@ def faster_for_blocks(
     distributed: bool = False,
 ) -> tuple[str, Tensor | None]:
     """Time each kind once on the block ``Vt``; return the fastest and its (local) product
-    (None when every kind failed).
+    (None when every kind failed, or when this rank's fastest is not the ranks' together: the
+    caller then computes it). Only the fastest product so far is kept: one block of products,
+    not one per kind.
     Used once per operator on its first block of several vectors (vmapped forward-over-reverse
     against the kind chosen for single vectors)."""
-    outs, seconds = {}, {}
+    kept, seconds = None, {}
     for kind in kinds:
         try:
-            outs[kind], seconds[kind] = _timed(lambda k=kind: local(k, Vt), Vt.device)
+            out, seconds[kind] = _timed(lambda k=kind: local(k, Vt), Vt.device)
         except Exception:  # noqa: BLE001 - a kind that fails on blocks is not used for them
             seconds[kind] = float("inf")
+            continue
+        if kept is None or seconds[kind] < seconds[kept[0]]:
+            kept = (kind, out)
+        del out
     stats = torch.tensor([seconds[k] for k in kinds], dtype=torch.float64)
     all_reduce_sum_(stats, distributed)
     best = kinds[int(torch.argmin(stats))]
-    return best, outs.get(best)
+    return best, kept[1] if kept is not None and kept[0] == best else None
 
 
 def resolve(op: HessianOperator, v: Tensor) -> None:

@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 from lightning_landscape.curvature import HessianOperator, analyze, dense_hessian
+from lightning_landscape.curvature import auto as auto_module
 from lightning_landscape.curvature.auto import choose
 
-from ._problems import OnceDifferentiableTanh, make_batches, make_loss, make_problem
+from ._problems import (
+    OnceDifferentiableTanh,
+    live_storages,
+    make_batches,
+    make_loss,
+    make_problem,
+)
 
 # torch's own warning when forward-mode AD first loads its decompositions ("func" products)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -103,3 +110,20 @@ def test_choose_drops_raising_nan_and_disagreeing_kinds():
     assert c.failures["wrong"].startswith("disagrees with slow")
     c = choose(lambda kind, V: local("raises", V) if kind != "finite_difference" else V, ["a"], v)
     assert c.kind == "finite_difference" and "no exact kind works" in c.reason
+
+
+def test_the_block_trial_keeps_one_block_of_products(monkeypatch):
+    """Timing the kinds on the first block keeps only the fastest product so far: while the
+    second kind runs, at most one other block of products is alive (were both kinds')."""
+    calls, seconds = [], iter([2.0, 1.0, 3.0])
+
+    def local(kind, Vt):
+        calls.append((kind, len(live_storages(Vt.numel() * 8))))
+        return torch.full_like(Vt, float(len(calls)))
+
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: (fn(), next(seconds)))
+    Vt = torch.zeros(8, 3001, dtype=torch.float64)
+    before = len(live_storages(Vt.numel() * 8))
+    best, out = auto_module.faster_for_blocks(local, ["cached", "func", "double_backward"], Vt)
+    assert best == "func" and torch.equal(out, torch.full_like(Vt, 2.0))
+    assert [n - before for _, n in calls] == [0, 1, 1]  # at most the fastest so far besides
