@@ -166,12 +166,11 @@ class Basis:
         if self._len == 0:
             return w
         x = w.to(self._home(w), self.dtype)
+        x = x.clone() if x is w else x  # the caller's vector is left as it is
         chunks = self._filled()
-        for _ in range(passes):
+        for _ in range(passes):  # all coefficients first (classical), then x -= Q coef in place
             coef = self._coefficients(chunks, x, "bjd,bd->bj")
-            correction = torch.zeros_like(x)
-            self._combination(chunks, coef, correction, "bjd,bj->bd")
-            x = x - correction
+            self._combination(chunks, [a.neg() for a in coef], x, "bjd,bj->bd")
         return x.to(w.device, w.dtype)
 
     def coefficients(self, X: Tensor, chain: int = 0) -> Tensor:

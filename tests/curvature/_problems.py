@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_landscape.curvature import LinearOperator
+
 SIZES = (5, 3, 7)  # unequal batches
 NUM_CLASSES = 3
 
@@ -113,6 +115,17 @@ class OnceDifferentiableTanh(torch.autograd.Function):
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return g * (1 - y * y)
+
+
+class Diagonal(LinearOperator):
+    """A large diagonal operator (no dense matrix): the sizes where a basis matters."""
+
+    def __init__(self, diag: torch.Tensor) -> None:
+        super().__init__()
+        self.diag, self.dim, self.dtype, self.device = diag, diag.numel(), diag.dtype, diag.device
+
+    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
+        return Vt * self.diag
 
 
 def live_storages(nbytes: int) -> set[int]:

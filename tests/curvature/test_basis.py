@@ -11,7 +11,6 @@ import torch
 import lightning_landscape.curvature.lanczos as lanczos_module
 from lightning_landscape._core.random import make_generator
 from lightning_landscape.curvature import (
-    LinearOperator,
     MatrixOperator,
     analyze,
     spectral_density,
@@ -23,20 +22,9 @@ from lightning_landscape.curvature.lanczos import device_budget, lanczos
 from lightning_landscape.curvature.pieces import Plan
 from lightning_landscape.curvature.stability import PreconditionedOperator
 
-from ._problems import flat_spectrum, outlier_spectrum, spectrum_matrix
+from ._problems import Diagonal, flat_spectrum, outlier_spectrum, spectrum_matrix
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-class Diagonal(LinearOperator):
-    """A large diagonal operator (no dense matrix): the size where a basis matters."""
-
-    def __init__(self, diag: torch.Tensor) -> None:
-        super().__init__()
-        self.diag, self.dim, self.dtype, self.device = diag, diag.numel(), diag.dtype, diag.device
-
-    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
-        return Vt * self.diag
 
 
 def test_chunked_basis_equals_dense_operations():

@@ -8,11 +8,11 @@ import torch
 
 import lightning_landscape.curvature.lanczos as lanczos_module
 from lightning_landscape._core.random import make_generator
-from lightning_landscape.curvature import LinearOperator, MatrixOperator, top_eigenvalues
+from lightning_landscape.curvature import MatrixOperator, top_eigenvalues
 from lightning_landscape.curvature.basis import Basis
 from lightning_landscape.curvature.lanczos import lanczos, ritz
 
-from ._problems import flat_spectrum, spectrum_matrix
+from ._problems import Diagonal, flat_spectrum, spectrum_matrix
 
 
 def test_basis_orthonormal_and_tridiagonal_is_projection():
@@ -32,15 +32,6 @@ def test_basis_orthonormal_and_tridiagonal_is_projection():
     X = Q.T @ S  # Ritz vectors: their true residuals are the bounds |β_m s_{m,i}|
     true_res = (A @ X - X * theta).norm(dim=0)
     assert torch.allclose(true_res, res, atol=1e-11)
-
-
-class _Diagonal(LinearOperator):
-    def __init__(self, diag: torch.Tensor) -> None:
-        super().__init__()
-        self.diag, self.dim, self.dtype, self.device = diag, diag.numel(), diag.dtype, diag.device
-
-    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
-        return Vt * self.diag
 
 
 def test_one_gram_schmidt_pass_a_step_keeps_float32_orthogonality(monkeypatch):
@@ -64,7 +55,7 @@ def test_one_gram_schmidt_pass_a_step_keeps_float32_orthogonality(monkeypatch):
             [torch.tensor([100.0, 50.0, 20.0, -5.0]), 0.1 * torch.randn(20000, generator=g)]
         )
         start = torch.randn(1, 20004, generator=g)
-        run = lanczos(_Diagonal(diag), start, 150, generator=make_generator(0))
+        run = lanczos(Diagonal(diag), start, 150, generator=make_generator(0))
         assert run.num_steps == 150 and calls == [1] * (150 if dgks < 1 else 300)
         Q = run.basis[0].double()
         errors.append(float((Q @ Q.T - torch.eye(150, dtype=torch.float64)).abs().max()))
@@ -82,9 +73,9 @@ def test_a_bulk_below_the_old_restart_threshold_does_not_restart():
     g = torch.Generator().manual_seed(0)
     d = 200_000
     diag = torch.cat([torch.tensor([100.0, 40.0]), torch.rand(d - 2, generator=g) * 0.6 - 0.3])
-    run = lanczos(_Diagonal(diag), torch.randn(1, d, generator=g), 30, generator=make_generator(0))
+    run = lanczos(Diagonal(diag), torch.randn(1, d, generator=g), 30, generator=make_generator(0))
     assert bool((run.betas[0] > 0.1).all())  # the bulk's β ≈ 0.15, never set to 0
-    low = top_eigenvalues(_Diagonal(diag), 1, which="smallest", tol=1e-5, seed=0)
+    low = top_eigenvalues(Diagonal(diag), 1, which="smallest", tol=1e-5, seed=0)
     assert low.converged and abs(float(low.eigenvalues[0]) - float(diag.min())) < 1e-5 * 100
 
 
