@@ -89,6 +89,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     watched = _fit(checks.monitors(out, tol=1e-6, fd_step=1e-3))
     checks.save_shards(out, rank, plain, watched)
     torch.save(_engine(watched, rank), os.path.join(out, f"engine-{rank}.pt"))
+    checks.leave()
 
 
 def _engine(model, rank):
