@@ -139,10 +139,26 @@ def hvp_compiled(
     *,
     forward_over_reverse: bool = True,
     warn: Callable[[str, str], None] | None = None,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
 ) -> Tensor:
     """``(H_b V)ᵀ`` as :func:`.hvp.hvp_func` computes it, by its compiled code, checked as the
-    module docstring says. After a failure the eager product is returned, and
-    ``warn("compile_failed", message)`` is called with the reason at every product."""
+    module docstring says; with ``out``, added into it ``alpha`` times. After a failure the
+    eager product is used, and ``warn("compile_failed", message)`` is called with the reason at
+    every product."""
+    product = _product(loss_fn, params, batch, Vt, module, forward_over_reverse, warn)
+    return product if out is None else out.add_(product, alpha=alpha)
+
+
+def _product(
+    loss_fn: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    batch: Any,
+    Vt: Tensor,
+    module: nn.Module | None,
+    forward_over_reverse: bool,
+    warn: Callable[[str, str], None] | None,
+) -> Tensor:
     if module is None:
         raise ValueError("the 'compiled' product needs the module that `loss_fn` calls.")
     eager = (loss_fn, params, batch, Vt, module)

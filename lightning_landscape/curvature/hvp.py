@@ -137,8 +137,12 @@ def hvp_func(
     module: nn.Module | None = None,
     *,
     forward_over_reverse: bool = True,
+    out: Tensor | None = None,
+    alpha: float = 1.0,
 ) -> Tensor:
-    """``(H_b V)ᵀ`` by torch.func, vmapped over the block.
+    """``(H_b V)ᵀ`` by torch.func, vmapped over the block; with ``out``, added into it
+    (``alpha`` times) parameter by parameter: the block of products is never concatenated, one
+    block of P numbers less a call (the vmapped products themselves are one block).
 
     ``forward_over_reverse=True``: ``jvp(grad(f))``. It raises "ZeroTensors are immutable" on
     ``F.mse_loss`` in torch 2.13; the caller then retries with ``False``: reverse-over-reverse
@@ -148,7 +152,16 @@ def hvp_func(
     if module is None:
         raise ValueError("the 'func' product needs the module that `loss_fn` calls.")
     with batch_norm_stats_frozen(module):
-        return func_products(*func_inputs(loss_fn, params, batch, module), Vt, forward_over_reverse)
+        inputs = func_inputs(loss_fn, params, batch, module)
+        if out is None:
+            return func_products(*inputs, Vt, forward_over_reverse)
+        parts = func_products(*inputs, Vt, forward_over_reverse, flat=False)
+    k, start = len(Vt), 0
+    for part in parts:  # (k, *shape): into its parameter's columns of ``out``
+        n = part[0].numel()
+        out[:, start : start + n].add_(part.reshape(k, n), alpha=alpha)
+        start += n
+    return out
 
 
 def func_inputs(
@@ -169,9 +182,11 @@ def func_products(
     batch: Any,
     Vt: Tensor,
     forward_over_reverse: bool = True,
-) -> Tensor:
+    flat: bool = True,
+) -> Tensor | tuple[Tensor, ...]:
     """``(H_b V)ᵀ`` by torch.func on the inputs of :func:`func_inputs`: a pure function of its
-    arguments, which :mod:`.compiled` also compiles."""
+    arguments, which :mod:`.compiled` also compiles. ``flat=False``: the products parameter by
+    parameter, ``(k, *shape)`` each, not concatenated."""
 
     def loss_of(*ps: Tensor) -> Tensor:
         return torch.func.functional_call(
@@ -187,10 +202,11 @@ def func_products(
         else:
             _, pullback = torch.func.vjp(grad_fn, *primals)
             hv = pullback(tangents)
-        return flatten(hv)
+        return flatten(hv) if flat else tuple(hv)
 
     if Vt.shape[0] == 1:
-        return one(Vt[0])[None]
+        hv = one(Vt[0])
+        return hv[None] if flat else tuple(h[None] for h in hv)
     return torch.func.vmap(one, randomness="same")(Vt)
 
 

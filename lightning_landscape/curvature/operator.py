@@ -304,11 +304,16 @@ class HessianOperator(LinearOperator):
                     for lo in range(0, len(Vt), step):
                         if lo:
                             set_rng_state(start, self._cuda)
-                        product = fn(
-                            self.loss_fn, self.params, batch, Vt[lo : lo + step], self.module,
+                        fn(
+                            self.loss_fn,
+                            self.params,
+                            batch,
+                            Vt[lo : lo + step],
+                            self.module,
                             forward_over_reverse=self._forward_over_reverse,
-                        )  # fmt: skip
-                        acc[lo : lo + step].add_(product, alpha=n)
+                            out=acc[lo : lo + step],
+                            alpha=n,
+                        )  # fmt: skip  (added into acc parameter by parameter)
         return acc
 
     def _differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:

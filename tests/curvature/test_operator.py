@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_landscape.curvature import HessianOperator, MatrixOperator, dense_hessian
+from lightning_landscape.curvature import hvp as hvp_module
 
-from ._problems import SIZES, make_batches, make_loss, make_mlp, make_problem
+from ._problems import SIZES, live_storages, make_batches, make_loss, make_mlp, make_problem
 
 KINDS = ("double_backward", "cached", "func")
 
@@ -153,6 +154,28 @@ def test_cached_blocks_of_large_models_go_column_by_column():
     block = op.matmat(V)
     for i in range(3):
         assert rel(block[:, i], op @ V[:, i]) < 1e-12
+
+
+def test_func_blocks_are_added_into_the_products_parameter_by_parameter(monkeypatch):
+    """A vmapped forward-over-reverse block goes into the products' accumulator parameter by
+    parameter: besides the probes and the accumulator no block of P numbers is alive when the
+    products come back (a concatenated one was, on every batch)."""
+    p = make_problem("mlp", "ce_mean", "eval")
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp="func", micro_batch_size=None)
+    V = torch.randn(op.dim, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    block, alive = V.numel() * 8, []
+    original = hvp_module.func_products
+
+    def watched(*args, **kwargs):
+        products = original(*args, **kwargs)
+        alive.append(len(live_storages(block)))
+        return products
+
+    before = len(live_storages(block))  # V, and blocks other tests left alive
+    monkeypatch.setattr(hvp_module, "func_products", watched)
+    HV = op.matmat(V)
+    assert len(alive) == len(p.batches) and max(alive) == before + 2, (before, alive)
+    assert rel(HV, _dense("mlp", "ce_mean", "eval") @ V) < 1e-10
 
 
 def test_seed_fixes_dropout_masks(mlp_problem):
