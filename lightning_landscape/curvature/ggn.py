@@ -246,7 +246,8 @@ class ResidualOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         V = Vt.T
-        return (self.hessian.matmat(V) - self.ggn.matmat(V)).T
+        out = self.hessian.matmat(V).T  # a block of its own (LinearOperator): H V − G V there
+        return out.sub_(self.ggn.matmat(V).T)
 
 
 def _warn(kind: str, message: str) -> None:

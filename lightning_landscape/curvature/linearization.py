@@ -77,14 +77,17 @@ class Linearized:
                     ]
                 )
 
-    def product(self, params: Sequence[Tensor], Vt: Tensor, retain: bool) -> Tensor:
-        """``(J_bᵀ H_b J_b V)ᵀ`` for a ``(k, dim)`` block."""
+    def product(
+        self, params: Sequence[Tensor], Vt: Tensor, retain: bool, out: Tensor, alpha: float
+    ) -> Tensor:
+        """``out += alpha (J_bᵀ H_b J_b V)ᵀ`` for a ``(k, dim)`` block, parameter by parameter
+        (no block of products besides ``out``)."""
         if not self.reaches:  # the output does not depend on the parameters
-            return torch.zeros_like(Vt)
+            return out
         k = Vt.shape[0]
         jv = _hvp.hvp_from_graph(self.jtu, [self.u], Vt, retain=True)  # (k, outputs): J V
-        w = self.hout(jv.reshape(k, *self.shape)).reshape(k, -1)
-        return _hvp.hvp_from_graph(self.output, params, w.to(self.output.dtype), retain=retain)
+        w = self.hout(jv.reshape(k, *self.shape)).reshape(k, -1).to(self.output.dtype)
+        return _hvp.hvp_from_graph(self.output, params, w, retain, out, alpha)
 
 
 class Linearizations:
@@ -165,9 +168,7 @@ class Linearizations:
         acc = torch.zeros_like(Vt)
         for n, lin in zip(self.sizes, self.kept, strict=False):
             for lo in range(0, len(Vt), step):
-                acc[lo : lo + step].add_(
-                    lin.product(self.params, Vt[lo : lo + step], True), alpha=n
-                )
+                lin.product(self.params, Vt[lo : lo + step], True, acc[lo : lo + step], n)
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
             for n, batch in zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True):
@@ -175,6 +176,6 @@ class Linearizations:
                 for lo in range(0, len(Vt), step):
                     last = lo + step >= len(Vt)
                     chunk = Vt[lo : lo + step]
-                    acc[lo : lo + step].add_(lin.product(self.params, chunk, not last), alpha=n)
+                    lin.product(self.params, chunk, not last, acc[lo : lo + step], n)
                 del lin
         return acc

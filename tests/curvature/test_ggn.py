@@ -20,10 +20,11 @@ from lightning_landscape.curvature import (
     ResidualOperator,
     dense_hessian,
 )
+from lightning_landscape.curvature import hvp as hvp_module
 from lightning_landscape.curvature.hvp import batch_norm_stats_frozen, guard
 from lightning_landscape.curvature.output_hessian import output_hessian
 
-from ._problems import NUM_CLASSES, make_batches, make_problem
+from ._problems import NUM_CLASSES, live_storages, make_batches, make_problem
 
 
 def _model_fn(model, loss):
@@ -122,6 +123,43 @@ def _logits_and_targets():
     index[1, 0] = -100  # ignored, as F.cross_entropy does
     probs = torch.rand(5, 4, 2, generator=g, dtype=torch.float64)
     return logits, index, probs
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_products_and_residuals_are_added_in_place(mlp_problem, cache, monkeypatch):
+    """Each batch's J_bᵀ H_b J_b V goes into the products' accumulator parameter by parameter,
+    and H V − G V into the Hessian's block: no block of products besides the accumulator when a
+    batch's products come back (one was, every batch); the residual's products are the
+    Hessian's block (were a third block)."""
+    model = mlp_problem.model
+    G = GGNOperator(_model_fn(model, "cross_entropy"), model, mlp_problem.batches, cache=cache)
+    R = ResidualOperator(HessianOperator(G.loss_fn, model, mlp_problem.batches), G)
+    V = torch.randn(G.dim, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    block, alive = V.numel() * 8, []
+    original = hvp_module.hvp_from_graph
+
+    def watched(grad, params, Vt, *args, **kwargs):
+        products = original(grad, params, Vt, *args, **kwargs)
+        if Vt.shape[1] != G.dim:  # a J_bᵀ w product (its input is the outputs' cotangents)
+            alive.append(len(live_storages(block)))
+        return products
+
+    before = len(live_storages(block))  # V, and blocks other tests left alive
+    monkeypatch.setattr(hvp_module, "hvp_from_graph", watched)
+    GV = G @ V
+    assert len(alive) == len(mlp_problem.batches) and max(alive) == before + 2, (before, alive)
+    monkeypatch.setattr(hvp_module, "hvp_from_graph", original)
+    hessian_matmat, blocks = R.hessian.matmat, []
+
+    def hessian_block(W):
+        blocks.append(hessian_matmat(W))
+        return blocks[-1]
+
+    monkeypatch.setattr(R.hessian, "matmat", hessian_block)
+    RV = R @ V  # H V − G V computed in the Hessian's block
+    assert RV.untyped_storage().data_ptr() == blocks[0].untyped_storage().data_ptr()
+    H = dense_hessian(G.loss_fn, model, mlp_problem.batches)
+    assert torch.allclose(RV, H @ V - GV, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("target_kind", ["index", "probabilities"])
