@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/memory.py            # about 1-2 minutes on one thread
     PYTHONPATH=. python benchmarks/memory.py --tiny     # a smoke run (the test runs it)
     PYTHONPATH=. python benchmarks/memory.py --model resnet18 --configs train,top1,defaults
+    PYTHONPATH=. python benchmarks/memory.py --model resnet18 --configs defaults --where-peak
 
 ``--model resnet18`` and ``--model gpt`` take ``benchmarks/gpu.py``'s two architectures at sizes a
 CPU measures in minutes (ResNet-18 at half width on 128 CIFAR-sized images a batch; a 4-layer GPT
@@ -33,7 +34,9 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 MiB = 2**20
@@ -88,12 +91,39 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-class RSSMeter:
-    """Peak resident set above the baseline (``VmHWM`` − baseline ``VmRSS``), in bytes."""
+class PeakSampler:
+    """The main thread's stack at the highest resident set since :meth:`reset`: a daemon thread
+    reads ``VmRSS`` every ``interval`` seconds (a shorter one starves the main thread of the
+    GIL) and keeps the stack of each new high, the package's frames only."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
+        self.main, self.interval = threading.get_ident(), interval
+        self.high, self.stack = 0, []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def reset(self) -> None:
+        self.high, self.stack = 0, []
+
+    def _run(self) -> None:
+        while True:
+            rss = _status("VmRSS")
+            if rss > self.high:
+                frame = sys._current_frames().get(self.main)
+                frames = traceback.extract_stack(frame) if frame is not None else []
+                ours = [f for f in frames if "lightning_landscape" in f.filename] or frames[-3:]
+                self.high = rss
+                self.stack = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in ours]
+            time.sleep(self.interval)
+
+
+class RSSMeter:
+    """Peak resident set above the baseline (``VmHWM`` − baseline ``VmRSS``), in bytes; with a
+    :class:`PeakSampler`, also where it was."""
+
+    def __init__(self, sampler: PeakSampler | None = None) -> None:
         self.base = 0
         self.resettable = True
+        self.sampler = sampler
 
     def baseline(self) -> None:
         gc.collect()
@@ -101,6 +131,8 @@ class RSSMeter:
         self.reset_peak()
 
     def reset_peak(self) -> None:
+        if self.sampler is not None:
+            self.sampler.reset()
         try:  # "5" resets the peak resident set to the current one (Linux ≥ 4.0)
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
@@ -147,7 +179,7 @@ def problem(model: str, size: dict, seed: int):
     return net, language_loss(net), (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
 
-def child(config: str, model: str, size: str, warmup: bool) -> dict:
+def child(config: str, model: str, size: str, warmup: bool, where: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,7 +196,7 @@ def child(config: str, model: str, size: str, warmup: bool) -> dict:
         fit_one_step(tiny_net, tiny_loss, tiny_data, tiny["batch"], RSSMeter(), CONFIGS[config][1])
         del tiny_net, tiny_loss, tiny_data
     net, loss, data = problem(model, s, 0)
-    meter = RSSMeter()
+    meter = RSSMeter(PeakSampler() if where else None)
     t0 = time.perf_counter()
     out = fit_one_step(net, loss, data, s["batch"], meter, CONFIGS[config][1])
     params = sum(p.numel() for p in net.parameters())
@@ -187,11 +219,12 @@ def child(config: str, model: str, size: str, warmup: bool) -> dict:
         ),
         seconds=time.perf_counter() - t0,
         torch=torch.__version__,
+        peak_stack=meter.sampler.stack if meter.sampler is not None else None,
     )
 
 
 # ----------------------------------------------------------------------------- parent
-def run_fresh(config: str, model: str, size: str, warmup: bool) -> dict:
+def run_fresh(config: str, model: str, size: str, warmup: bool, where: bool = False) -> dict:
     """Run one configuration in a fresh interpreter; its last stdout line is the JSON."""
     # A fixed mmap threshold (no glibc dynamic threshold): every large tensor is mapped and
     # unmapped, so the resident set follows the live tensors instead of malloc's free lists.
@@ -199,7 +232,7 @@ def run_fresh(config: str, model: str, size: str, warmup: bool) -> dict:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, __file__, "--child", config, "--model", model, "--size", size]
-    cmd += [] if warmup else ["--no-warmup"]
+    cmd += ([] if warmup else ["--no-warmup"]) + (["--where-peak"] if where else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -244,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="count first-call costs too (no warm-up fit of a tiny model first)")  # fmt: skip
     parser.add_argument("--model", default="mlp", choices=list(SIZES),
                         help="mlp (default), resnet18 or gpt: smaller gpu.py models")  # fmt: skip
+    parser.add_argument("--where-peak", action="store_true",
+                        help="name the code at each measurement's resident peak (its stack)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = child(args.child, args.model, args.size, not args.no_warmup)
+        result = child(args.child, args.model, args.size, not args.no_warmup, args.where_peak)
         print(json.dumps(result), flush=True)
         return 0
     size = "tiny" if args.tiny else "default"
@@ -262,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for config in configs:
         t0 = time.perf_counter()
-        results.append(run_fresh(config, args.model, size, not args.no_warmup))
+        results.append(run_fresh(config, args.model, size, not args.no_warmup, args.where_peak))
         r = results[-1]
         print(
             f"  {config}: {r.get('error') or 'done'} ({time.perf_counter() - t0:.0f} s)", flush=True
@@ -274,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parameters {ok['params']:,} ({ok['params'] * 4 / MiB:.2f} MiB); {acts}torch "
               f"{ok['torch']}; peak reset via clear_refs: {ok['peak_reset']}", flush=True)  # fmt: skip
     text = table(results)
+    for r in results:
+        if r.get("peak_stack") is not None:
+            text += f"\n\n{r['config']}: peak at\n    " + "\n    ".join(r["peak_stack"] or ["?"])
     print("\n" + text, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

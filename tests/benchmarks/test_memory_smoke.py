@@ -14,8 +14,9 @@ def test_tiny_run_writes_the_table(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     memory = importlib.import_module("memory")
     code = memory.main(
-        ["--tiny", "--no-warmup", "--configs", "train,defaults", "--out", str(tmp_path)]
-    )
+        ["--tiny", "--no-warmup", "--configs", "train,defaults", "--out", str(tmp_path),
+         "--where-peak"]
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| HessianMonitor() with its defaults |" in out
@@ -26,6 +27,7 @@ def test_tiny_run_writes_the_table(monkeypatch, tmp_path, capsys):
     assert defaults["metrics"]["hessian/num_matvecs"] > 0
     assert defaults["measurement"] > 0 and defaults["peak_reset"]
     assert (tmp_path / "memory.md").read_text().startswith("| configuration |")
+    assert isinstance(defaults["peak_stack"], list) and "defaults: peak at" in out
 
 
 def test_unknown_configuration_is_refused(monkeypatch):
