@@ -133,10 +133,15 @@ class Basis:
         on each other device, then moved (one transfer)."""
         elsewhere: dict[torch.device, Tensor] = {}
         for c, a in zip(chunks, coef, strict=True):
+            if c.device == out.device:  # multiplied and added in place: no block besides out
+                a = a.to(c.device)
+                if eq == "jd,jk->dk":
+                    out.addmm_(c.T, a)
+                else:  # "bjd,bj->bd", chain by chain
+                    out.unsqueeze(1).baddbmm_(a.unsqueeze(1), c)
+                continue
             term = torch.einsum(eq, c, a.to(c.device))
-            if c.device == out.device:
-                out.add_(term)
-            elif c.device in elsewhere:
+            if c.device in elsewhere:
                 elsewhere[c.device].add_(term)
             else:
                 elsewhere[c.device] = term
@@ -181,11 +186,19 @@ class Basis:
         Xb = X.to(self._home(X), self.dtype)
         return torch.cat(self._coefficients(chunks, Xb, "jd,dk->jk")).to(X.device)
 
-    def combine(self, C: Tensor, chain: int = 0, device: torch.device | None = None) -> Tensor:
+    def combine(
+        self,
+        C: Tensor,
+        chain: int = 0,
+        device: torch.device | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
         """``Q C``: the ``(dim, k)`` combination of the basis with ``(j, k)`` coefficients, on
-        ``device`` (default the basis's own)."""
-        where = torch.device(device) if device is not None else self.device
-        out = torch.zeros(self.dim, C.shape[1], dtype=self.dtype, device=where)
+        ``device`` (default the basis's own); with ``out`` (a ``(dim, k)`` block of the basis's
+        dtype, a transposed view is fine), added into it in place and returned."""
+        if out is None:
+            where = torch.device(device) if device is not None else self.device
+            out = torch.zeros(self.dim, C.shape[1], dtype=self.dtype, device=where)
         chunks = [c[chain] for c in self._filled()]
         coef = torch.split(C.to(self.dtype), [c.shape[0] for c in chunks])
         self._combination(chunks, list(coef), out, "jd,jk->dk")

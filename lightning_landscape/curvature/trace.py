@@ -132,7 +132,7 @@ def deflated_hutchinson(
         control = torch.zeros(Z.shape[0], dtype=torch.float64)
         if j > 0:
             coef = basis.coefficients(Z.T)
-            Z.sub_(basis.combine(coef, device=Z.device).T)
+            basis.combine(coef.neg(), out=Z.T)  # Z −= (Q coef)ᵀ in place
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         HZ = op.matmat(Z.T).T
         own = HZ.dtype == Z.dtype and _writable(HZ, Z)  # the products' block is ours to reuse

@@ -40,6 +40,9 @@ def test_chunked_basis_equals_dense_operations():
     C = torch.randn(7, 2, generator=g, dtype=torch.float64)
     assert torch.allclose(basis.coefficients(X), rows @ X, atol=1e-14)
     assert torch.allclose(basis.combine(C), rows.T @ C, atol=1e-14)
+    Y = torch.randn(2, 30, generator=g, dtype=torch.float64)  # rows: combined into Y.T in place
+    expected = Y.T + rows.T @ C
+    assert basis.combine(C, out=Y.T) is not None and torch.allclose(Y.T, expected, atol=1e-14)
     w = torch.randn(1, 30, generator=g, dtype=torch.float64)
     projected = w - (rows.T @ (rows @ w[0]))[None]
     assert torch.allclose(basis.orthogonalize(w, passes=1), projected, atol=1e-14)

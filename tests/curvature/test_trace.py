@@ -14,6 +14,8 @@ from lightning_landscape.curvature import (
     dense_hessian,
     trace,
 )
+from lightning_landscape.curvature.basis import Basis
+from lightning_landscape.curvature.trace import deflated_hutchinson
 
 from ._problems import flat_spectrum, live_storages, outlier_spectrum, spectrum_matrix
 
@@ -215,6 +217,27 @@ def test_the_residual_takes_the_products_place(monkeypatch):
     assert len(blocks) == 1 + 5  # c from block 1, 5 residuals
     assert max(blocks) == before + 2, (before, blocks)
     assert math.isfinite(r.estimate) and r.num_matvecs == 40
+
+
+def test_probes_are_deflated_in_place(monkeypatch):
+    """(I − QQᵀ) z is subtracted from the probes in place (Basis.combine into them, each chunk
+    multiplied and added without a temporary): no block of P numbers besides the probes when
+    they are deflated (Q coef was one more, and each chunk's term a transient one)."""
+    op = MatrixOperator(spectrum_matrix(SPECTRA["flat"]))
+    basis = Basis.from_rows(torch.linalg.qr(torch.randn(op.dim, 12, dtype=torch.float64))[0].T)
+    size = 8 * op.dim * 8  # a block of 8 float64 vectors, in bytes
+    counts, combination = [], Basis._combination
+
+    def watched(self, *args, **kwargs):
+        combination(self, *args, **kwargs)
+        counts.append(len(live_storages(size)))
+
+    before = len(live_storages(size))  # blocks other tests left alive
+    monkeypatch.setattr(Basis, "_combination", watched)
+    mean, _, n = deflated_hutchinson(op, basis, 16, torch.Generator().manual_seed(0), block=8)
+    monkeypatch.undo()
+    assert n == 16 and math.isfinite(mean) and counts, counts
+    assert max(counts) == before + 1, (before, counts)  # the probes only
 
 
 class _Returning(MatrixOperator):
