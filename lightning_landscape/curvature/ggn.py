@@ -40,6 +40,7 @@ from lightning_landscape._core.distributed import all_reduce_sum_, is_distribute
 from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature import hvp as _hvp
 from lightning_landscape.curvature import pieces as _pieces
+from lightning_landscape.curvature.linear import writable
 from lightning_landscape.curvature.linearization import Linearizations, split_output
 from lightning_landscape.curvature.operator import LinearOperator
 from lightning_landscape.curvature.output_hessian import (
@@ -247,6 +248,8 @@ class ResidualOperator(LinearOperator):
     def _matmat(self, Vt: Tensor) -> Tensor:
         V = Vt.T
         out = self.hessian.matmat(V).T  # a block of its own (LinearOperator): H V − G V there
+        if out.dtype != Vt.dtype or not writable(out, Vt):
+            return out - self.ggn.matmat(V).T
         return out.sub_(self.ggn.matmat(V).T)
 
 

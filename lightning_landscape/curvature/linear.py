@@ -73,6 +73,13 @@ class LinearOperator:
         raise NotImplementedError
 
 
+def writable(out: Tensor, other: Tensor) -> bool:
+    """Whether a product block may be overwritten: a plain contiguous tensor outside autograd
+    that shares no storage with ``other`` (an operator returning its input, say)."""
+    plain = out.is_contiguous() and not out.requires_grad and not out.is_inference()
+    return plain and out.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
+
+
 class MatrixOperator(LinearOperator):
     """Wrap a dense symmetric matrix as an operator (for tests and small problems).
 

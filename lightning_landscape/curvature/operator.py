@@ -304,16 +304,11 @@ class HessianOperator(LinearOperator):
                     for lo in range(0, len(Vt), step):
                         if lo:
                             set_rng_state(start, self._cuda)
-                        fn(
-                            self.loss_fn,
-                            self.params,
-                            batch,
-                            Vt[lo : lo + step],
-                            self.module,
+                        fn(  # added into acc parameter by parameter
+                            self.loss_fn, self.params, batch, Vt[lo : lo + step], self.module,
                             forward_over_reverse=self._forward_over_reverse,
-                            out=acc[lo : lo + step],
-                            alpha=n,
-                        )  # fmt: skip  (added into acc parameter by parameter)
+                            out=acc[lo : lo + step], alpha=n,
+                        )  # fmt: skip
         return acc
 
     def _differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:

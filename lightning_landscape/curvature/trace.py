@@ -56,7 +56,7 @@ from lightning_landscape._core.space import Space, space_of
 from lightning_landscape._core.stats import ONE_SIGMA, student_t_quantile
 from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.lanczos import lanczos
-from lightning_landscape.curvature.linear import LinearOperator
+from lightning_landscape.curvature.linear import LinearOperator, writable
 
 TraceMethod = Literal["auto", "hutchinson", "hutch++"]
 
@@ -135,7 +135,7 @@ def deflated_hutchinson(
             basis.combine(coef.neg(), out=Z.T)  # Z −= (Q coef)ᵀ in place
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
         HZ = op.matmat(Z.T).T
-        own = HZ.dtype == Z.dtype and _writable(HZ, Z)  # the products' block is ours to reuse
+        own = HZ.dtype == Z.dtype and writable(HZ, Z)  # the products' block is ours to reuse
         quad = torch.einsum("kd,kd->k", Z, HZ) if own else (Z * HZ).sum(dim=1)
         quad = sp.reduce(quad).double().cpu()
         if c is None:
@@ -150,13 +150,6 @@ def deflated_hutchinson(
         del Z, HZ, R  # before the next block is drawn: two blocks of P numbers at most
     x = torch.cat(samples)
     return float(x.mean()), _pooled_stderr(x, torch.cat(bounds)), len(x)
-
-
-def _writable(out: Tensor, other: Tensor) -> bool:
-    """Whether a product block may be overwritten: a plain contiguous tensor outside autograd
-    that shares no storage with ``other`` (an operator returning its input, say)."""
-    plain = out.is_contiguous() and not out.requires_grad and not out.is_inference()
-    return plain and out.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
 
 
 def _pooled_stderr(x: Tensor, bounds: Tensor) -> float:
