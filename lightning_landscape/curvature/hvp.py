@@ -37,6 +37,20 @@ def gradient_graph(
         return flat_grad(loss_fn(batch), params, create_graph=True)
 
 
+def add_by_parameter(
+    out: Tensor, parts: Sequence[Tensor | None], params: Sequence[Tensor], alpha: float
+) -> Tensor:
+    """``out += alpha · parts`` for a ``(k, dim)`` block and one ``(k, *shape)`` part per
+    parameter (None: zero), each into its parameter's columns: the parts are never
+    concatenated into a block of their own."""
+    k, start = out.shape[0], 0
+    for part, p in zip(parts, params, strict=True):
+        if part is not None:
+            out[:, start : start + p.numel()].add_(part.reshape(k, -1), alpha=alpha)
+        start += p.numel()
+    return out
+
+
 def hvp_from_graph(
     grad: Tensor,
     params: Sequence[Tensor],
@@ -58,12 +72,7 @@ def hvp_from_graph(
             grad, params, Vt, retain_graph=retain, allow_unused=True, is_grads_batched=True
         )
     if out is not None:
-        start = 0
-        for g, p in zip(grads, params, strict=True):
-            if g is not None:
-                out[:, start : start + p.numel()].add_(g.reshape(k, -1), alpha=alpha)
-            start += p.numel()
-        return out
+        return add_by_parameter(out, grads, params, alpha)
     if k == 1:
         return flatten(
             [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
@@ -156,12 +165,7 @@ def hvp_func(
         if out is None:
             return func_products(*inputs, Vt, forward_over_reverse)
         parts = func_products(*inputs, Vt, forward_over_reverse, flat=False)
-    k, start = len(Vt), 0
-    for part in parts:  # (k, *shape): into its parameter's columns of ``out``
-        n = part[0].numel()
-        out[:, start : start + n].add_(part.reshape(k, n), alpha=alpha)
-        start += n
-    return out
+    return add_by_parameter(out, parts, params, alpha)
 
 
 def func_inputs(

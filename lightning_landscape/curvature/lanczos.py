@@ -9,8 +9,9 @@ shrank w below 1/√2 of its norm (the DGKS criterion: Daniel, Gragg, Kaufman & 
 ARPACK). After the recurrence the pass removes only rounding errors, so the second is rare: one
 read of the basis per step, not two (what a basis spilled to host memory costs). When a chain's
 Krylov space is exhausted (β ≈ 0) it continues from a fresh random vector orthogonal to its
-basis, with β = 0 in T: the eigenvalues of T are then exact eigenvalues of the operator. Chains share each operator product
-(one batched matmat per step), so b chains of m steps cost b·m products in m batched calls.
+basis, with β = 0 in T: the eigenvalues of T are then exact eigenvalues of the operator. Chains
+share each operator product (one batched matmat per step), so b chains of m steps cost b·m
+products in m batched calls.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def lanczos(
     rare but at restarts), measured 1.6x faster than two passes (60 steps, P = 2M, float32,
     CPU); one device-to-host transfer per step (α, β, the norm before the pass and finiteness
     together; one more where DGKS asks). Memory: the basis grows with the steps taken,
-    b · (j + chunk − 1) · P numbers after j steps (:class:`~.basis.Basis`), plus a few P-vectors per chain; nothing is
-    allocated for ``max_steps`` up front.
+    b · (j + chunk − 1) · P numbers after j steps (:class:`~.basis.Basis`), plus a few
+    P-vectors per chain; nothing is allocated for ``max_steps`` up front.
     """
     sp = space_of(op)  # inner products and norms of (possibly sharded) vectors
     b, d = start.shape[0], op.dim
