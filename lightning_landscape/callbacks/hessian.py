@@ -92,10 +92,10 @@ class HessianMonitor(LandscapeMonitor):
             (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per
             model and shape (seconds to minutes), for long fits on GPUs
             (:mod:`~lightning_landscape.curvature.compiled`).
-        memory_budget: bytes the cached gradient graphs may hold, and one exact product's
-            working memory (``micro_batch_size="auto"``); ``None``: one training step (estimated
-            at the first product, at least 16 MiB); ``0``: batch by batch; ``math.inf``: all
-            batches, whole.
+        memory_budget: bytes an exact product may hold, its working memory
+            (``micro_batch_size="auto"``) and the cached gradient graphs together; ``None``: one
+            training step (estimated at the first product, at least 16 MiB); ``0``: batch by
+            batch; ``math.inf``: all batches, whole.
         micro_batch_size: the most samples one pass of a product takes (batches are cut into
             pieces weighted by their sizes: the same Hessian when the loss is a mean over
             independent samples). ``"auto"``: only as small as ``memory_budget`` needs, after
@@ -105,7 +105,8 @@ class HessianMonitor(LandscapeMonitor):
             ``memory_budget``, later vectors in pinned host memory (projected there: slower per
             step, within the device's memory); ``None``: all on the device; ``"cpu"``: host.
         probe_block: trace probes per product call; ``None``: 8, or as many as fit the
-            memory budget at 3 P numbers a probe. Blocks are vmapped where faster (on an H200,
+            memory budget at 3 P numbers a probe (on CPU above 5,000 parameters 1: products
+            take the vectors one at a time there). Blocks are vmapped where faster (on an H200,
             ResNet-18: 2.05x a gradient per product in blocks of 8, 5.6x one at a time); the
             products take fewer vectors at a time, or smaller pieces of the batches, as the
             memory budget needs (on CPU, forward-over-reverse blocks of 8: 1.0x a training
@@ -167,11 +168,11 @@ class HessianMonitor(LandscapeMonitor):
     products of each candidate kind once per fit. Memory, with T a training step and P the
     number of parameters: the Lanczos basis (its steps, at most ``max_matvecs``, times P
     numbers, grown as it runs; on the device up to ``memory_budget``, then on the host), a block
-    of probes (3 P each, 8 or as many as fit ``memory_budget``), plus the product's own: exact
-    products on pieces of the batches small enough for one (or a vmapped block) to fit
-    ``memory_budget`` (default 1 T), and the cached graphs within it, so about 2 T in all (2-4 T
-    on whole batches: a loss that is not a mean over samples, or ``micro_batch_size=None``);
-    about 1.2 T for finite differences. Measured on an activation-heavy MLP (CPU): the defaults
+    of probes (3 P each, 8 or as many as fit ``memory_budget``; 1 on CPU above 5,000
+    parameters), plus the product's own: exact products on pieces of the batches small enough
+    for one (or a vmapped block) to fit ``memory_budget`` (default 1 T), the cached graphs
+    sharing that budget with it, so about 1 T (2-4 T on whole batches: a loss that is not a
+    mean over samples, or ``micro_batch_size=None``); about 1.2 T for finite differences. Measured on an activation-heavy MLP (CPU): the defaults
     2.2 T, top-1 1.9 T.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).

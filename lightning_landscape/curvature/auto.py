@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape.curvature.cache import PRODUCT_FACTOR
 
 if TYPE_CHECKING:
     from lightning_landscape.curvature.operator import HessianOperator
@@ -184,8 +185,9 @@ def resolve(op: HessianOperator, v: Tensor) -> None:
         if kind != "cached" or op.graphs.cut > 0:
             return None
         return (
-            f"no batch's gradient graph fits memory_budget ({op.graphs.budget:.3g} bytes; "
-            f"the first takes {op.graphs.graph_bytes[0]})"
+            f"no batch's gradient graph fits memory_budget ({op.graphs.budget:.3g} bytes) beside "
+            f"a product's working memory ({PRODUCT_FACTOR:g} x the largest graph, "
+            f"{op.graphs.largest:.3g} bytes)"
         )
 
     choice = choose(op.local_products, kinds, v, skip=nothing_cached, distributed=op.distributed)

@@ -71,13 +71,14 @@ class GGNOperator(LinearOperator):
         distributed: reduce across ranks when a process group with several ranks is initialized
             (one all-reduce of one flat vector per product).
         cache: keep the linearizations (output and Jᵀu graphs, :mod:`.linearization`) of the
-            first batches whose measured bytes fit ``memory_budget``; per product two backwards
+            first batches whose measured bytes fit ``memory_budget`` beside one product's
+            working memory (:func:`~.cache.fits`); per product two backwards
             through each kept one (about 2 gradients), a forward and three backwards for each
             other batch (3.5-5x a gradient, the memory of one batch). ``False``: keep nothing.
             Kept graphs are rebuilt if the parameters change in place or a module switches
             train/eval; :meth:`release` frees them. Results do not depend on what is kept.
-        memory_budget: bytes the kept linearizations may hold, and the working memory one
-            product should fit (``micro_batch_size="auto"``): as for
+        memory_budget: bytes the kept linearizations and one product's working memory may hold
+            together, and the working memory one product should fit (``micro_batch_size="auto"``): as for
             :class:`~.operator.HessianOperator`, None is one training step (at least
             :data:`~.cache.FLOOR`), 0 keeps nothing, ``math.inf`` keeps every batch, whole.
         micro_batch_size: the most samples one linearization takes: batches are cut into

@@ -4,9 +4,10 @@ A product G v of :class:`~.ggn.GGNOperator` needs, for each batch, the model's o
 Jᵀw), the graph of Jᵀu for a dummy cotangent u (for J v, the transpose trick) and the output
 Hessian: a linearization. Kept for every batch, they hold all batches' activations and about a
 gradient graph each, so, as :class:`~.cache.GraphCache` does for Hessian-vector products, only
-the linearizations of the first batches (pieces) whose measured bytes fit the budget are kept;
-the others are rebuilt for every product, one at a time, drawing the same dropout masks (the
-generators' state before the first uncached batch is replayed).
+the linearizations of the first batches (pieces) whose measured bytes fit the budget beside one
+product's working memory are kept (:func:`~.cache.fits`); the others are rebuilt for every
+product, one at a time, drawing the same dropout masks (the generators' state before the first
+uncached batch is replayed).
 
 The bytes are measured, not guessed: the distinct storages autograd saves while a linearization
 is built (:class:`~.cache.SavedBytes`, parameters excluded). Not counted: the output-sized
@@ -23,7 +24,14 @@ from torch import Tensor
 
 from lightning_landscape._core.vectors import flatten
 from lightning_landscape.curvature import hvp as _hvp
-from lightning_landscape.curvature.cache import SavedBytes, budget_bytes, rng_state, set_rng_state
+from lightning_landscape.curvature.cache import (
+    SavedBytes,
+    budget_bytes,
+    fits,
+    largest_graph,
+    rng_state,
+    set_rng_state,
+)
 from lightning_landscape.curvature.output_hessian import output_hessian
 
 
@@ -99,11 +107,13 @@ class Linearizations:
 
     Attributes:
         batches, sizes: the batches (pieces) and their sizes, set by the operator.
-        requested_budget: bytes the kept linearizations may take; None: :attr:`step_bytes`, at
-            least :data:`~.cache.FLOOR`; 0: nothing kept.
+        requested_budget: bytes the kept linearizations and one product's working memory may take
+            together (:func:`~.cache.fits`); None: :attr:`step_bytes`, at least
+            :data:`~.cache.FLOOR`; 0: nothing kept.
         kept: the linearizations of batches ``:cut``.
         rng: the generators' state before batch ``cut`` (None when every batch is kept).
         lin_bytes: measured bytes of each linearization built (the first ``cut`` + 1 at most).
+        largest: the largest batch's linearization as estimated from those.
         step_bytes: a training step, estimated: batch 0's forward activations plus 2 P numbers.
         budget: the budget used, in bytes.
     """
@@ -116,6 +126,7 @@ class Linearizations:
         self.kept: list[Linearized] = []
         self.rng: tuple[Tensor, list[Tensor]] | None = None
         self.lin_bytes: list[int] = []
+        self.largest = 0.0
         self.step_bytes = 0
         self.budget = 0.0
 
@@ -139,8 +150,8 @@ class Linearizations:
         return lin, counter.bytes
 
     def build(self) -> None:
-        """Linearize batch by batch until the next one would exceed the budget (that one is
-        dropped). Runs inside :func:`~.hvp.guard`: the forwards draw their masks in batch
+        """Linearize batch by batch until the next one would not fit the budget beside a
+        product's working memory (that one is dropped). Runs inside :func:`~.hvp.guard`: the forwards draw their masks in batch
         order, as the products of an operator that keeps nothing do."""
         self.release()
         self.lin_bytes, total = [], 0
@@ -155,7 +166,8 @@ class Linearizations:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
                 self.budget = budget_bytes(self.requested_budget, self.step_bytes)
             self.lin_bytes.append(nbytes)
-            if total + nbytes > self.budget:
+            self.largest = largest_graph(self.lin_bytes, self.sizes)
+            if not fits(total + nbytes, self.largest, self.budget):
                 return  # this one is dropped; batches i: are linearized per product
             total += nbytes
             self.kept.append(lin)

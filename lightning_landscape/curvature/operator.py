@@ -13,8 +13,8 @@ temporaries, 2.2 T (ResNet-18, H200) to 4.3 T (GELU MLP, CPU) for ``"double_back
 vector for ``"func"`` (MLP); so by default (``micro_batch_size="auto"``, :mod:`.pieces`) batches
 are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T), when the
 loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs of the
-pieces that fit ``memory_budget`` and differentiates the others per product: about 2 budgets in
-all. ``"finite_difference"``: one gradient and 3 P. A vmapped block of k vectors holds about
+pieces that fit ``memory_budget`` beside one product's working memory and differentiates the
+others per product: one budget in all (nothing is kept when a product needs the whole budget). ``"finite_difference"``: one gradient and 3 P. A vmapped block of k vectors holds about
 1 + 2k graphs, so blocks take fewer vectors at a time, or smaller pieces, as the budget needs.
 A HessianMonitor measurement (benchmarks/memory.py, MLP): 2.2 T with pieces, 5.1 T without.
 """
@@ -70,7 +70,7 @@ class HessianOperator(LinearOperator):
         distributed: reduce across ranks when a process group with several ranks is initialized.
         hvp: the kind of Hessian-vector product (costs in :mod:`.hvp`, memory above).
             ``"cached"`` (default): the gradient graphs of the batches that fit ``memory_budget``
-            are built at the first product and kept (freed by :meth:`release` or the end of a
+            beside one product's working memory are built at the first product and kept (freed by :meth:`release` or the end of a
             ``with`` block, rebuilt if the parameters change in place or a module switches
             train/eval), the others differentiated twice per product; ``"double_backward"``
             (Pearlmutter); ``"func"``: torch.func forward-over-reverse, vmapped over blocks
@@ -85,8 +85,9 @@ class HessianOperator(LinearOperator):
         block_hvp: the kind for blocks of several vectors (trace and density probes); default
             ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
             forward-over-reverse), timed on the first block.
-        memory_budget: bytes the cached gradient graphs may hold (``"cached"`` and ``"auto"``),
-            and the working memory one exact product should fit (``micro_batch_size="auto"``).
+        memory_budget: bytes an exact product may hold: its working memory
+            (``micro_batch_size="auto"`` cuts the batches for it) together with the cached
+            gradient graphs (``"cached"`` and ``"auto"``, :func:`~.cache.fits`).
             ``None``: one training step, estimated at the first product as the activations the
             first batch's forward saves plus parameters and gradients (2 P numbers); ``0``:
             nothing cached (batch by batch); ``math.inf``: every batch, whole.

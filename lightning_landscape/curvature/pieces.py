@@ -35,17 +35,12 @@ from torch import Tensor
 from lightning_landscape._core.batches import batch_sizes, flat_grad, split_batch
 from lightning_landscape._core.checks import check_int, check_real
 from lightning_landscape._core.distributed import all_reduce_max_
-from lightning_landscape.curvature.cache import FLOOR, SavedBytes, budget_bytes
+from lightning_landscape.curvature.cache import FLOOR, PRODUCT_FACTOR, SavedBytes, budget_bytes
 from lightning_landscape.curvature.hvp import COLUMNS, guard
 
 __all__ = ["COLUMNS", "FLOOR", "PRODUCT_FACTOR", "VECTOR_FACTOR", "Plan", "choose", "cut",
            "pieces_of", "plan", "split_batch", "split_batches"]  # fmt: skip
 
-#: An exact product's peak memory over its gradient graph's saved bytes (the graph plus the
-#: second backward's temporaries). Measured on CPU (peak resident set of one double-backward
-#: product): 3.05 on a GELU MLP (batch 8192), 1.75 on a 3-layer CNN with BatchNorm (batch 128),
-#: 1.87 on a 2-layer causal Transformer with math attention (64 x 64 tokens): the largest, about.
-PRODUCT_FACTOR = 3.0
 #: A vmapped product of k vectors on s samples takes about 1 + VECTOR_FACTOR · k gradient graphs
 #: of s samples (k = 1: PRODUCT_FACTOR). Measured on CPU, peak over graph at k = 8 (MLP, CNN,
 #: Transformer): forward-over-reverse 10.8, 12.0, 15.9; a vmapped backward through a kept graph

@@ -28,7 +28,9 @@ def _dense(arch: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_budget_switches_cached_and_batch_by_batch_with_identical_products(arch):
-    """Budgets 0 / one graph / all graphs cache 0 / 1 / 3 batches; in train mode with Dropout
+    """The budget holds the kept graphs and one product's working memory (PRODUCT_FACTOR graphs
+    of the largest batch): budgets 0 / T1 - 1 / T1 / T2 / T3 / inf cache 0 / 0 / 1 / 2 / 3 / 3
+    batches, Tc being the first c graphs plus that working memory. In train mode with Dropout
     and BatchNorm the uncached batches replay the masks they draw in sequence, so every budget
     gives the same matrix as the dense oracle."""
     H = _dense(arch)
@@ -36,16 +38,28 @@ def test_budget_switches_cached_and_batch_by_batch_with_identical_products(arch)
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     probe = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=math.inf)
     reference = probe @ V
-    sizes = probe.graphs.graph_bytes
-    assert probe.graphs.cut == 3 and probe.graphs.cached_bytes == sum(sizes) > 0
-    for budget, cut in ((0, 0), (sizes[0], 1), (sizes[0] + sizes[1], 2), (math.inf, 3)):
+    g, sizes = probe.graphs.graph_bytes, probe.batch_sizes
+    assert probe.graphs.cut == 3 and probe.graphs.cached_bytes == sum(g) > 0
+    T = [sum(g[:c]) + cache.PRODUCT_FACTOR * cache.largest_graph(g[:c], sizes) for c in (1, 2, 3)]
+    assert T[0] < T[1] < T[2] and T[2] > sum(g) + 2 * max(g)  # a product's memory to spare
+    cases = ((0, 0), (T[0] - 1, 0), (T[0], 1), (T[1], 2), (T[2], 3), (math.inf, 3))
+    for budget, cut in cases:
         op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=budget)
         out = op @ V
-        assert op.graphs.cut == cut and op.graphs.cached_bytes <= budget
+        assert op.graphs.cut == cut, (budget, cut, op.graphs.cut)
         assert rel(out, H @ V) < 1e-10
         assert rel(out, reference) < 1e-12
         assert rel(op @ V[:, 0], H @ V[:, 0]) < 1e-10  # again, from the kept graphs
         op.release()
+
+
+def test_working_memory_is_reserved_for_the_largest_batch():
+    """The largest graph is estimated from those measured: the largest measured, or the most
+    bytes per sample times the largest batch."""
+    assert cache.largest_graph([100], (5, 3, 7)) == pytest.approx(140)
+    assert cache.largest_graph([100, 90], (5, 3, 7)) == pytest.approx(210)
+    assert cache.largest_graph([100, 30, 150], (5, 3, 7)) == pytest.approx(150)
+    assert cache.fits(100, 140, 100 + 3 * 140) and not cache.fits(101, 140, 100 + 3 * 140)
 
 
 def test_default_budget_is_one_training_step(monkeypatch):
@@ -144,7 +158,11 @@ def test_a_block_goes_into_one_accumulator_column_by_column(monkeypatch):
 
     op = HessianOperator(loss_fn, model, batches, hvp="cached", micro_batch_size=None)
     op @ torch.zeros(op.dim, 1, dtype=torch.float64)  # plans and caches
-    op.graphs.requested_budget = op.graphs.graph_bytes[0]  # one batch cached, two per product
+    kept = op.graphs
+    # one batch cached, two per product
+    kept.requested_budget = (
+        kept.graph_bytes[0] + cache.PRODUCT_FACTOR * max(kept.graph_bytes) * 1.01
+    )
     op.release()
     assert op.dim > 5000
     vector = op.dim * 8

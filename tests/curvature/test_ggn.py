@@ -21,6 +21,7 @@ from lightning_landscape.curvature import (
     dense_hessian,
 )
 from lightning_landscape.curvature import hvp as hvp_module
+from lightning_landscape.curvature.cache import PRODUCT_FACTOR, largest_graph
 from lightning_landscape.curvature.hvp import batch_norm_stats_frozen, guard
 from lightning_landscape.curvature.output_hessian import output_hessian
 
@@ -191,13 +192,15 @@ def test_mse_closed_form_and_a_callable_loss():
 @pytest.mark.parametrize("budget", [0.0, "one", math.inf])
 def test_budgets_give_the_same_matrix(budget):
     """Train mode (dropout masks of the uncached batches replayed): whatever is kept, G is the
-    oracle's. A budget of one linearization keeps exactly the first batch."""
+    oracle's. A budget of one linearization and one product's working memory (PRODUCT_FACTOR
+    linearizations of the largest batch) keeps exactly the first batch."""
     pb = make_problem("mlp")
     model_fn = _model_fn(pb.model, "cross_entropy")
     if budget == "one":
         probe = GGNOperator(model_fn, pb.model, pb.batches, memory_budget=math.inf)
         probe @ torch.ones(probe.dim, dtype=torch.float64)
-        budget = float(probe.linearizations.lin_bytes[0])
+        lin = probe.linearizations.lin_bytes
+        budget = lin[0] + PRODUCT_FACTOR * largest_graph(lin[:1], probe.batch_sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dropout: pieces refused, whole batches (a warning)
         G = GGNOperator(model_fn, pb.model, pb.batches, memory_budget=budget)

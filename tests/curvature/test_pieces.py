@@ -10,6 +10,7 @@ from collections import defaultdict, namedtuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature import hvp as hvp_module
@@ -315,6 +316,12 @@ def test_default_probe_block_fits_the_budget():
         deflated_hutchinson(op, None, 12, torch.Generator().manual_seed(4), block=b) for b in (1, 8)
     )
     assert one[0] == pytest.approx(eight[0], rel=1e-12) and one[2] == eight[2] == 12
+    # on CPU above 5,000 parameters products take vectors one at a time: blocks buy nothing
+    wide = torch.nn.Linear(100, 60).double()
+    batch = (torch.randn(4, 100, dtype=torch.float64), torch.randn(4, 60, dtype=torch.float64))
+    op = HessianOperator(lambda b: F.mse_loss(wide(b[0]), b[1]), wide, [batch])
+    op @ probes(op.dim)
+    assert op.dim > 5000 and op.plan.budget >= FLOOR and default_probe_block(op) == 1
 
 
 def _narrow_budget(model, batches) -> float:
