@@ -107,10 +107,8 @@ class HessianMonitor(LandscapeMonitor):
         probe_block: trace probes per product call; ``None``: 8, or as many as fit the
             memory budget at 3 P numbers a probe (on CPU above 5,000 parameters 1: products
             take the vectors one at a time there). Blocks are vmapped where faster (on an H200,
-            ResNet-18: 2.05x a gradient per product in blocks of 8, 5.6x one at a time); the
-            products take fewer vectors at a time, or smaller pieces of the batches, as the
-            memory budget needs (on CPU, forward-over-reverse blocks of 8: 1.0x a training
-            step, 4.1x before).
+            ResNet-18: 2.05x a gradient per product in blocks of 8, 5.6x one at a time), with
+            fewer vectors at a time, or smaller pieces of the batches, as the budget needs.
         ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
             density (the same options as the Hessian's), the residual R = H − G's most negative
             eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.
@@ -172,15 +170,16 @@ class HessianMonitor(LandscapeMonitor):
     parameters), plus the product's own: exact products on pieces of the batches small enough
     for one (or a vmapped block) to fit ``memory_budget`` (default 1 T), the cached graphs
     sharing that budget with it, so about 1 T (2-4 T on whole batches: a loss that is not a
-    mean over samples, or ``micro_batch_size=None``); about 1.2 T for finite differences. Measured on an activation-heavy MLP (CPU): the defaults
-    2.2 T, top-1 1.9 T.
+    mean over samples, or ``micro_batch_size=None``); 1.2 T for finite differences. Measured,
+    defaults (CPU, benchmarks/memory.py): 0.94 T on an activation-heavy MLP, 2.1 T on a
+    ResNet-18 of width 32, 3.7 T on a 7.4M-parameter GPT (its 31-step basis 2.1 T of them).
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
     linearizations, 3.5-5 for a rebuilt one; batches cut and linearizations kept within
     ``memory_budget`` as for the Hessian) and a Lanczos run on R for its most negative
     eigenvalue, each product one Hessian product (no graph kept: the GGN's are) and one GGN
-    product. Measured on the same MLP: 2.7 T with ``ggn=True`` (9.2 T when every
+    product. Measured on the same MLP: 1.0 T with ``ggn=True`` (9.2 T when every
     linearization was kept).
 
     Example::
