@@ -81,10 +81,8 @@ def analyze(
             batches, as its budget needs. A block also holds up to 3 P numbers a probe (the
             probe, the accumulator of its product, a vmapped product's own output; the residual
             takes the accumulator's place). Default: 8, or as many as those fit the operator's
-            budget (at least 1); 1 on CPU above 5,000 dimensions, where products take the
-            vectors one at a time and a block would buy only the basis's GEMMs (on CPU,
-            ResNet-18 width 32: 24 P numbers, 0.9 training step); without a budget (other
-            operators) 8 up to 5,000 dimensions, else 1.
+            budget (at least 1); without a budget (other operators) 8 up to 5,000 dimensions,
+            else 1.
         density: also the spectral density (the run lasts at least ``density_steps``).
         density_steps: Lanczos steps per density probe.
         density_probes: density probes; the first is the shared run, the others run batched.
@@ -181,12 +179,9 @@ def analyze(
 
 def default_probe_block(op: LinearOperator) -> int:
     """Probes per call: 8, or as many as fit the operator's memory budget at 3 P numbers each
-    (at least 1); 1 on CPU above 5,000 dimensions; without a budget, 8 up to 5,000 dimensions
-    and else 1."""
+    (at least 1); without a budget, 8 up to 5,000 dimensions and else 1."""
     plan = getattr(op, "plan", None)
     budget = getattr(plan, "budget", math.nan)
-    if op.dim > 5000 and op.device.type == "cpu":
-        return 1
     if not isinstance(budget, float) or math.isnan(budget):
         return 8 if op.dim <= 5000 else 1
     per_probe = 3 * op.dim * torch.finfo(op.dtype).bits // 8

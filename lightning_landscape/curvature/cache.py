@@ -7,8 +7,10 @@ GiB against 0.73 GiB for a training step. So only a prefix of the batches is cac
 fit ``budget`` bytes together with one product's working memory (:func:`fits`); the others are
 differentiated twice per product (double backward, one batch's graph at a time). The budget
 bounds the products' memory in all: the kept graphs and a product's working memory share it,
-so a prefix is cached only when the budget holds more than :data:`PRODUCT_FACTOR` + 1 graphs
-(on whole batches, all or nothing where there are few).
+so a prefix is cached only where the budget holds at least :data:`PRODUCT_FACTOR` + 1 graphs
+(on a few whole batches, all or nothing). The largest graph is estimated from those measured
+so far (:func:`largest_graph`); a later, smaller batch with more bytes per sample (fixed
+overheads) can raise the estimate after graphs were kept, by a few percent on tiny batches.
 
 The memory of a graph is measured, not guessed: the bytes of the distinct storages autograd saves
 for backward (``torch.autograd.graph.saved_tensors_hooks``) while it is built, parameters
@@ -230,3 +232,8 @@ class GraphCache:
     def cached_bytes(self) -> int:
         """Measured bytes of the graphs kept."""
         return sum(self.graph_bytes[: self.cut])
+
+    @property
+    def held(self) -> int:
+        """Bytes of the graphs held now (0 once released)."""
+        return self.cached_bytes if self.grad is not None else 0

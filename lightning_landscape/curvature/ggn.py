@@ -77,8 +77,8 @@ class GGNOperator(LinearOperator):
             other batch (3.5-5x a gradient, the memory of one batch). ``False``: keep nothing.
             Kept graphs are rebuilt if the parameters change in place or a module switches
             train/eval; :meth:`release` frees them. Results do not depend on what is kept.
-        memory_budget: bytes the kept linearizations and one product's working memory may hold
-            together, and the working memory one product should fit (``micro_batch_size="auto"``): as for
+        memory_budget: bytes the kept linearizations and one product's working memory (which
+            ``micro_batch_size="auto"`` cuts the batches for) may hold together: as for
             :class:`~.operator.HessianOperator`, None is one training step (at least
             :data:`~.cache.FLOOR`), 0 keeps nothing, ``math.inf`` keeps every batch, whole.
         micro_batch_size: the most samples one linearization takes: batches are cut into
@@ -179,16 +179,16 @@ class GGNOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()
-        # A block is one vmapped backward, as many vectors as the budget allows (Plan.width);
-        # on CPU that pays only for small models (as for HessianOperator's cached products),
-        # so larger ones take the columns one by one.
-        step = self.plan.width(max(self.batch_sizes))
-        step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
         with _hvp.guard(self.module, self.params, self.seed):
             key = self._key()
             if self._cache_key != key:  # first product, parameters updated, train/eval switched
                 self.linearizations.build()
                 self._cache_key = key
+            # A block is one vmapped backward, as many vectors as the budget left beside the kept
+            # linearizations allows (Plan.width); on CPU that pays only for small models (as for
+            # HessianOperator's cached products), so larger ones take the columns one by one.
+            step = self.plan.width(max(self.batch_sizes), self.linearizations.cached_bytes)
+            step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
             acc = self.linearizations.products(Vt, step)
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)

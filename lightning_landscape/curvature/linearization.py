@@ -151,8 +151,9 @@ class Linearizations:
 
     def build(self) -> None:
         """Linearize batch by batch until the next one would not fit the budget beside a
-        product's working memory (that one is dropped). Runs inside :func:`~.hvp.guard`: the forwards draw their masks in batch
-        order, as the products of an operator that keeps nothing do."""
+        product's working memory (that one is dropped). Runs inside :func:`~.hvp.guard`: the
+        forwards draw their masks in batch order, as the products of an operator that keeps
+        nothing do."""
         self.release()
         self.lin_bytes, total = [], 0
         if self.requested_budget == 0:  # nothing kept: no linearization to build now

@@ -12,10 +12,11 @@ parameters: an exact product on a whole batch holds its gradient graph and the s
 temporaries, 2.2 T (ResNet-18, H200) to 4.3 T (GELU MLP, CPU) for ``"double_backward"``, 7.9 T a
 vector for ``"func"`` (MLP); so by default (``micro_batch_size="auto"``, :mod:`.pieces`) batches
 are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T), when the
-loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs of the
-pieces that fit ``memory_budget`` beside one product's working memory and differentiates the
-others per product: one budget in all (nothing is kept when a product needs the whole budget). ``"finite_difference"``: one gradient and 3 P. A vmapped block of k vectors holds about
-1 + 2k graphs, so blocks take fewer vectors at a time, or smaller pieces, as the budget needs.
+loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs that
+fit ``memory_budget`` beside one product's working memory, differentiates the others per
+product: one budget in all (none kept where a product needs all of it). ``"finite_difference"``:
+one gradient and 3 P. A vmapped block of k vectors holds about 1 + 2k graphs, so blocks take
+fewer vectors at a time, or smaller pieces, as the budget left beside the kept graphs needs.
 A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.94 T with pieces, 5.1 T without.
 """
 
@@ -70,18 +71,17 @@ class HessianOperator(LinearOperator):
         distributed: reduce across ranks when a process group with several ranks is initialized.
         hvp: the kind of Hessian-vector product (costs in :mod:`.hvp`, memory above).
             ``"cached"`` (default): the gradient graphs of the batches that fit ``memory_budget``
-            beside one product's working memory are built at the first product and kept (freed by :meth:`release` or the end of a
-            ``with`` block, rebuilt if the parameters change in place or a module switches
-            train/eval), the others differentiated twice per product; ``"double_backward"``
-            (Pearlmutter); ``"func"``: torch.func forward-over-reverse, vmapped over blocks
-            (needs ``params`` to be the ``nn.Module`` that ``loss_fn`` calls); ``"compiled"``:
-            the same compiled by ``torch.compile`` (:mod:`.compiled`: once per model and shape,
-            seconds to minutes; eager with one warning if compiling fails), never chosen by
-            ``"auto"``;
-            ``"finite_difference"`` (:mod:`.finite_difference`): inexact, its error estimated
-            (:attr:`product_error`), for kernels without a double backward; ``"auto"``: the
-            fastest exact kind that works here, by trial (:mod:`.auto`), finite differences
-            only when no exact kind works, with a warning that says why.
+            beside a product's working memory, built at the first product and kept (freed by
+            :meth:`release` or a ``with`` block's end, rebuilt if the parameters change in
+            place or a module switches train/eval), the others differentiated twice per product;
+            ``"double_backward"`` (Pearlmutter); ``"func"``: torch.func forward-over-reverse,
+            vmapped over blocks (needs ``params`` to be the ``nn.Module`` that ``loss_fn``
+            calls); ``"compiled"``: the same compiled by ``torch.compile`` (:mod:`.compiled`:
+            once per model and shape, seconds to minutes; eager with one warning if compiling
+            fails), never chosen by ``"auto"``; ``"finite_difference"`` (:mod:`.finite_difference`):
+            inexact, its error estimated (:attr:`product_error`), for kernels without a double
+            backward; ``"auto"``: the fastest exact kind that works here, by trial
+            (:mod:`.auto`), finite differences only if no exact kind works, with a warning why.
         block_hvp: the kind for blocks of several vectors (trace and density probes); default
             ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
             forward-over-reverse), timed on the first block.
@@ -264,9 +264,9 @@ class HessianOperator(LinearOperator):
 
     def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool, out: Tensor, alpha, n=0):
         """``out += alpha`` times a block through a gradient graph of ``n`` samples (0: the
-        largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows; on CPU
-        above 5,000 parameters one at a time (vmapped backwards are slower there)."""
-        step = self.plan.width(n or max(self.batch_sizes))
+        largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows beside the
+        kept graphs; on CPU above 5,000 parameters one at a time (vmapped backwards are slower)."""
+        step = self.plan.width(n or max(self.batch_sizes), self.graphs.held)
         step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
         return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step, out, alpha)
 
@@ -300,7 +300,7 @@ class HessianOperator(LinearOperator):
                             self._graph_checked = True
                         self._through_graph(grad, Vt, False, acc, n, n)
                         continue
-                    step = self.plan.width(n)  # "func", vmapped; the same masks for each part
+                    step = self.plan.width(n, self.graphs.held)  # vmapped; the same masks a part
                     start = rng_state(self._cuda) if step < len(Vt) else None
                     for lo in range(0, len(Vt), step):
                         if lo:

@@ -77,13 +77,14 @@ class Plan:
     block_piece: int = 0
     per_sample: float = math.nan
 
-    def width(self, samples: int) -> int:
+    def width(self, samples: int, kept: float = 0.0) -> int:
         """The most vectors one vmapped product on ``samples`` samples may take within the
-        budget: 1 + VECTOR_FACTOR · k graphs fit (between 1 and :data:`COLUMNS`; all of them
-        where nothing was measured)."""
+        budget left beside ``kept`` bytes (graphs kept between products): 1 + VECTOR_FACTOR · k
+        graphs fit (between 1 and :data:`COLUMNS`; all of them where nothing was measured)."""
         if not self.per_sample > 0:
             return COLUMNS
-        k = (1 / (self.per_sample * max(samples, 1)) - 1) / VECTOR_FACTOR
+        left = 1 - kept / self.budget if self.budget > 0 else 1.0
+        k = (left / (self.per_sample * max(samples, 1)) - 1) / VECTOR_FACTOR
         return int(min(COLUMNS, max(1, math.floor(k))))
 
     def cache_budget(self, requested: float | None) -> float | None:

@@ -41,7 +41,7 @@ def test_budget_switches_cached_and_batch_by_batch_with_identical_products(arch)
     g, sizes = probe.graphs.graph_bytes, probe.batch_sizes
     assert probe.graphs.cut == 3 and probe.graphs.cached_bytes == sum(g) > 0
     T = [sum(g[:c]) + cache.PRODUCT_FACTOR * cache.largest_graph(g[:c], sizes) for c in (1, 2, 3)]
-    assert T[0] < T[1] < T[2] and T[2] > sum(g) + 2 * max(g)  # a product's memory to spare
+    assert T[0] < T[1] < T[2]
     cases = ((0, 0), (T[0] - 1, 0), (T[0], 1), (T[1], 2), (T[2], 3), (math.inf, 3))
     for budget, cut in cases:
         op = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=budget)

@@ -10,11 +10,11 @@ from collections import defaultdict, namedtuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature import hvp as hvp_module
 from lightning_landscape.curvature.analyze import default_probe_block
+from lightning_landscape.curvature.cache import PRODUCT_FACTOR, largest_graph
 from lightning_landscape.curvature.pieces import COLUMNS, FLOOR, Plan, split_batch
 from lightning_landscape.curvature.trace import deflated_hutchinson
 
@@ -268,6 +268,30 @@ def test_blocks_take_smaller_pieces_or_fewer_vectors_within_the_budget(kind, mon
         assert calls == [("graph", -1, 1)]  # one backward through the kept graphs, 1 at a time
 
 
+def test_blocks_through_kept_graphs_fit_the_budget_left_beside_them(monkeypatch):
+    """Kept graphs and a vmapped block share the budget: a budget that keeps every graph beside
+    one product's working memory leaves a block fewer vectors than the same budget without kept
+    graphs would (Plan.width with ``kept``); the same matrix."""
+    p = make_problem("mlp", mode="eval")
+    H = dense_hessian(p.loss_fn, p.model, p.batches)
+    whole = HessianOperator(p.loss_fn, p.model, p.batches, memory_budget=math.inf)
+    whole @ probes(whole.dim)
+    g, sizes = whole.graphs.graph_bytes, whole.batch_sizes
+    budget = 2 * (sum(g) + PRODUCT_FACTOR * largest_graph(g, sizes))  # all kept, 2 vectors fit
+    op = HessianOperator(p.loss_fn, p.model, p.batches, hvp="cached", memory_budget=budget)
+    V = torch.randn(op.dim, COLUMNS, generator=torch.Generator().manual_seed(1), dtype=H.dtype)
+    op @ V[:, :1]
+    assert op.plan.piece == 0 and op.graphs.cut == 3 and op.graphs.held == sum(g)
+    n = max(sizes)
+    narrow, wide = op.plan.width(n, op.graphs.held), op.plan.width(n)
+    assert 1 <= narrow < wide < COLUMNS, (narrow, wide)
+    calls = recorded(monkeypatch)
+    assert rel(op @ V, H @ V) < 1e-10
+    assert calls == [("graph", -1, narrow)]  # one backward through the kept graphs
+    assert Plan(0, 1.0, 1.0, 100.0, "", 0, 0.01).width(10, kept=50.0) == 2  # (0.5/0.1 - 1)/2
+    assert Plan(0, 1.0, 1.0, 100.0, "", 0, 0.01).width(10) == 4  # (1/0.1 - 1)/2
+
+
 def test_blocks_keep_the_pieces_when_smaller_ones_fail_the_check(monkeypatch):
     """A loss that refuses fewer than 3 samples: blocks cannot take pieces of 1 sample, so they
     run on the whole batches, as few vectors at a time as the budget needs, without a warning
@@ -316,12 +340,6 @@ def test_default_probe_block_fits_the_budget():
         deflated_hutchinson(op, None, 12, torch.Generator().manual_seed(4), block=b) for b in (1, 8)
     )
     assert one[0] == pytest.approx(eight[0], rel=1e-12) and one[2] == eight[2] == 12
-    # on CPU above 5,000 parameters products take vectors one at a time: blocks buy nothing
-    wide = torch.nn.Linear(100, 60).double()
-    batch = (torch.randn(4, 100, dtype=torch.float64), torch.randn(4, 60, dtype=torch.float64))
-    op = HessianOperator(lambda b: F.mse_loss(wide(b[0]), b[1]), wide, [batch])
-    op @ probes(op.dim)
-    assert op.dim > 5000 and op.plan.budget >= FLOOR and default_probe_block(op) == 1
 
 
 def _narrow_budget(model, batches) -> float:
