@@ -188,7 +188,7 @@ class GGNOperator(LinearOperator):
             # linearizations allows (Plan.width); on CPU that pays only for small models (as for
             # HessianOperator's cached products), so larger ones take the columns one by one.
             step = self.plan.width(max(self.batch_sizes), self.linearizations.cached_bytes)
-            step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
+            step = step if _hvp.vmaps_graphs(self.device, self.dim) else 1
             acc = self.linearizations.products(Vt, step)
         all_reduce_sum_(acc, self.distributed)
         return acc.div_(self.total_size)

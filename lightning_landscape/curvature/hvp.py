@@ -93,6 +93,13 @@ def hvp_from_graph(
 COLUMNS = 8  # at most this many vectors go through one vmapped backward
 
 
+def vmaps_graphs(device: torch.device, dim: int) -> bool:
+    """Whether a block goes through a gradient graph as vmapped backwards: on CPU only up to
+    5,000 parameters (above, one column at a time is faster: :func:`hvp_from_graph_in_blocks`;
+    such a block needs no smaller pieces than a single product)."""
+    return device.type != "cpu" or dim <= 5000
+
+
 def hvp_from_graph_in_blocks(
     grad: Tensor,
     params: Sequence[Tensor],

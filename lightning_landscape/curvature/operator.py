@@ -17,7 +17,7 @@ fit ``memory_budget`` beside one product's working memory, differentiates the ot
 product: one budget in all (none kept where a product needs all of it). ``"finite_difference"``:
 one gradient and 3 P. A vmapped block of k vectors holds about 1 + 2k graphs, so blocks take
 fewer vectors at a time, or smaller pieces, as the budget left beside the kept graphs needs.
-A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.94 T with pieces, 5.1 T without.
+A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.99 T with pieces, 5.1 T without.
 """
 
 from __future__ import annotations
@@ -267,12 +267,11 @@ class HessianOperator(LinearOperator):
         largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows beside the
         kept graphs; on CPU above 5,000 parameters one at a time (vmapped backwards are slower)."""
         step = self.plan.width(n or max(self.batch_sizes), self.graphs.held)
-        step = step if self.device.type != "cpu" or self.dim <= 5000 else 1
+        step = step if _hvp.vmaps_graphs(self.device, self.dim) else 1
         return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step, out, alpha)
 
     def _parts(self, batch: Any, n: int, k: int) -> list[tuple[int, Any]]:
-        """``batch``, or for a block of ``k`` > 1 vectors its pieces of at most the plan's
-        :attr:`~.pieces.Plan.block_piece` samples, with their sizes."""
+        """(size, part): ``batch``, or for a vmapped block of ``k`` > 1 its pieces (block_piece)."""
         return _pieces.pieces_of(batch, n, self.plan.block_piece if k > 1 else 0, self._size_fn)
 
     def _cached(self, Vt: Tensor) -> Tensor:
@@ -292,7 +291,8 @@ class HessianOperator(LinearOperator):
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
-                for n, batch in self._parts(whole, size, len(Vt)):
+                vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)
+                for n, batch in self._parts(whole, size, len(Vt) if vmapped else 1):
                     if graph:
                         grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
                         if not self._graph_checked:
