@@ -80,7 +80,11 @@ class SavedBytes:
         if key not in self._seen:
             self._seen.add(key)
             self.bytes += nbytes
-        return t
+        # Detached: a saved output kept with its grad_fn would form a cycle through C++ (its
+        # grad_fn owns this saved variable) that no gc.collect() breaks, and every graph built
+        # under the hooks would leak (pytorch#115255). Autograd re-attaches the grad_fn on
+        # unpacking, so second derivatives through the graph are unchanged.
+        return t.detach()
 
     def __enter__(self) -> SavedBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _identity)

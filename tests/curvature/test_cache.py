@@ -4,7 +4,9 @@ memory measured from what autograd saves, and backwards that cannot be different
 from __future__ import annotations
 
 import functools
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from lightning_landscape.curvature import HessianOperator, cache, dense_hessian
 from lightning_landscape.curvature import hvp as hvp_module
 from lightning_landscape.curvature.cache import SavedBytes, check_twice_differentiable
 
-from ._problems import OnceDifferentiableTanh, live_storages, make_problem
+from ._problems import OnceDifferentiableTanh, live_storages, make_batches, make_problem
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,6 +88,38 @@ def test_default_budget_keeps_every_graph_of_a_small_model():
     op @ torch.ones(op.dim, dtype=torch.float64)
     g = op.graphs
     assert g.budget == cache.FLOOR > g.step_bytes and g.cut == len(p.batches)
+
+
+def test_graphs_built_while_counting_are_freed():
+    """Counting saved bytes keeps no graph alive. A pack hook that returned the saved tensor
+    itself kept saved outputs with their grad_fn: a cycle through C++ that no gc.collect()
+    breaks, so every graph the cache or the plan built leaked with its activations (each
+    measurement of a fit, its batches too)."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(30, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3)
+    ).double()
+    params = list(model.parameters())
+
+    def build() -> weakref.ref:
+        x = torch.randn(17, 30, dtype=torch.float64)
+        with SavedBytes(exclude=params) as counter:
+            loss = model(x).pow(2).mean()
+            torch.autograd.grad(loss, params, create_graph=True)
+        assert counter.bytes > 0
+        return weakref.ref(x)
+
+    def measure() -> weakref.ref:
+        batches = make_batches((30,), sizes=(9, 8))
+        loss = lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+        op = HessianOperator(loss, model, batches, hvp="cached", memory_budget=math.inf)
+        op @ torch.ones(op.dim, dtype=torch.float64)
+        assert op.graphs.cut == 2
+        op.release()
+        return weakref.ref(batches[0][0])
+
+    refs = [build(), measure()]
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True]
 
 
 def test_saved_bytes_counts_distinct_storages_without_parameters():
