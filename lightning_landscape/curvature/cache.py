@@ -75,7 +75,7 @@ class SavedBytes:
         self._seen = {_storage_key(t)[0] for t in exclude}
         self.bytes = 0
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _pack(self, t: Tensor) -> tuple[Tensor, int]:
         key, nbytes = _storage_key(t)
         if key not in self._seen:
             self._seen.add(key)
@@ -83,11 +83,12 @@ class SavedBytes:
         # Detached: a saved output kept with its grad_fn would form a cycle through C++ (its
         # grad_fn owns this saved variable) that no gc.collect() breaks, and every graph built
         # under the hooks would leak (pytorch#115255). Autograd re-attaches the grad_fn on
-        # unpacking, so second derivatives through the graph are unchanged.
-        return t.detach()
+        # unpacking, so second derivatives through the graph are unchanged. With hooks autograd
+        # no longer checks versions: the version is kept, and checked when unpacked.
+        return t.detach(), t._version
 
     def __enter__(self) -> SavedBytes:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _identity)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         return self
 
@@ -95,7 +96,16 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def _identity(t: Any) -> Any:
+def _unpack(packed: tuple[Tensor, int]) -> Tensor:
+    """The saved tensor, unless it was modified in place after it was saved (as autograd
+    raises without hooks)."""
+    t, version = packed
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation (a tensor of shape {tuple(t.shape)} saved for backward is at "
+            f"version {t._version}, saved at {version})"
+        )
     return t
 
 

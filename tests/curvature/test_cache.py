@@ -122,6 +122,18 @@ def test_graphs_built_while_counting_are_freed():
     assert [r() is None for r in refs] == [True, True]
 
 
+def test_a_saved_tensor_modified_in_place_still_raises_while_counting():
+    """With saved-tensor hooks autograd skips its version check; the hooks check it instead, so
+    Tanh followed by an in-place ReLU raises as it does without them (not a wrong product)."""
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with SavedBytes(exclude=[w]):
+        y = torch.tanh(x @ w)  # tanh saves its output
+        loss = torch.relu_(y).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, [w], create_graph=True)
+
+
 def test_saved_bytes_counts_distinct_storages_without_parameters():
     w = torch.randn(5, 5, requires_grad=True)
     x = torch.randn(3, 5)
