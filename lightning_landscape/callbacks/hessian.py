@@ -171,16 +171,15 @@ class HessianMonitor(LandscapeMonitor):
     products on pieces of the batches small enough for one (or a vmapped block) to fit
     ``memory_budget`` (default 1 T), the cached graphs sharing that budget, so about 1 T (2-4 T
     on whole batches: a loss that is not a mean over samples, or ``micro_batch_size=None``);
-    1.2 T for finite differences. Measured,
-    defaults (CPU, benchmarks/memory.py): 0.94 T on an activation-heavy MLP, 2.1 T on a
-    ResNet-18 of width 32, 3.7 T on a 7.4M-parameter GPT (its 31-step basis 2.1 T of them).
+    1.2 T for finite differences. Measured, defaults (CPU, benchmarks/memory.py): 0.85 T on an
+    activation-heavy MLP, 4.0 T on a 7.4M-parameter GPT (its 31-step basis 2.1 T of them).
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
     linearizations, 3.5-5 for a rebuilt one; batches cut and linearizations kept within
     ``memory_budget`` as for the Hessian) and a Lanczos run on R for its most negative
     eigenvalue, each product one Hessian product (no graph kept: the GGN's are) and one GGN
-    product. Measured on the same MLP: 1.0 T with ``ggn=True`` (9.2 T when every
+    product. Measured on the same MLP: 0.89 T with ``ggn=True`` (9.2 T when every
     linearization was kept).
 
     Example::

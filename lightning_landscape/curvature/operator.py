@@ -17,7 +17,7 @@ fit ``memory_budget`` beside one product's working memory, differentiates the ot
 product: one budget in all (none kept where a product needs all of it). ``"finite_difference"``:
 one gradient and 3 P. A vmapped block of k vectors holds about 1 + 2k graphs, so blocks take
 fewer vectors at a time, or smaller pieces, as the budget left beside the kept graphs needs.
-A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.99 T with pieces, 5.1 T without.
+A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.85 T with pieces, 5.1 T without.
 """
 
 from __future__ import annotations
