@@ -172,7 +172,8 @@ class HessianMonitor(LandscapeMonitor):
     ``memory_budget`` (default 1 T), the cached graphs sharing that budget, so about 1 T (2-4 T
     on whole batches: a loss that is not a mean over samples, or ``micro_batch_size=None``);
     1.2 T for finite differences. Measured, defaults (CPU, benchmarks/memory.py): 0.85 T on an
-    activation-heavy MLP, 4.0 T on a 7.4M-parameter GPT (its 31-step basis 2.1 T of them).
+    activation-heavy MLP, 3.7 T on a ResNet-18 of width 32, 4.0 T on a 7.4M-parameter GPT (its
+    31-step basis 2.1 T of them).
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
