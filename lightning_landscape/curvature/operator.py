@@ -289,9 +289,9 @@ class HessianOperator(LinearOperator):
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
+        vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)  # else a column at a time
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
-                vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)
                 for n, batch in self._parts(whole, size, len(Vt) if vmapped else 1):
                     if graph:
                         grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
