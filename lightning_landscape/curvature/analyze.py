@@ -17,7 +17,7 @@ import torch
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
-from lightning_landscape.curvature.basis import check_basis_device
+from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
@@ -81,8 +81,10 @@ def analyze(
             batches, as its budget needs. A block also holds up to 3 P numbers a probe (the
             probe, the accumulator of its product, a vmapped product's own output; the residual
             takes the accumulator's place). Default: 8, or as many as those fit the operator's
-            budget (at least 1); without a budget (other operators) 8 up to 5,000 dimensions,
-            else 1.
+            budget beside the basis's vectors on its device (at least 1; a basis that can spill,
+            ``basis_device="auto"`` on an accelerator, moves to host memory first when that
+            gives a larger block); without a budget (other operators) 8 up to 5,000
+            dimensions, else 1.
         density: also the spectral density (the run lasts at least ``density_steps``).
         density_steps: Lanczos steps per density probe.
         density_probes: density probes; the first is the shared run, the others run batched.
@@ -150,7 +152,7 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            block = probe_block or default_probe_block(op)
+            block = probe_block or _trace_block(op, run.vectors)
             mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=block)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
@@ -177,15 +179,31 @@ def analyze(
     return AnalysisResult(*parts, used, steps, error)
 
 
-def default_probe_block(op: LinearOperator) -> int:
+def default_probe_block(op: LinearOperator, held: float = 0.0) -> int:
     """Probes per call: 8, or as many as fit the operator's memory budget at 3 P numbers each
-    (at least 1); without a budget, 8 up to 5,000 dimensions and else 1."""
+    beside ``held`` bytes of other vectors on its device (at least 1); without a budget, 8 up
+    to 5,000 dimensions and else 1."""
     plan = getattr(op, "plan", None)
     budget = getattr(plan, "budget", math.nan)
     if not isinstance(budget, float) or math.isnan(budget):
         return 8 if op.dim <= 5000 else 1
     per_probe = 3 * op.dim * torch.finfo(op.dtype).bits // 8
-    return int(min(8, max(1, budget // per_probe)))
+    return int(min(8, max(1, (budget - held) // per_probe)))
+
+
+def _trace_block(op: LinearOperator, basis: Basis) -> int:
+    """The trace's probes per call beside the deflation basis: the vectors of a measurement
+    (the basis on the device, then a block of probes) share one budget, as the products share
+    another. Where the basis can spill (``basis_device="auto"`` on an accelerator) and its
+    part on the device would shrink the block, it moves to host memory first: projections
+    then cost two transfers of the block and a pass over the basis on the host, against
+    products several times slower one at a time than in vmapped blocks."""
+    held = basis.held if basis.device.type == op.device.type else 0
+    block = default_probe_block(op, held)
+    if held and basis.spill is not None and block < default_probe_block(op):
+        basis.spill_all()
+        block = default_probe_block(op)
+    return block
 
 
 def _stack(

@@ -93,6 +93,26 @@ class Basis:
         """Vectors per chain allocated on the ``spill`` device (0 without one)."""
         return sum(c.shape[1] for c in self._chunks[self._on_device :])
 
+    @property
+    def held(self) -> int:
+        """Bytes of the chunks allocated on ``device`` (the spilled ones excluded)."""
+        size = torch.finfo(self.dtype).bits // 8 * self.chains * self.dim
+        return size * sum(c.shape[1] for c in self._chunks[: self._on_device])
+
+    def spill_all(self) -> None:
+        """Move the chunks on ``device`` to ``spill`` (nothing without one), chunk by chunk: the
+        device then holds none of the basis, and every projection runs on the host (two
+        transfers of the projected block and a pass over the chunks in host memory)."""
+        if self.spill is None:
+            return
+        pin = self.device.type == "cuda" and self.spill.type == "cpu"
+        for i in range(self._on_device):
+            c = self._chunks[i]
+            moved = torch.empty(c.shape, dtype=c.dtype, device=self.spill, pin_memory=pin)
+            self._chunks[i] = moved.copy_(c)
+            del c  # freed on the device before the next chunk moves
+        self._on_device = 0
+
     def _new_chunk(self) -> Tensor:
         """The next chunk: on ``device`` while the chunks there stay within ``device_bytes``,
         then (and every later chunk) on ``spill``."""

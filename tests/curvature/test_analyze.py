@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lightning_landscape.curvature.lanczos as lanczos_module
 from lightning_landscape.curvature import (
     HessianOperator,
     MatrixOperator,
@@ -15,8 +16,10 @@ from lightning_landscape.curvature import (
     dense_hessian,
     top_eigenvalues,
 )
+from lightning_landscape.curvature.analyze import default_probe_block
+from lightning_landscape.curvature.pieces import Plan
 
-from ._problems import flat_spectrum, make_problem, spectrum_matrix
+from ._problems import Diagonal, flat_spectrum, make_problem, spectrum_matrix
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +142,48 @@ def test_trace_stderr_calibrated_with_two_probes():
         z.append((r.estimate - exact) / r.stderr)
     z = torch.tensor(z)
     assert 0.7 <= float(z.std()) <= 1.4 and float((z.abs() > 3).double().mean()) <= 0.05
+
+
+class _Planned(Diagonal):
+    """A diagonal operator with a planned budget (bytes), recording the vectors of each call."""
+
+    def __init__(self, diag: torch.Tensor, budget: float) -> None:
+        super().__init__(diag)
+        self.plan = Plan(0, math.nan, math.nan, float(budget), "")
+        self.widths: list[int] = []
+
+    def _matmat(self, Vt: torch.Tensor) -> torch.Tensor:
+        self.widths.append(Vt.shape[0])  # rows: the vectors
+        return super()._matmat(Vt)
+
+
+def test_trace_probes_share_the_budget_with_the_basis(monkeypatch):
+    """The basis and the trace's block of probes (3 P each) share one budget: beside a basis
+    of 16 vectors (one chunk) a budget of 8 probes leaves room for 2; a basis that can spill
+    moves to host memory first and leaves all 8 (the placement is counted on CPU, spilled to
+    the CPU itself). The probes and the estimate do not depend on the block (the stderr's centring, from
+    the first block, does)."""
+    d = 5000
+    diag = torch.cat([torch.linspace(5, 10, 4), torch.linspace(-1, 1, d - 4)]).double()
+    budget = 8 * 3 * d * 8
+    ops = [_Planned(diag, budget) for _ in range(3)]
+    args = dict(top_k=1, trace=True, trace_probes=16, max_steps=10, seed=3)
+    plain = analyze(ops[0], **args)
+    j = plain.lanczos_steps  # < 16: one chunk of 16 vectors held
+    assert ops[0].widths[j:] == [2] * 8
+    assert default_probe_block(ops[0]) == 8 and default_probe_block(ops[0], 16 * d * 8) == 2
+    original = lanczos_module.Basis
+    seen = []
+
+    def spilling(*a, **kw):
+        seen.append(original(*a, **{**kw, "spill": "cpu"}))
+        return seen[-1]
+
+    monkeypatch.setattr(lanczos_module, "Basis", spilling)
+    spilled = analyze(ops[1], **args, basis_device="auto")
+    assert ops[1].widths[j:] == [8, 8] and seen[0].held == 0 and seen[0].spilled == 16
+    assert spilled.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)
+    wide = analyze(ops[2], **args, probe_block=8)  # an explicit block is kept as asked
+    assert ops[2].widths[j:] == [8, 8]
+    assert wide.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)
+    assert spilled.trace.stderr == pytest.approx(wide.trace.stderr, rel=1e-12)

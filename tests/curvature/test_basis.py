@@ -160,7 +160,14 @@ def test_spilling_basis_keeps_its_first_chunks_on_the_device():
         basis.append(r[None])
     assert basis.capacity == 8 and basis.spilled == 4  # chunks 1-2 on the device, 3-4 spilled
     assert len(asked) == 3  # read for chunks 1, 2, 3; chunk 4 follows chunk 3
+    assert basis.held == 2 * chunk_bytes
     _dense_checks(basis, rows, g)
+    basis.spill_all()  # all of it to ``spill`` (before a trace's probes): the same operations
+    assert basis.held == 0 and basis.spilled == 8
+    _dense_checks(basis, rows, g)
+    basis.append(rows[0][None])  # fills chunk 4; chunk 5 goes to ``spill`` too
+    basis.append(rows[1][None])
+    assert basis.held == 0 and basis.spilled == 10
     for budget, spilled in ((0.0, 8), (math.inf, 0)):
         other = Basis(1, 30, torch.float64, "cpu", chunk=2, spill="cpu", device_bytes=budget)
         for r in rows:
@@ -210,6 +217,9 @@ def test_spilling_basis_on_a_gpu():
     for r in Q.T:
         basis.append(r[None].cuda())
     assert basis.spilled == 6 and basis._chunks[-1].is_pinned()
+    _dense_checks(basis, Q.T, g)
+    basis.spill_all()
+    assert basis.spilled == 10 and all(c.is_pinned() for c in basis._chunks)
     _dense_checks(basis, Q.T, g)
     diag = torch.linspace(-1, 3, 5000, dtype=torch.float64, device="cuda")
     op = Budgeted(diag, 16 * 5000 * 8)  # one chunk of 16 vectors on the device
