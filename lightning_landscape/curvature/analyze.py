@@ -187,22 +187,27 @@ def default_probe_block(op: LinearOperator, held: float = 0.0) -> int:
     budget = getattr(plan, "budget", math.nan)
     if not isinstance(budget, float) or math.isnan(budget):
         return 8 if op.dim <= 5000 else 1
-    per_probe = 3 * op.dim * torch.finfo(op.dtype).bits // 8
-    return int(min(8, max(1, (budget - held) // per_probe)))
+    return int(min(8, max(1, (budget - held) // _probe_bytes(op))))
+
+
+def _probe_bytes(op: LinearOperator) -> int:
+    return 3 * op.dim * torch.finfo(op.dtype).bits // 8
 
 
 def _trace_block(op: LinearOperator, basis: Basis) -> int:
     """The trace's probes per call beside the deflation basis: the vectors of a measurement
     (the basis on the device, then a block of probes) share one budget, as the products share
     another. Where the basis can spill (``basis_device="auto"`` on an accelerator) and its
-    part on the device would shrink the block, it moves to host memory first: projections
-    then cost two transfers of the block and a pass over the basis on the host, against
-    products several times slower one at a time than in vmapped blocks."""
-    held = basis.held if basis.device.type == op.device.type else 0
-    block = default_probe_block(op, held)
-    if held and basis.spill is not None and block < default_probe_block(op):
-        basis.spill_all()
-        block = default_probe_block(op)
+    part on the device would shrink the block, its last chunks move to host memory until the
+    whole block fits: their projections then cost two transfers of the block and a pass over
+    them on the host, against products several times slower one at a time than in vmapped
+    blocks (H200, ResNet-18: 5.6x a gradient against 2.05x)."""
+    if basis.device.type != op.device.type:
+        return default_probe_block(op)
+    block, full = default_probe_block(op, basis.held), default_probe_block(op)
+    if block < full and basis.spill is not None:
+        basis.spill_to(op.plan.budget - full * _probe_bytes(op))
+        block = default_probe_block(op, basis.held)
     return block
 
 

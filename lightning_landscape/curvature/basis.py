@@ -99,19 +99,21 @@ class Basis:
         size = torch.finfo(self.dtype).bits // 8 * self.chains * self.dim
         return size * sum(c.shape[1] for c in self._chunks[: self._on_device])
 
-    def spill_all(self) -> None:
-        """Move the chunks on ``device`` to ``spill`` (nothing without one), chunk by chunk: the
-        device then holds none of the basis, and every projection runs on the host (two
-        transfers of the projected block and a pass over the chunks in host memory)."""
+    def spill_to(self, keep: float = 0.0) -> None:
+        """Move the chunks on ``device`` to ``spill``, the last first, until at most ``keep``
+        bytes of them are left there (nothing moves without ``spill``). The moved part is then
+        projected on the host: two transfers of the projected block and a pass over those
+        chunks in host memory per projection; later chunks go to ``spill`` too."""
         if self.spill is None:
             return
         pin = self.device.type == "cuda" and self.spill.type == "cpu"
-        for i in range(self._on_device):
+        while self._on_device > 0 and self.held > keep:
+            i = self._on_device - 1
             c = self._chunks[i]
             moved = torch.empty(c.shape, dtype=c.dtype, device=self.spill, pin_memory=pin)
             self._chunks[i] = moved.copy_(c)
             del c  # freed on the device before the next chunk moves
-        self._on_device = 0
+            self._on_device = i
 
     def _new_chunk(self) -> Tensor:
         """The next chunk: on ``device`` while the chunks there stay within ``device_bytes``,

@@ -160,9 +160,9 @@ class _Planned(Diagonal):
 def test_trace_probes_share_the_budget_with_the_basis(monkeypatch):
     """The basis and the trace's block of probes (3 P each) share one budget: beside a basis
     of 16 vectors (one chunk) a budget of 8 probes leaves room for 2; a basis that can spill
-    moves to host memory first and leaves all 8 (the placement is counted on CPU, spilled to
-    the CPU itself). The probes and the estimate do not depend on the block (the stderr's centring, from
-    the first block, does)."""
+    moves to host memory first, as far as the 8 need (the placement is counted on CPU, spilled
+    to the CPU itself). The probes and the estimate do not depend on the block (the stderr's
+    centring, from the first block, does)."""
     d = 5000
     diag = torch.cat([torch.linspace(5, 10, 4), torch.linspace(-1, 1, d - 4)]).double()
     budget = 8 * 3 * d * 8
@@ -183,6 +183,9 @@ def test_trace_probes_share_the_budget_with_the_basis(monkeypatch):
     spilled = analyze(ops[1], **args, basis_device="auto")
     assert ops[1].widths[j:] == [8, 8] and seen[0].held == 0 and seen[0].spilled == 16
     assert spilled.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)
+    roomy = _Planned(diag, budget + 16 * d * 8)  # room for the chunk and 8 probes: it stays
+    analyze(roomy, **args, basis_device="auto")
+    assert roomy.widths[j:] == [8, 8] and seen[1].held == 16 * d * 8 and seen[1].spilled == 0
     wide = analyze(ops[2], **args, probe_block=8)  # an explicit block is kept as asked
     assert ops[2].widths[j:] == [8, 8]
     assert wide.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)

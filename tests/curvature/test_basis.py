@@ -162,7 +162,10 @@ def test_spilling_basis_keeps_its_first_chunks_on_the_device():
     assert len(asked) == 3  # read for chunks 1, 2, 3; chunk 4 follows chunk 3
     assert basis.held == 2 * chunk_bytes
     _dense_checks(basis, rows, g)
-    basis.spill_all()  # all of it to ``spill`` (before a trace's probes): the same operations
+    basis.spill_to(chunk_bytes)  # the last chunk on the device moves: the same operations
+    assert basis.held == chunk_bytes and basis.spilled == 6
+    _dense_checks(basis, rows, g)
+    basis.spill_to()  # and the first
     assert basis.held == 0 and basis.spilled == 8
     _dense_checks(basis, rows, g)
     basis.append(rows[0][None])  # fills chunk 4; chunk 5 goes to ``spill`` too
@@ -218,7 +221,7 @@ def test_spilling_basis_on_a_gpu():
         basis.append(r[None].cuda())
     assert basis.spilled == 6 and basis._chunks[-1].is_pinned()
     _dense_checks(basis, Q.T, g)
-    basis.spill_all()
+    basis.spill_to()
     assert basis.spilled == 10 and all(c.is_pinned() for c in basis._chunks)
     _dense_checks(basis, Q.T, g)
     diag = torch.linspace(-1, 3, 5000, dtype=torch.float64, device="cuda")
