@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -20,6 +21,9 @@ from lightning_landscape.curvature.analyze import default_probe_block
 from lightning_landscape.curvature.pieces import Plan
 
 from ._problems import Diagonal, flat_spectrum, make_problem, spectrum_matrix
+
+# the module, which the package's ``analyze`` function shadows as an attribute
+analyze_module = importlib.import_module("lightning_landscape.curvature.analyze")
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +190,13 @@ def test_trace_probes_share_the_budget_with_the_basis(monkeypatch):
     roomy = _Planned(diag, budget + 16 * d * 8)  # room for the chunk and 8 probes: it stays
     analyze(roomy, **args, basis_device="auto")
     assert roomy.widths[j:] == [8, 8] and seen[1].held == 16 * d * 8 and seen[1].spilled == 0
+    # under torch.distributed every rank takes the smallest block (as many product calls)
+    ranked = _Planned(diag, budget + 16 * d * 8)
+    ranked.distributed = True
+    other_rank = lambda t, *a, **k: t.copy_(torch.maximum(t, torch.tensor([-1.0])))  # noqa: E731
+    monkeypatch.setattr(analyze_module, "all_reduce_max_", other_rank)
+    analyze(ranked, **args, basis_device="auto")
+    assert ranked.widths[j:] == [1] * 16
     wide = analyze(ops[2], **args, probe_block=8)  # an explicit block is kept as asked
     assert ops[2].widths[j:] == [8, 8]
     assert wide.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)
