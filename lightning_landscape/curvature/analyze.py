@@ -205,12 +205,12 @@ def _trace_block(op: LinearOperator, basis: Basis) -> int:
     blocks (H200, ResNet-18: 5.6x a gradient against 2.05x)."""
     full = default_probe_block(op)
     block = default_probe_block(op, basis.held) if basis.device.type == op.device.type else full
-    if block < full and basis.spill is not None:
-        basis.spill_to(op.plan.budget - full * _probe_bytes(op))
-        block = default_probe_block(op, basis.held)
+    reach = full if basis.spill is not None else block
     if getattr(op, "distributed", False):  # every rank makes as many product calls
-        block = -int(all_reduce_max_(torch.tensor([-float(block)]))[0])
-    return block
+        reach = -int(all_reduce_max_(torch.tensor([-float(reach)]))[0])
+    if block < reach:  # only where the basis can spill, as far as the agreed block needs
+        basis.spill_to(op.plan.budget - reach * _probe_bytes(op))
+    return reach
 
 
 def _stack(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,6 +198,21 @@ def test_trace_probes_share_the_budget_with_the_basis(monkeypatch):
     monkeypatch.setattr(analyze_module, "all_reduce_max_", other_rank)
     analyze(ranked, **args, basis_device="auto")
     assert ranked.widths[j:] == [1] * 16
+    # two chunks on the device, room for one beside 8 probes: only the last one moves
+    spread = torch.cat([torch.linspace(5, 10, 30), torch.linspace(-1, 1, d - 30)]).double()
+    two = _Planned(spread, (16 + 24) * d * 8)
+    analyze(two, **{**args, "max_steps": 20, "tol": 1e-12}, basis_device="auto")
+    k = len(seen[-1])
+    assert k > 16 and two.widths[k:] == [8, 8]
+    assert seen[-1].held == 16 * d * 8 and seen[-1].spilled == 16
+    # a basis kept elsewhere (host memory beside an accelerator) leaves the whole budget
+    host = original(1, d, torch.float64, "cpu")  # cannot spill
+    for _ in range(16):
+        host.append(torch.ones(1, d, dtype=torch.float64))
+    gpu = SimpleNamespace(dim=d, dtype=torch.float64, device=torch.device("cuda"), plan=ops[0].plan)
+    assert analyze_module._trace_block(gpu, host) == 8
+    gpu.device = torch.device("cpu")
+    assert analyze_module._trace_block(gpu, host) == 2
     wide = analyze(ops[2], **args, probe_block=8)  # an explicit block is kept as asked
     assert ops[2].widths[j:] == [8, 8]
     assert wide.trace.estimate == pytest.approx(plain.trace.estimate, rel=1e-12)
