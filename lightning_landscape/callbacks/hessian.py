@@ -93,24 +93,24 @@ class HessianMonitor(LandscapeMonitor):
             model and shape (seconds to minutes), for long fits on GPUs
             (:mod:`~lightning_landscape.curvature.compiled`).
         memory_budget: bytes an exact product may hold (its working memory and the cached
-            gradient graphs together), and again the vectors on the device (basis, probes);
-            ``None``: one training step (estimated at the first product, at least 16 MiB);
-            ``0``: batch by batch; ``math.inf``: all batches, whole.
+            gradient graphs together), and again the basis on the device beside a block of
+            trace probes; ``None``: one training step (estimated at the first product, at
+            least 16 MiB); ``0``: batch by batch; ``math.inf``: all batches, whole.
         micro_batch_size: the most samples one pass of a product takes (batches are cut into
             pieces weighted by their sizes: the same Hessian when the loss is a mean over
             independent samples). ``"auto"``: only as small as ``memory_budget`` needs, after
             checking on every fixed batch that its loss is the mean of its pieces' (else whole
             batches, and one warning); ``None``: whole batches.
         basis_device: where the Lanczos basis is kept. ``"auto"``: on the model's device up to
-            ``memory_budget``, later vectors in pinned host memory (projected there: slower per
-            step, within the device's memory); ``None``: all on the device; ``"cpu"``: host.
+            ``memory_budget``, later vectors (and those the trace's probes need room for) in
+            pinned host memory, projected there; ``None``: all on the device; ``"cpu"``: host.
         probe_block: trace probes per product call; ``None``: 8, or as many as fit the budget
             at 3 P numbers a probe beside the basis on the device (``basis_device="auto"`` on a
-            GPU: moved to the host first). Vmapped blocks where faster (H200, ResNet-18: 2.05x
-            a gradient per product in blocks of 8, 5.6x one at a time), with fewer vectors at a
-            time, or smaller pieces of the batches, as the budget needs (a block shares each
-            uncached piece's graph among its vectors: on CPU 1.5x faster a product than one at
-            a time, 77k parameters, nothing cached).
+            GPU: its last vectors move to the host as far as 8 need; without a planned budget,
+            explicit ``micro_batch_size`` or sharded: 8 up to 5,000 parameters, else 1).
+            Vmapped where faster (H200, ResNet-18: 2.05x a gradient a product in blocks of 8,
+            5.6x one at a time; CPU, 77k parameters, nothing cached: 1.5x faster in blocks,
+            which share each uncached piece's graph), on pieces or fewer vectors as needed.
         ggn: also measure the generalized Gauss-Newton matrix G: its top eigenvalues, trace and
             density (the same options as the Hessian's), the residual R = H − G's most negative
             eigenvalue (with ``min_eigenvalue``) and the overlap of the top eigenvectors.
@@ -162,18 +162,18 @@ class HessianMonitor(LandscapeMonitor):
           ``hessian/ggn/eigenvalue_histogram`` (with ``density``).
 
     Cost: one Lanczos run (until the eigenvalues converge, typically 15-40 products; at least
-    ``density_steps`` with ``density``) plus ``trace_probes`` products (in blocks of 8), each
+    ``density_steps`` with ``density``) plus ``trace_probes`` products (``probe_block``), each
     product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
     products of each candidate kind once per fit. Memory, with T a training step and P the
-    number of parameters: two ``memory_budget`` (default 1 T) on the device. One for vectors:
-    the Lanczos basis (its steps, at most ``max_matvecs``, times P numbers, grown as it runs;
-    on the device up to the budget, then on the host), then a block of probes (3 P each, 8 or
-    as many as fit beside the basis). One for the products: pieces of the batches small enough
+    number of parameters: two ``memory_budget`` (default 1 T) on a GPU. One for vectors: the
+    Lanczos basis (its steps, at most ``max_matvecs``, times P numbers, grown as it runs; on
+    the device up to the budget, then on the host), then a block of probes (3 P each, 8 or as
+    many as fit beside the basis). One for the products: pieces of the batches small enough
     for one (or a vmapped block) to fit it, the cached graphs sharing it (2-4 T on whole
     batches: a loss that is not a mean over samples, or ``micro_batch_size=None``; 1.2 T for
-    finite differences). On CPU the basis cannot spill. Measured, defaults (CPU, memory.py):
-    0.85 T on an activation-heavy MLP, 3.7 T on a width-32 ResNet-18, 4.0 T on a 7.4M GPT.
+    finite differences). On CPU (or ``basis_device=None``) the basis cannot spill. Measured, defaults (CPU, memory.py):
+    0.86 T on an activation-heavy MLP, 1.8 T on a width-32 ResNet-18, 3.2 T on a 7.4M GPT.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept
