@@ -56,7 +56,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 from cost import CountProducts, wall_times  # noqa: E402
-from gpu_lambda import DECIDED, TRIAL, LambdaRows, decided_label  # noqa: E402
+from gpu_lambda import BLOCKS, DECIDED, TRIAL, LambdaRows, decided_label  # noqa: E402
 from gpu_models import (  # noqa: E402
     GPT,
     ResNet18,
@@ -716,6 +716,8 @@ class Bench(LambdaRows):
         ]  # fmt: skip
         plan += [("lambda", decided_label(t), lambda lab, x=x: self.ours_decided(m, lab, x), 30)
                  for t, x in DECIDED]  # fmt: skip
+        plan += [("lambda", decided_label("1e-4", b),
+                  lambda lab, b=b: self.ours_decided(m, lab, 1e-4, b), 30) for b in BLOCKS]  # fmt: skip
         plan += [
             ("lambda", "PyHessian eigenvalues(tol=1e-4) on one batch",
              lambda lab: self.pyhessian_lambda(m, lab, True), iters / 2),

@@ -18,13 +18,16 @@ import time
 
 from gpu_report import fmt, plan_note, ratio
 
-from lightning_landscape.curvature import top_eigenvalues
+from lightning_landscape.curvature import block_top_eigenvalues, top_eigenvalues
 
 TRIAL = "ours: top_eigenvalues(tol=1e-4)"
 DECIDED = (("1e-4", 1e-4), ("1e-3", 1e-3), ("1e-2", 1e-2))  # a fit's later measurements
+BLOCKS = (4, 8)  # block Lanczos rows (kind decided, tol 1e-4): vmapped blocks of products
 
 
-def decided_label(tol: str) -> str:
+def decided_label(tol: str, block: int = 0) -> str:
+    if block:
+        return f"ours, kind decided: block_top_eigenvalues(block={block}, tol={tol})"
     return f"ours, kind decided: top_eigenvalues(tol={tol})"
 
 
@@ -71,13 +74,17 @@ class LambdaRows:
     def error(self, m, lam: float) -> float | None:
         return abs(lam - m.ref["lambda_max"]) / abs(m.ref["lambda_max"]) if m.ref else None
 
-    def ours_lambda(self, m, label: str, tol: float = 1e-4, **decided) -> None:
+    def ours_lambda(self, m, label: str, tol: float = 1e-4, lanczos_block: int = 0, **decided):
         """One row of ours: a fresh operator (its construction, graphs and, with ``"auto"``,
-        the trial of the kinds count in the wall time), ``top_eigenvalues(tol=tol)``."""
+        the trial of the kinds count in the wall time), ``top_eigenvalues(tol=tol)``, or
+        ``block_top_eigenvalues(block=lanczos_block, tol=tol)``."""
         self.meter.reset_peak()
         t0 = time.perf_counter()
         op = self.make_op(m, **decided)
-        r = top_eigenvalues(op, 1, tol=tol, seed=0)
+        if lanczos_block:
+            r = block_top_eigenvalues(op, 1, block=lanczos_block, tol=tol, seed=0)
+        else:
+            r = top_eigenvalues(op, 1, tol=tol, seed=0)
         self.meter.sync()
         wall = time.perf_counter() - t0
         peak = self.meter.peak()
@@ -106,16 +113,17 @@ class LambdaRows:
              f"{how}; converged: {r.converged}" + (f"; {plan[0]}" if plan[0] else "")],
             dict(label=label, products=r.num_matvecs, seconds=wall, lambda_max=lam, rel_error=err,
                  peak=peak, converged=r.converged, tol=tol, kind=kind, block_kind=block,
-                 trial=not decided, plan=plan[1]),
+                 trial=not decided, plan=plan[1], lanczos_block=lanczos_block),
         )  # fmt: skip
 
-    def ours_decided(self, m, label: str, tol: float) -> None:
+    def ours_decided(self, m, label: str, tol: float, block: int = 0) -> None:
         """A fit's later measurement: ``hvp`` (and ``block_hvp``) as the row with the trial
-        chose, everything else the monitor's."""
+        chose, everything else the monitor's; with ``block``, by block Lanczos."""
         if "lambda_kind" not in m.info:
             raise RuntimeError(f"no kind decided: the row {TRIAL!r} did not run")
-        kind, block = m.info["lambda_kind"], m.info["lambda_block_kind"]
-        self.ours_lambda(m, label, tol, kind=kind, **({"block_hvp": block} if block else {}))
+        kind, blocks = m.info["lambda_kind"], m.info["lambda_block_kind"]
+        extra = {"block_hvp": blocks} if blocks else {}
+        self.ours_lambda(m, label, tol, block, kind=kind, **extra)
 
     def pyhessian_lambda(self, m, label: str, one_batch: bool) -> None:
         iters = self.cfg["pyhessian_iters"]

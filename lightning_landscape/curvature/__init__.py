@@ -5,7 +5,8 @@ that read it. Pure torch; it does not import Lightning.
   by cached graphs within a memory budget, double backward, torch.func, finite differences, or
   ``"auto"`` (the fastest exact kind that works, by trial), and :class:`ShardedHessianOperator`
   for modules sharded by FSDP2 or FSDP (v1) (vectors are shards, products finite differences),
-- :func:`top_eigenvalues` (Lanczos, largest or most negative),
+- :func:`top_eigenvalues` (Lanczos, largest or most negative), and
+  :func:`block_top_eigenvalues` (block Lanczos: products in blocks, for GPUs; opt-in),
 - :func:`trace` (Hutchinson, Hutch++, Lanczos-deflated "auto"),
 - :func:`spectral_density` (stochastic Lanczos quadrature),
 - :func:`analyze` (all of them from one Lanczos run),
@@ -18,6 +19,7 @@ that read it. Pure torch; it does not import Lightning.
 """
 
 from lightning_landscape.curvature.analyze import AnalysisResult, analyze
+from lightning_landscape.curvature.block_lanczos import block_top_eigenvalues
 from lightning_landscape.curvature.dense import dense_hessian
 from lightning_landscape.curvature.density import DensityResult, spectral_density
 from lightning_landscape.curvature.eigen import EigenResult, top_eigenvalues
@@ -47,6 +49,7 @@ __all__ = [
     "StabilityRule",
     "TraceResult",
     "analyze",
+    "block_top_eigenvalues",
     "dense_hessian",
     "register_stability_rule",
     "spectral_density",

@@ -61,10 +61,15 @@ def test_smoke_gpt_every_kind_of_section(gpu, tmp_path, capsys):
     lam = [r for r in rows(tmp_path, "gpt", "lambda") if "lambda_max" in r]
     ours = by_label(lam, "ours: top_eigenvalues(tol=1e-4)")
     assert ours["rel_error"] < 1e-4 and ours["trial"]  # against the reference of tol 1e-6
-    decided = [r for r in lam if r["label"].startswith("ours, kind decided")]
+    decided = [r for r in lam if r["label"].startswith("ours, kind decided: top_")]
     assert [r["tol"] for r in decided] == [1e-4, 1e-3, 1e-2]
     assert all(r["kind"] == ours["kind"] != "auto" and not r["trial"] for r in decided)
     assert decided[0]["rel_error"] < 1e-4 and decided[-1]["products"] <= ours["products"]
+    blocks = [r for r in lam if r["label"].startswith("ours, kind decided: block_")]
+    assert [r["lanczos_block"] for r in blocks] == [4, 8]  # block Lanczos, same kind
+    assert all(r["kind"] == ours["kind"] and r["rel_error"] < 1e-4 for r in blocks)
+    assert all(r["products"] % r["lanczos_block"] == 0 for r in blocks)
+    decided += blocks
     if importlib.util.find_spec("pyhessian") is not None:
         peer = next(r for r in lam if r["label"].startswith("PyHessian"))
         # power iteration finds the eigenvalue largest in magnitude, which may be negative here
