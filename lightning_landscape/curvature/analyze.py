@@ -15,14 +15,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from lightning_landscape._core.checks import check_positive_int
-from lightning_landscape._core.distributed import all_reduce_max_
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
-from lightning_landscape.curvature.basis import Basis, check_basis_device
+from lightning_landscape.curvature.basis import check_basis_device
 from lightning_landscape.curvature.density import DensityResult, quadrature
 from lightning_landscape.curvature.eigen import EigenResult, _validate, extract, is_converged
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.linear import LinearOperator
+from lightning_landscape.curvature.probes import trace_block
 from lightning_landscape.curvature.trace import TraceResult, deflated_hutchinson
 
 
@@ -153,7 +153,7 @@ def analyze(
         else:
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
-            block = probe_block or _trace_block(op, run.vectors)
+            block = probe_block or trace_block(op, run.vectors)
             mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=block)
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
@@ -178,39 +178,6 @@ def analyze(
         for r in (top, low, trace_result, density_result)
     ]
     return AnalysisResult(*parts, used, steps, error)
-
-
-def default_probe_block(op: LinearOperator, held: float = 0.0) -> int:
-    """Probes per call: 8, or as many as fit the operator's memory budget at 3 P numbers each
-    beside ``held`` bytes of other vectors on its device (at least 1); without a budget, 8 up
-    to 5,000 dimensions and else 1."""
-    plan = getattr(op, "plan", None)
-    budget = getattr(plan, "budget", math.nan)
-    if not isinstance(budget, float) or math.isnan(budget):
-        return 8 if op.dim <= 5000 else 1
-    return int(min(8, max(1, (budget - held) // _probe_bytes(op))))
-
-
-def _probe_bytes(op: LinearOperator) -> int:
-    return 3 * op.dim * torch.finfo(op.dtype).bits // 8
-
-
-def _trace_block(op: LinearOperator, basis: Basis) -> int:
-    """The trace's probes per call beside the deflation basis: the vectors of a measurement
-    (the basis on the device, then a block of probes) share one budget, as the products share
-    another. Where the basis can spill (``basis_device="auto"`` on an accelerator) and its
-    part on the device would shrink the block, its last chunks move to host memory until the
-    whole block fits: their projections then cost two transfers of the block and a pass over
-    them on the host, against products several times slower one at a time than in vmapped
-    blocks (H200, ResNet-18: 5.6x a gradient against 2.05x)."""
-    full = default_probe_block(op)
-    block = default_probe_block(op, basis.held) if basis.device.type == op.device.type else full
-    reach = full if basis.spill is not None else block
-    if getattr(op, "distributed", False):  # every rank makes as many product calls
-        reach = -int(all_reduce_max_(torch.tensor([-float(reach)]))[0])
-    if block < reach:  # only where the basis can spill, as far as the agreed block needs
-        basis.spill_to(op.plan.budget - reach * _probe_bytes(op))
-    return reach
 
 
 def _stack(

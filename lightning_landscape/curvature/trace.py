@@ -57,6 +57,7 @@ from lightning_landscape._core.stats import ONE_SIGMA, student_t_quantile
 from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.lanczos import lanczos
 from lightning_landscape.curvature.linear import LinearOperator, writable
+from lightning_landscape.curvature.probes import trace_block
 
 TraceMethod = Literal["auto", "hutchinson", "hutch++"]
 
@@ -268,7 +269,9 @@ def deflated_auto(
     if j >= d:
         return TraceResult(exact, 0.0, p + j, "auto", j)
     shift = _remainder_mean(sp, run.vectors, run.tridiagonal(), Z, U)
-    mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, shift=shift)
+    Z = U = None  # the pilots' 2 p P numbers (observe's closure too): not beside the probes
+    block = trace_block(op, run.vectors)
+    mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, block, shift)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 
@@ -313,9 +316,10 @@ def trace(
             ``"hutch++"``), or ``method`` is unknown.
 
     Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact); probes go to
-    the operator in blocks of 8 (vmapped where the product kind allows). Memory: ``"auto"``
+    the operator in blocks (vmapped where the product kind allows): of 8, and for ``"auto"`` as
+    many as fit the operator's budget beside its basis (:mod:`~.probes`). Memory: ``"auto"``
     keeps its Lanczos basis (the steps it takes, at most ``num_matvecs``, times P numbers);
-    Hutch++ two ``(dim, num_matvecs/3)`` blocks; every method a block of 8 probes and two of
+    Hutch++ two ``(dim, num_matvecs/3)`` blocks; every method a block of probes and two of
     their products (the second for the stderr's variance bound).
     """
     check_positive_int("num_matvecs", num_matvecs)

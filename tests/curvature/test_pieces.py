@@ -13,9 +13,9 @@ import torch
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature import hvp as hvp_module
-from lightning_landscape.curvature.analyze import default_probe_block
 from lightning_landscape.curvature.cache import PRODUCT_FACTOR, largest_graph
 from lightning_landscape.curvature.pieces import COLUMNS, FLOOR, Plan, split_batch
+from lightning_landscape.curvature.probes import default_probe_block
 from lightning_landscape.curvature.trace import deflated_hutchinson
 
 from ._problems import make_batches, make_loss, make_problem
