@@ -21,9 +21,10 @@ Cholesky QR of the block from its b × b Gram matrix (reduced through the operat
 with one device-to-host transfer a step (the b × b blocks together). When the block is
 ill-conditioned (κ above 0.1/√ε, where Cholesky QR loses orthogonality) or rank-deficient (a
 start block with dependent columns, an exhausted Krylov space) the step falls back to Gram-Schmidt
-column by column (b transfers); a lost direction is replaced by a fresh random vector orthogonal
-to the basis, with zero coupling in T (as :func:`~.lanczos.lanczos` restarts), so the eigenvalues
-of T are then exact eigenvalues of the operator.
+column by column (b + 2 to 2b + 2 transfers); a lost direction is replaced by a fresh random
+vector orthogonal to the basis, with zero coupling in T (as :func:`~.lanczos.lanczos` restarts).
+T = Qᵀ H Q holds throughout, so its eigenvalues are Ritz values with the residuals below (exact
+eigenvalues only where a whole block was lost, the space then invariant).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class BlockLanczosRun:
         block: the block size b.
         num_steps: block steps taken (b products each).
         num_matvecs: products spent (n).
-        finite: False if a product returned NaN/inf (the run stopped there; T holds NaN).
+        finite: False if a product (T then holds NaN) or the start block (T is 0 x 0) was not
+            finite; the run stopped there.
     """
 
     T: Tensor
@@ -106,7 +108,8 @@ class _BlockQR:
         C2 = _project(self.basis, Y)
         L2, info2 = torch.linalg.cholesky_ex(self.sp.reduce(Y.T @ Y).double())
         Q = torch.linalg.solve_triangular(L2.T.to(self.dtype), Y, upper=True, left=False)
-        c1, c2 = (C[n - b :] if n else W.new_zeros(b, b) for C in (C1, C2))  # this block's
+        # the coefficients on the last block of the basis (Q_j): A's two parts
+        c1, c2 = (C[n - b :] if n else W.new_zeros(b, b) for C in (C1, C2))
         parts = [c1, c2, L1.T, L2.T, G1.diagonal(), torch.stack([info1, info2])]
         host = torch.cat([p.double().flatten() for p in parts]).cpu()  # the step's one sync
         c1, c2, R1, R2 = (host[i * b * b : (i + 1) * b * b].view(b, b) for i in range(4))
@@ -198,8 +201,8 @@ def block_lanczos(
         ValueError: if ``start`` holds more vectors than ``dim``.
 
     Cost: b products per step, as one block; the basis read four times per step (coefficients
-    and combination, twice); one device-to-host transfer per step (b at an ill-conditioned or
-    rank-deficient block). Memory: the basis, b · steps · P numbers (plus a chunk,
+    and combination, twice); one device-to-host transfer per step (b + 2 to 2b + 2 at an
+    ill-conditioned or rank-deficient block). Memory: the basis, b · steps · P numbers (plus a chunk,
     :class:`~.basis.Basis`), and a few b · P blocks.
     """
     sp = space_of(op)
@@ -217,6 +220,7 @@ def block_lanczos(
         basis = Basis(1, local, dtype, where, reduce=sp.reduce)
     qr = _BlockQR(sp, basis, dtype, generator)
     Q, _, _, finite = qr(start.T.to(dtype=dtype, device=device, copy=True))
+    qr.scale = 0.0  # the start's own norm is not the operator's scale (rounding noise is ε‖H‖)
     T = torch.zeros(0, 0, dtype=torch.float64)
     B = torch.zeros(b, b, dtype=torch.float64)
     before, steps = op.num_matvecs, 0
@@ -273,7 +277,8 @@ def block_top_eigenvalues(
         TypeError: if ``k``, ``block``, ``max_matvecs`` or ``seed`` is not an int, or
             ``basis_device`` is not a device.
         ValueError: if ``k`` or ``block`` is not in [1, dim], ``which`` is unknown, ``tol`` is
-            not positive, or ``max_matvecs`` is smaller than ``k`` or ``block``.
+            not positive, ``max_matvecs`` is smaller than ``k`` or ``block``, or whole blocks
+            within min(dim, ``max_matvecs``) hold fewer than ``k`` products.
 
     Cost: ``block`` products per step, in one block. Memory: the basis (products × P numbers,
     on ``basis_device``) plus a few ``block`` × P blocks.
@@ -289,6 +294,11 @@ def block_top_eigenvalues(
             raise ValueError(msg)
     gen = make_generator(resolve_seed(seed, op.distributed))
     limit = min(op.dim, max_matvecs if max_matvecs is not None else max(100, 20 * k))
+    if (limit // block) * block < k:  # whole blocks only: fewer than k Ritz values otherwise
+        raise ValueError(
+            f"`k` = {k} needs more products than whole blocks of `block` = {block} give within "
+            f"min(dim, max_matvecs) = {limit}."
+        )
     start = space_of(op).draw(gaussian, (block, op.dim), gen)
     stop = lambda T, B: _converged(T, B, k, which, tol, op.dim)  # noqa: E731
     run = block_lanczos(

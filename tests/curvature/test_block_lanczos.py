@@ -39,6 +39,21 @@ def test_block_tridiagonal_is_the_projection_and_basis_orthonormal():
     assert torch.allclose((A @ X - X * theta).norm(dim=0), res, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_float32_at_any_scale_of_the_operator(scale):
+    """Rounding noise is judged against the operator's scale, not the start block's norm (√dim):
+    a small operator in float32 (a Hessian of a scaled loss) keeps its Krylov directions."""
+    A = spectrum_matrix(outlier_spectrum(300)) * scale
+    op = MatrixOperator(A.float())
+    r = block_top_eigenvalues(op, 2, block=4, tol=1e-4, seed=0)
+    ev = torch.linalg.eigvalsh(A).flip(0)[:2]
+    assert r.converged and torch.allclose(r.eigenvalues, ev, rtol=1e-4, atol=0)
+    start = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    run = block_lanczos(op, start, 6, generator=make_generator(0))
+    Q = run.vectors.tensor()[0].double()
+    assert torch.allclose(Q @ A @ Q.T, run.T, atol=1e-5 * float(A.norm(2)), rtol=0)
+
+
 def test_one_host_transfer_a_step(monkeypatch):
     """A well-conditioned run moves the b × b blocks to the host once a step (the start block's
     orthonormalization once more), never falling back to column-by-column Gram-Schmidt."""
@@ -255,6 +270,8 @@ def test_non_finite_products_end_the_run():
         ({"max_matvecs": 1.5}, TypeError, "`max_matvecs` must be a positive int"),
         ({"k": 3, "max_matvecs": 2}, ValueError, "`max_matvecs` must be at least `k` = 3"),
         ({"max_matvecs": 3}, ValueError, "`max_matvecs` must be at least `block` = 4"),
+        ({"k": 5, "max_matvecs": 6}, ValueError, "`k` = 5 needs more products than whole"),
+        ({"k": 10, "block": 4}, ValueError, "`k` = 10 needs more products than whole"),
         ({"seed": "zero"}, TypeError, "`seed` must be an int or None"),
         ({"basis_device": 3}, TypeError, "`basis_device` must be None"),
     ],
