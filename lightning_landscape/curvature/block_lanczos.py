@@ -40,7 +40,7 @@ from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature.basis import Basis, check_basis_device
-from lightning_landscape.curvature.eigen import EigenResult, Which, _validate, wanted
+from lightning_landscape.curvature.eigen import EigenResult, Which, _validate, wanted, within
 from lightning_landscape.curvature.lanczos import RESTART, device_budget
 from lightning_landscape.curvature.linear import LinearOperator, writable
 
@@ -323,5 +323,4 @@ def _converged(T: Tensor, B: Tensor, k: int, which: str, tol: float, dim: int) -
     if not torch.isfinite(T).all() or not torch.isfinite(B).all() or T.shape[0] >= dim:
         return True
     theta, _, res = block_ritz(T, B)
-    scale = theta.abs().max().clamp(min=torch.finfo(torch.float64).tiny)
-    return bool((res[wanted(theta, k, which)] <= tol * scale).all())
+    return within(theta, res, k, which, tol)

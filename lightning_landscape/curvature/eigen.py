@@ -75,9 +75,14 @@ def is_converged(alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, 
         return False
     if not torch.isfinite(alphas).all() or not torch.isfinite(betas).all():
         return True
-    theta, _, res = ritz(alphas, betas)
     if alphas.numel() >= dim:
         return True
+    theta, _, res = ritz(alphas, betas)
+    return within(theta, res, k, which, tol)
+
+
+def within(theta: Tensor, res: Tensor, k: int, which: str, tol: float) -> bool:
+    """True when the k wanted of the Ritz values ``theta`` have residuals ``res`` ≤ tol · max|θ|."""
     scale = theta.abs().max().clamp(min=torch.finfo(torch.float64).tiny)
     return bool((res[wanted(theta, k, which)] <= tol * scale).all())
 
