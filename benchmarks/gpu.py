@@ -15,9 +15,9 @@ says otherwise) it prints markdown tables of
   training step's, with the operator's ``plan`` (how it cut the batches);
 - λ_max against PyHessian (power iteration, its ``tol=1e-4``) on the same samples: ours as a
   fit's first measurement (``"auto"`` tries the kinds) and as its later ones (the kind decided;
-  ``tol`` 1e-4, 1e-3, 1e-2), with wall time, products and errors against a tightly converged
-  reference; the target takes our fastest row at PyHessian's error or better
-  (``benchmarks/gpu_lambda.py``);
+  ``tol`` 1e-4, 1e-3, 1e-2; and opt-in block Lanczos, blocks of 4 and 8, after the memory
+  rows), with wall time, products and errors against a tightly converged reference; the target
+  takes our fastest row at PyHessian's error or better (``benchmarks/gpu_lambda.py``);
 - the trace at equal products (ours and PyHessian's Hutchinson, with standard errors), the
   density (PyHessian's only where its ``density()`` runs), and the ResNet ratios with TF32;
 - last (compiling takes minutes): the ``"compiled"`` product (its "first" column is the compile

@@ -5,7 +5,9 @@ Ours is measured twice over. ``"ours: top_eigenvalues(tol=1e-4)"`` is the first 
 fit: a fresh operator with the monitor's kind (``"auto"``), whose wall time includes the one-off
 trial of the product kinds. ``"ours, kind decided: ..."`` rows are a fit's later measurements:
 a fresh operator with ``hvp`` (and ``block_hvp``) set to what that trial chose, as the
-HessianMonitor builds them, at ``tol`` 1e-4 and looser. Our ``tol`` bounds a residual (the
+HessianMonitor builds them, at ``tol`` 1e-4 and looser; two of them by block Lanczos
+(``block_top_eigenvalues``, opt-in: the monitor does not use it), which only the PyHessian row
+"on the batches" (after them) can pick. Our ``tol`` bounds a residual (the
 eigenvalue's error is about residual² / gap), PyHessian's the change between two power steps,
 so equal tolerances are not equal accuracies: the target's ratio takes the fastest of our rows
 whose error against the reference is at most PyHessian's (:func:`pick_ours`).

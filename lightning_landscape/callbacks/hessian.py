@@ -106,7 +106,7 @@ class HessianMonitor(LandscapeMonitor):
             pinned host memory, projected there; ``None``: all on the device; ``"cpu"``: host.
         probe_block: trace probes per product call; ``None``: 8, or as many as fit the budget
             at 3 P numbers a probe beside the basis on the device (``basis_device="auto"`` on a
-            GPU: its last vectors move to the host as far as 8 need; without a planned budget,
+            GPU: its last vectors move to the host as far as the block needs; without a plan,
             explicit ``micro_batch_size`` or sharded: 8 up to 5,000 parameters, else 1).
             Vmapped where faster (H200, ResNet-18: 2.05x a gradient a product in blocks of 8,
             5.6x one at a time; CPU, 77k parameters, nothing cached: 1.5x faster in blocks,
@@ -171,9 +171,9 @@ class HessianMonitor(LandscapeMonitor):
     the device up to the budget, then on the host), then a block of probes (3 P each, 8 or as
     many as fit beside the basis). One for the products: pieces of the batches small enough
     for one (or a vmapped block) to fit it, the cached graphs sharing it (2-4 T on whole
-    batches: a loss that is not a mean over samples, or ``micro_batch_size=None``; 1.2 T for
-    finite differences). On CPU (or ``basis_device=None``) the basis cannot spill. Measured, defaults (CPU, memory.py):
-    0.86 T on an activation-heavy MLP, 1.8 T on a width-32 ResNet-18, 3.2 T on a 7.4M GPT.
+    batches: a loss not a mean over samples, or ``micro_batch_size=None``; 1.2 T for finite
+    differences). On CPU (or ``basis_device=None``) the basis cannot spill. Measured (CPU,
+    memory.py): 0.86 T on an activation-heavy MLP, 1.8 T on a ResNet-18, 3.2 T on a 7.4M GPT.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept

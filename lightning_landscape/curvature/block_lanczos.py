@@ -202,8 +202,8 @@ def block_lanczos(
 
     Cost: b products per step, as one block; the basis read four times per step (coefficients
     and combination, twice); one device-to-host transfer per step (b + 2 to 2b + 2 at an
-    ill-conditioned or rank-deficient block). Memory: the basis, b · steps · P numbers (plus a chunk,
-    :class:`~.basis.Basis`), and a few b · P blocks.
+    ill-conditioned or rank-deficient block). Memory: the basis, b · steps · P numbers (plus a
+    chunk, :class:`~.basis.Basis`), and a few b · P blocks.
     """
     sp = space_of(op)
     b, local = start.shape

@@ -18,14 +18,14 @@ from lightning_landscape.curvature.basis import Basis
 from lightning_landscape.curvature.linear import LinearOperator
 
 
-def default_probe_block(op: LinearOperator, held: float = 0.0) -> int:
+def default_probe_block(op: LinearOperator, held: float = 0.0, unplanned: int = 0) -> int:
     """Probes per call: 8, or as many as fit the operator's memory budget at 3 P numbers each
-    beside ``held`` bytes of other vectors on its device (at least 1); without a budget, 8 up
-    to 5,000 dimensions and else 1."""
+    beside ``held`` bytes of other vectors on its device (at least 1); without a planned
+    budget, ``unplanned`` if given, else 8 up to 5,000 dimensions and 1 above."""
     plan = getattr(op, "plan", None)
     budget = getattr(plan, "budget", math.nan)
     if not isinstance(budget, float) or math.isnan(budget):
-        return 8 if op.dim <= 5000 else 1
+        return unplanned or (8 if op.dim <= 5000 else 1)
     if math.isinf(budget):  # ``memory_budget=math.inf``: no limit (inf // x would be NaN)
         return 8
     return int(min(8, max(1, (budget - held) // probe_bytes(op))))
@@ -36,16 +36,18 @@ def probe_bytes(op: LinearOperator) -> int:
     return 3 * op.dim * torch.finfo(op.dtype).bits // 8
 
 
-def trace_block(op: LinearOperator, basis: Basis) -> int:
+def trace_block(op: LinearOperator, basis: Basis, unplanned: int = 0) -> int:
     """The trace's probes per call beside the deflation basis: the vectors of a measurement
     (the basis on the device, then a block of probes) share one budget, as the products share
     another. Where the basis can spill (``basis_device="auto"`` on an accelerator) and its
     part on the device would shrink the block, its last chunks move to host memory until the
     whole block fits: their projections then cost two transfers of the block and a pass over
     them on the host, against products several times slower one at a time than in vmapped
-    blocks (H200, ResNet-18: 5.6x a gradient against 2.05x)."""
-    full = default_probe_block(op)
-    block = default_probe_block(op, basis.held) if basis.device.type == op.device.type else full
+    blocks (H200, ResNet-18: 5.6x a gradient against 2.05x). ``unplanned``: the block of an
+    operator without a planned budget (:func:`default_probe_block`)."""
+    full = default_probe_block(op, 0.0, unplanned)
+    same = basis.device.type == op.device.type
+    block = default_probe_block(op, basis.held, unplanned) if same else full
     reach = full if basis.spill is not None else block
     if getattr(op, "distributed", False):  # every rank makes as many product calls
         reach = -int(all_reduce_max_(torch.tensor([-float(reach)]))[0])

@@ -269,8 +269,8 @@ def deflated_auto(
     if j >= d:
         return TraceResult(exact, 0.0, p + j, "auto", j)
     shift = _remainder_mean(sp, run.vectors, run.tridiagonal(), Z, U)
-    Z = U = None  # the pilots' 2 p P numbers (observe's closure too): not beside the probes
-    block = trace_block(op, run.vectors)
+    Z = U = start = None  # the pilots' (2p + 1) P numbers (observe's closure too): freed
+    block = trace_block(op, run.vectors, unplanned=8)  # without a plan: 8, as before
     mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, block, shift)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
@@ -316,9 +316,9 @@ def trace(
             ``"hutch++"``), or ``method`` is unknown.
 
     Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact); probes go to
-    the operator in blocks (vmapped where the product kind allows): of 8, and for ``"auto"`` as
-    many as fit the operator's budget beside its basis (:mod:`~.probes`). Memory: ``"auto"``
-    keeps its Lanczos basis (the steps it takes, at most ``num_matvecs``, times P numbers);
+    the operator in blocks (vmapped where the product kind allows): of 8, and for ``"auto"`` on
+    an operator with a planned budget as many as fit it beside its basis (:mod:`~.probes`).
+    Memory: ``"auto"`` keeps its Lanczos basis (its steps, at most ``num_matvecs``, × P numbers);
     Hutch++ two ``(dim, num_matvecs/3)`` blocks; every method a block of probes and two of
     their products (the second for the stderr's variance bound).
     """

@@ -103,3 +103,8 @@ def test_the_deflated_trace_takes_its_probes_beside_its_basis():
     wide = _Planned(diag, math.inf)  # no budget: blocks of 8
     assert trace(wide, num_matvecs=60, seed=2).estimate == pytest.approx(res.estimate, rel=1e-12)
     assert max(wide.widths[1 + j :]) == 8
+    big = torch.cat([diag, torch.zeros(1000, dtype=torch.float64)])  # above 5,000 dimensions
+    unplanned = _Planned(big, 0.0)
+    unplanned.plan = None  # no planned budget: the trace keeps its blocks of 8, as before
+    trace(unplanned, num_matvecs=60, seed=2)
+    assert max(unplanned.widths[3:]) == 8 and default_probe_block(unplanned) == 1
