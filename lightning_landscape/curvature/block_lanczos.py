@@ -41,7 +41,7 @@ from lightning_landscape._core.random import gaussian, make_generator, resolve_s
 from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature.basis import Basis, check_basis_device
 from lightning_landscape.curvature.eigen import EigenResult, Which, _validate, wanted, within
-from lightning_landscape.curvature.lanczos import RESTART, device_budget
+from lightning_landscape.curvature.lanczos import RESTART, new_basis
 from lightning_landscape.curvature.linear import LinearOperator, writable
 
 
@@ -211,13 +211,7 @@ def block_lanczos(
         raise ValueError(f"`start` must hold at most `dim` = {op.dim} vectors, got {b}.")
     m = min(int(max_steps), op.dim // b)
     dtype, device = op.dtype, op.device
-    if basis_device == "auto":
-        spill = None if device.type == "cpu" else "cpu"
-        budget = lambda: device_budget(op)  # noqa: E731  (the plan exists after a product)
-        basis = Basis(1, local, dtype, device, reduce=sp.reduce, spill=spill, device_bytes=budget)
-    else:
-        where = device if basis_device is None else basis_device
-        basis = Basis(1, local, dtype, where, reduce=sp.reduce)
+    basis = new_basis(op, 1, local, basis_device)
     qr = _BlockQR(sp, basis, dtype, generator)
     Q, _, _, finite = qr(start.T.to(dtype=dtype, device=device, copy=True))
     qr.scale = 0.0  # the start's own norm is not the operator's scale (rounding noise is ε‖H‖)

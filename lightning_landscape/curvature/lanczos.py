@@ -108,6 +108,24 @@ def device_budget(op: LinearOperator) -> float:
     return math.inf
 
 
+def new_basis(
+    op: LinearOperator, chains: int, local: int, basis_device: torch.device | str | None
+) -> Basis:
+    """An empty basis of ``chains`` chains of ``local`` numbers (this process's part of a
+    vector) placed as ``basis_device`` says: None, the operator's device; a device; ``"auto"``,
+    the operator's device up to :func:`device_budget` (read when a chunk is allocated: the
+    plan exists after a product), then host memory (nowhere to spill on a CPU operator)."""
+    reduce, device = space_of(op).reduce, op.device
+    if basis_device != "auto":
+        where = device if basis_device is None else basis_device
+        return Basis(chains, local, op.dtype, where, reduce=reduce)
+    spill = None if device.type == "cpu" else "cpu"
+    return Basis(
+        chains, local, op.dtype, device, reduce=reduce, spill=spill,
+        device_bytes=lambda: device_budget(op),
+    )  # fmt: skip
+
+
 def lanczos(
     op: LinearOperator,
     start: Tensor,
@@ -152,15 +170,7 @@ def lanczos(
     b, d = start.shape[0], op.dim
     m = min(int(max_steps), d)
     dtype, device = op.dtype, op.device
-    if basis_device == "auto":
-        spill = None if device.type == "cpu" else "cpu"
-        budget = lambda: device_budget(op)  # noqa: E731  (the plan exists after a product)
-        basis = Basis(
-            b, start.shape[1], dtype, device, reduce=sp.reduce, spill=spill, device_bytes=budget
-        )
-    else:
-        where = device if basis_device is None else basis_device
-        basis = Basis(b, start.shape[1], dtype, where, reduce=sp.reduce)
+    basis = new_basis(op, b, start.shape[1], basis_device)
     alphas = torch.zeros(b, m, dtype=torch.float64)
     betas = torch.zeros(b, m, dtype=torch.float64)
     q = start.to(dtype=dtype, device=device)
