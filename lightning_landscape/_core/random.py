@@ -54,7 +54,7 @@ def resolve_seed(seed: int | None, distributed: bool = True) -> int:
 def rademacher(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
     """Random ±1 entries."""
     bits = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
-    return (bits.to(dtype) * 2 - 1).to(device)
+    return bits.to(dtype).mul_(2).sub_(1).to(device)  # in place: one block of P, not three
 
 
 def gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:

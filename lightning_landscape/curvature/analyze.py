@@ -154,7 +154,9 @@ def analyze(
             exact = float(run.alphas[0].sum())
             probes = 0 if steps >= d else trace_probes
             block = probe_block or (trace_block(op, run.vectors) if probes else 1)
-            mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block=block)
+            mean, stderr, n = deflated_hutchinson(
+                op, run.vectors, probes, gen, block=block, residual=run.last_residual
+            )
             trace_result = TraceResult(exact + mean, stderr, steps + n, "auto", steps)
 
     density_result = None

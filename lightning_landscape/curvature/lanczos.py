@@ -40,17 +40,26 @@ class LanczosRun:
         vectors: the orthonormal Krylov bases (a :class:`~.basis.Basis` of ``b`` chains and
             ``m`` vectors, in the operator's dtype, on the basis device).
         finite: False if a product returned NaN/inf (the run stopped there).
+        residual: ``(b, dim)`` the final residuals w = β_m q_{m+1} (None after a non-finite
+            product): H Q = Q T + w e_mᵀ, so for any z ⟂ Q, Qᵀ H z = e_m (wᵀz) at no product
+            and no pass over the basis (the trace's variance bound uses it).
     """
 
     alphas: Tensor
     betas: Tensor
     vectors: Basis
     finite: bool
+    residual: Tensor | None = None
 
     @property
     def basis(self) -> Tensor:
         """The bases as one ``(b, m, dim)`` tensor (a copy of the chunks: m · P more memory)."""
         return self.vectors.tensor()
+
+    @property
+    def last_residual(self) -> Tensor | None:
+        """The first chain's final residual (None after a non-finite product)."""
+        return None if self.residual is None else self.residual[0]
 
     @property
     def num_steps(self) -> int:
@@ -220,4 +229,4 @@ def lanczos(
             beta = torch.where(small.to(device), sp.norm(w), beta)
         previous = (q, coupling)
         q = w / beta[:, None]
-    return LanczosRun(alphas[:, :steps], betas[:, :steps], basis, finite)
+    return LanczosRun(alphas[:, :steps], betas[:, :steps], basis, finite, w if finite else None)

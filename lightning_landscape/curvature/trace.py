@@ -106,6 +106,7 @@ def deflated_hutchinson(
     gen: torch.Generator,
     block: int = 8,
     shift: float = 0.0,
+    residual: Tensor | None = None,
 ) -> tuple[float, float, int]:
     """Hutchinson on (I − QQᵀ) H (I − QQᵀ) for an orthonormal basis (a :class:`~.basis.Basis`,
     chain 0, or the rows of a ``(j, dim)`` tensor), or none. Probes go to the operator in blocks
@@ -116,9 +117,12 @@ def deflated_hutchinson(
     ``shift`` (an estimate of the remainder's mean eigenvalue, independent of the probes) is a
     control variate that takes this term out again; E[‖Qz‖²] = j, so the mean is unchanged.
 
-    The stderr pools the samples' variance with the bound from ‖(B − cP) z‖² (module docstring);
-    this costs one more pass over the basis per block (Qᵀ H z); the residual is computed in the
-    products' place, so a block holds two blocks of P numbers (the probes and their products).
+    The stderr pools the samples' variance with the bound from ‖(B − cP) z‖² (module docstring).
+    Its term ‖Qᵀ H z'‖² (z' = Pz) costs one more pass over the basis per block, or none for a
+    Lanczos basis given with its final ``residual`` w (H Q = Q T + w e_mᵀ, so Qᵀ H z' = e_m wᵀz':
+    one inner product with w): two passes a block instead of three. The bound's vector is
+    computed in the products' place, so a block holds two blocks of P numbers (the probes and
+    their products), and ``residual`` one more P.
 
     Returns the mean, its stderr and the number of probes.
     """
@@ -135,6 +139,9 @@ def deflated_hutchinson(
             coef = basis.coefficients(Z.T)
             basis.combine(coef.neg(), out=Z.T)  # Z −= (Q coef)ᵀ in place
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
+        deflated = None  # ‖Qᵀ H z'‖² from the Lanczos relation: (wᵀz')², no pass
+        if j > 0 and residual is not None:
+            deflated = sp.reduce(Z @ residual.to(Z.dtype)).double().cpu() ** 2
         HZ = op.matmat(Z.T).T
         own = HZ.dtype == Z.dtype and writable(HZ, Z)  # the products' block is ours to reuse
         quad = torch.einsum("kd,kd->k", Z, HZ) if own else (Z * HZ).sum(dim=1)
@@ -143,7 +150,8 @@ def deflated_hutchinson(
             squares = sp.reduce(torch.linalg.vector_norm(Z) ** 2).double().cpu()
             c = float(quad.sum() / squares.clamp(min=1e-300))
         # ‖(B − cP) z‖² = ‖Hz' − c z'‖² − ‖Qᵀ H z'‖² with z' = Pz (Qᵀz' = 0)
-        deflated = (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu() if j > 0 else 0.0
+        if deflated is None:
+            deflated = (basis.coefficients(HZ.T).double() ** 2).sum(dim=0).cpu() if j else 0.0
         R = HZ.sub_(Z, alpha=c) if own else torch.sub(HZ, Z, alpha=c)  # HZ is not needed after
         spread = sp.reduce(torch.linalg.vector_norm(R, dim=1) ** 2).double().cpu() - deflated
         bounds.append(2 * spread.clamp(min=0) + 2 * j * (c - shift) ** 2)
@@ -271,7 +279,10 @@ def deflated_auto(
     shift = _remainder_mean(sp, run.vectors, run.tridiagonal(), Z, U)
     Z = U = start = None  # the pilots' (2p + 1) P numbers (observe's closure too): freed
     block = trace_block(op, run.vectors, unplanned=8)  # without a plan: 8, as before
-    mean, stderr, n = deflated_hutchinson(op, run.vectors, max(m - p - j, 2), gen, block, shift)
+    probes = max(m - p - j, 2)
+    mean, stderr, n = deflated_hutchinson(
+        op, run.vectors, probes, gen, block, shift, run.last_residual
+    )
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 

@@ -258,3 +258,41 @@ def test_a_product_block_that_is_not_the_traces_own_is_left_alone(how):
     op = _Returning(200, how)
     r = trace(op, num_matvecs=16, method="hutchinson", seed=0)
     assert r.estimate == pytest.approx(200.0, rel=1e-6) and r.stderr < 1e-3
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "outlier"])
+def test_the_lanczos_residual_replaces_a_pass_over_the_basis(monkeypatch, spectrum):
+    """With a Lanczos basis and its final residual w (H Q = Q T + w e_mᵀ), the variance bound's
+    ‖Qᵀ H z'‖² is (wᵀz')²: the same estimate and stderr (to rounding, float64) as from the
+    projection of H z', with two passes over the basis a block instead of three."""
+    from lightning_landscape.curvature.lanczos import lanczos
+
+    op = OPS[spectrum]
+    start = torch.randn(1, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    run = lanczos(op, start, 12, generator=torch.Generator().manual_seed(2))
+    assert run.residual is not None and run.residual.shape == (1, op.dim)
+    w = run.residual[0]  # Qᵀ H z' = e_m wᵀz' for z' ⟂ Q, checked directly on one vector
+    z = torch.randn(op.dim, dtype=torch.float64)
+    z = z - run.basis[0].T @ (run.basis[0] @ z)
+    assert torch.allclose(run.basis[0] @ (op @ z), (w @ z) * torch.eye(12)[-1].double(),
+                          atol=1e-10 * float(torch.linalg.vector_norm(op @ z)))  # fmt: skip
+
+    passes, coefficients = [], Basis.coefficients
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return coefficients(self, *args, **kwargs)
+
+    monkeypatch.setattr(Basis, "coefficients", counted)
+    results = []
+    for residual in (None, w):
+        passes.clear()
+        gen = torch.Generator().manual_seed(3)
+        results.append(deflated_hutchinson(op, run.vectors, 24, gen, 8, 0.5, residual))
+        results[-1] += (len(passes),)
+    (m0, s0, n0, p0), (m1, s1, n1, p1) = results
+    assert n0 == n1 == 24 and (p0, p1) == (
+        6,
+        3,
+    )  # 3 blocks: 2 projections a block, now 1 (and the deflation of the probes)
+    assert m1 == pytest.approx(m0, rel=1e-12) and s1 == pytest.approx(s0, rel=1e-8)
