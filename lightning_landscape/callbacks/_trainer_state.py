@@ -12,19 +12,26 @@ import pytorch_lightning as pl
 from lightning_landscape.callbacks import _logging
 
 
-def epochs_done(trainer: pl.Trainer, epoch_end: bool = False) -> float:
+def epochs_done(trainer: pl.Trainer, epoch_end: bool = False, after_fit: bool = False) -> float:
     """The training done so far, in epochs: ``e + k / n`` after ``k`` of the ``n`` batches of
     epoch ``e`` (``max_steps`` can end a fit mid-epoch: 1.4 is 40 % of the second epoch), a whole
     number between epochs. With a loader of unknown length the fraction is unknown: the count
-    of finished epochs (``epoch_end``: the running one counts as finished)."""
+    of finished epochs (``epoch_end``: the running one counts as finished). ``after_fit``: called
+    once the fit loop has ended (``on_train_end``), when its count already includes the last
+    epoch.
+
+    The running epoch is Lightning's count of completed epochs (``trainer.current_epoch``), not
+    its count of started ones: after a resume from a checkpoint saved at an epoch's last batch,
+    Lightning's ``started`` stays one short for the rest of the fit."""
     progress = trainer.fit_loop.epoch_progress.current
     seen = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     total = trainer.num_training_batches
     if seen == 0:  # no batch of a new epoch yet
         return float(progress.completed)
+    running = progress.completed - 1 if after_fit else progress.completed
     if isinstance(total, int | float) and math.isfinite(total) and total > 0:
-        return progress.started - 1 + min(seen / total, 1.0)
-    return float(progress.started if epoch_end else progress.started - 1)
+        return running + min(seen / total, 1.0)
+    return float(running + 1 if epoch_end else running)
 
 
 def first_lr(trainer: pl.Trainer) -> float:

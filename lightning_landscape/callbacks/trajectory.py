@@ -185,7 +185,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         if self.picture_at_end and not drawn:
             self._final = True
             try:
-                epoch, step = epochs_done(trainer, epoch_end=True), trainer.global_step
+                epoch, step = epochs_done(trainer, True, after_fit=True), trainer.global_step
                 metrics = self.run_measurement(trainer, pl_module, epoch, step)
                 self.pictures.append({"epoch": epoch, "step": float(step), **metrics})
             finally:
