@@ -41,6 +41,7 @@ def measure_eos(
             f"HessianMonitor: {err} `{key('eos_ratio')}` and `{key('eos_threshold')}` are logged "
             "as NaN.",
         )
+        ctx.explained.update((key("eos_threshold"), key("eos_ratio")))
         return {key("eos_threshold"): math.nan, key("eos_ratio"): math.nan}, 0
     out = {key("eos_threshold"): rule.threshold}
     if rule.preconditioner is None:
@@ -54,6 +55,7 @@ def measure_eos(
             f"`{key('eos_ratio')}` is logged as NaN.",
         )
         out[key("eos_ratio")] = math.nan
+        ctx.explained.add(key("eos_ratio"))
         return out, 0
     if ctx.sharded_module is not None:  # the preconditioned operator needs whole vectors
         ctx.warn(
@@ -62,6 +64,7 @@ def measure_eos(
             f"not measured on sharded (FSDP) models; `{key('eos_ratio')}` is logged as NaN.",
         )
         out[key("eos_ratio")] = math.nan
+        ctx.explained.add(key("eos_ratio"))
         return out, 0
     scale = inverse_sqrt_preconditioner(rule, ctx.params)
     if scale is None:  # no optimizer state yet

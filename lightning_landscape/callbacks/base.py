@@ -337,7 +337,7 @@ class LandscapeMonitor(Callback):
             warn_side_effects(
                 trainer, type(self).__name__, before, plain_attributes(pl_module), calls[0]
             )
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in ctx.explained]
         if bad and not failed:  # a failure was warned about above, with its cause
             _logging.warn_once(
                 trainer,

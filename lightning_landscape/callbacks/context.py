@@ -65,6 +65,9 @@ class MeasureContext:
         optimizer: the first optimizer of the fit (None without one), read by measurements
             that depend on it (the edge-of-stability threshold, Adam's preconditioner).
         warn: ``warn(key, message)``: one warning per fit and key, on rank zero.
+        explained: metric keys a measurement logs as NaN on purpose, having warned why (no
+            stability threshold for this optimizer, say): the monitor's warning about
+            non-finite values leaves them out, so it stays for a NaN loss.
         wrapper: the FSDP (v1) wrapper ``module`` runs inside (``FSDPStrategy``: its forward
             gathers the parameters); None otherwise. ``loss_fn`` already runs through it; other
             functions of a batch that run the module go through :meth:`through`.
@@ -95,6 +98,7 @@ class MeasureContext:
     optimizer: Any = None
     warn: Callable[[str, str], None] = _warn
     wrapper: nn.Module | None = None
+    explained: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.params:

@@ -93,9 +93,10 @@ def _shared(optimizer: Optimizer, *keys: str) -> tuple:
     """The hyper-parameters ``keys`` (the learning rate first) of the first group, checked equal
     in every group and with a positive learning rate."""
     values = [tuple(_plain(g[k]) for k in keys) for g in optimizer.param_groups]
-    if any(v != values[0] for v in values):
+    differ = [k for i, k in enumerate(keys) if any(v[i] != values[0][i] for v in values)]
+    if differ:
         raise ValueError(
-            f"{type(optimizer).__name__}'s parameter groups differ in {', '.join(keys)}; the "
+            f"{type(optimizer).__name__}'s parameter groups differ in {', '.join(differ)}; the "
             "stability threshold needs one value of each."
         )
     if any(g.get("maximize", False) for g in optimizer.param_groups):

@@ -178,6 +178,34 @@ def test_nan_loss_warns_and_logs_nan(tmp_path):
     assert math.isnan(mon.history[0]["hessian/eigenvalue_1"])
 
 
+class _RMSpropClassifier(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+
+def test_a_nan_on_purpose_does_not_use_up_the_warning_of_a_nan_loss(tmp_path):
+    """RMSprop has no stability threshold: its eos keys are NaN with their own warning, and the
+    warning about non-finite values stays for the NaN loss of a later measurement."""
+
+    def loss_fn(module, batch):
+        loss = F.cross_entropy(module(batch[0]), batch[1])
+        return loss * math.nan if module.current_epoch >= 1 else loss
+
+    mon = HessianMonitor(epochs=[0, 2], trace=False, loss_fn=loss_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=2).fit(
+            _RMSpropClassifier(), DataLoader(random_classes(), batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "HessianMonitor" in str(w.message)]
+    assert any("no stability threshold is known for RMSprop" in m for m in said), said
+    nan = [m for m in said if "non-finite values" in m]
+    assert len(nan) == 1 and "at step 10 (hessian/eigenvalue_1" in nan[0], said
+    assert math.isnan(mon.history[0]["hessian/eos_ratio"]) and math.isnan(
+        mon.history[1]["hessian/eigenvalue_1"]
+    )
+
+
 def test_a_refused_sharded_measurement_logs_nan_and_training_goes_on(tmp_path, monkeypatch):
     """A refusal only seen at a measurement (an FSDP2 half-precision policy, set in
     configure_model after setup) is the same on every rank: NaN, one warning, no crash."""

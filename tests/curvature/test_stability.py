@@ -119,7 +119,7 @@ def test_no_state_before_the_first_step():
 def test_rules_refuse_what_has_no_threshold_and_accept_registered_ones():
     a, b = (torch.zeros(1, requires_grad=True) for _ in range(2))
     mixed = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}])
-    with pytest.raises(ValueError, match="parameter groups differ in lr"):
+    with pytest.raises(ValueError, match="parameter groups differ in lr; the"):
         stability_rule(mixed)
     with pytest.raises(ValueError, match="maximizes"):
         stability_rule(torch.optim.Adam([a], maximize=True))
