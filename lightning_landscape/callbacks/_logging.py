@@ -46,11 +46,14 @@ def tensorboard(trainer: pl.Trainer, what: str) -> Any | None:
         if isinstance(logger, TENSORBOARD_LOGGERS):
             return logger.experiment
     if trainer.loggers:
+        folder = figure_dir(trainer)
+        pngs = f"figures are still saved as PNG files in {folder}" if folder else "figures too"
         warn_once(
             trainer,
             "no-tensorboard",
-            "lightning-landscape logs figures and histograms to TensorBoard only; no "
-            "TensorBoardLogger is attached, so they are skipped (scalars are still logged).",
+            "lightning-landscape sends images and histograms to TensorBoard only; no "
+            f"TensorBoardLogger is attached, so histograms are skipped and {pngs} (scalars are "
+            "logged to every logger).",
         )
     return None
 

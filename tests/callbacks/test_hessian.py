@@ -233,7 +233,9 @@ def test_other_logger_gets_scalars_and_one_warning(tmp_path):
         warnings.simplefilter("always")
         t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
     msgs = [str(w.message) for w in caught if "TensorBoard only" in str(w.message)]
-    assert len(msgs) == 1
+    folder = os.path.join(t.logger.log_dir, "figures")
+    assert len(msgs) == 1 and f"still saved as PNG files in {folder}" in msgs[0], msgs
+    assert any(name.startswith("hessian_spectral_density") for name in os.listdir(folder))
     text = open(os.path.join(t.logger.log_dir, "metrics.csv")).read()
     assert "hessian/eigenvalue_1" in text
 
