@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp1 import through
-from lightning_landscape.callbacks import _logging, _progress, _summary
+from lightning_landscape.callbacks import _logging, _progress, _summary, _trainer_state
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._errors import SetupError
@@ -39,12 +39,6 @@ from lightning_landscape.callbacks._isolation import (
     warn_side_effects,
 )
 from lightning_landscape.callbacks._sharded import fsdp_wrapper, refuse_sharded, sharded_refusal
-from lightning_landscape.callbacks._trainer_state import (
-    check_prefix,
-    epochs_done,
-    first_lr,
-    warn_shared_prefix,
-)
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature.kernels import explain
@@ -134,7 +128,7 @@ class LandscapeMonitor(Callback):
         self.loss_fn = loss_fn
         self.mode = mode
         self.seed = seed
-        self.prefix = check_prefix(prefix, self.namespace)
+        self.prefix = _trainer_state.check_prefix(prefix, self.namespace)
         self.done: list[int] = []
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
@@ -202,13 +196,15 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if trainer.global_step == 0:  # a new fit; a resumed one gets its state back after setup
+            self.reset_state()
         refuse_sharded(
             trainer,
             type(self).__name__,
             "sharded parameters have no full Hessian-vector product or loss here",
             sharded=self.supports_sharded,
         )
-        warn_shared_prefix(trainer, self)
+        _trainer_state.warn_shared_prefix(trainer, self)
         pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise SetupError(
@@ -216,6 +212,10 @@ class LandscapeMonitor(Callback):
                 "steps the optimizer and cannot serve as the loss; pass "
                 "`loss_fn=lambda pl_module, batch: ...`."
             )
+
+    def reset_state(self) -> None:
+        """Forget an earlier fit's measurements: a monitor reused in a new fit starts afresh."""
+        self.done, self.history, self._batches, self._last_step = [], [], None, -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = None
@@ -260,14 +260,14 @@ class LandscapeMonitor(Callback):
         self, trainer, pl_module, epoch: int, step: int, epoch_end: bool = False
     ) -> None:
         """Measure if the schedule says so: ``epoch`` is the schedule's whole epoch (the one whose
-        end this is), the row and the figures get the exact count (:func:`epochs_done`)."""
+        end this is), the row and the figures get the exact count (:func:`~._trainer_state.epochs_done`)."""
         if trainer.sanity_checking or step == self._last_step:
             return
         label = self.schedule.label(epoch, step)
         if not self.schedule.due(epoch, step) or label in self.done:
             return
         self._last_step = step
-        exact = epochs_done(trainer, epoch_end)
+        exact = _trainer_state.epochs_done(trainer, epoch_end)
         metrics = self.run_measurement(trainer, pl_module, exact, step)
         self.done.append(label)
         self.history.append({"epoch": exact, "step": float(step), **metrics})
@@ -302,7 +302,7 @@ class LandscapeMonitor(Callback):
                 seed=self.seed,
                 step=step,
                 epoch=epoch,
-                lr=first_lr(trainer),
+                lr=_trainer_state.first_lr(trainer),
                 status=status,
                 draw_figures=_logging.wants_figures(trainer),
                 log_figure=partial(_logging.log_figure, trainer, step=step),

@@ -177,6 +177,8 @@ class NoiseTemperatureMonitor(Callback):
             half=False,
         )
         warn_shared_prefix(trainer, self)
+        if trainer.global_step == 0:  # a new fit: nothing of an earlier one (a resume: restored)
+            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()

@@ -166,6 +166,12 @@ class TrajectoryMonitor(LandscapeMonitor):
         snaps = self.snapshots
         return describe(snaps.epochs[i], snaps.steps[i], self.schedule.by_step)
 
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.snapshots.load_state_dict({})
+        self.pictures, self.last_curves, self.last_picture = [], {}, {}
+        self._warned_thin = False
+
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | self.snapshots.state_dict()
 

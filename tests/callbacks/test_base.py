@@ -32,6 +32,42 @@ def test_a_fit_stopped_mid_epoch_is_labelled_by_step_and_fraction(tmp_path):
     assert trajectory.pictures[-1]["epoch"] == pytest.approx(1.4)
 
 
+def test_a_monitor_reused_in_a_new_fit_starts_afresh(tmp_path):
+    """A sweep that reuses its callbacks: the second fit (new model, new Trainer) measures every
+    epoch again and its trajectory starts from the new model, as fresh monitors do; the noise
+    monitor's running averages start afresh too."""
+    import pytorch_lightning as pl
+
+    from lightning_landscape import NoiseTemperatureMonitor
+
+    def monitors():
+        return [
+            HessianMonitor(every_n_epochs=1, trace=False),
+            TrajectoryMonitor(every_n_epochs=1, num_points=2, grid_size=2, slices=False),
+            NoiseTemperatureMonitor(every_n_steps=1),
+        ]
+
+    def fit(callbacks, seed):
+        pl.seed_everything(seed)
+        make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(
+            Classifier(), DataLoader(learnable_classes(), batch_size=8, shuffle=True)
+        )
+
+    reused = monitors()
+    fit(reused, 0)
+    fit(reused, 1)
+    fresh = monitors()
+    fit(fresh, 1)
+
+    def timeless(history):
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in history]
+
+    for a, b in zip(reused[:2], fresh[:2], strict=True):
+        assert a.done == b.done == [0, 1, 2] and timeless(a.history) == timeless(b.history)
+    assert reused[1].snapshots.steps == [0, 5, 10]
+    assert reused[2].ema.state_dict() == fresh[2].ema.state_dict()
+
+
 def test_describe():
     assert describe(3.0, 15) == "epoch 3"
     assert describe(1.4, 7) == "epoch 1.40 (step 7)"
