@@ -1,4 +1,4 @@
-"""Six findings of the loss-landscape literature, reproduced on sklearn's digits in minutes on a CPU.
+"""Seven findings of the loss-landscape literature, reproduced on sklearn's digits in minutes on a CPU.
 
 Each finding trains a small network in plain torch and reads the landscape with this package's
 pure-torch floor (the same engine the Lightning monitors run: :mod:`lightning_landscape.curvature`,
@@ -418,13 +418,18 @@ def adam_edge_of_stability(quick: bool) -> Finding:
     ax.set_xlabel("step")
     ax.set_ylabel("ratio to the stability threshold")
     ax.legend(loc="center right", fontsize=8)
-    late = ratio[s >= min(800, s.max())]
+    late_steps = s >= min(800, s.max())
+    late, first_late = ratio[late_steps], int(s[late_steps][0])
+    if late.size > 1:
+        late_text = f"{late.min():.2f}-{late.max():.2f} from step {first_late} to {int(s.max())}"
+    else:  # the reduced run ends before step 800: one late point
+        late_text = f"{late[0]:.2f} at step {first_late}"
     return Finding(
         "adam_edge_of_stability",
         "Cohen et al. 2022",
         "Adam's preconditioned sharpness rises to (2 + 2β₁)/((1 − β₁)η) and hovers",
-        f"eos_ratio {ratio[0]:.2f} at step {int(s[0])}, {late.min():.2f}-{late.max():.2f} from step "
-        f"{int(s[s >= min(800, s.max())][0])} to {int(s.max())}; λ_max(H)·η/2 ≤ {plain.max():.3f}",
+        f"eos_ratio {ratio[0]:.2f} at step {int(s[0])}, {late_text}; "
+        f"λ_max(H)·η/2 ≤ {plain.max():.3f}",
         fig,
     )
 
