@@ -4,7 +4,8 @@ Each finding trains a small network in plain torch and reads the landscape with 
 pure-torch floor (the same engine the Lightning monitors run: :mod:`lightning_landscape.curvature`,
 :mod:`lightning_landscape.landscape`, :class:`lightning_landscape.optim.EntropySGD`). It prints one
 markdown table (finding, paper, what the paper says, what was measured here) and saves one PNG per
-finding (``findings_<name>.png``) in ``--out`` (default ``docs/``).
+finding (``findings_<name>.png``) in ``--out`` (default ``landscape_figures/`` in the current
+directory; the README's pictures: ``--out docs/``).
 
 1. Edge of stability (Cohen et al. 2021): full-batch gradient descent sharpens until λ_max ≈ 2/η,
    then hovers there while the loss keeps falling, non-monotonically.
@@ -437,7 +438,7 @@ def adam_edge_of_stability(quick: bool) -> Finding:
 def main(argv: list[str] | None = None) -> list[Finding]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (CI)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
+    parser.add_argument("--out", default="landscape_figures", help="folder for the PNGs")
     parser.add_argument("--only", nargs="*", default=None, help="names of findings to run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
