@@ -1,10 +1,11 @@
-"""Six findings of the loss-landscape literature, reproduced on sklearn's digits in minutes on a CPU.
+"""Seven findings of the loss-landscape literature, reproduced on sklearn's digits in minutes on a CPU.
 
 Each finding trains a small network in plain torch and reads the landscape with this package's
 pure-torch floor (the same engine the Lightning monitors run: :mod:`lightning_landscape.curvature`,
 :mod:`lightning_landscape.landscape`, :class:`lightning_landscape.optim.EntropySGD`). It prints one
 markdown table (finding, paper, what the paper says, what was measured here) and saves one PNG per
-finding (``findings_<name>.png``) in ``--out`` (default ``docs/``).
+finding (``findings_<name>.png``) in ``--out`` (default ``landscape_figures/`` in the current
+directory; the README's pictures: ``--out docs/``).
 
 1. Edge of stability (Cohen et al. 2021): full-batch gradient descent sharpens until λ_max ≈ 2/η,
    then hovers there while the loss keeps falling, non-monotonically.
@@ -418,13 +419,18 @@ def adam_edge_of_stability(quick: bool) -> Finding:
     ax.set_xlabel("step")
     ax.set_ylabel("ratio to the stability threshold")
     ax.legend(loc="center right", fontsize=8)
-    late = ratio[s >= min(800, s.max())]
+    late_steps = s >= min(800, s.max())
+    late, first_late = ratio[late_steps], int(s[late_steps][0])
+    if late.size > 1:
+        late_text = f"{late.min():.2f}-{late.max():.2f} from step {first_late} to {int(s.max())}"
+    else:  # the reduced run ends before step 800: one late point
+        late_text = f"{late[0]:.2f} at step {first_late}"
     return Finding(
         "adam_edge_of_stability",
         "Cohen et al. 2022",
         "Adam's preconditioned sharpness rises to (2 + 2β₁)/((1 − β₁)η) and hovers",
-        f"eos_ratio {ratio[0]:.2f} at step {int(s[0])}, {late.min():.2f}-{late.max():.2f} from step "
-        f"{int(s[s >= min(800, s.max())][0])} to {int(s.max())}; λ_max(H)·η/2 ≤ {plain.max():.3f}",
+        f"eos_ratio {ratio[0]:.2f} at step {int(s[0])}, {late_text}; "
+        f"λ_max(H)·η/2 ≤ {plain.max():.3f}",
         fig,
     )
 
@@ -432,7 +438,7 @@ def adam_edge_of_stability(quick: bool) -> Finding:
 def main(argv: list[str] | None = None) -> list[Finding]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (CI)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
+    parser.add_argument("--out", default="landscape_figures", help="folder for the PNGs")
     parser.add_argument("--only", nargs="*", default=None, help="names of findings to run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

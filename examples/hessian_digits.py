@@ -8,6 +8,7 @@ on a few fixed batches and read it with one Lanczos run.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -18,7 +19,10 @@ from torch import nn
 from lightning_landscape.curvature import HessianOperator, analyze
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     torch.manual_seed(0)
     digits = load_digits()
     X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -43,11 +47,11 @@ def main() -> None:
         result.top.converged,
     )
     print(f"most negative eigenvalue: {float(result.smallest.eigenvalues[0]):.4f}")
-    print(f"trace: {result.trace.estimate:.3f} ± {result.trace.stderr:.3f}")
-    print(
-        f"SLQ density: {result.density.nodes.shape[1]} nodes; "
-        f"mean eigenvalue tr(H)/d ≈ {result.density.moment(1):.5f}"
-    )
+    trace, stderr = result.trace.estimate, result.trace.stderr
+    print(f"trace: {trace:.3f} ± {stderr:.3f}")
+    print(f"mean eigenvalue tr(H)/d: {trace / op.dim:.5f} ± {stderr / op.dim:.5f}")
+    probes, nodes = result.density.nodes.shape
+    print(f"SLQ density: {nodes} nodes from {probes} probe(s)")
     print(f"cost: {result.num_matvecs} Hessian-vector products, {seconds:.2f} s")
 
 

@@ -1,11 +1,12 @@
 """Pictures of the TrajectoryMonitor on sklearn's digits (a small MLP, a few epochs, CPU, ~1 min).
 
-Trains with ``TrajectoryMonitor`` and copies one PNG of each kind into ``docs/``:
+Trains with ``TrajectoryMonitor`` and copies one PNG of each kind into ``--out`` (default
+``landscape_figures/`` in the current directory; the README's pictures: ``--out docs/``):
 ``trajectory_interpolation.png`` (loss and accuracy from the initial to the final weights),
 ``trajectory_pca.png`` (the trajectory on its PCA plane over the loss contour) and
 ``trajectory_slice_2d.png`` (a 2-D slice along filter-normalized random directions).
 
-Run: ``python examples/trajectory_pictures.py [--out docs]``.
+Run: ``python examples/trajectory_pictures.py [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _step(path: str) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
+    parser.add_argument("--out", default="landscape_figures", help="folder for the PNGs")
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
     main(os.path.normpath(args.out), args.epochs)
