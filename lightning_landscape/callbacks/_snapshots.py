@@ -1,15 +1,17 @@
 """TrajectoryMonitor's snapshots across fits: restored ones checked against the module (and
-dropped under sharding, where a checkpoint holds one rank's shards), and thinned to
-``max_snapshots`` with one warning."""
+dropped under sharding, where a checkpoint holds one rank's shards), extended when parameters
+become trainable mid-fit, and thinned to ``max_snapshots`` with one warning."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_landscape._core.sharding import ShardLayout, flat_parameters
+from lightning_landscape._core.sharding import ShardLayout, flat_parameters, is_sharded
+from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.landscape.trajectory import Snapshots
 
 
@@ -32,10 +34,58 @@ def checked_parameters(snapshots: Snapshots, module: nn.Module) -> Any:
     size = snapshots.tensors[0].numel() if len(snapshots) else local
     if size != local:
         raise ValueError(
-            f"TrajectoryMonitor: the restored snapshots have {size} entries but the module "
-            f"has {local} trainable parameters."
+            f"TrajectoryMonitor: the snapshots have {size} entries but the module has {local} "
+            "trainable parameters (under a sharded strategy the trajectory follows the "
+            "parameters trainable at its first snapshot)."
         )
     return pv
+
+
+def tracked_parameters(monitor: Any, module: nn.Module, step: int) -> Any:
+    """The parameters the trajectory follows, as one flat vector: those trainable at its first
+    snapshot and every one that became trainable since (fine-tuning that unfreezes layers),
+    frozen again or not. Earlier snapshots take a newly trainable parameter's current value:
+    the value it kept while frozen (one warning). Names are kept in ``monitor.tracked`` (and
+    in checkpoints); under sharding, :func:`checked_parameters`.
+
+    Raises:
+        ValueError: if restored snapshots do not match the module, or a followed parameter is
+            gone.
+    """
+    if is_sharded(module):
+        return checked_parameters(monitor.snapshots, module)
+    named = dict(module.named_parameters())
+    snapshots = monitor.snapshots
+    if monitor.tracked is None or not len(snapshots):  # the first snapshot's set
+        monitor.tracked = [n for n, p in named.items() if p.requires_grad]
+    missing = [n for n in monitor.tracked if n not in named]
+    if missing:
+        raise ValueError(f"TrajectoryMonitor: followed parameters are gone: {missing[:3]}.")
+    size = sum(named[n].numel() for n in monitor.tracked)
+    if len(snapshots) and snapshots.tensors[0].numel() != size:
+        raise ValueError(
+            f"TrajectoryMonitor: the restored snapshots have {snapshots.tensors[0].numel()} "
+            f"entries but the module has {size} parameters to follow."
+        )
+    old = set(monitor.tracked)
+    new = {n for n, p in named.items() if p.requires_grad and n not in old}
+    if new:
+        spans, start = {}, 0
+        for n in monitor.tracked:
+            spans[n], start = slice(start, start + named[n].numel()), start + named[n].numel()
+        union = [n for n in named if n in old or n in new]
+        for i, t in enumerate(snapshots.tensors):
+            parts = [t[spans[n]] if n in old else named[n].detach().reshape(-1) for n in union]
+            snapshots.tensors[i] = torch.cat([x.to("cpu", snapshots.dtype) for x in parts])
+        first = next(n for n in union if n in new)
+        rank_zero_warn(
+            f"TrajectoryMonitor: {len(new)} parameter tensors "
+            f"({sum(named[n].numel() for n in new)} numbers, {first!r} first) became trainable "
+            f"before step {step}; the trajectory follows them from now on, and its earlier "
+            "snapshots take their current values (the ones they kept while frozen)."
+        )
+        monitor.tracked = union
+    return ParamVector([named[n] for n in monitor.tracked])
 
 
 def thin_snapshots(monitor: Any) -> None:

@@ -12,9 +12,9 @@ from torch import Tensor
 from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.fsdp import FSDPBatches
-from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
+from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
-from lightning_landscape.callbacks._snapshots import checked_parameters, thin_snapshots
+from lightning_landscape.callbacks._snapshots import thin_snapshots, tracked_parameters
 from lightning_landscape.callbacks._trainer_state import epochs_done
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
@@ -153,6 +153,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.pictures_every_measurement = pictures_every_measurement
         self.max_snapshots, self.snapshot_dtype = max_snapshots, dtype
         self.snapshots = Snapshots(dtype)
+        self.tracked: list[str] | None = None  # names of the parameters followed
         self.last_curves: dict[str, Any] = {}
         self.last_picture: dict[str, Any] = {}
         self._final = False
@@ -169,19 +170,23 @@ class TrajectoryMonitor(LandscapeMonitor):
     def reset_state(self) -> None:
         super().reset_state()
         self.snapshots.load_state_dict({})
+        self.tracked = None
         self.pictures, self.last_curves, self.last_picture = [], {}, {}
         self._warned_thin = False
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | self.snapshots.state_dict()
+        names = {"snapshot_parameters": list(self.tracked or [])}
+        return super().state_dict() | self.snapshots.state_dict() | names
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.snapshots.load_state_dict(state_dict)
+        self.tracked = list(state_dict.get("snapshot_parameters", [])) or None
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pv = checked_parameters(self.snapshots, fsdp_wrapper(trainer, pl_module) or pl_module)
+        module = fsdp_wrapper(trainer, pl_module) or pl_module
+        pv = tracked_parameters(self, module, trainer.global_step)
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
         super().on_train_start(trainer, pl_module)
@@ -230,7 +235,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         return value
 
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        pv = flat_parameters(ctx.sharded_module or ctx.module)
+        pv = tracked_parameters(self, ctx.sharded_module or ctx.module, ctx.step)
         self._space, self._passes, self._layout = None, None, None
         if isinstance(pv, ShardLayout):
             self._space = ShardedSpace(pv, torch.float64, torch.device("cpu"))
