@@ -84,6 +84,12 @@ class SharpnessMonitor(LandscapeMonitor):
     cᵢ = ε(|wᵢ| + 1)), and ‖g‖ itself. The average case has no first-order term (its antithetic
     pairs cancel g·ε exactly, and E g·ε = 0), so it has no ``_curvature`` key.
 
+    ``mode="train"``: dropout masks are drawn once per measurement and batch, so the objective is
+    one fixed function: every loss, gradient and Hessian-vector product of a measurement on batch
+    b uses the same masks (seeded from ``seed``, the step and the batch's place), and L(w+ε) −
+    L(w) is a change of weights only (fresh masks per evaluation would add their own noise, and
+    the worst cases could even be negative). The masks differ from measurement to measurement.
+
     Parameters are restored bit for bit after every perturbation (from a saved copy), buffers and
     train/eval modes after the measurement; training is unchanged (see
     :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
@@ -237,14 +243,16 @@ class SharpnessMonitor(LandscapeMonitor):
         return keys + [self.key(k) for k in ("num_forward", "num_backward", "num_hvp")]
 
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        seed = ctx.seed_for("masks")  # mode="train": one fixed function per measurement
         if ctx.sharded_module is not None:
-            objective = ShardedBatchObjective(ctx.loss_fn, ctx.sharded_module, ctx.batches)
+            objective = ShardedBatchObjective(
+                ctx.loss_fn, ctx.sharded_module, ctx.batches, seed=seed
+            )
             w = objective.get()
         else:
             pv = ParamVector(ctx.params)
             w = pv.get()
-            objective = BatchObjective(ctx.loss_fn, pv, ctx.batches)
-            objective.hvp_seed = ctx.seed_for("hvp")
+            objective = BatchObjective(ctx.loss_fn, pv, ctx.batches, seed=seed)
         base = objective.value_and_grad(w)
         out: dict[str, float] = {self.key("grad_norm"): float(base[1].norm())}
         models: dict[str, KrylovModel] = {}

@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
 from lightning_landscape._core.fsdp import FSDPBatches
+from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._snapshots import thin_snapshots, tracked_parameters
@@ -40,6 +41,12 @@ class TrajectoryMonitor(LandscapeMonitor):
     plane, not at the snapshots: the explained variance and the off-plane distance say how
     faithful it is. Under DDP each rank evaluates its own batches and the sums are reduced; the
     snapshots, directions and planes are identical on every rank.
+
+    ``mode="train"``: dropout masks are drawn once per measurement and batch, so the objective is
+    one fixed function: every weight point of a measurement (curves, barriers, pictures) and
+    ``metric_fn`` see the same masks on batch b (seeded from ``seed``, the step and the batch's
+    place), and the curves move with the weights only. The masks differ from measurement to
+    measurement.
 
     Sharded models (``ModelParallelStrategy`` with FSDP2, ``FSDPStrategy``): each rank keeps its
     own shards of the snapshots (``max_snapshots`` · P / world per rank), distances and the PCA's
@@ -222,15 +229,20 @@ class TrajectoryMonitor(LandscapeMonitor):
         if metric and self.metric_fn is not None:
             fns.append(ctx.through(lambda batch: self.metric_fn(ctx.module, batch)))
         passes = self._passes
+        seed = ctx.seed_for("masks")  # mode="train": one fixed function per measurement
+
+        def one(f: Callable[[Any], Any]) -> float:
+            with fixed_rng(seed, pv.params):  # the loss and the metric: the same masks
+                if passes is not None:  # sharded: padded forwards, sums reduced
+                    return passes.mean(f)
+                return mean_value(f, ctx.batches)
 
         def value(theta: Tensor) -> list[float]:
             pv.set_(theta)
             self._points += 1
             self._forward += len(fns) * len(ctx.batches)
             ctx.status(f"{what}, weight points", self._points)
-            if passes is not None:  # sharded: padded forwards, sums reduced
-                return [passes.mean(f) for f in fns]
-            return [mean_value(f, ctx.batches) for f in fns]
+            return [one(f) for f in fns]
 
         return value
 

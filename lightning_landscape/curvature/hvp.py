@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
 from lightning_landscape.curvature.kernels import twice_differentiable
@@ -226,8 +227,8 @@ def guard(
     module: nn.Module | None, params: Sequence[Tensor], seed: int, graph_kernels: bool = False
 ) -> Iterator[None]:
     """The context every product runs in: kernels with a double backward, a fixed RNG (same
-    dropout masks every product) with the global RNG untouched, and the module's buffers
-    untouched.
+    dropout masks every product: :func:`~lightning_landscape._core.random.fixed_rng`) with the
+    global RNG untouched, and the module's buffers untouched.
 
     Kernels (:func:`~lightning_landscape.curvature.kernels.twice_differentiable`): attention
     through the math backend, cuDNN off when ``module`` holds a CUDA RNN, torch.compile'd code
@@ -241,7 +242,6 @@ def guard(
     the caller's buffers, and graphs kept for later products (``hvp="cached"``) hold the clones,
     so restoring the buffers cannot invalidate them.
     """
-    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
     swapped = []
     if module is not None:
         for mod in module.modules():
@@ -251,29 +251,16 @@ def guard(
                     mod._buffers[name] = buf.detach().clone()
     try:
         with (
-            torch.random.fork_rng(devices=devices, enabled=True),
+            fixed_rng(seed, params),
             torch.enable_grad(),
             twice_differentiable(module),
             standard_convolutions(module if graph_kernels else None),
             affine_batch_norms(module if graph_kernels else None),
         ):
-            _seed(seed, devices, {p.device.type for p in params})
             yield
     finally:
         for mod, name, buf in swapped:
             mod._buffers[name] = buf
-
-
-def _seed(seed: int, cuda_devices: list[int], device_types: set[str]) -> None:
-    """Seed the generators a forward on these devices draws from. ``torch.manual_seed`` does the
-    same for every device type but costs about a millisecond (it records a stack trace for lazy
-    device seeding): too much per product on small models."""
-    if not device_types <= {"cpu", "cuda"}:
-        torch.manual_seed(seed)
-        return
-    torch.default_generator.manual_seed(seed)
-    for index in cuda_devices:
-        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 @contextlib.contextmanager

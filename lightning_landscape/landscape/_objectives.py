@@ -3,7 +3,8 @@
 as a linear operator of the curvature engine, ``hessian_at(w)`` (pure torch).
 
 :class:`FunctionObjective` wraps a function of a flat tensor, :class:`BatchObjective` the mean
-loss of fixed batches at moved parameters, reduced across ranks. Import them from
+loss of fixed batches at moved parameters, reduced across ranks, with the same dropout masks in
+every evaluation (one fixed function). Import them from
 :mod:`lightning_landscape.landscape.sharpness`.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_gradient, mean_value
+from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator
 
@@ -83,17 +85,24 @@ class FunctionObjective:
 class BatchObjective:
     """The batch-size-weighted mean loss of fixed batches at moved parameters, over all ranks.
 
+    One fixed function of ``w``, also where the forward is random (dropout in train mode): every
+    evaluation (:meth:`value`, :meth:`value_and_grad` and the products of :meth:`hessian_at`)
+    seeds the generators with ``seed`` and visits the batches in order, so batch b draws the
+    same dropout masks in every evaluation, and L(w) and L(w+ε) differ only by the weights; the
+    global RNG is put back after each (:func:`~lightning_landscape._core.random.fixed_rng`, the
+    mechanism of the Hessian's products, so the operator is the Hessian of this very function).
+
     Args:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
         params: the parameters that ``w`` sets (a :class:`ParamVector`).
         batches: this rank's batches.
         distributed: reduce across ranks when a process group is up.
+        seed: the seed of the forwards' randomness (dropout masks), the same on every rank.
 
     Attributes:
         num_forward, num_backward, num_hvp: forward and backward passes and Hessian-vector
             products over single batches so far.
-        hvp_seed: the seed of any randomness in the forwards of :meth:`hessian_at` (dropout in
-            train mode), see :class:`~lightning_landscape.curvature.HessianOperator`.
+        seed: as above; one measurement keeps it, so that it measures one function.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class BatchObjective:
         batches: Sequence[Any],
         *,
         distributed: bool = True,
+        seed: int = 0,
     ) -> None:
         self.loss_fn = loss_fn
         self.params = params
@@ -111,17 +121,17 @@ class BatchObjective:
         self.num_forward = 0
         self.num_backward = 0
         self.num_hvp = 0
-        self.hvp_seed = 0
+        self.seed = seed
 
     def value(self, w: Tensor) -> float:
         self.num_forward += len(self.batches)
-        with self.params.moved_to(w):
+        with self.params.moved_to(w), fixed_rng(self.seed, self.params.params):
             return mean_value(self.loss_fn, self.batches, distributed=self.distributed)
 
     def value_and_grad(self, w: Tensor) -> tuple[float, Tensor]:
         self.num_forward += len(self.batches)
         self.num_backward += len(self.batches)
-        with self.params.moved_to(w):
+        with self.params.moved_to(w), fixed_rng(self.seed, self.params.params):
             return mean_gradient(
                 self.loss_fn, self.params.params, self.batches, distributed=self.distributed
             )
@@ -131,7 +141,8 @@ class BatchObjective:
         """The Hessian of the batch-weighted loss at ``w`` (over all ranks) as a
         :class:`~lightning_landscape.curvature.HessianOperator` with cached gradient graphs: the
         parameters hold ``w`` inside the block and are restored bit for bit afterwards. Each
-        product visits every batch; the first also builds their gradient graphs."""
+        product visits every batch with the dropout masks of :meth:`value` (seeded by ``seed``);
+        the first also builds their gradient graphs."""
         with (
             self.params.moved_to(w),
             HessianOperator(
@@ -139,7 +150,7 @@ class BatchObjective:
                 self.params.params,
                 self.batches,
                 distributed=self.distributed,
-                seed=self.hvp_seed,
+                seed=self.seed,
             ) as op,
         ):
             try:

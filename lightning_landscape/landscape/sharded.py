@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.fsdp import FSDPBatches
-from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.random import fixed_rng, gaussian, make_generator
 from lightning_landscape._core.sharding import ShardLayout, shard_layout
 
 
@@ -45,6 +45,9 @@ class ShardedBatchObjective:
             :func:`~lightning_landscape._core.sharding.shard_layout`).
         batches: this rank's batches.
         batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size.
+        seed: the seed of the forwards' randomness: as in
+            :class:`~lightning_landscape.landscape.sharpness.BatchObjective`, every evaluation
+            draws the same dropout masks for each batch (one fixed function).
 
     Attributes:
         num_forward, num_backward: forward and backward passes over this rank's batches so far.
@@ -61,8 +64,10 @@ class ShardedBatchObjective:
         batches: Sequence[Any],
         *,
         batch_size_fn: Callable[[Any], int] | None = None,
+        seed: int = 0,
     ) -> None:
         self.layout = shard_layout(module)
+        self.seed = seed
         self.loss_fn = loss_fn
         self.passes = FSDPBatches(module, batches, self.layout.world, batch_size_fn)
         self.batches = self.passes.batches
@@ -78,7 +83,8 @@ class ShardedBatchObjective:
         saved = self.layout.get()
         try:
             self.layout.set_(self.layout.restrict(w.detach()).to(saved.dtype))
-            return fn()
+            with fixed_rng(self.seed, self.layout.params):
+                return fn()
         finally:
             self.layout.set_(saved)
 

@@ -8,6 +8,7 @@ import torch
 
 from lightning_landscape._core.random import (
     derive_seed,
+    fixed_rng,
     gaussian,
     make_generator,
     rademacher,
@@ -76,3 +77,16 @@ def test_probes(dtype, global_rng_untouched):
 
     gen = make_generator(0, "g")  # each draw advances the generator: the next draw differs
     assert not torch.equal(gaussian(shape, gen, dtype, "cpu"), gaussian(shape, gen, dtype, "cpu"))
+
+
+def test_fixed_rng_replays_the_same_stream_and_puts_the_rng_back(global_rng_untouched):
+    params = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
+    with fixed_rng(5, params):
+        first = torch.rand(4)
+        torch.nn.functional.dropout(torch.ones(8), 0.5, training=True)
+    with fixed_rng(5, params):
+        assert torch.equal(torch.rand(4), first)
+    with fixed_rng(6, params):
+        assert not torch.equal(torch.rand(4), first)
+    with fixed_rng(5, []):  # the CPU generator is seeded whatever the tensors
+        assert torch.equal(torch.rand(4), first)

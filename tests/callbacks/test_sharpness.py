@@ -20,7 +20,7 @@ from lightning_landscape.landscape.sharpness import (
     sam_sharpness,
 )
 
-from ._helpers import make_trainer, scalars
+from ._helpers import Classifier, make_trainer, random_classes, scalars
 
 D = torch.float64
 
@@ -287,3 +287,38 @@ def test_errors():
     fake = types.SimpleNamespace(strategy=object())
     with pytest.raises(ValueError, match="manual optimization"):
         SharpnessMonitor().setup(fake, Manual(), "fit")
+
+
+def test_train_mode_with_dropout_measures_one_fixed_function(tmp_path):
+    """Dropout 0.3 in train mode: the masks are the same at every weight point of a measurement,
+    so the worst case is never negative and a small ball gives ρ‖g‖ (fresh masks per evaluation
+    gave noise of the size of the measure, negative values included)."""
+    rhos = [1e-4, 0.05]
+    monitor = SharpnessMonitor(kinds=["sam"], rho=rhos, mode="train", num_batches=2, seed=3)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=4, logger=False)
+    trainer.fit(Classifier(dropout=0.3), DataLoader(random_classes(), batch_size=8))
+    assert len(monitor.history) == 5
+    for row in monitor.history:
+        small, large = (row[f"sharpness/sam_rho{r:g}"] for r in rhos)
+        assert 0 <= small <= large
+        assert small == pytest.approx(rhos[0] * row["sharpness/grad_norm"], rel=1e-2)
+
+
+def test_bit_identical_training_with_dropout_and_every_kind_in_train_mode(tmp_path):
+    def run(callbacks, folder):
+        pl.seed_everything(0)
+        model = Classifier(dropout=0.3)
+        trainer = make_trainer(folder, callbacks, max_epochs=2, logger=False)
+        trainer.fit(model, DataLoader(random_classes(), batch_size=8, shuffle=True))
+        return model
+
+    plain = run([], tmp_path / "plain")
+    monitor = SharpnessMonitor(
+        mode="train", num_batches=2, ascent_steps=3, polish_steps=2, average_samples=2,
+        local_entropy_gamma=100.0, local_entropy_samples=2,
+    )  # fmt: skip
+    watched = run([monitor], tmp_path / "watched")
+    assert len(monitor.history) == 3 and all(r["sharpness/sam"] >= 0 for r in monitor.history)
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

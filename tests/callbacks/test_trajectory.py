@@ -233,12 +233,15 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
         [TrajectoryMonitor(every_n_epochs=1, pictures_every_measurement=True, **kw)],
         logger=True,  # figures drawn and written too
     )
-    watched_train = fit_params(
-        tmp_path / "c", [TrajectoryMonitor(every_n_steps=4, mode="train", **kw)]
-    )
+    train_mode = TrajectoryMonitor(every_n_steps=4, mode="train", **kw)
+    watched_train = fit_params(tmp_path / "c", [train_mode])
     for k in plain:
         assert torch.equal(plain[k], watched[k]), k
         assert torch.equal(plain[k], watched_train[k]), k
+    # mode="train" with dropout: one fixed function a measurement, so both curves end alike
+    init, prev = (train_mode.last_curves[k] for k in ("init_to_current", "prev_to_current"))
+    at_one = init.alphas == 1  # the same α grid on both curves
+    assert prev is not init and torch.equal(init.values[at_one], prev.values[at_one])
 
 
 @pytest.mark.parametrize(
