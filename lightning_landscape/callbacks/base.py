@@ -337,14 +337,8 @@ class LandscapeMonitor(Callback):
             warn_side_effects(
                 trainer, type(self).__name__, before, plain_attributes(pl_module), calls[0]
             )
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad and not failed:  # a failure was warned about above, with its cause
-            _logging.warn_once(
-                trainer,
-                f"{type(self).__name__}-nan",
-                f"{type(self).__name__}: non-finite values at step {step} ({', '.join(bad[:4])}); "
-                "is the loss NaN/inf at these weights? NaN is logged and training goes on.",
-            )
+        if not failed:  # a failure was warned about above, with its cause
+            _logging.warn_non_finite(trainer, type(self).__name__, metrics, step)
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics
