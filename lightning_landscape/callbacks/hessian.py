@@ -241,16 +241,7 @@ class HessianMonitor(LandscapeMonitor):
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
         check_memory_budget(memory_budget)
         check_basis_device(basis_device)
-        if not isinstance(per_module, bool):
-            if (
-                isinstance(per_module, str)
-                or not isinstance(per_module, Sequence)
-                or not all(isinstance(n, str) for n in per_module)
-            ):
-                raise TypeError(
-                    f"`per_module` must be a bool or a list of module names, got {per_module!r}."
-                )
-            per_module = list(per_module)
+        per_module = products.check_per_module(per_module)
         self.top_k = top_k
         self.min_eigenvalue = min_eigenvalue
         self.trace = trace
