@@ -47,6 +47,7 @@ def make_operator(
             params=None if params is ctx.module else params,
             step=monitor.fd_step,
             seed=seed,
+            batch_size_fn=monitor.batch_size_fn,
         )
     kind = monitor.hvp_choice or "auto"
     blocks = monitor._block_choice
@@ -61,6 +62,7 @@ def make_operator(
         memory_budget=monitor.memory_budget if cache or monitor.memory_budget == math.inf else 0,
         micro_batch_size=monitor.micro_batch_size,
         seed=seed,
+        batch_size_fn=monitor.batch_size_fn,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
     return op

@@ -69,6 +69,9 @@ class LandscapeMonitor(Callback):
             monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
             monitors of one class different prefixes to log both: with the same prefix their
             keys overwrite each other (a warning says so at setup).
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
 
     Without ``loss_fn``, the module's ``training_step`` is the loss of every measurement: it runs
     on the fixed batches at every weight point evaluated (hundreds of calls per sharpness or
@@ -117,6 +120,7 @@ class LandscapeMonitor(Callback):
         mode: Mode = "eval",
         seed: int = 0,
         prefix: str | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         super().__init__()
         if epochs is None and every_n_epochs is None and every_n_steps is None:
@@ -129,12 +133,14 @@ class LandscapeMonitor(Callback):
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(f"`dataloader` must be iterable, got {type(dataloader).__name__}.")
         check_int("seed", seed)
+        check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.loss_fn = loss_fn
         self.mode = mode
         self.seed = seed
         self.prefix = check_prefix(prefix, self.namespace)
+        self.batch_size_fn = batch_size_fn
         self.done: list[int] = []
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None

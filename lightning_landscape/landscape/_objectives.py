@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_gradient, mean_value
+from lightning_landscape._core.checks import check_callable
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator
 
@@ -87,6 +88,9 @@ class BatchObjective:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
         params: the parameters that ``w`` sets (a :class:`ParamVector`).
         batches: this rank's batches.
+        batch_size_fn: ``batch_size_fn(batch) -> int``, the weight of a batch; default the
+            leading size of its first tensor (see
+            :func:`~lightning_landscape._core.batches.default_batch_size`).
         distributed: reduce across ranks when a process group is up.
 
     Attributes:
@@ -94,6 +98,9 @@ class BatchObjective:
             products over single batches so far.
         hvp_seed: the seed of any randomness in the forwards of :meth:`hessian_at` (dropout in
             train mode), see :class:`~lightning_landscape.curvature.HessianOperator`.
+
+    Raises:
+        TypeError: if ``batch_size_fn`` is not callable or None.
     """
 
     def __init__(
@@ -102,11 +109,13 @@ class BatchObjective:
         params: ParamVector,
         batches: Sequence[Any],
         *,
+        batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
     ) -> None:
         self.loss_fn = loss_fn
         self.params = params
         self.batches = list(batches)
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.distributed = distributed
         self.num_forward = 0
         self.num_backward = 0
@@ -116,14 +125,23 @@ class BatchObjective:
     def value(self, w: Tensor) -> float:
         self.num_forward += len(self.batches)
         with self.params.moved_to(w):
-            return mean_value(self.loss_fn, self.batches, distributed=self.distributed)
+            return mean_value(
+                self.loss_fn,
+                self.batches,
+                batch_size_fn=self.batch_size_fn,
+                distributed=self.distributed,
+            )
 
     def value_and_grad(self, w: Tensor) -> tuple[float, Tensor]:
         self.num_forward += len(self.batches)
         self.num_backward += len(self.batches)
         with self.params.moved_to(w):
             return mean_gradient(
-                self.loss_fn, self.params.params, self.batches, distributed=self.distributed
+                self.loss_fn,
+                self.params.params,
+                self.batches,
+                batch_size_fn=self.batch_size_fn,
+                distributed=self.distributed,
             )
 
     @contextlib.contextmanager
@@ -138,6 +156,7 @@ class BatchObjective:
                 self.loss_fn,
                 self.params.params,
                 self.batches,
+                batch_size_fn=self.batch_size_fn,
                 distributed=self.distributed,
                 seed=self.hvp_seed,
             ) as op,
