@@ -9,6 +9,7 @@ touched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,8 @@ from lightning_landscape._core.vectors import flatten
 
 
 def default_batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading size of its first tensor (searched depth-first).
+    """Number of samples in a batch: the leading size of its first tensor, searched depth-first
+    through tuples, lists, dicts, named tuples and dataclass instances (their fields in order).
 
     Raises:
         ValueError: if the batch holds no tensor with at least one dimension.
@@ -34,9 +36,16 @@ def default_batch_size(batch: Any) -> int:
     return int(found.shape[0])
 
 
+def _is_dataclass_instance(obj: Any) -> bool:
+    """Whether ``obj`` is an instance of a dataclass (not the class itself)."""
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
 def _first_tensor(obj: Any) -> Tensor | None:
     if isinstance(obj, Tensor):
         return obj if obj.dim() > 0 else None
+    if _is_dataclass_instance(obj):  # an init=False field never set is skipped
+        obj = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
     if isinstance(obj, Mapping):
         obj = list(obj.values())
     if isinstance(obj, list | tuple):
@@ -122,8 +131,15 @@ def mean_value(
 def split_batch(batch: Any, n: int, piece: int) -> list[Any]:
     """``batch`` cut into ⌈n / piece⌉ consecutive pieces of near-equal sizes (at most ``piece``
     samples each): every tensor whose leading size is ``n`` is sliced (views, no copies); tuples,
-    lists, dicts and named tuples are rebuilt around the slices; everything else is shared by all
-    pieces."""
+    lists, dicts, named tuples and dataclass instances are rebuilt around the slices; everything
+    else is shared by all pieces.
+
+    A dataclass instance is rebuilt by :func:`dataclasses.replace` with its ``init`` fields
+    sliced; its ``init=False`` fields are not sliced: they get what the class's ``__init__`` and
+    ``__post_init__`` give them (a default, a value derived from the sliced fields), and where
+    those give none, the batch's own value. Where the class refuses to be rebuilt so (a custom
+    ``__init__``, a ``__post_init__`` that raises), each piece is a shallow copy with the sliced
+    fields set and the ``init=False`` fields as they are."""
     k = -(-n // piece)
     cuts = [i * n // k for i in range(k + 1)]
     return [_slice(batch, n, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
@@ -132,6 +148,8 @@ def split_batch(batch: Any, n: int, piece: int) -> list[Any]:
 def _slice(obj: Any, n: int, lo: int, hi: int) -> Any:
     if isinstance(obj, Tensor):
         return obj[lo:hi] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if _is_dataclass_instance(obj):
+        return _slice_dataclass(obj, n, lo, hi)
     if isinstance(obj, Mapping):
         items = {k: _slice(v, n, lo, hi) for k, v in obj.items()}
         try:
@@ -145,3 +163,19 @@ def _slice(obj: Any, n: int, lo: int, hi: int) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_slice(v, n, lo, hi) for v in obj)
     return obj
+
+
+def _slice_dataclass(obj: Any, n: int, lo: int, hi: int) -> Any:
+    names = [f.name for f in dataclasses.fields(obj) if f.init and hasattr(obj, f.name)]
+    sliced = {name: _slice(getattr(obj, name), n, lo, hi) for name in names}
+    try:
+        out = dataclasses.replace(obj, **sliced)
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt from its fields: a copy
+        out = copy.copy(obj)
+        for name, value in sliced.items():
+            object.__setattr__(out, name, value)  # frozen dataclasses too
+        return out
+    for f in dataclasses.fields(obj):  # set after construction (no default): the original's
+        if not f.init and hasattr(obj, f.name) and not hasattr(out, f.name):
+            object.__setattr__(out, f.name, getattr(obj, f.name))
+    return out

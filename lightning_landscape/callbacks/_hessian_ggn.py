@@ -64,6 +64,7 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
         memory_budget=monitor.memory_budget,
         micro_batch_size=monitor.micro_batch_size,
         seed=ctx.seed_for("operator"),
+        batch_size_fn=monitor.batch_size_fn,
     )
     ggn.warn = lambda key, message: ctx.warn(
         f"HessianMonitor-ggn-{key}", f"HessianMonitor: {message}"

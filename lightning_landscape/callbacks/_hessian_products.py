@@ -9,7 +9,7 @@ otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ def make_operator(
             params=None if params is ctx.module else params,
             step=monitor.fd_step,
             seed=seed,
+            batch_size_fn=monitor.batch_size_fn,
         )
     kind = monitor.hvp_choice or "auto"
     blocks = monitor._block_choice
@@ -61,6 +62,7 @@ def make_operator(
         memory_budget=monitor.memory_budget if cache or monitor.memory_budget == math.inf else 0,
         micro_batch_size=monitor.micro_batch_size,
         seed=seed,
+        batch_size_fn=monitor.batch_size_fn,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
     return op
@@ -168,6 +170,25 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
     finally:
         op.release()
         record_choice(monitor, op)
+
+
+def check_per_module(per_module: Any) -> bool | list[str]:
+    """``per_module`` as a bool or a new list of module names.
+
+    Raises:
+        TypeError: if it is neither a bool nor a sequence of strings (a string refused).
+    """
+    if isinstance(per_module, bool):
+        return per_module
+    if (
+        isinstance(per_module, str)
+        or not isinstance(per_module, Sequence)
+        or not all(isinstance(n, str) for n in per_module)
+    ):
+        raise TypeError(
+            f"`per_module` must be a bool or a list of module names, got {per_module!r}."
+        )
+    return list(per_module)
 
 
 def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:

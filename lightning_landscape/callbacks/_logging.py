@@ -25,6 +25,21 @@ def warn_once(trainer: pl.Trainer | None, key: str, message: str) -> None:
         rank_zero_warn(message)
 
 
+def warn_non_finite(
+    trainer: pl.Trainer, name: str, metrics: dict[str, float], step: int, explained=frozenset()
+) -> None:
+    """One warning per fit if a measurement of the monitor ``name`` gave non-finite values,
+    those ``explained`` apart (logged as NaN on purpose, with a warning of their own)."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in explained]
+    if bad:
+        warn_once(
+            trainer,
+            f"{name}-nan",
+            f"{name}: non-finite values at step {step} ({', '.join(bad[:4])}); is the loss "
+            "NaN/inf at these weights? NaN is logged and training goes on.",
+        )
+
+
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
     """Write scalars to every logger at ``step`` (default: the global step) and to
     ``trainer.callback_metrics`` so ``ModelCheckpoint``/``EarlyStopping`` can monitor them."""

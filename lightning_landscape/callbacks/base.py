@@ -63,6 +63,9 @@ class LandscapeMonitor(Callback):
             monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
             monitors of one class different prefixes to log both: with the same prefix their
             keys overwrite each other (a warning says so at setup).
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
 
     Without ``loss_fn``, the module's ``training_step`` is the loss of every measurement: it runs
     on the fixed batches at every weight point evaluated (hundreds of calls per sharpness or
@@ -111,6 +114,7 @@ class LandscapeMonitor(Callback):
         mode: Mode = "eval",
         seed: int = 0,
         prefix: str | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         super().__init__()
         if epochs is None and every_n_epochs is None and every_n_steps is None:
@@ -123,12 +127,14 @@ class LandscapeMonitor(Callback):
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(f"`dataloader` must be iterable, got {type(dataloader).__name__}.")
         check_int("seed", seed)
+        check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.loss_fn = loss_fn
         self.mode = mode
         self.seed = seed
         self.prefix = _trainer_state.check_prefix(prefix, self.namespace)
+        self.batch_size_fn = batch_size_fn
         self.done: list[int] = []
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
@@ -337,14 +343,8 @@ class LandscapeMonitor(Callback):
             warn_side_effects(
                 trainer, type(self).__name__, before, plain_attributes(pl_module), calls[0]
             )
-        bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in ctx.explained]
-        if bad and not failed:  # a failure was warned about above, with its cause
-            _logging.warn_once(
-                trainer,
-                f"{type(self).__name__}-nan",
-                f"{type(self).__name__}: non-finite values at step {step} ({', '.join(bad[:4])}); "
-                "is the loss NaN/inf at these weights? NaN is logged and training goes on.",
-            )
+        if not failed:  # a failure was warned about above, with its cause
+            _logging.warn_non_finite(trainer, type(self).__name__, metrics, step, ctx.explained)
         _logging.log_scalars(trainer, metrics, step)
         status(f"done in {metrics[seconds_key]:.1f} s")
         return metrics

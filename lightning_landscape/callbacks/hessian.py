@@ -122,9 +122,13 @@ class HessianMonitor(LandscapeMonitor):
             should be the training loss; the first measurement warns once if it is not.
         preconditioned: for an adaptive optimizer (Adam, AdamW) also the preconditioned
             sharpness λ_max(P⁻¹H), which ``hessian/eos_ratio`` needs.
-        **kwargs: the arguments every monitor takes, passed on: ``epochs``, ``every_n_epochs``,
-            ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
-            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
+        **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
+            ``every_n_epochs``, ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``,
+            ``mode``, ``seed``, ``prefix`` (see
+            :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.
@@ -241,16 +245,7 @@ class HessianMonitor(LandscapeMonitor):
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
         check_memory_budget(memory_budget)
         check_basis_device(basis_device)
-        if not isinstance(per_module, bool):
-            if (
-                isinstance(per_module, str)
-                or not isinstance(per_module, Sequence)
-                or not all(isinstance(n, str) for n in per_module)
-            ):
-                raise TypeError(
-                    f"`per_module` must be a bool or a list of module names, got {per_module!r}."
-                )
-            per_module = list(per_module)
+        per_module = products.check_per_module(per_module)
         self.top_k = top_k
         self.min_eigenvalue = min_eigenvalue
         self.trace = trace

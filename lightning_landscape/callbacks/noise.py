@@ -82,8 +82,9 @@ class NoiseTemperatureMonitor(Callback):
             on those steps only, so n > 1 also cuts their cost).
         noise_scale: measure the gradient noise scale (``False``: temperature only, no hooks).
         ema_decay: decay β in [0, 1) of the EMA of |G|² and tr(Σ), per measured step.
-        batch_size_fn: ``batch_size_fn(batch) -> int``; default the leading size of the batch's
-            first tensor.
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
         prefix: the first part of every key (default ``"noise"``); give two monitors different
             prefixes to log both.
 

@@ -115,9 +115,13 @@ class SharpnessMonitor(LandscapeMonitor):
         local_entropy_gamma: γ > 0 of the local entropy, or a list; None (default): not measured.
         local_entropy_beta: its β > 0.
         local_entropy_samples: its antithetic pairs (≥ 2; two losses each).
-        **kwargs: the arguments every monitor takes, passed on: ``epochs``, ``every_n_epochs``,
-            ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
-            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
+        **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
+            ``every_n_epochs``, ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``,
+            ``mode``, ``seed``, ``prefix`` (see
+            :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
@@ -246,13 +250,19 @@ class SharpnessMonitor(LandscapeMonitor):
         seed = ctx.seed_for("masks")  # mode="train": one fixed function per measurement
         if ctx.sharded_module is not None:
             objective = ShardedBatchObjective(
-                ctx.loss_fn, ctx.sharded_module, ctx.batches, seed=seed
+                ctx.loss_fn,
+                ctx.sharded_module,
+                ctx.batches,
+                seed=seed,
+                batch_size_fn=self.batch_size_fn,
             )
             w = objective.get()
         else:
             pv = ParamVector(ctx.params)
             w = pv.get()
-            objective = BatchObjective(ctx.loss_fn, pv, ctx.batches, seed=seed)
+            objective = BatchObjective(
+                ctx.loss_fn, pv, ctx.batches, seed=seed, batch_size_fn=self.batch_size_fn
+            )
         base = objective.value_and_grad(w)
         out: dict[str, float] = {self.key("grad_norm"): float(base[1].norm())}
         models: dict[str, KrylovModel] = {}

@@ -73,6 +73,9 @@ class TrajectoryMonitor(LandscapeMonitor):
             time; the initial and the latest snapshots are always kept.
         snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
         num_batches: fixed training batches per rank (2 here, 4 in the other monitors).
+        batch_size_fn: the number of samples in a batch, for batches the default cannot read
+            (default: the leading size of the first tensor found in tensors, tuples, lists,
+            dicts, named tuples and dataclasses).
         **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
             ``every_n_epochs``, ``every_n_steps``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
             ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
@@ -235,7 +238,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             with fixed_rng(seed, pv.params):  # the loss and the metric: the same masks
                 if passes is not None:  # sharded: padded forwards, sums reduced
                     return passes.mean(f)
-                return mean_value(f, ctx.batches)
+                return mean_value(f, ctx.batches, batch_size_fn=self.batch_size_fn)
 
         def value(theta: Tensor) -> list[float]:
             pv.set_(theta)
@@ -251,7 +254,9 @@ class TrajectoryMonitor(LandscapeMonitor):
         self._space, self._passes, self._layout = None, None, None
         if isinstance(pv, ShardLayout):
             self._space = ShardedSpace(pv, torch.float64, torch.device("cpu"))
-            self._passes = FSDPBatches(ctx.sharded_module, ctx.batches, pv.world)
+            self._passes = FSDPBatches(
+                ctx.sharded_module, ctx.batches, pv.world, self.batch_size_fn
+            )
             self._layout = pv
         theta = pv.get()
         self._points = self._forward = 0

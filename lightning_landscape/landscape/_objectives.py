@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_gradient, mean_value
+from lightning_landscape._core.checks import check_callable
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator
@@ -96,6 +97,9 @@ class BatchObjective:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
         params: the parameters that ``w`` sets (a :class:`ParamVector`).
         batches: this rank's batches.
+        batch_size_fn: ``batch_size_fn(batch) -> int``, the weight of a batch; default the
+            leading size of its first tensor (see
+            :func:`~lightning_landscape._core.batches.default_batch_size`).
         distributed: reduce across ranks when a process group is up.
         seed: the seed of the forwards' randomness (dropout masks), the same on every rank.
 
@@ -103,6 +107,9 @@ class BatchObjective:
         num_forward, num_backward, num_hvp: forward and backward passes and Hessian-vector
             products over single batches so far.
         seed: as above; one measurement keeps it, so that it measures one function.
+
+    Raises:
+        TypeError: if ``batch_size_fn`` is not callable or None.
     """
 
     def __init__(
@@ -111,12 +118,14 @@ class BatchObjective:
         params: ParamVector,
         batches: Sequence[Any],
         *,
+        batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
         seed: int = 0,
     ) -> None:
         self.loss_fn = loss_fn
         self.params = params
         self.batches = list(batches)
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, allow_none=True)
         self.distributed = distributed
         self.num_forward = 0
         self.num_backward = 0
@@ -126,14 +135,23 @@ class BatchObjective:
     def value(self, w: Tensor) -> float:
         self.num_forward += len(self.batches)
         with self.params.moved_to(w), fixed_rng(self.seed, self.params.params):
-            return mean_value(self.loss_fn, self.batches, distributed=self.distributed)
+            return mean_value(
+                self.loss_fn,
+                self.batches,
+                batch_size_fn=self.batch_size_fn,
+                distributed=self.distributed,
+            )
 
     def value_and_grad(self, w: Tensor) -> tuple[float, Tensor]:
         self.num_forward += len(self.batches)
         self.num_backward += len(self.batches)
         with self.params.moved_to(w), fixed_rng(self.seed, self.params.params):
             return mean_gradient(
-                self.loss_fn, self.params.params, self.batches, distributed=self.distributed
+                self.loss_fn,
+                self.params.params,
+                self.batches,
+                batch_size_fn=self.batch_size_fn,
+                distributed=self.distributed,
             )
 
     @contextlib.contextmanager
@@ -149,6 +167,7 @@ class BatchObjective:
                 self.loss_fn,
                 self.params.params,
                 self.batches,
+                batch_size_fn=self.batch_size_fn,
                 distributed=self.distributed,
                 seed=self.seed,
             ) as op,

@@ -123,7 +123,7 @@ def test_lightning_cli_sees_every_base_argument(cls):
     parser.add_class_arguments(cls, "monitor")
     defaults = vars(parser.get_defaults().monitor)
     base = list(inspect.signature(LandscapeMonitor.__init__).parameters.values())[1:]
-    assert len(base) == 9
+    assert len(base) == 10
     for param in base:
         own = cls is TrajectoryMonitor and param.name == "num_batches"
         assert defaults[param.name] == (2 if own else param.default), param.name

@@ -1,15 +1,20 @@
 """Drawing the fixed batches on its own: the same batches at every draw, the global RNG and the
-sampler's epoch untouched, worker loaders detached, clear errors."""
+sampler's epoch untouched, worker loaders detached, clear errors; and the monitors on batches
+that are not tuples (dataclasses, objects that only ``batch_size_fn`` can size)."""
 
+import math
 import types
+from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
 from lightning_landscape.callbacks._batches import _first_loader, draw_batches
 
-from ._helpers import Classifier, random_classes
+from ._helpers import Classifier, make_trainer, random_classes
 
 
 def _trainer(loader=None):
@@ -57,3 +62,87 @@ def test_first_loader_of_combined_sources_and_errors():
     assert _first_loader({"a": a, "b": b}) is a and _first_loader([b, a]) is b
     with pytest.raises(ValueError, match="yielded no batch"):
         draw_batches(_trainer(), Classifier(), 2, dataloader=[])
+
+
+@dataclass
+class Pair:
+    """A dataclass batch (Lightning moves these to the device field by field)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class Plain:
+    """A batch neither Lightning nor the default batch size can look into."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+class AttributeClassifier(Classifier):
+    """The float64 classifier of the other tests, on batches with ``x`` and ``y`` attributes."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch.x), batch.y)
+
+
+def _loader(wrap=None) -> DataLoader:
+    """The same 5 batches of 8, as lists ``[x, y]`` (``wrap=None``) or as ``wrap(x, y)``."""
+
+    def collate(items):
+        return wrap(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+
+    return DataLoader(random_classes(), batch_size=8, collate_fn=collate if wrap else None)
+
+
+def _fit(tmp_path, model_cls, loader, monitors):
+    torch.manual_seed(0)  # the same initial weights in every fit
+    make_trainer(tmp_path, monitors, max_epochs=1, logger=False).fit(model_cls(), loader)
+    return monitors
+
+
+def _hessian(**kwargs) -> HessianMonitor:
+    return HessianMonitor(epochs=[0, 1], num_batches=2, trace_probes=3, **kwargs)
+
+
+def test_dataclass_batches_give_the_hessian_of_tuple_batches(tmp_path):
+    """The largest eigenvalue at epochs 0 and 1 on dataclass batches, cut into pieces of at most
+    3 samples, equals the one on the same batches as lists, whole."""
+    (ref,) = _fit(tmp_path, Classifier, _loader(), [_hessian(micro_batch_size=None)])
+    (mon,) = _fit(tmp_path, AttributeClassifier, _loader(Pair), [_hessian(micro_batch_size=3)])
+    want = [row["hessian/eigenvalue_1"] for row in ref.history]
+    got = [row["hessian/eigenvalue_1"] for row in mon.history]
+    assert len(got) == 2 and all(math.isfinite(v) for v in want)
+    assert got == pytest.approx(want, rel=0, abs=1e-6)
+
+
+def test_batch_size_fn_sizes_batches_the_default_cannot_read(tmp_path):
+    with pytest.warns(UserWarning, match="cannot infer the batch size.*pass `batch_size_fn`"):
+        (blind,) = _fit(tmp_path, AttributeClassifier, _loader(Plain), [_hessian()])
+    assert math.isnan(blind.history[-1]["hessian/eigenvalue_1"])
+
+    size = lambda batch: len(batch.x)  # noqa: E731
+    monitors = _fit(
+        tmp_path,
+        AttributeClassifier,
+        _loader(Plain),
+        [
+            _hessian(batch_size_fn=size),
+            SharpnessMonitor(
+                epochs=[1], kinds=["sam"], ascent_steps=3, polish_steps=1, batch_size_fn=size
+            ),
+            TrajectoryMonitor(num_points=3, grid_size=2, slices=False, batch_size_fn=size),
+        ],
+    )
+    (ref,) = _fit(tmp_path, Classifier, _loader(), [_hessian()])
+    rows = [m.history[-1] for m in monitors]
+    assert all(math.isfinite(v) for row in rows for v in row.values()), rows
+    assert rows[0]["hessian/eigenvalue_1"] == pytest.approx(
+        ref.history[-1]["hessian/eigenvalue_1"], rel=0, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("cls", [HessianMonitor, SharpnessMonitor, TrajectoryMonitor])
+def test_batch_size_fn_must_be_callable(cls):
+    with pytest.raises(TypeError, match="`batch_size_fn` must be callable or None, got int"):
+        cls(batch_size_fn=4)

@@ -194,6 +194,29 @@ def test_batch_objective_restores_parameters_and_matches_function(flat_loss):
     assert avg.sharpness == pytest.approx(ref_avg.sharpness, rel=1e-10)
 
 
+def test_batch_objective_weights_batches_by_batch_size_fn(flat_loss):
+    """Batches as dicts whose first tensor is not per-sample: ``batch_size_fn`` gives the weights
+    of the values, gradients and Hessian products, which then equal those of the tuple batches."""
+    _, _, obj, _ = _mlp_objective(flat_loss)
+    batches = [{"scale": torch.ones(1), "x": x, "y": y} for x, y in obj.batches]
+    sized = BatchObjective(
+        lambda b: obj.loss_fn((b["x"], b["y"])),
+        obj.params,
+        batches,
+        batch_size_fn=lambda b: len(b["x"]),
+    )
+    w = obj.params.get()
+    v = torch.ones_like(w)
+    assert sized.value(w) == pytest.approx(obj.value(w), rel=1e-12)
+    assert torch.allclose(sized.value_and_grad(w)[1], obj.value_and_grad(w)[1], rtol=1e-12)
+    with sized.hessian_at(w) as mine, obj.hessian_at(w) as theirs:
+        assert torch.allclose(mine @ v, theirs @ v, rtol=1e-10)
+    unsized = BatchObjective(sized.loss_fn, obj.params, batches)  # every batch weighs 1
+    assert unsized.value(w) != pytest.approx(obj.value(w), rel=1e-6)
+    with pytest.raises(TypeError, match="`batch_size_fn` must be callable or None, got int"):
+        BatchObjective(obj.loss_fn, obj.params, obj.batches, batch_size_fn=5)
+
+
 def test_nan_loss_gives_nan():
     def f(w):
         return (w**2).sum() / torch.where(w.norm() > 0.5, 0.0, 1.0)  # inf/nan outside a ball
