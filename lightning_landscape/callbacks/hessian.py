@@ -234,7 +234,7 @@ class HessianMonitor(LandscapeMonitor):
         ):
             check_bool(name, value)
         check_callable("ggn_fn", ggn_fn, allow_none=True)
-        check_loss(ggn_loss)
+        check_loss(ggn_loss, name="ggn_loss")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in KINDS:

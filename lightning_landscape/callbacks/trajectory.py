@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
-from lightning_landscape._core.checks import check_bool, check_floating_dtype, check_positive_int
+from lightning_landscape._core.checks import (
+    check_bool,
+    check_floating_dtype,
+    check_positive_int,
+    check_real,
+)
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout, flat_parameters
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
@@ -126,7 +131,8 @@ class TrajectoryMonitor(LandscapeMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_batches=num_batches, **kwargs)
-        self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates both
+        check_real("alpha_margin", alpha_margin, low=0.0, what="a non-negative finite number")
+        self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates `num_points`
         check_positive_int("grid_size", grid_size)
         if grid_size < 2:
             raise ValueError(f"`grid_size` must be at least 2, got {grid_size!r}.")

@@ -246,7 +246,10 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
     [
         ({"num_points": 1}, ValueError, "`num_points` must be at least 2"),
         ({"num_points": 2.0}, TypeError, "`num_points` must be a positive int"),
-        ({"alpha_margin": -0.1}, ValueError, "`margin` must be a non-negative"),
+        ({"alpha_margin": -0.5}, ValueError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": math.inf}, ValueError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": "x"}, TypeError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": True}, TypeError, "^`alpha_margin` must be a non-negative finite"),
         ({"grid_size": 1}, ValueError, "`grid_size` must be at least 2"),
         ({"max_snapshots": 1}, ValueError, "`max_snapshots` must be at least 2"),
         ({"max_snapshots": 0}, ValueError, "`max_snapshots` must be a positive int"),
