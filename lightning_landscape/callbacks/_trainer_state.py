@@ -46,12 +46,16 @@ def check_prefix(prefix: str | None, namespace: str) -> str:
     """``prefix``, or ``namespace`` when it is None.
 
     Raises:
-        ValueError: if it is not a non-empty str without '/'.
+        ValueError: if it is not a non-empty str without '/' and without leading or trailing
+            whitespace.
     """
     if prefix is None:
         return namespace
-    if not isinstance(prefix, str) or not prefix or "/" in prefix:
-        raise ValueError(f"`prefix` must be a non-empty str without '/', got {prefix!r}.")
+    if not isinstance(prefix, str) or not prefix or "/" in prefix or prefix != prefix.strip():
+        raise ValueError(
+            "`prefix` must be a non-empty str without '/' and without leading or trailing "
+            f"whitespace, got {prefix!r}."
+        )
     return prefix
 
 
