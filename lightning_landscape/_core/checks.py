@@ -10,7 +10,7 @@ wording differs from the default.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -93,6 +93,27 @@ def check_positive_values(name: str, value: Any) -> tuple[float, ...]:
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"`{name}` must hold positive numbers, got {value!r}.")
     return tuple(float(v) for v in items)
+
+
+def check_distinct(
+    name: str, values: Sequence[Any], key: Callable[[Any], str] = str
+) -> tuple[Any, ...]:
+    """``values`` as a tuple, if no two of them give the same ``key`` (the text a value becomes
+    in a logged key: ``"{:g}".format`` writes 0.05 and 0.05000001 alike).
+
+    Raises:
+        ValueError: naming the first two values that collide.
+    """
+    seen: dict[str, Any] = {}
+    for v in values:
+        k = key(v)
+        if k in seen:
+            raise ValueError(
+                f"`{name}` must hold distinct values, got {seen[k]!r} and {v!r} (both logged as "
+                f"{k!r}) in {values!r}."
+            )
+        seen[k] = v
+    return tuple(values)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -9,12 +9,13 @@ otherwise a :class:`~lightning_landscape.curvature.HessianOperator` of the monit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_landscape._core.checks import check_distinct
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import (
     HessianOperator,
@@ -168,6 +169,26 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
     finally:
         op.release()
         record_choice(monitor, op)
+
+
+def check_per_module(per_module: Any) -> bool | list[str]:
+    """``per_module`` as a bool or a list of distinct module names (each names logged keys).
+
+    Raises:
+        TypeError: if it is neither a bool nor a sequence of str.
+        ValueError: if a name repeats.
+    """
+    if isinstance(per_module, bool):
+        return per_module
+    if (
+        isinstance(per_module, str)
+        or not isinstance(per_module, Sequence)
+        or not all(isinstance(n, str) for n in per_module)
+    ):
+        raise TypeError(
+            f"`per_module` must be a bool or a list of module names, got {per_module!r}."
+        )
+    return list(check_distinct("per_module", per_module))
 
 
 def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:

@@ -11,6 +11,7 @@ from lightning_landscape._core.checks import (
     check_bool,
     check_callable,
     check_choice,
+    check_distinct,
     check_floating_dtype,
     check_int,
     check_positive,
@@ -43,6 +44,9 @@ ACCEPTED = [
     (check_callable, None, {"allow_none": True}, None),
     (check_floating_dtype, "bfloat16", {}, torch.bfloat16),
     (check_floating_dtype, torch.float16, {}, torch.float16),
+    (check_distinct, [0.5, 0.25], {"key": "{:g}".format}, (0.5, 0.25)),
+    (check_distinct, ("a", "b"), {}, ("a", "b")),
+    (check_distinct, (), {}, ()),
 ]
 
 # (check, value, keyword arguments, error, the message of ``check("x", value, **kwargs)`` after
@@ -87,6 +91,11 @@ REFUSED = [
      f"must be a floating torch.dtype or {DTYPES}, got torch.int64."),
     (check_floating_dtype, "double", {}, ValueError,
      f"must be a floating torch.dtype or {DTYPES}, got 'double'."),
+    (check_distinct, ["a", "b", "a"], {}, ValueError,
+     "must hold distinct values, got 'a' and 'a' (both logged as 'a') in ['a', 'b', 'a']."),
+    (check_distinct, (0.05, 0.05000001), {"key": "{:g}".format}, ValueError,
+     "must hold distinct values, got 0.05 and 0.05000001 (both logged as '0.05') in "
+     "(0.05, 0.05000001)."),
 ]  # fmt: skip
 
 

@@ -356,6 +356,11 @@ def test_products_on_pieces_match_the_oracle_and_are_stated(tmp_path, monkeypatc
         ({"trace": "yes"}, TypeError, "`trace` must be a bool"),
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
         ({"per_module": "net"}, TypeError, "`per_module` must be a bool or a list"),
+        (
+            {"per_module": ["net.0", "net.2", "net.0"]},
+            ValueError,
+            "^`per_module` must hold distinct values, got 'net.0' and 'net.0'",
+        ),
         ({"prefix": "hessian "}, ValueError, "^`prefix` must be .* without leading or trailing"),
         ({"prefix": " hessian"}, ValueError, "^`prefix` must be .* without leading or trailing"),
         ({"prefix": "hessian\n"}, ValueError, "^`prefix` must be .* without leading or trailing"),
