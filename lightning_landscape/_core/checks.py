@@ -160,17 +160,21 @@ _DTYPES = {
 }
 
 
-def check_floating_dtype(name: str, value: Any) -> torch.dtype:
-    """A floating ``torch.dtype``, given as itself or by name (``"float32"``).
+def check_floating_dtype(
+    name: str, value: Any, *, choices: Sequence[torch.dtype] | None = None
+) -> torch.dtype:
+    """A floating ``torch.dtype``, given as itself or by name (``"float32"``); one of ``choices``
+    when they are given.
 
     Raises:
-        ValueError: if it is neither.
+        ValueError: if it is neither, or not among ``choices``.
     """
     dtype = _DTYPES.get(value) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"`{name}` must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}."
-        )
+    allowed = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    if not allowed or (choices is not None and dtype not in choices):
+        names = sorted(n for n, d in _DTYPES.items() if choices is None or d in choices)
+        what = "a floating torch.dtype" if choices is None else " or ".join(map(str, choices)) + ","
+        raise ValueError(f"`{name}` must be {what} or one of {names}, got {value!r}.")
     return dtype
 
 

@@ -27,6 +27,8 @@ from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
 
+SNAPSHOT_DTYPES = (torch.float32, torch.float64)
+
 
 class TrajectoryMonitor(LandscapeMonitor):
     """The loss along the training trajectory at chosen epochs, and pictures of the landscape.
@@ -69,7 +71,10 @@ class TrajectoryMonitor(LandscapeMonitor):
             on every rank and in checkpoints). Beyond it the snapshot closest to its neighbours
             (smallest step gap between its two neighbours) is dropped, with a warning the first
             time; the initial and the latest snapshots are always kept.
-        snapshot_dtype: dtype of the snapshots (``torch.float32`` or a name like ``"float64"``).
+        snapshot_dtype: dtype of the snapshots, ``torch.float32`` or ``torch.float64`` (or its
+            name, ``"float64"``). Half precisions are refused: rounding each weight by up to
+            2⁻¹¹ (float16) or 2⁻⁸ (bfloat16) of its size swamps the distance between nearby
+            snapshots (``step_distance`` 2 % and 93 % high for a step of 10⁻³ of ‖θ‖).
         num_batches: fixed training batches per rank (2 here, 4 in the other monitors).
         **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
             ``every_n_epochs``, ``every_n_steps``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
@@ -151,7 +156,7 @@ class TrajectoryMonitor(LandscapeMonitor):
             raise ValueError(
                 f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
             )
-        dtype = check_floating_dtype("snapshot_dtype", snapshot_dtype)
+        dtype = check_floating_dtype("snapshot_dtype", snapshot_dtype, choices=SNAPSHOT_DTYPES)
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.grid_size, self.slices = grid_size, slices
