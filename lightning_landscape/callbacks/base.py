@@ -41,9 +41,9 @@ from lightning_landscape.callbacks._isolation import (
 from lightning_landscape.callbacks._sharded import fsdp_wrapper, refuse_sharded, sharded_refusal
 from lightning_landscape.callbacks._trainer_state import (
     check_prefix,
+    check_shared_prefix,
     epochs_done,
     first_lr,
-    warn_shared_prefix,
 )
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
@@ -208,7 +208,7 @@ class LandscapeMonitor(Callback):
             "sharded parameters have no full Hessian-vector product or loss here",
             sharded=self.supports_sharded,
         )
-        warn_shared_prefix(trainer, self)
+        check_shared_prefix(trainer, self)
         pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise SetupError(
