@@ -10,7 +10,7 @@ wording differs from the default.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -95,6 +95,27 @@ def check_positive_values(name: str, value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in items)
 
 
+def check_distinct(
+    name: str, values: Sequence[Any], key: Callable[[Any], str] = str
+) -> tuple[Any, ...]:
+    """``values`` as a tuple, if no two of them give the same ``key`` (the text a value becomes
+    in a logged key: ``"{:g}".format`` writes 0.05 and 0.05000001 alike).
+
+    Raises:
+        ValueError: naming the first two values that collide.
+    """
+    seen: dict[str, Any] = {}
+    for v in values:
+        k = key(v)
+        if k in seen:
+            raise ValueError(
+                f"`{name}` must hold distinct values, got {seen[k]!r} and {v!r} (both logged as "
+                f"{k!r}) in {values!r}."
+            )
+        seen[k] = v
+    return tuple(values)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``value`` itself, if it is a bool.
 
@@ -139,17 +160,21 @@ _DTYPES = {
 }
 
 
-def check_floating_dtype(name: str, value: Any) -> torch.dtype:
-    """A floating ``torch.dtype``, given as itself or by name (``"float32"``).
+def check_floating_dtype(
+    name: str, value: Any, *, choices: Sequence[torch.dtype] | None = None
+) -> torch.dtype:
+    """A floating ``torch.dtype``, given as itself or by name (``"float32"``); one of ``choices``
+    when they are given.
 
     Raises:
-        ValueError: if it is neither.
+        ValueError: if it is neither, or not among ``choices``.
     """
     dtype = _DTYPES.get(value) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"`{name}` must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}."
-        )
+    allowed = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    if not allowed or (choices is not None and dtype not in choices):
+        names = sorted(n for n, d in _DTYPES.items() if choices is None or d in choices)
+        what = "a floating torch.dtype" if choices is None else " or ".join(map(str, choices)) + ","
+        raise ValueError(f"`{name}` must be {what} or one of {names}, got {value!r}.")
     return dtype
 
 

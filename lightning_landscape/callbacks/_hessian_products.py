@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_landscape._core.checks import check_distinct
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import (
     HessianOperator,
@@ -173,10 +174,12 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
 
 
 def check_per_module(per_module: Any) -> bool | list[str]:
-    """``per_module`` as a bool or a new list of module names.
+    """``per_module`` as a bool or a new list of distinct module names (each names logged
+    keys).
 
     Raises:
         TypeError: if it is neither a bool nor a sequence of strings (a string refused).
+        ValueError: if a name repeats.
     """
     if isinstance(per_module, bool):
         return per_module
@@ -188,7 +191,7 @@ def check_per_module(per_module: Any) -> bool | list[str]:
         raise TypeError(
             f"`per_module` must be a bool or a list of module names, got {per_module!r}."
         )
-    return list(per_module)
+    return list(check_distinct("per_module", per_module))
 
 
 def blocks(module: torch.nn.Module, per_module: bool | list[str]) -> list[tuple[str, list]]:

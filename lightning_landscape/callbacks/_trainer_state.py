@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.callbacks._errors import SetupError
 
 
 def epochs_done(trainer: pl.Trainer, epoch_end: bool = False, after_fit: bool = False) -> float:
@@ -46,22 +47,43 @@ def check_prefix(prefix: str | None, namespace: str) -> str:
     """``prefix``, or ``namespace`` when it is None.
 
     Raises:
-        ValueError: if it is not a non-empty str without '/'.
+        ValueError: if it is not a non-empty str without '/' and without leading or trailing
+            whitespace.
     """
     if prefix is None:
         return namespace
-    if not isinstance(prefix, str) or not prefix or "/" in prefix:
-        raise ValueError(f"`prefix` must be a non-empty str without '/', got {prefix!r}.")
+    if not isinstance(prefix, str) or not prefix or "/" in prefix or prefix != prefix.strip():
+        raise ValueError(
+            "`prefix` must be a non-empty str without '/' and without leading or trailing "
+            f"whitespace, got {prefix!r}."
+        )
     return prefix
 
 
-def warn_shared_prefix(trainer: pl.Trainer, monitor: Any) -> None:
-    """One warning when another monitor of the package logs under the same prefix."""
+def check_shared_prefix(trainer: pl.Trainer, monitor: Any) -> None:
+    """Refuse another callback with the monitor's ``state_key`` (their checkpoint states would
+    overwrite each other); warn once when another monitor of the package logs under the same
+    prefix.
+
+    Lightning refuses equal ``state_key`` s itself when the Trainer is built, but not among the
+    callbacks a module's ``configure_callbacks`` returns or ones appended to
+    ``trainer.callbacks`` later: those reach this check.
+
+    Raises:
+        SetupError: if another callback has the monitor's ``state_key``.
+    """
+    callbacks = [cb for cb in getattr(trainer, "callbacks", []) if cb is not monitor]
+    if any(getattr(cb, "state_key", None) == monitor.state_key for cb in callbacks):
+        raise SetupError(
+            f"Two {type(monitor).__name__}s with the prefix {monitor.prefix!r} have the same "
+            f"state_key {monitor.state_key!r}, so their checkpoint states and logged keys "
+            f"would overwrite each other; give each its own `prefix` (e.g. "
+            f"prefix={monitor.prefix + '_2'!r})."
+        )
     others = [
         cb
-        for cb in getattr(trainer, "callbacks", [])
-        if cb is not monitor
-        and getattr(cb, "prefix", None) == monitor.prefix
+        for cb in callbacks
+        if getattr(cb, "prefix", None) == monitor.prefix
         and type(cb).__module__.startswith("lightning_landscape.")
     ]
     if others:

@@ -210,7 +210,7 @@ class LandscapeMonitor(Callback):
             "sharded parameters have no full Hessian-vector product or loss here",
             sharded=self.supports_sharded,
         )
-        _trainer_state.warn_shared_prefix(trainer, self)
+        _trainer_state.check_shared_prefix(trainer, self)
         pl_module.__dict__.setdefault(MARKER, False)  # `self.landscape_measuring` reads False
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise SetupError(

@@ -77,9 +77,9 @@ class HessianMonitor(LandscapeMonitor):
             when ``density``).
         density_probes: density probes (the first is the shared run).
         per_module: ``True`` for every submodule that owns trainable parameters (the block of
-            the parameters it owns directly: the blocks are disjoint), or a list of submodule
-            names (the block of all that submodule's parameters): also the top eigenvalue and
-            trace of each diagonal block of H, the other parameters held fixed.
+            the parameters it owns directly: the blocks are disjoint), or a list of distinct
+            submodule names (the block of all that submodule's parameters): also the top
+            eigenvalue and trace of each diagonal block of H, the other parameters held fixed.
         fd_step: the norm of the perturbation of the finite-difference products (sharded models
             only); default 0.1 · ε^(1/3) · max(1, ‖w‖) for machine epsilon ε.
         hvp: the Hessian-vector product kind (see
@@ -238,14 +238,13 @@ class HessianMonitor(LandscapeMonitor):
         ):
             check_bool(name, value)
         check_callable("ggn_fn", ggn_fn, allow_none=True)
-        check_loss(ggn_loss)
+        check_loss(ggn_loss, name="ggn_loss")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         if hvp not in KINDS:
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
         check_memory_budget(memory_budget)
         check_basis_device(basis_device)
-        per_module = products.check_per_module(per_module)
         self.top_k = top_k
         self.min_eigenvalue = min_eigenvalue
         self.trace = trace
@@ -255,7 +254,7 @@ class HessianMonitor(LandscapeMonitor):
         self.trace_probes = trace_probes
         self.density_steps = density_steps
         self.density_probes = density_probes
-        self.per_module = per_module
+        self.per_module = products.check_per_module(per_module)
         self.fd_step = None if fd_step is None else check_positive("fd_step", fd_step)
         self.hvp = hvp
         self.memory_budget = memory_budget

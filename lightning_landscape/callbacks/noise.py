@@ -18,7 +18,7 @@ from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_sharded import FlatGradientHooks, ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
-from lightning_landscape.callbacks._trainer_state import check_prefix, warn_shared_prefix
+from lightning_landscape.callbacks._trainer_state import check_prefix, check_shared_prefix
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.landscape.noise import (
@@ -177,7 +177,7 @@ class NoiseTemperatureMonitor(Callback):
             sharded=True,
             half=False,
         )
-        warn_shared_prefix(trainer, self)
+        check_shared_prefix(trainer, self)
         if trainer.global_step == 0:  # a new fit: nothing of an earlier one (a resume: restored)
             self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from lightning_landscape._core.checks import (
     check_choice,
+    check_distinct,
     check_int,
     check_positive,
     check_positive_int,
@@ -38,6 +39,16 @@ _PARAM = {
     "keskar": "eps",
     "local_entropy": "gamma",
 }
+
+
+def _tag(value: float) -> str:
+    """A value as it ends a logged key (``sam_rho0.05``)."""
+    return f"{value:g}"
+
+
+def _values(name: str, value: Any) -> tuple[float, ...]:
+    """A positive number or a list of them, no two alike in their keys (0.05, 0.05000001)."""
+    return check_distinct(name, check_positive_values(name, value), key=_tag)
 
 
 class SharpnessMonitor(LandscapeMonitor):
@@ -132,7 +143,9 @@ class SharpnessMonitor(LandscapeMonitor):
     ``prefix``; when a measure has several values,
     its keys end in ``_rho<value>``, ``_sigma<value>``, ``_eps<value>`` or ``_gamma<value>``, e.g.
     ``sharpness/sam_rho0.05``, ``sharpness/sam_curvature_rho0.05``,
-    ``sharpness/average_stderr_sigma0.01``, ``sharpness/local_entropy_gamma100``):
+    ``sharpness/average_stderr_sigma0.01``, ``sharpness/local_entropy_gamma100``, the value
+    written with 6 significant digits: two values written alike, such as 0.05 and 0.05000001,
+    are refused):
         - ``sharpness/sam``, ``sharpness/sam_curvature``: SAM ρ-sharpness (a loss difference),
           and SAM − ρ‖g‖.
         - ``sharpness/adaptive``, ``sharpness/adaptive_curvature``: adaptive (ASAM) sharpness,
@@ -191,6 +204,7 @@ class SharpnessMonitor(LandscapeMonitor):
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ValueError(f"`kinds` must be a non-empty subset of {list(KINDS)}, got {kinds!r}.")
+        check_distinct("kinds", kinds)
         check_choice("ascent", ascent, ("krylov", "gradient"))
         check_positive_int("ascent_steps", ascent_steps)
         check_int("polish_steps", polish_steps, low=0, what="an int >= 0")
@@ -199,11 +213,11 @@ class SharpnessMonitor(LandscapeMonitor):
         check_real("eta", eta, low=0.0, what="a non-negative number")
         check_int("local_entropy_samples", local_entropy_samples, low=2, what="an int >= 2")
         self.kinds = tuple(k for k in KINDS if k in kinds)
-        self.rho = check_positive_values("rho", rho)
-        self.adaptive_rho = check_positive_values("adaptive_rho", adaptive_rho)
+        self.rho = _values("rho", rho)
+        self.adaptive_rho = _values("adaptive_rho", adaptive_rho)
         self.eta = float(eta)
-        self.sigma = check_positive_values("sigma", sigma)
-        self.epsilon = check_positive_values("epsilon", epsilon)
+        self.sigma = _values("sigma", sigma)
+        self.epsilon = _values("epsilon", epsilon)
         self.ascent = ascent
         self.ascent_steps = ascent_steps
         self.polish_steps = polish_steps
@@ -211,7 +225,7 @@ class SharpnessMonitor(LandscapeMonitor):
         self.local_entropy_gamma = (
             None
             if local_entropy_gamma is None
-            else check_positive_values("local_entropy_gamma", local_entropy_gamma)
+            else _values("local_entropy_gamma", local_entropy_gamma)
         )
         self.local_entropy_beta = check_positive("local_entropy_beta", local_entropy_beta)
         self.local_entropy_samples = local_entropy_samples
@@ -233,7 +247,7 @@ class SharpnessMonitor(LandscapeMonitor):
         for kind in kinds:
             several = len(values[kind]) > 1
             for v in values[kind]:
-                out.append((kind, v, f"_{_PARAM[kind]}{v:g}" if several else ""))
+                out.append((kind, v, f"_{_PARAM[kind]}{_tag(v)}" if several else ""))
         return out
 
     def metric_keys(self) -> list[str]:

@@ -30,8 +30,9 @@ OutputLoss = Callable[[Tensor, Tensor], Tensor]
 LOSS_KINDS = ("cross_entropy", "mse")
 
 
-def check_loss(loss: LossKind | OutputLoss) -> None:
-    """Raise unless ``loss`` names a closed form or is callable.
+def check_loss(loss: LossKind | OutputLoss, *, name: str = "loss") -> None:
+    """Raise unless ``loss`` names a closed form or is callable; the message calls it ``name``
+    (a caller's own argument, e.g. ``ggn_loss``).
 
     Raises:
         ValueError: for an unknown string.
@@ -40,12 +41,12 @@ def check_loss(loss: LossKind | OutputLoss) -> None:
     if isinstance(loss, str):
         if loss not in LOSS_KINDS:
             raise ValueError(
-                f"`loss` must be 'cross_entropy', 'mse' or a callable (output, target) -> scalar, "
-                f"got {loss!r}."
+                f"`{name}` must be 'cross_entropy', 'mse' or a callable (output, target) -> "
+                f"scalar, got {loss!r}."
             )
     elif not callable(loss):
         raise TypeError(
-            f"`loss` must be 'cross_entropy', 'mse' or a callable, got {type(loss).__name__}."
+            f"`{name}` must be 'cross_entropy', 'mse' or a callable, got {type(loss).__name__}."
         )
 
 

@@ -11,6 +11,7 @@ from lightning_landscape._core.checks import (
     check_bool,
     check_callable,
     check_choice,
+    check_distinct,
     check_floating_dtype,
     check_int,
     check_positive,
@@ -21,6 +22,7 @@ from lightning_landscape._core.checks import (
 
 BATCHES = [torch.zeros(2, 1)]
 DTYPES = "one of ['bfloat16', 'float16', 'float32', 'float64']"
+WIDE = {"choices": (torch.float32, torch.float64)}
 
 # (check, value, keyword arguments, what ``check("x", value, **kwargs)`` returns: equal and of
 # the same type)
@@ -43,6 +45,11 @@ ACCEPTED = [
     (check_callable, None, {"allow_none": True}, None),
     (check_floating_dtype, "bfloat16", {}, torch.bfloat16),
     (check_floating_dtype, torch.float16, {}, torch.float16),
+    (check_floating_dtype, "float64", WIDE, torch.float64),
+    (check_floating_dtype, torch.float32, WIDE, torch.float32),
+    (check_distinct, [0.5, 0.25], {"key": "{:g}".format}, (0.5, 0.25)),
+    (check_distinct, ("a", "b"), {}, ("a", "b")),
+    (check_distinct, (), {}, ()),
 ]
 
 # (check, value, keyword arguments, error, the message of ``check("x", value, **kwargs)`` after
@@ -87,6 +94,18 @@ REFUSED = [
      f"must be a floating torch.dtype or {DTYPES}, got torch.int64."),
     (check_floating_dtype, "double", {}, ValueError,
      f"must be a floating torch.dtype or {DTYPES}, got 'double'."),
+    (check_floating_dtype, "float16", WIDE, ValueError,
+     "must be torch.float32 or torch.float64, or one of ['float32', 'float64'], got 'float16'."),
+    (check_floating_dtype, torch.bfloat16, WIDE, ValueError,
+     "must be torch.float32 or torch.float64, or one of ['float32', 'float64'], "
+     "got torch.bfloat16."),
+    (check_floating_dtype, torch.int32, WIDE, ValueError,
+     "must be torch.float32 or torch.float64, or one of ['float32', 'float64'], got torch.int32."),
+    (check_distinct, ["a", "b", "a"], {}, ValueError,
+     "must hold distinct values, got 'a' and 'a' (both logged as 'a') in ['a', 'b', 'a']."),
+    (check_distinct, (0.05, 0.05000001), {"key": "{:g}".format}, ValueError,
+     "must hold distinct values, got 0.05 and 0.05000001 (both logged as '0.05') in "
+     "(0.05, 0.05000001)."),
 ]  # fmt: skip
 
 

@@ -5,10 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 from lightning_landscape import EntropySGDCallback, HessianMonitor
 from lightning_landscape.callbacks import SetupError
 from lightning_landscape.callbacks.base import refuse_sharded
+
+from ._helpers import Classifier, make_trainer, random_classes
 
 
 class FSDPStrategy:  # the name and the options are read
@@ -42,3 +45,36 @@ def test_every_setup_refusal_raises_setup_error():
     sgd = torch.optim.SGD(module.parameters(), lr=0.1)
     with pytest.raises(SetupError, match="found no EntropySGD among"):
         EntropySGDCallback().on_fit_start(SimpleNamespace(optimizers=[sgd]), module)
+
+
+def test_two_monitors_with_one_state_key_are_refused_at_setup(tmp_path):
+    """Lightning refuses equal state_keys among the Trainer's own callbacks when the Trainer is
+    built, before any hook of ours; those a module's configure_callbacks returns, or ones added
+    to ``trainer.callbacks`` later, only reach the monitors' setup."""
+    twins = lambda: [HessianMonitor(num_batches=1), HessianMonitor(num_batches=1, top_k=2)]  # noqa: E731
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        make_trainer(tmp_path, twins())
+
+    class Twins(Classifier):
+        def configure_callbacks(self):
+            return twins()
+
+    loader = DataLoader(random_classes(), batch_size=8)
+    message = r"Two HessianMonitors with the prefix 'hessian' have the same state_key .*`prefix`"
+    with pytest.raises(SetupError, match=message):
+        make_trainer(tmp_path, max_epochs=1).fit(Twins(), loader)
+    trainer = make_trainer(tmp_path, [HessianMonitor(num_batches=1)], max_epochs=1)
+    trainer.callbacks.append(HessianMonitor(num_batches=1, top_k=2))
+    with pytest.raises(SetupError, match=message):
+        trainer.fit(Classifier(), loader)
+
+    class Apart(Classifier):  # distinct prefixes: both measured, each under its own keys
+        def configure_callbacks(self):
+            return [
+                HessianMonitor(epochs=[0], trace=False, top_k=k, prefix=f"h{k}") for k in (1, 2)
+            ]
+
+    trainer = make_trainer(tmp_path, max_epochs=1, max_steps=1, logger=False)
+    trainer.fit(Apart(), loader)
+    rows = {cb.prefix: cb.history[0] for cb in trainer.callbacks if isinstance(cb, HessianMonitor)}
+    assert "h1/eigenvalue_1" in rows["h1"] and "h2/eigenvalue_2" in rows["h2"]

@@ -145,7 +145,8 @@ def test_unknown_optimizer_and_mismatched_ggn_loss_warn_once(tmp_path):
         ({"ggn": 1}, TypeError, "`ggn` must be a bool"),
         ({"preconditioned": "yes"}, TypeError, "`preconditioned` must be a bool"),
         ({"ggn_fn": 3}, TypeError, "`ggn_fn` must be callable"),
-        ({"ggn_loss": "nll"}, ValueError, "`loss` must be 'cross_entropy', 'mse' or a callable"),
+        ({"ggn_loss": "hinge"}, ValueError, "^`ggn_loss` must be 'cross_entropy', 'mse' or a"),
+        ({"ggn_loss": 3}, TypeError, "^`ggn_loss` must be 'cross_entropy', 'mse' or a callable"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):

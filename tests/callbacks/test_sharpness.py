@@ -238,6 +238,30 @@ def test_nan_loss_logs_nan_and_warns(tmp_path):
     assert math.isnan(monitor.history[0]["sharpness/average"])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rho": [0.05, 0.05]}, r"`rho` must hold distinct values, got 0.05 and 0.05 \(both"),
+        ({"rho": [0.05, 0.05000001]}, r"`rho` .* 0.05 and 0.05000001 \(both logged as '0.05'\)"),
+        ({"adaptive_rho": [1, 0.5, 1.0]}, r"`adaptive_rho` .* 1.0 and 1.0 \(both logged as '1'\)"),
+        ({"sigma": (0.01, 0.0100000001)}, "`sigma` must hold distinct values"),
+        ({"epsilon": [1e-3, 2e-3, 0.001]}, "`epsilon` must hold distinct values"),
+        ({"local_entropy_gamma": [100, 100.00001]}, "`local_entropy_gamma` must hold distinct"),
+        ({"kinds": ("sam", "sam")}, r"`kinds` must hold distinct values, got 'sam' and 'sam'"),
+    ],
+)  # fmt: skip
+def test_values_that_would_log_under_one_key_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SharpnessMonitor(**kwargs)
+
+
+def test_nearby_values_written_apart_keep_their_keys():
+    monitor = SharpnessMonitor(kinds=["sam"], rho=[0.05, 0.050001])  # 6 significant digits
+    keys = monitor.metric_keys()
+    assert "sharpness/sam_rho0.05" in keys and "sharpness/sam_rho0.050001" in keys
+    assert len(keys) == len(set(keys))
+
+
 def test_errors():
     with pytest.raises(TypeError, match="`kinds` must be a list"):
         SharpnessMonitor(kinds="sam")

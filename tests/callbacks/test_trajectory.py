@@ -3,6 +3,7 @@ bit-identity, errors."""
 
 import math
 import os
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -244,12 +245,20 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
     assert prev is not init and torch.equal(init.values[at_one], prev.values[at_one])
 
 
+SNAPSHOT_DTYPE = re.escape(
+    "`snapshot_dtype` must be torch.float32 or torch.float64, or one of ['float32', 'float64'], "
+)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"num_points": 1}, ValueError, "`num_points` must be at least 2"),
         ({"num_points": 2.0}, TypeError, "`num_points` must be a positive int"),
-        ({"alpha_margin": -0.1}, ValueError, "`margin` must be a non-negative"),
+        ({"alpha_margin": -0.5}, ValueError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": math.inf}, ValueError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": "x"}, TypeError, "^`alpha_margin` must be a non-negative finite"),
+        ({"alpha_margin": True}, TypeError, "^`alpha_margin` must be a non-negative finite"),
         ({"grid_size": 1}, ValueError, "`grid_size` must be at least 2"),
         ({"max_snapshots": 1}, ValueError, "`max_snapshots` must be at least 2"),
         ({"max_snapshots": 0}, ValueError, "`max_snapshots` must be a positive int"),
@@ -257,8 +266,10 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
         ({"pictures_every_measurement": None}, TypeError, "`pictures_every_measurement`"),
         ({"metric_fn": "acc"}, TypeError, "`metric_fn` must be callable"),
         ({"metric_name": "a/b"}, ValueError, "`metric_name` must be a non-empty str"),
-        ({"snapshot_dtype": "float8"}, ValueError, "`snapshot_dtype` must be a floating"),
-        ({"snapshot_dtype": torch.int32}, ValueError, "`snapshot_dtype` must be a floating"),
+        ({"snapshot_dtype": "float8"}, ValueError, SNAPSHOT_DTYPE),
+        ({"snapshot_dtype": torch.int32}, ValueError, SNAPSHOT_DTYPE),
+        ({"snapshot_dtype": "float16"}, ValueError, SNAPSHOT_DTYPE),
+        ({"snapshot_dtype": torch.bfloat16}, ValueError, SNAPSHOT_DTYPE),
         ({"mode": "test"}, ValueError, "`mode` must be 'eval' or 'train'"),
         ({"epochs": [1], "every_n_steps": 3}, ValueError, "exactly one"),
     ],
@@ -266,6 +277,13 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path):
 def test_constructor_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         TrajectoryMonitor(**kwargs)
+
+
+def test_snapshot_dtype_is_float32_or_float64_given_as_dtype_or_name():
+    """Half precisions are refused: their rounding swamps the distance between snapshots."""
+    for given, dtype in [("float32", torch.float32), (torch.float64, torch.float64)]:
+        mon = TrajectoryMonitor(snapshot_dtype=given)
+        assert mon.snapshot_dtype == mon.snapshots.dtype == dtype
 
 
 def test_restored_snapshots_of_another_model_are_refused(tmp_path):
