@@ -88,6 +88,17 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int) -> Any:
     return ParamVector([named[n] for n in monitor.tracked])
 
 
+def join_unfrozen(monitor: Any, trainer: Any, module: nn.Module) -> None:
+    """Before an optimizer step: parameters that became trainable join the trajectory while
+    they still hold the values they kept frozen (:func:`tracked_parameters`; a cheap check of
+    the ``requires_grad`` flags otherwise; not under sharding)."""
+    if monitor.tracked is None or not len(monitor.snapshots) or is_sharded(module):
+        return
+    known = set(monitor.tracked)
+    if any(p.requires_grad and n not in known for n, p in module.named_parameters()):
+        tracked_parameters(monitor, module, trainer.global_step)
+
+
 def thin_snapshots(monitor: Any) -> None:
     """Keep at most ``monitor.max_snapshots`` snapshots (:meth:`Snapshots.thin`), with one
     warning the first time one is dropped."""

@@ -60,9 +60,8 @@ class LandscapeMonitor(Callback):
         seed: seed of every random probe and direction (identical on all ranks); each
             measurement's streams come from (seed, step, purpose) (:class:`MeasureContext`).
         prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
-            monitor's namespace (``"hessian"``, ``"sharpness"``, ``"trajectory"``). Give two
-            monitors of one class different prefixes to log both: with the same prefix their
-            keys overwrite each other (a warning says so at setup).
+            monitor's namespace (``"hessian"``, ...). Two monitors of one class need different
+            prefixes (same settings too: refused at setup; else keys collide, with a warning).
         batch_size_fn: the number of samples in a batch, for batches the default cannot read
             (default: the leading size of the first tensor found in tensors, tuples, lists,
             dicts, named tuples and dataclasses).
@@ -74,6 +73,9 @@ class LandscapeMonitor(Callback):
     (``self.training_step_outputs.append(loss)``, a counter) run too: guard them with
     ``lightning_landscape.is_measuring(self)``, or pass ``loss_fn``. A changed list length or
     number on the module is noticed and warned once.
+
+    Each fit starts afresh: a monitor reused in a new fit (a sweep) forgets what it measured in
+    the earlier one; a fit resumed from a checkpoint continues the checkpoint's.
 
     A measurement that fails (an exception from the estimate) is logged as NaN with one warning
     per fit giving the exception (and, for an operation PyTorch cannot differentiate twice, a
@@ -163,12 +165,8 @@ class LandscapeMonitor(Callback):
         for every other key an earlier measurement of this monitor returned (those logged only
         in some runs: ``hvp_error`` with finite differences, ``fd_error`` on sharded models,
         ``preconditioned_eigenvalue_1`` with Adam), the wall times apart."""
-        seen = [
-            k
-            for row in self.history
-            for k in row
-            if k.startswith(f"{self.prefix}/") and not k.endswith("seconds")
-        ]
+        seen = [k for row in self.history for k in row if k.startswith(f"{self.prefix}/")]
+        seen = [k for k in seen if not k.endswith("seconds")]
         return dict.fromkeys([*self.metric_keys(), *seen], math.nan)
 
     def summary_rows(self) -> list[dict[str, float]]:
@@ -202,8 +200,8 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.global_step == 0:  # a new fit; a resumed one gets its state back after setup
-            self.reset_state()
+        if not getattr(trainer, "global_step", 0) and not getattr(self, "_loaded", False):
+            self.reset_state()  # a new fit (a resumed one gets its state back after setup)
         refuse_sharded(
             trainer,
             type(self).__name__,
@@ -241,7 +239,7 @@ class LandscapeMonitor(Callback):
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches = None  # free the fixed batches
+        self._batches, self._loaded = None, False  # free the fixed batches
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
         if monitors and monitors[0] is self:  # one table for all monitors
             self.summary_path = _summary.write_summary(trainer, monitors)
@@ -252,6 +250,7 @@ class LandscapeMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = [int(x) for x in state_dict.get("done", [])]
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._loaded = True  # loaded before a fit (by hand): kept by its setup
 
     # ----------------------------------------------------------------- machinery
     def fixed_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:

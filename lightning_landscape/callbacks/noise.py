@@ -164,6 +164,7 @@ class NoiseTemperatureMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema.load_state_dict(state_dict.get("ema", {}))
         self.per_group = bool(state_dict.get("per_group", False))
+        self._loaded = True  # loaded before a fit (by hand): kept by its setup
 
     # ----------------------------------------------------------------- setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -178,8 +179,10 @@ class NoiseTemperatureMonitor(Callback):
             half=False,
         )
         check_shared_prefix(trainer, self)
-        if trainer.global_step == 0:  # a new fit: nothing of an earlier one (a resume: restored)
-            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False
+        if not getattr(trainer, "global_step", 0) and not getattr(
+            self, "_loaded", False
+        ):  # a new fit
+            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False  # (resumes: restored)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()
@@ -234,6 +237,7 @@ class NoiseTemperatureMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
+        self._loaded = False  # what a checkpoint gave this fit: the next fit starts afresh
 
     # ----------------------------------------------------------------- recording
     def _reset_window(self) -> None:

@@ -10,25 +10,22 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_value
-from lightning_landscape._core.checks import (
-    check_bool,
-    check_floating_dtype,
-    check_positive_int,
-    check_real,
-)
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
-from lightning_landscape.callbacks._snapshots import thin_snapshots, tracked_parameters
+from lightning_landscape.callbacks._snapshots import (
+    join_unfrozen,
+    thin_snapshots,
+    tracked_parameters,
+)
 from lightning_landscape.callbacks._trainer_state import epochs_done
+from lightning_landscape.callbacks._trajectory_checks import check_arguments
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
 from lightning_landscape.landscape.pictures import pca_picture, slice_picture
 from lightning_landscape.landscape.trajectory import Snapshots, interpolate, interpolation_alphas
-
-SNAPSHOT_DTYPES = (torch.float32, torch.float64)
 
 
 class TrajectoryMonitor(LandscapeMonitor):
@@ -146,27 +143,12 @@ class TrajectoryMonitor(LandscapeMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_batches=num_batches, **kwargs)
-        check_real("alpha_margin", alpha_margin, low=0.0, what="a non-negative finite number")
+        dtype = check_arguments(
+            alpha_margin, grid_size, max_snapshots, metric_fn, metric_name, snapshot_dtype,
+            slices=slices, picture_at_end=picture_at_end,
+            pictures_every_measurement=pictures_every_measurement,
+        )  # fmt: skip
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates `num_points`
-        check_positive_int("grid_size", grid_size)
-        if grid_size < 2:
-            raise ValueError(f"`grid_size` must be at least 2, got {grid_size!r}.")
-        check_positive_int("max_snapshots", max_snapshots)
-        if max_snapshots < 2:
-            raise ValueError(f"`max_snapshots` must be at least 2, got {max_snapshots!r}.")
-        for name, value in (
-            ("slices", slices),
-            ("picture_at_end", picture_at_end),
-            ("pictures_every_measurement", pictures_every_measurement),
-        ):
-            check_bool(name, value)
-        if metric_fn is not None and not callable(metric_fn):
-            raise TypeError(f"`metric_fn` must be callable or None, got {metric_fn!r}.")
-        if not isinstance(metric_name, str) or not metric_name or "/" in metric_name:
-            raise ValueError(
-                f"`metric_name` must be a non-empty str without '/', got {metric_name!r}."
-            )
-        dtype = check_floating_dtype("snapshot_dtype", snapshot_dtype, choices=SNAPSHOT_DTYPES)
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.grid_size, self.slices = grid_size, slices
@@ -211,6 +193,9 @@ class TrajectoryMonitor(LandscapeMonitor):
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
         super().on_train_start(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        join_unfrozen(self, trainer, fsdp_wrapper(trainer, pl_module) or pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         drawn = self.pictures_every_measurement and self._last_step == trainer.global_step
