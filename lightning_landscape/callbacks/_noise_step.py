@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_landscape.callbacks import _logging
 from lightning_landscape.landscape.noise import temperature
+from lightning_landscape.optim import EntropySGD
 
 
 def trainable_params(param_groups: Iterable[dict[str, Any]]) -> list[Tensor]:
@@ -27,6 +29,22 @@ def trainable_params(param_groups: Iterable[dict[str, Any]]) -> list[Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def warn_entropy_sgd(trainer: pl.Trainer) -> None:
+    """One warning when an optimizer is Entropy-SGD: its ``lr`` moves the anchor (the outer
+    step), while each batch's gradient drives a Langevin step of ``sgld_lr`` with noise of its
+    own, so ``noise/temperature`` (η / 2B with the outer η) is not that loop's temperature."""
+    inner = [o for o in trainer.optimizers if isinstance(o, EntropySGD)]
+    if inner:
+        _logging.warn_once(
+            trainer,
+            "noise-entropy-sgd",
+            "NoiseTemperatureMonitor: with EntropySGD, `temperature` is lr / (2B) of its outer "
+            f"step (lr {inner[0].param_groups[0]['lr']:g}); each batch's gradient drives a "
+            f"Langevin step of sgld_lr {inner[0].sgld_lr:g} with its own noise, whose "
+            "temperature is not logged.",
+        )
 
 
 def _temperature(lr: float, batch: float, momentum: float = 0.0, dampening: float = 0.0) -> float:

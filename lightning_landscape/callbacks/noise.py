@@ -16,7 +16,12 @@ from lightning_landscape._core.sharding import is_fsdp2
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_sharded import FlatGradientHooks, ShardedGradientSteps
-from lightning_landscape.callbacks._noise_step import GradientHooks, loss_scale, temperatures
+from lightning_landscape.callbacks._noise_step import (
+    GradientHooks,
+    loss_scale,
+    temperatures,
+    warn_entropy_sgd,
+)
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._trainer_state import check_prefix, check_shared_prefix
 from lightning_landscape.callbacks.base import refuse_sharded
@@ -95,7 +100,8 @@ class NoiseTemperatureMonitor(Callback):
 
     Logged metrics (at the global step s of the update, before it is applied; ``noise`` is the
     default ``prefix``):
-        - ``noise/temperature``: η / (2B) of parameter group 0.
+        - ``noise/temperature``: η / (2B) of parameter group 0 (with Entropy-SGD η is the
+          outer step's; its Langevin loop's own temperature is not logged: one warning).
         - ``noise/temperature_momentum``: η (1 − d) / (2B (1 − μ)) of group 0 (groups with a
           ``momentum`` entry).
         - ``noise/temperature/group_i``, ``noise/temperature_momentum/group_i`` (i ≥ 1): per
@@ -179,10 +185,8 @@ class NoiseTemperatureMonitor(Callback):
             half=False,
         )
         check_shared_prefix(trainer, self)
-        if not getattr(trainer, "global_step", 0) and not getattr(
-            self, "_loaded", False
-        ):  # a new fit
-            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False  # (resumes: restored)
+        if not getattr(trainer, "global_step", 0) and not getattr(self, "_loaded", False):
+            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False  # a new fit
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()
@@ -195,6 +199,7 @@ class NoiseTemperatureMonitor(Callback):
                 "NoiseTemperatureMonitor: no optimizer; nothing is logged.",
             )
             return
+        warn_entropy_sgd(trainer)
         if not self.noise_scale:
             return
         if is_fsdp2(pl_module):

@@ -352,3 +352,26 @@ def test_prefix_names_the_keys_and_the_state(tmp_path):
     assert logged["noise_b/temperature"] == logged["noise/temperature"]
     assert sorted(logged["noise_b/gradient_noise_scale"]) == sorted(logged["noise/grad_norm_sq"])
     assert plain.state_key != other.state_key
+
+
+def test_entropy_sgd_is_named_in_one_warning(tmp_path):
+    """With Entropy-SGD the logged temperature is the outer step's: one warning says so, naming
+    both learning rates."""
+    import warnings
+
+    from lightning_landscape.optim import EntropySGD
+
+    from ._helpers import Classifier, random_classes
+
+    class Entropic(Classifier):
+        def configure_optimizers(self):
+            return EntropySGD(self.parameters(), lr=0.5, L=2, sgld_lr=0.05)
+
+    mon = NoiseTemperatureMonitor(every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=1, max_steps=2, logger=False).fit(
+            Entropic(), DataLoader(random_classes(), batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "with EntropySGD" in str(w.message)]
+    assert len(said) == 1 and "lr 0.5" in said[0] and "sgld_lr 0.05" in said[0], said
