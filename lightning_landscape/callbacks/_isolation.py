@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_landscape.curvature import kernels
@@ -93,16 +94,9 @@ def _silence_logging(module: pl.LightningModule) -> Callable[[], None]:
 
 
 def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
-    """Cast the floating tensors of a batch (nested lists/tuples/dicts) to ``dtype``."""
-    if isinstance(batch, Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: cast_batch(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(cast_batch(v, dtype) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(cast_batch(v, dtype) for v in batch)
-    return batch
+    """Cast the floating tensors of a batch to ``dtype``, through the collections Lightning
+    moves between devices (lists, tuples, named tuples, dicts, dataclasses)."""
+    return apply_to_collection(batch, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def measurement_dtype(module: torch.nn.Module) -> torch.dtype:

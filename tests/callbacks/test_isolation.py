@@ -1,6 +1,7 @@
 """The save-and-restore guard on its own (no Trainer): whatever a measurement does to the module,
 parameters, gradients, buffers, train/eval flags, RNG, ``self.log`` and the marker come back."""
 
+import dataclasses
 from collections import namedtuple
 
 import pytest
@@ -70,6 +71,14 @@ def test_half_precision_parameters_are_measured_in_float32():
     cast = cast_batch(batch, torch.float64)
     assert cast["a"][0].dtype == torch.float64 and cast["a"][1].dtype == torch.int64
     assert isinstance(cast["b"], Pair) and cast["b"].x.dtype == torch.float64 and cast["b"].y == 3
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    cast = cast_batch(Batch(torch.ones(2, dtype=torch.bfloat16), torch.arange(2)), torch.float32)
+    assert isinstance(cast, Batch) and cast.x.dtype == torch.float32 and cast.y.dtype == torch.int64
 
 
 def test_module_loss_is_training_step_or_the_users_loss():
