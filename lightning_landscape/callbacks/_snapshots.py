@@ -34,26 +34,35 @@ def checked_parameters(snapshots: Snapshots, module: nn.Module) -> Any:
     size = snapshots.tensors[0].numel() if len(snapshots) else local
     if size != local:
         raise ValueError(
-            f"TrajectoryMonitor: the snapshots have {size} entries but the module has {local} "
-            "trainable parameters (under a sharded strategy the trajectory follows the "
-            "parameters trainable at its first snapshot)."
+            f"TrajectoryMonitor: the restored snapshots have {size} entries but the module "
+            f"has {local} trainable parameters."
         )
     return pv
 
 
-def tracked_parameters(monitor: Any, module: nn.Module, step: int) -> Any:
+def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool = False) -> Any:
     """The parameters the trajectory follows, as one flat vector: those trainable at its first
     snapshot and every one that became trainable since (fine-tuning that unfreezes layers),
     frozen again or not. Earlier snapshots take a newly trainable parameter's current value:
     the value it kept while frozen (one warning). Names are kept in ``monitor.tracked`` (and
-    in checkpoints); under sharding, :func:`checked_parameters`.
+    in checkpoints). Under sharding, the trainable parameters (:func:`checked_parameters` at the
+    fit's ``start``, where snapshots restored from a checkpoint are dropped).
 
     Raises:
         ValueError: if restored snapshots do not match the module, or a followed parameter is
             gone.
     """
     if is_sharded(module):
-        return checked_parameters(monitor.snapshots, module)
+        if start:
+            return checked_parameters(monitor.snapshots, module)
+        pv, snapshots = flat_parameters(module), monitor.snapshots
+        if len(snapshots) and snapshots.tensors[0].numel() != pv.local_dim:
+            raise ValueError(
+                f"TrajectoryMonitor: the snapshots have {snapshots.tensors[0].numel()} entries "
+                f"but the module has {pv.local_dim} trainable parameters here (under a sharded "
+                "strategy the trajectory follows the parameters trainable at its first snapshot)."
+            )
+        return pv
     named = dict(module.named_parameters())
     snapshots = monitor.snapshots
     if monitor.tracked is None or not len(snapshots):  # the first snapshot's set

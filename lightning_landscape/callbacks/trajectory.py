@@ -189,7 +189,7 @@ class TrajectoryMonitor(LandscapeMonitor):
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module = fsdp_wrapper(trainer, pl_module) or pl_module
-        pv = tracked_parameters(self, module, trainer.global_step)
+        pv = tracked_parameters(self, module, trainer.global_step, start=True)
         if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
             self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
         super().on_train_start(trainer, pl_module)
