@@ -30,7 +30,13 @@ from lightning_landscape.landscape._objectives import Objective
 
 def ball_max_dense(T: Tensor, b: Tensor, rho: float) -> tuple[Tensor, float]:
     """The global maximizer of bᵀy + ½ yᵀTy over ‖y‖ ≤ ρ for a small symmetric T, and the
-    maximum (float64, by eigendecomposition and bisection on the multiplier μ)."""
+    maximum (float64, by eigendecomposition and bisection on the multiplier μ).
+
+    Where ‖b‖ / ρ is below the rounding of λ_max (a gradient at round-off level: a stationary
+    point to working precision), μ cannot be resolved from λ_max: the hard case's solution is
+    taken (the sphere filled along a top eigenvector, the sign of b's component there), whose
+    value is off by at most ‖b‖ ρ. The maximizer returned is always in the ball.
+    """
     T, b = T.double(), b.double()
     lam, V = torch.linalg.eigh(T)
     c = V.T @ b
@@ -46,13 +52,17 @@ def ball_max_dense(T: Tensor, b: Tensor, rho: float) -> tuple[Tensor, float]:
         low = max(top, 0.0)
         near = lam >= low - 1e-10 * scale  # the top eigenspace (if λ_max ≥ 0)
         rest = torch.where(near, torch.zeros_like(c), c / (low - lam).clamp(min=1e-300))
-        if float(c[near].norm()) <= 1e-12 * float(b.norm()) + 1e-300 and rest.norm() <= rho:
-            # hard case: μ = λ_max, fill the sphere along a top eigenvector
-            y = rest.clone()
+        hard = float(c[near].norm()) <= 1e-12 * float(b.norm()) + 1e-300 and rest.norm() <= rho
+        width = float(b.norm()) / rho  # μ − λ_max is at most this
+        eps = torch.finfo(torch.float64).eps
+        unresolved = bool(near.any()) and width <= 64 * eps * max(abs(low), scale)
+        if hard or unresolved:  # μ = λ_max: fill the sphere along a top eigenvector
+            y = rest * min(1.0, rho / max(float(rest.norm()), 1e-300))
             index = int(torch.nonzero(near)[-1])
-            y[index] = math.sqrt(max(rho**2 - float(rest.norm()) ** 2, 0.0))
+            fill = math.sqrt(max(rho**2 - float(y.norm()) ** 2, 0.0))
+            y[index] = math.copysign(fill, float(c[index]))
         else:
-            lo, hi = low, low + float(b.norm()) / rho + 1e-300
+            lo, hi = low, low + width + 1e-300
             for _ in range(200):  # ‖y(μ)‖ decreases on (λ_max, ∞)
                 mid = 0.5 * (lo + hi)
                 if mid <= lo or mid >= hi:
@@ -62,6 +72,8 @@ def ball_max_dense(T: Tensor, b: Tensor, rho: float) -> tuple[Tensor, float]:
                 else:
                     hi = mid
             y = y_of(hi)
+        if float(y.norm()) > rho:  # rounding: back onto the sphere
+            y = y * (rho / float(y.norm()))
     value = float(c @ y + 0.5 * (lam * y * y).sum())
     return V @ y, value
 

@@ -394,6 +394,31 @@ def test_ball_max_dense_hard_and_interior_cases():
         assert float(b @ y + 0.5 * y @ t @ y) == pytest.approx(value, rel=1e-9)
 
 
+@pytest.mark.parametrize("size", [0.0, 1e-17, 1e-16, 1e-15])
+def test_a_gradient_at_round_off_level(size):
+    """A stationary point to working precision (‖g‖ = 1e-17 to 1e-15): SAM and ASAM stay
+    finite, in the ball, and within ‖g‖ρ of the maximum at g = 0, ρ² λ_max / 2 (NaN and a
+    point outside the ball, 40 % above the maximum, before)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(15, 15, generator=gen, dtype=D)
+    h, w = a @ a.T / 15, torch.randn(15, generator=gen, dtype=D)
+    scale = w.abs() + 0.01
+    for trial in range(6):
+        g = size * torch.randn(15, generator=gen, dtype=D)
+        obj = FunctionObjective(lambda v, g=g: g @ (v - w) + 0.5 * (v - w) @ h @ (v - w))
+        for rho in (0.5, 2.0, 8.0):
+            for measure, m in (
+                (sam_sharpness, h),
+                (adaptive_sharpness, scale[:, None] * h * scale),
+            ):
+                res = measure(obj, w, rho)
+                top = 0.5 * rho**2 * float(torch.linalg.eigvalsh(m)[-1])
+                slack = 1e-12 * top + 2 * float(g.norm()) * rho * float(scale.max())
+                assert abs(res.sharpness - top) <= slack, (trial, rho, measure, res, top)
+                y, _ = ball_max_dense(m, g * (scale if measure is adaptive_sharpness else 1), rho)
+                assert float(y.norm()) <= rho * (1 + 1e-12)
+
+
 def test_keskar_first_order_part_and_one_model_for_all_radii():
     h, w_star, obj = _near_degenerate(3)
     w = w_star + 0.05
