@@ -68,10 +68,9 @@ class TraceResult:
 
     Attributes:
         estimate: the estimate of tr(H).
-        stderr: its standard error (0 when exact, NaN when it cannot be estimated): the
-            final probes' sample variance pooled with the variance bound their products give,
-            scaled by Student's t so that ±1 stderr covers about 68 % of runs even from 2
-            probes (see the module docstring).
+        stderr: its standard error (0 when exact, NaN when it cannot be estimated): the final
+            probes' sample variance pooled with their products' variance bound, scaled by
+            Student's t so that ±1 stderr covers about 68 % of runs even from 2 probes.
         num_matvecs: operator products spent.
         method: the method used.
         deflation_dim: dimension of the subspace whose trace was taken exactly.
@@ -117,12 +116,10 @@ def deflated_hutchinson(
     ``shift`` (an estimate of the remainder's mean eigenvalue, independent of the probes) is a
     control variate that takes this term out again; E[‖Qz‖²] = j, so the mean is unchanged.
 
-    The stderr pools the samples' variance with the bound from ‖(B − cP) z‖² (module docstring).
-    Its term ‖Qᵀ H z'‖² (z' = Pz) costs one more pass over the basis per block, or none for a
-    Lanczos basis given with its final ``residual`` w (H Q = Q T + w e_mᵀ, so Qᵀ H z' = e_m wᵀz':
-    one inner product with w): two passes a block instead of three. The bound's vector is
-    computed in the products' place, so a block holds two blocks of P numbers (the probes and
-    their products), and ``residual`` one more P.
+    The stderr pools the samples' variance with the bound from ‖(B − cP) z‖² (module docstring),
+    whose term ‖Qᵀ H z'‖² (z' = Pz) costs a pass over the basis per block, or for a Lanczos basis
+    with its final ``residual`` w one inner product (H Q = Q T + w e_mᵀ: Qᵀ H z' = e_m wᵀz').
+    A block holds the probes and their products (2 k P numbers), and ``residual`` one P.
 
     Returns the mean, its stderr and the number of probes.
     """
@@ -139,7 +136,7 @@ def deflated_hutchinson(
             coef = basis.coefficients(Z.T)
             basis.combine(coef.neg(), out=Z.T)  # Z −= (Q coef)ᵀ in place
             control = shift * ((coef.double() ** 2).sum(dim=0).cpu() - j)
-        deflated = None  # ‖Qᵀ H z'‖² from the Lanczos relation: (wᵀz')², no pass
+        deflated = None  # ‖Qᵀ H z'‖² = (wᵀz')² by the Lanczos relation: no pass
         if j > 0 and residual is not None:
             deflated = sp.reduce(Z @ residual.to(Z.dtype)).double().cpu() ** 2
         HZ = op.matmat(Z.T).T
@@ -279,10 +276,8 @@ def deflated_auto(
     shift = _remainder_mean(sp, run.vectors, run.tridiagonal(), Z, U)
     Z = U = start = None  # the pilots' (2p + 1) P numbers (observe's closure too): freed
     block = trace_block(op, run.vectors, unplanned=8)  # without a plan: 8, as before
-    probes = max(m - p - j, 2)
-    mean, stderr, n = deflated_hutchinson(
-        op, run.vectors, probes, gen, block, shift, run.last_residual
-    )
+    probes, w = max(m - p - j, 2), run.last_residual
+    mean, stderr, n = deflated_hutchinson(op, run.vectors, probes, gen, block, shift, w)
     return TraceResult(exact + mean, stderr, p + j + n, "auto", j)
 
 
@@ -329,9 +324,9 @@ def trace(
     Cost: ``num_matvecs`` products (Hutch++ with budget ≥ 3·dim: 2·dim, exact); probes go to
     the operator in blocks (vmapped where the product kind allows): of 8, and for ``"auto"`` on
     an operator with a planned budget as many as fit it beside its basis (:mod:`~.probes`).
-    Memory: ``"auto"`` keeps its Lanczos basis (its steps, at most ``num_matvecs``, × P numbers);
-    Hutch++ two ``(dim, num_matvecs/3)`` blocks; every method a block of probes and two of
-    their products (the second for the stderr's variance bound).
+    Memory: ``"auto"`` keeps its Lanczos basis (its steps, at most ``num_matvecs``, × P numbers,
+    and its final residual); Hutch++ two ``(dim, num_matvecs/3)`` blocks; every method a block of
+    probes and one of their products (a vmapped product's own output besides, within budget).
     """
     check_positive_int("num_matvecs", num_matvecs)
     basis_device = check_basis_device(basis_device)
