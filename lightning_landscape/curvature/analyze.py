@@ -109,11 +109,12 @@ def analyze(
     Cost: the shared run (until the eigenvalues converge, or ``density_steps``), plus
     ``trace_probes`` (in blocks of ``probe_block``) and ``(density_probes − 1) · density_steps``
     products (in blocks of ``density_probes − 1``). Memory, in units of P numbers: the shared
-    run's basis (its steps) plus ``probe_block`` trace probes and two blocks of their products,
-    then ``(density_probes − 1) · density_steps`` for the other density probes (the shared basis
-    is freed first); the products add what their kind needs (:class:`HessianOperator`). The
-    trace's stderr pools the probes' sample variance with the variance bound each product gives
-    (honest from 2 probes on, see :mod:`~.trace`), at one more pass over the basis per block.
+    run's basis (its steps) and final residual, plus ``probe_block`` trace probes and up to two
+    blocks of their products, then ``(density_probes − 1) · density_steps`` for the other
+    density probes (the shared basis is freed first); the products add what their kind needs
+    (:class:`HessianOperator`). The trace's stderr pools the probes' sample variance with the
+    variance bound each product gives (honest from 2 probes on, see :mod:`~.trace`), at no
+    further pass over the basis (the Lanczos relation gives its projection: two passes a block).
     """
     _validate(top_k, "largest", tol, max_steps, names=("top_k", "max_steps"))
     if top_k > op.dim:
