@@ -67,15 +67,22 @@ def gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Ten
 
 @contextlib.contextmanager
 def fixed_rng(seed: int, tensors: Iterable[Tensor]) -> Iterator[None]:
-    """The generators a forward on the devices of ``tensors`` draws from (the CPU one and each
-    CUDA device's) seeded with ``seed`` inside the block and put back afterwards: the forwards
-    inside draw the same dropout masks every time the block runs, in the order they run, and
-    the global RNG is untouched."""
+    """The generators a forward on the devices of ``tensors`` draws from (the CPU one, each
+    CUDA device's, and another accelerator's: MPS, XPU) seeded with ``seed`` inside the block
+    and put back afterwards: the forwards inside draw the same dropout masks every time the
+    block runs, in the order they run, and the global RNG is untouched."""
     tensors = list(tensors)
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        seed_generators(seed, cuda, {t.device.type for t in tensors})
-        yield
+    others = [getattr(torch, t, None) for t in {t.device.type for t in tensors} - {"cpu", "cuda"}]
+    others = [m for m in others if hasattr(m, "get_rng_state")]
+    saved = [m.get_rng_state() for m in others]
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            seed_generators(seed, cuda, {t.device.type for t in tensors})
+            yield
+    finally:
+        for module, state in zip(others, saved, strict=True):
+            module.set_rng_state(state)
 
 
 def seed_generators(seed: int, cuda_devices: Iterable[int], device_types: set[str]) -> None:

@@ -96,7 +96,12 @@ def _silence_logging(module: pl.LightningModule) -> Callable[[], None]:
 def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
     """Cast the floating tensors of a batch to ``dtype``, through the collections Lightning
     moves between devices (lists, tuples, named tuples, dicts, dataclasses)."""
-    return apply_to_collection(batch, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    try:
+        return apply_to_collection(
+            batch, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t
+        )
+    except ValueError:  # a frozen dataclass (which Lightning cannot move either): as it is
+        return batch
 
 
 def measurement_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -49,27 +49,31 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
     fit's ``start``, where snapshots restored from a checkpoint are dropped).
 
     Raises:
-        ValueError: if restored snapshots do not match the module, or a followed parameter is
-            gone.
+        ValueError: if restored snapshots do not have the size of the parameters followed.
     """
-    if is_sharded(module):
-        if start:
-            return checked_parameters(monitor.snapshots, module)
-        pv, snapshots = flat_parameters(module), monitor.snapshots
-        if len(snapshots) and snapshots.tensors[0].numel() != pv.local_dim:
-            raise ValueError(
-                f"TrajectoryMonitor: the snapshots have {snapshots.tensors[0].numel()} entries "
-                f"but the module has {pv.local_dim} trainable parameters here (under a sharded "
-                "strategy the trajectory follows the parameters trainable at its first snapshot)."
+    if is_sharded(module):  # the trainable parameters; sizes compared on the global dim
+        pv = checked_parameters(monitor.snapshots, module) if start else flat_parameters(module)
+        before = None if start else getattr(monitor, "tracked_dim", None)
+        if before is not None and before != pv.dim:  # alike on every rank
+            rank_zero_warn(
+                f"TrajectoryMonitor: the trainable parameters changed under a sharded strategy "
+                f"({before} to {pv.dim} numbers) before step {step}; the trajectory starts "
+                "afresh from here."
             )
+            monitor.snapshots.load_state_dict({})
+        monitor.tracked_dim = pv.dim
         return pv
     named = dict(module.named_parameters())
     snapshots = monitor.snapshots
     if monitor.tracked is None or not len(snapshots):  # the first snapshot's set
         monitor.tracked = [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in monitor.tracked if n not in named]
-    if missing:
-        raise ValueError(f"TrajectoryMonitor: followed parameters are gone: {missing[:3]}.")
+    if missing:  # renamed since the checkpoint (torch.compile's `_orig_mod.`): sizes decide
+        monitor.tracked = [n for n, p in named.items() if p.requires_grad]
+        rank_zero_warn(
+            f"TrajectoryMonitor: the snapshots' parameters {missing[:2]} are not in the module; "
+            "it follows its trainable parameters instead, if their sizes agree."
+        )
     size = sum(named[n].numel() for n in monitor.tracked)
     if len(snapshots) and snapshots.tensors[0].numel() != size:
         raise ValueError(
@@ -91,7 +95,8 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
             f"TrajectoryMonitor: {len(new)} parameter tensors "
             f"({sum(named[n].numel() for n in new)} numbers, {first!r} first) became trainable "
             f"before step {step}; the trajectory follows them from now on, and its earlier "
-            "snapshots take their current values (the ones they kept while frozen)."
+            "snapshots take their current values (those they kept while frozen, unless they moved "
+            "since)."
         )
         monitor.tracked = union
     return ParamVector([named[n] for n in monitor.tracked])

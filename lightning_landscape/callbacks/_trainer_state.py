@@ -13,26 +13,28 @@ from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._errors import SetupError
 
 
-def epochs_done(trainer: pl.Trainer, epoch_end: bool = False, after_fit: bool = False) -> float:
+def epochs_done(trainer: pl.Trainer, where: str = "batch") -> float:
     """The training done so far, in epochs: ``e + k / n`` after ``k`` of the ``n`` batches of
     epoch ``e`` (``max_steps`` can end a fit mid-epoch: 1.4 is 40 % of the second epoch), a whole
     number between epochs. With a loader of unknown length the fraction is unknown: the count
-    of finished epochs (``epoch_end``: the running one counts as finished). ``after_fit``: called
-    once the fit loop has ended (``on_train_end``), when its count already includes the last
-    epoch.
+    of finished epochs. ``where``: the hook asking, ``"start"`` (``on_train_start``),
+    ``"batch"``, ``"epoch_end"`` (the running epoch counts as finished) or ``"fit_end"``
+    (``on_train_end``: the fit loop's count already includes the last epoch).
 
     The running epoch is Lightning's count of completed epochs (``trainer.current_epoch``), not
     its count of started ones: after a resume from a checkpoint saved at an epoch's last batch,
-    Lightning's ``started`` stays one short for the rest of the fit."""
+    Lightning's ``started`` stays one short for the rest of the fit, and at the fit's start the
+    finished epoch's batches are still counted (the weights are then ``completed`` epochs in)."""
     progress = trainer.fit_loop.epoch_progress.current
     seen = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     total = trainer.num_training_batches
-    if seen == 0:  # no batch of a new epoch yet
+    finite = isinstance(total, int | float) and math.isfinite(total) and total > 0
+    if seen == 0 or (where == "start" and finite and seen >= total):
         return float(progress.completed)
-    running = progress.completed - 1 if after_fit else progress.completed
-    if isinstance(total, int | float) and math.isfinite(total) and total > 0:
+    running = progress.completed - 1 if where == "fit_end" else progress.completed
+    if finite:
         return running + min(seen / total, 1.0)
-    return float(running + 1 if epoch_end else running)
+    return float(running + 1 if where in ("epoch_end", "fit_end") else running)
 
 
 def first_lr(trainer: pl.Trainer) -> float:

@@ -200,7 +200,7 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not getattr(trainer, "global_step", 0) and not getattr(self, "_loaded", False):
+        if not getattr(trainer, "global_step", 0):
             self.reset_state()  # a new fit (a resumed one gets its state back after setup)
         refuse_sharded(
             trainer,
@@ -226,20 +226,21 @@ class LandscapeMonitor(Callback):
         self._last_step = -1
         # Epoch 0 / step 0 at a fresh start; after a resume, the label of the restored weights
         # (a measurement the checkpoint was saved before) is caught up here.
-        self._maybe_measure(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+        self._maybe_measure(trainer, pl_module, trainer.current_epoch, trainer.global_step, "start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.schedule.by_step:
-            self._maybe_measure(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+            self._maybe_measure(
+                trainer, pl_module, trainer.current_epoch, trainer.global_step, "batch"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.schedule.by_step:
-            self._maybe_measure(
-                trainer, pl_module, trainer.current_epoch + 1, trainer.global_step, epoch_end=True
-            )
+            epoch, step = trainer.current_epoch + 1, trainer.global_step
+            self._maybe_measure(trainer, pl_module, epoch, step, "epoch_end")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches, self._loaded = None, False  # free the fixed batches
+        self._batches = None  # free the fixed batches
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
         if monitors and monitors[0] is self:  # one table for all monitors
             self.summary_path = _summary.write_summary(trainer, monitors)
@@ -250,7 +251,6 @@ class LandscapeMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = [int(x) for x in state_dict.get("done", [])]
         self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._loaded = True  # loaded before a fit (by hand): kept by its setup
 
     # ----------------------------------------------------------------- machinery
     def fixed_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
@@ -261,18 +261,17 @@ class LandscapeMonitor(Callback):
             )
         return self._batches
 
-    def _maybe_measure(
-        self, trainer, pl_module, epoch: int, step: int, epoch_end: bool = False
-    ) -> None:
+    def _maybe_measure(self, trainer, pl_module, epoch: int, step: int, where: str) -> None:
         """Measure if the schedule says so: ``epoch`` is the schedule's whole epoch (the one whose
-        end this is), the row and the figures get the exact count (:func:`~._trainer_state.epochs_done`)."""
+        end this is), the row and the figures get the exact count (``epochs_done`` of the hook
+        ``where``, :mod:`~._trainer_state`)."""
         if trainer.sanity_checking or step == self._last_step:
             return
         label = self.schedule.label(epoch, step)
         if not self.schedule.due(epoch, step) or label in self.done:
             return
         self._last_step = step
-        exact = _trainer_state.epochs_done(trainer, epoch_end)
+        exact = _trainer_state.epochs_done(trainer, where)
         metrics = self.run_measurement(trainer, pl_module, exact, step)
         self.done.append(label)
         self.history.append({"epoch": exact, "step": float(step), **metrics})

@@ -170,7 +170,6 @@ class NoiseTemperatureMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema.load_state_dict(state_dict.get("ema", {}))
         self.per_group = bool(state_dict.get("per_group", False))
-        self._loaded = True  # loaded before a fit (by hand): kept by its setup
 
     # ----------------------------------------------------------------- setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -185,8 +184,8 @@ class NoiseTemperatureMonitor(Callback):
             half=False,
         )
         check_shared_prefix(trainer, self)
-        if not getattr(trainer, "global_step", 0) and not getattr(self, "_loaded", False):
-            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False  # a new fit
+        if not getattr(trainer, "global_step", 0):  # a new fit (a resume: restored after setup)
+            self.ema, self.per_group = NoiseScaleEMA(self.ema_decay), False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooks.remove()
@@ -242,7 +241,6 @@ class NoiseTemperatureMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
-        self._loaded = False  # what a checkpoint gave this fit: the next fit starts afresh
 
     # ----------------------------------------------------------------- recording
     def _reset_window(self) -> None:

@@ -173,9 +173,8 @@ class TrajectoryMonitor(LandscapeMonitor):
     def reset_state(self) -> None:
         super().reset_state()
         self.snapshots.load_state_dict({})
-        self.tracked = None
+        self.tracked, self._warned_thin = None, False
         self.pictures, self.last_curves, self.last_picture = [], {}, {}
-        self._warned_thin = False
 
     def state_dict(self) -> dict[str, Any]:
         names = {"snapshot_parameters": list(self.tracked or [])}
@@ -202,7 +201,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         if self.picture_at_end and not drawn:
             self._final = True
             try:
-                epoch, step = epochs_done(trainer, True, after_fit=True), trainer.global_step
+                epoch, step = epochs_done(trainer, "fit_end"), trainer.global_step
                 metrics = self.run_measurement(trainer, pl_module, epoch, step)
                 self.pictures.append({"epoch": epoch, "step": float(step), **metrics})
             finally:
@@ -259,7 +258,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         out: dict[str, float] = {}
         with pv.moved_to(theta):
             if not self._final:
-                if self.snapshots.steps[-1] != ctx.step:
+                if self.snapshots.steps[-1:] != [ctx.step]:  # (none: restarted under FSDP)
                     self.snapshots.add(theta, ctx.epoch, ctx.step)
                 out.update(self._curves(ctx, pv, theta))
             if self._final or self.pictures_every_measurement:
@@ -336,8 +335,9 @@ class TrajectoryMonitor(LandscapeMonitor):
                 )
                 ctx.log_figure(self.key("pca_landscape"), fig)
         if self.slices:
+            params = pv.params if self._layout is None else ctx.params  # those followed
             pic = slice_picture(
-                value, ctx.module, ctx.params, theta, num_points=self.num_points,
+                value, ctx.module, params, theta, num_points=self.num_points,
                 grid_size=self.grid_size, seed=ctx.seed_for("slices"), layout=self._layout,
             )  # fmt: skip
             self.last_picture.update(pic)

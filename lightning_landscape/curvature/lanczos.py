@@ -40,7 +40,7 @@ class LanczosRun:
         vectors: the orthonormal Krylov bases (a :class:`~.basis.Basis` of ``b`` chains and
             ``m`` vectors, in the operator's dtype, on the basis device).
         finite: False if a product returned NaN/inf (the run stopped there).
-        residual: ``(b, dim)`` the final residuals w = β_m q_{m+1} (None after a non-finite
+        residual: ``(b, local)`` the final residuals w = β_m q_{m+1} (None after a non-finite
             product): H Q = Q T + w e_mᵀ, so for any z ⟂ Q, Qᵀ H z = e_m (wᵀz) at no product
             and no pass over the basis (the trace's variance bound uses it).
     """

@@ -91,7 +91,9 @@ class BatchObjective:
     seeds the generators with ``seed`` and visits the batches in order, so batch b draws the
     same dropout masks in every evaluation, and L(w) and L(w+ε) differ only by the weights; the
     global RNG is put back after each (:func:`~lightning_landscape._core.random.fixed_rng`, the
-    mechanism of the Hessian's products, so the operator is the Hessian of this very function).
+    mechanism of the Hessian's products, so the operator is the Hessian of this very function;
+    on CUDA, where a batch cut into pieces draws its masks per piece, only of the same function
+    when the batches are whole).
 
     Args:
         loss_fn: ``loss_fn(batch) -> scalar`` mean loss of one batch.
@@ -131,6 +133,15 @@ class BatchObjective:
         self.num_backward = 0
         self.num_hvp = 0
         self.seed = seed
+
+    @property
+    def hvp_seed(self) -> int:
+        """The former name of :attr:`seed` (kept so that code setting it still works)."""
+        return self.seed
+
+    @hvp_seed.setter
+    def hvp_seed(self, value: int) -> None:
+        self.seed = value
 
     def value(self, w: Tensor) -> float:
         self.num_forward += len(self.batches)

@@ -32,10 +32,10 @@ def ball_max_dense(T: Tensor, b: Tensor, rho: float) -> tuple[Tensor, float]:
     """The global maximizer of bᵀy + ½ yᵀTy over ‖y‖ ≤ ρ for a small symmetric T, and the
     maximum (float64, by eigendecomposition and bisection on the multiplier μ).
 
-    Where ‖b‖ / ρ is below the rounding of λ_max (a gradient at round-off level: a stationary
-    point to working precision), μ cannot be resolved from λ_max: the hard case's solution is
-    taken (the sphere filled along a top eigenvector, the sign of b's component there), whose
-    value is off by at most ‖b‖ ρ. The maximizer returned is always in the ball.
+    Where ‖b‖ / ρ is below the rounding of the largest |λ| (a gradient at round-off level: a
+    stationary point to working precision), μ cannot be resolved from λ_max: the hard case's
+    solution is taken (the sphere filled along a top eigenvector, the sign of b's component
+    there), whose value is off by at most ‖b‖ ρ. The maximizer returned is always in the ball.
     """
     T, b = T.double(), b.double()
     lam, V = torch.linalg.eigh(T)
@@ -55,7 +55,7 @@ def ball_max_dense(T: Tensor, b: Tensor, rho: float) -> tuple[Tensor, float]:
         hard = float(c[near].norm()) <= 1e-12 * float(b.norm()) + 1e-300 and rest.norm() <= rho
         width = float(b.norm()) / rho  # μ − λ_max is at most this
         eps = torch.finfo(torch.float64).eps
-        unresolved = bool(near.any()) and width <= 64 * eps * max(abs(low), scale)
+        unresolved = bool(near.any()) and width <= 64 * eps * scale  # scale ≥ |λ| ≥ λ_max
         if hard or unresolved:  # μ = λ_max: fill the sphere along a top eigenvector
             y = rest * min(1.0, rho / max(float(rest.norm()), 1e-300))
             index = int(torch.nonzero(near)[-1])

@@ -49,9 +49,9 @@ def test_a_monitor_reused_in_a_new_fit_starts_afresh(tmp_path):
 
     def fit(callbacks, seed):
         pl.seed_everything(seed)
-        make_trainer(tmp_path, callbacks, max_epochs=2, logger=False).fit(
-            Classifier(), DataLoader(learnable_classes(), batch_size=8, shuffle=True)
-        )
+        make_trainer(
+            tmp_path, callbacks, max_epochs=2, logger=False, accumulate_grad_batches=2
+        ).fit(Classifier(), DataLoader(learnable_classes(), batch_size=8, shuffle=True))
 
     reused = monitors()
     fit(reused, 0)
@@ -64,7 +64,8 @@ def test_a_monitor_reused_in_a_new_fit_starts_afresh(tmp_path):
 
     for a, b in zip(reused[:2], fresh[:2], strict=True):
         assert a.done == b.done == [0, 1, 2] and timeless(a.history) == timeless(b.history)
-    assert reused[1].snapshots.steps == [0, 5, 10]
+    assert reused[1].snapshots.steps == fresh[1].snapshots.steps == [0, 3, 6]
+    assert reused[2].ema.count == fresh[2].ema.count > 0  # accumulation: noise scales measured
     assert reused[2].ema.state_dict() == fresh[2].ema.state_dict()
 
 

@@ -51,3 +51,24 @@ def test_parameters_that_become_trainable_join_the_trajectory(tmp_path):
     init = mon.snapshots.tensors[0]
     distance = mon.history[-1]["trajectory/distance_from_init"]
     assert distance == pytest.approx(torch.dist(now, init).item(), rel=1e-6)
+
+
+class _Refreezing(Classifier):
+    """The first layer trained for one epoch, then frozen (its parameters are still followed)."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.net[0].requires_grad_(False)
+
+
+def test_parameters_frozen_again_stay_in_the_trajectory_and_its_pictures(tmp_path):
+    mon = TrajectoryMonitor(every_n_epochs=1, num_points=3, grid_size=2, slices=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=2, logger=False).fit(
+            _Refreezing(), DataLoader(learnable_classes(), batch_size=8)
+        )
+    assert not [w for w in caught if "failed" in str(w.message)], [str(w.message) for w in caught]
+    rows = mon.history + mon.pictures
+    assert rows and all(math.isfinite(v) for row in rows for v in row.values()), rows
+    assert mon.tracked == [n for n, _ in _Refreezing().named_parameters()]

@@ -15,14 +15,17 @@ class _Epochs(Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[str, int, float]] = []
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.rows.append(("start", trainer.global_step, epochs_done(trainer, "start")))
+
     def on_train_batch_end(self, trainer, *args) -> None:
-        self.rows.append(("batch", trainer.global_step, epochs_done(trainer)))
+        self.rows.append(("batch", trainer.global_step, epochs_done(trainer, "batch")))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.rows.append(("epoch", trainer.global_step, epochs_done(trainer, epoch_end=True)))
+        self.rows.append(("epoch", trainer.global_step, epochs_done(trainer, "epoch_end")))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.rows.append(("end", trainer.global_step, epochs_done(trainer, True, after_fit=True)))
+        self.rows.append(("end", trainer.global_step, epochs_done(trainer, "fit_end")))
 
 
 def test_epochs_done_after_a_resume_at_an_epochs_last_batch(tmp_path):
@@ -38,7 +41,8 @@ def test_epochs_done_after_a_resume_at_an_epochs_last_batch(tmp_path):
     trainer = make_trainer(tmp_path, [resumed], max_epochs=3)
     trainer.fit(Classifier(), loader(), ckpt_path=tmp_path / "ck" / "step=5.ckpt")
     after = [row for row in full.rows if row[1] > 5 or row[0] == "end"]
-    assert resumed.rows == after, (resumed.rows, after)
+    assert resumed.rows == [("start", 5, 1.0), *after], (resumed.rows, after)
+    assert full.rows[0] == ("start", 0, 0.0) and ("batch", 5, 1.0) in full.rows
     assert after[-2:] == [("epoch", 15, 3.0), ("end", 15, 3.0)] and ("batch", 6, 1.2) in after
 
 

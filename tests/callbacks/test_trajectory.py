@@ -287,10 +287,15 @@ def test_snapshot_dtype_is_float32_or_float64_given_as_dtype_or_name():
 
 
 def test_restored_snapshots_of_another_model_are_refused(tmp_path):
+    """Restored after setup, as Lightning restores a checkpoint's callback states."""
     mon = TrajectoryMonitor(epochs=[0])
-    mon.load_state_dict({"done": [], "history": [], "snapshots": [torch.zeros(5)]})
+
+    class Restore(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            mon.load_state_dict({"done": [], "history": [], "snapshots": [torch.zeros(5)]})
+
     with pytest.raises(ValueError, match="restored snapshots have 5 entries"):
-        make_trainer(tmp_path, [mon], logger=False).fit(
+        make_trainer(tmp_path, [mon, Restore()], logger=False).fit(
             Net(), DataLoader(learnable_classes(), batch_size=8)
         )
 
