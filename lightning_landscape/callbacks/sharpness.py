@@ -158,7 +158,7 @@ class SharpnessMonitor(LandscapeMonitor):
           standard error (with ``local_entropy_gamma``).
         - ``sharpness/num_forward``, ``sharpness/num_backward``, ``sharpness/num_hvp``: forward
           and backward passes and Hessian-vector products over single fixed batches spent by
-          the measurement.
+          the measurement (over rank 0's batches: each rank passes over its own).
         - ``sharpness/seconds``: wall time of the measurement.
 
     Cost: per measurement, on the ``num_batches`` batches: one gradient at w; for each of

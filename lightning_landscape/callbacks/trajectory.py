@@ -103,7 +103,7 @@ class TrajectoryMonitor(LandscapeMonitor):
         - ``trajectory/monotonic``: 1 if the init→current loss is non-increasing on [0, 1]
           (increases below 1e-4 of its range ignored).
         - ``trajectory/num_snapshots``; ``trajectory/num_forward``: forward passes over single
-          fixed batches spent by the measurement; ``trajectory/seconds``: its wall time.
+          fixed batches (rank 0's) spent by the measurement; ``trajectory/seconds``: its time.
         - figures ``trajectory/loss_init_to_current``, ``trajectory/loss_prev_to_current``.
         - with a picture: ``trajectory/pca_explained_variance`` (share of Σ‖θ_i − θ_current‖² on
           the plane), ``trajectory/off_plane_distance`` (the largest over the snapshots of the
