@@ -2,23 +2,14 @@
 number; the two findings that hold even in the reduced run are asserted."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from _run import run_example
 
 
 @pytest.mark.slow
 def test_findings_quick(tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        from findings import main
-
-        findings = main(["--quick", "--out", str(tmp_path)])
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    findings = run_example("findings", ["--quick", "--out", str(tmp_path)])
     names = [f.name for f in findings]
     assert names == [
         "edge_of_stability",

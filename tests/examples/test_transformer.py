@@ -2,22 +2,13 @@
 every epoch's Hessian, SAM and trajectory values are finite and logged to TensorBoard."""
 
 import math
-import sys
-from pathlib import Path
 
+from _run import run_example
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_transformer_quick(tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        from transformer import main
-
-        rows = main(["--quick", "--logdir", str(tmp_path)])
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    rows = run_example("transformer", ["--quick", "--logdir", str(tmp_path)])
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     keys = ["hessian/eigenvalue_1", "hessian/trace", "sharpness/sam", "trajectory/loss"]
     assert all(math.isfinite(r[k]) for r in rows for k in keys), rows
