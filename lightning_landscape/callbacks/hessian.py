@@ -122,13 +122,10 @@ class HessianMonitor(LandscapeMonitor):
             should be the training loss; the first measurement warns once if it is not.
         preconditioned: for an adaptive optimizer (Adam, AdamW) also the preconditioned
             sharpness λ_max(P⁻¹H), which ``hessian/eos_ratio`` needs.
-        batch_size_fn: the number of samples in a batch, for batches the default cannot read
-            (default: the leading size of the first tensor found in tensors, tuples, lists,
-            dicts, named tuples and dataclasses).
         **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
             ``every_n_epochs``, ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``,
-            ``mode``, ``seed``, ``prefix`` (see
-            :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
+            ``mode``, ``seed``, ``prefix``, ``batch_size_fn`` (for batches whose size the
+            default cannot read; see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them.

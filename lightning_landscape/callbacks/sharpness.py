@@ -126,13 +126,10 @@ class SharpnessMonitor(LandscapeMonitor):
         local_entropy_gamma: γ > 0 of the local entropy, or a list; None (default): not measured.
         local_entropy_beta: its β > 0.
         local_entropy_samples: its antithetic pairs (≥ 2; two losses each).
-        batch_size_fn: the number of samples in a batch, for batches the default cannot read
-            (default: the leading size of the first tensor found in tensors, tuples, lists,
-            dicts, named tuples and dataclasses).
         **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
             ``every_n_epochs``, ``every_n_steps``, ``num_batches``, ``dataloader``, ``loss_fn``,
-            ``mode``, ``seed``, ``prefix`` (see
-            :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
+            ``mode``, ``seed``, ``prefix``, ``batch_size_fn`` (for batches whose size the
+            default cannot read; see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an

@@ -80,12 +80,10 @@ class TrajectoryMonitor(LandscapeMonitor):
             2⁻¹¹ (float16) or 2⁻⁸ (bfloat16) of its size swamps the distance between nearby
             snapshots (``step_distance`` 2 % and 93 % high for a step of 10⁻³ of ‖θ‖).
         num_batches: fixed training batches per rank (2 here, 4 in the other monitors).
-        batch_size_fn: the number of samples in a batch, for batches the default cannot read
-            (default: the leading size of the first tensor found in tensors, tuples, lists,
-            dicts, named tuples and dataclasses).
         **kwargs: the other arguments every monitor takes, passed on: ``epochs``,
             ``every_n_epochs``, ``every_n_steps``, ``dataloader``, ``loss_fn``, ``mode``, ``seed``,
-            ``prefix`` (see :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
+            ``prefix``, ``batch_size_fn`` (see
+            :class:`~lightning_landscape.callbacks.base.LandscapeMonitor`).
 
     Raises:
         TypeError, ValueError: on invalid arguments, naming them; at setup, for DeepSpeed, an
