@@ -61,7 +61,7 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
                 "afresh from here."
             )
             monitor.snapshots.load_state_dict({})
-        monitor.tracked_dim = pv.dim
+        monitor.tracked, monitor.tracked_dim = None, pv.dim  # names: not followed here
         return pv
     named = dict(module.named_parameters())
     snapshots = monitor.snapshots
@@ -83,9 +83,9 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
     old = set(monitor.tracked)
     new = {n for n, p in named.items() if p.requires_grad and n not in old}
     if new:
-        spans, start = {}, 0
+        spans, offset = {}, 0
         for n in monitor.tracked:
-            spans[n], start = slice(start, start + named[n].numel()), start + named[n].numel()
+            spans[n], offset = slice(offset, offset + named[n].numel()), offset + named[n].numel()
         union = [n for n in named if n in old or n in new]
         for i, t in enumerate(snapshots.tensors):
             parts = [t[spans[n]] if n in old else named[n].detach().reshape(-1) for n in union]
@@ -105,8 +105,9 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
 def join_unfrozen(monitor: Any, trainer: Any, module: nn.Module) -> None:
     """Before an optimizer step: parameters that became trainable join the trajectory while
     they still hold the values they kept frozen (:func:`tracked_parameters`; a cheap check of
-    the ``requires_grad`` flags otherwise; not under sharding)."""
-    if monitor.tracked is None or not len(monitor.snapshots) or is_sharded(module):
+    the ``requires_grad`` flags otherwise; nothing under sharding, where no names are
+    followed)."""
+    if monitor.tracked is None or not len(monitor.snapshots):
         return
     known = set(monitor.tracked)
     if any(p.requires_grad and n not in known for n, p in module.named_parameters()):
