@@ -665,8 +665,9 @@ class Bench(LambdaRows):
         self.report.title(key, m.title)
         self.log(f"{key}: {m.title}")
         only = [x.strip() for x in (self.args.only or "").split(",") if x.strip()]
+        skip = [x.strip() for x in (self.args.skip or "").split(",") if x.strip()]
         for table, label, fn, products in self.plan(m):
-            if not only or any(x in label for x in only):
+            if (not only or any(x in label for x in only)) and not any(x in label for x in skip):
                 est = products() if callable(products) else self.estimate(m, products)
                 self.attempt(m, table, label, fn, est)
         m.info.update(t_grad=m.t_grad, t_product=m.t_product, train_peak=m.train_peak, ref=m.ref)
@@ -815,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="default: $OUT")
     parser.add_argument("--only", default=None,
                         help="comma-separated parts of section labels: run only those")  # fmt: skip
+    parser.add_argument("--skip", default=None,
+                        help="comma-separated parts of section labels: leave those out")  # fmt: skip
     parser.add_argument(
         "--fail-section", default=None, help=argparse.SUPPRESS
     )  # a label; the tests

@@ -4,6 +4,7 @@
 # wheel: `pip download --no-deps pyhessian==0.1 -d .whl` here, `.whl` ignored by git):
 #
 #     BUDGET=300 bash benchmarks/gpu_session.sh        # give the device call a 590 s limit
+#     BUDGET=330 ONLY="auto,HessianMonitor defaults" SKIP="basis_device" GPU_ARGS=--no-tf32 bash ...
 #
 # 1. the monitors in GPU Trainers against CPU float64 oracles (fused attention, cuDNN LSTM,
 #    compiled MLP, FSDP2 and FSDPStrategy at world size 1): gpu_checks.py -> checks.log/.json;
@@ -26,12 +27,18 @@ export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1 \
   || echo "no PyHessian wheel in .whl/: its rows will say so"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/device.txt" 2>&1
-python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1; echo "gpu_checks exit $?" >> "$OUT/checks.log"
-python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py tests/curvature/test_basis.py \
-  > "$OUT/cuda_tests.log" 2>&1
-python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" --out "$OUT" > "$OUT/gpu.log" 2>&1
+# each step under its own limit, so that the whole fits one device call (BUDGET + 240 s)
+timeout 100 python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1
+echo "gpu_checks exit $?" >> "$OUT/checks.log"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py \
+  tests/curvature/test_basis.py > "$OUT/cuda_tests.log" 2>&1
+# for a short session: ONLY / SKIP (gpu.py's --only / --skip: comma-separated parts of section
+# labels) and GPU_ARGS (more arguments, split at spaces: --no-tf32, --resnet-share 0.4)
+# shellcheck disable=SC2086
+timeout $(( ${BUDGET:-300} + 60 )) python3 benchmarks/gpu.py --budget-seconds "${BUDGET:-300}" \
+  --out "$OUT" ${ONLY:+--only "$ONLY"} ${SKIP:+--skip "$SKIP"} ${GPU_ARGS:-} > "$OUT/gpu.log" 2>&1
 echo "gpu.py exit $?" >> "$OUT/gpu.log"
-python3 benchmarks/conv_ab.py --device cuda --batch 128 > "$OUT/conv_ab.log" 2>&1  # ~20 s
+timeout 30 python3 benchmarks/conv_ab.py --device cuda --batch 128 > "$OUT/conv_ab.log" 2>&1  # ~20 s
 if [ "${PROFILE:-0}" = 1 ]; then  # where a product's time goes, per kind and convolution (~2 min)
   mkdir -p "$OUT/profile"
   timeout 240 python3 benchmarks/product_profile.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1

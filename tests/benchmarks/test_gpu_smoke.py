@@ -118,6 +118,15 @@ def test_smoke_resnet_builds_and_trains(gpu, tmp_path):
     assert all(r["ms"] > 0 for r in train)
 
 
+def test_skip_leaves_out_the_sections_it_names(gpu, tmp_path):
+    only, skip = "training step,gradient over", "training step"
+    args = ["--smoke", "--models", "resnet18", "--only", only, "--skip", skip, "--out", str(tmp_path)]  # fmt: skip
+    assert gpu.main(args) == 0
+    assert [r["label"] for r in rows(tmp_path, "resnet18", "train")] == [
+        "gradient over the fixed batches"
+    ]
+
+
 def test_over_budget_sections_are_skipped_rows(gpu, tmp_path):
     assert gpu.main(["--smoke", "--budget-seconds", "0", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "gpu.md").read_text()
