@@ -95,7 +95,10 @@ class HessianMonitor(LandscapeMonitor):
         memory_budget: bytes an exact product may hold (its working memory and the cached
             gradient graphs together), and again the basis on the device beside a block of
             trace probes; ``None``: one training step (estimated at the first product, at
-            least 16 MiB); ``0``: batch by batch; ``math.inf``: all batches, whole.
+            least 16 MiB), and on a CUDA device at least a quarter of the memory it can still
+            give at the first product (pieces smaller than a batch leave a GPU idle: H200,
+            products 15-18x a gradient at one training step, 3.1-3.6x on whole batches); ``0``:
+            batch by batch; ``math.inf``: all batches, whole.
         micro_batch_size: the most samples one pass of a product takes (batches are cut into
             pieces weighted by their sizes: the same Hessian when the loss is a mean over
             independent samples). ``"auto"``: only as small as ``memory_budget`` needs, after
@@ -167,14 +170,17 @@ class HessianMonitor(LandscapeMonitor):
     product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
     products of each candidate kind once per fit. Memory, with T a training step and P the
-    number of parameters: two ``memory_budget`` (default 1 T) on a GPU. One for vectors: the
+    number of parameters: two ``memory_budget`` on a GPU (default 1 T, or a quarter of the
+    free device memory where that is more: half of it in all). One for vectors: the
     Lanczos basis (its steps, at most ``max_matvecs``, times P numbers, grown as it runs; on
     the device up to the budget, then on the host), then a block of probes (3 P each, 8 or as
     many as fit beside the basis). One for the products: pieces of the batches small enough
     for one (or a vmapped block) to fit it, the cached graphs sharing it (2-4 T on whole
     batches: a loss not a mean over samples, or ``micro_batch_size=None``; 1.2 T for finite
     differences). On CPU (or ``basis_device=None``) the basis cannot spill. Measured (CPU,
-    memory.py): 0.86 T on an activation-heavy MLP, 1.8 T on a ResNet-18, 3.2 T on a 7.4M GPT.
+    memory.py): 0.86 T on an activation-heavy MLP, 1.8 T on a ResNet-18, 3.2 T on a 7.4M GPT;
+    on an H200 at a budget of 1 T, products cost 15x (ResNet-18) and 18x (GPT) a gradient
+    (pieces of 24 and of 1 sample), hence the device's share.
     Sharded models: 2 gradients per product, plus 4 for the error estimate.
     Adam/AdamW: one more Lanczos run on P^{-1/2} H P^{-1/2} (counted in ``hessian/num_matvecs``).
     ``ggn``: the same analysis on G (a GGN product costs about 2 gradients through its kept

@@ -80,7 +80,8 @@ class GGNOperator(LinearOperator):
         memory_budget: bytes the kept linearizations and one product's working memory (which
             ``micro_batch_size="auto"`` cuts the batches for) may hold together: as for
             :class:`~.operator.HessianOperator`, None is one training step (at least
-            :data:`~.cache.FLOOR`), 0 keeps nothing, ``math.inf`` keeps every batch, whole.
+            :data:`~.cache.FLOOR`; on a CUDA device at least a quarter of its free memory), 0
+            keeps nothing, ``math.inf`` keeps every batch, whole.
         micro_batch_size: the most samples one linearization takes: batches are cut into
             pieces weighted by their sizes (the same G when the loss is a mean over independent
             samples). ``"auto"``: :func:`.pieces.plan` on :meth:`loss_fn`, after checking that

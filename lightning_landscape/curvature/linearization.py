@@ -165,7 +165,9 @@ class Linearizations:
             lin, nbytes = self._linearize(batch)
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
-                self.budget = budget_bytes(self.requested_budget, self.step_bytes)
+                self.budget = budget_bytes(
+                    self.requested_budget, self.step_bytes, self.params[0].device
+                )
             self.lin_bytes.append(nbytes)
             self.largest = largest_graph(self.lin_bytes, self.sizes)
             if not fits(total + nbytes, self.largest, self.budget):

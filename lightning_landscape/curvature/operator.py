@@ -11,10 +11,11 @@ above the model's, in units of T, a training step on one batch, and of P, the nu
 parameters: an exact product on a whole batch holds its gradient graph and the second backward's
 temporaries, 2.2 T (ResNet-18, H200) to 4.3 T (GELU MLP, CPU) for ``"double_backward"``, 7.9 T a
 vector for ``"func"`` (MLP); so by default (``micro_batch_size="auto"``, :mod:`.pieces`) batches
-are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T), when the
-loss is a mean over independent samples (the same matrix). ``"cached"`` keeps the graphs that
-fit ``memory_budget`` beside one product's working memory, differentiates the others per
-product: one budget in all (none kept where a product needs all of it). ``"finite_difference"``:
+are cut into pieces small enough for a product to fit ``memory_budget`` (default 1 T, on a GPU a
+quarter of its free memory if more: small pieces leave it idle), when the loss is a mean over
+independent samples (the same matrix). ``"cached"`` keeps the graphs that fit ``memory_budget``
+beside one product's working memory, differentiates the others per product: one budget in all
+(none kept where a product needs all of it). ``"finite_difference"``:
 one gradient and 3 P. A vmapped block of k vectors holds about 1 + 2k graphs, so blocks take
 fewer vectors at a time, or smaller pieces, as the budget left beside the kept graphs needs.
 A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.85 T with pieces, 5.1 T without.
@@ -85,12 +86,11 @@ class HessianOperator(LinearOperator):
         block_hvp: the kind for blocks of several vectors (trace and density probes); default
             ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
             forward-over-reverse), timed on the first block.
-        memory_budget: bytes an exact product may hold: its working memory
-            (``micro_batch_size="auto"`` cuts the batches for it) together with the cached
-            gradient graphs (``"cached"`` and ``"auto"``, :func:`~.cache.fits`).
-            ``None``: one training step, estimated at the first product as the activations the
-            first batch's forward saves plus parameters and gradients (2 P numbers); ``0``:
-            nothing cached (batch by batch); ``math.inf``: every batch, whole.
+        memory_budget: bytes an exact product may hold: its working memory (``"auto"`` pieces
+            fit it) with the cached graphs (:func:`~.cache.fits`).
+            ``None``: :func:`~.cache.budget_bytes`, one training step estimated at the first
+            product (the first batch's saved activations and 2 P numbers), on a GPU at least a
+            quarter of its free memory; ``0``: nothing cached; ``math.inf``: whole batches.
         micro_batch_size: the most samples one pass of a product takes: batches are cut into
             pieces, weighted by their sizes (exact when the loss is a mean over independent
             samples). ``"auto"``: pieces only as small as ``memory_budget`` needs, after checking

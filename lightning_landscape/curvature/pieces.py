@@ -191,8 +191,9 @@ def plan(
     size_fn: Callable[[Any], int],
     distributed: bool = False,
 ) -> Plan:
-    """The piece size for products within ``budget`` bytes (None: one training step, at least
-    :data:`FLOOR`; math.inf: whole batches). Runs inside :func:`~.hvp.guard` (the forwards draw
+    """The piece size for products within ``budget`` bytes (None: :func:`~.cache.budget_bytes`,
+    one training step, at least :data:`FLOOR` and a share of a GPU's free memory; math.inf:
+    whole batches). Runs inside :func:`~.hvp.guard` (the forwards draw
     the products' masks). Under torch.distributed every rank takes the same decision (all-reduces
     of the largest graph per sample and batch, block piece and gap): cutting is exact on any
     rank, but a forward with collectives in it must run as often on every rank."""
@@ -200,7 +201,7 @@ def plan(
         return Plan(0, math.nan, math.nan, math.inf, "")
     n = sizes[0]
     graph, step, failure = _estimate(loss_fn, params, batches[0], n, size_fn)
-    limit = budget_bytes(budget, step)
+    limit = budget_bytes(budget, step, params[0].device)
     # the graph scales with the samples: the largest batch on any rank must fit
     ratio = graph / n / limit if limit > 0 else math.inf
     per_sample, top = _max([ratio, max(sizes)], distributed)

@@ -2,7 +2,8 @@
 
 A block of k Hutchinson probes holds up to 3 k P numbers (the probes, the accumulator of their
 products, a vmapped product's own output). The vectors of a measurement share one budget (the
-operator's ``memory_budget``, by default a training step), as its products share another: the
+operator's ``memory_budget``, by default a training step, on a GPU at least a quarter of its
+free memory), as its products share another: the
 Lanczos basis on the device first, then a block of probes in what it leaves. Used by
 :func:`~.analyze.analyze` and the deflated :func:`~.trace.trace`.
 """

@@ -80,6 +80,42 @@ def test_default_budget_is_one_training_step(monkeypatch):
     assert g.step_bytes == counter.bytes + two_p
 
 
+def test_default_budget_on_a_gpu_takes_a_share_of_its_free_memory(monkeypatch):
+    """On a CUDA device the default budget is at least ``DEVICE_SHARE`` of what the device can
+    still give (pieces smaller than a batch leave a GPU idle); the device passed is the
+    parameters'. A device with little free memory keeps the training step's budget; an explicit
+    budget is never raised."""
+    seen = []
+    monkeypatch.setattr(cache, "FLOOR", 0)
+    monkeypatch.setattr(cache, "free_device_bytes", lambda device: seen.append(device) or 4e9)
+    assert cache.budget_bytes(None, 1e6, torch.device("cpu")) == cache.DEVICE_SHARE * 4e9 == 1e9
+    assert cache.budget_bytes(None, 2e9, None) == 2e9  # the step is larger
+    assert cache.budget_bytes(5e5, 1e6, None) == 5e5  # explicit: as asked
+    p = make_problem("cnn", mode="train")
+    op = HessianOperator(p.loss_fn, p.model, p.batches)
+    op @ torch.ones(op.dim, dtype=torch.float64)
+    assert op.graphs.budget == 1e9 and op.graphs.cut == len(p.batches)  # every graph kept
+    assert seen[-1] == op.params[0].device
+
+
+def test_free_device_bytes_reads_the_driver_and_the_allocator(monkeypatch):
+    """Free to the driver plus what PyTorch's allocator holds unused; 0 on CPU, without CUDA, or
+    where CUDA cannot say."""
+    cuda = torch.device("cuda", 0)
+    assert cache.free_device_bytes(torch.device("cpu")) == cache.free_device_bytes(None) == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3e9, 8e9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2e9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1.5e9)
+    assert cache.free_device_bytes(cuda) == 3.5e9
+
+    def broken(device=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert cache.free_device_bytes(cuda) == 0.0
+
+
 def test_default_budget_keeps_every_graph_of_a_small_model():
     """Below ``FLOOR`` (16 MiB) a training step's worth of memory saves nothing that matters:
     every graph is kept, and products are one backward through them."""

@@ -86,6 +86,23 @@ def test_default_budget_leaves_small_models_whole():
     assert op.plan.piece == 0 and op.plan.reason == "" and op.plan.budget == FLOOR
 
 
+def test_default_budget_on_a_gpu_with_free_memory_keeps_whole_batches(monkeypatch):
+    """A training step's budget cuts the batches; on a (simulated) CUDA device with free
+    memory the default budget takes a share of it, and the batches stay whole."""
+    from lightning_landscape.curvature import cache
+
+    monkeypatch.setattr(cache, "FLOOR", 0)
+    p = make_problem("mlp", mode="eval")
+    step = HessianOperator(p.loss_fn, p.model, p.batches)
+    step @ probes(step.dim)
+    assert step.plan.piece > 0 and step.plan.budget == step.plan.step_bytes
+    monkeypatch.setattr(cache, "free_device_bytes", lambda device: 1e12)
+    gpu = HessianOperator(p.loss_fn, p.model, p.batches)
+    gpu @ probes(gpu.dim)
+    assert gpu.plan.piece == 0 and gpu.plan.budget == cache.DEVICE_SHARE * 1e12
+    assert len(gpu.batches) == len(p.batches)
+
+
 @pytest.mark.parametrize(("loss", "mode"), [("ce_sum", "eval"), ("ce_mean", "train")])
 def test_loss_that_does_not_decompose_keeps_whole_batches_with_one_warning(loss, mode):
     """A sum-reduced loss, or dropout and BatchNorm in train mode: a batch's loss is not the mean
