@@ -19,6 +19,10 @@
 #    shapes, a monitor measurement with eager against hvp="compiled" products (the compile of
 #    every variant, then a later measurement) -> compiled/, compiled.log. gpu.py's own compiled
 #    rows come last and are skipped when the budget runs out.
+# It writes 8 files, the most a device call brings back: add a step only by merging logs.
+# In a 15-minute session (2026-11-29) a call started in about 30 s; this ran in 450 s with
+#     BUDGET=380 SKIP="basis_device=None,TF32" GPU_ARGS="--no-tf32 --resnet-share 0.4" \
+#       ONLY="training step,gradient over,auto,HessianMonitor defaults,reference,ours: top_eig,kind decided: top_eigenvalues(tol=1e-2),on one batch,Lightning fit" bash benchmarks/gpu_session.sh
 # Each step goes on when the one before fails; `--cpu`/`--smoke` dry runs of 1 and 3 are tested
 # on CPU (tests/benchmarks).
 set -u

@@ -79,6 +79,23 @@ def test_probes(dtype, global_rng_untouched):
     assert not torch.equal(gaussian(shape, gen, dtype, "cpu"), gaussian(shape, gen, dtype, "cpu"))
 
 
+def test_rademacher_rows_drawn_together_are_the_rows_drawn_one_by_one():
+    """Each row takes whole 32-bit words, so a block of probes does not depend on how many are
+    drawn at once (the trace's estimate does not depend on its block); the signs are balanced
+    and unrelated at every lag within and across words."""
+    gen = make_generator(0, "block")
+    block = rademacher((5, 1000), gen, torch.float64, "cpu")
+    gen = make_generator(0, "block")
+    rows = torch.cat([rademacher((1, 1000), gen, torch.float64, "cpu") for _ in range(5)])
+    assert torch.equal(block, rows) and block.is_contiguous()
+    z = rademacher((200_000,), make_generator(1, "lags"), torch.float64, "cpu")
+    assert abs(float(z.mean())) < 0.01
+    for lag in (1, 7, 8, 31, 32, 33):
+        assert abs(float((z[:-lag] * z[lag:]).mean())) < 0.01  # 4.5 standard errors
+    assert rademacher((0, 3), gen, torch.float32, "cpu").shape == (0, 3)
+    assert rademacher((3, 0), gen, torch.float32, "cpu").shape == (3, 0)
+
+
 def test_fixed_rng_replays_the_same_stream_and_puts_the_rng_back(global_rng_untouched):
     params = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
     with fixed_rng(5, params):

@@ -53,11 +53,13 @@ def _z_scores(op, exact, method, budget, seeds):
 @pytest.mark.parametrize("spectrum", ["flat", "outlier"])
 def test_stderr_calibrated_at_small_budget(spectrum, method):
     """At 6 products "auto" and Hutch++ keep 2 final probes, Hutchinson 6: the stderr still
-    means what it says. Over 200 seeds z = (estimate − exact) / stderr has a std in [0.7, 1.4]
-    and at most 5 % of runs lie beyond 3 stderr (measured 0.89-1.23 and 0-4 %). With the
-    samples' variance alone the std was 33-68 for "auto" and Hutch++ (21-29 % beyond 3), 1.56
-    for Hutchinson on the outlier spectrum (5 % beyond 3), 1.38 on the flat one."""
-    z = _z_scores(OPS[spectrum], float(SPECTRA[spectrum].sum()), method, 6, range(200))
+    means what it says. Over 2000 seeds z = (estimate − exact) / stderr has a std in [0.7, 1.4]
+    and at most 5 % of runs lie beyond 3 stderr (measured 0.86-1.18 and 0.05-3.5 %). 200 seeds
+    were too few for the bound: blocks of 200 seeds reach 4.5 % beyond 3 ("auto", outlier), and
+    6 % with another sign stream tried (a whole block's signs packed into one run of words).
+    With the samples' variance alone the std was 33-68 for "auto" and Hutch++ (21-29 % beyond
+    3), 1.56 for Hutchinson on the outlier spectrum (5 % beyond 3), 1.38 on the flat one."""
+    z = _z_scores(OPS[spectrum], float(SPECTRA[spectrum].sum()), method, 6, range(2000))
     assert torch.isfinite(z).all()
     assert 0.7 <= float(z.std()) <= 1.4, float(z.std())
     assert float((z.abs() > 3).double().mean()) <= 0.05, z.abs().sort().values[-12:]
