@@ -71,8 +71,10 @@ def rademacher(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> T
 
 
 def gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
-    """Standard normal entries drawn in float64 on CPU (identical everywhere), then cast."""
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    """Standard normal entries drawn in float32 on CPU (identical everywhere, and the same
+    numbers whatever the dtype: a float32 run and its float64 oracle start alike), then cast and
+    moved. Float64 draws took 3.7 s a vector at 162M parameters, float32 0.85 s."""
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def test_probes(dtype, global_rng_untouched):
 
     normal = gaussian(shape, make_generator(0, "g"), dtype, torch.device("cpu"))
     assert (normal.shape, normal.dtype) == (shape, dtype)
-    # drawn in float64 and then cast: the same numbers whatever the dtype asked for
+    # drawn in float32 and then cast: the same numbers whatever the dtype asked for
     drawn = gaussian(shape, make_generator(0, "g"), torch.float64, "cpu")
     assert torch.equal(normal, drawn.to(dtype))
     assert abs(float(drawn.mean())) < 0.1 and abs(float(drawn.std()) - 1) < 0.1
