@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.distributed import all_reduce_max_
 
 #: The default budget is at least this many bytes: below it, saving memory saves nothing that
 #: matters, and cached graphs are faster.
@@ -48,15 +49,22 @@ PRODUCT_FACTOR = 3.0
 
 
 def budget_bytes(
-    requested: float | None, step_bytes: float, device: torch.device | None = None
+    requested: float | None,
+    step_bytes: float,
+    device: torch.device | None = None,
+    distributed: bool = False,
 ) -> float:
     """The budget in bytes: the one ``requested``, or by default (None) one training step of
     ``step_bytes``, at least :data:`FLOOR`, and on a CUDA ``device`` at least
     :data:`DEVICE_SHARE` of :func:`free_device_bytes` (the one rule of the cache, the GGN's
-    linearizations and the pieces)."""
+    linearizations and the pieces). ``distributed`` (on CUDA): the least share over the ranks
+    (one all-reduce), so that every rank keeps as many graphs and vectors and decides alike."""
     if requested is not None:
         return float(requested)
-    return float(max(step_bytes, FLOOR, DEVICE_SHARE * free_device_bytes(device)))
+    share = DEVICE_SHARE * free_device_bytes(device)
+    if distributed and device is not None and device.type == "cuda":
+        share = -float(all_reduce_max_(torch.tensor([-share], dtype=torch.float64))[0])
+    return float(max(step_bytes, FLOOR, share))
 
 
 def free_device_bytes(device: torch.device | None) -> float:
@@ -187,7 +195,8 @@ class GraphCache:
     Args:
         loss_fn, params, batches, sizes: the operator's loss, parameters, batches and sizes.
         budget: bytes the kept graphs and one product's working memory may take together
-            (:func:`fits`); None: :attr:`step_bytes`, at least :data:`FLOOR`.
+            (:func:`fits`); None: :func:`budget_bytes` (:attr:`step_bytes`, at least
+            :data:`FLOOR`, on a GPU at least :data:`DEVICE_SHARE` of its free memory).
         cuda_devices: the CUDA devices whose generators the forwards draw from.
 
     Attributes:
@@ -210,9 +219,10 @@ class GraphCache:
         sizes: Sequence[int],
         budget: float | None,
         cuda_devices: Sequence[int],
+        distributed: bool = False,  # the operator's: every rank takes the same budget
     ) -> None:
         self.loss_fn, self.params, self.batches, self.sizes = loss_fn, params, batches, sizes
-        self.requested_budget, self.cuda = budget, cuda_devices
+        self.requested_budget, self.cuda, self.distributed = budget, cuda_devices, distributed
         self.grad: Tensor | None = None
         self.cut = 0
         self.rng: tuple[Tensor, list[Tensor]] | None = None
@@ -239,7 +249,9 @@ class GraphCache:
             if i == 0:
                 check_twice_differentiable(grad)
                 self.step_bytes = forward + 2 * numel_bytes
-                self.budget = budget_bytes(budget, self.step_bytes, params[0].device)
+                self.budget = budget_bytes(
+                    budget, self.step_bytes, params[0].device, self.distributed
+                )
             self.graph_bytes.append(counter.bytes)
             self.largest = largest_graph(self.graph_bytes, self.sizes)
             if not fits(total + counter.bytes, self.largest, self.budget):

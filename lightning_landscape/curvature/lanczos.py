@@ -96,8 +96,9 @@ DGKS = 2**-0.5
 def device_budget(op: LinearOperator) -> float:
     """The bytes a basis may keep on the operator's device with ``basis_device="auto"``: the
     budget of the operator's products (its plan's: ``memory_budget``, by default one training
-    step, on a GPU at least a quarter of its free memory), else a positive ``memory_budget``, else its cached graphs' budget, looked up through
-    wrapping operators (``.op``, ``.hessian``). Unbounded (math.inf) before an operator's first
+    step, on a GPU at least a quarter of its free memory, alike on every rank), else a positive
+    ``memory_budget``, else its cached graphs' budget, looked up through wrapping operators
+    (``.op``, ``.hessian``). Unbounded (math.inf) before an operator's first
     product (not planned yet: the first vectors stay on the device) and for operators without
     a budget."""
     inner: object = op

@@ -108,8 +108,8 @@ class Linearizations:
     Attributes:
         batches, sizes: the batches (pieces) and their sizes, set by the operator.
         requested_budget: bytes the kept linearizations and one product's working memory may take
-            together (:func:`~.cache.fits`); None: :attr:`step_bytes`, at least
-            :data:`~.cache.FLOOR`; 0: nothing kept.
+            together (:func:`~.cache.fits`); None: :func:`~.cache.budget_bytes` (:attr:`step_bytes`,
+            at least :data:`~.cache.FLOOR`, on a GPU a share of its free memory); 0: nothing kept.
         kept: the linearizations of batches ``:cut``.
         rng: the generators' state before batch ``cut`` (None when every batch is kept).
         lin_bytes: measured bytes of each linearization built (the first ``cut`` + 1 at most).
@@ -120,6 +120,7 @@ class Linearizations:
 
     def __init__(self, model_fn, loss, params: Sequence[Tensor], cuda_devices: Sequence[int]):
         self.model_fn, self.loss, self.params, self.cuda = model_fn, loss, params, cuda_devices
+        self.distributed = False  # the operator's: every rank takes the same budget
         self.batches: list[Any] = []
         self.sizes: list[int] = []
         self.requested_budget: float | None = 0.0
@@ -166,7 +167,7 @@ class Linearizations:
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
                 self.budget = budget_bytes(
-                    self.requested_budget, self.step_bytes, self.params[0].device
+                    self.requested_budget, self.step_bytes, self.params[0].device, self.distributed
                 )
             self.lin_bytes.append(nbytes)
             self.largest = largest_graph(self.lin_bytes, self.sizes)

@@ -86,11 +86,9 @@ class HessianOperator(LinearOperator):
         block_hvp: the kind for blocks of several vectors (trace and density probes); default
             ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
             forward-over-reverse), timed on the first block.
-        memory_budget: bytes an exact product may hold: its working memory (``"auto"`` pieces
-            fit it) with the cached graphs (:func:`~.cache.fits`).
-            ``None``: :func:`~.cache.budget_bytes`, one training step estimated at the first
-            product (the first batch's saved activations and 2 P numbers), on a GPU at least a
-            quarter of its free memory; ``0``: nothing cached; ``math.inf``: whole batches.
+        memory_budget: bytes a product's working memory and the cached graphs may hold
+            (:func:`~.cache.fits`). ``None``: :func:`~.cache.budget_bytes` (a training step; on a
+            GPU at least a quarter of its free memory); ``0``: nothing kept; ``math.inf``: all.
         micro_batch_size: the most samples one pass of a product takes: batches are cut into
             pieces, weighted by their sizes (exact when the loss is a mean over independent
             samples). ``"auto"``: pieces only as small as ``memory_budget`` needs, after checking
@@ -189,7 +187,9 @@ class HessianOperator(LinearOperator):
         self._cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
         self.micro_batch_size = micro_batch_size
         self.plan: _pieces.Plan | None = None
-        self.graphs = GraphCache(loss_fn, self.params, [], [], memory_budget, self._cuda)
+        self.graphs = GraphCache(
+            loss_fn, self.params, [], [], memory_budget, self._cuda, self.distributed
+        )
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
         self._graph_checked = False

@@ -201,7 +201,7 @@ def plan(
         return Plan(0, math.nan, math.nan, math.inf, "")
     n = sizes[0]
     graph, step, failure = _estimate(loss_fn, params, batches[0], n, size_fn)
-    limit = budget_bytes(budget, step, params[0].device)
+    limit = budget_bytes(budget, step, params[0].device, distributed)
     # the graph scales with the samples: the largest batch on any rank must fit
     ratio = graph / n / limit if limit > 0 else math.inf
     per_sample, top = _max([ratio, max(sizes)], distributed)

@@ -178,7 +178,7 @@ def hutchpp(op: LinearOperator, num_matvecs: int, gen: torch.Generator) -> Trace
     """Hutch++: sketch s = budget/3 columns, exact trace on their range, Hutchinson on the rest."""
     s = min(op.dim, max(1, num_matvecs // 3))
     sp = space_of(op)
-    S = sp.draw(rademacher, (op.dim, s), gen, axis=0)
+    S = sp.draw(rademacher, (s, op.dim), gen).T  # rows: whole words each
     Q = sp.orthonormalize(op.matmat(S))
     HQ = op.matmat(Q)
     exact = float(sp.reduce((Q * HQ).sum()).double())
@@ -205,7 +205,7 @@ def deflated_auto(
         exact = float(run.alphas[0].sum()) if run.finite else math.nan
         return TraceResult(exact, 0.0 if run.finite else math.nan, run.num_steps, "auto", d)
     p = min(8, max(2, m // 25))  # pilot probes: they only steer the split
-    Z = sp.draw(rademacher, (d, p), gen, axis=0)
+    Z = sp.draw(rademacher, (p, d), gen).T  # rows: whole words each
     U = op.matmat(Z)  # H Z
     unorm2 = sp.reduce((U.double() ** 2).sum(dim=0))
     zu: list[Tensor] = []  # q_jᵀ U for every basis vector

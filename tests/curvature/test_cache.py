@@ -98,6 +98,28 @@ def test_default_budget_on_a_gpu_takes_a_share_of_its_free_memory(monkeypatch):
     assert seen[-1] == op.params[0].device
 
 
+def test_distributed_ranks_take_the_least_share_of_their_devices(monkeypatch):
+    """Under torch.distributed every rank takes the same budget on CUDA: the least free memory
+    over the ranks (one all-reduce of its negative: the MAX reduction, no AVG on gloo), so
+    ranks keep as many graphs and basis vectors and decide alike. CPU budgets need no
+    collective."""
+    calls = []
+
+    def other_rank_has_less(t, *a, **k):  # the other rank: 2e9 bytes free, a share of 5e8
+        calls.append(float(t[0]))
+        return t.copy_(torch.maximum(t, torch.tensor([-5e8], dtype=t.dtype)))
+
+    monkeypatch.setattr(cache, "FLOOR", 0)
+    monkeypatch.setattr(cache, "free_device_bytes", lambda device: 4e9)
+    monkeypatch.setattr(cache, "all_reduce_max_", other_rank_has_less)
+    cuda = torch.device("cuda", 0)
+    assert cache.budget_bytes(None, 1e6, cuda, distributed=True) == 5e8
+    assert cache.budget_bytes(None, 1e6, cuda, distributed=False) == 1e9
+    assert cache.budget_bytes(None, 1e6, torch.device("cpu"), distributed=True) == 1e9
+    assert cache.budget_bytes(3e3, 1e6, cuda, distributed=True) == 3e3
+    assert calls == [-1e9]  # one collective, only where the device share decides
+
+
 def test_free_device_bytes_reads_the_driver_and_the_allocator(monkeypatch):
     """Free to the driver plus what PyTorch's allocator holds unused; 0 on CPU, without CUDA, or
     where CUDA cannot say."""
