@@ -158,8 +158,9 @@ class GGNOperator(LinearOperator):
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
         cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
         self.plan: _pieces.Plan | None = None
-        self.linearizations = Linearizations(self.model_fn, loss, self.params, cuda)
-        self.linearizations.distributed = self.distributed
+        self.linearizations = Linearizations(
+            self.model_fn, loss, self.params, cuda, self.distributed
+        )
         self._cache_key: tuple | None = None
         self.warn: Callable[[str, str], None] = _warn
 

@@ -118,9 +118,16 @@ class Linearizations:
         budget: the budget used, in bytes.
     """
 
-    def __init__(self, model_fn, loss, params: Sequence[Tensor], cuda_devices: Sequence[int]):
+    def __init__(
+        self,
+        model_fn,
+        loss,
+        params: Sequence[Tensor],
+        cuda_devices: Sequence[int],
+        distributed: bool = False,  # the operator's: every rank takes the same budget
+    ):
         self.model_fn, self.loss, self.params, self.cuda = model_fn, loss, params, cuda_devices
-        self.distributed = False  # the operator's: every rank takes the same budget
+        self.distributed = distributed
         self.batches: list[Any] = []
         self.sizes: list[int] = []
         self.requested_budget: float | None = 0.0
