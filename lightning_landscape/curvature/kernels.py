@@ -24,10 +24,30 @@ during a whole measurement):
   submodules of ``module`` are called through their original modules (a compiled function
   outside a module cannot be bypassed there). The compiled artifacts are not touched: training
   keeps them, and nothing is recompiled for the measurement.
+- **Reentrant activation checkpointing** (``torch.utils.checkpoint.checkpoint(...,
+  use_reentrant=True)``, the default before torch 2.9; Hugging Face's
+  ``gradient_checkpointing_enable()``, ``checkpoint_sequential``, FSDP's ``checkpoint_wrapper``
+  with ``CheckpointImpl.REENTRANT``): "torch.utils.checkpoint is incompatible with .grad()", so
+  no gradient with ``inputs``, let alone a product. Such checkpoints run as non-reentrant ones
+  (the same function, RNG state kept and restored alike, still recomputed in the backward:
+  the memory saving stays), which ``torch.autograd.grad`` and double backward go through.
+  ``torch.func`` refuses both kinds ("saved tensor hooks"), so ``hvp="func"`` does not work
+  on such models and ``"auto"`` drops it.
+
+- **Weight normalization** (``nn.utils.parametrizations.weight_norm``, the older
+  ``nn.utils.weight_norm``; HiFi-GAN, WaveNet, wav2vec 2.0's positional convolution): the fused
+  ``_weight_norm_interface`` kernel has a double backward, but a wrong one (it holds the norms
+  fixed: ``gradgradcheck`` fails, and a 6-8-3 MLP's Hessian came out asymmetric by 0.25 with a
+  top eigenvalue 0.2 % off), and no forward AD. ``torch._weight_norm`` runs as
+  ``v * (g / norm_except_dim(v, 2, dim))``, PyTorch's own fallback in plain operations.
+- **Hard sigmoid** (``nn.Hardsigmoid``, ``F.hardsigmoid``; MobileNetV3's squeeze-excitation):
+  "derivative for aten::hardsigmoid_backward is not implemented". It runs as
+  ``relu6(x + 3) / 6``, the same function.
 
 Ops with no double backward in any kernel (torch 2.13, CPU), which no switch can fix:
-``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``torch.cdist`` (except p=2 on more
-than 25 points, which goes through a matrix product), ``torch.segment_reduce``; on CUDA also,
+``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``F.multi_margin_loss``,
+``torch.cdist`` (except p=2 on more than 25 points, which goes through a matrix product),
+``F.pdist``, ``torch.segment_reduce``; on CUDA also,
 by PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
 while cuDNN is on. A product through them raises "the derivative for '...' is not implemented";
 :func:`explain` turns that into a hint.
@@ -43,6 +63,9 @@ import sys
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.weight_norm  # noqa: F401 - the module, for its ``_weight_norm``
+import torch.utils.checkpoint as _checkpoint
 from torch import nn
 
 try:  # torch >= 2.2
@@ -87,6 +110,61 @@ def cudnn_off_for_rnns(module: nn.Module | None) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.enabled = prior
+
+
+class _NonReentrantCheckpoint:
+    """Stands for ``torch.utils.checkpoint.CheckpointFunction`` (the reentrant checkpoint,
+    which ``checkpoint`` looks up when called) while :func:`non_reentrant_checkpoints` is on."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        return _checkpoint.checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+        )
+
+
+@contextlib.contextmanager
+def non_reentrant_checkpoints() -> Iterator[None]:
+    """Run reentrant activation checkpoints as non-reentrant ones while inside (see the module
+    docstring): gradients with ``inputs`` and double backward go through them. The original
+    class is put back on exit; nested use is fine."""
+    prior = _checkpoint.CheckpointFunction
+    _checkpoint.CheckpointFunction = _NonReentrantCheckpoint
+    try:
+        yield
+    finally:
+        _checkpoint.CheckpointFunction = prior
+
+
+def _weight_norm(v, g, dim=0):
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def _hardsigmoid(input, inplace=False):
+    out = F.relu6(input + 3) / 6
+    return input.copy_(out) if inplace else out
+
+
+_DECOMPOSED = (
+    (torch, "_weight_norm", _weight_norm),
+    (sys.modules["torch.nn.utils.weight_norm"], "_weight_norm", _weight_norm),
+    (F, "hardsigmoid", _hardsigmoid),
+)
+
+
+@contextlib.contextmanager
+def decomposed_ops() -> Iterator[None]:
+    """Run weight normalization and the hard sigmoid through plain operations while inside (see
+    the module docstring): the same functions, with a correct double backward and forward AD.
+    Module attributes swapped, put back on exit."""
+    prior = [(owner, name, getattr(owner, name)) for owner, name, _ in _DECOMPOSED]
+    try:
+        for owner, name, plain in _DECOMPOSED:
+            setattr(owner, name, plain)
+        yield
+    finally:
+        for owner, name, value in prior:
+            setattr(owner, name, value)
 
 
 @contextlib.contextmanager
@@ -151,7 +229,8 @@ def uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
 def twice_differentiable(module: nn.Module | None, *, attention: bool = True) -> Iterator[None]:
     """Inside, forwards run through kernels that have a double backward (see the module
     docstring): math attention (unless ``attention=False``), cuDNN off when ``module`` holds a
-    CUDA RNN, compiled code eager. Everything is restored on exit, even on error.
+    CUDA RNN, compiled code eager, reentrant activation checkpoints non-reentrant, weight
+    normalization and the hard sigmoid in plain operations. Everything is restored on exit, even on error.
 
     ``module`` is what the loss calls; without it (``None``) cuDNN is left as it is and, on torch
     < 2.6, compiled submodules cannot be found.
@@ -166,6 +245,8 @@ def twice_differentiable(module: nn.Module | None, *, attention: bool = True) ->
             stack.enter_context(math_attention())
         stack.enter_context(cudnn_off_for_rnns(module))
         stack.enter_context(eager(module))
+        stack.enter_context(non_reentrant_checkpoints())
+        stack.enter_context(decomposed_ops())
         yield
 
 

@@ -152,6 +152,31 @@ def test_compiled_mlp_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
     assert isinstance(model.net, torch._dynamo.OptimizedModule)  # training keeps its compiled net
 
 
+class CheckpointedLM(TinyCausalLM):
+    """The encoder under a reentrant activation checkpoint (Hugging Face's
+    ``gradient_checkpointing_enable()`` default)."""
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length)
+        h = self.embed(tokens) + self.pos[:length]
+        run = lambda x: self.encoder(x, mask=mask, is_causal=True)  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=True)
+        return self.head(self.norm(h))
+
+
+def test_reentrant_activation_checkpoints_are_measured(tmp_path):
+    """Before: every Hessian and SAM value NaN ("torch.utils.checkpoint is incompatible with
+    .grad()"); the checkpoints now run non-reentrant during measurements (still recomputed)."""
+    model = check_against_oracle(
+        tmp_path, CheckpointedLM, token_data(), "auto", precision="64-true"
+    )
+    sam = SharpnessMonitor(epochs=[1], kinds=["sam"], ascent_steps=2, num_batches=1)
+    _, _, caught = fit(tmp_path / "sam", CheckpointedLM, token_data(), [sam], precision="64-true")
+    assert not [m for m in caught if "Monitor" in m], caught
+    assert math.isfinite(sam.history[-1]["sharpness/sam"]) and model.training
+
+
 class QuietMLP(TinyMLP):
     def training_step(self, batch, batch_idx):
         return self.loss(batch)  # dynamo cannot trace self.log in torch 2.13
