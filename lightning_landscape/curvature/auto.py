@@ -8,8 +8,13 @@ attention and cuDNN RNN backwards are not differentiable; ``jvp`` is missing for
 ``@once_differentiable`` backward would silently lose terms and is detected). So each candidate
 computes the first product three times (the first call warms up; the cached kind builds its
 graphs within the memory budget), the faster of the other two counts, and a candidate is
-dropped if it raises, returns NaN/inf, or disagrees with the others. Cost: about 3 products of
-each candidate (plus the cached kind's graphs), once per operator. Finite differences are the
+dropped if it raises, returns NaN/inf, or disagrees with the others. The reference kind's
+product is also checked for symmetry, uᵀ(Hv) = vᵀ(Hu) with a second, Gaussian u: a double
+backward that drops terms (PyTorch's fused weight norm did; a custom ``autograd.Function``
+whose backward uses tensors computed inside its forward) gives an asymmetric "Hessian", and a
+warning says so. Cost: about 3 products of each candidate (plus the cached kind's graphs) and
+one for the symmetry, once per operator; the chosen kind's product of the first vector is
+kept as that vector's product. Finite differences are the
 fallback when no exact kind works, never a silent choice. Under torch.distributed the trial products are local
 and the verdicts and timings are summed over ranks, so every rank chooses the same kind.
 """
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature.cache import PRODUCT_FACTOR
 
 if TYPE_CHECKING:
@@ -40,12 +46,17 @@ class Choice:
         reason: one sentence saying why (timings, or why no exact kind works).
         seconds: trial time of one product for each kind that worked (summed over ranks).
         failures: why each dropped kind was dropped.
+        asymmetry: |uᵀHv − vᵀHu| √dim / (‖u‖‖Hv‖ + ‖v‖‖Hu‖) for the trial's v and a Gaussian
+            u (each rank's terms summed): about the products' relative round-off (1e-7 in
+            float32, 1e-16 in float64) for a true Hessian, about the relative size of the
+            asymmetric part otherwise; None when not checked.
     """
 
     kind: str
     reason: str
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    asymmetry: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -76,14 +87,18 @@ def choose(
     kinds: Sequence[str],
     v: Tensor,
     *,
+    u: Tensor | None = None,
     skip: Callable[[str], str | None] = lambda kind: None,
     distributed: bool = False,
-) -> Choice:
+) -> tuple[Choice, Tensor | None]:
     """Try each exact kind on the ``(1, dim)`` block ``v`` with ``local(kind, v)`` (this rank's
     unreduced product) and choose the fastest that works; fall back to ``"finite_difference"``
     only when every exact kind raised or gave non-finite products while finite differences give
     finite ones. ``skip(kind)`` after the first call may return a reason to drop a kind that
-    works but offers nothing (the cached kind with nothing cached)."""
+    works but offers nothing (the cached kind with nothing cached). With ``u`` (a second
+    ``(1, dim)`` block) the reference kind's products are checked for symmetry
+    (:attr:`Choice.asymmetry`). Returns the choice and the chosen kind's local product of
+    ``v`` (None for finite differences)."""
     outs: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     failures: dict[str, str] = {}
@@ -112,12 +127,17 @@ def choose(
         if diff > tol:
             failures[kind] = f"disagrees with {ref} by {diff:.1e} (relative)"
             del outs[kind]
-    # every rank must choose the same: sum the verdicts and timings over ranks
+    # every rank must choose the same: sum the verdicts, timings and symmetry terms over ranks
+    terms = _symmetry_terms(local, ref, v, outs.get(ref), u)
     stats = torch.tensor(
-        [[float(k not in outs), seconds.get(k, 0.0)] for k in kinds] + [[float(raised), 0.0]],
+        [[float(k not in outs), seconds.get(k, 0.0)] for k in kinds]
+        + [[float(raised), 0.0], terms[:2], [terms[2], 0.0]],
         dtype=torch.float64,
     )
     all_reduce_sum_(stats, distributed)
+    (a, b), scale = stats[-2].tolist(), float(stats[-1, 0])
+    asymmetry = abs(a - b) * v.shape[-1] ** 0.5 / scale if scale > 0 else None
+    stats = stats[:-2]
     works = {k: float(stats[i, 1]) for i, k in enumerate(kinds) if stats[i, 0] == 0}
     for k in kinds:
         if k not in works and k not in failures:
@@ -128,13 +148,34 @@ def choose(
         dropped = "; ".join(f"{k}: {r}" for k, r in failures.items())
         reason = f"fastest exact kind that works here ({times} per product"
         reason += f"; dropped {dropped})" if dropped else ")"
-        return Choice(best, reason, works, failures)
+        return Choice(best, reason, works, failures, asymmetry), outs.get(best)
     summary = "; ".join(f"{k}: {r}" for k, r in failures.items())
     if stats[-1, 0] > 0 and _finite_on_all(local, v, distributed):
-        return Choice("finite_difference", f"no exact kind works ({summary})", {}, failures)
+        return Choice("finite_difference", f"no exact kind works ({summary})", {}, failures), None
     # nothing raised: the products are NaN because the loss or its gradient is
     fallback = "double_backward" if "double_backward" in kinds else kinds[0]
-    return Choice(fallback, f"no kind gives finite products ({summary})", {}, failures)
+    return Choice(fallback, f"no kind gives finite products ({summary})", {}, failures), None
+
+
+def _symmetry_terms(
+    local: Callable[[str, Tensor], Tensor],
+    kind: str | None,
+    v: Tensor,
+    hv: Tensor | None,
+    u: Tensor | None,
+) -> list[float]:
+    """This rank's uᵀHv, vᵀHu and ‖u‖‖Hv‖ + ‖v‖‖Hu‖ by ``kind`` (zeros when not checked). A
+    rank's local Hessian is symmetric on its own, so the sums over ranks are too."""
+    if u is None or hv is None:
+        return [0.0, 0.0, 0.0]
+    try:
+        hu = local(kind, u)
+    except Exception:  # noqa: BLE001 - it worked on v: leave the check out rather than fail
+        return [0.0, 0.0, 0.0]
+    if not torch.isfinite(hu).all():
+        return [0.0, 0.0, 0.0]
+    scale = u.norm() * hv.norm() + v.norm() * hu.norm()
+    return [float((u * hv).sum()), float((v * hu).sum()), float(scale)]
 
 
 def _finite_on_all(local: Callable[[str, Tensor], Tensor], v: Tensor, distributed: bool) -> bool:
@@ -175,10 +216,11 @@ def faster_for_blocks(
     return best, kept[1] if kept is not None and kept[0] == best else None
 
 
-def resolve(op: HessianOperator, v: Tensor) -> None:
+def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
     """Choose ``op``'s kind by trial on the ``(1, dim)`` block ``v`` and record it on ``op``
     (``hvp_choice``, ``hvp_reason``, ``choice``, ``block_choice``); warn once on a fallback to
-    finite differences."""
+    finite differences or on asymmetric products. Returns this rank's (unreduced) product of
+    ``v`` by the chosen kind (None for finite differences)."""
     kinds = ["cached", "double_backward"] + (["func"] if op.module is not None else [])
 
     def nothing_cached(kind: str) -> str | None:
@@ -190,7 +232,10 @@ def resolve(op: HessianOperator, v: Tensor) -> None:
             f"{op.graphs.largest:.3g} bytes)"
         )
 
-    choice = choose(op.local_products, kinds, v, skip=nothing_cached, distributed=op.distributed)
+    u = gaussian(tuple(v.shape), make_generator(op.seed, "symmetry"), v.dtype, v.device)
+    choice, product = choose(
+        op.local_products, kinds, v, u=u, skip=nothing_cached, distributed=op.distributed
+    )
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()
@@ -202,6 +247,20 @@ def resolve(op: HessianOperator, v: Tensor) -> None:
             "Hessian-vector products fall back to finite differences: "
             f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
         )
+    # 10 √ε, at least 1e-4: float64 models that compute parts in float32 (Hugging Face's
+    # RMSNorm, T5, Mamba) reach 5e-8; the fused weight norm gave 5e-3 to 1e-1
+    tol = max(10 * torch.finfo(v.dtype).eps ** 0.5, 1e-4)
+    if choice.asymmetry is not None and choice.asymmetry > tol:
+        op.warn(
+            "asymmetric",
+            f"Hessian-vector products by {choice.kind!r} are not symmetric: uᵀHv and vᵀHu "
+            f"differ by {choice.asymmetry:.1e} of their scale (round-off is below {tol:.1e}). "
+            "Some operation's double backward is wrong (a custom autograd.Function whose "
+            "backward uses tensors computed inside its forward, or a PyTorch kernel), so the "
+            "Hessian's values are unreliable; hvp='finite_difference' differentiates only "
+            "gradients.",
+        )
+    return product
 
 
 def resolve_blocks(op: HessianOperator, Vt: Tensor) -> Tensor:

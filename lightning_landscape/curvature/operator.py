@@ -106,9 +106,9 @@ class HessianOperator(LinearOperator):
         hvp_choice: the kind in use (for ``"auto"``: None until the first product).
         hvp_reason: why it was chosen.
         block_choice: the kind in use for blocks (None until decided).
-        warn: ``warn(kind, message)`` receives the warnings (``kind`` is ``"fd_fallback"``,
-            ``"fd_inaccurate"``, ``"whole_batches"`` or ``"compile_failed"``); default
-            ``warnings.warn``.
+        warn: ``warn(kind, message)`` receives the warnings (``kind``: ``"fd_fallback"``,
+            ``"fd_inaccurate"``, ``"whole_batches"``, ``"compile_failed"``, ``"asymmetric"``);
+            default ``warnings.warn``.
         plan: how the batches were cut (a :class:`~.pieces.Plan`; None before the first product).
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
@@ -174,9 +174,7 @@ class HessianOperator(LinearOperator):
         self.distributed = is_distributed(distributed)
         self._size_fn = batch_size_fn or _batches.default_batch_size
         self.batch_sizes = _batches.batch_sizes(self.batches, self._size_fn)
-        first = self.params[0]
-        self.dtype = first.dtype
-        self.device = first.device
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
         rel_step = float(fd_step) if fd_step is not None else _fd.default_rel_step(self.dtype)
         self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), lambda *a: self.warn(*a))
@@ -234,7 +232,9 @@ class HessianOperator(LinearOperator):
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()
         if self.hvp_choice is None:
-            _auto.resolve(self, Vt[:1])
+            hv = _auto.resolve(self, Vt[:1])  # this rank's product of Vt[:1] by the chosen kind
+            if hv is not None and len(Vt) == 1:
+                return self._reduce(hv)
         if self.hvp_choice == "finite_difference":
             return self._fd.products(Vt, self._differences, self._reduce)
         if len(Vt) == 1:

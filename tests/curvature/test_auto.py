@@ -103,13 +103,14 @@ def test_choose_drops_raising_nan_and_disagreeing_kinds():
             return V * math.nan
         return V * (1.5 if kind == "wrong" else 2.0)
 
-    c = choose(local, ["slow", "raises", "nan", "wrong", "fast"], v)
+    c, hv = choose(local, ["slow", "raises", "nan", "wrong", "fast"], v)
     assert c.kind == "fast" and set(c.seconds) == {"slow", "fast"}
     assert "aten::fused_backward" in c.failures["raises"]
     assert c.failures["nan"] == "non-finite products"
     assert c.failures["wrong"].startswith("disagrees with slow")
-    c = choose(lambda kind, V: local("raises", V) if kind != "finite_difference" else V, ["a"], v)
-    assert c.kind == "finite_difference" and "no exact kind works" in c.reason
+    assert torch.equal(hv, 2 * v) and c.asymmetry is None  # the chosen kind's product; no u
+    c, hv = choose(lambda k, V: local("raises", V) if k != "finite_difference" else V, ["a"], v)
+    assert c.kind == "finite_difference" and "no exact kind works" in c.reason and hv is None
 
 
 def test_the_block_trial_holds_one_block_of_products_at_a_time(monkeypatch):
@@ -133,3 +134,55 @@ def test_the_block_trial_holds_one_block_of_products_at_a_time(monkeypatch):
             assert out is None
         else:
             assert torch.equal(out, torch.full_like(Vt, 3.0))
+
+
+class StaleProduct(torch.autograd.Function):
+    """a * b whose backward takes b from a copy made inside the forward: the gradient is right,
+    but the double backward misses the a-b cross term on one side only (what PyTorch's fused
+    weight norm does with its norms)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b.clone())  # the clone is an intermediate: no graph behind it
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b_copy = ctx.saved_tensors
+        return grad * b_copy, grad * a
+
+
+class Gated(nn.Module):
+    def __init__(self, stale: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stale, self.a, self.b = stale, nn.Linear(4, 5), nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        a, b = torch.tanh(self.a(x)), torch.tanh(self.b(x))
+        return self.head(StaleProduct.apply(a, b) if self.stale else a * b)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_the_trial_checks_the_products_for_symmetry(stale):
+    """A double backward that drops a cross term gives an asymmetric "Hessian": the trial
+    measures uᵀHv − vᵀHu (one product more) and warns; a true Hessian passes at round-off."""
+    model = Gated(stale).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,)))]
+    loss = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    said = []
+    op = HessianOperator(loss, model, batches, hvp="auto")
+    op.warn = lambda kind, message: said.append((kind, message))
+    v = torch.randn(op.dim, dtype=torch.float64, generator=g)
+    hv = op @ v
+    assert op.num_matvecs == 1  # the trial's product of v is v's product
+    H = dense_hessian(loss, model, batches)
+    # the (wrong, if stale) oracle: its rows are ∂g_i/∂w, a product is ∂(gᵀv)/∂w = Hᵀv
+    assert torch.allclose(hv, H.T @ v, rtol=1e-12, atol=1e-14)
+    if stale:
+        assert (H - H.T).abs().max() > 1e-3 and op.choice.asymmetry > 1e-3
+        assert [k for k, _ in said] == ["asymmetric"] and "not symmetric" in said[0][1]
+    else:
+        assert op.choice.asymmetry < 1e-13 and not said

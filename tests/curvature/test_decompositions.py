@@ -135,3 +135,18 @@ def test_reentrant_checkpoint_refuses_grad_with_inputs_outside_only():
     F.cross_entropy(model(x), y).backward()  # what training does: unchanged
     for a, p in zip(g, params, strict=True):
         assert torch.allclose(a, p.grad, rtol=1e-13, atol=1e-15)
+
+
+def test_the_symmetry_check_catches_the_fused_weight_norm(monkeypatch):
+    """Without the decomposition the trial of ``"auto"`` finds the products asymmetric."""
+    model = Model(reentrant=None).double()
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=D)
+    for decomposed in (True, False):
+        if not decomposed:
+            monkeypatch.setattr(kernels, "decomposed_ops", kernels.non_reentrant_checkpoints)
+        said = []
+        op = HessianOperator(loss, model, batches(), hvp="auto")
+        op.warn = lambda kind, message, said=said: said.append(kind)
+        op @ v
+        assert said == ([] if decomposed else ["asymmetric"]), op.choice
