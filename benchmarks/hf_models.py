@@ -41,31 +41,89 @@ def cases(T, gen):  # noqa: N803 - the transformers module
 
     small = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
     gpt2 = T.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
-    llama = T.LlamaConfig(num_hidden_layers=2, num_key_value_heads=1, vocab_size=50,
-                          max_position_embeddings=16, **small)  # fmt: skip
+    llama = T.LlamaConfig(
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        vocab_size=50,
+        max_position_embeddings=16,
+        **small,
+    )
     return {
         "gpt2": (lambda: T.GPT2LMHeadModel(gpt2), lm),
         "gpt2+checkpoint": (lambda: T.GPT2LMHeadModel(gpt2), lm),
         "llama": (lambda: T.LlamaForCausalLM(llama), lm),
-        "bert": (lambda: T.BertForMaskedLM(T.BertConfig(num_hidden_layers=2, vocab_size=50,
-                 max_position_embeddings=16, **small)), lm),  # fmt: skip
-        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(num_layers=1, d_model=16,
-               d_ff=32, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0,
-               pad_token_id=0)), lm),  # fmt: skip
-        "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(num_hidden_layers=1, hidden_size=16,
-                  state_size=4, vocab_size=50)), lm),  # fmt: skip
-        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(num_hidden_layers=1,
-                image_size=16, patch_size=8, num_labels=3, **small)), lambda: image(16)),  # fmt: skip
-        "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8,
-                   hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)), image),  # fmt: skip
-        "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(num_stages=2,
-                     hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), image),  # fmt: skip
-        "wav2vec2": (lambda: T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
-            num_hidden_layers=1, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
-            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_labels=3,
-            classifier_proj_size=8, **small)), lambda: {
-            "input_values": torch.randn(2, 400, generator=gen, dtype=torch.float64),
-            "labels": torch.tensor([0, 2])}),  # fmt: skip
+        "bert": (
+            lambda: T.BertForMaskedLM(
+                T.BertConfig(
+                    num_hidden_layers=2, vocab_size=50, max_position_embeddings=16, **small
+                )
+            ),
+            lm,
+        ),
+        "t5": (
+            lambda: T.T5ForConditionalGeneration(
+                T.T5Config(
+                    num_layers=1,
+                    d_model=16,
+                    d_ff=32,
+                    num_heads=2,
+                    d_kv=8,
+                    vocab_size=50,
+                    decoder_start_token_id=0,
+                    pad_token_id=0,
+                )
+            ),
+            lm,
+        ),
+        "mamba": (
+            lambda: T.MambaForCausalLM(
+                T.MambaConfig(num_hidden_layers=1, hidden_size=16, state_size=4, vocab_size=50)
+            ),
+            lm,
+        ),
+        "vit": (
+            lambda: T.ViTForImageClassification(
+                T.ViTConfig(num_hidden_layers=1, image_size=16, patch_size=8, num_labels=3, **small)
+            ),
+            lambda: image(16),
+        ),
+        "resnet": (
+            lambda: T.ResNetForImageClassification(
+                T.ResNetConfig(
+                    embedding_size=8,
+                    hidden_sizes=[8, 16],
+                    depths=[1, 1],
+                    layer_type="basic",
+                    num_labels=3,
+                )
+            ),
+            image,
+        ),
+        "convnext": (
+            lambda: T.ConvNextForImageClassification(
+                T.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+            ),
+            image,
+        ),
+        "wav2vec2": (
+            lambda: T.Wav2Vec2ForSequenceClassification(
+                T.Wav2Vec2Config(
+                    num_hidden_layers=1,
+                    conv_dim=(8, 8),
+                    conv_stride=(5, 2),
+                    conv_kernel=(10, 3),
+                    num_conv_pos_embeddings=4,
+                    num_conv_pos_embedding_groups=2,
+                    num_labels=3,
+                    classifier_proj_size=8,
+                    **small,
+                )
+            ),
+            lambda: {
+                "input_values": torch.randn(2, 400, generator=gen, dtype=torch.float64),
+                "labels": torch.tensor([0, 2]),
+            },
+        ),
     }
 
 
@@ -113,8 +171,10 @@ def row(name, make, inputs, gen) -> str:
             cells.append(f"raises ({type(err).__name__})")
     c = op.choice
     dropped = ", ".join(sorted(c.failures)) or "none"
-    cells.append(f"{c.kind}; dropped: {dropped}; asymmetry {c.asymmetry:.0e}; warnings: "
-                 f"{', '.join(said) or 'none'}")  # fmt: skip
+    cells.append(
+        f"{c.kind}; dropped: {dropped}; asymmetry {c.asymmetry:.0e}; warnings: "
+        f"{', '.join(said) or 'none'}"
+    )
     return "| " + " | ".join(cells) + " |"
 
 
