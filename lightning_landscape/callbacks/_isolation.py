@@ -143,8 +143,9 @@ def measuring(
 
     Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
     measurement in eval mode would otherwise recompile it) and cuDNN is off when the module holds
-    a CUDA RNN (no backward in eval mode, no double backward), and reentrant activation
-    checkpoints run as non-reentrant ones (gradients with ``inputs`` go through them): see
+    a CUDA RNN (no backward in eval mode, no double backward), reentrant activation
+    checkpoints run as non-reentrant ones (gradients with ``inputs`` go through them) and
+    sparse embeddings give dense gradients: see
     :mod:`lightning_landscape.curvature.kernels`. Attention kernels are chosen per product, by
     the curvature engine, so first-order measurements keep the fused ones.
     """
@@ -168,6 +169,7 @@ def measuring(
             stack.enter_context(kernels.eager(module))
             stack.enter_context(kernels.cudnn_off_for_rnns(module))
             stack.enter_context(kernels.non_reentrant_checkpoints())
+            stack.enter_context(kernels.dense_embeddings(module))
             if device_type in ("cuda", "cpu"):
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             for p in half_data:

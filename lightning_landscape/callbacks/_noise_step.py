@@ -153,7 +153,10 @@ class GradientHooks:
 
     def _hook(self, grad: Tensor) -> None:
         if self.recording and self.acc is not None:
-            self.acc += torch.linalg.vector_norm(grad.detach(), dtype=self.acc.dtype).square()
+            try:  # runs inside the user's backward: it must never raise there
+                self.acc += squared_norm(grad, self.acc.dtype)
+            except Exception:  # noqa: BLE001 - the step's estimate is NaN, training goes on
+                self.acc.fill_(math.nan)
 
     def begin(self) -> None:
         """Record the coming backward pass."""
@@ -185,9 +188,16 @@ class GradientHooks:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return None
-        return sum(
-            float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()) for g in grads
-        )
+        return sum(float(squared_norm(g, torch.float64)) for g in grads)
+
+
+def squared_norm(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """|g|² of a dense or a sparse COO gradient (``nn.Embedding(sparse=True)``; its repeated
+    indices are summed first)."""
+    grad = grad.detach()
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    return torch.linalg.vector_norm(grad, dtype=dtype).square()
 
 
 def loss_scale(trainer: pl.Trainer) -> float:

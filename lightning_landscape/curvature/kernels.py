@@ -44,6 +44,11 @@ during a whole measurement):
   "derivative for aten::hardsigmoid_backward is not implemented". It runs as
   ``relu6(x + 3) / 6``, the same function.
 
+- **Sparse embeddings** (``nn.Embedding(..., sparse=True)``, ``nn.EmbeddingBag(...,
+  sparse=True)``; recommender models with ``SparseAdam``): their gradients are sparse tensors,
+  which flat vectors cannot hold ("reshape is not implemented for sparse tensors"). They give
+  dense gradients while inside (the same values).
+
 Ops with no double backward in any kernel (torch 2.13, CPU), which no switch can fix:
 ``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``F.multi_margin_loss``,
 ``torch.cdist`` (except p=2 on more than 25 points, which goes through a matrix product),
@@ -168,6 +173,21 @@ def decomposed_ops() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def dense_embeddings(module: nn.Module | None) -> Iterator[None]:
+    """Embeddings of ``module`` built with ``sparse=True`` give dense gradients while inside
+    (the flag is put back on exit)."""
+    sparse = (nn.Embedding, nn.EmbeddingBag)
+    touched = [m for m in module.modules() if isinstance(m, sparse) and m.sparse] if module else []
+    try:
+        for m in touched:
+            m.sparse = False
+        yield
+    finally:
+        for m in touched:
+            m.sparse = True
+
+
+@contextlib.contextmanager
 def eager(module: nn.Module | None) -> Iterator[None]:
     """Run torch.compile'd code eagerly while inside, leaving the compiled artifacts as they are.
 
@@ -230,7 +250,7 @@ def twice_differentiable(module: nn.Module | None, *, attention: bool = True) ->
     """Inside, forwards run through kernels that have a double backward (see the module
     docstring): math attention (unless ``attention=False``), cuDNN off when ``module`` holds a
     CUDA RNN, compiled code eager, reentrant activation checkpoints non-reentrant, weight
-    normalization and the hard sigmoid in plain operations. Everything is restored on exit, even on error.
+    normalization and the hard sigmoid in plain operations, sparse embeddings dense. Everything is restored on exit, even on error.
 
     ``module`` is what the loss calls; without it (``None``) cuDNN is left as it is and, on torch
     < 2.6, compiled submodules cannot be found.
@@ -247,6 +267,7 @@ def twice_differentiable(module: nn.Module | None, *, attention: bool = True) ->
         stack.enter_context(eager(module))
         stack.enter_context(non_reentrant_checkpoints())
         stack.enter_context(decomposed_ops())
+        stack.enter_context(dense_embeddings(module))
         yield
 
 

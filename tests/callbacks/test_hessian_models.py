@@ -177,6 +177,32 @@ def test_reentrant_activation_checkpoints_are_measured(tmp_path):
     assert math.isfinite(sam.history[-1]["sharpness/sam"]) and model.training
 
 
+class SparseEmbeddingMLP(TinyMLP):
+    """Adds an ``nn.Embedding(sparse=True)`` feature: its training gradients are sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4, 3, sparse=True)
+
+    def forward(self, x):
+        return self.net(x) + self.emb((x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)  # no momentum on sparse grads
+
+
+def test_sparse_embeddings_are_measured(tmp_path):
+    """Before: every Hessian and SAM value NaN ("reshape is not implemented for sparse
+    tensors"); the embeddings give dense gradients during measurements."""
+    check_against_oracle(tmp_path, lambda: SparseEmbeddingMLP().double(), vector_data(), "auto")
+    sam = SharpnessMonitor(epochs=[1], kinds=["sam"], ascent_steps=2, num_batches=1)
+    fitted, _, caught = fit(
+        tmp_path / "sam", lambda: SparseEmbeddingMLP().double(), vector_data(), [sam]
+    )
+    assert not [m for m in caught if "Monitor" in m], caught
+    assert math.isfinite(sam.history[-1]["sharpness/sam"]) and fitted.emb.sparse
+
+
 class QuietMLP(TinyMLP):
     def training_step(self, batch, batch_idx):
         return self.loss(batch)  # dynamo cannot trace self.log in torch 2.13

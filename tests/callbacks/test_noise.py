@@ -375,3 +375,44 @@ def test_entropy_sgd_is_named_in_one_warning(tmp_path):
         )
     said = [str(w.message) for w in caught if "with EntropySGD" in str(w.message)]
     assert len(said) == 1 and "lr 0.5" in said[0] and "sgld_lr 0.05" in said[0], said
+
+
+class Bag(pl.LightningModule):
+    """An embedding (sparse gradients when ``sparse``) and a linear head, float64."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(5, 2, sparse=sparse).double()
+        self.head = nn.Linear(2, 1).double()
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return F.mse_loss(self.head(self.emb(ids).sum(1)).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_sparse_gradients_are_measured_like_dense_ones(tmp_path):
+    """Before: the gradient hook raised inside the user's backward on a sparse gradient
+    ("Could not run 'aten::linalg_vector_norm' ... 'SparseCPU'") and the fit crashed. Repeated
+    indices in a batch (sparse gradients keep duplicates) are summed first."""
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(
+        torch.randint(0, 5, (16, 3), generator=g), torch.randn(16, generator=g, dtype=D)
+    )
+    logged = {}
+    for sparse in (True, False):
+        trainer = make_trainer(
+            tmp_path / str(sparse), [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1,
+            accumulate_grad_batches=2,
+        )  # fmt: skip
+        trainer.fit(Bag(sparse), DataLoader(data, batch_size=4))
+        logged[sparse] = scalars(tmp_path / str(sparse))
+    for key in ("noise/grad_norm_sq", "noise/trace_covariance"):
+        assert len(logged[True][key]) == 2
+        for step, value in logged[False][key].items():
+            assert math.isfinite(value) and logged[True][key][step] == pytest.approx(
+                value, rel=1e-9
+            )

@@ -150,3 +150,32 @@ def test_the_symmetry_check_catches_the_fused_weight_norm(monkeypatch):
         op.warn = lambda kind, message, said=said: said.append(kind)
         op @ v
         assert said == ([] if decomposed else ["asymmetric"]), op.choice
+
+
+class Recommender(nn.Module):
+    """A sparse embedding (its gradients are sparse tensors) and an MLP head."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 3, sparse=sparse)
+        self.head = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_sparse_embeddings_are_measured_as_dense_ones():
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 7, (5, 3), generator=g), torch.randint(0, 2, (5,), generator=g))]
+    sparse, dense = Recommender(True).double(), Recommender(False).double()
+    H = dense_hessian(lambda b: F.cross_entropy(dense(b[0]), b[1]), dense, data)
+    V = torch.randn(H.shape[0], 2, generator=g, dtype=D)
+    for hvp in ("double_backward", "cached", "func", "auto"):
+        with HessianOperator(
+            lambda b: F.cross_entropy(sparse(b[0]), b[1]), sparse, data, hvp=hvp
+        ) as op:
+            assert torch.allclose(op @ V, H @ V, rtol=1e-12, atol=1e-14), hvp
+    assert sparse.emb.sparse  # put back
+    F.cross_entropy(sparse(data[0][0]), data[0][1]).backward()
+    assert sparse.emb.weight.grad.is_sparse  # training's gradients stay sparse
