@@ -88,7 +88,9 @@ class HessianMonitor(LandscapeMonitor):
             ``"func"``) at the first measurement of a fit, keeps the fastest that works for the
             whole fit (:attr:`hvp_choice`, stated once in the log), and falls back to
             ``"finite_difference"`` (with a warning saying why) only when none works, e.g.
-            kernels without a double backward. Explicit kinds skip the trial. ``"compiled"``
+            kernels without a double backward. The trial also checks that the products are
+            symmetric and warns if not (a wrong double backward somewhere: see
+            :mod:`~lightning_landscape.curvature.auto`). Explicit kinds skip the trial. ``"compiled"``
             (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per
             model and shape (seconds to minutes), for long fits on GPUs
             (:mod:`~lightning_landscape.curvature.compiled`).
@@ -169,7 +171,7 @@ class HessianMonitor(LandscapeMonitor):
     ``density_steps`` with ``density``) plus ``trace_probes`` products (``probe_block``), each
     product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
-    products of each candidate kind once per fit. Memory, with T a training step and P the
+    products of each candidate kind, and one for the symmetry check, once per fit. Memory, with T a training step and P the
     number of parameters: two ``memory_budget`` on a GPU (default 1 T, or a quarter of the
     free device memory where that is more: half of it in all). One for vectors: the
     Lanczos basis (its steps, at most ``max_matvecs``, times P numbers, grown as it runs; on
