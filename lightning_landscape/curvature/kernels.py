@@ -24,16 +24,18 @@ during a whole measurement):
   submodules of ``module`` are called through their original modules (a compiled function
   outside a module cannot be bypassed there). The compiled artifacts are not touched: training
   keeps them, and nothing is recompiled for the measurement.
-- **Reentrant activation checkpointing** (``torch.utils.checkpoint.checkpoint(...,
-  use_reentrant=True)``, the default before torch 2.9; Hugging Face's
-  ``gradient_checkpointing_enable()``, ``checkpoint_sequential``, FSDP's ``checkpoint_wrapper``
-  with ``CheckpointImpl.REENTRANT``): "torch.utils.checkpoint is incompatible with .grad()", so
-  no gradient with ``inputs``, let alone a product. Such checkpoints run as non-reentrant ones
-  (the same function, RNG state kept and restored alike, still recomputed in the backward:
-  the memory saving stays), which ``torch.autograd.grad`` and double backward go through.
-  ``torch.func`` refuses both kinds ("saved tensor hooks"), so ``hvp="func"`` does not work
-  on such models and ``"auto"`` drops it.
-
+- **Activation checkpointing** (``torch.utils.checkpoint.checkpoint``,
+  ``checkpoint_sequential``, Hugging Face's ``gradient_checkpointing_enable()``, FSDP's
+  ``checkpoint_wrapper``): a reentrant checkpoint (``use_reentrant=True``, still torch's
+  default in 2.13, with a warning) refuses ``torch.autograd.grad`` ("torch.utils.checkpoint is
+  incompatible with .grad()"); a non-reentrant one refuses ``torch.func`` ("saved tensor
+  hooks") and, recomputing dropout inside a vmapped backward, vmap ("random operations inside
+  of vmap"). During a measurement (the monitors) reentrant checkpoints run as non-reentrant
+  ones: gradients go through them and the memory saving stays. During Hessian products every
+  checkpoint runs as a plain call (:func:`plain_checkpoints`): the same function and values,
+  nothing recomputed, so a product's graphs hold those activations, within ``memory_budget``
+  (the batches are cut into smaller pieces when needed). A reentrant checkpoint whose inputs
+  need no gradient runs without one, as in training (the parameters inside get none there).
 - **Weight normalization** (``nn.utils.parametrizations.weight_norm``, the older
   ``nn.utils.weight_norm``; HiFi-GAN, WaveNet, wav2vec 2.0's positional convolution): the fused
   ``_weight_norm_interface`` kernel has a double backward, but a wrong one (it holds the norms
@@ -65,7 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +119,23 @@ def cudnn_off_for_rnns(module: nn.Module | None) -> Iterator[None]:
         torch.backends.cudnn.enabled = prior
 
 
+@contextlib.contextmanager
+def _swapped(attributes: Sequence[tuple[object, str, object]]) -> Iterator[None]:
+    """Set ``owner.name = value`` for each triple while inside; put the originals back on exit
+    (nested use is fine)."""
+    prior = [(owner, name, getattr(owner, name)) for owner, name, _ in attributes]
+    try:
+        for owner, name, value in attributes:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(prior):
+            setattr(owner, name, value)
+
+
 class _NonReentrantCheckpoint:
-    """Stands for ``torch.utils.checkpoint.CheckpointFunction`` (the reentrant checkpoint,
-    which ``checkpoint`` looks up when called) while :func:`non_reentrant_checkpoints` is on."""
+    """Stands for ``torch.utils.checkpoint.CheckpointFunction`` (the reentrant checkpoint, which
+    ``checkpoint`` looks up when called): a non-reentrant checkpoint."""
 
     @staticmethod
     def apply(function, preserve_rng_state, *args):
@@ -128,17 +144,38 @@ class _NonReentrantCheckpoint:
         )
 
 
-@contextlib.contextmanager
-def non_reentrant_checkpoints() -> Iterator[None]:
+class _PlainReentrantCall:
+    """Stands for ``CheckpointFunction``: a plain call, without grad when no input needs one
+    (a reentrant checkpoint's outputs then need none either)."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        if torch.is_grad_enabled() and not any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            with torch.no_grad():
+                return function(*args)
+        return function(*args)
+
+
+def _no_recompute(*args, **kwargs):
+    """Stands for the non-reentrant checkpoint's context generator: nothing before or after."""
+    yield
+
+
+def non_reentrant_checkpoints() -> contextlib.AbstractContextManager:
     """Run reentrant activation checkpoints as non-reentrant ones while inside (see the module
-    docstring): gradients with ``inputs`` and double backward go through them. The original
-    class is put back on exit; nested use is fine."""
-    prior = _checkpoint.CheckpointFunction
-    _checkpoint.CheckpointFunction = _NonReentrantCheckpoint
-    try:
-        yield
-    finally:
-        _checkpoint.CheckpointFunction = prior
+    docstring): gradients with ``inputs`` and double backward go through them."""
+    return _swapped([(_checkpoint, "CheckpointFunction", _NonReentrantCheckpoint)])
+
+
+def plain_checkpoints() -> contextlib.AbstractContextManager:
+    """Run every activation checkpoint as a plain call while inside (see the module docstring):
+    products through it, vmapped or by ``torch.func``, with dropout or not."""
+    swaps = [(_checkpoint, "CheckpointFunction", _PlainReentrantCall)]
+    if hasattr(_checkpoint, "_checkpoint_without_reentrant_generator"):  # torch >= 2.1
+        swaps.append((_checkpoint, "_checkpoint_without_reentrant_generator", _no_recompute))
+    return _swapped(swaps)
 
 
 def _weight_norm(v, g, dim=0):
@@ -157,19 +194,10 @@ _DECOMPOSED = (
 )
 
 
-@contextlib.contextmanager
-def decomposed_ops() -> Iterator[None]:
+def decomposed_ops() -> contextlib.AbstractContextManager:
     """Run weight normalization and the hard sigmoid through plain operations while inside (see
-    the module docstring): the same functions, with a correct double backward and forward AD.
-    Module attributes swapped, put back on exit."""
-    prior = [(owner, name, getattr(owner, name)) for owner, name, _ in _DECOMPOSED]
-    try:
-        for owner, name, plain in _DECOMPOSED:
-            setattr(owner, name, plain)
-        yield
-    finally:
-        for owner, name, value in prior:
-            setattr(owner, name, value)
+    the module docstring): the same functions, with a correct double backward and forward AD."""
+    return _swapped(_DECOMPOSED)
 
 
 @contextlib.contextmanager
@@ -177,7 +205,8 @@ def dense_embeddings(module: nn.Module | None) -> Iterator[None]:
     """Embeddings of ``module`` built with ``sparse=True`` give dense gradients while inside
     (the flag is put back on exit)."""
     sparse = (nn.Embedding, nn.EmbeddingBag)
-    touched = [m for m in module.modules() if isinstance(m, sparse) and m.sparse] if module else []
+    modules = [] if module is None else module.modules()
+    touched = [m for m in modules if isinstance(m, sparse) and m.sparse]
     try:
         for m in touched:
             m.sparse = False
@@ -249,7 +278,7 @@ def uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
 def twice_differentiable(module: nn.Module | None, *, attention: bool = True) -> Iterator[None]:
     """Inside, forwards run through kernels that have a double backward (see the module
     docstring): math attention (unless ``attention=False``), cuDNN off when ``module`` holds a
-    CUDA RNN, compiled code eager, reentrant activation checkpoints non-reentrant, weight
+    CUDA RNN, compiled code eager, activation checkpoints as plain calls, weight
     normalization and the hard sigmoid in plain operations, sparse embeddings dense. Everything is restored on exit, even on error.
 
     ``module`` is what the loss calls; without it (``None``) cuDNN is left as it is and, on torch
@@ -265,7 +294,7 @@ def twice_differentiable(module: nn.Module | None, *, attention: bool = True) ->
             stack.enter_context(math_attention())
         stack.enter_context(cudnn_off_for_rnns(module))
         stack.enter_context(eager(module))
-        stack.enter_context(non_reentrant_checkpoints())
+        stack.enter_context(plain_checkpoints())
         stack.enter_context(decomposed_ops())
         stack.enter_context(dense_embeddings(module))
         yield

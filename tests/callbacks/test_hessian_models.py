@@ -167,14 +167,19 @@ class CheckpointedLM(TinyCausalLM):
 
 def test_reentrant_activation_checkpoints_are_measured(tmp_path):
     """Before: every Hessian and SAM value NaN ("torch.utils.checkpoint is incompatible with
-    .grad()"); the checkpoints now run non-reentrant during measurements (still recomputed)."""
+    .grad()"). Measurements now run the checkpoints non-reentrant, products as plain calls;
+    in train mode the dropout inside is then never recomputed inside a vmapped backward."""
     model = check_against_oracle(
         tmp_path, CheckpointedLM, token_data(), "auto", precision="64-true"
     )
     sam = SharpnessMonitor(epochs=[1], kinds=["sam"], ascent_steps=2, num_batches=1)
-    _, _, caught = fit(tmp_path / "sam", CheckpointedLM, token_data(), [sam], precision="64-true")
+    train = HessianMonitor(epochs=[1], top_k=1, num_batches=1, mode="train")
+    _, _, caught = fit(
+        tmp_path / "sam", CheckpointedLM, token_data(), [sam, train], precision="64-true"
+    )
     assert not [m for m in caught if "Monitor" in m], caught
     assert math.isfinite(sam.history[-1]["sharpness/sam"]) and model.training
+    assert all(math.isfinite(v) for v in train.history[-1].values()), train.history[-1]
 
 
 class SparseEmbeddingMLP(TinyMLP):
