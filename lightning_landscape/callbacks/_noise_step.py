@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_landscape.callbacks import _logging
+from lightning_landscape.curvature.auto import why
 from lightning_landscape.landscape.noise import temperature
 from lightning_landscape.optim import EntropySGD
 
@@ -147,6 +148,7 @@ class GradientHooks:
     # ----------------------------------------------------------------- one step
     def reset(self) -> None:
         self.recording = False
+        self.failure: str | None = None  # why a hook could not measure a gradient this step
         self.small_sq: Tensor | float = 0.0
         self.inv_size = 0.0
         self.num_small = 0
@@ -154,9 +156,10 @@ class GradientHooks:
     def _hook(self, grad: Tensor) -> None:
         if self.recording and self.acc is not None:
             try:  # runs inside the user's backward: it must never raise there
-                self.acc += squared_norm(grad, self.acc.dtype)
-            except Exception:  # noqa: BLE001 - the step's estimate is NaN, training goes on
+                self.acc += squared_norm(grad, self.acc.dtype).to(self.acc.device)
+            except Exception as err:  # noqa: BLE001 - the step is skipped, training goes on
                 self.acc.fill_(math.nan)
+                self.failure = self.failure or why(err)
 
     def begin(self) -> None:
         """Record the coming backward pass."""
@@ -207,3 +210,18 @@ def loss_scale(trainer: pl.Trainer) -> float:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
         return 1.0
     return float(scaler.get_scale())
+
+
+def hook_failed(trainer: pl.Trainer, hooks: GradientHooks, small_sq: float) -> bool:
+    """True, with one warning, when a gradient hook failed on some rank this step (the sum
+    over ranks is then NaN): the step's noise scale is skipped."""
+    if math.isfinite(small_sq):
+        return False
+    _logging.warn_once(
+        trainer,
+        "noise-hook",
+        "NoiseTemperatureMonitor: a gradient could not be measured "
+        f"({hooks.failure or 'on another rank'}); the gradient noise scale is skipped at such "
+        "steps and training goes on.",
+    )
+    return True

@@ -18,6 +18,7 @@ from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_sharded import FlatGradientHooks, ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import (
     GradientHooks,
+    hook_failed,
     loss_scale,
     temperatures,
     warn_entropy_sgd,
@@ -206,10 +207,9 @@ class NoiseTemperatureMonitor(Callback):
             return
         units = flat_parameters_v1(fsdp_wrapper(trainer, pl_module) or pl_module)
         self._hooks = FlatGradientHooks() if units else GradientHooks()
-        single = trainer.world_size == 1 and (
+        if trainer.world_size == 1 and (
             pl_module.automatic_optimization and trainer.accumulate_grad_batches == 1
-        )
-        if single:
+        ):
             _logging.warn_once(
                 trainer,
                 "noise-no-source",
@@ -308,6 +308,8 @@ class NoiseTemperatureMonitor(Callback):
     def _noise(self, trainer: pl.Trainer, scale_back: int) -> dict[str, float]:
         """Fold this step's estimates into the EMA (a collective: every rank runs it)."""
         small_sq, inv_size, num, num_bad = self._hooks.reduce(len(self._sizes))
+        if hook_failed(trainer, self._hooks, small_sq):
+            return {}
         if num < 2:  # one backward on one device: a short last accumulation window, or manual
             if trainer.lightning_module.automatic_optimization:
                 return {}

@@ -416,3 +416,24 @@ def test_sparse_gradients_are_measured_like_dense_ones(tmp_path):
             assert math.isfinite(value) and logged[True][key][step] == pytest.approx(
                 value, rel=1e-9
             )
+
+
+def test_a_failing_gradient_hook_skips_the_step_and_warns(tmp_path, monkeypatch):
+    """The hook runs inside the user's backward: whatever goes wrong there, training goes on,
+    the step's noise scale is skipped (not the previous EMA logged again) and one warning says
+    why."""
+    from lightning_landscape.callbacks import _noise_step
+
+    def broken(grad, dtype):
+        raise RuntimeError("no norm here")
+
+    monkeypatch.setattr(_noise_step, "squared_norm", broken)
+    x, y = _data(16)
+    trainer = make_trainer(
+        tmp_path, [NoiseTemperatureMonitor()], max_epochs=1, accumulate_grad_batches=2
+    )
+    with pytest.warns(UserWarning, match=r"could not be measured \(RuntimeError: no norm here\)"):
+        trainer.fit(Regression(), DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = scalars(tmp_path)
+    assert sorted(logged["noise/temperature"]) == [0, 1]
+    assert "noise/gradient_noise_scale" not in logged
