@@ -248,12 +248,12 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
         )
     # 10 √ε, at least 1e-4: float64 models that compute parts in float32 (Hugging Face's
-    # RMSNorm, T5, Mamba) reach 5e-8; the fused weight norm gave 5e-3 to 1e-1
+    # RMSNorm, T5, Mamba) reach 5e-8; the fused weight norm gave 3e-4 (wav2vec2) to 1e-1
     tol = max(10 * torch.finfo(v.dtype).eps ** 0.5, 1e-4)
     if choice.asymmetry is not None and choice.asymmetry > tol:
         op.warn(
             "asymmetric",
-            f"Hessian-vector products by {choice.kind!r} are not symmetric: uᵀHv and vᵀHu "
+            "Hessian-vector products are not symmetric: uᵀHv and vᵀHu "
             f"differ by {choice.asymmetry:.1e} of their scale (round-off is below {tol:.1e}). "
             "Some operation's double backward is wrong (a custom autograd.Function whose "
             "backward uses tensors computed inside its forward, or a PyTorch kernel), so the "

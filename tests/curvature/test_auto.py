@@ -176,8 +176,13 @@ def test_the_trial_checks_the_products_for_symmetry(stale):
     op = HessianOperator(loss, model, batches, hvp="auto")
     op.warn = lambda kind, message: said.append((kind, message))
     v = torch.randn(op.dim, dtype=torch.float64, generator=g)
+    calls, local = [], op.local_products
+    op.local_products = lambda kind, Vt: calls.append(Vt.clone()) or local(kind, Vt)
     hv = op @ v
-    assert op.num_matvecs == 1  # the trial's product of v is v's product
+    # the trial's product of v is v's product: its last product is the symmetry check's (u)
+    assert torch.equal(calls[0][0], v) and not torch.equal(calls[-1][0], v)
+    op @ v
+    assert torch.equal(calls[-1][0], v)  # a later product is computed
     H = dense_hessian(loss, model, batches)
     # the (wrong, if stale) oracle: its rows are ∂g_i/∂w, a product is ∂(gᵀv)/∂w = Hᵀv
     assert torch.allclose(hv, H.T @ v, rtol=1e-12, atol=1e-14)

@@ -50,7 +50,7 @@ MODULES = {
     "LayerNorm no bias": (lambda: nn.LayerNorm(6, bias=False), X2),
     "GroupNorm": (lambda: nn.GroupNorm(1, 3), X4),
     "InstanceNorm2d": (lambda: nn.InstanceNorm2d(3, affine=True), X4),
-    "RMSNorm": (lambda: nn.RMSNorm(6), X2),
+    **({"RMSNorm": (lambda: nn.RMSNorm(6), X2)} if hasattr(nn, "RMSNorm") else {}),  # torch 2.4
     "weight_norm": (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(6, 4)), X2),
     "weight_norm (old API)": (_old_weight_norm, X2),
     # eval mode: in train mode every call runs a power-iteration step (another function)
@@ -94,7 +94,6 @@ FUNCTIONS = {
         (1, 2, 3, 4),
         (1, 2, 3, 4),
     ),  # fmt: skip
-    "grid_sample": (lambda x, g: F.grid_sample(x, g.tanh(), align_corners=False), X4, (2, 3, 3, 2)),
     "normalize": (lambda x: F.normalize(x, dim=-1), X2),
     "logsumexp": (lambda x: torch.logsumexp(x, -1), X2),
     "std": (lambda x: x.std(-1), X2),
@@ -111,6 +110,12 @@ FUNCTIONS = {
     "cumprod": (lambda x: x.cumprod(-1), X2),
     "rfft": (lambda x: torch.fft.rfft(x).abs(), X2),
 }
+if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none in torch 2.1
+    FUNCTIONS["grid_sample"] = (
+        lambda x, g: F.grid_sample(x, g.tanh(), align_corners=False),
+        X4,
+        (2, 3, 3, 2),
+    )
 RAISE = {
     "cdist": (lambda a, b: torch.cdist(a, b), X2, X2),
     "pdist": (lambda a: F.pdist(a), X2),
