@@ -224,7 +224,11 @@ def func_products(
 
 @contextlib.contextmanager
 def guard(
-    module: nn.Module | None, params: Sequence[Tensor], seed: int, graph_kernels: bool = False
+    module: nn.Module | None,
+    params: Sequence[Tensor],
+    seed: int,
+    graph_kernels: bool = False,
+    first_order: bool = False,
 ) -> Iterator[None]:
     """The context every product runs in: kernels with a double backward, a fixed RNG (same
     dropout masks every product: :func:`~lightning_landscape._core.random.fixed_rng`) with the
@@ -235,7 +239,8 @@ def guard(
     run eagerly; with ``graph_kernels`` (the graph kinds) convolutions whose double backward
     uses the standard kernels and eval-mode BatchNorm as an affine map (:mod:`.conv`); all
     restored on exit. Pass the module the loss calls: without it cuDNN is left
-    as it is.
+    as it is. ``first_order``: only gradients are taken inside (finite differences), so
+    activation checkpoints keep recomputing (reentrant ones run non-reentrant).
 
     Every buffer is swapped for a clone while inside, and the original tensor objects are put
     back afterwards: a train-mode forward updates the clones (BatchNorm running statistics), never
@@ -253,7 +258,7 @@ def guard(
         with (
             fixed_rng(seed, params),
             torch.enable_grad(),
-            twice_differentiable(module),
+            twice_differentiable(module, first_order=first_order),
             standard_convolutions(module if graph_kernels else None),
             affine_batch_norms(module if graph_kernels else None),
         ):

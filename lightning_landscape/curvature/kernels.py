@@ -31,10 +31,11 @@ during a whole measurement):
   incompatible with .grad()"); a non-reentrant one refuses ``torch.func`` ("saved tensor
   hooks") and, recomputing dropout inside a vmapped backward, vmap ("random operations inside
   of vmap"). During a measurement (the monitors) reentrant checkpoints run as non-reentrant
-  ones: gradients go through them and the memory saving stays. During Hessian products every
-  checkpoint runs as a plain call (:func:`plain_checkpoints`): the same function and values,
-  nothing recomputed, so a product's graphs hold those activations, within ``memory_budget``
-  (the batches are cut into smaller pieces when needed). A reentrant checkpoint whose inputs
+  ones: gradients go through them and the memory saving stays (so do the gradients of
+  finite differences, ``first_order``). During exact Hessian products every checkpoint runs as
+  a plain call (:func:`plain_checkpoints`): the same function and values, nothing recomputed,
+  so a product's graphs hold those activations, within ``memory_budget`` (the batches are cut
+  into smaller pieces when needed). A reentrant checkpoint whose inputs
   need no gradient runs without one, as in training (the parameters inside get none there).
 - **Weight normalization** (``nn.utils.parametrizations.weight_norm``, the older
   ``nn.utils.weight_norm``; HiFi-GAN, WaveNet, wav2vec 2.0's positional convolution): the fused
@@ -275,11 +276,15 @@ def uncompiled_submodules(module: nn.Module | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def twice_differentiable(module: nn.Module | None, *, attention: bool = True) -> Iterator[None]:
+def twice_differentiable(
+    module: nn.Module | None, *, attention: bool = True, first_order: bool = False
+) -> Iterator[None]:
     """Inside, forwards run through kernels that have a double backward (see the module
     docstring): math attention (unless ``attention=False``), cuDNN off when ``module`` holds a
-    CUDA RNN, compiled code eager, activation checkpoints as plain calls, weight
-    normalization and the hard sigmoid in plain operations, sparse embeddings dense. Everything is restored on exit, even on error.
+    CUDA RNN, compiled code eager, activation checkpoints as plain calls (with
+    ``first_order``, for gradients only, such as finite differences: reentrant ones as
+    non-reentrant ones, keeping their memory saving), weight normalization and the hard sigmoid
+    in plain operations, sparse embeddings dense. Everything is restored on exit, even on error.
 
     ``module`` is what the loss calls; without it (``None``) cuDNN is left as it is and, on torch
     < 2.6, compiled submodules cannot be found.
@@ -294,7 +299,7 @@ def twice_differentiable(module: nn.Module | None, *, attention: bool = True) ->
             stack.enter_context(math_attention())
         stack.enter_context(cudnn_off_for_rnns(module))
         stack.enter_context(eager(module))
-        stack.enter_context(plain_checkpoints())
+        stack.enter_context(non_reentrant_checkpoints() if first_order else plain_checkpoints())
         stack.enter_context(decomposed_ops())
         stack.enter_context(dense_embeddings(module))
         yield

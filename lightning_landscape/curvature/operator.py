@@ -313,7 +313,7 @@ class HessianOperator(LinearOperator):
         return acc
 
     def _differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:
-        with _hvp.guard(self.module, self.params, self.seed):
+        with _hvp.guard(self.module, self.params, self.seed, first_order=True):
             return _fd.differences(
                 self.loss_fn, self.params, self.batches, self.batch_sizes, Vt, checked,
                 self._fd.rel_step, self._cuda,
@@ -338,7 +338,7 @@ class HessianOperator(LinearOperator):
     def gradient(self) -> Tensor:
         """The gradient of the batch-averaged loss, reduced across ranks (a flat vector)."""
         self._split()
-        with _hvp.guard(self.module, self.params, self.seed):
+        with _hvp.guard(self.module, self.params, self.seed, first_order=True):
             return _batches.mean_gradient(
                 self.loss_fn, self.params, self.batches, batch_size_fn=self._size_fn,
                 distributed=self.distributed,

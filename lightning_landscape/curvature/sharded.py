@@ -157,7 +157,7 @@ class ShardedHessianOperator(LinearOperator):
         left at ``w``; the caller restores them)."""
         self.layout.set_(w)
         self.num_gradients += 1
-        with _hvp.guard(self.module, self.params, self.seed):
+        with _hvp.guard(self.module, self.params, self.seed, first_order=True):
             return self.passes.gradient(self.loss_fn, self.params)[1]
 
     def _products(self, Vt: Tensor, step: float, mean: list[Tensor] | None = None) -> Tensor:

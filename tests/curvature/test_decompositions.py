@@ -230,3 +230,26 @@ def test_sparse_embeddings_are_measured_as_dense_ones():
     assert sparse.emb.sparse  # put back
     F.cross_entropy(sparse(data[0][0]), data[0][1]).backward()
     assert sparse.emb.weight.grad.is_sparse  # training's gradients stay sparse
+
+
+def test_finite_differences_keep_checkpoints_recomputing(monkeypatch):
+    """Gradients alone (finite differences, sharded models) need no plain calls: checkpoints
+    keep their memory saving there, reentrant ones running as non-reentrant ones."""
+    model = Model(reentrant=True).double()
+    data = batches()
+    H = dense_hessian(lambda b: F.cross_entropy(by_hand(model, b[0]), b[1]), model, data)
+    seen = []
+    apply = kernels._NonReentrantCheckpoint.apply
+    monkeypatch.setattr(
+        kernels._NonReentrantCheckpoint,
+        "apply",
+        staticmethod(lambda *a: seen.append(1) or apply(*a)),
+    )
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    v = torch.randn(H.shape[0], dtype=D, generator=torch.Generator().manual_seed(6))
+    with HessianOperator(loss, model, data, hvp="finite_difference") as op:
+        assert torch.allclose(op @ v, H @ v, rtol=1e-6, atol=1e-8)
+        n = len(seen)
+        assert n > 0
+        op.gradient()
+        assert len(seen) > n
