@@ -212,16 +212,18 @@ def loss_scale(trainer: pl.Trainer) -> float:
     return float(scaler.get_scale())
 
 
-def hook_failed(trainer: pl.Trainer, hooks: GradientHooks, small_sq: float) -> bool:
-    """True, with one warning, when a gradient hook failed on some rank this step (the sum
-    over ranks is then NaN): the step's noise scale is skipped."""
+def hook_failed(trainer: pl.Trainer, hooks: Any, small_sq: float) -> bool:
+    """True when this step's small-batch sum (over ranks) is not finite: its noise scale is
+    skipped on every rank. Non-finite gradients (an fp16 overflow step) do that silently; a
+    hook that failed on this rank also warns once, saying why."""
     if math.isfinite(small_sq):
         return False
-    _logging.warn_once(
-        trainer,
-        "noise-hook",
-        "NoiseTemperatureMonitor: a gradient could not be measured "
-        f"({hooks.failure or 'on another rank'}); the gradient noise scale is skipped at such "
-        "steps and training goes on.",
-    )
+    failure = getattr(hooks, "failure", None)  # the sharded steps take no per-tensor hooks
+    if failure is not None:
+        _logging.warn_once(
+            trainer,
+            "noise-hook",
+            f"NoiseTemperatureMonitor: a gradient could not be measured ({failure}); the "
+            "gradient noise scale is skipped at such steps and training goes on.",
+        )
     return True

@@ -437,3 +437,14 @@ def test_a_failing_gradient_hook_skips_the_step_and_warns(tmp_path, monkeypatch)
     logged = scalars(tmp_path)
     assert sorted(logged["noise/temperature"]) == [0, 1]
     assert "noise/gradient_noise_scale" not in logged
+
+
+def test_non_finite_steps_are_skipped_quietly_unless_a_hook_failed():
+    """An fp16 overflow step (non-finite gradients) is skipped without a warning; the sharded
+    steps (FSDP2), which take no per-tensor hooks, too (they have no failure to report)."""
+    from lightning_landscape.callbacks._noise_sharded import ShardedGradientSteps
+    from lightning_landscape.callbacks._noise_step import GradientHooks, hook_failed
+
+    for hooks in (GradientHooks(), ShardedGradientSteps()):
+        assert not hook_failed(None, hooks, 1.0)
+        assert hook_failed(None, hooks, math.inf)  # no warning: would need the trainer

@@ -111,7 +111,7 @@ def test_everything_is_put_back():
     assert _swappable() == before
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("reentrant", [True, False, "composable"])
 def test_dropout_inside_checkpoints_in_vmapped_blocks(reentrant):
     """Train mode: a non-reentrant checkpoint would recompute its dropout inside the vmapped
     backward of a block ("random operations inside of vmap"); as plain calls the products equal
@@ -120,7 +120,13 @@ def test_dropout_inside_checkpoints_in_vmapped_blocks(reentrant):
     loss_of = lambda m: lambda b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
     plain = Model(reentrant=None, dropout=0.3).double().train()
     H = dense_hessian(loss_of(plain), plain, data, seed=4)
-    model = Model(reentrant=reentrant, dropout=0.3).double().train()
+    if reentrant == "composable":  # torch.distributed._composable.checkpoint (FSDP2 setups)
+        from torch.distributed._composable import checkpoint
+
+        model = Model(reentrant=None, dropout=0.3).double().train()
+        checkpoint(model.block)
+    else:
+        model = Model(reentrant=reentrant, dropout=0.3).double().train()
     V = torch.randn(H.shape[0], 4, dtype=D, generator=torch.Generator().manual_seed(5))
     for hvp in ("double_backward", "cached", "func"):
         with HessianOperator(loss_of(model), model, data, hvp=hvp, seed=4) as op:
@@ -146,14 +152,23 @@ def test_checkpoint_semantics_of_which_parameters_get_gradients_are_kept(reentra
     them gradients, and the Hessian has their rows."""
     model = FrozenInput(reentrant).double()
     data = batches()
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "None of the inputs have requires_grad=True"
-        F.cross_entropy(model(data[0][0]), data[0][1]).backward()
-        H = dense_hessian(lambda b: F.cross_entropy(model(b[0]), b[1]), model, data)
-    inside = model.first.weight.numel() + model.first.bias.numel()
+        loss(data[0]).backward()
+        H = dense_hessian(loss, model, data)
+        inside = model.first.weight.numel() + model.first.bias.numel()
+        v = torch.randn(H.shape[0], dtype=D, generator=torch.Generator().manual_seed(7))
+        # the parameters that training never moves: differences along them would see the
+        # forward change while autograd holds them constant (a user's bug torch warns about)
+        v[:inside] = 0.0
+        with HessianOperator(loss, model, data, hvp="finite_difference") as op:
+            g, hv = op.gradient(), op @ v  # gradients only: checkpoints run non-reentrant
     assert (model.first.weight.grad is None) == reentrant
     assert (H[:inside].abs().max() == 0) == reentrant
     assert H[inside:, inside:].abs().max() > 0
+    assert (g[:inside].abs().max() == 0) == reentrant
+    assert torch.allclose(hv, H @ v, rtol=1e-6, atol=1e-8)
 
 
 def test_same_values_and_gradients_as_the_fused_kernels():
