@@ -12,6 +12,9 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
 - an MLP compiled with ``torch.compile`` (inductor),
 - the same MLP under ``ModelParallelStrategy`` (FSDP2, world size 1: sharded vectors, finite
   differences),
+- the causal Transformer under a reentrant activation checkpoint (``autograd.grad`` refuses it;
+  products run it as a plain call), and an MLP with a weight-normalized layer (the fused weight
+  norm's double backward is wrong; products run it in plain operations),
 - the same MLP under ``FSDPStrategy`` (FSDP v1, world size 1, where FSDP keeps every parameter
   whole, ``NO_SHARD``: finite differences through the wrapper's forward and backward; in the
   CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``).
@@ -42,7 +45,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "callbacks"))
-from _models import TinyCausalLM, TinyLSTM, TinyMLP, sequence_data, token_data, vector_data  # noqa: E402
+from _models import (  # noqa: E402
+    CheckpointedLM,
+    TinyCausalLM,
+    TinyLSTM,
+    TinyMLP,
+    WeightNormMLP,
+    sequence_data,
+    token_data,
+    vector_data,
+)
 
 from lightning_landscape import HessianMonitor  # noqa: E402
 from lightning_landscape.curvature import dense_hessian  # noqa: E402
@@ -186,6 +198,18 @@ def main(argv=None) -> int:
                 vector_data(dtype=torch.float32),
                 accelerator,
                 twin=TinyMLP,
+            ),
+        ),
+        (
+            "checkpointed-transformer",
+            lambda: check_model(
+                "checkpointed-transformer", CheckpointedLM, token_data(), accelerator
+            ),
+        ),
+        (
+            "weightnorm-mlp",
+            lambda: check_model(
+                "weightnorm-mlp", WeightNormMLP, vector_data(dtype=torch.float32), accelerator
             ),
         ),
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),

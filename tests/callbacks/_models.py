@@ -57,6 +57,19 @@ class TinyCausalLM(_Base):
         return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
+class CheckpointedLM(TinyCausalLM):
+    """The encoder under a reentrant activation checkpoint (Hugging Face's
+    ``gradient_checkpointing_enable()`` default)."""
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length)
+        h = self.embed(tokens) + self.pos[:length]
+        run = lambda x: self.encoder(x, mask=mask, is_causal=True)  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=True)
+        return self.head(self.norm(h))
+
+
 class TinyLSTM(_Base):
     """An ``nn.LSTM`` (3 -> 3) over a sequence and a linear head on its last state; 3-class
     cross-entropy. 108 parameters."""
@@ -89,6 +102,15 @@ class TinyMLP(_Base):
     def loss(self, batch):
         x, y = batch
         return F.cross_entropy(self(x), y)
+
+
+class WeightNormMLP(TinyMLP):
+    """TinyMLP with its first layer weight-normalized (PyTorch's fused weight norm has a wrong
+    double backward; the products run it in plain operations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn.utils.parametrizations.weight_norm(self.net[0])
 
 
 def token_data(n: int = 24, seed: int = 0) -> TensorDataset:

@@ -17,6 +17,7 @@ from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMoni
 from lightning_landscape.curvature import dense_hessian
 
 from ._models import (
+    CheckpointedLM,
     TinyCausalLM,
     TinyLSTM,
     TinyMLP,
@@ -150,19 +151,6 @@ def test_compiled_mlp_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
         tmp_path, lambda: TinyMLP(compile="aot_eager").double(), vector_data(), hvp
     )
     assert isinstance(model.net, torch._dynamo.OptimizedModule)  # training keeps its compiled net
-
-
-class CheckpointedLM(TinyCausalLM):
-    """The encoder under a reentrant activation checkpoint (Hugging Face's
-    ``gradient_checkpointing_enable()`` default)."""
-
-    def forward(self, tokens):
-        length = tokens.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(length)
-        h = self.embed(tokens) + self.pos[:length]
-        run = lambda x: self.encoder(x, mask=mask, is_causal=True)  # noqa: E731
-        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=True)
-        return self.head(self.norm(h))
 
 
 def test_reentrant_activation_checkpoints_are_measured(tmp_path):
