@@ -134,38 +134,21 @@ def _swapped(attributes: Sequence[tuple[object, str, object]]) -> Iterator[None]
             setattr(owner, name, value)
 
 
-def _no_input_needs_grad(args: tuple) -> bool:
-    """A reentrant checkpoint's outputs need no grad when none of its inputs does (the
-    parameters inside then get no gradient in training)."""
-    return torch.is_grad_enabled() and not any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args
-    )
-
-
 class _NonReentrantCheckpoint:
     """Stands for ``torch.utils.checkpoint.CheckpointFunction`` (the reentrant checkpoint, which
     ``checkpoint`` looks up when called): a non-reentrant checkpoint, or a call without grad
-    when no input needs one (as the reentrant one gives)."""
+    when no input needs one (a reentrant checkpoint's outputs then need none: the parameters
+    inside get no gradient in training)."""
 
     @staticmethod
     def apply(function, preserve_rng_state, *args):
-        if _no_input_needs_grad(args):
+        needs = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if torch.is_grad_enabled() and not needs:
             with torch.no_grad():
                 return function(*args)
         return _checkpoint.checkpoint(
             function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
         )
-
-
-class _PlainReentrantCall:
-    """Stands for ``CheckpointFunction``: a plain call, without grad when no input needs one."""
-
-    @staticmethod
-    def apply(function, preserve_rng_state, *args):
-        if _no_input_needs_grad(args):
-            with torch.no_grad():
-                return function(*args)
-        return function(*args)
 
 
 def _no_recompute(*args, **kwargs):
@@ -181,8 +164,9 @@ def non_reentrant_checkpoints() -> contextlib.AbstractContextManager:
 
 def plain_checkpoints() -> contextlib.AbstractContextManager:
     """Run every activation checkpoint as a plain call while inside (see the module docstring):
-    products through it, vmapped or by ``torch.func``, with dropout or not."""
-    swaps = [(_checkpoint, "CheckpointFunction", _PlainReentrantCall)]
+    products through it, vmapped or by ``torch.func``, with dropout or not. Reentrant ones run
+    as non-reentrant ones, which the no-op generator makes plain calls."""
+    swaps = [(_checkpoint, "CheckpointFunction", _NonReentrantCheckpoint)]
     # the generator drives torch's non-reentrant checkpoint (torch >= 2.1) and the composable
     # ``torch.distributed._composable.checkpoint`` (FSDP2 setups), which imports it by name
     for name in ("torch.utils.checkpoint", "torch.distributed._composable.checkpoint_activation"):

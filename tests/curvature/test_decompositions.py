@@ -105,7 +105,8 @@ def test_everything_is_put_back():
         with twice_differentiable(None):  # nested, as in a monitor's measurement
             assert torch._weight_norm is kernels._weight_norm
             assert F.hardsigmoid is kernels._hardsigmoid
-            assert ckpt.CheckpointFunction is kernels._PlainReentrantCall
+            assert ckpt.CheckpointFunction is kernels._NonReentrantCheckpoint
+            assert ckpt._checkpoint_without_reentrant_generator is kernels._no_recompute
         assert ckpt.CheckpointFunction is outer is kernels._NonReentrantCheckpoint
         raise RuntimeError("boom")
     assert _swappable() == before
