@@ -7,7 +7,7 @@ Needs ``transformers`` (not a dependency of the package; install it next to torc
 does not replace the CPU torch). No download: models are built from configs.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/hf_models.py             # every model
-    PYTHONPATH=. python benchmarks/hf_models.py gpt2+checkpoint wav2vec2     # some
+    PYTHONPATH=. python benchmarks/hf_models.py gpt2+checkpoint wav2vec2-ctc # some
 
 Columns: parameters; per kind the relative distance ‖Hv − FD‖/‖FD‖ to central differences
 with a step of 1e-5 ‖w‖ (the FD's own error: about 1e-9 for a smooth float64 model, 1e-4 to
@@ -40,6 +40,21 @@ def cases(T, gen):  # noqa: N803 - the transformers module
         return {"pixel_values": x, "labels": torch.tensor([0, 2])}
 
     small = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+    speech = {
+        "num_hidden_layers": 1,
+        "conv_dim": (8, 8),
+        "conv_stride": (5, 2),
+        "conv_kernel": (10, 3),
+        "num_conv_pos_embeddings": 4,
+        "num_conv_pos_embedding_groups": 2,
+        "num_labels": 3,
+        "classifier_proj_size": 8,
+        **small,
+    }
+
+    def audio():
+        return torch.randn(2, 400, generator=gen, dtype=torch.float64)
+
     gpt2 = T.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     llama = T.LlamaConfig(
         num_hidden_layers=2,
@@ -106,23 +121,12 @@ def cases(T, gen):  # noqa: N803 - the transformers module
             image,
         ),
         "wav2vec2": (
-            lambda: T.Wav2Vec2ForSequenceClassification(
-                T.Wav2Vec2Config(
-                    num_hidden_layers=1,
-                    conv_dim=(8, 8),
-                    conv_stride=(5, 2),
-                    conv_kernel=(10, 3),
-                    num_conv_pos_embeddings=4,
-                    num_conv_pos_embedding_groups=2,
-                    num_labels=3,
-                    classifier_proj_size=8,
-                    **small,
-                )
-            ),
-            lambda: {
-                "input_values": torch.randn(2, 400, generator=gen, dtype=torch.float64),
-                "labels": torch.tensor([0, 2]),
-            },
+            lambda: T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(**speech)),
+            lambda: {"input_values": audio(), "labels": torch.tensor([0, 2])},
+        ),
+        "wav2vec2-ctc": (  # blank = pad token 0; labels padded with -100
+            lambda: T.Wav2Vec2ForCTC(T.Wav2Vec2Config(vocab_size=6, pad_token_id=0, **speech)),
+            lambda: {"input_values": audio(), "labels": torch.tensor([[1, 3, 3], [2, 5, -100]])},
         ),
     }
 

@@ -37,26 +37,21 @@ during a whole measurement):
   so a product's graphs hold those activations, within ``memory_budget`` (the batches are cut
   into smaller pieces when needed). A reentrant checkpoint whose inputs
   need no gradient runs without one, as in training (the parameters inside get none there).
-- **Weight normalization** (``nn.utils.parametrizations.weight_norm``, the older
-  ``nn.utils.weight_norm``; HiFi-GAN, WaveNet, wav2vec 2.0's positional convolution): the fused
-  ``_weight_norm_interface`` kernel has a double backward, but a wrong one (it holds the norms
-  fixed: ``gradgradcheck`` fails, and a 6-8-3 MLP's Hessian came out asymmetric by 0.25 with a
-  top eigenvalue 0.2 % off), and no forward AD. ``torch._weight_norm`` runs as
-  ``v * (g / norm_except_dim(v, 2, dim))``, PyTorch's own fallback in plain operations.
-- **Hard sigmoid** (``nn.Hardsigmoid``, ``F.hardsigmoid``; MobileNetV3's squeeze-excitation):
-  "derivative for aten::hardsigmoid_backward is not implemented". It runs as
-  ``relu6(x + 3) / 6``, the same function.
-
+- **Kernels without a (right) double backward** whose function is a short composition of
+  plain operations: weight normalization (the fused kernel's double backward is wrong,
+  silently), the hard sigmoid, embedding bags (``nn.EmbeddingBag``), the CTC loss
+  (``nn.CTCLoss``) and the multi-class margin loss run through those compositions during exact
+  products (:mod:`~lightning_landscape.curvature.decompositions`: each one, its cost, and the
+  measurements); first-order work keeps the kernels.
 - **Sparse embeddings** (``nn.Embedding(..., sparse=True)``, ``nn.EmbeddingBag(...,
   sparse=True)``; recommender models with ``SparseAdam``): their gradients are sparse tensors,
   which flat vectors cannot hold ("reshape is not implemented for sparse tensors"). They give
   dense gradients while inside (the same values).
 
-Ops with no double backward in any kernel (torch 2.13, CPU), which no switch can fix:
-``F.embedding_bag`` (``nn.EmbeddingBag``), ``F.ctc_loss``, ``F.multi_margin_loss``,
-``torch.cdist`` (except p=2 on more than 25 points, which goes through a matrix product),
-``F.pdist``, ``torch.segment_reduce``; on CUDA also,
-by PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
+Ops with no double backward in any kernel (torch 2.13, CPU), which no switch or rewrite here
+fixes: ``F.multilabel_margin_loss``, ``torch.cdist`` (except p=2 on more than 25 points, which
+goes through a matrix product), ``F.pdist``, ``torch.segment_reduce``; on CUDA also, by
+PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
 while cuDNN is on. A product through them raises "the derivative for '...' is not implemented";
 :func:`explain` turns that into a hint.
 
@@ -71,10 +66,10 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-import torch.nn.utils.weight_norm  # noqa: F401 - the module, for its ``_weight_norm``
 import torch.utils.checkpoint as _checkpoint
 from torch import nn
+
+from lightning_landscape.curvature import decompositions
 
 try:  # torch >= 2.2
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -176,26 +171,12 @@ def plain_checkpoints() -> contextlib.AbstractContextManager:
     return _swapped(swaps)
 
 
-def _weight_norm(v, g, dim=0):
-    return v * (g / torch.norm_except_dim(v, 2, dim))
-
-
-def _hardsigmoid(input, inplace=False):
-    out = F.relu6(input + 3) / 6
-    return input.copy_(out) if inplace else out
-
-
-_DECOMPOSED = (
-    (torch, "_weight_norm", _weight_norm),
-    (sys.modules["torch.nn.utils.weight_norm"], "_weight_norm", _weight_norm),
-    (F, "hardsigmoid", _hardsigmoid),
-)
-
-
 def decomposed_ops() -> contextlib.AbstractContextManager:
-    """Run weight normalization and the hard sigmoid through plain operations while inside (see
-    the module docstring): the same functions, with a correct double backward and forward AD."""
-    return _swapped(_DECOMPOSED)
+    """Run the operations of :mod:`~lightning_landscape.curvature.decompositions` (weight
+    normalization, the hard sigmoid, embedding bags, the CTC loss, the multi-class margin loss)
+    through plain operations while inside: the same functions, with a correct double backward
+    and forward AD."""
+    return _swapped(decompositions.DECOMPOSED)
 
 
 @contextlib.contextmanager
@@ -297,7 +278,8 @@ def twice_differentiable(
         stack.enter_context(cudnn_off_for_rnns(module))
         stack.enter_context(eager(module))
         stack.enter_context(non_reentrant_checkpoints() if first_order else plain_checkpoints())
-        stack.enter_context(decomposed_ops())
+        if not first_order:  # the kernels' first derivatives are right, and faster
+            stack.enter_context(decomposed_ops())
         stack.enter_context(dense_embeddings(module))
         yield
 

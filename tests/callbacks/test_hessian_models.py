@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import TensorDataset
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
 from lightning_landscape.curvature import dense_hessian
@@ -274,7 +275,8 @@ def test_half_precisions_measure_in_float32(tmp_path, precision):
 
 
 class BagModel(TinyMLP):
-    """An ``nn.EmbeddingBag``: no double backward in any PyTorch kernel."""
+    """An ``nn.EmbeddingBag`` feature: no double backward in any PyTorch kernel (the products
+    run it in plain operations)."""
 
     def __init__(self):
         super().__init__()
@@ -284,15 +286,62 @@ class BagModel(TinyMLP):
         return self.net(x) + self.bag((x[:, :2] > 0).long())
 
 
+def test_embedding_bags_are_measured(tmp_path):
+    """Before: ``"auto"`` fell back to finite differences ("the derivative for
+    '_embedding_bag_backward' is not implemented"); now exact, no warning."""
+    check_against_oracle(tmp_path, lambda: BagModel().double(), vector_data(), "auto")
+
+
+class TinyRecognizer(TinyMLP):
+    """Frames (n x 5 x 6) through the MLP to 3 symbols (blank 0) and ``nn.CTCLoss`` against
+    padded targets of 1-2 symbols."""
+
+    def __init__(self):
+        super().__init__()
+        self.ctc = nn.CTCLoss()
+
+    def loss(self, batch):
+        x, targets, lengths = batch
+        log_probs = self(x).log_softmax(-1).transpose(0, 1)  # T x n x 3
+        frames = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.ctc(log_probs, targets, frames, lengths)
+
+
+def utterances(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, 6, generator=g, dtype=torch.float64)
+    return TensorDataset(
+        x, torch.randint(1, 3, (n, 2), generator=g), torch.randint(1, 3, (n,), generator=g)
+    )
+
+
+def test_ctc_models_are_measured(tmp_path):
+    """Before: ``"auto"`` fell back to finite differences ("derivative for
+    aten::_ctc_loss_backward is not implemented"); now exact, no warning."""
+    check_against_oracle(tmp_path, lambda: TinyRecognizer().double(), utterances(), "auto")
+
+
+class PrototypeModel(TinyMLP):
+    """Distances to learned prototypes by ``torch.cdist`` (under 25 points: no double backward
+    in any PyTorch kernel, and no rewrite here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        return self.net(x) - torch.cdist(x.unsqueeze(1), self.prototypes.unsqueeze(0)).squeeze(1)
+
+
 def test_a_model_that_cannot_be_measured_warns_once_and_trains_on(tmp_path):
     # an exact kind asked for explicitly: with the default hvp="auto" this model is measured by
-    # finite differences instead (tests/callbacks/test_hessian.py covers that fallback)
+    # finite differences instead (tests/curvature/test_auto.py covers that fallback)
     mon = HessianMonitor(epochs=[0, 1, 2], trace=False, hvp="double_backward")
-    plain, _, _ = fit(tmp_path / "plain", lambda: BagModel().double(), vector_data())
-    model, _, caught = fit(tmp_path / "w", lambda: BagModel().double(), vector_data(), [mon])
+    plain, _, _ = fit(tmp_path / "plain", lambda: PrototypeModel().double(), vector_data())
+    model, _, caught = fit(tmp_path / "w", lambda: PrototypeModel().double(), vector_data(), [mon])
     failed = [m for m in caught if "HessianMonitor" in m]
     assert len(failed) == 1, failed  # once, with the cause and a hint; not "is the loss NaN"
-    assert "_embedding_bag_backward" in failed[0] and "cannot differentiate" in failed[0]
+    assert "_cdist_backward" in failed[0] and "cannot differentiate" in failed[0]
     assert len(mon.history) == 3
     assert all(math.isnan(h["hessian/eigenvalue_1"]) for h in mon.history)
     for a, b in zip(plain.parameters(), model.parameters(), strict=True):

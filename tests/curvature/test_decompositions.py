@@ -2,6 +2,7 @@
 embeddings: inside :func:`twice_differentiable` products through them equal the Hessian of the
 same function written by hand, for every exact kind, and everything is put back afterwards."""
 
+import math
 import sys
 import warnings
 
@@ -12,7 +13,7 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 from torch.autograd import gradgradcheck
 
-from lightning_landscape.curvature import HessianOperator, dense_hessian, kernels
+from lightning_landscape.curvature import HessianOperator, decompositions, dense_hessian, kernels
 from lightning_landscape.curvature.kernels import twice_differentiable
 
 D = torch.float64
@@ -95,7 +96,8 @@ def test_products_equal_the_hand_written_hessian(old_api, reentrant):
 
 def _swappable():
     return (torch._weight_norm, sys.modules["torch.nn.utils.weight_norm"]._weight_norm,
-            F.hardsigmoid, ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator)  # fmt: skip
+            F.hardsigmoid, torch.embedding_bag, torch.ctc_loss, F.multi_margin_loss,
+            ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator)  # fmt: skip
 
 
 def test_everything_is_put_back():
@@ -103,10 +105,12 @@ def test_everything_is_put_back():
     with pytest.raises(RuntimeError, match="boom"), kernels.non_reentrant_checkpoints():
         outer = ckpt.CheckpointFunction
         with twice_differentiable(None):  # nested, as in a monitor's measurement
-            assert torch._weight_norm is kernels._weight_norm
-            assert F.hardsigmoid is kernels._hardsigmoid
+            for owner, name, rewrite in decompositions.DECOMPOSED:
+                assert getattr(owner, name) is rewrite, name
             assert ckpt.CheckpointFunction is kernels._NonReentrantCheckpoint
             assert ckpt._checkpoint_without_reentrant_generator is kernels._no_recompute
+        with twice_differentiable(None, first_order=True):  # the kernels' gradients are right
+            assert _swappable()[:6] == before[:6]
         assert ckpt.CheckpointFunction is outer is kernels._NonReentrantCheckpoint
         raise RuntimeError("boom")
     assert _swappable() == before
@@ -269,3 +273,188 @@ def test_finite_differences_keep_checkpoints_recomputing(monkeypatch):
         assert n > 0
         op.gradient()
         assert len(seen) > n
+
+
+# Kernels with no double backward at all, rewritten: embedding bags, the CTC loss, the
+# multi-class margin loss. The oracle is the kernels' own gradient, by central differences.
+
+_IDS, _OFFSETS = torch.tensor([0, 2, 1, 3, 4, 4, 1]), torch.tensor([0, 2, 2, 5])  # an empty bag
+_TARGETS = torch.tensor([[1, 2, 2], [3, 0, -1], [4, 4, 1]])  # the padding can be anything
+_FLAT, _T_LENS, _IN_LENS = (
+    torch.tensor([1, 2, 2, 3, 4, 4]),
+    torch.tensor([3, 1, 2]),
+    torch.tensor([6, 5, 6]),
+)
+_Y, _W = torch.tensor([0, 3]), torch.tensor([0.5, 1.0, 2.0, 0.3, 1.5, 0.7], dtype=D)
+
+
+def _ctc(**kw):
+    targets = kw.pop("targets", _TARGETS)
+    t_lens = kw.pop("target_lengths", _T_LENS)
+    return lambda x: F.ctc_loss(x.log_softmax(-1), targets, _IN_LENS, t_lens, **kw)
+
+
+REWRITES = {
+    **{
+        f"bag {mode}{name}": (
+            lambda w, mode=mode, kw=kw: F.embedding_bag(_IDS, w, _OFFSETS, mode=mode, **kw),
+            (5, 3),
+        )
+        for mode in ("sum", "mean", "max")
+        for name, kw in {"": {}, " padding": {"padding_idx": 4}}.items()
+    },
+    "bag 2-D mean": (lambda w: F.embedding_bag(_IDS[:6].reshape(2, 3), w, mode="mean"), (5, 3)),
+    "bag last offset": (
+        lambda w: F.embedding_bag(_IDS, w, torch.tensor([0, 2, 5, 7]), include_last_offset=True),
+        (5, 3),
+    ),  # fmt: skip
+    "bag per-sample weights": (
+        lambda w, p: F.embedding_bag(_IDS, w, _OFFSETS, mode="sum", per_sample_weights=p),
+        (5, 3),
+        (7,),
+    ),
+    "ctc mean": (_ctc(), (6, 3, 5)),
+    "ctc sum": (_ctc(reduction="sum"), (6, 3, 5)),
+    "ctc none": (_ctc(reduction="none"), (6, 3, 5)),
+    "ctc concatenated": (_ctc(targets=_FLAT), (6, 3, 5)),
+    "ctc lengths as lists": (
+        lambda x: F.ctc_loss(x.log_softmax(-1), _FLAT, [6, 5, 6], [3, 1, 2]),
+        (6, 3, 5),
+    ),
+    "ctc blank 4": (_ctc(targets=_TARGETS % 4, blank=4), (6, 3, 5)),
+    "ctc empty target": (_ctc(target_lengths=torch.tensor([3, 0, 2])), (6, 3, 5)),
+    "ctc unbatched": (
+        lambda x: F.ctc_loss(x.log_softmax(-1), _FLAT[:2], torch.tensor(6), torch.tensor(2)),
+        (6, 5),
+    ),
+    "multi margin": (lambda x: F.multi_margin_loss(x, _Y), (2, 6)),
+    "multi margin p=2 weight": (
+        lambda x: F.multi_margin_loss(x, _Y, p=2, margin=0.7, weight=_W, reduction="none"),
+        (2, 6),
+    ),
+    "MultiMarginLoss sum": (lambda x: nn.MultiMarginLoss(reduction="sum")(x, _Y), (2, 6)),
+}
+
+
+@pytest.mark.parametrize("name", REWRITES)
+def test_rewrites_equal_the_kernels_and_differentiate_twice(name):
+    fn, *shapes = REWRITES[name]
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(*s, generator=g, dtype=D, requires_grad=True) for s in shapes]
+    out = fn(*xs)
+    grads = torch.autograd.grad(out.sum(), xs)
+    with kernels.decomposed_ops():
+        out2 = fn(*xs)
+        grads2 = torch.autograd.grad(out2.sum(), xs)
+        assert gradgradcheck(fn, tuple(xs))
+    assert out2.shape == out.shape
+    torch.testing.assert_close(out2, out, rtol=1e-13, atol=1e-14)
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_impossible_alignments_and_a_bad_last_offset():
+    x = torch.randn(3, 2, 5, dtype=D).log_softmax(-1)  # 3 frames cannot emit "1 1 1"
+    targets, lens = (
+        torch.tensor([[1, 1, 1], [1, 2, 0]]),
+        (torch.tensor([3, 3]), torch.tensor([3, 2])),
+    )
+    for zero_infinity in (False, True):
+        kernel = F.ctc_loss(x, targets, *lens, reduction="none", zero_infinity=zero_infinity)
+        with kernels.decomposed_ops():
+            rewrite = F.ctc_loss(x, targets, *lens, reduction="none", zero_infinity=zero_infinity)
+        assert rewrite[0] == (0.0 if zero_infinity else math.inf) == kernel[0]
+        torch.testing.assert_close(rewrite[1], kernel[1], rtol=1e-13, atol=0)
+    w = torch.randn(5, 3, dtype=D)
+    with kernels.decomposed_ops(), pytest.raises(ValueError, match="last offset"):
+        F.embedding_bag(_IDS, w, torch.tensor([0, 2, 5]), include_last_offset=True)
+
+
+class Recognizer(nn.Module):
+    """Per-frame features through an MLP to 5 symbols (blank 0) and the CTC loss, plus an
+    utterance-level ``nn.EmbeddingBag`` (max) of speaker tokens added to every frame."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frames = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5))
+        self.speaker = nn.EmbeddingBag(6, 5, mode="max")
+        self.ctc = nn.CTCLoss(zero_infinity=True)
+
+    def loss(self, batch):
+        x, speakers, targets, in_lens, t_lens = batch
+        logits = self.frames(x) + self.speaker(speakers).unsqueeze(0)  # T x N x 5
+        return self.ctc(logits.log_softmax(-1), targets, in_lens, t_lens)
+
+
+class TextClassifier(nn.Module):
+    """fastText-style: a mean ``nn.EmbeddingBag`` with padding and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.bag = nn.EmbeddingBag(8, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def loss(self, batch):
+        ids, y = batch
+        return F.cross_entropy(self.head(torch.tanh(self.bag(ids))), y)
+
+
+def _speech_batches():
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n in (3, 2):
+        x = torch.randn(7, n, 3, generator=g, dtype=D)
+        t_lens = torch.randint(1, 4, (n,), generator=g)
+        targets = torch.randint(1, 5, (int(t_lens.sum()),), generator=g)
+        out.append(
+            (x, torch.randint(0, 6, (n, 2), generator=g), targets, torch.full((n,), 7), t_lens)
+        )
+    return out
+
+
+def _text_batches():
+    g = torch.Generator().manual_seed(6)
+    return [(torch.randint(0, 8, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g))
+            for n in (6, 4)]  # fmt: skip
+
+
+def difference_hessian(model, batches, step=1e-5):
+    """Columns by central differences of the kernels' own gradients (float64), batch-weighted."""
+    params = list(model.parameters())
+    sizes = [b[1].shape[0] if b[0].dim() == 3 else b[0].shape[0] for b in batches]
+
+    def gradient():
+        g = 0
+        for b, n in zip(batches, sizes, strict=True):
+            g = g + n * torch.cat([x.flatten() for x in torch.autograd.grad(model.loss(b), params)])
+        return g / sum(sizes)
+
+    flat = torch.nn.utils.parameters_to_vector(params).detach()
+    cols = []
+    for j in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[j] = step
+        torch.nn.utils.vector_to_parameters(flat + e, params)
+        plus = gradient()
+        torch.nn.utils.vector_to_parameters(flat - e, params)
+        cols.append((plus - gradient()) / (2 * step))
+    torch.nn.utils.vector_to_parameters(flat, params)
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("make", [Recognizer, TextClassifier])
+def test_products_through_ctc_and_bags_equal_differences_of_the_kernels(make):
+    model = make().double()
+    data = _speech_batches() if make is Recognizer else _text_batches()
+    H = difference_hessian(model, data)
+    assert (H - H.T).abs().max() < 1e-7 * H.abs().max()
+    V = torch.randn(H.shape[0], 3, dtype=D, generator=torch.Generator().manual_seed(7))
+    size = (lambda b: b[0].shape[1]) if make is Recognizer else None
+    for hvp in ("double_backward", "cached", "func", "auto"):
+        with HessianOperator(model.loss, model, data, hvp=hvp, batch_size_fn=size) as op:
+            torch.testing.assert_close(op @ V, H @ V, rtol=1e-7, atol=1e-9, msg=hvp)
+            if hvp == "auto":
+                assert op.hvp_choice != "finite_difference"
+                assert not op.choice.failures, op.choice.failures

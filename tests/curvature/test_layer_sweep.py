@@ -35,6 +35,7 @@ class SelfAttention(nn.MultiheadAttention):
 
 
 X2, X3, X4, Y = (2, 6), (2, 3, 6), (2, 3, 5, 5), torch.tensor([0, 1])
+BAGS = torch.tensor([[0, 1, 1], [2, 4, 3]])
 MODULES = {
     "Linear": (lambda: nn.Linear(6, 4), X2),
     "Bilinear": (lambda: nn.Bilinear(6, 6, 3), X2, X2),
@@ -63,6 +64,10 @@ MODULES = {
     "GRU": (lambda: nn.GRU(3, 2, batch_first=True), (2, 4, 3)),
     "LSTM": (lambda: nn.LSTM(3, 2, batch_first=True), (2, 4, 3)),
     "Embedding": (lambda: nn.Embedding(5, 3), torch.tensor([[0, 1], [2, 4]])),
+    **{
+        f"EmbeddingBag {mode}": (lambda mode=mode: nn.EmbeddingBag(5, 3, mode=mode), BAGS)
+        for mode in ("sum", "mean", "max")
+    },
     **{
         name: (cls, X2)
         for name, cls in {
@@ -109,6 +114,11 @@ FUNCTIONS = {
     "poisson_nll": (lambda x, y: F.poisson_nll_loss(x, y), X2, (2, 6, "positive")),
     "cumprod": (lambda x: x.cumprod(-1), X2),
     "rfft": (lambda x: torch.fft.rfft(x).abs(), X2),
+    "ctc": (
+        lambda x: F.ctc_loss(x.log_softmax(-1), Y + 1, torch.tensor([4, 3]), torch.tensor([1, 1])),
+        (4, 2, 3),
+    ),  # fmt: skip
+    "multi_margin_loss": (lambda x: F.multi_margin_loss(x, Y), X2),
 }
 if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none in torch 2.1
     FUNCTIONS["grid_sample"] = (
@@ -119,7 +129,16 @@ if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none i
 RAISE = {
     "cdist": (lambda a, b: torch.cdist(a, b), X2, X2),
     "pdist": (lambda a: F.pdist(a), X2),
-    "multi_margin_loss": (lambda x: F.multi_margin_loss(x, Y), X2),
+    "multilabel_margin_loss": (
+        lambda x: F.multilabel_margin_loss(
+            x, torch.tensor([[1, 2, -1, 0, 0, 0], [0, -1, 0, 0, 0, 0]])
+        ),
+        X2,
+    ),  # fmt: skip
+    "segment_reduce": (
+        lambda x: torch.segment_reduce(x, "sum", lengths=torch.tensor([2, 4])),
+        (6,),
+    ),
 }
 
 
