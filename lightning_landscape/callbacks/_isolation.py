@@ -1,7 +1,8 @@
 """Measuring a LightningModule without disturbing its training.
 
 :func:`measuring` sets the module up for a measurement (eval or train mode, ``self.log``
-silenced, autocast off, half-precision parameters upcast to float32, the default dtype of
+silenced, autocast off (the user's own too), spectral norms without their power-iteration step,
+half-precision parameters upcast to float32, the default dtype of
 Lightning's "true" precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs, the
 marker ``module.landscape_measuring`` set) and restores afterwards, bit for bit: parameters,
 buffers (BatchNorm statistics), every module's train/eval flag, every RNG (CPU and CUDA), the
@@ -23,7 +24,9 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from lightning_landscape.curvature import kernels
 
@@ -135,6 +138,63 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(prior)
 
 
+_AUTOCAST = torch.amp.autocast_mode.autocast
+
+
+def _disable_autocast(device_type: str) -> None:
+    try:
+        torch.set_autocast_enabled(device_type, False)
+    except TypeError:  # pragma: no cover - torch < 2.4: one flag per device kind
+        (torch.set_autocast_cpu_enabled if device_type == "cpu" else torch.set_autocast_enabled)(
+            False
+        )
+
+
+@contextlib.contextmanager
+def autocast_off(device_type: str) -> Iterator[None]:
+    """Autocast off while inside, including the user's own: a ``torch.autocast`` entered inside
+    (in a ``training_step`` or ``forward``, as a context or a decorator) keeps its dtype and
+    cache settings but computes in full precision, as Lightning's mixed precisions are measured.
+    Its exit restores what was there before it, as usual."""
+    enter = _AUTOCAST.__enter__
+
+    def entered_off(self):
+        out = enter(self)
+        if not torch.jit.is_scripting():
+            _disable_autocast(self.device)
+        return out
+
+    with torch.autocast(device_type=device_type, enabled=False):
+        with kernels.attributes_swapped([(_AUTOCAST, "__enter__", entered_off)]):
+            yield
+
+
+def _frozen_call(self, module, inputs):
+    """Stands for the old ``nn.utils.spectral_norm`` hook: the weight from the current singular
+    vectors, without a power-iteration step."""
+    setattr(module, self.name, self.compute_weight(module, do_power_iteration=False))
+
+
+@contextlib.contextmanager
+def frozen_spectral_norms(module: nn.Module | None) -> Iterator[None]:
+    """Spectral normalization (``nn.utils.parametrizations.spectral_norm``, the older
+    ``nn.utils.spectral_norm``; GAN discriminators) takes no power-iteration step while inside,
+    in train mode too: every forward of a measurement then computes the same function, the
+    weight over the singular value its stored vectors give (in train mode each forward would
+    update them in place, a different operator at every product). The flags are put back."""
+    kind = getattr(parametrizations, "_SpectralNorm", ())
+    touched = [m for m in ([] if module is None else module.modules()) if isinstance(m, kind)]
+    touched = [m for m in touched if m.training]
+    try:
+        for m in touched:
+            m.training = False
+        with kernels.attributes_swapped([(SpectralNorm, "__call__", _frozen_call)]):
+            yield
+    finally:
+        for m in touched:
+            m.training = True
+
+
 @contextlib.contextmanager
 def measuring(
     module: pl.LightningModule, mode: Mode = "eval", default_dtype: torch.dtype | None = None
@@ -163,6 +223,7 @@ def measuring(
     marked = {name: module.__dict__[name] for name in (MARKER,) if name in module.__dict__}
     module.__dict__[MARKER] = True
     try:
+        module.train(mode == "train")  # first: the contexts below set some modules' flags
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
             stack.enter_context(_default_dtype(default_dtype))
@@ -170,13 +231,13 @@ def measuring(
             stack.enter_context(kernels.cudnn_off_for_rnns(module))
             stack.enter_context(kernels.non_reentrant_checkpoints())
             stack.enter_context(kernels.dense_embeddings(module))
+            stack.enter_context(frozen_spectral_norms(module))
             if device_type in ("cuda", "cpu"):
-                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+                stack.enter_context(autocast_off(device_type))
             for p in half_data:
                 p.data = p.data.float()
             for b in half_bufs:
                 b.data = b.data.float()
-            module.train(mode == "train")
             yield
     finally:
         undo_log()

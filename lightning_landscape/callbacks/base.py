@@ -86,8 +86,10 @@ class LandscapeMonitor(Callback):
     During a measurement the module runs as Lightning runs it in training, with what a
     measurement needs on top: the fixed batches go through the precision plugin's conversion
     (``64-true`` with float32 data works), the default dtype of the "true" precisions is set,
-    autocast is off (mixed precisions are measured in float32) and half-precision parameters are
-    upcast to float32; torch.compile'd code runs eagerly, cuDNN is off for CUDA RNNs and
+    autocast is off, also one the module enters itself (mixed precisions are measured in
+    float32), half-precision parameters are upcast to float32 and spectral norms take no
+    power-iteration step (one function in train mode); torch.compile'd code runs eagerly, cuDNN
+    is off for CUDA RNNs and
     Hessian-vector products route attention through its math kernel
     (:mod:`lightning_landscape.curvature.kernels`).
 

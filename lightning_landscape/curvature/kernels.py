@@ -116,7 +116,7 @@ def cudnn_off_for_rnns(module: nn.Module | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _swapped(attributes: Sequence[tuple[object, str, object]]) -> Iterator[None]:
+def attributes_swapped(attributes: Sequence[tuple[object, str, object]]) -> Iterator[None]:
     """Set ``owner.name = value`` for each triple while inside; put the originals back on exit
     (nested use is fine)."""
     prior = [(owner, name, getattr(owner, name)) for owner, name, _ in attributes]
@@ -154,7 +154,7 @@ def _no_recompute(*args, **kwargs):
 def non_reentrant_checkpoints() -> contextlib.AbstractContextManager:
     """Run reentrant activation checkpoints as non-reentrant ones while inside (see the module
     docstring): gradients with ``inputs`` and double backward go through them."""
-    return _swapped([(_checkpoint, "CheckpointFunction", _NonReentrantCheckpoint)])
+    return attributes_swapped([(_checkpoint, "CheckpointFunction", _NonReentrantCheckpoint)])
 
 
 def plain_checkpoints() -> contextlib.AbstractContextManager:
@@ -168,7 +168,7 @@ def plain_checkpoints() -> contextlib.AbstractContextManager:
         owner = sys.modules.get(name)
         if hasattr(owner, "_checkpoint_without_reentrant_generator"):
             swaps.append((owner, "_checkpoint_without_reentrant_generator", _no_recompute))
-    return _swapped(swaps)
+    return attributes_swapped(swaps)
 
 
 def decomposed_ops() -> contextlib.AbstractContextManager:
@@ -176,7 +176,7 @@ def decomposed_ops() -> contextlib.AbstractContextManager:
     normalization, the hard sigmoid, embedding bags, the CTC loss, the multi-class margin loss)
     through plain operations while inside: the same functions, with a correct double backward
     and forward AD."""
-    return _swapped(decompositions.DECOMPOSED)
+    return attributes_swapped(decompositions.DECOMPOSED)
 
 
 @contextlib.contextmanager

@@ -321,6 +321,60 @@ def test_ctc_models_are_measured(tmp_path):
     check_against_oracle(tmp_path, lambda: TinyRecognizer().double(), utterances(), "auto")
 
 
+class SelfCastMLP(TinyMLP):
+    """Mixed precision by hand: the training step enters bfloat16 autocast itself."""
+
+    def training_step(self, batch, batch_idx):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().training_step(batch, batch_idx)
+
+
+def test_the_modules_own_autocast_is_measured_in_float32(tmp_path):
+    """Before: the measurement ran in bfloat16 (1e-2 off); now as Lightning's mixed precisions."""
+    data = vector_data(dtype=torch.float32)
+    fixed = [data[:8]]
+    mon = HessianMonitor(epochs=[2], trace=False, num_batches=1, dataloader=fixed, tol=1e-8)
+    plain, _, _ = fit(tmp_path / "plain", SelfCastMLP, data, logger=False)
+    model, _, caught = fit(tmp_path / "w", SelfCastMLP, data, [mon], logger=False)
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    model = model.double().eval()
+    batches = [tuple(x.double() if x.is_floating_point() else x for x in b) for b in fixed]
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, batches))
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-4)
+
+
+class SpectralNormMLP(TinyMLP):
+    """Both layers spectrally normalized (the new API and the old one), as GAN discriminators."""
+
+    def __init__(self):
+        super().__init__()
+        nn.utils.parametrizations.spectral_norm(self.net[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the old API is deprecated
+            nn.utils.spectral_norm(self.net[2])
+
+
+def test_spectral_norms_in_train_mode_are_one_function(tmp_path):
+    """A train-mode measurement: each forward would take a power-iteration step in place, so
+    every product would be of another operator. The singular vectors are held: the monitor's
+    value is the Hessian at those vectors (what eval mode computes), training bit-identical."""
+    fixed = [vector_data()[:8]]
+    mon = HessianMonitor(
+        epochs=[1], trace=False, num_batches=1, dataloader=fixed, tol=1e-10, mode="train"
+    )
+    make = lambda: SpectralNormMLP().double()  # noqa: E731
+    plain, _, _ = fit(tmp_path / "plain", make, vector_data(), max_epochs=1)
+    model, _, caught = fit(tmp_path / "w", make, vector_data(), [mon], max_epochs=1)
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the singular vectors too
+    model.eval()
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-8)
+
+
 class PrototypeModel(TinyMLP):
     """Distances to learned prototypes by ``torch.cdist`` (under 25 points: no double backward
     in any PyTorch kernel, and no rewrite here)."""

@@ -109,3 +109,54 @@ def test_changed_plain_attributes_are_named():
         "count (0 → 2)",
         "extra (absent → 'new')",
     ]
+
+
+class SelfCast(torch.nn.Module):
+    """Enters autocast itself, as a context (bfloat16) and as a decorator (the same instance
+    every call, as ``@torch.autocast(...)`` on a method is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = self.lin(x)
+        return a, self.decorated(x)
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def decorated(self, x):
+        return self.lin(x)
+
+
+def test_the_modules_own_autocast_is_off_inside_and_back_after():
+    model, x = SelfCast(), torch.randn(2, 4)
+    assert [y.dtype for y in model(x)] == [torch.bfloat16] * 2
+    with measuring(model):
+        a, b = model(x)
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, model.lin(x), rtol=0, atol=0)
+        assert not torch.is_autocast_enabled("cpu")  # its exit put back what was before it
+    assert [y.dtype for y in model(x)] == [torch.bfloat16] * 2
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_spectral_norms_take_no_power_iteration_step_inside():
+    """In train mode every forward would update the singular vectors in place: another function
+    at every product. Inside, both APIs keep them; the flags come back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(4, 5)),
+        torch.nn.utils.spectral_norm(torch.nn.Linear(5, 3)),
+    )
+    x = torch.randn(2, 4)
+    vectors = lambda: [b.clone() for n, b in model.named_buffers() if "_u" in n or "_v" in n]  # noqa: E731
+    before = vectors()
+    with measuring(model, "train"):
+        first = model(x)
+        assert torch.equal(model(x), first)
+        assert all(torch.equal(a, b) for a, b in zip(vectors(), before, strict=True))
+    assert all(m.training for m in model.modules())
+    model(x)
+    assert not any(torch.equal(a, b) for a, b in zip(vectors(), before, strict=True))
