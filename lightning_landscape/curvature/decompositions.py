@@ -32,6 +32,13 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   nodes; slower than the fused kernel on long inputs), memory T x N x (2S+1).
 - ``F.multi_margin_loss``: "derivative for aten::multi_margin_loss_backward is not implemented".
   Runs as ``sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C``, reduced.
+- ``torch.cdist`` (except where PyTorch takes its matrix-product route: p = 2 with more than 25
+  rows on a side) and ``F.pdist``: "derivative for aten::_cdist_backward is not implemented"
+  (``_pdist_backward``); prototypical networks, metric-learning losses. For p in {1, 2, inf}
+  they run as norms of the differences, with the kernels' derivative 0 at a zero difference
+  (the diagonal of ``cdist(x, x)``; the Hessian of a norm does not exist there, and this takes
+  0 for it); other orders keep the kernel. Memory: the r1 x r2 x d differences (n^2 d / 2 for
+  ``pdist``).
 
 Each rewrite is tested against the kernel (values and gradients) and by ``gradgradcheck`` in
 ``tests/curvature/test_decompositions.py`` and ``tests/curvature/test_layer_sweep.py``.
@@ -39,6 +46,7 @@ Each rewrite is tested against the kernel (values and gradients) and by ``gradgr
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -199,6 +207,48 @@ def _multi_margin_loss(
     return loss if input.dim() > 1 else loss.squeeze(0)
 
 
+_CDIST, _PDIST = torch.functional.cdist, torch.pdist  # the originals
+_NORMS = (1.0, 2.0, math.inf)  # the orders rewritten (others keep the kernel)
+
+
+def _norm(diff: Tensor, p: float) -> Tensor:
+    """``vector_norm(diff, p, -1)`` with the kernels' derivative 0 at a zero difference (a
+    coincident pair, as the diagonal of ``cdist(x, x)``), where ``sqrt`` would give NaN."""
+    if p == 1:
+        return diff.abs().sum(-1)
+    if p == math.inf:
+        return diff.abs().amax(-1)
+    square = diff.square().sum(-1)
+    apart = square > 0
+    return torch.where(apart, torch.where(apart, square, 1.0).sqrt(), 0.0)
+
+
+def _cdist(
+    x1: Tensor,
+    x2: Tensor,
+    p: float = 2.0,
+    compute_mode: str = "use_mm_for_euclid_dist_if_necessary",
+) -> Tensor:
+    """``torch.cdist``: where PyTorch would take the matrix-product route (p = 2 with more than
+    25 rows, or asked for), the kernel itself, which has a double backward; otherwise the norms
+    of the differences (memory: the ... x r1 x r2 x d differences)."""
+    product = compute_mode == "use_mm_for_euclid_dist" or (
+        compute_mode == "use_mm_for_euclid_dist_if_necessary"
+        and max(x1.shape[-2], x2.shape[-2]) > 25
+    )
+    if float(p) not in _NORMS or (p == 2 and product):
+        return _CDIST(x1, x2, p, compute_mode)
+    return _norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), float(p))
+
+
+def _pdist(input: Tensor, p: float = 2.0) -> Tensor:
+    """``F.pdist``: the norms of the differences of the pairs above the diagonal."""
+    if float(p) not in _NORMS:
+        return _PDIST(input, p)
+    i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return _norm(input[i] - input[j], float(p))
+
+
 DECOMPOSED = (
     (torch, "_weight_norm", _weight_norm),
     (sys.modules["torch.nn.utils.weight_norm"], "_weight_norm", _weight_norm),
@@ -206,4 +256,7 @@ DECOMPOSED = (
     (torch, "embedding_bag", _embedding_bag),
     (torch, "ctc_loss", _ctc_loss),
     (F, "multi_margin_loss", _multi_margin_loss),
+    (torch, "cdist", _cdist),
+    (torch, "pdist", _pdist),
+    (F, "pdist", _pdist),
 )

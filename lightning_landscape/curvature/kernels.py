@@ -40,7 +40,8 @@ during a whole measurement):
 - **Kernels without a (right) double backward** whose function is a short composition of
   plain operations: weight normalization (the fused kernel's double backward is wrong,
   silently), the hard sigmoid, embedding bags (``nn.EmbeddingBag``), the CTC loss
-  (``nn.CTCLoss``) and the multi-class margin loss run through those compositions during exact
+  (``nn.CTCLoss``), the multi-class margin loss and pairwise distances (``torch.cdist``,
+  ``F.pdist``, for p in {1, 2, inf}) run through those compositions during exact
   products (:mod:`~lightning_landscape.curvature.decompositions`: each one, its cost, and the
   measurements); first-order work keeps the kernels.
 - **Sparse embeddings** (``nn.Embedding(..., sparse=True)``, ``nn.EmbeddingBag(...,
@@ -49,11 +50,10 @@ during a whole measurement):
   dense gradients while inside (the same values).
 
 Ops with no double backward in any kernel (torch 2.13, CPU), which no switch or rewrite here
-fixes: ``F.multilabel_margin_loss``, ``torch.cdist`` (except p=2 on more than 25 points, which
-goes through a matrix product), ``F.pdist``, ``torch.segment_reduce``; on CUDA also, by
-PyTorch's dispatch rules (not measured here), ``F.grid_sample`` with ``align_corners=True``
-while cuDNN is on. A product through them raises "the derivative for '...' is not implemented";
-:func:`explain` turns that into a hint.
+fixes: ``F.multilabel_margin_loss``, ``torch.cdist`` and ``F.pdist`` for p outside {1, 2, inf},
+``torch.segment_reduce``; on CUDA also, by PyTorch's dispatch rules (not measured here),
+``F.grid_sample`` with ``align_corners=True`` while cuDNN is on. A product through them raises
+"the derivative for '...' is not implemented"; :func:`explain` turns that into a hint.
 
 All of this is process-global state (backend flags, the compiler stance) restored on exit, so
 products must not run concurrently with training in another thread.

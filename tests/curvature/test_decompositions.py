@@ -3,7 +3,6 @@ embeddings: inside :func:`twice_differentiable` products through them equal the 
 same function written by hand, for every exact kind, and everything is put back afterwards."""
 
 import math
-import sys
 import warnings
 
 import pytest
@@ -95,9 +94,8 @@ def test_products_equal_the_hand_written_hessian(old_api, reentrant):
 
 
 def _swappable():
-    return (torch._weight_norm, sys.modules["torch.nn.utils.weight_norm"]._weight_norm,
-            F.hardsigmoid, torch.embedding_bag, torch.ctc_loss, F.multi_margin_loss,
-            ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator)  # fmt: skip
+    rewritten = tuple(getattr(owner, name) for owner, name, _ in decompositions.DECOMPOSED)
+    return (*rewritten, ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator)
 
 
 def test_everything_is_put_back():
@@ -110,7 +108,7 @@ def test_everything_is_put_back():
             assert ckpt.CheckpointFunction is kernels._NonReentrantCheckpoint
             assert ckpt._checkpoint_without_reentrant_generator is kernels._no_recompute
         with twice_differentiable(None, first_order=True):  # the kernels' gradients are right
-            assert _swappable()[:6] == before[:6]
+            assert _swappable()[:-2] == before[:-2]
         assert ckpt.CheckpointFunction is outer is kernels._NonReentrantCheckpoint
         raise RuntimeError("boom")
     assert _swappable() == before
@@ -327,6 +325,17 @@ REWRITES = {
         lambda x: F.ctc_loss(x.log_softmax(-1), _FLAT[:2], torch.tensor(6), torch.tensor(2)),
         (6, 5),
     ),
+    "cdist": (lambda a, b: torch.cdist(a, b), (4, 3), (5, 3)),
+    "cdist with itself": (lambda a: torch.cdist(a, a), (4, 3)),  # zero diagonal
+    "cdist batched p=1": (lambda a, b: torch.cdist(a, b, p=1), (2, 4, 3), (2, 5, 3)),
+    "cdist p=inf": (lambda a, b: torch.cdist(a, b, p=math.inf), (4, 3), (5, 3)),
+    "cdist no mm, 30 rows": (
+        lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"),
+        (30, 3),
+        (2, 3),
+    ),
+    "pdist": (lambda a: F.pdist(a), (5, 3)),
+    "pdist p=1": (lambda a: torch.pdist(a, p=1), (5, 3)),
     "multi margin": (lambda x: F.multi_margin_loss(x, _Y), (2, 6)),
     "multi margin p=2 weight": (
         lambda x: F.multi_margin_loss(x, _Y, p=2, margin=0.7, weight=_W, reduction="none"),
@@ -387,6 +396,22 @@ class Recognizer(nn.Module):
         return self.ctc(logits.log_softmax(-1), targets, in_lens, t_lens)
 
 
+class PrototypeNet(nn.Module):
+    """Logits from negative squared distances to learned prototypes (``torch.cdist``, fewer than
+    25 rows: no double backward in PyTorch's kernel), and a ``pdist`` spread term."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+        self.prototypes = nn.Parameter(torch.randn(3, 4))
+
+    def loss(self, batch):
+        x, y = batch
+        logits = -torch.cdist(self.embed(x), self.prototypes).square()
+        return F.cross_entropy(logits, y) - 0.1 * F.pdist(self.prototypes).mean()
+
+
 class TextClassifier(nn.Module):
     """fastText-style: a mean ``nn.EmbeddingBag`` with padding and a linear head."""
 
@@ -444,10 +469,11 @@ def difference_hessian(model, batches, step=1e-5):
     return torch.stack(cols, 1)
 
 
-@pytest.mark.parametrize("make", [Recognizer, TextClassifier])
+@pytest.mark.parametrize("make", [Recognizer, TextClassifier, PrototypeNet])
 def test_products_through_ctc_and_bags_equal_differences_of_the_kernels(make):
     model = make().double()
-    data = _speech_batches() if make is Recognizer else _text_batches()
+    data = {Recognizer: _speech_batches, TextClassifier: _text_batches, PrototypeNet: batches}
+    data = data[make]()
     H = difference_hessian(model, data)
     assert (H - H.T).abs().max() < 1e-7 * H.abs().max()
     V = torch.randn(H.shape[0], 3, dtype=D, generator=torch.Generator().manual_seed(7))

@@ -119,6 +119,8 @@ FUNCTIONS = {
         (4, 2, 3),
     ),  # fmt: skip
     "multi_margin_loss": (lambda x: F.multi_margin_loss(x, Y), X2),
+    "cdist": (lambda a, b: torch.cdist(a, b), X2, X2),
+    "pdist": (lambda a: F.pdist(a), X2),
 }
 if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none in torch 2.1
     FUNCTIONS["grid_sample"] = (
@@ -127,8 +129,7 @@ if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none i
         (2, 3, 3, 2),
     )
 RAISE = {
-    "cdist": (lambda a, b: torch.cdist(a, b), X2, X2),
-    "pdist": (lambda a: F.pdist(a), X2),
+    "cdist p=3": (lambda a, b: torch.cdist(a, b, p=3), X2, X2),
     "multilabel_margin_loss": (
         lambda x: F.multilabel_margin_loss(
             x, torch.tensor([[1, 2, -1, 0, 0, 0], [0, -1, 0, 0, 0, 0]])
