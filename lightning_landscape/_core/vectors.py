@@ -17,7 +17,8 @@ def resolve_params(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
             tensors that require grad.
 
     Raises:
-        TypeError: if ``params`` is neither, or holds something that is not a tensor.
+        TypeError: if ``params`` is neither, or holds something that is not a tensor, or a
+            complex tensor (:func:`check_real`).
         ValueError: if it is empty or a tensor does not require grad.
     """
     if isinstance(params, nn.Module):
@@ -40,7 +41,26 @@ def resolve_params(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
         )
     if not out:
         raise ValueError("`params` holds no trainable tensor.")
+    check_real(out)
     return out
+
+
+def check_real(params: Sequence[Tensor]) -> None:
+    """Refuse complex parameters (Fourier neural operators' spectral weights, say).
+
+    Raises:
+        TypeError: naming the first complex tensor: the estimators work in a real vector space,
+            and a complex tensor would be flattened into a complex vector (whose Lanczos is not
+            the real Hessian's) or cast to real (losing its imaginary part).
+    """
+    for i, p in enumerate(params):
+        if p.is_complex():
+            raise TypeError(
+                f"`params[{i}]` is complex ({p.dtype}, shape {tuple(p.shape)}): the curvature and "
+                "landscape estimators take real parameters only; hold the real and imaginary "
+                "parts as two real parameters (torch.complex(re, im) in the forward) to measure "
+                "this model."
+            )
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -71,6 +91,7 @@ class ParamVector:
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
+        check_real(self.params)
         self.dim = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from lightning_landscape._core.vectors import check_real
+from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.curvature import kernels
 
 Mode = Literal["eval", "train"]
@@ -193,6 +195,17 @@ def frozen_spectral_norms(module: nn.Module | None) -> Iterator[None]:
     finally:
         for m in touched:
             m.training = True
+
+
+def complex_refusal(module: nn.Module) -> SetupError | None:
+    """The refusal of a module with complex trainable parameters (as :func:`check_real` words
+    it), returned for the monitor to log NaN and warn once (the same on every rank), or None."""
+    try:
+        check_real([p for p in module.parameters() if p.requires_grad])
+    except TypeError as err:
+        names = [n for n, p in module.named_parameters() if p.requires_grad and p.is_complex()]
+        return SetupError(f"complex parameters {names[:3]} cannot be measured: {err}")
+    return None
 
 
 @contextlib.contextmanager

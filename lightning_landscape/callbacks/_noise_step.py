@@ -196,10 +196,13 @@ class GradientHooks:
 
 def squared_norm(grad: Tensor, dtype: torch.dtype) -> Tensor:
     """|g|² of a dense or a sparse COO gradient (``nn.Embedding(sparse=True)``; its repeated
-    indices are summed first)."""
+    indices are summed first); a complex one counts its real and imaginary parts (PyTorch's
+    gradient of a complex weight is ∂L/∂re + i ∂L/∂im)."""
     grad = grad.detach()
     if grad.is_sparse:
         grad = grad.coalesce().values()
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
     return torch.linalg.vector_norm(grad, dtype=dtype).square()
 
 

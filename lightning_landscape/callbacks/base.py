@@ -30,6 +30,7 @@ from lightning_landscape.callbacks._isolation import (
     MARKER,
     Mode,
     cast_batch,
+    complex_refusal,
     counted,
     forward_dtype,
     measurement_dtype,
@@ -286,7 +287,8 @@ class LandscapeMonitor(Callback):
         wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
         upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
-        refusal = sharded_refusal(wrapper, pl_module, type(self).__name__, upcast)
+        name = type(self).__name__
+        refusal = sharded_refusal(wrapper, pl_module, name, upcast) or complex_refusal(pl_module)
         before = plain_attributes(pl_module) if self.loss_fn is None else None
         calls = [0]
         start = time.perf_counter()
@@ -326,8 +328,7 @@ class LandscapeMonitor(Callback):
                 if is_distributed() and err is not refusal:
                     # A failure on one rank only (out of memory, say) would leave the others
                     raise  # waiting in a collective forever: stop the run rather than hang it
-                # Once per fit and kind of failure: a model that cannot be measured fails alike
-                # at every measurement.
+                # once per fit and kind: a model that cannot be measured fails at every measurement
                 _logging.warn_once(
                     trainer,
                     f"{type(self).__name__}-failed-{type(err).__name__}-{str(err)[:80]}",
@@ -340,9 +341,7 @@ class LandscapeMonitor(Callback):
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
         if before is not None:
-            warn_side_effects(
-                trainer, type(self).__name__, before, plain_attributes(pl_module), calls[0]
-            )
+            warn_side_effects(trainer, name, before, plain_attributes(pl_module), calls[0])
         if not failed:  # a failure was warned about above, with its cause
             _logging.warn_non_finite(trainer, type(self).__name__, metrics, step, ctx.explained)
         _logging.log_scalars(trainer, metrics, step)

@@ -39,10 +39,18 @@ def test_resolve_params_refusals():
         ([trainable, torch.zeros(2)], ValueError, "`params[1]` does not require grad."),
         ([], ValueError, "`params` holds no trainable tensor."),
         (frozen, ValueError, "`params` holds no trainable tensor."),
+        (
+            [trainable, torch.zeros(2, 3, dtype=torch.cfloat, requires_grad=True)],
+            TypeError,
+            "`params[1]` is complex (torch.complex64, shape (2, 3)): the curvature and landscape "
+            "estimators take real parameters only",
+        ),
     ]
     for params, error, message in cases:
         with pytest.raises(error, match=re.escape(message)):
             resolve_params(params)
+    with pytest.raises(TypeError, match=re.escape("`params[0]` is complex")):
+        ParamVector([torch.zeros(2, dtype=torch.cdouble)])
 
 
 def test_flatten_unflatten_round_trip_with_views_and_a_leading_batch():

@@ -113,6 +113,35 @@ class WeightNormMLP(TinyMLP):
         nn.utils.parametrizations.weight_norm(self.net[0])
 
 
+class Fourier(pl.LightningModule):
+    """A Fourier layer (FNO-style): low modes scaled by weights held as one complex parameter,
+    or as its real and imaginary parts (``pairs``); the same model and training either way."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        torch.manual_seed(0)
+        w = torch.randn(2, 3, dtype=torch.cdouble)
+        self.pairs = pairs
+        if pairs:
+            self.re, self.im = nn.Parameter(w.real.clone()), nn.Parameter(w.imag.clone())
+        else:
+            self.w = nn.Parameter(w)
+        self.head = nn.Linear(8, 1).double()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        w = torch.complex(self.re, self.im) if self.pairs else self.w
+        modes = torch.fft.rfft(x)[..., :3] * w
+        out = torch.fft.irfft(F.pad(modes, (0, 2)), n=8).sum(1)
+        return F.mse_loss(self.head(out).squeeze(-1), y)
+
+    def loss(self, batch):
+        return self.training_step(batch, 0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def token_data(n: int = 24, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, VOCAB, (n, 1), generator=g)
@@ -127,6 +156,12 @@ def sequence_data(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorData
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, 3, generator=g, dtype=dtype)
     return TensorDataset(x, (x.sum((1, 2)) > 0).long() + (x[:, -1, 0] > 1).long())
+
+
+def fourier_data(n: int = 16, seed: int = 3) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, generator=g, dtype=torch.float64)
+    return TensorDataset(x, torch.randn(n, generator=g, dtype=torch.float64))
 
 
 def vector_data(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:

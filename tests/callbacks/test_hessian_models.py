@@ -19,9 +19,11 @@ from lightning_landscape.curvature import dense_hessian
 
 from ._models import (
     CheckpointedLM,
+    Fourier,
     TinyCausalLM,
     TinyLSTM,
     TinyMLP,
+    fourier_data,
     loader,
     sequence_data,
     token_data,
@@ -373,6 +375,33 @@ def test_spectral_norms_in_train_mode_are_one_function(tmp_path):
     model.eval()
     eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
     assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-8)
+
+
+def test_complex_parameters_are_refused_once_and_training_goes_on(tmp_path):
+    """Before: "value cannot be converted to type double without overflow" (Hessian), a
+    complex-dtype error (SAM), and a trajectory on the real parts alone, silently. Now each
+    monitor says why, once, and logs NaN; the same model with real and imaginary parts as two
+    real parameters is measured."""
+    mons = [
+        HessianMonitor(epochs=[1], trace=False, num_batches=1),
+        SharpnessMonitor(epochs=[1], kinds=["sam"], ascent_steps=2, num_batches=1),
+        TrajectoryMonitor(epochs=[0, 1], num_batches=1),
+    ]
+    plain, _, _ = fit(tmp_path / "plain", lambda: Fourier(False), fourier_data())
+    model, _, caught = fit(tmp_path / "w", lambda: Fourier(False), fourier_data(), mons)
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for mon in mons:
+        said = [m for m in caught if type(mon).__name__ in m]
+        assert len(said) == 1, said
+        assert "complex parameters ['w'] cannot be measured" in said[0], said
+        assert "two real parameters" in said[0]
+        values = [v for k, v in mon.history[-1].items() if "/" in k and "seconds" not in k]
+        assert values and all(math.isnan(v) for v in values), mon.history[-1]
+    pairs = HessianMonitor(epochs=[1], trace=False, num_batches=1)
+    _, _, caught = fit(tmp_path / "pairs", lambda: Fourier(True), fourier_data(), [pairs])
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    assert math.isfinite(pairs.history[-1]["hessian/eigenvalue_1"])
 
 
 class PrototypeModel(TinyMLP):

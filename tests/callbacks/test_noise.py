@@ -2,6 +2,7 @@
 
 import math
 import types
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -20,6 +21,7 @@ from lightning_landscape.landscape.sharpness import (
 )
 
 from ._helpers import make_trainer, scalars
+from ._models import Fourier, fourier_data
 
 D = torch.float64
 
@@ -448,3 +450,26 @@ def test_non_finite_steps_are_skipped_quietly_unless_a_hook_failed():
     for hooks in (GradientHooks(), ShardedGradientSteps()):
         assert not hook_failed(None, hooks, 1.0)
         assert hook_failed(None, hooks, math.inf)  # no warning: would need the trainer
+
+
+def test_complex_gradients_count_real_and_imaginary_parts(tmp_path):
+    """Before: "linalg.vector_norm: dtype should be complex for complex inputs" in the hook,
+    every step skipped. PyTorch's gradient of a complex weight is dL/dre + i dL/dim, so its
+    squared norm is that of the two real parts."""
+    data = fourier_data()
+    logged = {}
+    for pairs in (True, False):
+        trainer = make_trainer(
+            tmp_path / str(pairs), [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1,
+            accumulate_grad_batches=2,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Fourier(pairs), DataLoader(data, batch_size=4))
+        assert not [w for w in caught if "could not be measured" in str(w.message)]
+        logged[pairs] = scalars(tmp_path / str(pairs))
+    for key in ("noise/grad_norm_sq", "noise/trace_covariance"):
+        assert len(logged[False][key]) == 2
+        for step, value in logged[True][key].items():
+            assert math.isfinite(value)
+            assert logged[False][key][step] == pytest.approx(value, rel=1e-9)
