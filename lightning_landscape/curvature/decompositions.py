@@ -15,8 +15,10 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   implemented". Runs as ``relu6(x + 3) / 6``.
 - ``torch.embedding_bag`` (``nn.EmbeddingBag``, ``F.embedding_bag``; fastText-style text
   classifiers, recommender models): "the derivative for '_embedding_bag_backward' is not
-  implemented". Runs as an embedding lookup reduced into its bags with ``index_add`` (sum,
+  implemented". Runs as an embedding lookup reduced into its bags with ``scatter_add`` (sum,
   mean) or ``scatter_reduce(..., "amax")`` (max); padding entries go to a discarded bag.
+  Where distinct rows tie for a maximum the kernel sends the gradient to one of them, the
+  rewrite splits it (a set of measure zero for trained weights).
   ``scale_grad_by_freq`` scales the gradient the kernel returns (not the loss, and in torch 2.13
   not even by the true frequencies): the products are of the loss itself. Memory: the looked-up
   rows, n x D, where the fused kernel keeps none.
@@ -97,8 +99,8 @@ def _embedding_bag(
             f"embedding_bag with include_last_offset=True needs the last offset to equal the "
             f"number of indices ({n}), got {int(offsets[-1])}."
         )
-    if padding_idx is not None and padding_idx >= 0:
-        valid &= indices != padding_idx
+    if padding_idx is not None:
+        valid &= indices != padding_idx % weight.shape[0]  # the kernel wraps a negative one
     target = torch.where(valid, bag, bags)  # the invalid ones go to an extra bag, then dropped
     rows = F.embedding(indices, weight)
     if per_sample_weights is not None:
@@ -111,7 +113,10 @@ def _embedding_bag(
             0, target.unsqueeze(-1).expand_as(rows), rows, "amax", include_self=False
         )[:bags]
         return out, bag.clamp(min=0), size, torch.full_like(out, -1, dtype=indices.dtype)
-    out = rows.new_zeros(bags + 1, weight.shape[1]).index_add(0, target, rows)[:bags]
+    # scatter_add, not index_add: inductor miscompiles index_add under forward AD (hvp="compiled":
+    # wrong with one tangent, a segfault with a vmapped block; torch 2.13)
+    spread = target.unsqueeze(-1).expand_as(rows)
+    out = rows.new_zeros(bags + 1, weight.shape[1]).scatter_add(0, spread, rows)[:bags]
     if mode == 1:
         out = out / size.clamp(min=1).unsqueeze(-1).to(out.dtype)
     return out, bag.clamp(min=0), size, size.new_zeros(bags)
@@ -167,6 +172,8 @@ def _ctc_loss(
     end = alpha.gather(1, last).squeeze(1)
     before = torch.where(tg_len > 0, alpha.gather(1, (last - 1).clamp(min=0)).squeeze(1), neg)
     loss = -torch.logsumexp(torch.stack([end, before]), dim=0)
+    # no frame: the empty target has probability 1, any other none (the recursion starts at t = 0)
+    loss = torch.where(in_len == 0, torch.where(tg_len == 0, 0.0, math.inf), loss)
     impossible = loss > -neg / 2
     loss = torch.where(impossible, 0.0 if zero_infinity else float("inf"), loss)
     kind = _REDUCTIONS[int(reduction)]
@@ -194,7 +201,7 @@ def _multi_margin_loss(
         raise ValueError("only p == 1 and p == 2 supported")
     x = input if input.dim() > 1 else input.unsqueeze(0)
     y = target.reshape(-1, 1).long()
-    hinge = (margin - x.gather(1, y) + x).clamp(min=0)
+    hinge = F.relu(margin - x.gather(1, y) + x)  # slope 0 at the hinge, as the kernel
     hinge = hinge.pow(p) if p == 2 else hinge
     if weight is not None:
         hinge = hinge * weight[y]

@@ -301,6 +301,7 @@ REWRITES = {
         for mode in ("sum", "mean", "max")
         for name, kw in {"": {}, " padding": {"padding_idx": 4}}.items()
     },
+    "bag negative padding": (lambda w: F.embedding_bag(_IDS, w, _OFFSETS, padding_idx=-1), (5, 3)),
     "bag 2-D mean": (lambda w: F.embedding_bag(_IDS[:6].reshape(2, 3), w, mode="mean"), (5, 3)),
     "bag last offset": (
         lambda w: F.embedding_bag(_IDS, w, torch.tensor([0, 2, 5, 7]), include_last_offset=True),
@@ -362,7 +363,7 @@ def test_rewrites_equal_the_kernels_and_differentiate_twice(name):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
-def test_impossible_alignments_and_a_bad_last_offset():
+def test_edges_impossible_alignments_no_frames_the_hinge_a_bad_last_offset():
     x = torch.randn(3, 2, 5, dtype=D).log_softmax(-1)  # 3 frames cannot emit "1 1 1"
     targets, lens = (
         torch.tensor([[1, 1, 1], [1, 2, 0]]),
@@ -374,6 +375,16 @@ def test_impossible_alignments_and_a_bad_last_offset():
             rewrite = F.ctc_loss(x, targets, *lens, reduction="none", zero_infinity=zero_infinity)
         assert rewrite[0] == (0.0 if zero_infinity else math.inf) == kernel[0]
         torch.testing.assert_close(rewrite[1], kernel[1], rtol=1e-13, atol=0)
+    no_frames = (torch.tensor([0, 0]), torch.tensor([0, 1]))  # the empty target: probability 1
+    kernel = F.ctc_loss(x, targets, *no_frames, reduction="none")
+    with kernels.decomposed_ops():
+        rewrite = F.ctc_loss(x, targets, *no_frames, reduction="none")
+    assert rewrite.tolist() == kernel.tolist() == [0.0, math.inf]
+    z = torch.zeros(2, 6, dtype=D, requires_grad=True)  # on the hinge: the kernel's slope is 0
+    kernel = torch.autograd.grad(F.multi_margin_loss(z, _Y, margin=0.0), z)[0]
+    with kernels.decomposed_ops():
+        rewrite = torch.autograd.grad(F.multi_margin_loss(z, _Y, margin=0.0), z)[0]
+    assert torch.equal(rewrite, kernel) and not kernel.any()
     w = torch.randn(5, 3, dtype=D)
     with kernels.decomposed_ops(), pytest.raises(ValueError, match="last offset"):
         F.embedding_bag(_IDS, w, torch.tensor([0, 2, 5]), include_last_offset=True)
@@ -484,3 +495,18 @@ def test_products_through_ctc_and_bags_equal_differences_of_the_kernels(make):
             if hvp == "auto":
                 assert op.hvp_choice != "finite_difference"
                 assert not op.choice.failures, op.choice.failures
+
+
+def test_compiled_products_through_bags():
+    """``hvp="compiled"`` traces the rewrites too. Sum and mean bags reduce by ``scatter_add``:
+    with ``index_add`` inductor's forward-AD code was wrong for one tangent (caught by the eager
+    check) and crashed the process (a segmentation fault) for a vmapped block."""
+    from lightning_landscape.curvature import compiled
+
+    model, data = TextClassifier().double(), _text_batches()
+    H = difference_hessian(model, data)
+    V = torch.randn(H.shape[0], 2, dtype=D, generator=torch.Generator().manual_seed(8))
+    with HessianOperator(model.loss, model, data, hvp="compiled") as op:
+        torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(op @ V, H @ V, rtol=1e-7, atol=1e-9)
+        assert op.block_choice == "compiled" and compiled.failure(model) is None
