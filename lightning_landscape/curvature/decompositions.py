@@ -31,7 +31,10 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   states hold a large negative finite number instead of ``-inf`` (``logsumexp`` of ``-inf``
   only has NaN derivatives); an impossible alignment gives ``inf`` (0 with ``zero_infinity``), as
   the kernel does. Cost: T sequential steps on N x (2S+1) tensors (a graph of about 10 T
-  nodes; slower than the fused kernel on long inputs), memory T x N x (2S+1).
+  nodes; slower than the fused kernel on long inputs), memory T x N x (2S+1). PyTorch's
+  backward assumes ``log_probs`` came out of a log-softmax (its gradient is only the true
+  derivative then); the rewrite's is always the true one, so on raw scores the products are of
+  the loss itself, not of the field training follows.
 - ``F.multi_margin_loss``: "derivative for aten::multi_margin_loss_backward is not implemented".
   Runs as ``sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C``, reduced.
 - ``torch.cdist`` (except where PyTorch takes its matrix-product route: p = 2 with more than 25
@@ -39,7 +42,8 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   (``_pdist_backward``); prototypical networks, metric-learning losses. For p in {1, 2, inf}
   they run as norms of the differences, with the kernels' derivative 0 at a zero difference
   (the diagonal of ``cdist(x, x)``; the Hessian of a norm does not exist there, and this takes
-  0 for it); other orders keep the kernel. Memory: the r1 x r2 x d differences (n^2 d / 2 for
+  0 for it); other orders keep the kernel. At coordinates tied for the maximum (p = inf) the
+  kernel gives each the full slope, the rewrite splits it. Memory: the r1 x r2 x d differences (n^2 d / 2 for
   ``pdist``).
 
 Each rewrite is tested against the kernel (values and gradients) and by ``gradgradcheck`` in
