@@ -27,7 +27,7 @@ from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
-from lightning_landscape.curvature.kernels import twice_differentiable
+from lightning_landscape.curvature.kernels import torchscript_in, twice_differentiable
 
 
 def gradient_graph(
@@ -181,6 +181,13 @@ def func_inputs(
 ) -> tuple[nn.Module, list[str], dict[str, Tensor], tuple[Tensor, ...], Any]:
     """What :func:`func_products` takes: the module and loss as one ``nn.Module``, the names of
     the trainable parameters, the frozen ones, the detached parameters and the batch."""
+    scripted = torchscript_in(module)
+    if scripted is not None:
+        raise RuntimeError(
+            f"forward-mode AD through TorchScript is wrong once the JIT has optimized it (the "
+            f"tangents are dropped, silently): {scripted}; use the 'double_backward' or "
+            "'cached' products ('auto' does)."
+        )
     names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
     frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}
     return _LossOf(module, loss_fn), names, frozen, tuple(p.detach() for p in params), batch

@@ -1,6 +1,8 @@
 """Kernels with a double backward: fused attention, torch.compile (and its torch < 2.6 fallback),
 cuDNN RNNs; products through them equal the dense oracle, and every switch is restored."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +192,62 @@ def test_explain_names_what_cannot_be_differentiated_twice():
     compiled = RuntimeError("torch.compile with aot_autograd does not currently support double")
     assert "torch.compile" in explain(RuntimeError(str(compiled) + " backward"))
     assert explain(RuntimeError("CUDA out of memory")) == ""
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torch.jit.script is deprecated (torch 2.13)
+
+    @torch.jit.script
+    def _swish(x):
+        return x * torch.sigmoid(x)
+
+
+class _Tanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class ScriptedMLP(nn.Module):
+    """A scripted activation called from ``forward``, a scripted block, or one held as an
+    attribute (``where``)."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.a, self.c = where, nn.Linear(3, 4), nn.Linear(4, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.b = torch.jit.script(_Tanh()) if where == "submodule" else _Tanh()
+            self.act = torch.jit.script(torch.nn.functional.silu) if where == "held" else None
+
+    def forward(self, x):
+        h = self.a(x)
+        h = _swish(h) if self.where == "called" else self.act(h) if self.act else F.silu(h)
+        return self.c(self.b(h))
+
+
+@pytest.mark.parametrize("where", ["called", "submodule", "held"])
+def test_torchscript_keeps_the_products_off_forward_mode_ad(where):
+    """Forward-mode AD through optimized TorchScript drops the tangents silently: ``func`` and
+    ``compiled`` were 40-100 % off here. They refuse; ``auto`` takes a graph kind, exact."""
+    torch.manual_seed(0)
+    model = ScriptedMLP(where).double()
+    assert kernels.torchscript_in(model) is not None
+    assert kernels.torchscript_in(_Tanh()) is None
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 3, generator=g, dtype=D), torch.randint(0, 2, (6,), generator=g))]
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    for _ in range(3):  # the JIT optimizes after its profiling runs, as in training
+        loss(data[0]).backward()
+    model.zero_grad()
+    H = dense_hessian(loss, model, data)
+    v = torch.randn(H.shape[0], dtype=D, generator=g)
+    with HessianOperator(loss, model, data, hvp="auto") as op:
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+        assert op.hvp_choice != "func" and "TorchScript" in op.choice.failures["func"]
+    for kind in ("func", "compiled"):
+        with pytest.raises(RuntimeError, match="TorchScript is wrong"):
+            HessianOperator(loss, model, data, hvp=kind) @ v
