@@ -15,6 +15,10 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
 - the causal Transformer under a reentrant activation checkpoint (``autograd.grad`` refuses it;
   products run it as a plain call), and an MLP with a weight-normalized layer (the fused weight
   norm's double backward is wrong; products run it in plain operations),
+- an MLP with an ``nn.EmbeddingBag`` feature and a per-frame MLP under ``nn.CTCLoss`` (no
+  double backward in any kernel: products run them in plain operations), and the Transformer
+  with TF32 matrix products on (what ``set_float32_matmul_precision("high")`` does to a
+  measurement: its error against the oracle),
 - the same MLP under ``FSDPStrategy`` (FSDP v1, world size 1, where FSDP keeps every parameter
   whole, ``NO_SHARD``: finite differences through the wrapper's forward and backward; in the
   CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``).
@@ -46,13 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "callbacks"))
 from _models import (  # noqa: E402
+    BagModel,
     CheckpointedLM,
     TinyCausalLM,
     TinyLSTM,
     TinyMLP,
+    TinyRecognizer,
     WeightNormMLP,
     sequence_data,
     token_data,
+    utterances,
     vector_data,
 )
 
@@ -169,6 +176,17 @@ def check_fsdp1(accelerator: str) -> dict:
     return check_model("mlp-fsdp1", TinyMLP, data, accelerator, strategy=strategy)
 
 
+def check_tf32(accelerator: str) -> dict:
+    """The Transformer with TF32 matrix products on, as ``torch.set_float32_matmul_precision(
+    "high")`` sets them for training: how far does the measurement move from the oracle?"""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        return check_model("transformer-tf32", TinyCausalLM, token_data(), accelerator)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true", help="dry run on CPU")
@@ -212,6 +230,17 @@ def main(argv=None) -> int:
                 "weightnorm-mlp", WeightNormMLP, vector_data(dtype=torch.float32), accelerator
             ),
         ),
+        (
+            "bag-mlp",
+            lambda: check_model("bag-mlp", BagModel, vector_data(dtype=torch.float32), accelerator),
+        ),
+        (
+            "ctc-recognizer",
+            lambda: check_model(
+                "ctc-recognizer", TinyRecognizer, utterances(dtype=torch.float32), accelerator
+            ),
+        ),
+        ("transformer-tf32", lambda: check_tf32(accelerator)),
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
         ("mlp-fsdp1", lambda: check_fsdp1(accelerator)),
     ]

@@ -113,6 +113,41 @@ class WeightNormMLP(TinyMLP):
         nn.utils.parametrizations.weight_norm(self.net[0])
 
 
+class BagModel(TinyMLP):
+    """An ``nn.EmbeddingBag`` feature: no double backward in any PyTorch kernel (the products
+    run it in plain operations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(4, 3)
+
+    def forward(self, x):
+        return self.net(x) + self.bag((x[:, :2] > 0).long())
+
+
+class TinyRecognizer(TinyMLP):
+    """Frames (n x 5 x 6) through the MLP to 3 symbols (blank 0) and ``nn.CTCLoss`` against
+    padded targets of 1-2 symbols."""
+
+    def __init__(self):
+        super().__init__()
+        self.ctc = nn.CTCLoss()
+
+    def loss(self, batch):
+        x, targets, lengths = batch
+        log_probs = self(x).log_softmax(-1).transpose(0, 1)  # T x n x 3
+        frames = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.ctc(log_probs, targets, frames, lengths)
+
+
+def utterances(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, 6, generator=g, dtype=dtype)
+    return TensorDataset(
+        x, torch.randint(1, 3, (n, 2), generator=g), torch.randint(1, 3, (n,), generator=g)
+    )
+
+
 class Fourier(pl.LightningModule):
     """A Fourier layer (FNO-style): low modes scaled by weights held as one complex parameter,
     or as its real and imaginary parts (``pairs``); the same model and training either way."""

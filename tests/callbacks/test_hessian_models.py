@@ -12,22 +12,24 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import TensorDataset
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
 from lightning_landscape.curvature import dense_hessian
 
 from ._models import (
+    BagModel,
     CheckpointedLM,
     Fourier,
     TinyCausalLM,
     TinyLSTM,
     TinyMLP,
+    TinyRecognizer,
     fourier_data,
     loader,
     sequence_data,
     token_data,
     trainer,
+    utterances,
     vector_data,
 )
 
@@ -276,45 +278,10 @@ def test_half_precisions_measure_in_float32(tmp_path, precision):
     assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-4)
 
 
-class BagModel(TinyMLP):
-    """An ``nn.EmbeddingBag`` feature: no double backward in any PyTorch kernel (the products
-    run it in plain operations)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bag = nn.EmbeddingBag(4, 3)
-
-    def forward(self, x):
-        return self.net(x) + self.bag((x[:, :2] > 0).long())
-
-
 def test_embedding_bags_are_measured(tmp_path):
     """Before: ``"auto"`` fell back to finite differences ("the derivative for
     '_embedding_bag_backward' is not implemented"); now exact, no warning."""
     check_against_oracle(tmp_path, lambda: BagModel().double(), vector_data(), "auto")
-
-
-class TinyRecognizer(TinyMLP):
-    """Frames (n x 5 x 6) through the MLP to 3 symbols (blank 0) and ``nn.CTCLoss`` against
-    padded targets of 1-2 symbols."""
-
-    def __init__(self):
-        super().__init__()
-        self.ctc = nn.CTCLoss()
-
-    def loss(self, batch):
-        x, targets, lengths = batch
-        log_probs = self(x).log_softmax(-1).transpose(0, 1)  # T x n x 3
-        frames = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        return self.ctc(log_probs, targets, frames, lengths)
-
-
-def utterances(n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, 6, generator=g, dtype=torch.float64)
-    return TensorDataset(
-        x, torch.randint(1, 3, (n, 2), generator=g), torch.randint(1, 3, (n,), generator=g)
-    )
 
 
 def test_ctc_models_are_measured(tmp_path):
