@@ -396,6 +396,27 @@ class Bag(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def assert_same_noise(tmp_path, make, data):
+    """The noise statistics of ``make(True)`` and ``make(False)`` (two ways of writing one
+    model) agree to 1e-9, at both optimizer steps, without a skipped step."""
+    logged = {}
+    for variant in (True, False):
+        trainer = make_trainer(
+            tmp_path / str(variant), [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1,
+            accumulate_grad_batches=2,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(make(variant), DataLoader(data, batch_size=4))
+        assert not [w for w in caught if "could not be measured" in str(w.message)]
+        logged[variant] = scalars(tmp_path / str(variant))
+    for key in ("noise/grad_norm_sq", "noise/trace_covariance"):
+        assert len(logged[True][key]) == len(logged[False][key]) == 2
+        for step, value in logged[False][key].items():
+            assert math.isfinite(value)
+            assert logged[True][key][step] == pytest.approx(value, rel=1e-9)
+
+
 def test_sparse_gradients_are_measured_like_dense_ones(tmp_path):
     """Before: the gradient hook raised inside the user's backward on a sparse gradient
     ("Could not run 'aten::linalg_vector_norm' ... 'SparseCPU'") and the fit crashed. Repeated
@@ -404,20 +425,7 @@ def test_sparse_gradients_are_measured_like_dense_ones(tmp_path):
     data = TensorDataset(
         torch.randint(0, 5, (16, 3), generator=g), torch.randn(16, generator=g, dtype=D)
     )
-    logged = {}
-    for sparse in (True, False):
-        trainer = make_trainer(
-            tmp_path / str(sparse), [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1,
-            accumulate_grad_batches=2,
-        )  # fmt: skip
-        trainer.fit(Bag(sparse), DataLoader(data, batch_size=4))
-        logged[sparse] = scalars(tmp_path / str(sparse))
-    for key in ("noise/grad_norm_sq", "noise/trace_covariance"):
-        assert len(logged[True][key]) == 2
-        for step, value in logged[False][key].items():
-            assert math.isfinite(value) and logged[True][key][step] == pytest.approx(
-                value, rel=1e-9
-            )
+    assert_same_noise(tmp_path, lambda sparse: Bag(sparse), data)
 
 
 def test_a_failing_gradient_hook_skips_the_step_and_warns(tmp_path, monkeypatch):
@@ -456,20 +464,4 @@ def test_complex_gradients_count_real_and_imaginary_parts(tmp_path):
     """Before: "linalg.vector_norm: dtype should be complex for complex inputs" in the hook,
     every step skipped. PyTorch's gradient of a complex weight is dL/dre + i dL/dim, so its
     squared norm is that of the two real parts."""
-    data = fourier_data()
-    logged = {}
-    for pairs in (True, False):
-        trainer = make_trainer(
-            tmp_path / str(pairs), [NoiseTemperatureMonitor(ema_decay=0.0)], max_epochs=1,
-            accumulate_grad_batches=2,
-        )  # fmt: skip
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.fit(Fourier(pairs), DataLoader(data, batch_size=4))
-        assert not [w for w in caught if "could not be measured" in str(w.message)]
-        logged[pairs] = scalars(tmp_path / str(pairs))
-    for key in ("noise/grad_norm_sq", "noise/trace_covariance"):
-        assert len(logged[False][key]) == 2
-        for step, value in logged[True][key].items():
-            assert math.isfinite(value)
-            assert logged[False][key][step] == pytest.approx(value, rel=1e-9)
+    assert_same_noise(tmp_path, Fourier, fourier_data())
