@@ -110,7 +110,8 @@ def join_unfrozen(monitor: Any, trainer: Any, module: nn.Module) -> None:
     if monitor.tracked is None or not len(monitor.snapshots):
         return
     known = set(monitor.tracked)
-    if any(p.requires_grad and n not in known for n, p in module.named_parameters()):
+    new = [p for n, p in module.named_parameters() if p.requires_grad and n not in known]
+    if new and not any(p.is_complex() for p in new):  # complex: the measurements say why (NaN)
         tracked_parameters(monitor, module, trainer.global_step)
 
 

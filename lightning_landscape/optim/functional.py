@@ -132,8 +132,11 @@ def langevin_step_(
     sample.sub_(sgld_lr * direction)
     if noise_std > 0:
         device = generator.device if generator is not None else sample.device
-        eps = torch.randn(sample.shape, generator=generator, device=device, dtype=sample.dtype)
-        sample.add_(noise_std * eps.to(sample.device))
+        # a complex weight is two real coordinates, each with variance noise_std² (torch's
+        # complex randn gives each part half the variance)
+        real = torch.view_as_real(sample) if sample.is_complex() else sample
+        eps = torch.randn(real.shape, generator=generator, device=device, dtype=real.dtype)
+        real.add_(noise_std * eps.to(sample.device))
 
 
 def average_step_(

@@ -365,6 +365,25 @@ def test_complex_parameters_are_refused_once_and_training_goes_on(tmp_path):
         assert "two real parameters" in said[0]
         values = [v for k, v in mon.history[-1].items() if "/" in k and "seconds" not in k]
         assert values and all(math.isnan(v) for v in values), mon.history[-1]
+    # frozen at first (measured: only trainable parameters count), trainable from epoch 1
+    # (the trajectory's joining of unfrozen parameters crashed the fit on the complex one)
+
+    class Unfreeze(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.w.requires_grad_(trainer.current_epoch >= 1)
+
+    later = TrajectoryMonitor(epochs=[0, 1, 2], num_batches=1)
+
+    def frozen():
+        model = Fourier(False)
+        model.w.requires_grad_(False)
+        return model
+
+    _, _, caught = fit(tmp_path / "later", frozen, fourier_data(), [Unfreeze(), later])
+    said = [m for m in caught if "TrajectoryMonitor" in m]
+    assert len(said) == 1 and "complex parameters ['w']" in said[0], said
+    assert math.isfinite(later.history[0]["trajectory/loss"])
+    assert math.isnan(later.history[-1]["trajectory/loss"])
     pairs = HessianMonitor(epochs=[1], trace=False, num_batches=1)
     _, _, caught = fit(tmp_path / "pairs", lambda: Fourier(True), fourier_data(), [pairs])
     assert not [m for m in caught if "HessianMonitor" in m], caught

@@ -59,6 +59,19 @@ def test_langevin_step_noise_comes_from_the_generator():
     assert torch.equal(sample, expected)
 
 
+def test_langevin_noise_on_a_complex_weight_is_that_of_its_two_real_parts():
+    """torch's complex randn gives each part variance 1/2: the chain ran at half its temperature
+    (each part's std 0.22 instead of 0.32 here)."""
+    z = torch.zeros(500, dtype=torch.cdouble)
+    langevin_step_(
+        z, torch.zeros_like(z), torch.zeros_like(z), gamma=1.0, sgld_lr=0.1, noise_std=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    expected = 0.5 * torch.randn(500, 2, generator=gen, dtype=torch.float64)
+    assert torch.equal(torch.view_as_real(z), expected)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_langevin_momentum_acts_on_the_data_gradient_only(nesterov):
     sample = torch.tensor([1.0, -2.0], dtype=torch.float64)
