@@ -27,7 +27,8 @@ from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
-from lightning_landscape.curvature.kernels import torchscript_in, twice_differentiable
+from lightning_landscape.curvature.kernels import twice_differentiable
+from lightning_landscape.curvature.scripted import torchscript_in
 
 
 def gradient_graph(
@@ -184,9 +185,9 @@ def func_inputs(
     scripted = torchscript_in(module)
     if scripted is not None:
         raise RuntimeError(
-            f"forward-mode AD through TorchScript is wrong once the JIT has optimized it (the "
-            f"tangents are dropped, silently): {scripted}; use the 'double_backward' or "
-            "'cached' products ('auto' does)."
+            f"torch.func through TorchScript is wrong once the JIT has optimized it (silently: "
+            f"see curvature/scripted.py): {scripted}; use the 'double_backward' or 'cached' "
+            "products ('auto' does)."
         )
     names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
     frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}

@@ -44,6 +44,9 @@ during a whole measurement):
   ``F.pdist``, for p in {1, 2, inf}) run through those compositions during exact
   products (:mod:`~lightning_landscape.curvature.decompositions`: each one, its cost, and the
   measurements); first-order work keeps the kernels.
+- **TorchScript** (scripted submodules or functions): ``torch.func`` through optimized
+  TorchScript is silently wrong; the ``func`` kinds refuse such modules
+  (:mod:`~lightning_landscape.curvature.scripted`), the graph kinds are right.
 - **Sparse embeddings** (``nn.Embedding(..., sparse=True)``, ``nn.EmbeddingBag(...,
   sparse=True)``; recommender models with ``SparseAdam``): their gradients are sparse tensors,
   which flat vectors cannot hold ("reshape is not implemented for sparse tensors"). They give
@@ -62,7 +65,6 @@ products must not run concurrently with training in another thread.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -283,40 +285,6 @@ def twice_differentiable(
             stack.enter_context(decomposed_ops())
         stack.enter_context(dense_embeddings(module))
         yield
-
-
-@functools.cache
-def _scripted_calls(cls: type) -> str | None:
-    """A scripted function the methods of ``cls`` name as a global (one level deep; named is
-    enough, called or not)."""
-    for attr, fn in vars(cls).items():
-        code = getattr(fn, "__code__", None)
-        for name in () if code is None else code.co_names:
-            if isinstance(fn.__globals__.get(name), torch.jit.ScriptFunction):
-                return f"the scripted function {name!r} (called in {cls.__name__}.{attr})"
-    return None
-
-
-def torchscript_in(module: nn.Module) -> str | None:
-    """Where ``module`` runs TorchScript, or None: a scripted submodule, a scripted function
-    held as an attribute or named as a global in a method of its modules' classes (one level: a
-    plain function that calls one is not seen).
-
-    Forward-mode AD through TorchScript is wrong once the JIT has optimized the code (its
-    differentiable subgraphs drop the tangents, silently: products 40-100 % off on an MLP with a
-    scripted activation or block, torch 2.13), so the ``func`` and ``compiled`` kinds refuse
-    such modules; double backward through them is right.
-    """
-    for name, m in module.named_modules():
-        if isinstance(m, torch.jit.ScriptModule):
-            return f"the scripted submodule {name or type(m).__name__!r}"
-        held = [k for k, v in vars(m).items() if isinstance(v, torch.jit.ScriptFunction)]
-        if held:
-            return f"the scripted function {type(m).__name__}.{held[0]}"
-        found = _scripted_calls(type(m))
-        if found:
-            return found
-    return None
 
 
 def explain(err: BaseException) -> str:

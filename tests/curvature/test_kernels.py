@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian, kernels
 from lightning_landscape.curvature.kernels import explain, twice_differentiable
+from lightning_landscape.curvature.scripted import torchscript_in
 
 D = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -202,6 +203,10 @@ with warnings.catch_warnings():
         return x * torch.sigmoid(x)
 
 
+def _swish_py(x):
+    return x * torch.sigmoid(x)
+
+
 class _Tanh(nn.Module):
     def __init__(self):
         super().__init__()
@@ -211,38 +216,61 @@ class _Tanh(nn.Module):
         return torch.tanh(self.lin(x))
 
 
-class ScriptedMLP(nn.Module):
-    """A scripted activation called from ``forward``, a scripted block, or one held as an
-    attribute (``where``)."""
-
-    def __init__(self, where):
+class _MLP(nn.Module):
+    def __init__(self):
         super().__init__()
-        self.where, self.a, self.c = where, nn.Linear(3, 4), nn.Linear(4, 2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.b = torch.jit.script(_Tanh()) if where == "submodule" else _Tanh()
-            self.act = torch.jit.script(torch.nn.functional.silu) if where == "held" else None
+        self.a, self.b, self.c = nn.Linear(3, 4), _Tanh(), nn.Linear(4, 2)
+
+    def act(self, h):
+        return _swish_py(h)
 
     def forward(self, x):
-        h = self.a(x)
-        h = _swish(h) if self.where == "called" else self.act(h) if self.act else F.silu(h)
-        return self.c(self.b(h))
+        return self.c(self.b(self.act(self.a(x))))
 
 
-@pytest.mark.parametrize("where", ["called", "submodule", "held"])
-def test_torchscript_keeps_the_products_off_forward_mode_ad(where):
-    """Forward-mode AD through optimized TorchScript drops the tangents silently: ``func`` and
-    ``compiled`` were 40-100 % off here. They refuse; ``auto`` takes a graph kind, exact."""
+class _Called(_MLP):
+    def act(self, h):
+        return _swish(h)
+
+
+class _Inherited(_Called):
+    pass
+
+
+class _Nested(_MLP):
+    def act(self, h):
+        return (lambda y: _swish(y))(h)
+
+
+class _Submodule(_MLP):
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.b = torch.jit.script(_Tanh())
+
+
+class _Held(_MLP):
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.scripted = torch.jit.script(_swish_py)
+
+    def act(self, h):
+        return self.scripted(h)
+
+
+@pytest.mark.parametrize("make", [_Called, _Inherited, _Nested, _Submodule, _Held])
+def test_torchscript_keeps_the_products_off_torch_func(make):
+    """Through optimized TorchScript torch.func's products were 26-100 % off here, silently.
+    The func kinds refuse the module; ``auto`` takes a graph kind, exact."""
     torch.manual_seed(0)
-    model = ScriptedMLP(where).double()
-    assert kernels.torchscript_in(model) is not None
-    assert kernels.torchscript_in(_Tanh()) is None
+    model = make().double()
+    assert torchscript_in(model) is not None and torchscript_in(_MLP()) is None
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(6, 3, generator=g, dtype=D), torch.randint(0, 2, (6,), generator=g))]
     loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
-    for _ in range(3):  # the JIT optimizes after its profiling runs, as in training
-        loss(data[0]).backward()
-    model.zero_grad()
     H = dense_hessian(loss, model, data)
     v = torch.randn(H.shape[0], dtype=D, generator=g)
     with HessianOperator(loss, model, data, hvp="auto") as op:
@@ -251,3 +279,20 @@ def test_torchscript_keeps_the_products_off_forward_mode_ad(where):
     for kind in ("func", "compiled"):
         with pytest.raises(RuntimeError, match="TorchScript is wrong"):
             HessianOperator(loss, model, data, hvp=kind) @ v
+
+
+def test_torchscript_would_be_silently_wrong(monkeypatch):
+    """Why the refusal: without it, func products through the scripted activation are off. A
+    canary: when a torch release fixes this, it fails, and the refusal can go."""
+    from lightning_landscape.curvature import hvp
+
+    monkeypatch.setattr(hvp, "torchscript_in", lambda module: None)
+    torch.manual_seed(0)
+    model = _Called().double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 3, generator=g, dtype=D), torch.randint(0, 2, (6,), generator=g))]
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    H = dense_hessian(loss, model, data)
+    v = torch.randn(H.shape[0], dtype=D, generator=g)
+    off = [(HessianOperator(loss, model, data, hvp="func") @ v - H @ v).norm() for _ in range(3)]
+    assert max(off) > 0.1 * (H @ v).norm()  # after the JIT's profiling runs
