@@ -18,7 +18,8 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
 - an MLP with an ``nn.EmbeddingBag`` feature and a per-frame MLP under ``nn.CTCLoss`` (no
   double backward in any kernel: products run them in plain operations), and the Transformer
   with TF32 matrix products on (what ``set_float32_matmul_precision("high")`` does to a
-  measurement: its error against the oracle),
+  measurement: its error against the oracle), and a small CNN with PyTorch's default flags
+  (cuDNN convolutions allow TF32 unless told not to),
 - the same MLP under ``FSDPStrategy`` (FSDP v1, world size 1, where FSDP keeps every parameter
   whole, ``NO_SHARD``: finite differences through the wrapper's forward and backward; in the
   CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``).
@@ -53,10 +54,12 @@ from _models import (  # noqa: E402
     BagModel,
     CheckpointedLM,
     TinyCausalLM,
+    TinyCNN,
     TinyLSTM,
     TinyMLP,
     TinyRecognizer,
     WeightNormMLP,
+    image_data,
     sequence_data,
     token_data,
     utterances,
@@ -241,6 +244,10 @@ def main(argv=None) -> int:
             ),
         ),
         ("transformer-tf32", lambda: check_tf32(accelerator)),
+        (
+            "cnn",  # cuDNN with PyTorch's default allow_tf32=True for convolutions
+            lambda: check_model("cnn", TinyCNN, image_data(dtype=torch.float32), accelerator),
+        ),
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
         ("mlp-fsdp1", lambda: check_fsdp1(accelerator)),
     ]

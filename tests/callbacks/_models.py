@@ -148,6 +148,32 @@ def utterances(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset
     )
 
 
+class TinyCNN(_Base):
+    """Two 3x3 convolutions with BatchNorm and ReLU, global average pooling and a linear head
+    on 2 x 8 x 8 images, 3 classes (the layers of a ResNet; cuDNN's convolutions on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+    def loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def image_data(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
+    return TensorDataset(x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long())
+
+
 class Fourier(pl.LightningModule):
     """A Fourier layer (FNO-style): low modes scaled by weights held as one complex parameter,
     or as its real and imaginary parts (``pairs``); the same model and training either way."""
