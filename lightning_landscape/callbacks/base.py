@@ -90,8 +90,7 @@ class LandscapeMonitor(Callback):
     autocast is off, also one the module enters itself (mixed precisions are measured in
     float32), half-precision parameters are upcast to float32 and spectral norms take no
     power-iteration step (one function in train mode); torch.compile'd code runs eagerly, cuDNN
-    is off for CUDA RNNs and
-    Hessian-vector products route attention through its math kernel
+    is off for CUDA RNNs and Hessian-vector products route attention through its math kernel
     (:mod:`lightning_landscape.curvature.kernels`).
 
     The subclasses take these arguments as ``**kwargs`` and pass them on with
