@@ -2,17 +2,18 @@
 
 :func:`measuring` sets the module up for a measurement (eval or train mode, ``self.log``
 silenced, autocast off (the user's own too), spectral norms without their power-iteration step,
-half-precision parameters upcast to float32, the default dtype of
-Lightning's "true" precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs, the
-marker ``module.landscape_measuring`` set) and restores afterwards, bit for bit: parameters,
-buffers (BatchNorm statistics), every module's train/eval flag, every RNG (CPU and CUDA), the
-default dtype, the compiler stance and the backend flags are exactly as they were, whatever
-happened inside.
+half-precision parameters upcast to float32, the default dtype of Lightning's "true"
+precisions, torch.compile'd code run eagerly, cuDNN off for CUDA RNNs, the marker
+``module.landscape_measuring`` set) and restores afterwards, bit for bit: parameters, buffers
+(BatchNorm statistics), torchmetrics states, every module's train/eval flag, every RNG (CPU and
+CUDA), the default dtype, the compiler stance and the backend flags are exactly as they were,
+whatever happened inside.
 
-What the guard cannot restore is what the user's own ``training_step`` does besides returning
-the loss (it serves as the loss of a measurement, called once per fixed batch and weight point):
-the marker lets it tell (:func:`is_measuring`), and :func:`plain_attributes` lets the monitor
-notice a changed attribute cheaply and say so.
+What the user's own ``training_step`` does besides returning the loss (it serves as the loss
+of a measurement, called once per fixed batch and weight point) is handled in
+:mod:`._side_effects`: the states of torchmetrics metrics are put back, a changed plain
+attribute is named in a warning, and the marker lets ``training_step`` tell
+(:func:`is_measuring`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from lightning_landscape._core.vectors import check_real
 from lightning_landscape.callbacks._errors import SetupError
+from lightning_landscape.callbacks._side_effects import MARKER, saved_metric_states
 from lightning_landscape.curvature import kernels
 
 Mode = Literal["eval", "train"]
 _HALF = (torch.float16, torch.bfloat16)
-MARKER = "landscape_measuring"
 
 
 def is_measuring(module: torch.nn.Module) -> bool:
@@ -55,30 +56,6 @@ def is_measuring(module: torch.nn.Module) -> bool:
     or give the monitor a ``loss_fn(pl_module, batch)`` that computes the loss alone.
     """
     return bool(getattr(module, MARKER, False))
-
-
-def plain_attributes(module: torch.nn.Module) -> dict[str, Any]:
-    """A cheap fingerprint of the module's public plain attributes: numbers, strings and bools
-    by value, lists, tuples, dicts and sets by length (tensors and submodules are left out)."""
-    out: dict[str, Any] = {}
-    for name, value in vars(module).items():
-        if name.startswith("_") or name == MARKER:
-            continue
-        if isinstance(value, bool | int | float | str):
-            out[name] = value
-        elif isinstance(value, list | tuple | dict | set):
-            out[name] = ("length", len(value))
-    return out
-
-
-def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``"name (before → after)"`` for every attribute whose fingerprint changed."""
-
-    def show(v: Any) -> str:
-        return "absent" if v is None else (f"length {v[1]}" if isinstance(v, tuple) else repr(v))
-
-    names = [k for k in {**before, **after} if before.get(k) != after.get(k)]
-    return [f"{k} ({show(before.get(k))} → {show(after.get(k))})" for k in names]
 
 
 def _silence_logging(module: pl.LightningModule) -> Callable[[], None]:
@@ -233,6 +210,7 @@ def measuring(
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     device_type = params[0].device.type if params else "cpu"
     undo_log = _silence_logging(module)
+    undo_metrics = saved_metric_states(module)
     marked = {name: module.__dict__[name] for name in (MARKER,) if name in module.__dict__}
     module.__dict__[MARKER] = True
     try:
@@ -254,6 +232,7 @@ def measuring(
             yield
     finally:
         undo_log()
+        undo_metrics()
         module.__dict__.pop(MARKER, None)
         module.__dict__.update(marked)
         for p, data in half_data.items():
@@ -318,23 +297,3 @@ def counted(loss_fn: Callable[[Any], Tensor], calls: list[int]) -> Callable[[Any
         return loss_fn(batch)
 
     return counted
-
-
-def warn_side_effects(
-    trainer: Any, owner: str, before: dict[str, Any], after: dict[str, Any], calls: int
-) -> None:
-    """One warning when the module's training_step, serving as a measurement's loss, changed a
-    plain attribute of the module (an outputs list, a counter)."""
-    from lightning_landscape.callbacks import _logging
-
-    changed = changed_attributes(before, after)
-    if changed:
-        _logging.warn_once(
-            trainer,
-            "training-step-side-effects",
-            f"{owner} called the module's training_step {calls} times as the loss of a "
-            f"measurement, and it changed {', '.join(changed[:3])}. Side effects in "
-            "training_step also run during measurements: skip them while "
-            "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is True, "
-            "or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
-        )

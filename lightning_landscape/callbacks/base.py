@@ -36,10 +36,9 @@ from lightning_landscape.callbacks._isolation import (
     measurement_dtype,
     measuring,
     module_loss,
-    plain_attributes,
-    warn_side_effects,
 )
 from lightning_landscape.callbacks._sharded import fsdp_wrapper, refuse_sharded, sharded_refusal
+from lightning_landscape.callbacks._side_effects import plain_attributes, warn_side_effects
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.callbacks.schedule import Schedule
 from lightning_landscape.curvature.kernels import explain

@@ -6,7 +6,9 @@ import inspect
 import warnings
 
 import pytest
-from torch.utils.data import DataLoader
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor, is_measuring
 from lightning_landscape.callbacks.base import LandscapeMonitor
@@ -135,3 +137,40 @@ def test_lightning_cli_sees_every_base_argument(cls):
     assert (monitor.schedule.epochs, monitor.mode, monitor.seed) == ((0, 2), "train", 3)
     with pytest.raises(jsonargparse.ArgumentError, match="mode"):
         parser.parse_args(["--monitor.mode=sideways"])  # the Literal type is seen too
+
+
+class MetricModel(pl.LightningModule):
+    """Logs a torchmetrics accuracy updated in training_step, as Lightning's docs do."""
+
+    def __init__(self):
+        super().__init__()
+        import torchmetrics
+
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        )
+        self.acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        self.acc(out, y)
+        self.log("train_acc", self.acc, on_step=False, on_epoch=True)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_logged_torchmetrics_are_the_trainings_own(tmp_path):
+    """Before: the epoch's logged accuracy counted the measurements' calls (0.3125 became 0.338
+    with a HessianMonitor, 0.353 with a SharpnessMonitor), with no warning."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    logged = []
+    for callbacks in ([], [HessianMonitor(trace=False)], [SharpnessMonitor(kinds=["sam"])]):
+        pl.seed_everything(0)
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=2, logger=False)
+        trainer.fit(MetricModel(), DataLoader(data, batch_size=8))
+        logged.append(float(trainer.callback_metrics["train_acc"]))
+    assert logged[1] == logged[0] and logged[2] == logged[0], logged

@@ -9,13 +9,12 @@ import torch
 
 from lightning_landscape.callbacks._isolation import (
     cast_batch,
-    changed_attributes,
     is_measuring,
     measurement_dtype,
     measuring,
     module_loss,
-    plain_attributes,
 )
+from lightning_landscape.callbacks._side_effects import changed_attributes, plain_attributes
 
 from ._helpers import Classifier, random_classes
 
@@ -160,3 +159,41 @@ def test_spectral_norms_take_no_power_iteration_step_inside():
     assert all(m.training for m in model.modules())
     model(x)
     assert not any(torch.equal(a, b) for a, b in zip(vectors(), before, strict=True))
+
+
+def test_torchmetrics_states_are_put_back():
+    """A metric updated in the forward (as ``self.train_acc(preds, y)`` in a training_step)
+    keeps the training's own state: before, measurements added their calls to the epoch's
+    logged accuracy."""
+    import torchmetrics
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
+            self.both = torchmetrics.MetricCollection([torchmetrics.MeanMetric()])
+            self.cat = torchmetrics.CatMetric()
+
+        def forward(self, x, y):
+            out = self.lin(x)
+            self.acc(out, y)
+            self.both.update(out.sum())
+            self.cat.update(out[:, 0])
+            return out
+
+    model = Counting()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    model(x, y)
+    before = (model.acc.compute(), model.both.compute(), model.cat.compute().clone())
+    counts = [m._update_count for m in (model.acc, model.cat, model.both["MeanMetric"])]
+    with pytest.raises(RuntimeError, match="inside"), measuring(model):
+        for _ in range(3):
+            model(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+        raise RuntimeError("inside")
+    assert [m._update_count for m in (model.acc, model.cat, model.both["MeanMetric"])] == counts
+    assert torch.equal(model.acc.compute(), before[0])
+    assert torch.equal(model.both.compute()["MeanMetric"], before[1]["MeanMetric"])
+    assert torch.equal(model.cat.compute(), before[2])
+    model(x, y)  # and they go on accumulating as in training
+    assert model.acc._update_count == counts[0] + 1
