@@ -9,7 +9,10 @@ measurement evaluates. Its side effects are dealt with here:
   (:func:`saved_metric_states`), so the epoch's logged metric is the training's own (before,
   a HessianMonitor moved a logged training accuracy from 0.3125 to 0.338);
 - the module's plain attributes (an outputs list, a counter): a cheap fingerprint before and
-  after (:func:`plain_attributes`) and one warning naming what changed
+  after (:func:`plain_attributes`); what changed is put back where that is exact (appended
+  lists cut back, numbers and strings restored: ``self.training_step_outputs.append(loss)``,
+  Lightning's documented pattern, would otherwise feed every measurement's calls to the user's
+  ``on_train_epoch_end``, which runs after the callbacks') and named in one warning
   (:func:`warn_side_effects`), pointing at ``is_measuring``.
 """
 
@@ -54,10 +57,18 @@ def saved_metric_states(module: nn.Module) -> Callable[[], None]:
     return restore
 
 
-def plain_attributes(module: nn.Module) -> dict[str, Any]:
+class Fingerprint(dict):
+    """:func:`plain_attributes`' result: name → value or ``("length", n)``, and in ``objects``
+    the containers themselves (to put them back)."""
+
+    objects: dict[str, Any]
+
+
+def plain_attributes(module: nn.Module) -> Fingerprint:
     """A cheap fingerprint of the module's public plain attributes: numbers, strings and bools
     by value, lists, tuples, dicts and sets by length (tensors and submodules are left out)."""
-    out: dict[str, Any] = {}
+    out = Fingerprint()
+    out.objects = {}
     for name, value in vars(module).items():
         if name.startswith("_") or name == MARKER:
             continue
@@ -65,6 +76,7 @@ def plain_attributes(module: nn.Module) -> dict[str, Any]:
             out[name] = value
         elif isinstance(value, list | tuple | dict | set):
             out[name] = ("length", len(value))
+            out.objects[name] = value
     return out
 
 
@@ -78,21 +90,44 @@ def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[st
     return [f"{k} ({show(before.get(k))} → {show(after.get(k))})" for k in names]
 
 
+def put_back(module: nn.Module, before: Fingerprint, after: Fingerprint) -> None:
+    """Undo what a measurement's calls of ``training_step`` did to the plain attributes: lists
+    cut back to their length (appends undone: ``self.training_step_outputs.append(loss)``),
+    numbers, strings and rebound containers set back, attributes it created removed. Dicts and
+    sets that grew in place stay as they are."""
+    for name, value in before.items():
+        current = vars(module).get(name)
+        if name in before.objects:
+            obj = before.objects[name]
+            if current is not obj:
+                setattr(module, name, obj)
+            if isinstance(obj, list) and len(obj) > value[1]:
+                del obj[value[1] :]
+        elif current is not value and current != value:
+            setattr(module, name, value)
+    for name in after.keys() - before.keys():
+        delattr(module, name)
+
+
 def warn_side_effects(
-    trainer: Any, owner: str, before: dict[str, Any], after: dict[str, Any], calls: int
+    trainer: Any, owner: str, before: Fingerprint, module: nn.Module, calls: int
 ) -> None:
-    """One warning when the module's training_step, serving as a measurement's loss, changed a
-    plain attribute of the module (an outputs list, a counter)."""
+    """Put back the plain attributes a measurement's calls of the module's training_step
+    changed (:func:`put_back`), with one warning naming them (an outputs list, a counter)."""
     from lightning_landscape.callbacks import _logging
 
+    after = plain_attributes(module)
     changed = changed_attributes(before, after)
     if changed:
+        put_back(module, before, after)
         _logging.warn_once(
             trainer,
             "training-step-side-effects",
             f"{owner} called the module's training_step {calls} times as the loss of a "
-            f"measurement, and it changed {', '.join(changed[:3])}. Side effects in "
-            "training_step also run during measurements: skip them while "
-            "`lightning_landscape.is_measuring(self)` (or `self.landscape_measuring`) is True, "
-            "or pass the monitor `loss_fn=lambda pl_module, batch: ...`.",
+            f"measurement, and it changed {', '.join(changed[:3])}: put back (lists cut to "
+            "their length, numbers and strings restored, new attributes removed; dicts and "
+            "sets that grew are not). Side effects in training_step run during measurements: "
+            "skip them while `lightning_landscape.is_measuring(self)` (or "
+            "`self.landscape_measuring`) is True, or pass the monitor "
+            "`loss_fn=lambda pl_module, batch: ...`.",
         )

@@ -339,7 +339,7 @@ class LandscapeMonitor(Callback):
         seconds_key = self.seconds_key()
         metrics[seconds_key] = time.perf_counter() - start
         if before is not None:
-            warn_side_effects(trainer, name, before, plain_attributes(pl_module), calls[0])
+            warn_side_effects(trainer, name, before, pl_module, calls[0])
         if not failed:  # a failure was warned about above, with its cause
             _logging.warn_non_finite(trainer, type(self).__name__, metrics, step, ctx.explained)
         _logging.log_scalars(trainer, metrics, step)

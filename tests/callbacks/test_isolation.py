@@ -14,7 +14,11 @@ from lightning_landscape.callbacks._isolation import (
     measuring,
     module_loss,
 )
-from lightning_landscape.callbacks._side_effects import changed_attributes, plain_attributes
+from lightning_landscape.callbacks._side_effects import (
+    changed_attributes,
+    plain_attributes,
+    put_back,
+)
 
 from ._helpers import Classifier, random_classes
 
@@ -103,11 +107,21 @@ def test_changed_plain_attributes_are_named():
     model.count += 2
     model._private.append(1)
     model.extra = "new"
-    assert changed_attributes(before, plain_attributes(model)) == [
+    after = plain_attributes(model)
+    assert changed_attributes(before, after) == [
         "outputs (length 0 → length 1)",
         "count (0 → 2)",
         "extra (absent → 'new')",
     ]
+    outputs = model.outputs
+    model.seen = {"a"}
+    before = plain_attributes(model)
+    outputs.append(2)
+    model.count, model.seen, model.flag = 5, {"b"}, True
+    model.seen.add("c")
+    put_back(model, before, plain_attributes(model))
+    assert model.outputs is outputs and outputs == [1]  # cut back, the same list
+    assert model.count == 2 and model.seen == {"a"} and not hasattr(model, "flag")
 
 
 class SelfCast(torch.nn.Module):
