@@ -24,9 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 MARKER = "landscape_measuring"
-#: what a torchmetrics ``Metric`` keeps besides its states: updates seen, the cached
-#: ``compute()`` and the last ``forward`` value
-_METRIC_EXTRA = ("_update_count", "_computed", "_forward_cache")
+_PLAIN = (Tensor, list, bool, int, float, str)
 
 
 def _is_metric(module: nn.Module) -> bool:
@@ -41,13 +39,16 @@ def _copied(value: Any) -> Any:
 
 
 def saved_metric_states(module: nn.Module) -> Callable[[], None]:
-    """Copy the states of every ``torchmetrics`` metric among ``module``'s submodules
-    (``MetricCollection`` members included); return the function that puts them back."""
+    """Copy the state of every ``torchmetrics`` metric among ``module``'s submodules
+    (``MetricCollection`` members and wrappers included); return the function that puts it
+    back. The state is every tensor, list, number and string a metric holds (its registered
+    states, update count, cached ``compute()`` and ``forward`` values, and what some keep beside
+    them: ``Running``'s window position, ``MinMaxMetric``'s extremes)."""
     saved = []
     for m in module.modules():
         if _is_metric(m):
-            names = [*m._defaults, *(k for k in _METRIC_EXTRA if k in vars(m))]
-            saved.append((m, {k: _copied(getattr(m, k)) for k in names}))
+            state = {k: _copied(v) for k, v in vars(m).items() if isinstance(v, _PLAIN)}
+            saved.append((m, state))
 
     def restore() -> None:
         for m, state in saved:
@@ -80,13 +81,18 @@ def plain_attributes(module: nn.Module) -> Fingerprint:
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal plain values (NaN equals NaN; a value of another type never does)."""
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
 def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """``"name (before → after)"`` for every attribute whose fingerprint changed."""
 
     def show(v: Any) -> str:
         return "absent" if v is None else (f"length {v[1]}" if isinstance(v, tuple) else repr(v))
 
-    names = [k for k in {**before, **after} if before.get(k) != after.get(k)]
+    names = [k for k in {**before, **after} if not _same(before.get(k), after.get(k))]
     return [f"{k} ({show(before.get(k))} → {show(after.get(k))})" for k in names]
 
 
@@ -97,16 +103,19 @@ def put_back(module: nn.Module, before: Fingerprint, after: Fingerprint) -> None
     sets that grew in place stay as they are."""
     for name, value in before.items():
         current = vars(module).get(name)
-        if name in before.objects:
-            obj = before.objects[name]
-            if current is not obj:
-                setattr(module, name, obj)
-            if isinstance(obj, list) and len(obj) > value[1]:
-                del obj[value[1] :]
-        elif current is not value and current != value:
-            setattr(module, name, value)
+        try:  # a name that became a parameter or submodule refuses a plain value: left as is
+            if name in before.objects:
+                obj = before.objects[name]
+                if current is not obj:
+                    setattr(module, name, obj)
+                if isinstance(obj, list) and len(obj) > value[1]:
+                    del obj[value[1] :]
+            elif not _same(current, value):  # a tensor or an array: a different type
+                setattr(module, name, value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
     for name in after.keys() - before.keys():
-        delattr(module, name)
+        vars(module).pop(name, None)
 
 
 def warn_side_effects(
@@ -124,9 +133,10 @@ def warn_side_effects(
             trainer,
             "training-step-side-effects",
             f"{owner} called the module's training_step {calls} times as the loss of a "
-            f"measurement, and it changed {', '.join(changed[:3])}: put back (lists cut to "
-            "their length, numbers and strings restored, new attributes removed; dicts and "
-            "sets that grew are not). Side effects in training_step run during measurements: "
+            f"measurement, and it changed {', '.join(changed[:3])}. Put back what could be "
+            "(appended lists cut to their length, numbers and strings restored, new attributes "
+            "removed); other changes (items popped, dicts and sets updated, in-place edits) "
+            "stay. Side effects in training_step run during measurements: "
             "skip them while `lightning_landscape.is_measuring(self)` (or "
             "`self.landscape_measuring`) is True, or pass the monitor "
             "`loss_fn=lambda pl_module, batch: ...`.",

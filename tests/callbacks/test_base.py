@@ -109,7 +109,7 @@ def test_training_step_marker_and_one_warning(tmp_path):
     model, texts = fit(guard=False)
     assert model._seen_marker == {True, False}
     assert len(texts) == 1 and "training_step_outputs (length 0 → length" in texts[0]
-    assert "put back" in texts[0]
+    assert "Put back what could be" in texts[0]
     # the 10 training steps' outputs only: the measurements' appends are cut back (before: > 10)
     assert len(model.training_step_outputs) == 10
     assert not hasattr(model, "landscape_measuring") or model.landscape_measuring is False

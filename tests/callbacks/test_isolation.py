@@ -122,6 +122,13 @@ def test_changed_plain_attributes_are_named():
     put_back(model, before, plain_attributes(model))
     assert model.outputs is outputs and outputs == [1]  # cut back, the same list
     assert model.count == 2 and model.seen == {"a"} and not hasattr(model, "flag")
+    model.best, model.counts = float("nan"), 0
+    before = plain_attributes(model)
+    model.counts = model.counts + torch.ones(3)  # a number became a tensor: no crash
+    after = plain_attributes(model)
+    assert changed_attributes(before, after) == ["counts (0 → absent)"]  # NaN is NaN
+    put_back(model, before, after)
+    assert model.counts == 0
 
 
 class SelfCast(torch.nn.Module):
@@ -188,18 +195,24 @@ def test_torchmetrics_states_are_put_back():
             self.acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
             self.both = torchmetrics.MetricCollection([torchmetrics.MeanMetric()])
             self.cat = torchmetrics.CatMetric()
+            self.running = torchmetrics.RunningMean(window=3)  # its window position too
+            self.extremes = torchmetrics.wrappers.MinMaxMetric(torchmetrics.MeanMetric())
 
         def forward(self, x, y):
             out = self.lin(x)
             self.acc(out, y)
             self.both.update(out.sum())
             self.cat.update(out[:, 0])
+            self.running(out.mean())
+            self.extremes(out.mean())
             return out
 
     model = Counting()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     model(x, y)
+    model(x + 1, y)
     before = (model.acc.compute(), model.both.compute(), model.cat.compute().clone())
+    more = (model.running.compute(), model.extremes.compute())
     counts = [m._update_count for m in (model.acc, model.cat, model.both["MeanMetric"])]
     with pytest.raises(RuntimeError, match="inside"), measuring(model):
         for _ in range(3):
@@ -209,5 +222,7 @@ def test_torchmetrics_states_are_put_back():
     assert torch.equal(model.acc.compute(), before[0])
     assert torch.equal(model.both.compute()["MeanMetric"], before[1]["MeanMetric"])
     assert torch.equal(model.cat.compute(), before[2])
+    for a, b in zip((model.running.compute(), model.extremes.compute()), more, strict=True):
+        assert (a == b).all() if isinstance(a, torch.Tensor) else a == b
     model(x, y)  # and they go on accumulating as in training
     assert model.acc._update_count == counts[0] + 1
