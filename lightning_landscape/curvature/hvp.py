@@ -28,7 +28,6 @@ from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
 from lightning_landscape.curvature.kernels import twice_differentiable
-from lightning_landscape.curvature.scripted import torchscript_in
 
 
 def gradient_graph(
@@ -182,13 +181,6 @@ def func_inputs(
 ) -> tuple[nn.Module, list[str], dict[str, Tensor], tuple[Tensor, ...], Any]:
     """What :func:`func_products` takes: the module and loss as one ``nn.Module``, the names of
     the trainable parameters, the frozen ones, the detached parameters and the batch."""
-    scripted = torchscript_in(module)
-    if scripted is not None:
-        raise RuntimeError(
-            f"torch.func through TorchScript is wrong once the JIT has optimized it (silently: "
-            f"see curvature/scripted.py): {scripted}; use the 'double_backward' or 'cached' "
-            "products ('auto' does)."
-        )
     names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
     frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}
     return _LossOf(module, loss_fn), names, frozen, tuple(p.detach() for p in params), batch

@@ -15,9 +15,9 @@ are cut into pieces small enough for a product to fit ``memory_budget`` (default
 quarter of its free memory if more: small pieces leave it idle), when the loss is a mean over
 independent samples (the same matrix). ``"cached"`` keeps the graphs that fit ``memory_budget``
 beside one product's working memory, differentiates the others per product: one budget in all
-(none kept where a product needs all of it). ``"finite_difference"``:
-one gradient and 3 P. A vmapped block of k vectors holds about 1 + 2k graphs, so blocks take
-fewer vectors at a time, or smaller pieces, as the budget left beside the kept graphs needs.
+(none kept where a product needs all of it). ``"finite_difference"``: one gradient and 3 P. A
+vmapped block of k vectors holds about 1 + 2k graphs, so blocks take fewer vectors at a time,
+or smaller pieces, as the budget left beside the kept graphs needs.
 A HessianMonitor measurement (benchmarks/memory.py, MLP): 0.85 T with pieces, 5.1 T without.
 """
 
@@ -41,6 +41,7 @@ from lightning_landscape.curvature import compiled as _compiled
 from lightning_landscape.curvature import finite_difference as _fd
 from lightning_landscape.curvature import hvp as _hvp
 from lightning_landscape.curvature import pieces as _pieces
+from lightning_landscape.curvature import scripted as _scripted
 from lightning_landscape.curvature.cache import (
     GraphCache,
     check_twice_differentiable,
@@ -178,9 +179,7 @@ class HessianOperator(LinearOperator):
         self.dim = sum(p.numel() for p in self.params)
         rel_step = float(fd_step) if fd_step is not None else _fd.default_rel_step(self.dtype)
         self._fd = _fd.CentralDifferences(rel_step, float(fd_tolerance), lambda *a: self.warn(*a))
-        total = torch.tensor(
-            [float(sum(self.batch_sizes))], dtype=torch.float64, device=self.device
-        )
+        total = torch.tensor([float(self.local_size)], dtype=torch.float64, device=self.device)
         self.total_size = float(all_reduce_sum_(total, self.distributed).item())
         self._cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
         self.micro_batch_size = micro_batch_size
@@ -191,6 +190,7 @@ class HessianOperator(LinearOperator):
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
         self._graph_checked = False
+        self._scripted = _scripted.refusal(self.module)  # the func kinds refuse TorchScript
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
         self.choice: _auto.Choice | None = None
@@ -206,9 +206,7 @@ class HessianOperator(LinearOperator):
     def product_error(self) -> float:  # type: ignore[override]
         """Largest estimated relative error of the checked products: 0 for exact kinds, NaN
         for finite differences before the first product."""
-        if self.exact:
-            return 0.0
-        return max(self._fd.errors) if self._fd.errors else math.nan
+        return 0.0 if self.exact else max(self._fd.errors, default=math.nan)
 
     @property
     def fd_errors(self) -> list[float]:
@@ -289,6 +287,8 @@ class HessianOperator(LinearOperator):
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
+        if not graph and self._scripted is not None:
+            raise RuntimeError(self._scripted)
         vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)  # else a column at a time
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):

@@ -92,3 +92,16 @@ def torchscript_in(module: nn.Module) -> str | None:
         if found:
             return found
     return None
+
+
+def refusal(module: nn.Module | None) -> str | None:
+    """Why the ``torch.func`` product kinds refuse ``module`` (:func:`torchscript_in`), or None;
+    taken once per operator (the scan walks every module)."""
+    scripted = None if module is None else torchscript_in(module)
+    if scripted is None:
+        return None
+    return (
+        f"torch.func through TorchScript is wrong once the JIT has optimized it (silently: see "
+        f"curvature/scripted.py): {scripted}; use the 'double_backward' or 'cached' products "
+        "('auto' does)."
+    )

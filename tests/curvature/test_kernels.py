@@ -284,9 +284,9 @@ def test_torchscript_keeps_the_products_off_torch_func(make):
 def test_torchscript_would_be_silently_wrong(monkeypatch):
     """Why the refusal: without it, func products through the scripted activation are off. A
     canary: when a torch release fixes this, it fails, and the refusal can go."""
-    from lightning_landscape.curvature import hvp
+    from lightning_landscape.curvature import scripted
 
-    monkeypatch.setattr(hvp, "torchscript_in", lambda module: None)
+    monkeypatch.setattr(scripted, "refusal", lambda module: None)
     torch.manual_seed(0)
     model = _Called().double()
     g = torch.Generator().manual_seed(1)
