@@ -26,11 +26,10 @@ import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from lightning_landscape._core.vectors import check_real
-from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._side_effects import MARKER, saved_metric_states
 from lightning_landscape.curvature import kernels
 
@@ -89,7 +88,7 @@ def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
 def measurement_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of a measurement: the parameters' own, never below float32."""
     for p in module.parameters():
-        if p.is_floating_point():
+        if not is_lazy(p) and p.is_floating_point():
             return torch.float32 if p.dtype in _HALF else p.dtype
     return torch.float32
 
@@ -174,15 +173,38 @@ def frozen_spectral_norms(module: nn.Module | None) -> Iterator[None]:
             m.training = True
 
 
-def complex_refusal(module: nn.Module) -> SetupError | None:
-    """The refusal of a module with complex trainable parameters (as :func:`check_real` words
-    it), returned for the monitor to log NaN and warn once (the same on every rank), or None."""
-    try:
-        check_real([p for p in module.parameters() if p.requires_grad])
-    except TypeError as err:
-        names = [n for n, p in module.named_parameters() if p.requires_grad and p.is_complex()]
-        return SetupError(f"complex parameters {names[:3]} cannot be measured: {err}")
-    return None
+def needs_upcast(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether some floating-point parameter is not of the measurement's ``dtype``."""
+    params = [p for p in module.parameters() if not is_lazy(p)]
+    return any(p.is_floating_point() and p.dtype != dtype for p in params)
+
+
+def _saved_buffers(module: nn.Module) -> Callable[[], None]:
+    """Save every buffer, by its owner and name; the returned function puts back the values,
+    the size of a buffer resized in place (per-channel quantization observers), the tensor a
+    name was rebound to (``self.ema = 0.9 * self.ema + x``) and removes buffers created
+    meanwhile."""
+    owners = [(m, dict(m._buffers)) for m in module.modules()]
+    kept = [b for _, d in owners for b in d.values() if b is not None and not is_lazy(b)]
+    saved = {id(b): (b, b.detach().clone()) for b in kept}
+
+    def restore() -> None:
+        for m, before in owners:
+            for name in [n for n in m._buffers if n not in before]:
+                del m._buffers[name]
+                m._non_persistent_buffers_set.discard(name)
+            for name, b in before.items():
+                if name not in m._buffers or m._buffers[name] is not b:
+                    m.__dict__.pop(name, None)
+                    m._buffers[name] = b
+        with torch.no_grad():
+            for b, s in saved.values():
+                if b.shape != s.shape:
+                    b.resize_(s.shape)
+                if not torch.equal(b, s):
+                    b.copy_(s)
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -200,11 +222,11 @@ def measuring(
     the curvature engine, so first-order measurements keep the fused ones.
     """
     flags = {m: m.training for m in module.modules()}
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if not is_lazy(p)]
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [p.grad for p in params]
-    buffers = list(module.buffers())
-    saved_buffers = [b.detach().clone() for b in buffers]
+    buffers = [b for b in module.buffers() if not is_lazy(b)]
+    undo_buffers = _saved_buffers(module)
     half_data = {p: p.data for p in params if p.dtype in _HALF}
     half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -243,9 +265,7 @@ def measuring(
             for p, s in zip(params, saved_params, strict=True):
                 if not torch.equal(p, s):
                     p.copy_(s)
-            for b, s in zip(buffers, saved_buffers, strict=True):
-                if not torch.equal(b, s):
-                    b.copy_(s)
+        undo_buffers()
         for p, g in zip(params, saved_grads, strict=True):
             if p.grad is not g:
                 p.grad = g

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_landscape._core.sharding import ShardLayout, flat_parameters, is_sharded
 from lightning_landscape._core.vectors import ParamVector
+from lightning_landscape.callbacks._refusals import module_refusal
 from lightning_landscape.landscape.trajectory import Snapshots
 
 
@@ -102,12 +103,33 @@ def tracked_parameters(monitor: Any, module: nn.Module, step: int, start: bool =
     return ParamVector([named[n] for n in monitor.tracked])
 
 
+def start_snapshot(monitor: Any, trainer: Any, module: nn.Module, held: bool = False) -> None:
+    """The fit's first snapshot, whatever the schedule (restored ones checked): at the fit's
+    start, or with lazy modules once they created their parameters, before the optimizer
+    step (the first step's: the initial weights; a later one is named in a warning). None
+    with complex parameters: each measurement says why (NaN)."""
+    if module_refusal(module) is not None:
+        return
+    pv = tracked_parameters(monitor, module, trainer.global_step, start=True)
+    if not len(monitor.snapshots):
+        monitor.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
+        if held and trainer.global_step > 0:
+            rank_zero_warn(
+                "TrajectoryMonitor: the lazy modules' parameters were created only before step "
+                f"{trainer.global_step}; the trajectory starts there."
+            )
+
+
 def join_unfrozen(monitor: Any, trainer: Any, module: nn.Module) -> None:
-    """Before an optimizer step: parameters that became trainable join the trajectory while
+    """Before an optimizer step: the first snapshot if lazy modules held it back
+    (:func:`start_snapshot`); parameters that became trainable join the trajectory while
     they still hold the values they kept frozen (:func:`tracked_parameters`; a cheap check of
     the ``requires_grad`` flags otherwise; nothing under sharding, where no names are
     followed)."""
-    if monitor.tracked is None or not len(monitor.snapshots):
+    if not len(monitor.snapshots):
+        start_snapshot(monitor, trainer, module, held=True)
+        return
+    if monitor.tracked is None:
         return
     known = set(monitor.tracked)
     new = [p for n, p in module.named_parameters() if p.requires_grad and n not in known]

@@ -30,13 +30,14 @@ from lightning_landscape.callbacks._isolation import (
     MARKER,
     Mode,
     cast_batch,
-    complex_refusal,
     counted,
     forward_dtype,
     measurement_dtype,
     measuring,
     module_loss,
+    needs_upcast,
 )
+from lightning_landscape.callbacks._refusals import module_refusal
 from lightning_landscape.callbacks._sharded import fsdp_wrapper, refuse_sharded, sharded_refusal
 from lightning_landscape.callbacks._side_effects import plain_attributes, warn_side_effects
 from lightning_landscape.callbacks.context import MeasureContext
@@ -284,9 +285,9 @@ class LandscapeMonitor(Callback):
         batches = self.fixed_batches(trainer, pl_module)
         wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
-        upcast = any(p.is_floating_point() and p.dtype != dtype for p in pl_module.parameters())
+        upcast = needs_upcast(pl_module, dtype)
         name = type(self).__name__
-        refusal = sharded_refusal(wrapper, pl_module, name, upcast) or complex_refusal(pl_module)
+        refusal = module_refusal(pl_module) or sharded_refusal(wrapper, pl_module, name, upcast)
         before = plain_attributes(pl_module) if self.loss_fn is None else None
         calls = [0]
         start = time.perf_counter()

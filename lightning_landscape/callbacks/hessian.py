@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from lightning_landscape._core.checks import (
     check_bool,
@@ -282,8 +283,8 @@ class HessianMonitor(LandscapeMonitor):
             return
         if self.hvp == "auto":  # decided afresh in every fit, at its first measurement
             self.hvp_choice, self.hvp_reason, self._block_choice = None, "", None
-        dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if self.top_k > dim:
+        params = [p for p in pl_module.parameters() if p.requires_grad]  # lazy: checked later
+        if not any(map(is_lazy, params)) and self.top_k > (dim := sum(p.numel() for p in params)):
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")
         if self.ggn:
             _hessian_ggn.check_setup(pl_module, self.ggn_fn)

@@ -13,10 +13,10 @@ from lightning_landscape._core.batches import mean_value
 from lightning_landscape._core.fsdp import FSDPBatches
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.sharding import ShardedSpace, ShardLayout
-from lightning_landscape.callbacks._isolation import complex_refusal
 from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._snapshots import (
     join_unfrozen,
+    start_snapshot,
     thin_snapshots,
     tracked_parameters,
 )
@@ -186,11 +186,7 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module = fsdp_wrapper(trainer, pl_module) or pl_module
-        if complex_refusal(module) is None:  # otherwise each measurement says why (NaN)
-            pv = tracked_parameters(self, module, trainer.global_step, start=True)
-            if not len(self.snapshots):  # the fit-start snapshot, whatever the schedule
-                self.snapshots.add(pv.get(), trainer.current_epoch, trainer.global_step)
+        start_snapshot(self, trainer, fsdp_wrapper(trainer, pl_module) or pl_module)
         super().on_train_start(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:

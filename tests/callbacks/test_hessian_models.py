@@ -390,6 +390,57 @@ def test_complex_parameters_are_refused_once_and_training_goes_on(tmp_path):
     assert math.isfinite(pairs.history[-1]["hessian/eigenvalue_1"])
 
 
+class LazyMLP(TinyMLP):
+    """TinyMLP whose first layer is an ``nn.LazyLinear``: its parameters are created by the
+    first training step's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0] = nn.LazyLinear(8)
+
+
+class Initial(pl.Callback):
+    """The parameters before the first optimizer step (the lazy ones just created)."""
+
+    theta = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.theta is None:
+            self.theta = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
+
+
+def test_lazy_modules_are_measured_once_they_exist(tmp_path):
+    """Before: every monitor crashed the fit ("Attempted to use an uninitialized parameter",
+    at setup or at the start). Now a measurement at the start says why (NaN, one warning per
+    monitor; its forward would create the parameters from other random draws), later ones
+    equal the oracle, the trajectory starts from the weights the first step created, and
+    training is bit-identical."""
+    data = vector_data()
+    fixed = [data[:8], data[8:13]]
+    hess = HessianMonitor(
+        epochs=[0, 2], top_k=2, tol=1e-10, max_matvecs=500, num_batches=2, dataloader=fixed
+    )
+    traj = TrajectoryMonitor(epochs=[0, 2], num_batches=1, snapshot_dtype=torch.float64)
+    initial = Initial()
+    plain, _, _ = fit(tmp_path / "plain", lambda: LazyMLP().double(), data)
+    model, _, caught = fit(tmp_path / "w", lambda: LazyMLP().double(), data, [hess, traj, initial])
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for mon in (hess, traj):
+        said = [m for m in caught if type(mon).__name__ in m]
+        assert len(said) == 1 and "['net.0.weight', 'net.0.bias'] are not materialized" in said[0]
+        assert "epoch 0, step 0" in said[0], said
+    assert math.isnan(hess.history[0]["hessian/eigenvalue_1"])
+    model.eval()
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
+    assert hess.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+    assert list(traj.snapshots.steps)[0] == 0
+    assert torch.equal(traj.snapshots.tensors[0], initial.theta)
+    final = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    distance = float((final - initial.theta).norm())
+    assert traj.history[-1]["trajectory/distance_from_init"] == pytest.approx(distance, rel=1e-9)
+
+
 class PrototypeModel(TinyMLP):
     """Minkowski (p = 3) distances to learned prototypes by ``torch.cdist``: no double backward
     in any PyTorch kernel, and no rewrite here."""

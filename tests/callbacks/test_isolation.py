@@ -60,6 +60,30 @@ def test_everything_touched_inside_is_restored(mode):
     assert "log" not in model.__dict__  # the class's own log is back
 
 
+def test_buffers_come_back_by_owner_and_name():
+    """What observers and running averages do to buffers in a forward: resize one in place
+    (per-channel quantization ranges start empty), rebind a name to a new tensor, create one;
+    the same tensors, sizes and values come back, and the created one goes."""
+    model = Classifier(bn=True)
+    bn = model.net[1]
+    model.register_buffer("ranges", torch.tensor([]))
+    model.register_buffer("unset", None)
+    mean, ranges = bn.running_mean, model.ranges
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(RuntimeError, match="inside"), measuring(model, "train"):
+        model.ranges.resize_(3).copy_(torch.arange(3.0))
+        bn.running_mean = bn.running_mean + 1.0  # rebound
+        model.register_buffer("cache", torch.ones(2), persistent=False)
+        model.unset = torch.zeros(1)
+        raise RuntimeError("inside")
+    assert bn.running_mean is mean and model.ranges is ranges
+    assert model.unset is None and "cache" not in dict(model.named_buffers())
+    assert "cache" not in model.state_dict() and not hasattr(model, "cache")
+    after = dict(model.named_buffers())
+    assert list(after) == list(before)
+    assert all(torch.equal(after[n], b) for n, b in before.items())
+
+
 def test_half_precision_parameters_are_measured_in_float32():
     model = Classifier(dtype=torch.bfloat16)
     assert measurement_dtype(model) == torch.float32
