@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_landscape.callbacks._compat import COMBINED_LOADERS
@@ -22,6 +23,31 @@ def _first_loader(source: Any) -> Iterable:
     elif isinstance(source, list | tuple):
         source = source[0]
     return source
+
+
+def _training_loader(trainer: Any, source: Any, train: bool) -> tuple[Iterable, list[Any]]:
+    """What yields batches as ``training_step`` gets them, and the loaders it draws from. The
+    monitor's own ``dataloader`` (``train=False``) and a single train loader are drawn as
+    they are, without workers (:func:`_detached`). Several train loaders (a dict, list or tuple)
+    are combined as the fit combines them (Lightning's default ``"max_size_cycle"`` mode,
+    ``"min_size"``, ``"max_size"``): a CombinedLoader in the fit's mode yields the same
+    structure with one batch of each. In ``"sequential"`` mode a training batch is one
+    loader's: the first's."""
+    if train and isinstance(source, COMBINED_LOADERS):
+        source = source.iterables
+    combined = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
+    mode = getattr(combined, "_mode", "max_size_cycle")
+    if not train or not isinstance(source, Mapping | list | tuple) or mode == "sequential":
+        one = _first_loader(source) if train else source
+        return _detached(one), [one]
+    detached = apply_to_collection(source, DataLoader, _detached)
+    together = COMBINED_LOADERS[0](detached, mode)
+
+    def batches() -> Iterator[Any]:  # iterated only inside the draw's forked RNG
+        for batch, _, _ in together:
+            yield batch
+
+    return batches(), together.flattened
 
 
 def draw_batches(
@@ -52,15 +78,15 @@ def draw_batches(
             source = trainer.train_dataloader
         if source is None:
             raise ValueError("no training dataloader to draw the monitor's batches from.")
-        loader = _first_loader(source)
+        loader = source
     devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
-    loader = _detached(loader)
-    epoch = getattr(sampler, "epoch", None)
+    loader, loaders = _training_loader(trainer, loader, dataloader is None)
+    samplers = [_sampler(one) for one in loaders]
+    epochs = {s: s.epoch for s in samplers if isinstance(getattr(s, "epoch", None), int)}
     try:
-        if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(0)  # the same shard order at fit start and after a resume
+        for sampler in epochs:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(0)  # the same shard order at fit start and after a resume
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             batches = list(itertools.islice(iter(loader), num_batches))
@@ -69,8 +95,14 @@ def draw_batches(
             # transfer hooks (GPU augmentations) may draw random numbers too
             return [_prepared(trainer, pl_module, b) for b in batches]
     finally:
-        if isinstance(epoch, int) and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for sampler, epoch in epochs.items():
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+
+def _sampler(loader: Any) -> Any:
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    return sampler if sampler is not None else getattr(loader, "sampler", None)
 
 
 def _prepared(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:

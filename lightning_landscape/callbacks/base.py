@@ -78,8 +78,9 @@ class LandscapeMonitor(Callback):
     Each fit starts afresh: a monitor reused in a new fit (a sweep) forgets what it measured in
     the earlier one; a fit resumed from a checkpoint continues the checkpoint's.
 
-    A measurement that fails (an exception from the estimate) is logged as NaN with one warning
-    per fit giving the exception (and, for an operation PyTorch cannot differentiate twice, a
+    A measurement that fails (any exception: from the estimate, or from ``training_step`` on the
+    fixed batches) is logged as NaN with one warning per fit giving the exception (and, for an
+    operation PyTorch cannot differentiate twice, a
     hint); under DDP it is raised instead, since a failure on one rank only would leave the
     others waiting in a collective forever. A NaN loss does not raise: it gives NaN values and a
     warning.
@@ -323,7 +324,7 @@ class LandscapeMonitor(Callback):
                 if refusal is not None:  # the same on every rank: NaN, one warning
                     raise refusal
                 metrics = self.measure(ctx)
-            except (RuntimeError, ValueError, FloatingPointError) as err:
+            except Exception as err:  # noqa: BLE001 - whatever failed: NaN, training goes on
                 if is_distributed() and err is not refusal:
                     # A failure on one rank only (out of memory, say) would leave the others
                     raise  # waiting in a collective forever: stop the run rather than hang it

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from pytorch_lightning import Callback
 from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
 from lightning_landscape.callbacks._batches import _first_loader, draw_batches
+from lightning_landscape.curvature import dense_hessian
 
 from ._helpers import Classifier, make_trainer, random_classes
 
@@ -62,6 +64,55 @@ def test_first_loader_of_combined_sources_and_errors():
     assert _first_loader({"a": a, "b": b}) is a and _first_loader([b, a]) is b
     with pytest.raises(ValueError, match="yielded no batch"):
         draw_batches(_trainer(), Classifier(), 2, dataloader=[])
+
+
+class TwoSources(Classifier):
+    """The classifier trained on two loaders at once (Lightning combines them: each training
+    batch is ``{"a": [x, y], "b": [x, y]}``), the loss summed over both."""
+
+    def training_step(self, batch, batch_idx):
+        return sum(F.cross_entropy(self(x), y) for x, y in batch.values())
+
+    def train_dataloader(self):
+        a = DataLoader(random_classes(n=24, seed=1), batch_size=6, shuffle=True)
+        return {"a": a, "b": DataLoader(random_classes(n=16, seed=2), batch_size=4, shuffle=True)}
+
+
+class Seen(Callback):
+    def __init__(self):
+        self.first = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.first.append(batch["a"][0][0].clone())
+
+
+def test_several_train_loaders_give_batches_as_training_step_gets_them(tmp_path):
+    """Before: the fixed batches came from the first loader alone, and a ``training_step`` that
+    reads the combined batch crashed the fit (AttributeError: 'list' object has no attribute
+    'values'). Now each fixed batch holds one batch of every loader, as in training (the fit's
+    mode, here Lightning's default max_size_cycle), the draw leaves the training's data order
+    alone, and the Hessian is the one of the summed loss on those batches."""
+    mon = HessianMonitor(epochs=[0, 1], num_batches=2, top_k=1, tol=1e-10, trace=False)
+    fits = []
+    for callbacks in ([Seen()], [Seen(), mon]):
+        torch.manual_seed(0)
+        model = TwoSources()
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=1, logger=False)
+        trainer.fit(model)
+        fits.append((model, trainer, callbacks[0].first))
+    (plain, _, seen), (model, trainer, watched) = fits
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen, watched, strict=True))
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = torch.get_rng_state()
+    fixed = draw_batches(trainer, model, 2)  # the monitor's batches: the same seed
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [sorted(b) for b in fixed] == [["a", "b"]] * 2
+    assert [len(b["a"][0]) for b in fixed] == [6, 6] and [len(b["b"][0]) for b in fixed] == [4, 4]
+    model.eval()
+    H = dense_hessian(lambda batch: model.training_step(batch, 0), model, fixed)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-6)
 
 
 @dataclass

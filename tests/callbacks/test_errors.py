@@ -1,5 +1,6 @@
 """One exception type for every setup refusal of the callbacks."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -78,3 +79,23 @@ def test_two_monitors_with_one_state_key_are_refused_at_setup(tmp_path):
     trainer.fit(Apart(), loader)
     rows = {cb.prefix: cb.history[0] for cb in trainer.callbacks if isinstance(cb, HessianMonitor)}
     assert "h1/eigenvalue_1" in rows["h1"] and "h2/eigenvalue_2" in rows["h2"]
+
+
+class MeasuredBadly(Classifier):
+    """A training_step that fails only on the monitor's calls (on a batch it cannot read)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.landscape_measuring:
+            raise KeyError("input_ids")
+        return super().training_step(batch, batch_idx)
+
+
+def test_any_failure_of_a_measurement_is_nan_and_one_warning(tmp_path):
+    """A KeyError (or AttributeError, TypeError) from training_step on the fixed batches
+    ended the fit: only RuntimeError, ValueError and FloatingPointError were caught."""
+    mon = HessianMonitor(epochs=[0, 1, 2], num_batches=1, trace=False)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="failed \\(KeyError: 'input_ids'\\)") as caught:
+        make_trainer(tmp_path, [mon]).fit(MeasuredBadly(), DataLoader(random_classes(), 8))
+    assert len([w for w in caught if "HessianMonitor" in str(w.message)]) == 1
+    assert len(mon.history) == 3 and all(math.isnan(h["hessian/eigenvalue_1"]) for h in mon.history)
