@@ -30,7 +30,11 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from lightning_landscape.callbacks._side_effects import MARKER, saved_metric_states
+from lightning_landscape.callbacks._side_effects import (
+    MARKER,
+    HeldParameters,
+    saved_metric_states,
+)
 from lightning_landscape.curvature import kernels
 
 Mode = Literal["eval", "train"]
@@ -210,8 +214,10 @@ def _saved_buffers(module: nn.Module) -> Callable[[], None]:
 @contextlib.contextmanager
 def measuring(
     module: pl.LightningModule, mode: Mode = "eval", default_dtype: torch.dtype | None = None
-) -> Iterator[None]:
-    """Set ``module`` up for a measurement and restore everything afterwards.
+) -> Iterator[HeldParameters]:
+    """Set ``module`` up for a measurement and restore everything afterwards. Yields the
+    module's frozen parameters held (:class:`HeldParameters`), for the loss to call before each
+    call (:func:`module_loss`).
 
     Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
     measurement in eval mode would otherwise recompile it) and cuDNN is off when the module holds
@@ -225,6 +231,7 @@ def measuring(
     params = [p for p in module.parameters() if not is_lazy(p)]
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [p.grad for p in params]
+    hold = HeldParameters(module, dict(zip(map(id, params), saved_params, strict=True)))
     buffers = [b for b in module.buffers() if not is_lazy(b)]
     undo_buffers = _saved_buffers(module)
     half_data = {p: p.data for p in params if p.dtype in _HALF}
@@ -251,8 +258,9 @@ def measuring(
                 p.data = p.data.float()
             for b in half_bufs:
                 b.data = b.data.float()
-            yield
+            yield hold
     finally:
+        hold()
         undo_log()
         undo_metrics()
         module.__dict__.pop(MARKER, None)
@@ -277,11 +285,21 @@ def module_loss(
     module: pl.LightningModule,
     batches: Sequence[Any],
     loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+    hold: Callable[[], None] | None = None,
 ) -> Callable[[Any], Tensor]:
     """``loss(batch) -> scalar``: the user's ``loss_fn(module, batch)``, or the module's own
     ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``), with ``batch_idx`` the
     batch's position among the fixed batches (0 for a piece of a batch, and in compiled
-    products)."""
+    products). ``hold()`` (what :func:`measuring` yields) runs before each call."""
+    if hold is not None:
+        inner = module_loss(module, batches, loss_fn)
+
+        def held(batch: Any) -> Tensor:
+            if not _tracing():
+                hold()
+            return inner(batch)
+
+        return held
     if loss_fn is not None:
         return lambda batch: loss_fn(module, batch)
     index = {id(b): i for i, b in enumerate(batches)}

@@ -168,7 +168,7 @@ def hvp_func(
     """
     if module is None:
         raise ValueError("the 'func' product needs the module that `loss_fn` calls.")
-    with batch_norm_stats_frozen(module):
+    with batch_norm_stats_frozen(module), data_assignments_checked():
         inputs = func_inputs(loss_fn, params, batch, module)
         if out is None:
             return func_products(*inputs, Vt, forward_over_reverse)
@@ -180,9 +180,12 @@ def func_inputs(
     loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any, module: nn.Module
 ) -> tuple[nn.Module, list[str], dict[str, Tensor], tuple[Tensor, ...], Any]:
     """What :func:`func_products` takes: the module and loss as one ``nn.Module``, the names of
-    the trainable parameters, the frozen ones, the detached parameters and the batch."""
+    the trainable parameters, the frozen ones, the detached parameters and the batch. The
+    frozen ones go in as aliases (same storage): a loss that reassigns their ``.data`` (a
+    momentum encoder's update) reassigns the alias, never the parameter, which would otherwise
+    keep a transformed tensor and crash the process at its next use."""
     names = [f"m.{n}" for n, p in module.named_parameters() if p.requires_grad]
-    frozen = {f"m.{n}": p for n, p in module.named_parameters() if not p.requires_grad}
+    frozen = {f"m.{n}": p.detach() for n, p in module.named_parameters() if not p.requires_grad}
     return _LossOf(module, loss_fn), names, frozen, tuple(p.detach() for p in params), batch
 
 
@@ -220,6 +223,34 @@ def func_products(
         hv = one(Vt[0])
         return hv[None] if flat else tuple(h[None] for h in hv)
     return torch.func.vmap(one, randomness="same")(Vt)
+
+
+def _checked_data(tensor: Tensor, value: Tensor) -> None:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(value)
+    if wrapped or torch._C._functorch.is_batchedtensor(value):
+        raise RuntimeError(
+            "the loss sets a tensor's `.data` to a tensor of a torch.func transform (a "
+            "momentum encoder's update in training_step?): PyTorch would keep it and crash the "
+            "process at the tensor's next use, so the 'func' products cannot run this loss"
+        )
+    _DATA.__set__(tensor, value)
+
+
+_DATA = torch._C.TensorBase.data
+
+
+@contextlib.contextmanager
+def data_assignments_checked() -> Iterator[None]:
+    """``tensor.data = value`` raises while inside when ``value`` belongs to a torch.func
+    transform, instead of crashing the process later (torch 2.13 accepts it silently)."""
+    if "data" in torch.Tensor.__dict__:  # nested: the outer one checks
+        yield
+        return
+    torch.Tensor.data = property(_DATA.__get__, _checked_data)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del torch.Tensor.data
 
 
 @contextlib.contextmanager

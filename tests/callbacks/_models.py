@@ -140,6 +140,44 @@ class TinyRecognizer(TinyMLP):
         return self.ctc(log_probs, targets, frames, lengths)
 
 
+class MomentumEncoder(_Base):
+    """BYOL-style self-supervision: an online network and predictor, and a momentum (EMA) copy
+    of the online network as the target, frozen (``requires_grad=False``) and updated at the
+    start of ``training_step`` by reassigning ``.data``, as lightly's examples do. The loss
+    ``training_step`` computes is :meth:`loss` after that update."""
+
+    lr = 0.5
+
+    def __init__(self, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.online = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.predictor = nn.Linear(4, 4)
+        self.target = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update_target(self):
+        for online, target in zip(self.online.parameters(), self.target.parameters(), strict=True):
+            target.data = target.data * self.momentum + online.data * (1 - self.momentum)
+
+    def loss(self, batch):
+        x, _ = batch
+        p = self.predictor(self.online(x + 0.1 * torch.sin(3 * x)))
+        with torch.no_grad():
+            z = self.target(x - 0.1 * torch.cos(2 * x))
+        return (2 - 2 * F.cosine_similarity(p, z, dim=-1)).mean()
+
+    def training_step(self, batch, batch_idx):
+        self.update_target()
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.lr, momentum=0.9)
+
+
 def utterances(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, 6, generator=g, dtype=dtype)

@@ -84,6 +84,36 @@ def test_buffers_come_back_by_owner_and_name():
     assert all(torch.equal(after[n], b) for n, b in before.items())
 
 
+def test_frozen_parameters_are_held_between_the_calls_of_a_measurement():
+    """Whatever a call did to a frozen parameter (rebinding its slot, reassigning ``.data``,
+    an in-place update) is undone before the next call; trainable ones are the measurement's
+    to move."""
+    model = Classifier()
+    frozen, trainable = model.net[0].weight, model.net[3].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    batches = [random_classes()[:4]]
+    calls = []
+
+    def loss_fn(module, batch):
+        calls.append(torch.equal(module.net[0].weight, before) and module.net[0].weight is frozen)
+        with torch.no_grad():
+            module.net[0].weight.data = module.net[0].weight.data + 1.0
+            module.net[0].bias.add_(1.0)  # trainable: left alone
+            module.net[0].weight.lerp_(torch.zeros_like(before), 0.5)
+        module.net[0].weight = torch.nn.Parameter(torch.zeros_like(before), requires_grad=False)
+        return module(batch[0]).sum()
+
+    with measuring(model) as hold:
+        loss = module_loss(model, batches, loss_fn, hold)
+        bias = model.net[0].bias.detach().clone()
+        for _ in range(3):
+            loss(batches[0])
+        assert torch.equal(model.net[0].bias, bias + 3.0) and trainable.requires_grad
+    assert calls == [True, True, True]
+    assert model.net[0].weight is frozen and torch.equal(frozen, before)
+
+
 def test_half_precision_parameters_are_measured_in_float32():
     model = Classifier(dtype=torch.bfloat16)
     assert measurement_dtype(model) == torch.float32

@@ -191,3 +191,30 @@ def test_the_trial_checks_the_products_for_symmetry(stale):
         assert [k for k, _ in said] == ["asymmetric"] and "not symmetric" in said[0][1]
     else:
         assert op.choice.asymmetry < 1e-13 and not said
+
+
+def test_a_data_reassignment_inside_the_func_products_raises_and_auto_takes_a_graph_kind():
+    """A loss that sets a frozen tensor's ``.data`` from the parameters (a momentum encoder's
+    update) stored a tensor of the torch.func transform in it: the next use crashed the process
+    (segmentation fault, torch 2.13). The func products now raise instead, and ``"auto"``'s
+    trial (which ran them) drops the kind."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    ema = nn.Linear(4, 3).double().requires_grad_(False)
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def loss(batch):
+        with torch.no_grad():
+            ema.weight.data = 0.9 * ema.weight.data + 0.1 * model[0].weight.data
+        return (model(batch) ** 2).mean() + 0.0 * ema(batch).sum()
+
+    holder = nn.ModuleDict({"model": model, "ema": ema})
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="sets a tensor's `.data` to a tensor of a torch.func"):
+        HessianOperator(loss, holder, [x], hvp="func") @ v
+    assert "data" not in torch.Tensor.__dict__  # the check is gone after the products
+    op = HessianOperator(loss, holder, [x], hvp="auto")
+    hv = op @ v
+    assert op.hvp_choice in ("cached", "double_backward") and "func" in op.choice.failures
+    H = dense_hessian(lambda b: (model(b) ** 2).mean(), model, [x])  # the average moves no value
+    assert torch.allclose(hv, H @ v, rtol=1e-10, atol=1e-12)
