@@ -32,10 +32,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 from lightning_landscape.callbacks._side_effects import (
     MARKER,
-    HeldParameters,
+    HeldState,
     saved_metric_states,
 )
 from lightning_landscape.curvature import kernels
+from lightning_landscape.curvature.hvp import guarding
 
 Mode = Literal["eval", "train"]
 _HALF = (torch.float16, torch.bfloat16)
@@ -183,11 +184,11 @@ def needs_upcast(module: nn.Module, dtype: torch.dtype) -> bool:
     return any(p.is_floating_point() and p.dtype != dtype for p in params)
 
 
-def _saved_buffers(module: nn.Module) -> Callable[[], None]:
-    """Save every buffer, by its owner and name; the returned function puts back the values,
+def _saved_buffers(module: nn.Module) -> tuple[Callable[[], None], dict[int, Tensor]]:
+    """Save every buffer, by its owner and name; returns a function that puts back the values,
     the size of a buffer resized in place (per-channel quantization observers), the tensor a
     name was rebound to (``self.ema = 0.9 * self.ema + x``) and removes buffers created
-    meanwhile."""
+    meanwhile, and the copies (``id`` to copy)."""
     owners = [(m, dict(m._buffers)) for m in module.modules()]
     kept = [b for _, d in owners for b in d.values() if b is not None and not is_lazy(b)]
     saved = {id(b): (b, b.detach().clone()) for b in kept}
@@ -208,15 +209,15 @@ def _saved_buffers(module: nn.Module) -> Callable[[], None]:
                 if not torch.equal(b, s):
                     b.copy_(s)
 
-    return restore
+    return restore, {i: copy for i, (_, copy) in saved.items()}
 
 
 @contextlib.contextmanager
 def measuring(
     module: pl.LightningModule, mode: Mode = "eval", default_dtype: torch.dtype | None = None
-) -> Iterator[HeldParameters]:
+) -> Iterator[HeldState]:
     """Set ``module`` up for a measurement and restore everything afterwards. Yields the
-    module's frozen parameters held (:class:`HeldParameters`), for the loss to call before each
+    module's frozen parameters and buffers held (:class:`HeldState`), for the loss to call before each
     call (:func:`module_loss`).
 
     Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
@@ -231,9 +232,10 @@ def measuring(
     params = [p for p in module.parameters() if not is_lazy(p)]
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [p.grad for p in params]
-    hold = HeldParameters(module, dict(zip(map(id, params), saved_params, strict=True)))
     buffers = [b for b in module.buffers() if not is_lazy(b)]
-    undo_buffers = _saved_buffers(module)
+    undo_buffers, saved = _saved_buffers(module)
+    saved.update(zip(map(id, params), saved_params, strict=True))
+    hold = HeldState(module, saved, guarding)
     half_data = {p: p.data for p in params if p.dtype in _HALF}
     half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -290,14 +292,18 @@ def module_loss(
     """``loss(batch) -> scalar``: the user's ``loss_fn(module, batch)``, or the module's own
     ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``), with ``batch_idx`` the
     batch's position among the fixed batches (0 for a piece of a batch, and in compiled
-    products). ``hold()`` (what :func:`measuring` yields) runs before each call."""
+    products). ``hold()`` (what :func:`measuring` yields) runs before and after each call."""
     if hold is not None:
         inner = module_loss(module, batches, loss_fn)
 
         def held(batch: Any) -> Tensor:
-            if not _tracing():
+            if _tracing():
+                return inner(batch)
+            hold(adopt=True)  # what the measurement moved since the last call stays
+            try:
+                return inner(batch)
+            finally:  # what the call changed goes (the engine copies buffers after it)
                 hold()
-            return inner(batch)
 
         return held
     if loss_fn is not None:

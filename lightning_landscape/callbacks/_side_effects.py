@@ -14,12 +14,13 @@ measurement evaluates. Its side effects are dealt with here:
   Lightning's documented pattern, would otherwise feed every measurement's calls to the user's
   ``on_train_epoch_end``, which runs after the callbacks') and named in one warning
   (:func:`warn_side_effects`), pointing at ``is_measuring``;
-- frozen parameters it updates (the momentum encoder of BYOL, MoCo or DINO, updated at the
-  start of ``training_step`` as lightly's examples do): held as they were when the measurement
-  began, put back before every call (:class:`HeldParameters`), so that one measurement sees
-  one function (before, the top eigenvalue of a BYOL model came out 5.5 % off and its loss 21 %
-  off; ``hvp="func"`` crashed the process: the update stored a transformed tensor in the
-  real parameter).
+- frozen parameters and buffers it updates (the momentum encoder of BYOL, MoCo or DINO,
+  updated at the start of ``training_step`` as lightly's examples do; DINO's center; a
+  quantization observer's ranges): held as they were when the measurement began, put back
+  before every call (:class:`HeldState`), so that one measurement sees one function (before,
+  the top eigenvalue of a BYOL model came out 5.5 % off and its loss 21 % off, a DINO-style
+  center moved a trajectory's loss by 35 %; ``hvp="func"`` crashed the process: the update
+  stored a transformed tensor in the real parameter).
 """
 
 from __future__ import annotations
@@ -34,41 +35,74 @@ MARKER = "landscape_measuring"
 _PLAIN = (Tensor, list, bool, int, float, str)
 
 
-class HeldParameters:
-    """The module's frozen parameters (``requires_grad=False``, plain tensors), put back as
-    they were at construction by each call: a slot rebound to another tensor, ``.data``
-    reassigned (``p.data = m * p.data + (1 - m) * q.data``) and in-place changes (``lerp_``,
-    ``copy_``) are undone. The checks read object identities, data pointers and version
-    counters, about a microsecond a tensor; values are copied from ``saved`` (``id(p)`` to a
-    copy) only when they changed."""
+class HeldState:
+    """The module's frozen parameters (``requires_grad=False``) and buffers, put back as they
+    were at construction by each call: a slot rebound to another tensor, ``.data`` reassigned
+    (``p.data = m * p.data + (1 - m) * q.data``) and in-place changes (``lerp_``, ``copy_``,
+    BatchNorm's running statistics) are undone. The checks read object identities, data
+    pointers and version counters, about a microsecond a tensor; values are copied from
+    ``saved`` (``id(t)`` to a copy; plain tensors only) only when they changed. While
+    ``guarded()`` is not 0, the curvature engine's products run on clones of the buffers made
+    at the entry it numbers: those clones are held the same way (one entry's calls of the loss,
+    batch after batch, see the same buffers)."""
 
-    def __init__(self, module: nn.Module, saved: dict[int, Tensor]) -> None:
-        self.slots = [
-            (owner, name, p)
-            for owner in module.modules()
-            for name, p in owner._parameters.items()
-            if p is not None and not p.requires_grad and type(p.data) is Tensor
-            and id(p) in saved
-        ]  # fmt: skip
-        held = {id(p): p for _, _, p in self.slots}
-        self.state = {i: [p, p.data, p.data_ptr(), p._version, saved[i]] for i, p in held.items()}
+    def __init__(
+        self, module: nn.Module, saved: dict[int, Tensor], guarded: Callable[[], int]
+    ) -> None:
+        self.guarded, self.entry, self.clones = guarded, 0, ([], [])
+        owners = list(module.modules())
+        frozen = [(m._parameters, m._parameters.items()) for m in owners]
+        self.params = self._held(frozen, saved, lambda p: not p.requires_grad)
+        self.buffers = self._held([(m._buffers, m._buffers.items()) for m in owners], saved)
+        self.saved = saved
 
-    def __call__(self) -> None:
-        for owner, name, p in self.slots:
-            if owner._parameters.get(name) is not p:
-                owner._parameters[name] = p
+    @staticmethod
+    def _held(tables: list, saved: dict[int, Tensor], keep: Callable = lambda t: True) -> tuple:
+        slots = [
+            (table, name, t)
+            for table, items in tables
+            for name, t in items
+            if t is not None and id(t) in saved and type(t.data) is Tensor and keep(t)
+        ]
+        unique = {id(t): t for _, _, t in slots}
+        return slots, [[t, t.data, t.data_ptr(), t._version, saved[i]] for i, t in unique.items()]
+
+    def __call__(self, adopt: bool = False) -> None:
+        """Undo changes, or with ``adopt`` (before a call) take in-place changes as the values
+        to hold: the measurement's own (a trajectory moves parameters frozen since a snapshot)."""
+        self._restore(*self.params, adopt)
+        entry = self.guarded()
+        if not entry:
+            self._restore(*self.buffers, adopt)
+            return
+        if entry != self.entry:  # first seen at this entry: the clones are as made
+            now = [(table, [(name, table[name])]) for table, name, _ in self.buffers[0]]
+            originals = {(id(table), name): id(t) for table, name, t in self.buffers[0]}
+            saved = {id(t): self.saved[originals[id(table), name]] for table, [(name, t)] in now}
+            self.entry, self.clones = entry, self._held(now, saved)
+        self._restore(*self.clones, adopt)
+
+    @staticmethod
+    def _restore(slots: list, state: list, adopt: bool = False) -> None:
+        for table, name, t in slots:
+            if table.get(name) is not t:
+                table[name] = t
         with torch.no_grad():
-            for entry in self.state.values():
-                p, data, ptr, version, saved = entry
+            for entry in state:
+                t, data, ptr, version, saved = entry
                 try:
-                    moved = p.data_ptr() != ptr
+                    moved = t.data_ptr() != ptr
                 except RuntimeError:  # data without storage, set inside a torch.func transform
                     moved = True
                 if moved:
-                    p.data = data
-                if p._version != version:
-                    p.copy_(saved)
-                    entry[3] = p._version
+                    t.data = data
+                if t._version != version and adopt:
+                    entry[3:] = [t._version, t.detach().clone()]
+                elif t._version != version:
+                    if t.shape != saved.shape:
+                        t.resize_(saved.shape)
+                    t.copy_(saved)
+                    entry[3] = t._version
 
 
 def _is_metric(module: nn.Module) -> bool:

@@ -285,6 +285,8 @@ def guard(
                 if buf is not None:
                     swapped.append((mod, name, buf))
                     mod._buffers[name] = buf.detach().clone()
+    _GUARDS[0] += 1
+    _GUARDS[1] += 1
     try:
         with (
             fixed_rng(seed, params),
@@ -295,8 +297,18 @@ def guard(
         ):
             yield
     finally:
+        _GUARDS[0] -= 1
         for mod, name, buf in swapped:
             mod._buffers[name] = buf
+
+
+_GUARDS = [0, 0]  # depth, entries
+
+
+def guarding() -> int:
+    """0 outside :func:`guard`; inside, a number new at each entry (products run now, on
+    clones of the module's buffers made at that entry)."""
+    return _GUARDS[1] if _GUARDS[0] > 0 else 0
 
 
 @contextlib.contextmanager

@@ -178,6 +178,36 @@ class MomentumEncoder(_Base):
         return torch.optim.SGD(trainable, lr=self.lr, momentum=0.9)
 
 
+class CenteredTeacher(_Base):
+    """DINO-style centering: the loss against a sharpened, centered teacher output, and the
+    center (a buffer used in the loss) updated after it in ``training_step``, in place or by
+    rebinding the name (``rebind``)."""
+
+    lr = 0.3
+
+    def __init__(self, rebind: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.register_buffer("center", torch.zeros(4))
+        self.rebind = rebind
+
+    def loss(self, batch):
+        x, _ = batch
+        student = F.log_softmax(self.net(x), -1)
+        teacher = F.softmax((self.net(x.flip(0)).detach() - self.center) / 0.5, -1)
+        return -(teacher * student).sum(-1).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        with torch.no_grad():
+            center = 0.9 * self.center + 0.1 * self.net(batch[0]).mean(0)
+        if self.rebind:
+            self.center = center
+        else:
+            self.center.copy_(center)
+        return loss
+
+
 def utterances(n: int = 24, dtype=torch.float64, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, 6, generator=g, dtype=dtype)

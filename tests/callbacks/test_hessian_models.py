@@ -18,6 +18,7 @@ from lightning_landscape.curvature import dense_hessian
 
 from ._models import (
     BagModel,
+    CenteredTeacher,
     CheckpointedLM,
     Fourier,
     MomentumEncoder,
@@ -423,6 +424,32 @@ def test_a_momentum_encoder_updated_in_training_step_is_held(tmp_path):
     model.update_target()  # what every measured call of training_step does first
     eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
     assert hess.hvp_choice in ("cached", "double_backward")
+    assert hess.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-9)
+    with torch.no_grad():
+        loss = (8 * model.loss(fixed[0]) + 5 * model.loss(fixed[1])) / 13
+    assert traj.history[-1]["trajectory/loss"] == pytest.approx(float(loss), rel=1e-9)
+
+
+@pytest.mark.parametrize("rebind", [False, True])
+def test_a_buffer_updated_in_training_step_is_held(tmp_path, rebind):
+    """DINO updates its center (a buffer the loss uses) in ``training_step``. Before, every
+    call of a measurement moved it: the trajectory's loss came out 35 % off, SAM's sharpness
+    10x, and the top eigenvalue 3.6e-4 off (the products' buffers, copied at each product's
+    start, drifted between batches). Now each call sees the center as training left it."""
+    data = vector_data()
+    fixed = [data[:8], data[8:13]]
+    hess = HessianMonitor(
+        epochs=[2], top_k=1, tol=1e-10, num_batches=2, dataloader=fixed, trace=False
+    )
+    traj = TrajectoryMonitor(epochs=[2], num_batches=2, dataloader=fixed)
+    make = lambda: CenteredTeacher(rebind).double()  # noqa: E731
+    plain, _, _ = fit(tmp_path / "plain", make, data)
+    model, _, caught = fit(tmp_path / "w", make, data, [hess, traj])
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not [m for m in caught if "Monitor" in m], caught
+    model.eval()
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
     assert hess.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-9)
     with torch.no_grad():
         loss = (8 * model.loss(fixed[0]) + 5 * model.loss(fixed[1])) / 13

@@ -84,24 +84,28 @@ def test_buffers_come_back_by_owner_and_name():
     assert all(torch.equal(after[n], b) for n, b in before.items())
 
 
-def test_frozen_parameters_are_held_between_the_calls_of_a_measurement():
-    """Whatever a call did to a frozen parameter (rebinding its slot, reassigning ``.data``,
-    an in-place update) is undone before the next call; trainable ones are the measurement's
-    to move."""
+def test_frozen_parameters_and_buffers_are_held_between_the_calls_of_a_measurement():
+    """Whatever a call did to a frozen parameter or a buffer (rebinding its slot, reassigning
+    ``.data``, an in-place update) is undone before the next call; trainable parameters are
+    the measurement's to move."""
     model = Classifier()
-    frozen, trainable = model.net[0].weight, model.net[3].weight
+    model.register_buffer("center", torch.zeros(3))
+    frozen, trainable, center = model.net[0].weight, model.net[3].weight, model.center
     frozen.requires_grad_(False)
     before = frozen.detach().clone()
     batches = [random_classes()[:4]]
     calls = []
 
     def loss_fn(module, batch):
-        calls.append(torch.equal(module.net[0].weight, before) and module.net[0].weight is frozen)
+        held = torch.equal(module.net[0].weight, before) and module.net[0].weight is frozen
+        calls.append(held and module.center is center and not module.center.any())
         with torch.no_grad():
             module.net[0].weight.data = module.net[0].weight.data + 1.0
             module.net[0].bias.add_(1.0)  # trainable: left alone
             module.net[0].weight.lerp_(torch.zeros_like(before), 0.5)
+            module.center.add_(1.0)
         module.net[0].weight = torch.nn.Parameter(torch.zeros_like(before), requires_grad=False)
+        module.center = torch.ones(3)
         return module(batch[0]).sum()
 
     with measuring(model) as hold:
@@ -110,8 +114,16 @@ def test_frozen_parameters_are_held_between_the_calls_of_a_measurement():
         for _ in range(3):
             loss(batches[0])
         assert torch.equal(model.net[0].bias, bias + 3.0) and trainable.requires_grad
-    assert calls == [True, True, True]
-    assert model.net[0].weight is frozen and torch.equal(frozen, before)
+        # what the measurement itself moves between calls (a trajectory's point: parameters
+        # frozen since a snapshot) is what the next calls see
+        with torch.no_grad():
+            frozen.copy_(before + 2.0)
+        before.add_(2.0)
+        loss(batches[0])
+        loss(batches[0])
+    assert calls == [True] * 5
+    assert model.net[0].weight is frozen and torch.equal(frozen, before - 2.0)
+    assert model.center is center and not center.any()
 
 
 def test_half_precision_parameters_are_measured_in_float32():
