@@ -22,7 +22,10 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
   (cuDNN convolutions allow TF32 unless told not to),
 - the same MLP under ``FSDPStrategy`` (FSDP v1, world size 1, where FSDP keeps every parameter
   whole, ``NO_SHARD``: finite differences through the wrapper's forward and backward; in the
-  CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``).
+  CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``),
+- a BYOL-style momentum encoder (its frozen target updated in ``training_step`` by
+  reassigning ``.data``: forward-mode products used to crash the process there) and a
+  DINO-style center buffer updated in ``training_step`` (held during measurements).
 
 Each top eigenvalue is compared
 with the float64 dense oracle of the same weights on the same fixed batches, computed on the CPU
@@ -52,7 +55,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "callbacks"))
 from _models import (  # noqa: E402
     BagModel,
+    CenteredTeacher,
     CheckpointedLM,
+    MomentumEncoder,
     TinyCausalLM,
     TinyCNN,
     TinyLSTM,
@@ -102,11 +107,13 @@ def _trainer(accelerator: str, callbacks, **kw) -> pl.Trainer:
     )
 
 
-def _oracle(make, monitor: Fixed) -> float:
+def _oracle(make, monitor: Fixed, prepare=None) -> float:
     model = make().double().eval()  # an uncompiled, unsharded twin
     state = {k: v.double() if v.is_floating_point() else v for k, v in monitor.seen_weights.items()}
     state = {k.replace("._orig_mod", ""): v for k, v in state.items()}
     model.load_state_dict(state)
+    if prepare is not None:  # what training_step does before its loss (an EMA update)
+        prepare(model)
     batches = [
         tuple(t.double() if t.is_floating_point() else t for t in b) for b in monitor.seen_batches
     ]
@@ -115,10 +122,11 @@ def _oracle(make, monitor: Fixed) -> float:
 
 
 def check_model(
-    name: str, make, data, accelerator: str, twin=None, strategy=None, **trainer_kw
+    name: str, make, data, accelerator: str, twin=None, strategy=None, prepare=None, **trainer_kw
 ) -> dict:
     """Fit with and without the monitor; the logged λ_max against the oracle of ``twin`` (the
-    plain model, default ``make``); ``strategy()`` builds a fresh strategy for each fit."""
+    plain model, default ``make``; ``prepare(twin)`` first, if given); ``strategy()`` builds a
+    fresh strategy for each fit."""
     out: dict = {"model": name}
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
@@ -143,7 +151,7 @@ def check_model(
     out["hvp_reason"] = monitor.hvp_reason
     out["hvp_exact"] = row.get("hessian/hvp_exact")
     out["fd_error"] = row.get("hessian/fd_error")  # sharded models: the finite differences' error
-    out["oracle"] = _oracle(twin or make, monitor)
+    out["oracle"] = _oracle(twin or make, monitor, prepare)
     out["rel_error"] = abs(out["eigenvalue_1"] - out["oracle"]) / abs(out["oracle"])
     out["seconds"] = time.perf_counter() - start
     return out
@@ -247,6 +255,22 @@ def main(argv=None) -> int:
         (
             "cnn",  # cuDNN with PyTorch's default allow_tf32=True for convolutions
             lambda: check_model("cnn", TinyCNN, image_data(dtype=torch.float32), accelerator),
+        ),
+        (
+            "momentum-encoder",  # BYOL: the frozen target updated in training_step (.data)
+            lambda: check_model(
+                "momentum-encoder",
+                MomentumEncoder,
+                vector_data(dtype=torch.float32),
+                accelerator,
+                prepare=MomentumEncoder.update_target,
+            ),
+        ),
+        (
+            "centered-teacher",  # DINO: a center buffer updated in training_step
+            lambda: check_model(
+                "centered-teacher", CenteredTeacher, vector_data(dtype=torch.float32), accelerator
+            ),
         ),
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
         ("mlp-fsdp1", lambda: check_fsdp1(accelerator)),
