@@ -214,11 +214,15 @@ def _saved_buffers(module: nn.Module) -> tuple[Callable[[], None], dict[int, Ten
 
 @contextlib.contextmanager
 def measuring(
-    module: pl.LightningModule, mode: Mode = "eval", default_dtype: torch.dtype | None = None
-) -> Iterator[HeldState]:
+    module: pl.LightningModule,
+    mode: Mode = "eval",
+    default_dtype: torch.dtype | None = None,
+    wrapper: nn.Module | None = None,
+) -> Iterator[Callable[..., None]]:
     """Set ``module`` up for a measurement and restore everything afterwards. Yields the
-    module's frozen parameters and buffers held (:class:`HeldState`), for the loss to call before each
-    call (:func:`module_loss`).
+    module's frozen parameters and buffers held (:class:`HeldState`), for the loss to call
+    before and after each call (:func:`module_loss`); nothing is held under an FSDP (v1)
+    ``wrapper``, which points its parameters at new storage at every forward.
 
     Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
     measurement in eval mode would otherwise recompile it) and cuDNN is off when the module holds
@@ -235,7 +239,7 @@ def measuring(
     buffers = [b for b in module.buffers() if not is_lazy(b)]
     undo_buffers, saved = _saved_buffers(module)
     saved.update(zip(map(id, params), saved_params, strict=True))
-    hold = HeldState(module, saved, guarding)
+    hold = HeldState(module, saved, guarding) if wrapper is None else lambda adopt=False: None
     half_data = {p: p.data for p in params if p.dtype in _HALF}
     half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})

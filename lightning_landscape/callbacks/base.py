@@ -296,7 +296,7 @@ class LandscapeMonitor(Callback):
         # landscape is measured at the anchor x, the iterate of the algorithm.
         with (
             anchor_in_parameters(trainer.optimizers),
-            measuring(pl_module, self.mode, forward_dtype(trainer, pl_module)) as hold,
+            measuring(pl_module, self.mode, forward_dtype(trainer, pl_module), wrapper) as hold,
         ):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches
             loss = module_loss(pl_module, used, self.loss_fn, hold)
