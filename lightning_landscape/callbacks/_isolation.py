@@ -239,7 +239,7 @@ def measuring(
     buffers = [b for b in module.buffers() if not is_lazy(b)]
     undo_buffers, saved = _saved_buffers(module)
     saved.update(zip(map(id, params), saved_params, strict=True))
-    hold = HeldState(module, saved, guarding) if wrapper is None else lambda adopt=False: None
+    hold: Callable[..., None] = lambda adopt=False: None  # noqa: E731
     half_data = {p: p.data for p in params if p.dtype in _HALF}
     half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -264,6 +264,8 @@ def measuring(
                 p.data = p.data.float()
             for b in half_bufs:
                 b.data = b.data.float()
+            if wrapper is None:  # last: what the measurement's calls start from
+                hold = HeldState(module, saved, guarding)
             yield hold
     finally:
         hold()

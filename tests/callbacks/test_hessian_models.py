@@ -264,14 +264,24 @@ def test_64_true_with_float32_data(tmp_path):
     assert torch.get_default_dtype() == torch.float32  # restored after every measurement
 
 
+class FrozenFirst(TinyMLP):
+    """TinyMLP with its first layer frozen (fine-tuning a head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+
+@pytest.mark.parametrize("make", [TinyMLP, FrozenFirst])
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_half_precisions_measure_in_float32(tmp_path, precision):
+def test_half_precisions_measure_in_float32(tmp_path, precision, make):
     """Half ("true") parameters are upcast and the batches converted as Lightning converts them;
-    with mixed precision autocast is off: both measure the float32 model on those batches."""
+    with mixed precision autocast is off: both measure the float32 model on those batches.
+    Frozen parameters too (the hold of frozen parameters once undid their upcast)."""
     data = vector_data(dtype=torch.float32)
     fixed = [data[:8]]
     mon = HessianMonitor(epochs=[2], trace=False, num_batches=1, dataloader=fixed, tol=1e-8)
-    model, t, caught = fit(tmp_path, TinyMLP, data, [mon], precision=precision, logger=False)
+    model, t, caught = fit(tmp_path, make, data, [mon], precision=precision, logger=False)
     assert not [m for m in caught if "HessianMonitor" in m], caught
     model = model.float().eval()
     cast = t.precision_plugin.convert_input(fixed)  # bf16-true: inputs rounded to bfloat16
