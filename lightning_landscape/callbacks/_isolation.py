@@ -218,10 +218,10 @@ def measuring(
     mode: Mode = "eval",
     default_dtype: torch.dtype | None = None,
     wrapper: nn.Module | None = None,
-) -> Iterator[Callable[..., None]]:
+) -> Iterator[HeldState]:
     """Set ``module`` up for a measurement and restore everything afterwards. Yields the
     module's frozen parameters and buffers held (:class:`HeldState`), for the loss to call
-    before and after each call (:func:`module_loss`); nothing is held under an FSDP (v1)
+    around each call (:func:`module_loss`); nothing is held under an FSDP (v1)
     ``wrapper``, which points its parameters at new storage at every forward.
 
     Compiled code runs eagerly (a compiled module cannot be differentiated twice, and a
@@ -239,7 +239,7 @@ def measuring(
     buffers = [b for b in module.buffers() if not is_lazy(b)]
     undo_buffers, saved = _saved_buffers(module)
     saved.update(zip(map(id, params), saved_params, strict=True))
-    hold: Callable[..., None] = lambda adopt=False: None  # noqa: E731
+    hold = HeldState(nn.Module(), {}, guarding)  # holds nothing, until the measurement starts
     half_data = {p: p.data for p in params if p.dtype in _HALF}
     half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -293,23 +293,24 @@ def module_loss(
     module: pl.LightningModule,
     batches: Sequence[Any],
     loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
-    hold: Callable[[], None] | None = None,
+    hold: HeldState | None = None,
 ) -> Callable[[Any], Tensor]:
     """``loss(batch) -> scalar``: the user's ``loss_fn(module, batch)``, or the module's own
     ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``), with ``batch_idx`` the
     batch's position among the fixed batches (0 for a piece of a batch, and in compiled
-    products). ``hold()`` (what :func:`measuring` yields) runs before and after each call."""
+    products). ``hold`` (what :func:`measuring` yields) runs before each call, its ``after``
+    after each."""
     if hold is not None:
         inner = module_loss(module, batches, loss_fn)
 
         def held(batch: Any) -> Tensor:
             if _tracing():
                 return inner(batch)
-            hold(adopt=True)  # what the measurement moved since the last call stays
+            hold(adopt=True)  # the previous call's changes undone, the measurement's kept
             try:
                 return inner(batch)
-            finally:  # what the call changed goes (the engine copies buffers after it)
-                hold()
+            finally:
+                hold.after()
 
         return held
     if loss_fn is not None:

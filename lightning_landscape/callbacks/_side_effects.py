@@ -35,74 +35,119 @@ MARKER = "landscape_measuring"
 _PLAIN = (Tensor, list, bool, int, float, str)
 
 
+def _signature(t: Tensor) -> tuple[int, int]:
+    """Where ``t``'s data lives, and how often it was written in place."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # data without storage, set inside a torch.func transform
+        return -1, t._version
+
+
+class _Held:
+    """One held tensor: the slots that hold it, its data and values when held, and its
+    signature then (``now``) and right after the last call (``post``). A buffer (``rebind``)
+    is undone by a fresh copy in its slots, never written: graphs of earlier calls that saved
+    it stay valid (a running scale updated in place before its use)."""
+
+    __slots__ = ("t", "data", "saved", "now", "post", "slots", "rebind")
+
+    def __init__(self, t: Tensor, saved: Tensor, rebind: bool) -> None:
+        self.t, self.data, self.saved, self.rebind = t, t.data, saved, rebind
+        self.now = self.post = _signature(t)
+        self.slots: list[tuple[dict, str]] = []
+
+    def hold(self, adopt: bool) -> None:
+        for table, name in self.slots:
+            if table.get(name) is not self.t:
+                table[name] = self.t
+        sig = _signature(self.t)
+        if sig == self.now:
+            return
+        if adopt and sig != self.post:  # changed between calls: the measurement's own doing
+            self.data, self.saved = self.t.data, self.t.detach().clone()
+        elif self.rebind:  # the last call's doing (or any, without adopt): undone
+            if self.t.shape != self.saved.shape or not torch.equal(self.t, self.saved):
+                self.t = self.saved.clone()
+                self.data = self.t.data
+                for table, name in self.slots:
+                    table[name] = self.t
+        else:
+            if sig[0] != self.now[0]:
+                self.t.data = self.data
+            if not torch.equal(self.t, self.saved):  # an update to the same value stays as is
+                self.t.copy_(self.saved)
+        self.now = self.post = _signature(self.t)
+
+
 class HeldState:
-    """The module's frozen parameters (``requires_grad=False``) and buffers, put back as they
-    were at construction by each call: a slot rebound to another tensor, ``.data`` reassigned
-    (``p.data = m * p.data + (1 - m) * q.data``) and in-place changes (``lerp_``, ``copy_``,
-    BatchNorm's running statistics) are undone. The checks read object identities, data
-    pointers and version counters, about a microsecond a tensor; values are copied from
-    ``saved`` (``id(t)`` to a copy; plain tensors only) only when they changed. While
-    ``guarded()`` is not 0, the curvature engine's products run on clones of the buffers made
-    at the entry it numbers: those clones are held the same way (one entry's calls of the loss,
-    batch after batch, see the same buffers)."""
+    """The module's frozen parameters (``requires_grad=False``) and buffers, held as they were
+    at construction across the calls of a measurement. Called before each call, it undoes what
+    the previous call did to them: a slot rebound to another tensor, ``.data`` reassigned
+    (``p.data = m * p.data + (1 - m) * q.data``), in-place changes (``lerp_``, ``copy_``,
+    BatchNorm's running statistics). Never right after a call (:meth:`after` only notes
+    what it did): the engine differentiates the loss from the tensors as the call left them.
+    A change made between calls is the measurement's own (a trajectory moves parameters
+    frozen since a snapshot) and is held from then on. The checks read identities, data
+    pointers and version counters, about a microsecond a tensor; values are copied only when
+    they differ. While ``guarded()`` is not 0, the curvature engine's products run on clones
+    of the buffers made at the entry it numbers: those are set to the held values when first
+    seen, and held the same way. ``saved``: ``id(t)`` to a copy of each tensor."""
 
     def __init__(
         self, module: nn.Module, saved: dict[int, Tensor], guarded: Callable[[], int]
     ) -> None:
-        self.guarded, self.entry, self.clones = guarded, 0, ([], [])
+        self.guarded, self.entry, self.clones = guarded, 0, []
         owners = list(module.modules())
-        frozen = [(m._parameters, m._parameters.items()) for m in owners]
-        self.params = self._held(frozen, saved, lambda p: not p.requires_grad)
-        self.buffers = self._held([(m._buffers, m._buffers.items()) for m in owners], saved)
-        self.saved = saved
+        frozen = lambda p: not p.requires_grad  # noqa: E731
+        self.params = self._held([m._parameters for m in owners], saved, False, frozen)
+        self.buffers = self._held([m._buffers for m in owners], saved, True)
 
     @staticmethod
-    def _held(tables: list, saved: dict[int, Tensor], keep: Callable = lambda t: True) -> tuple:
-        slots = [
-            (table, name, t)
-            for table, items in tables
-            for name, t in items
-            if t is not None and id(t) in saved and type(t.data) is Tensor and keep(t)
-        ]
-        unique = {id(t): t for _, _, t in slots}
-        return slots, [[t, t.data, t.data_ptr(), t._version, saved[i]] for i, t in unique.items()]
+    def _held(tables: list, saved: dict, rebind: bool, keep: Callable | None = None) -> list:
+        held: dict[int, _Held] = {}
+        for table in tables:
+            for name, t in table.items():
+                if t is None or id(t) not in saved or type(t.data) is not Tensor:
+                    continue
+                if keep is None or keep(t):
+                    if id(t) not in held:
+                        held[id(t)] = _Held(t, saved[id(t)], rebind)
+                    held[id(t)].slots.append((table, name))
+        return list(held.values())
 
-    def __call__(self, adopt: bool = False) -> None:
-        """Undo changes, or with ``adopt`` (before a call) take in-place changes as the values
-        to hold: the measurement's own (a trajectory moves parameters frozen since a snapshot)."""
-        self._restore(*self.params, adopt)
+    def _current(self) -> list[_Held]:
+        """The frozen parameters and the buffers in use (in the engine's products, its clones)."""
         entry = self.guarded()
         if not entry:
-            self._restore(*self.buffers, adopt)
-            return
-        if entry != self.entry:  # first seen at this entry: the clones are as made
-            now = [(table, [(name, table[name])]) for table, name, _ in self.buffers[0]]
-            originals = {(id(table), name): id(t) for table, name, t in self.buffers[0]}
-            saved = {id(t): self.saved[originals[id(table), name]] for table, [(name, t)] in now}
-            self.entry, self.clones = entry, self._held(now, saved)
-        self._restore(*self.clones, adopt)
+            return self.params + self.buffers
+        if entry != self.entry:  # first seen: the clones of this entry get the held values
+            clones = {}
+            for h in self.buffers:
+                for table, name in h.slots:
+                    c = table.get(name)
+                    if c is None or type(c.data) is not Tensor:
+                        continue
+                    if id(c) not in clones:
+                        clones[id(c)] = _Held(c, h.saved, True)
+                    clones[id(c)].slots.append((table, name))
+            with torch.no_grad():
+                for c in clones.values():
+                    c.now = (-2, -2)  # whatever they hold: compared with the held values
+                    c.hold(adopt=False)
+            self.entry, self.clones = entry, list(clones.values())
+        return self.params + self.clones
 
-    @staticmethod
-    def _restore(slots: list, state: list, adopt: bool = False) -> None:
-        for table, name, t in slots:
-            if table.get(name) is not t:
-                table[name] = t
+    def __call__(self, adopt: bool = False) -> None:
+        """Before a call (``adopt``): undo what the previous call did, hold what changed since.
+        Without ``adopt``: undo every change (the end of a measurement)."""
         with torch.no_grad():
-            for entry in state:
-                t, data, ptr, version, saved = entry
-                try:
-                    moved = t.data_ptr() != ptr
-                except RuntimeError:  # data without storage, set inside a torch.func transform
-                    moved = True
-                if moved:
-                    t.data = data
-                if t._version != version and adopt:
-                    entry[3:] = [t._version, t.detach().clone()]
-                elif t._version != version:
-                    if t.shape != saved.shape:
-                        t.resize_(saved.shape)
-                    t.copy_(saved)
-                    entry[3] = t._version
+            for h in self._current():
+                h.hold(adopt)
+
+    def after(self) -> None:
+        """Right after a call: note what it changed, for the next call to undo."""
+        for h in self._current():
+            h.post = _signature(h.t)
 
 
 def _is_metric(module: nn.Module) -> bool:

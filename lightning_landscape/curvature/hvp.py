@@ -17,6 +17,7 @@ through kernels that have a double backward (:mod:`.kernels`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -285,8 +286,7 @@ def guard(
                 if buf is not None:
                     swapped.append((mod, name, buf))
                     mod._buffers[name] = buf.detach().clone()
-    _GUARDS[0] += 1
-    _GUARDS[1] += 1
+    _ENTRIES.append(next(_COUNT))
     try:
         with (
             fixed_rng(seed, params),
@@ -297,18 +297,19 @@ def guard(
         ):
             yield
     finally:
-        _GUARDS[0] -= 1
+        _ENTRIES.pop()
         for mod, name, buf in swapped:
             mod._buffers[name] = buf
 
 
-_GUARDS = [0, 0]  # depth, entries
+_ENTRIES: list[int] = []  # the guards entered and not left, innermost last
+_COUNT = itertools.count(1)
 
 
 def guarding() -> int:
-    """0 outside :func:`guard`; inside, a number new at each entry (products run now, on
-    clones of the module's buffers made at that entry)."""
-    return _GUARDS[1] if _GUARDS[0] > 0 else 0
+    """0 outside :func:`guard`; inside, the number of the innermost entry, new at each (products
+    run now, on clones of the module's buffers made at that entry)."""
+    return _ENTRIES[-1] if _ENTRIES else 0
 
 
 @contextlib.contextmanager

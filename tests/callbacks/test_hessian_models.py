@@ -9,6 +9,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -464,6 +465,69 @@ def test_a_buffer_updated_in_training_step_is_held(tmp_path, rebind):
     with torch.no_grad():
         loss = (8 * model.loss(fixed[0]) + 5 * model.loss(fixed[1])) / 13
     assert traj.history[-1]["trajectory/loss"] == pytest.approx(float(loss), rel=1e-9)
+
+
+class ScaledBeforeUse(TinyMLP):
+    """A scale updated at the start of ``training_step`` and then used in the loss (saved for
+    backward): a buffer updated in place (``inplace``), a frozen parameter whose ``.data`` is
+    reassigned (``data``), or a buffer set to a value that does not change within a
+    measurement (``fill``: an annealed coefficient)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        if how == "data":
+            self.scale = nn.Parameter(torch.ones(3), requires_grad=False)
+        else:
+            self.register_buffer("scale", torch.ones(3))
+
+    def update(self, x):
+        with torch.no_grad():
+            if self.how == "inplace":
+                self.scale.mul_(0.9).add_(0.1 * (1 + x[:, :3].abs().mean(0)))
+            elif self.how == "data":
+                self.scale.data = 0.5 * self.scale.data + 0.5 * (1 + x[:, :3].abs().mean(0))
+            else:
+                self.scale.fill_(1.0 + 0.1 * min(self.global_step, 3))
+
+    def loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x) * self.scale, y)
+
+    def training_step(self, batch, batch_idx):
+        self.update(batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("how", ["inplace", "data", "fill"])
+def test_state_updated_before_its_use_in_the_loss(tmp_path, how):
+    """The hold of frozen parameters and buffers once undid a call's update right after the
+    call, before the engine differentiated its loss: NaN ("modified by an inplace operation",
+    even for a same-value ``fill_``) or, for a ``.data`` update, a silently wrong Hessian (2.190
+    against 2.520). Undone before the next call instead, by a fresh copy for buffers (graphs
+    of earlier calls keep theirs: SAM and the cached kind failed here even before the hold)."""
+    data = vector_data()
+    fixed = [data[:8]]
+    hess = HessianMonitor(epochs=[2], top_k=1, tol=1e-10, num_batches=1, dataloader=fixed)
+    sam = SharpnessMonitor(epochs=[2], kinds=["sam"], num_batches=1, dataloader=fixed)
+    make = lambda: ScaledBeforeUse(how).double()  # noqa: E731
+    plain, _, _ = fit(tmp_path / "plain", make, data)
+    model, _, caught = fit(tmp_path / "w", make, data, [hess, sam])
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not [m for m in caught if "Monitor" in m], caught
+    model.eval()
+    model.update(fixed[0][0])  # what each measured call of training_step does first
+    eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
+    assert hess.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad = torch.autograd.grad(model.loss(fixed[0]), params)
+    norm = float(torch.cat([g.reshape(-1) for g in grad]).norm())
+    assert sam.history[-1]["sharpness/grad_norm"] == pytest.approx(norm, rel=1e-9)
 
 
 class LazyMLP(TinyMLP):
