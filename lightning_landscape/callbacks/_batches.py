@@ -14,32 +14,19 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_landscape.callbacks._compat import COMBINED_LOADERS
 
 
-def _first_loader(source: Any) -> Iterable:
-    """The first loader of the trainer's train dataloader (CombinedLoader, dict or list)."""
-    if isinstance(source, COMBINED_LOADERS):
-        source = source.iterables
-    if isinstance(source, dict):
-        source = next(iter(source.values()))
-    elif isinstance(source, list | tuple):
-        source = source[0]
-    return source
-
-
 def _training_loader(trainer: Any, source: Any, train: bool) -> tuple[Iterable, list[Any]]:
     """What yields batches as ``training_step`` gets them, and the loaders it draws from. The
     monitor's own ``dataloader`` (``train=False``) and a single train loader are drawn as
     they are, without workers (:func:`_detached`). Several train loaders (a dict, list or tuple)
     are combined as the fit combines them (Lightning's default ``"max_size_cycle"`` mode,
-    ``"min_size"``, ``"max_size"``): a CombinedLoader in the fit's mode yields the same
-    structure with one batch of each. In ``"sequential"`` mode a training batch is one
-    loader's: the first's."""
+    ``"min_size"``, ``"max_size"``; its fit loop refuses ``"sequential"``): a CombinedLoader in
+    the fit's mode yields the same structure with one batch of each."""
     if train and isinstance(source, COMBINED_LOADERS):
         source = source.iterables
     combined = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
     mode = getattr(combined, "_mode", "max_size_cycle")
-    if not train or not isinstance(source, Mapping | list | tuple) or mode == "sequential":
-        one = _first_loader(source) if train else source
-        return _detached(one), [one]
+    if not train or not isinstance(source, Mapping | list | tuple):
+        return _detached(source), [source]
     detached = apply_to_collection(source, DataLoader, _detached)
     together = COMBINED_LOADERS[0](detached, mode)
 
@@ -83,6 +70,9 @@ def draw_batches(
     loader, loaders = _training_loader(trainer, loader, dataloader is None)
     samplers = [_sampler(one) for one in loaders]
     epochs = {s: s.epoch for s in samplers if isinstance(getattr(s, "epoch", None), int)}
+    # a loader's or sampler's own generator (``DataLoader(..., generator=g)``) is the training's
+    owned = [getattr(x, "generator", None) for x in [*loaders, *samplers]]
+    generators = {id(g): (g, g.get_state()) for g in owned if isinstance(g, torch.Generator)}
     try:
         for sampler in epochs:
             if hasattr(sampler, "set_epoch"):
@@ -98,6 +88,8 @@ def draw_batches(
         for sampler, epoch in epochs.items():
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+        for generator, state in generators.values():
+            generator.set_state(state)
 
 
 def _sampler(loader: Any) -> Any:

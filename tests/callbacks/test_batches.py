@@ -13,7 +13,7 @@ from pytorch_lightning import Callback
 from torch.utils.data import DataLoader
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
-from lightning_landscape.callbacks._batches import _first_loader, draw_batches
+from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.curvature import dense_hessian
 
 from ._helpers import Classifier, make_trainer, random_classes
@@ -59,9 +59,17 @@ def test_worker_loaders_are_drawn_without_their_workers():
     assert len(batches) == 2 and loader._iterator is None  # the fit loop's iterator never made
 
 
-def test_first_loader_of_combined_sources_and_errors():
-    a, b = DataLoader(random_classes(n=8)), DataLoader(random_classes(n=8))
-    assert _first_loader({"a": a, "b": b}) is a and _first_loader([b, a]) is b
+def test_a_loaders_own_generators_are_untouched():
+    """``DataLoader(..., generator=g)``: the draw advanced ``g`` (the sampler's shuffle and the
+    loader's base seed), so the training's data order changed with a monitor."""
+    g = torch.Generator().manual_seed(5)
+    loader = DataLoader(random_classes(n=16), batch_size=4, shuffle=True, generator=g)
+    state = g.get_state()
+    draw_batches(_trainer(loader), Classifier(), 2)
+    assert torch.equal(g.get_state(), state)
+
+
+def test_a_loader_that_yields_nothing_is_an_error():
     with pytest.raises(ValueError, match="yielded no batch"):
         draw_batches(_trainer(), Classifier(), 2, dataloader=[])
 
