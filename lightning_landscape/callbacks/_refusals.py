@@ -31,8 +31,9 @@ def lazy_refusal(module: nn.Module) -> SetupError | None:
         return None
     return SetupError(
         f"{names[:3]} are not materialized yet: lazy modules create their parameters at their "
-        "first forward, in the first training step. Measurements start once they exist; for "
-        "one at the start, run a forward on an example batch in `__init__` or `setup`"
+        "first forward, in the first training step. Measurements start once they exist (never, "
+        "for a lazy module training does not run); to measure from the start, run a forward on "
+        "an example batch in `__init__` or `setup`"
     )
 
 
