@@ -71,7 +71,8 @@ def draw_batches(
     samplers = [_sampler(one) for one in loaders]
     epochs = {s: s.epoch for s in samplers if isinstance(getattr(s, "epoch", None), int)}
     # a loader's or sampler's own generator (``DataLoader(..., generator=g)``) is the training's
-    owned = [getattr(x, "generator", None) for x in [*loaders, *samplers]]
+    batch_samplers = [getattr(one, "batch_sampler", None) for one in loaders]
+    owned = [getattr(x, "generator", None) for x in [*loaders, *samplers, *batch_samplers]]
     generators = {id(g): (g, g.get_state()) for g in owned if isinstance(g, torch.Generator)}
     try:
         for sampler in epochs:

@@ -260,12 +260,11 @@ def measuring(
             stack.enter_context(frozen_spectral_norms(module))
             if device_type in ("cuda", "cpu"):
                 stack.enter_context(autocast_off(device_type))
-            for p in half_data:
-                p.data = p.data.float()
-            for b in half_bufs:
-                b.data = b.data.float()
-            if wrapper is None:  # last: what the measurement's calls start from
-                hold = HeldState(module, saved, guarding)
+            for t in [*half_data, *half_bufs]:
+                t.data = t.data.float()
+            if wrapper is None:  # last: what the measurement's calls start from (upcast)
+                upcast = {id(t): t.detach().clone() for t in [*half_data, *half_bufs]}
+                hold = HeldState(module, saved | upcast, guarding)
             yield hold
     finally:
         hold()

@@ -43,40 +43,59 @@ def _signature(t: Tensor) -> tuple[int, int]:
         return -1, t._version
 
 
+def _stand_in(t: Tensor | None, held: Tensor) -> bool:
+    """Whether ``t`` is a plain alias of ``held`` (what ``torch.func.functional_call`` puts in
+    a frozen parameter's slot during the engine's forward-mode products)."""
+    try:
+        return type(t) is Tensor and t.data_ptr() == held.data_ptr()
+    except RuntimeError:
+        return False
+
+
 class _Held:
     """One held tensor: the slots that hold it, its data and values when held, and its
     signature then (``now``) and right after the last call (``post``). A buffer (``rebind``)
-    is undone by a fresh copy in its slots, never written: graphs of earlier calls that saved
-    it stay valid (a running scale updated in place before its use)."""
+    is replaced by a fresh copy of the held values before every call, never written and
+    never checked (a fused observer writes without moving its version counter); graphs of
+    earlier calls keep theirs (a running scale updated in place before its use). A frozen
+    parameter keeps its object; ``volatile``: the first call changed its values, so it gets
+    a fresh copy of them as its ``.data`` before every call, whatever its signature says
+    (in-place writes through ``.data``, as DINO updates its teacher, move no version counter)."""
 
-    __slots__ = ("t", "data", "saved", "now", "post", "slots", "rebind")
+    __slots__ = ("t", "data", "saved", "now", "post", "slots", "rebind", "volatile")
 
     def __init__(self, t: Tensor, saved: Tensor, rebind: bool) -> None:
         self.t, self.data, self.saved, self.rebind = t, t.data, saved, rebind
         self.now = self.post = _signature(t)
         self.slots: list[tuple[dict, str]] = []
+        self.volatile = False
 
     def hold(self, adopt: bool) -> None:
+        if self.rebind:
+            self.t = self.saved.clone()
+            for table, name in self.slots:
+                table[name] = self.t
+            return
         for table, name in self.slots:
-            if table.get(name) is not self.t:
+            if table.get(name) is not self.t and not _stand_in(table.get(name), self.t):
                 table[name] = self.t
         sig = _signature(self.t)
-        if sig == self.now:
+        if sig == self.now and not self.volatile:
             return
         if adopt and sig != self.post:  # changed between calls: the measurement's own doing
             self.data, self.saved = self.t.data, self.t.detach().clone()
-        elif self.rebind:  # the last call's doing (or any, without adopt): undone
-            if self.t.shape != self.saved.shape or not torch.equal(self.t, self.saved):
-                self.t = self.saved.clone()
-                self.data = self.t.data
-                for table, name in self.slots:
-                    table[name] = self.t
-        else:
-            if sig[0] != self.now[0]:
-                self.t.data = self.data
-            if not torch.equal(self.t, self.saved):  # an update to the same value stays as is
-                self.t.copy_(self.saved)
+        elif self.volatile:  # a fresh copy as its data: graphs that saved the old keep it
+            self.t.data = self.saved.clone()
+            self.data = self.t.data
+        elif sig[0] != self.now[0]:  # ``.data`` reassigned: the held storage back
+            self.t.data = self.data
+        elif not torch.equal(self.t, self.saved):  # written in place (same value: left)
+            self.t.copy_(self.saved)
         self.now = self.post = _signature(self.t)
+
+    def changed(self) -> bool:
+        """Whether the values differ from the held ones (one comparison)."""
+        return self.t.shape != self.saved.shape or not torch.equal(self.t, self.saved)
 
 
 class HeldState:
@@ -84,19 +103,22 @@ class HeldState:
     at construction across the calls of a measurement. Called before each call, it undoes what
     the previous call did to them: a slot rebound to another tensor, ``.data`` reassigned
     (``p.data = m * p.data + (1 - m) * q.data``), in-place changes (``lerp_``, ``copy_``,
-    BatchNorm's running statistics). Never right after a call (:meth:`after` only notes
-    what it did): the engine differentiates the loss from the tensors as the call left them.
-    A change made between calls is the measurement's own (a trajectory moves parameters
-    frozen since a snapshot) and is held from then on. The checks read identities, data
-    pointers and version counters, about a microsecond a tensor; values are copied only when
-    they differ. While ``guarded()`` is not 0, the curvature engine's products run on clones
-    of the buffers made at the entry it numbers: those are set to the held values when first
-    seen, and held the same way. ``saved``: ``id(t)`` to a copy of each tensor."""
+    BatchNorm's running statistics, a fused observer's ranges). Never right after a call
+    (:meth:`after` only notes what it did): the engine differentiates the loss from the
+    tensors as the call left them. A change to a frozen parameter made between calls is the
+    measurement's own (a trajectory moves parameters frozen since a snapshot) and is held from
+    then on; buffers are only ever the calls' to change, and each call gets fresh copies of
+    them. The checks of parameters read identities, data pointers and version counters, about
+    a microsecond a tensor, and once, after the first call, their values. While ``guarded()``
+    is not 0, the curvature engine's products run on clones of the buffers made at the entry
+    it numbers, in the same slots: those are replaced the same way. ``saved``: ``id(t)`` to a
+    copy of each tensor, as the measurement starts."""
 
     def __init__(
         self, module: nn.Module, saved: dict[int, Tensor], guarded: Callable[[], int]
     ) -> None:
-        self.guarded, self.entry, self.clones = guarded, 0, []
+        self.guarded, self.entry, self.clones, self.calls = guarded, 0, [], 0
+        self.volatile: set[tuple[int, str]] = set()
         owners = list(module.modules())
         frozen = lambda p: not p.requires_grad  # noqa: E731
         self.params = self._held([m._parameters for m in owners], saved, False, frozen)
@@ -120,8 +142,8 @@ class HeldState:
         entry = self.guarded()
         if not entry:
             return self.params + self.buffers
-        if entry != self.entry:  # first seen: the clones of this entry get the held values
-            clones = {}
+        if entry != self.entry:  # new clones (each replaced by a copy before each call)
+            clones: dict[int, _Held] = {}
             for h in self.buffers:
                 for table, name in h.slots:
                     c = table.get(name)
@@ -130,10 +152,6 @@ class HeldState:
                     if id(c) not in clones:
                         clones[id(c)] = _Held(c, h.saved, True)
                     clones[id(c)].slots.append((table, name))
-            with torch.no_grad():
-                for c in clones.values():
-                    c.now = (-2, -2)  # whatever they hold: compared with the held values
-                    c.hold(adopt=False)
             self.entry, self.clones = entry, list(clones.values())
         return self.params + self.clones
 
@@ -146,8 +164,16 @@ class HeldState:
 
     def after(self) -> None:
         """Right after a call: note what it changed, for the next call to undo."""
-        for h in self._current():
+        current = self._current()
+        for h in current:
             h.post = _signature(h.t)
+        self.calls += 1
+        if self.calls == 1:  # once: values the first call changed unseen by the signatures
+            with torch.no_grad():
+                changed = [h for h in current if not h.rebind and h.changed()]
+                self.volatile = {(id(t), n) for h in changed for t, n in h.slots}
+            for h in self.params:
+                h.volatile = any((id(t), n) in self.volatile for t, n in h.slots)
 
 
 def _is_metric(module: nn.Module) -> bool:

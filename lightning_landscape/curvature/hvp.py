@@ -279,13 +279,13 @@ def guard(
     the caller's buffers, and graphs kept for later products (``hvp="cached"``) hold the clones,
     so restoring the buffers cannot invalidate them.
     """
-    swapped = []
+    swapped, clones = [], {}
     if module is not None:
         for mod in module.modules():
             for name, buf in list(mod._buffers.items()):
-                if buf is not None:
+                if buf is not None:  # one clone a tensor: a buffer two modules share stays one
                     swapped.append((mod, name, buf))
-                    mod._buffers[name] = buf.detach().clone()
+                    mod._buffers[name] = clones.setdefault(id(buf), buf.detach().clone())
     _ENTRIES.append(next(_COUNT))
     try:
         with (

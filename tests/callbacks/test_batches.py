@@ -59,14 +59,33 @@ def test_worker_loaders_are_drawn_without_their_workers():
     assert len(batches) == 2 and loader._iterator is None  # the fit loop's iterator never made
 
 
+class Bucketed(torch.utils.data.Sampler):
+    """A batch sampler with its own generator (as bucketing samplers have)."""
+
+    def __init__(self, n):
+        self.n, self.generator = n, torch.Generator().manual_seed(7)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        return iter([order[i : i + 4] for i in range(0, self.n, 4)])
+
+    def __len__(self):
+        return self.n // 4
+
+
 def test_a_loaders_own_generators_are_untouched():
     """``DataLoader(..., generator=g)``: the draw advanced ``g`` (the sampler's shuffle and the
-    loader's base seed), so the training's data order changed with a monitor."""
+    loader's base seed), so the training's data order changed with a monitor; so did a batch
+    sampler's own generator."""
     g = torch.Generator().manual_seed(5)
     loader = DataLoader(random_classes(n=16), batch_size=4, shuffle=True, generator=g)
     state = g.get_state()
     draw_batches(_trainer(loader), Classifier(), 2)
     assert torch.equal(g.get_state(), state)
+    bucketed = DataLoader(random_classes(n=16), batch_sampler=Bucketed(16))
+    state = bucketed.batch_sampler.generator.get_state()
+    draw_batches(_trainer(bucketed), Classifier(), 2)
+    assert torch.equal(bucketed.batch_sampler.generator.get_state(), state)
 
 
 def test_a_loader_that_yields_nothing_is_an_error():

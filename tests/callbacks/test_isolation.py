@@ -126,6 +126,28 @@ def test_frozen_parameters_and_buffers_are_held_between_the_calls_of_a_measureme
     assert model.center is center and not center.any()
 
 
+def test_a_half_buffer_stays_upcast_from_call_to_call():
+    """The hold's copies of a bfloat16 buffer were taken before the measurement's upcast: from
+    the second call on, the buffer was bfloat16 again (a different function)."""
+    model = Classifier()
+    model.register_buffer("scale", torch.full((3,), 1.1, dtype=torch.bfloat16))
+
+    def loss_fn(module, batch):
+        out = (module(batch[0]) * module.scale).sum()
+        with torch.no_grad():
+            module.scale.mul_(0.5)
+        return out
+
+    batch = random_classes()[:4]
+    with measuring(model) as hold:
+        loss = module_loss(model, [batch], loss_fn, hold)
+        values = [float(loss(batch)) for _ in range(3)]
+        assert model.scale.dtype == torch.float32
+    assert values[0] == values[1] == values[2]
+    assert model.scale.dtype == torch.bfloat16
+    assert torch.equal(model.scale, torch.full((3,), 1.1, dtype=torch.bfloat16))
+
+
 def test_half_precision_parameters_are_measured_in_float32():
     model = Classifier(dtype=torch.bfloat16)
     assert measurement_dtype(model) == torch.float32

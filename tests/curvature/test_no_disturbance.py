@@ -125,3 +125,18 @@ def test_nothing_disturbed(mode, kind):
     assert _tensor_count() == count
     del op
     _assert_same(model, before)
+
+
+def test_a_buffer_shared_by_two_modules_is_one_tensor_inside_the_products():
+    """The products' copies of the buffers were made slot by slot: a buffer two modules share
+    became two, and a forward that updates it through one module no longer moved the other's
+    (a loss of 1.5686 inside the products against 1.7096 outside, on the reviewer's model)."""
+    from lightning_landscape.curvature.hvp import guard
+
+    a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    b.running_mean = a.running_mean  # shared
+    holder = torch.nn.Sequential(a, b)
+    with guard(holder, [], seed=0):
+        assert holder[0].running_mean is holder[1].running_mean
+        inside = holder[0].running_mean
+    assert holder[0].running_mean is holder[1].running_mean is not inside
