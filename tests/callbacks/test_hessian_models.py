@@ -403,6 +403,17 @@ def test_complex_parameters_are_refused_once_and_training_goes_on(tmp_path):
     assert math.isfinite(pairs.history[-1]["hessian/eigenvalue_1"])
 
 
+def watched(tmp_path, make, data, monitors):
+    """The model fitted with ``monitors``, after checking that its training equals a fit
+    without them, bit for bit, and that no monitor warned."""
+    plain, _, _ = fit(tmp_path / "plain", make, data)
+    model, _, caught = fit(tmp_path / "w", make, data, monitors)
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not [m for m in caught if "Monitor" in m], caught
+    return model
+
+
 def test_a_momentum_encoder_updated_in_training_step_is_held(tmp_path):
     """BYOL/MoCo/DINO update their frozen target in ``training_step``. Before, each of a
     measurement's calls moved it: the top eigenvalue came out 5.5 % off (double backward), the
@@ -421,13 +432,9 @@ def test_a_momentum_encoder_updated_in_training_step_is_held(tmp_path):
         return [hess, TrajectoryMonitor(epochs=[2], num_batches=2, dataloader=fixed)]
 
     make = lambda: MomentumEncoder().double()  # noqa: E731
-    plain, _, _ = fit(tmp_path / "plain", make, data)
     (hess, traj), (func, _) = monitors("auto"), monitors("func")
-    model, _, caught = fit(tmp_path / "w", make, data, [hess, traj])
+    model = watched(tmp_path, make, data, [hess, traj])
     _, _, refused = fit(tmp_path / "func", make, data, [func])
-    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert not [m for m in caught if "Monitor" in m], caught
     said = [m for m in refused if "HessianMonitor" in m]
     assert len(said) == 1 and "sets a tensor's `.data`" in said[0], said
     assert math.isnan(func.history[-1]["hessian/eigenvalue_1"])
@@ -454,11 +461,7 @@ def test_a_buffer_updated_in_training_step_is_held(tmp_path, rebind):
     )
     traj = TrajectoryMonitor(epochs=[2], num_batches=2, dataloader=fixed)
     make = lambda: CenteredTeacher(rebind).double()  # noqa: E731
-    plain, _, _ = fit(tmp_path / "plain", make, data)
-    model, _, caught = fit(tmp_path / "w", make, data, [hess, traj])
-    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert not [m for m in caught if "Monitor" in m], caught
+    model = watched(tmp_path, make, data, [hess, traj])
     model.eval()
     eig = torch.linalg.eigvalsh(dense_hessian(model.loss, model, fixed))
     assert hess.history[-1]["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-9)
@@ -519,11 +522,7 @@ def test_state_updated_before_its_use_in_the_loss(tmp_path, how):
     hess = HessianMonitor(epochs=[2], top_k=1, tol=1e-10, num_batches=2, dataloader=fixed)
     sam = SharpnessMonitor(epochs=[2], kinds=["sam"], num_batches=2, dataloader=fixed)
     make = lambda: ScaledBeforeUse(how).double()  # noqa: E731
-    plain, _, _ = fit(tmp_path / "plain", make, data)
-    model, _, caught = fit(tmp_path / "w", make, data, [hess, sam])
-    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert not [m for m in caught if "Monitor" in m], caught
+    model = watched(tmp_path, make, data, [hess, sam])
     model.eval()
     held = model.scale.detach().clone()
 
