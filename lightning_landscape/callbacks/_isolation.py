@@ -240,8 +240,8 @@ def measuring(
     undo_buffers, saved = _saved_buffers(module)
     saved.update(zip(map(id, params), saved_params, strict=True))
     hold = HeldState(nn.Module(), {}, guarding)  # holds nothing, until the measurement starts
-    half_data = {p: p.data for p in params if p.dtype in _HALF}
-    half_bufs = {b: b.data for b in buffers if b.dtype in _HALF}
+    half_data = {t: t.data for t in [*params, *buffers] if t.dtype in _HALF}  # upcast inside
+    storage = {p: p.data for p in params if type(p.data) is Tensor and p not in half_data}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     device_type = params[0].device.type if params else "cpu"
     undo_log = _silence_logging(module)
@@ -260,10 +260,10 @@ def measuring(
             stack.enter_context(frozen_spectral_norms(module))
             if device_type in ("cuda", "cpu"):
                 stack.enter_context(autocast_off(device_type))
-            for t in [*half_data, *half_bufs]:
+            for t in half_data:
                 t.data = t.data.float()
             if wrapper is None:  # last: what the measurement's calls start from (upcast)
-                upcast = {id(t): t.detach().clone() for t in [*half_data, *half_bufs]}
+                upcast = {id(t): t.detach().clone() for t in half_data}
                 hold = HeldState(module, saved | upcast, guarding)
             yield hold
     finally:
@@ -272,10 +272,11 @@ def measuring(
         undo_metrics()
         module.__dict__.pop(MARKER, None)
         module.__dict__.update(marked)
-        for p, data in half_data.items():
-            p.data = data
-        for b, data in half_bufs.items():
-            b.data = data
+        for t, data in half_data.items():
+            t.data = data
+        for p, data in storage.items():  # its own storage (the hold may have given it a copy)
+            if p.data_ptr() != data.data_ptr():
+                p.data = data
         with torch.no_grad():
             for p, s in zip(params, saved_params, strict=True):
                 if not torch.equal(p, s):

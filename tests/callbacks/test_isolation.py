@@ -92,7 +92,7 @@ def test_frozen_parameters_and_buffers_are_held_between_the_calls_of_a_measureme
     model.register_buffer("center", torch.zeros(3))
     frozen, trainable, center = model.net[0].weight, model.net[3].weight, model.center
     frozen.requires_grad_(False)
-    before = frozen.detach().clone()
+    before, storage = frozen.detach().clone(), frozen.data_ptr()
     batches = [random_classes()[:4]]
     calls = []
 
@@ -123,6 +123,7 @@ def test_frozen_parameters_and_buffers_are_held_between_the_calls_of_a_measureme
         loss(batches[0])
     assert calls == [True] * 5
     assert model.net[0].weight is frozen and torch.equal(frozen, before - 2.0)
+    assert frozen.data_ptr() == storage  # its own storage back (the hold gave it copies)
     assert model.center is center and not center.any()
 
 
