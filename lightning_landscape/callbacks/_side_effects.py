@@ -43,13 +43,10 @@ def _signature(t: Tensor) -> tuple[int, int]:
         return -1, t._version
 
 
-def _stand_in(t: Tensor | None, held: Tensor) -> bool:
-    """Whether ``t`` is a plain alias of ``held`` (what ``torch.func.functional_call`` puts in
-    a frozen parameter's slot during the engine's forward-mode products)."""
-    try:
-        return type(t) is Tensor and t.data_ptr() == held.data_ptr()
-    except RuntimeError:
-        return False
+def _transforming() -> bool:
+    """Whether a torch.func transform runs (the engine's forward-mode products)."""
+    level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+    return level() is not None
 
 
 class _Held:
@@ -77,7 +74,7 @@ class _Held:
                 table[name] = self.t
             return
         for table, name in self.slots:
-            if table.get(name) is not self.t and not _stand_in(table.get(name), self.t):
+            if table.get(name) is not self.t:
                 table[name] = self.t
         sig = _signature(self.t)
         if sig == self.now and not self.volatile:
@@ -157,13 +154,20 @@ class HeldState:
 
     def __call__(self, adopt: bool = False) -> None:
         """Before a call (``adopt``): undo what the previous call did, hold what changed since.
-        Without ``adopt``: undo every change (the end of a measurement)."""
+        Without ``adopt``: undo every change (the end of a measurement). Nothing inside a
+        torch.func transform (the engine's forward-mode products): a tensor made there would be
+        the transform's, and it refuses writes into captured tensors; calls there see what the
+        last call outside left (``"auto"`` drops that kind if its products then differ)."""
+        if _transforming():
+            return
         with torch.no_grad():
             for h in self._current():
                 h.hold(adopt)
 
     def after(self) -> None:
         """Right after a call: note what it changed, for the next call to undo."""
+        if _transforming():
+            return
         current = self._current()
         for h in current:
             h.post = _signature(h.t)

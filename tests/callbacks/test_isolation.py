@@ -127,6 +127,26 @@ def test_frozen_parameters_and_buffers_are_held_between_the_calls_of_a_measureme
     assert model.center is center and not center.any()
 
 
+def test_the_hold_makes_no_tensor_inside_a_torch_func_transform():
+    """A copy made inside ``torch.func.grad`` belongs to the transform: put in a buffer's slot,
+    it outlived it (and writes into captured tensors are refused there): the hold does nothing
+    inside, and the call sees what the last call outside left."""
+    model = Classifier()
+    model.register_buffer("center", torch.ones(8, dtype=torch.float64))
+    x = random_classes()[:4][0]
+
+    def loss_fn(module, batch):
+        return (module.net[0](batch) * module.center).sum()
+
+    with measuring(model) as hold:
+        loss = module_loss(model, [x], loss_fn, hold)
+        loss(x)
+        torch.func.grad(lambda inputs: loss(inputs))(x)
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(model.center)
+        loss(x)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(model.center)
+
+
 def test_a_half_buffer_stays_upcast_from_call_to_call():
     """The hold's copies of a bfloat16 buffer were taken before the measurement's upcast: from
     the second call on, the buffer was bfloat16 again (a different function)."""
