@@ -115,7 +115,6 @@ class HeldState:
         self, module: nn.Module, saved: dict[int, Tensor], guarded: Callable[[], int]
     ) -> None:
         self.guarded, self.entry, self.clones, self.calls = guarded, 0, [], 0
-        self.volatile: set[tuple[int, str]] = set()
         owners = list(module.modules())
         frozen = lambda p: not p.requires_grad  # noqa: E731
         self.params = self._held([m._parameters for m in owners], saved, False, frozen)
@@ -175,9 +174,9 @@ class HeldState:
         if self.calls == 1:  # once: values the first call changed unseen by the signatures
             with torch.no_grad():
                 changed = [h for h in current if not h.rebind and h.changed()]
-                self.volatile = {(id(t), n) for h in changed for t, n in h.slots}
+            slots = {(id(t), n) for h in changed for t, n in h.slots}
             for h in self.params:
-                h.volatile = any((id(t), n) in self.volatile for t, n in h.slots)
+                h.volatile = any((id(t), n) in slots for t, n in h.slots)
 
 
 def _is_metric(module: nn.Module) -> bool:

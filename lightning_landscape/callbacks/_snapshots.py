@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_landscape._core.sharding import ShardLayout, flat_parameters, is_sharded
 from lightning_landscape._core.vectors import ParamVector
-from lightning_landscape.callbacks._refusals import module_refusal
+from lightning_landscape.callbacks._refusals import complex_refusal, lazy_refusal
 from lightning_landscape.landscape.trajectory import Snapshots
 
 
@@ -108,7 +108,9 @@ def start_snapshot(monitor: Any, trainer: Any, module: nn.Module, held: bool = F
     start, or with lazy modules once they created their parameters, before the optimizer
     step (the first step's: the initial weights; a later one is named in a warning). None
     with complex parameters: each measurement says why (NaN)."""
-    if module_refusal(module) is not None:
+    lazy = lazy_refusal(module)
+    monitor.awaiting_lazy = lazy is not None  # retried before each optimizer step only then
+    if lazy is not None or complex_refusal(module) is not None:
         return
     pv = tracked_parameters(monitor, module, trainer.global_step, start=True)
     if not len(monitor.snapshots):
@@ -127,7 +129,8 @@ def join_unfrozen(monitor: Any, trainer: Any, module: nn.Module) -> None:
     the ``requires_grad`` flags otherwise; nothing under sharding, where no names are
     followed)."""
     if not len(monitor.snapshots):
-        start_snapshot(monitor, trainer, module, held=True)
+        if getattr(monitor, "awaiting_lazy", False):
+            start_snapshot(monitor, trainer, module, held=True)
         return
     if monitor.tracked is None:
         return
