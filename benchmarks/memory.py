@@ -322,4 +322,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown once the results are written: a fresh configuration's process
+    # once aborted there ("terminate called without an active exception", SIGABRT)
+    os._exit(code)
