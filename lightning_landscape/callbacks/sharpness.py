@@ -14,20 +14,10 @@ from lightning_landscape._core.checks import (
     check_positive_values,
     check_real,
 )
-from lightning_landscape._core.vectors import ParamVector
+from lightning_landscape.callbacks import _sharpness_worst as worst
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.landscape.local_entropy import local_entropy
-from lightning_landscape.landscape.sharded import ShardedBatchObjective
-from lightning_landscape.landscape.sharpness import (
-    BatchObjective,
-    KrylovModel,
-    SharpnessResult,
-    adaptive_sharpness,
-    average_sharpness,
-    curvature_model,
-    keskar_sharpness,
-    sam_sharpness,
-)
+from lightning_landscape.landscape.sharpness import KrylovModel, average_sharpness
 
 Kind = Literal["sam", "adaptive", "average", "keskar"]
 KINDS: tuple[str, ...] = ("sam", "adaptive", "average", "keskar")
@@ -118,7 +108,11 @@ class SharpnessMonitor(LandscapeMonitor):
         eta: ASAM's η ≥ 0.
         sigma: average-case noise level σ, or a list.
         epsilon: Keskar's box size ε, or a list.
-        ascent: ``"krylov"`` or ``"gradient"`` (for models without double backward).
+        ascent: ``"krylov"`` or ``"gradient"`` (no Hessian-vector product).
+        hvp: the kind of the Krylov models' Hessian-vector products: ``"auto"`` (default;
+            decided once per fit by trial, as :class:`HessianMonitor` does: the fastest exact
+            kind that works, else finite differences with one warning, :attr:`hvp_choice`),
+            ``"cached"``, ``"double_backward"`` or ``"finite_difference"``.
         ascent_steps: Lanczos steps (``"krylov"``) or gradient steps (``"gradient"``; 1 = first
             order) of the worst cases.
         polish_steps: gradient steps on the true loss after the Krylov maximizer (≥ 0).
@@ -165,7 +159,9 @@ class SharpnessMonitor(LandscapeMonitor):
     loss (``sam``, ``adaptive``) or 4 losses and up to ``polish_steps`` gradients (``keskar``);
     2 · ``average_samples`` losses per σ; 2 · ``local_entropy_samples`` losses per γ. With
     ``ascent="gradient"``: up to ``ascent_steps - 1`` gradients and one loss per value.
-    Memory: ``ascent_steps`` vectors of P for the Lanczos basis.
+    ``hvp="auto"`` adds its trial once per fit (about 3 products of each exact kind); finite
+    differences cost 2 gradients a product. Memory: ``ascent_steps`` vectors of P for the
+    Lanczos basis, and the cached gradient graphs within the operator's default budget.
 
     Example::
 
@@ -187,6 +183,7 @@ class SharpnessMonitor(LandscapeMonitor):
         sigma: float | Sequence[float] = 0.01,
         epsilon: float | Sequence[float] = 1e-3,
         ascent: Literal["krylov", "gradient"] = "krylov",
+        hvp: str = "auto",
         ascent_steps: int = 20,
         polish_steps: int = 10,
         average_samples: int = 10,
@@ -203,6 +200,7 @@ class SharpnessMonitor(LandscapeMonitor):
             raise ValueError(f"`kinds` must be a non-empty subset of {list(KINDS)}, got {kinds!r}.")
         check_distinct("kinds", kinds)
         check_choice("ascent", ascent, ("krylov", "gradient"))
+        check_choice("hvp", hvp, worst.HVP_KINDS)
         check_positive_int("ascent_steps", ascent_steps)
         check_int("polish_steps", polish_steps, low=0, what="an int >= 0")
         check_positive_int("average_samples", average_samples)
@@ -216,6 +214,9 @@ class SharpnessMonitor(LandscapeMonitor):
         self.sigma = _values("sigma", sigma)
         self.epsilon = _values("epsilon", epsilon)
         self.ascent = ascent
+        self.hvp = hvp
+        self.hvp_choice: str | None = None if hvp == "auto" else hvp
+        self.hvp_reason = "" if hvp == "auto" else "requested"
         self.ascent_steps = ascent_steps
         self.polish_steps = polish_steps
         self.average_samples = average_samples
@@ -226,6 +227,11 @@ class SharpnessMonitor(LandscapeMonitor):
         )
         self.local_entropy_beta = check_positive("local_entropy_beta", local_entropy_beta)
         self.local_entropy_samples = local_entropy_samples
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.hvp == "auto":  # decided afresh in every fit
+            self.hvp_choice, self.hvp_reason = None, ""
 
     def state_key_extra(self) -> dict[str, Any]:
         return {"grid": repr(self._grid())}
@@ -259,21 +265,7 @@ class SharpnessMonitor(LandscapeMonitor):
 
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
         seed = ctx.seed_for("masks")  # mode="train": one fixed function per measurement
-        if ctx.sharded_module is not None:
-            objective = ShardedBatchObjective(
-                ctx.loss_fn,
-                ctx.sharded_module,
-                ctx.batches,
-                seed=seed,
-                batch_size_fn=self.batch_size_fn,
-            )
-            w = objective.get()
-        else:
-            pv = ParamVector(ctx.params)
-            w = pv.get()
-            objective = BatchObjective(
-                ctx.loss_fn, pv, ctx.batches, seed=seed, batch_size_fn=self.batch_size_fn
-            )
+        objective, w = worst.objective(self, ctx, seed)
         base = objective.value_and_grad(w)
         out: dict[str, float] = {self.key("grad_norm"): float(base[1].norm())}
         models: dict[str, KrylovModel] = {}
@@ -310,38 +302,11 @@ class SharpnessMonitor(LandscapeMonitor):
                 )
                 out[self.key(f"average_stderr{suffix}")] = res.stderr
             else:
-                res = self._worst(kind, objective, w, value, base, models, ctx, gen)
+                res = worst.worst_case(self, kind, objective, w, value, base, models, ctx, gen)
                 out[self.key(f"{kind}_curvature{suffix}")] = res.curvature
+                worst.record_choice(self, objective)
             out[self.key(f"{kind}{suffix}")] = res.sharpness
         out[self.key("num_forward")] = float(objective.num_forward)
         out[self.key("num_backward")] = float(objective.num_backward)
         out[self.key("num_hvp")] = float(getattr(objective, "num_hvp", 0))
         return out
-
-    def _worst(self, kind, objective, w, value, base, models, ctx, gen) -> SharpnessResult:
-        """One worst case, on the Krylov model of its kind (built at its first value). A sharded
-        objective has no Hessian operator: its worst cases take the gradient ascent."""
-        method = self.ascent if hasattr(objective, "hessian_at") else "gradient"
-        if method == "krylov" and kind not in models:
-            scale = {"sam": None, "adaptive": w.abs() + self.eta, "keskar": w.abs() + 1}[kind]
-            models[kind] = curvature_model(
-                objective,
-                w,
-                base[1],
-                scale=scale,
-                steps=self.ascent_steps,
-                generator=ctx.generator(kind, "model"),
-            )
-        common = {
-            "steps": self.ascent_steps,
-            "method": method,
-            "polish": self.polish_steps,
-            "generator": gen,
-            "base": base,
-            "model": models.get(kind),
-        }
-        if kind == "keskar":
-            return keskar_sharpness(objective, w, value, **common)
-        if kind == "adaptive":
-            return adaptive_sharpness(objective, w, value, eta=self.eta, **common)
-        return sam_sharpness(objective, w, value, **common)

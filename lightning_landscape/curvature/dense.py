@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, flat_grad
 from lightning_landscape._core.vectors import resolve_params
+from lightning_landscape.curvature.cache import check_twice_differentiable
 from lightning_landscape.curvature.hvp import guard
 
 
@@ -37,6 +38,7 @@ def dense_hessian(
     Raises:
         TypeError: if ``params`` is not a module or a sequence of tensors.
         ValueError: if ``params`` is empty or holds a tensor that does not require grad.
+        RuntimeError: if the gradient passes through a ``@once_differentiable`` backward.
     """
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)
@@ -48,6 +50,7 @@ def dense_hessian(
         for batch in batches:
             n = int(size_fn(batch))
             g = flat_grad(loss_fn(batch), plist, create_graph=True)
+            check_twice_differentiable(g)  # else rows through it would be silently zero
             for i in range(d):
                 if g[i].requires_grad:
                     H[i].add_(flat_grad(g[i], plist, retain_graph=True), alpha=n)

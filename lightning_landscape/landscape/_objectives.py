@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.batches import mean_gradient, mean_value
-from lightning_landscape._core.checks import check_callable
+from lightning_landscape._core.checks import check_callable, check_choice
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import ParamVector
 from lightning_landscape.curvature.operator import HessianOperator, LinearOperator
@@ -104,11 +104,18 @@ class BatchObjective:
             :func:`~lightning_landscape._core.batches.default_batch_size`).
         distributed: reduce across ranks when a process group is up.
         seed: the seed of the forwards' randomness (dropout masks), the same on every rank.
+        hvp: the kind of the products of :meth:`hessian_at` (``"cached"``,
+            ``"double_backward"``, ``"finite_difference"``, or ``"auto"``: the first operator
+            chooses by trial, the fastest exact kind that works, else finite differences, and
+            the later ones reuse its choice; see :mod:`~lightning_landscape.curvature.auto`).
 
     Attributes:
         num_forward, num_backward, num_hvp: forward and backward passes and Hessian-vector
             products over single batches so far.
         seed: as above; one measurement keeps it, so that it measures one function.
+        hvp, hvp_reason: the kind in use (``"auto"`` until an operator has chosen) and why.
+        warn: None (the operators' ``UserWarning``) or ``warn(key, message)``, handed to the
+            operators for their fallback and accuracy warnings.
 
     Raises:
         TypeError: if ``batch_size_fn`` is not callable or None.
@@ -123,7 +130,9 @@ class BatchObjective:
         batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = True,
         seed: int = 0,
+        hvp: str = "cached",
     ) -> None:
+        check_choice("hvp", hvp, ("auto", "cached", "double_backward", "finite_difference"))
         self.loss_fn = loss_fn
         self.params = params
         self.batches = list(batches)
@@ -133,6 +142,8 @@ class BatchObjective:
         self.num_backward = 0
         self.num_hvp = 0
         self.seed = seed
+        self.hvp, self.hvp_reason = hvp, "" if hvp == "auto" else "requested"
+        self.warn: Callable[[str, str], None] | None = None
 
     @property
     def hvp_seed(self) -> int:
@@ -171,7 +182,8 @@ class BatchObjective:
         :class:`~lightning_landscape.curvature.HessianOperator` with cached gradient graphs: the
         parameters hold ``w`` inside the block and are restored bit for bit afterwards. Each
         product visits every batch with the dropout masks of :meth:`value` (seeded by ``seed``);
-        the first also builds their gradient graphs."""
+        the first also builds their gradient graphs. With ``hvp="auto"`` the first product of
+        the first operator decides the kind (kept on the objective)."""
         with (
             self.params.moved_to(w),
             HessianOperator(
@@ -181,12 +193,18 @@ class BatchObjective:
                 batch_size_fn=self.batch_size_fn,
                 distributed=self.distributed,
                 seed=self.seed,
+                hvp=self.hvp,
             ) as op,
         ):
+            if self.warn is not None:
+                op.warn = self.warn
             try:
                 yield op
             finally:
                 self.num_hvp += op.num_matvecs * len(self.batches)
+                choice = op.choice  # none where every kind gave NaN: decided next time
+                if self.hvp == "auto" and choice is not None and (choice.seconds or not op.exact):
+                    self.hvp, self.hvp_reason = choice.kind, choice.reason
 
 
 Objective = FunctionObjective | BatchObjective

@@ -2,10 +2,12 @@
 
 import math
 import types
+import warnings
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from curvature._problems import OnceDifferentiableTanh
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -238,6 +240,45 @@ def test_nan_loss_logs_nan_and_warns(tmp_path):
     assert math.isnan(monitor.history[0]["sharpness/average"])
 
 
+class OnceNet(Net):
+    """Net with its tanh as a custom autograd.Function whose backward is
+    ``@once_differentiable`` (a fused kernel's): no exact Hessian-vector product works."""
+
+    def training_step(self, batch, batch_idx):
+        first, _, last = self.net
+        x, y = batch
+        return F.mse_loss(last(OnceDifferentiableTanh.apply(first(x))).squeeze(-1), y)
+
+
+def test_no_double_backward_takes_finite_differences_and_keeps_every_measure(tmp_path):
+    """Without a double backward the whole measurement was NaN (the Krylov models' products
+    raised), the forward-only measures included: now the products fall back to finite
+    differences with one warning, once per fit, and every value equals the differentiable
+    twin's (whose kind "auto" decides, and says, once)."""
+    x, y = _data()
+    fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    rows = {}
+    for model in (OnceNet(), Net()):
+        monitor = SharpnessMonitor(epochs=[0, 1], num_batches=2, dataloader=fixed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(
+                model, DataLoader(TensorDataset(x, y), batch_size=8)
+            )
+        said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+        rows[type(model).__name__] = monitor.history, monitor.hvp_choice, said
+    (once, choice, said), (twin, exact, quiet) = rows["OnceNet"], rows["Net"]
+    assert choice == "finite_difference" and exact in ("cached", "double_backward")
+    assert len(said) == 1 and "once_differentiable" in said[0] and "lower bounds" in said[0]
+    assert quiet == []
+    assert len(once) == len(twin) == 2
+    for mine, theirs in zip(once, twin, strict=True):
+        for key in ("sam", "adaptive", "keskar", "sam_curvature", "average", "grad_norm"):
+            value = mine[f"sharpness/{key}"]
+            assert math.isfinite(value)
+            assert value == pytest.approx(theirs[f"sharpness/{key}"], rel=1e-6, abs=1e-12), key
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -283,6 +324,8 @@ def test_errors():
         SharpnessMonitor(ascent_steps=0)
     with pytest.raises(ValueError, match="`ascent` must be one of"):
         SharpnessMonitor(ascent="lanczos")
+    with pytest.raises(ValueError, match="`hvp` must be one of"):
+        SharpnessMonitor(hvp="func")  # no module behind the objective's flat weights
     with pytest.raises(ValueError, match="`polish_steps` must be an int >= 0"):
         SharpnessMonitor(polish_steps=-1)
     with pytest.raises(ValueError, match="`local_entropy_gamma` must hold positive numbers"):
