@@ -23,6 +23,8 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
 - the same MLP under ``FSDPStrategy`` (FSDP v1, world size 1, where FSDP keeps every parameter
   whole, ``NO_SHARD``: finite differences through the wrapper's forward and backward; in the
   CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``),
+- the asymmetry ``hvp="auto"``'s trial measures on true Hessians in float32 (a CNN and the
+  Transformer, TF32 off and on): the round-off its symmetry tolerance must stay above,
 - a BYOL-style momentum encoder (its frozen target updated in ``training_step`` by
   reassigning ``.data``: forward-mode products used to crash the process there) and a
   DINO-style center buffer updated in ``training_step`` (held during measurements).
@@ -198,6 +200,34 @@ def check_tf32(accelerator: str) -> dict:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def check_symmetry(accelerator: str) -> dict:
+    """The trial's asymmetry |uᵀHv − vᵀHu| (scaled) of true Hessians in float32, with TF32
+    off and on (matrix products and cuDNN): the round-off that ``auto.symmetry_tolerance``
+    must stay above (on CUDA with TF32 allowed it is 2e-2, a guess until this measures it)."""
+    from lightning_landscape.curvature import HessianOperator
+
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    out: dict = {"model": "symmetry"}
+    try:
+        for name, make, data in (("cnn", TinyCNN, image_data), ("transformer", TinyCausalLM, None)):
+            torch.manual_seed(0)
+            model = make().to(device)
+            rows = (data(dtype=torch.float32) if data else token_data())[:16]
+            batch = [t.to(device) for t in rows]
+            for tf32 in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+                op = HessianOperator(model.loss, model, [batch], hvp="auto")
+                op.warn = lambda key, message: None
+                op @ torch.randn(op.dim, device=device, generator=None)
+                tag = f"{name}-tf32" if tf32 else name
+                out[f"{tag}_asymmetry"] = op.choice.asymmetry
+                out[f"{tag}_choice"] = op.hvp_choice
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true", help="dry run on CPU")
@@ -274,6 +304,7 @@ def main(argv=None) -> int:
         ),
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
         ("mlp-fsdp1", lambda: check_fsdp1(accelerator)),
+        ("symmetry", lambda: check_symmetry(accelerator)),
     ]
     results = []
     for name, fn in checks:

@@ -11,12 +11,15 @@ graphs within the memory budget), the faster of the other two counts, and a cand
 dropped if it raises, returns NaN/inf, or disagrees with the others. The reference kind's
 product is also checked for symmetry, uᵀ(Hv) = vᵀ(Hu) with a second, Gaussian u: a double
 backward that drops terms (PyTorch's fused weight norm did; a custom ``autograd.Function``
-whose backward uses tensors computed inside its forward) gives an asymmetric "Hessian", and a
-warning says so. Cost: about 3 products of each candidate (plus the cached kind's graphs) and
-one for the symmetry, once per operator; the chosen kind's product of the first vector is
-kept as that vector's product. Finite differences are the
-fallback when no exact kind works, never a silent choice. Under torch.distributed the trial products are local
-and the verdicts and timings are summed over ranks, so every rank chooses the same kind.
+whose backward uses tensors computed inside its forward or runs outside autograd, as fused
+kernels' do) gives an asymmetric "Hessian": then the exact kinds are wrong, and finite
+differences, which differentiate only gradients, are taken instead (with one warning saying
+why; where they give no finite product the exact kind stays, with a warning). Cost: about 3
+products of each candidate (plus the cached kind's graphs) and one for the symmetry, once per
+operator; the chosen kind's product of the first vector is kept as that vector's product.
+Finite differences are the fallback when no exact kind works or the exact kinds are wrong,
+never a silent choice. Under torch.distributed the trial products are local and the verdicts
+and timings are summed over ranks, so every rank chooses the same kind.
 """
 
 from __future__ import annotations
@@ -216,6 +219,19 @@ def faster_for_blocks(
     return best, kept[1] if kept is not None and kept[0] == best else None
 
 
+def symmetry_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The largest asymmetry a true Hessian's products show by round-off: 10 √ε, at least 1e-4
+    (float64 models that compute parts in float32, as Hugging Face's RMSNorm, T5 and Mamba do,
+    reach 5e-8; the fused weight norm gave 3e-4 to 1e-1, kernels whose backward runs outside
+    autograd about 2e-1); at least 2e-2 in float32 on CUDA where TF32 is allowed (cuDNN's
+    default for convolutions: 10-bit mantissas, not yet measured there)."""
+    tol = max(10 * torch.finfo(dtype).eps ** 0.5, 1e-4)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    if device.type == "cuda" and dtype == torch.float32 and tf32:
+        tol = max(tol, 2e-2)
+    return tol
+
+
 def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
     """Choose ``op``'s kind by trial on the ``(1, dim)`` block ``v`` and record it on ``op``
     (``hvp_choice``, ``hvp_reason``, ``choice``, ``block_choice``); warn once on a fallback to
@@ -236,6 +252,21 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
     choice, product = choose(
         op.local_products, kinds, v, u=u, skip=nothing_cached, distributed=op.distributed
     )
+    tol = symmetry_tolerance(v.dtype, v.device)
+    if choice.exact and choice.asymmetry is not None and choice.asymmetry > tol:
+        wrong = (
+            f"the products of {', '.join(choice.seconds)} are not symmetric (uᵀHv and vᵀHu "
+            f"differ by {choice.asymmetry:.1e} of their scale; round-off is below {tol:.1e}): "
+            "some operation's double backward drops terms (a custom autograd.Function whose "
+            "backward runs outside autograd or uses tensors computed inside its forward, as "
+            "fused kernels' do, or a PyTorch kernel)"
+        )
+        if _finite_on_all(op.local_products, v, op.distributed):
+            dropped = {**choice.failures, **dict.fromkeys(choice.seconds, "not symmetric")}
+            choice = Choice("finite_difference", wrong, {}, dropped, choice.asymmetry)
+            product = None
+        else:
+            op.warn("asymmetric", f"Hessian-vector products are unreliable: {wrong}.")
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()
@@ -246,19 +277,6 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             "fd_fallback",
             "Hessian-vector products fall back to finite differences: "
             f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
-        )
-    # 10 √ε, at least 1e-4: float64 models that compute parts in float32 (Hugging Face's
-    # RMSNorm, T5, Mamba) reach 5e-8; the fused weight norm gave 3e-4 (wav2vec2) to 1e-1
-    tol = max(10 * torch.finfo(v.dtype).eps ** 0.5, 1e-4)
-    if choice.asymmetry is not None and choice.asymmetry > tol:
-        op.warn(
-            "asymmetric",
-            "Hessian-vector products are not symmetric: uᵀHv and vᵀHu "
-            f"differ by {choice.asymmetry:.1e} of their scale (round-off is below {tol:.1e}). "
-            "Some operation's double backward is wrong (a custom autograd.Function whose "
-            "backward uses tensors computed inside its forward, or a PyTorch kernel), so the "
-            "Hessian's values are unreliable; hvp='finite_difference' differentiates only "
-            "gradients.",
         )
     return product
 

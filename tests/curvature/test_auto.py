@@ -167,7 +167,10 @@ class Gated(nn.Module):
 @pytest.mark.parametrize("stale", [False, True])
 def test_the_trial_checks_the_products_for_symmetry(stale):
     """A double backward that drops a cross term gives an asymmetric "Hessian": the trial
-    measures uᵀHv − vᵀHu (one product more) and warns; a true Hessian passes at round-off."""
+    measures uᵀHv − vᵀHu (one product more). Before, it only warned and the monitors logged the
+    wrong values as exact; now the exact kinds are dropped and finite differences (which
+    differentiate only gradients) give the true Hessian's products, with one warning saying
+    why. A true Hessian passes at round-off and keeps its exact kind."""
     model = Gated(stale).double()
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,)))]
@@ -177,20 +180,26 @@ def test_the_trial_checks_the_products_for_symmetry(stale):
     op.warn = lambda kind, message: said.append((kind, message))
     v = torch.randn(op.dim, dtype=torch.float64, generator=g)
     calls, local = [], op.local_products
-    op.local_products = lambda kind, Vt: calls.append(Vt.clone()) or local(kind, Vt)
+    op.local_products = lambda kind, Vt: calls.append((kind, Vt.clone())) or local(kind, Vt)
     hv = op @ v
-    # the trial's product of v is v's product: its last product is the symmetry check's (u)
-    assert torch.equal(calls[0][0], v) and not torch.equal(calls[-1][0], v)
-    op @ v
-    assert torch.equal(calls[-1][0], v)  # a later product is computed
-    H = dense_hessian(loss, model, batches)
-    # the (wrong, if stale) oracle: its rows are ∂g_i/∂w, a product is ∂(gᵀv)/∂w = Hᵀv
-    assert torch.allclose(hv, H.T @ v, rtol=1e-12, atol=1e-14)
+    assert torch.equal(calls[0][1][0], v)  # the trial starts with v
+    twin = Gated(False).double()  # the same weights, a differentiable product
+    truth = dense_hessian(lambda b: nn.functional.cross_entropy(twin(b[0]), b[1]), twin, batches)
     if stale:
+        H = dense_hessian(loss, model, batches)  # its rows are ∂g_i/∂w: the wrong "Hessian"
         assert (H - H.T).abs().max() > 1e-3 and op.choice.asymmetry > 1e-3
-        assert [k for k, _ in said] == ["asymmetric"] and "not symmetric" in said[0][1]
+        assert op.hvp_choice == "finite_difference" and not op.exact
+        assert [k for k, _ in said] == ["fd_fallback"] and "not symmetric" in said[0][1]
+        assert set(op.choice.failures) == {"cached", "double_backward", "func"}
+        assert torch.allclose(hv, truth @ v, rtol=1e-7, atol=1e-9)  # finite differences
+        assert not torch.allclose(H.T @ v, truth @ v, rtol=1e-3)  # what the exact kinds gave
     else:
+        # the trial's product of v is v's product: its last product is the symmetry check's (u)
+        assert not torch.equal(calls[-1][1][0], v)
+        op @ v
+        assert torch.equal(calls[-1][1][0], v)  # a later product is computed
         assert op.choice.asymmetry < 1e-13 and not said
+        assert torch.allclose(hv, truth @ v, rtol=1e-12, atol=1e-14)
 
 
 def test_a_data_reassignment_inside_the_func_products_raises_and_auto_takes_a_graph_kind():
