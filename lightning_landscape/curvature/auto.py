@@ -14,7 +14,8 @@ backward that drops terms (PyTorch's fused weight norm did; a custom ``autograd.
 whose backward uses tensors computed inside its forward or runs outside autograd, as fused
 kernels' do) gives an asymmetric "Hessian": then the exact kinds are wrong, and finite
 differences, which differentiate only gradients, are taken instead (with one warning saying
-why; where they give no finite product the exact kind stays, with a warning). Cost: about 3
+why; where they are no better, their own error estimate above a quarter of the asymmetry, the
+exact kind stays, with a warning). Cost: about 3
 products of each candidate (plus the cached kind's graphs) and one for the symmetry, once per
 operator; the chosen kind's product of the first vector is kept as that vector's product.
 Finite differences are the fallback when no exact kind works or the exact kinds are wrong,
@@ -35,6 +36,7 @@ from torch import Tensor
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature.cache import PRODUCT_FACTOR
+from lightning_landscape.curvature.finite_difference import relative_error
 
 if TYPE_CHECKING:
     from lightning_landscape.curvature.operator import HessianOperator
@@ -190,6 +192,19 @@ def _finite_on_all(local: Callable[[str, Tensor], Tensor], v: Tensor, distribute
     return float(all_reduce_sum_(flag, distributed)[0]) == 0
 
 
+def _differences_better(op: HessianOperator, v: Tensor, asymmetry: float) -> bool:
+    """Whether finite differences of ``v`` are finite on every rank, with an estimated relative
+    error (steps h and 2h compared, :func:`.finite_difference.relative_error`) below a quarter of
+    the exact kinds' asymmetry: then they are the better products. Four gradients."""
+    try:
+        both = op.differences(v, [True])
+        good = bool(torch.isfinite(both).all()) and relative_error(both[0], both[1]) < asymmetry / 4
+    except Exception:  # noqa: BLE001 - no finite differences here: the exact kind stays
+        good = False
+    flag = torch.tensor([float(not good)], dtype=torch.float64)
+    return float(all_reduce_sum_(flag, op.distributed)[0]) == 0
+
+
 def faster_for_blocks(
     local: Callable[[str, Tensor], Tensor],
     kinds: Sequence[str],
@@ -261,12 +276,16 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             "backward runs outside autograd or uses tensors computed inside its forward, as "
             "fused kernels' do, or a PyTorch kernel)"
         )
-        if _finite_on_all(op.local_products, v, op.distributed):
+        if _differences_better(op, v, choice.asymmetry):
             dropped = {**choice.failures, **dict.fromkeys(choice.seconds, "not symmetric")}
             choice = Choice("finite_difference", wrong, {}, dropped, choice.asymmetry)
             product = None
         else:
-            op.warn("asymmetric", f"Hessian-vector products are unreliable: {wrong}.")
+            op.warn(
+                "asymmetric",
+                f"Hessian-vector products are unreliable: {wrong}. Finite differences are "
+                "not accurate enough here to replace them (a kink, or half-precision compute).",
+            )
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()

@@ -234,7 +234,7 @@ class HessianOperator(LinearOperator):
             if hv is not None and len(Vt) == 1:
                 return self._reduce(hv)
         if self.hvp_choice == "finite_difference":
-            return self._fd.products(Vt, self._differences, self._reduce)
+            return self._fd.products(Vt, self.differences, self._reduce)
         if len(Vt) == 1:
             return self._reduce(self.local_products(self.hvp_choice, Vt))
         if self.block_choice is None:
@@ -283,7 +283,7 @@ class HessianOperator(LinearOperator):
 
     def _batch_by_batch(self, kind: str, Vt: Tensor) -> Tensor:
         if kind == "finite_difference":  # unreduced: only the "auto" trial asks for it
-            return self._differences(Vt, [False] * len(Vt))
+            return self.differences(Vt, [False] * len(Vt))
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
@@ -312,12 +312,11 @@ class HessianOperator(LinearOperator):
                         )  # fmt: skip
         return acc
 
-    def _differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:
+    def differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:
+        """This rank's unreduced finite differences of the rows of ``Vt`` (:func:`.differences`)."""
         with _hvp.guard(self.module, self.params, self.seed, first_order=True):
-            return _fd.differences(
-                self.loss_fn, self.params, self.batches, self.batch_sizes, Vt, checked,
-                self._fd.rel_step, self._cuda,
-            )  # fmt: skip
+            return _fd.differences(self.loss_fn, self.params, self.batches, self.batch_sizes,
+                                   Vt, checked, self._fd.rel_step, self._cuda)  # fmt: skip
 
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""
