@@ -89,9 +89,10 @@ class HessianMonitor(LandscapeMonitor):
             ``"func"``) at the first measurement of a fit, keeps the fastest that works for the
             whole fit (:attr:`hvp_choice`, stated once in the log), and falls back to
             ``"finite_difference"`` (with a warning saying why) only when none works, e.g.
-            kernels without a double backward. The trial also checks that the products are
-            symmetric and warns if not (a wrong double backward somewhere: see
-            :mod:`~lightning_landscape.curvature.auto`). Explicit kinds skip the trial. ``"compiled"``
+            kernels without a double backward or whose backward runs outside autograd, or
+            when the products are not symmetric (a wrong double backward somewhere) and finite
+            differences are accurate there (see :mod:`~lightning_landscape.curvature.auto`).
+            Explicit kinds skip the trial. ``"compiled"``
             (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per
             model and shape (seconds to minutes), for long fits on GPUs
             (:mod:`~lightning_landscape.curvature.compiled`).

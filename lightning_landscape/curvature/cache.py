@@ -177,6 +177,64 @@ def check_twice_differentiable(grad: Tensor) -> None:
         stack.extend(f for f, _ in node.next_functions)
 
 
+def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``flat_grad(loss, params, create_graph=True)``, raising where that gradient cannot be
+    differentiated again: through a ``@once_differentiable`` backward
+    (:func:`check_twice_differentiable`), or through a custom ``autograd.Function`` whose
+    backward returned a nonzero gradient without a graph for an input that needs one. Such a
+    backward ran outside autograd (a CUDA extension's or a Triton kernel's, or under
+    ``torch.no_grad``): a double backward drops every second-order term through it without a
+    word, symmetric ones included (a fused loss at the end of the graph loses the whole
+    Gauss-Newton term), where the symmetry check of ``"auto"`` sees only one-sided drops. A
+    linear custom Function whose incoming gradient is constant is refused too (nothing is
+    dropped there; the products then take another route). Walks the loss's graph once.
+
+    Raises:
+        RuntimeError: naming the Function, if one is found.
+    """
+    found: list[str] = []
+    handles, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            handles.append(node.register_hook(_outside_autograd(node, found)))
+        stack.extend(f for f, _ in node.next_functions)
+    try:
+        grad = flat_grad(loss, params, create_graph=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        raise RuntimeError(
+            f"no double backward: the backward of {found[0]} (a custom autograd.Function) "
+            "returns gradients outside autograd, so their derivatives would be dropped"
+        )
+    check_twice_differentiable(grad)
+    return grad
+
+
+def _outside_autograd(node: Any, found: list[str]) -> Callable:
+    inputs = [f is not None for f, _ in node.next_functions]  # which inputs need a gradient
+
+    def hook(grad_inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]) -> None:
+        if not torch.is_grad_enabled():  # a backward without create_graph
+            return
+        for g, needed in zip(grad_inputs, inputs, strict=False):
+            if needed and g is not None and not g.requires_grad and g.is_floating_point():
+                if bool(g.any()):
+                    found.append(node.name())
+                    return
+
+    return hook
+
+
+def _graph_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    return flat_grad(loss, params, create_graph=True)
+
+
 def rng_state(cuda_devices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
     """The CPU generator's state and those of the given CUDA devices."""
     return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in cuda_devices]
@@ -245,9 +303,8 @@ class GraphCache:
             with torch.enable_grad(), SavedBytes(exclude=params) as counter:
                 loss = loss_fn(batch)
                 forward = counter.bytes
-                grad = flat_grad(loss, params, create_graph=True)
+                grad = (checked_gradient if i == 0 else _graph_gradient)(loss, params)
             if i == 0:
-                check_twice_differentiable(grad)
                 self.step_bytes = forward + 2 * numel_bytes
                 self.budget = budget_bytes(
                     budget, self.step_bytes, params[0].device, self.distributed

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, flat_grad
 from lightning_landscape._core.vectors import resolve_params
-from lightning_landscape.curvature.cache import check_twice_differentiable
+from lightning_landscape.curvature.cache import checked_gradient
 from lightning_landscape.curvature.hvp import guard
 
 
@@ -38,7 +38,8 @@ def dense_hessian(
     Raises:
         TypeError: if ``params`` is not a module or a sequence of tensors.
         ValueError: if ``params`` is empty or holds a tensor that does not require grad.
-        RuntimeError: if the gradient passes through a ``@once_differentiable`` backward.
+        RuntimeError: if the gradient cannot be differentiated again
+            (:func:`~lightning_landscape.curvature.cache.checked_gradient`).
     """
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)
@@ -49,8 +50,7 @@ def dense_hessian(
     with guard(module, plist, seed):
         for batch in batches:
             n = int(size_fn(batch))
-            g = flat_grad(loss_fn(batch), plist, create_graph=True)
-            check_twice_differentiable(g)  # else rows through it would be silently zero
+            g = checked_gradient(loss_fn(batch), plist)  # else rows through it would be lost
             for i in range(d):
                 if g[i].requires_grad:
                     H[i].add_(flat_grad(g[i], plist, retain_graph=True), alpha=n)

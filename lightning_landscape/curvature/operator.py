@@ -44,7 +44,6 @@ from lightning_landscape.curvature import pieces as _pieces
 from lightning_landscape.curvature import scripted as _scripted
 from lightning_landscape.curvature.cache import (
     GraphCache,
-    check_twice_differentiable,
     rng_state,
     set_rng_state,
 )
@@ -294,10 +293,9 @@ class HessianOperator(LinearOperator):
             for size, whole in zip(self.batch_sizes, self.batches, strict=True):
                 for n, batch in self._parts(whole, size, len(Vt) if vmapped else 1):
                     if graph:
-                        grad = _hvp.gradient_graph(self.loss_fn, self.params, batch)
-                        if not self._graph_checked:
-                            check_twice_differentiable(grad)
-                            self._graph_checked = True
+                        checked = not self._graph_checked
+                        grad = _hvp.gradient_graph(self.loss_fn, self.params, batch, checked)
+                        self._graph_checked = True
                         self._through_graph(grad, Vt, False, acc, n, n)
                         continue
                     step = self.plan.width(n, self.graphs.held)  # vmapped; the same masks a part

@@ -288,13 +288,13 @@ def test_auto_is_decided_once_per_fit_and_stated(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("net", "why"), [(FusedNet, "once_differentiable"), (OutsideNet, "not symmetric")]
+    ("net", "why"), [(FusedNet, "once_differentiable"), (OutsideNet, "outside autograd")]
 )
 def test_no_double_backward_falls_back_to_finite_differences(tmp_path, net, why):
     """A kernel without a double backward (``@once_differentiable``), or with a backward
     outside autograd (its double backward silently wrong: the exact kinds' top eigenvalue was
-    21 % off, logged as exact): one warning naming why, products by finite differences,
-    values equal to the oracle of the differentiable twin, training untouched."""
+    21 % off on such a tanh, logged as exact): one warning naming why, products by finite
+    differences, values equal to the oracle of the differentiable twin, training untouched."""
     data = random_classes()
     fixed = [(data.tensors[0][:12], data.tensors[1][:12])]
     mon = HessianMonitor(epochs=[0, 1], tol=1e-8, num_batches=1, dataloader=fixed, trace=False)
