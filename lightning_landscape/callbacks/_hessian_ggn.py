@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape.callbacks import _hessian_products as products
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.callbacks._errors import SetupError
@@ -54,7 +55,26 @@ def metric_keys(monitor: Any) -> list[str]:
 
 def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> dict[str, float]:
     """The GGN's top eigenvalues, trace and density (one shared Lanczos run), the overlap of its
-    top eigenvector with the Hessian's, and the residual's most negative eigenvalue."""
+    top eigenvector with the Hessian's, and the residual's most negative eigenvalue. Where the
+    Gauss-Newton products fail (a kernel whose backward cannot be differentiated again: J v
+    differentiates Jᵀu), its metrics are NaN with one warning and the Hessian's are kept;
+    under torch.distributed the failure ends the measurement, as every failure does there."""
+    try:
+        return _measure_ggn(monitor, ctx, hessian_top)
+    except Exception as err:  # noqa: BLE001 - the Hessian's values stand without the GGN's
+        if is_distributed():
+            raise
+        keys = metric_keys(monitor)
+        ctx.explained.update(keys)
+        ctx.warn(
+            f"ggn-failed-{type(err).__name__}",
+            f"HessianMonitor: the Gauss-Newton part failed ({type(err).__name__}: "
+            f"{str(err)[:300]}); its metrics are NaN, the Hessian's are logged.",
+        )
+        return dict.fromkeys(keys, math.nan)
+
+
+def _measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> dict[str, float]:
     split = monitor.ggn_fn or (lambda module, batch: getattr(module, HOOK)(batch))
     ggn = GGNOperator(
         lambda batch: split(ctx.module, batch),

@@ -5,7 +5,8 @@ gradient: on CPU cached 0.65-1.7x, double backward 2.2-2.7x, forward-over-revers
 H200 with ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x alone and 2.1x in
 vmapped blocks of 8), and whether a kind works at all depends on the model's kernels (fused
 attention and cuDNN RNN backwards are not differentiable; ``jvp`` is missing for some ops; a
-``@once_differentiable`` backward would silently lose terms and is detected). So each candidate
+``@once_differentiable`` backward, or one that runs outside autograd, would silently lose terms
+and is detected: :mod:`.differentiable`). So each candidate
 computes the first product three times (the first call warms up; the cached kind builds its
 graphs within the memory budget), the faster of the other two counts, and a candidate is
 dropped if it raises, returns NaN/inf, or disagrees with the others. The reference kind's

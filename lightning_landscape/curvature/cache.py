@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.distributed import all_reduce_max_
+from lightning_landscape.curvature.differentiable import checked_gradient
 
 #: The default budget is at least this many bytes: below it, saving memory saves nothing that
 #: matters, and cached graphs are faster.
@@ -149,86 +150,6 @@ def _storage_key(t: Tensor) -> tuple[Any, int]:
         return (t.device, storage.data_ptr()), storage.nbytes()
     except (RuntimeError, NotImplementedError, TypeError):  # wrapped or storage-less tensors
         return id(t), t.numel() * t.element_size()
-
-
-def check_twice_differentiable(grad: Tensor) -> None:
-    """Raise if a gradient's graph passes through a backward marked ``@once_differentiable``.
-
-    Such a backward runs without a graph and hands autograd an error node on fake leaves; a
-    second backward towards the parameters never visits that node, so it would silently drop
-    every second-order term through it (torch 2.13) instead of raising. Walks the graph once.
-
-    Raises:
-        RuntimeError: naming the node, if one is found.
-    """
-    if grad.grad_fn is None:
-        return
-    seen, stack = set(), [grad.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node.name() == "torch::autograd::Error":
-            raise RuntimeError(
-                "no double backward: the gradient passes through a backward marked "
-                "@once_differentiable (a custom autograd.Function)"
-            )
-        stack.extend(f for f, _ in node.next_functions)
-
-
-def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """``flat_grad(loss, params, create_graph=True)``, raising where that gradient cannot be
-    differentiated again: through a ``@once_differentiable`` backward
-    (:func:`check_twice_differentiable`), or through a custom ``autograd.Function`` whose
-    backward returned a nonzero gradient without a graph for an input that needs one. Such a
-    backward ran outside autograd (a CUDA extension's or a Triton kernel's, or under
-    ``torch.no_grad``): a double backward drops every second-order term through it without a
-    word, symmetric ones included (a fused loss at the end of the graph loses the whole
-    Gauss-Newton term), where the symmetry check of ``"auto"`` sees only one-sided drops. A
-    linear custom Function whose incoming gradient is constant is refused too (nothing is
-    dropped there; the products then take another route). Walks the loss's graph once.
-
-    Raises:
-        RuntimeError: naming the Function, if one is found.
-    """
-    found: list[str] = []
-    handles, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            handles.append(node.register_hook(_outside_autograd(node, found)))
-        stack.extend(f for f, _ in node.next_functions)
-    try:
-        grad = flat_grad(loss, params, create_graph=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if found:
-        raise RuntimeError(
-            f"no double backward: the backward of {found[0]} (a custom autograd.Function) "
-            "returns gradients outside autograd, so their derivatives would be dropped"
-        )
-    check_twice_differentiable(grad)
-    return grad
-
-
-def _outside_autograd(node: Any, found: list[str]) -> Callable:
-    inputs = [f is not None for f, _ in node.next_functions]  # which inputs need a gradient
-
-    def hook(grad_inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]) -> None:
-        if not torch.is_grad_enabled():  # a backward without create_graph
-            return
-        for g, needed in zip(grad_inputs, inputs, strict=False):
-            if needed and g is not None and not g.requires_grad and g.is_floating_point():
-                if bool(g.any()):
-                    found.append(node.name())
-                    return
-
-    return hook
 
 
 def _graph_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, flat_grad
 from lightning_landscape._core.vectors import resolve_params
-from lightning_landscape.curvature.cache import checked_gradient
+from lightning_landscape.curvature.differentiable import checked_gradient
 from lightning_landscape.curvature.hvp import guard
 
 
@@ -39,7 +39,7 @@ def dense_hessian(
         TypeError: if ``params`` is not a module or a sequence of tensors.
         ValueError: if ``params`` is empty or holds a tensor that does not require grad.
         RuntimeError: if the gradient cannot be differentiated again
-            (:func:`~lightning_landscape.curvature.cache.checked_gradient`).
+            (:func:`~lightning_landscape.curvature.differentiable.checked_gradient`).
     """
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)

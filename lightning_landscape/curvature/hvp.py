@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
-from lightning_landscape.curvature.cache import checked_gradient
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
+from lightning_landscape.curvature.differentiable import checked_gradient
 from lightning_landscape.curvature.kernels import twice_differentiable
 
 
@@ -36,7 +36,7 @@ def gradient_graph(
     loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any, checked: bool = False
 ) -> Tensor:
     """The flat gradient of one batch's loss with its graph kept for later products;
-    ``checked``: raise where it cannot be differentiated again (:func:`.cache.checked_gradient`)."""
+    ``checked``: raise where it cannot be differentiated again (:func:`.differentiable.checked_gradient`)."""
     with torch.enable_grad():
         loss = loss_fn(batch)
         if checked:

@@ -16,6 +16,7 @@ tensors a linearization holds besides (the output, u, the output Hessian's proba
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,10 @@ from lightning_landscape.curvature.cache import (
     largest_graph,
     rng_state,
     set_rng_state,
+)
+from lightning_landscape.curvature.differentiable import (
+    check_twice_differentiable,
+    outside_autograd_refused,
 )
 from lightning_landscape.curvature.output_hessian import output_hessian
 
@@ -65,6 +70,7 @@ class Linearized:
         params: Sequence[Tensor],
         batch: Any,
         counter: SavedBytes | None = None,
+        checked: bool = False,
     ) -> None:
         with torch.enable_grad():
             output, target = split_output(model_fn(batch))
@@ -74,16 +80,22 @@ class Linearized:
             self.output = output.reshape(-1)
             self.reaches = output.requires_grad
             if self.reaches:
-                self.u = torch.zeros_like(self.output, requires_grad=True)
-                jtu = torch.autograd.grad(
-                    self.output, params, self.u, create_graph=True, allow_unused=True
-                )
+                # any u: Jᵀu is linear in it; not 0, so that a backward outside autograd
+                # shows (it returns a nonzero gradient without a graph)
+                self.u = torch.ones_like(self.output, requires_grad=True)
+                watch = outside_autograd_refused if checked else lambda _: contextlib.nullcontext()
+                with watch(self.output):
+                    jtu = torch.autograd.grad(
+                        self.output, params, self.u, create_graph=True, allow_unused=True
+                    )
                 self.jtu = flatten(
                     [
                         torch.zeros_like(p) if g is None else g
                         for g, p in zip(jtu, params, strict=True)
                     ]
                 )
+                if checked:  # J v differentiates Jᵀu again
+                    check_twice_differentiable(self.jtu)
 
     def product(
         self, params: Sequence[Tensor], Vt: Tensor, retain: bool, out: Tensor, alpha: float
@@ -137,6 +149,7 @@ class Linearizations:
         self.largest = 0.0
         self.step_bytes = 0
         self.budget = 0.0
+        self.checked = False
 
     @property
     def cut(self) -> int:
@@ -152,10 +165,11 @@ class Linearizations:
         """Drop the kept linearizations (the next product rebuilds them with :meth:`build`)."""
         self.kept, self.rng = [], None
 
-    def _linearize(self, batch: Any) -> tuple[Linearized, int]:
-        with SavedBytes(exclude=self.params) as counter:
-            lin = Linearized(self.model_fn, self.loss, self.params, batch, counter)
-        return lin, counter.bytes
+    def _linearize(self, batch: Any, counter: SavedBytes | None = None) -> Linearized:
+        """One batch's linearization; the first of the operator is checked
+        (:mod:`~.differentiable`)."""
+        checked, self.checked = not self.checked, True
+        return Linearized(self.model_fn, self.loss, self.params, batch, counter, checked)
 
     def build(self) -> None:
         """Linearize batch by batch until the next one would not fit the budget beside a
@@ -170,7 +184,9 @@ class Linearizations:
         numel_bytes = sum(p.numel() for p in self.params) * self.params[0].element_size()
         for i, batch in enumerate(self.batches):
             self.rng = rng_state(self.cuda)
-            lin, nbytes = self._linearize(batch)
+            with SavedBytes(exclude=self.params) as counter:
+                lin = self._linearize(batch, counter)
+            nbytes = counter.bytes
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
                 self.budget = budget_bytes(
@@ -195,7 +211,7 @@ class Linearizations:
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
             for n, batch in zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True):
-                lin = Linearized(self.model_fn, self.loss, self.params, batch)
+                lin = self._linearize(batch)
                 for lo in range(0, len(Vt), step):
                     last = lo + step >= len(Vt)
                     chunk = Vt[lo : lo + step]

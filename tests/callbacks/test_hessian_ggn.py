@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from curvature._problems import OutsideAutogradTanh
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -137,6 +138,43 @@ def test_unknown_optimizer_and_mismatched_ggn_loss_warn_once(tmp_path):
     assert all(math.isnan(h["hessian/eos_ratio"]) for h in mon.history)
     assert all(math.isnan(h["hessian/eos_threshold"]) for h in mon.history)
     assert all(math.isfinite(h["hessian/ggn/eigenvalue_1"]) for h in mon.history)
+
+
+class FusedTanhNet(Net):
+    """Net with its tanh as a kernel whose backward runs outside autograd."""
+
+    def output_and_target(self, batch):
+        first, _, last = self.net
+        return last(OutsideAutogradTanh.apply(first(batch[0]))), batch[1]
+
+
+def test_failed_gauss_newton_part_keeps_the_hessian(tmp_path):
+    """The GGN's J v differentiates Jᵀu again: through a backward outside autograd it was
+    silently wrong; refused now, its metrics are NaN with one warning while the Hessian's
+    (finite differences) are logged, equal to the differentiable twin's oracle."""
+    pl.seed_everything(0)
+    data = dataset()
+    fixed = _fixed(data)
+    mon = HessianMonitor(epochs=[0, 1], ggn=True, tol=1e-10, trace=False, num_batches=2,
+                         dataloader=fixed)  # fmt: skip
+    model = FusedTanhNet()
+    with pytest.warns(UserWarning) as record:
+        trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in record if "Gauss-Newton part failed" in str(w.message)]
+    assert len(said) == 1 and "outside autograd" in said[0]
+    assert not [w for w in record if "non-finite" in str(w.message)]
+    for row in mon.history:
+        assert math.isnan(row["hessian/ggn/eigenvalue_1"]) and math.isnan(
+            row["hessian/ggn_overlap"]
+        )
+    twin = Net()
+    twin.load_state_dict(model.state_dict())
+    H = dense_hessian(lambda b: F.cross_entropy(*twin.output_and_target(b)), twin.net, fixed)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-6)
+    assert mon.history[-1]["hessian/hvp_exact"] == 0.0
 
 
 @pytest.mark.parametrize(

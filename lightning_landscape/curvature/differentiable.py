@@ -1,0 +1,110 @@
+"""Whether a gradient graph can be differentiated again: the checks every graph product (and
+the dense oracle, and the GGN's linearizations) runs on its first graph.
+
+Autograd does not always say when it cannot differentiate a backward: through a
+``@once_differentiable`` backward, or a custom ``autograd.Function`` whose backward runs
+outside autograd (fused kernels of model libraries: CUDA extensions, Triton), a second
+backward silently drops every term through it (torch 2.13). These checks raise instead, so
+that ``hvp="auto"`` takes another route (finite differences) and a kind asked for by name
+fails loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_landscape._core.batches import flat_grad
+
+
+def check_twice_differentiable(grad: Tensor) -> None:
+    """Raise if a gradient's graph passes through a backward marked ``@once_differentiable``.
+
+    Such a backward runs without a graph and hands autograd an error node on fake leaves; a
+    second backward towards the parameters never visits that node, so it would silently drop
+    every second-order term through it (torch 2.13) instead of raising. Walks the graph once.
+
+    Raises:
+        RuntimeError: naming the node, if one is found.
+    """
+    if grad.grad_fn is None:
+        return
+    seen, stack = set(), [grad.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            raise RuntimeError(
+                "no double backward: the gradient passes through a backward marked "
+                "@once_differentiable (a custom autograd.Function)"
+            )
+        stack.extend(f for f, _ in node.next_functions)
+
+
+def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``flat_grad(loss, params, create_graph=True)``, raising where that gradient cannot be
+    differentiated again: through a ``@once_differentiable`` backward
+    (:func:`check_twice_differentiable`) or a backward outside autograd
+    (:func:`outside_autograd_refused`)."""
+    with outside_autograd_refused(loss):
+        grad = flat_grad(loss, params, create_graph=True)
+    check_twice_differentiable(grad)
+    return grad
+
+
+@contextlib.contextmanager
+def outside_autograd_refused(root: Tensor) -> Iterator[None]:
+    """Raise at the end of the block if a backward with ``create_graph`` from ``root`` inside it
+    passed through a custom ``autograd.Function`` whose backward returned a nonzero gradient
+    without a graph for an input that needs one. Such a backward ran outside autograd (a CUDA
+    extension's or a Triton kernel's, or under ``torch.no_grad``): a double backward drops every
+    second-order term through it without a word, symmetric ones included (a fused loss at the
+    end of the graph loses the whole Gauss-Newton term), where the symmetry check of ``"auto"``
+    sees only one-sided drops. A linear custom Function fed a constant gradient is refused too
+    (nothing is dropped there; the products then take another route). Walks the graph once,
+    hooking each custom Function's node for the block.
+
+    Raises:
+        RuntimeError: naming the Function, if one is found.
+    """
+    found: list[str] = []
+    handles, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            handles.append(node.register_hook(_outside_autograd(node, found)))
+        stack.extend(f for f, _ in node.next_functions)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        raise RuntimeError(
+            f"no double backward: the backward of {found[0]} (a custom autograd.Function) "
+            "returns gradients outside autograd, so their derivatives would be dropped"
+        )
+
+
+def _outside_autograd(node: Any, found: list[str]) -> Callable:
+    needed = [f is not None for f, _ in node.next_functions]  # which inputs need a gradient
+
+    def hook(grad_inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]) -> None:
+        if not torch.is_grad_enabled():  # a backward without create_graph
+            return
+        for g, need in zip(grad_inputs, needed, strict=False):
+            if need and g is not None and not g.requires_grad and g.is_floating_point():
+                if bool(g.any()):
+                    found.append(node.name())
+                    return
+
+    return hook
