@@ -29,7 +29,6 @@ from lightning_landscape.landscape.sharpness import (
     sam_sharpness,
 )
 
-HVP_KINDS = ("auto", "cached", "double_backward", "finite_difference")
 _FD_NOTE = (
     " The worst cases are still losses at points of their sets (lower bounds); only the "
     "Krylov model that starts their ascent is approximate."

@@ -92,10 +92,9 @@ class HessianMonitor(LandscapeMonitor):
             kernels without a double backward or whose backward runs outside autograd, or
             when the products are not symmetric (a wrong double backward somewhere) and finite
             differences are accurate there (see :mod:`~lightning_landscape.curvature.auto`).
-            Explicit kinds skip the trial. ``"compiled"``
-            (never chosen by ``"auto"``): ``"func"`` compiled by ``torch.compile`` once per
-            model and shape (seconds to minutes), for long fits on GPUs
-            (:mod:`~lightning_landscape.curvature.compiled`).
+            Explicit kinds skip the trial. ``"compiled"`` (never chosen by ``"auto"``):
+            ``"func"`` compiled by ``torch.compile`` once per model and shape (seconds to
+            minutes), for long fits on GPUs (:mod:`~lightning_landscape.curvature.compiled`).
         memory_budget: bytes an exact product may hold (its working memory and the cached
             gradient graphs together), and again the basis on the device beside a block of
             trace probes; ``None``: one training step (estimated at the first product, at

@@ -16,6 +16,7 @@ from lightning_landscape._core.checks import (
 )
 from lightning_landscape.callbacks import _sharpness_worst as worst
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
+from lightning_landscape.landscape._objectives import HVP_KINDS
 from lightning_landscape.landscape.local_entropy import local_entropy
 from lightning_landscape.landscape.sharpness import KrylovModel, average_sharpness
 
@@ -111,8 +112,9 @@ class SharpnessMonitor(LandscapeMonitor):
         ascent: ``"krylov"`` or ``"gradient"`` (no Hessian-vector product).
         hvp: the kind of the Krylov models' Hessian-vector products: ``"auto"`` (default;
             decided once per fit by trial, as :class:`HessianMonitor` does: the fastest exact
-            kind that works, else finite differences with one warning, :attr:`hvp_choice`),
-            ``"cached"``, ``"double_backward"`` or ``"finite_difference"``.
+            kind that works, else finite differences with one warning; the kind in use is
+            :attr:`hvp_choice`, why :attr:`hvp_reason`), ``"cached"``, ``"double_backward"``
+            or ``"finite_difference"``.
         ascent_steps: Lanczos steps (``"krylov"``) or gradient steps (``"gradient"``; 1 = first
             order) of the worst cases.
         polish_steps: gradient steps on the true loss after the Krylov maximizer (≥ 0).
@@ -183,7 +185,7 @@ class SharpnessMonitor(LandscapeMonitor):
         sigma: float | Sequence[float] = 0.01,
         epsilon: float | Sequence[float] = 1e-3,
         ascent: Literal["krylov", "gradient"] = "krylov",
-        hvp: str = "auto",
+        hvp: Literal["auto", "cached", "double_backward", "finite_difference"] = "auto",
         ascent_steps: int = 20,
         polish_steps: int = 10,
         average_samples: int = 10,
@@ -200,7 +202,7 @@ class SharpnessMonitor(LandscapeMonitor):
             raise ValueError(f"`kinds` must be a non-empty subset of {list(KINDS)}, got {kinds!r}.")
         check_distinct("kinds", kinds)
         check_choice("ascent", ascent, ("krylov", "gradient"))
-        check_choice("hvp", hvp, worst.HVP_KINDS)
+        check_choice("hvp", hvp, HVP_KINDS)
         check_positive_int("ascent_steps", ascent_steps)
         check_int("polish_steps", polish_steps, low=0, what="an int >= 0")
         check_positive_int("average_samples", average_samples)

@@ -6,7 +6,8 @@ H200 with ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x
 vmapped blocks of 8), and whether a kind works at all depends on the model's kernels (fused
 attention and cuDNN RNN backwards are not differentiable; ``jvp`` is missing for some ops; a
 ``@once_differentiable`` backward, or one that runs outside autograd, would silently lose terms
-and is detected: :mod:`.differentiable`). So each candidate
+and is detected in the graph kinds, :mod:`.differentiable`; forward over reverse, which
+differentiates the same backward where it runs at all, is then dropped too). So each candidate
 computes the first product three times (the first call warms up; the cached kind builds its
 graphs within the memory budget), the faster of the other two counts, and a candidate is
 dropped if it raises, returns NaN/inf, or disagrees with the others. The reference kind's
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
@@ -235,17 +236,35 @@ def faster_for_blocks(
     return best, kept[1] if kept is not None and kept[0] == best else None
 
 
-def symmetry_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+def symmetry_tolerance(dtype: torch.dtype, device: torch.device, module=None) -> float:
     """The largest asymmetry a true Hessian's products show by round-off: 10 √ε, at least 1e-4
     (float64 models that compute parts in float32, as Hugging Face's RMSNorm, T5 and Mamba do,
     reach 5e-8; the fused weight norm gave 3e-4 to 1e-1, kernels whose backward runs outside
-    autograd about 2e-1); at least 2e-2 in float32 on CUDA where TF32 is allowed (cuDNN's
-    default for convolutions: 10-bit mantissas, not yet measured there)."""
+    autograd about 2e-1); at least 2e-2 in float32 on CUDA where TF32 may round the products
+    (:func:`_tf32`; 10-bit mantissas, not yet measured there)."""
     tol = max(10 * torch.finfo(dtype).eps ** 0.5, 1e-4)
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    if device.type == "cuda" and dtype == torch.float32 and tf32:
+    if device.type == "cuda" and dtype == torch.float32 and _tf32(module):
         tol = max(tol, 2e-2)
     return tol
+
+
+def _tf32(module) -> bool:
+    """Whether TF32 may round float32 products on CUDA: matrix products, or cuDNN's convolutions
+    (allowed by default) in a module that has some (None: it may). True where the flags cannot
+    be read."""
+    b = torch.backends
+    try:
+        matmul, conv = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+    except RuntimeError:  # the fp32_precision API is in use (torch >= 2.9), which refuses these
+        try:
+            default = b.fp32_precision == "tf32"
+            precision = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision)
+            matmul, conv = (p == "tf32" or (p == "none" and default) for p in precision)
+        except (AttributeError, RuntimeError):
+            return True
+    if matmul or not conv:
+        return matmul
+    return module is None or any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
 def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
@@ -264,11 +283,24 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             f"{op.graphs.largest:.3g} bytes)"
         )
 
+    outside: list[str] = []  # graph kinds refused for a backward outside autograd
+
+    def local(kind: str, V: Tensor) -> Tensor:
+        try:
+            return op.local_products(kind, V)
+        except RuntimeError as err:
+            if "outside autograd" in str(err):
+                outside.append(kind)
+            raise
+
+    def skip(kind: str) -> str | None:
+        if kind == "func" and outside:  # tried after the graph kinds
+            return "differentiates the same backward outside autograd (forward over reverse)"
+        return nothing_cached(kind)
+
     u = gaussian(tuple(v.shape), make_generator(op.seed, "symmetry"), v.dtype, v.device)
-    choice, product = choose(
-        op.local_products, kinds, v, u=u, skip=nothing_cached, distributed=op.distributed
-    )
-    tol = symmetry_tolerance(v.dtype, v.device)
+    choice, product = choose(local, kinds, v, u=u, skip=skip, distributed=op.distributed)
+    tol = symmetry_tolerance(v.dtype, v.device, op.module)
     if choice.exact and choice.asymmetry is not None and choice.asymmetry > tol:
         wrong = (
             f"the products of {', '.join(choice.seconds)} are not symmetric (uᵀHv and vᵀHu "

@@ -152,10 +152,6 @@ def _storage_key(t: Tensor) -> tuple[Any, int]:
         return id(t), t.numel() * t.element_size()
 
 
-def _graph_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-    return flat_grad(loss, params, create_graph=True)
-
-
 def rng_state(cuda_devices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
     """The CPU generator's state and those of the given CUDA devices."""
     return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in cuda_devices]
@@ -224,7 +220,10 @@ class GraphCache:
             with torch.enable_grad(), SavedBytes(exclude=params) as counter:
                 loss = loss_fn(batch)
                 forward = counter.bytes
-                grad = (checked_gradient if i == 0 else _graph_gradient)(loss, params)
+                if i == 0:  # raises where it cannot be differentiated again
+                    grad = checked_gradient(loss, params)
+                else:
+                    grad = flat_grad(loss, params, create_graph=True)
             if i == 0:
                 self.step_bytes = forward + 2 * numel_bytes
                 self.budget = budget_bytes(

@@ -1,5 +1,5 @@
-"""Whether a gradient graph can be differentiated again: the checks every graph product (and
-the dense oracle, and the GGN's linearizations) runs on its first graph.
+"""Whether a gradient graph can be differentiated again: the checks the graph products and the
+GGN's linearizations run on their first graph, and the dense oracle on every batch's.
 
 Autograd does not always say when it cannot differentiate a backward: through a
 ``@once_differentiable`` backward, or a custom ``autograd.Function`` whose backward runs
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import BackwardCFunction
 
 from lightning_landscape._core.batches import flat_grad
 
@@ -31,20 +32,12 @@ def check_twice_differentiable(grad: Tensor) -> None:
     Raises:
         RuntimeError: naming the node, if one is found.
     """
-    if grad.grad_fn is None:
-        return
-    seen, stack = set(), [grad.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _nodes(grad):
         if node.name() == "torch::autograd::Error":
             raise RuntimeError(
                 "no double backward: the gradient passes through a backward marked "
                 "@once_differentiable (a custom autograd.Function)"
             )
-        stack.extend(f for f, _ in node.next_functions)
 
 
 def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -61,36 +54,33 @@ def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
 @contextlib.contextmanager
 def outside_autograd_refused(root: Tensor) -> Iterator[None]:
     """Raise at the end of the block if a backward with ``create_graph`` from ``root`` inside it
-    passed through a custom ``autograd.Function`` whose backward returned a nonzero gradient
-    without a graph for an input that needs one. Such a backward ran outside autograd (a CUDA
-    extension's or a Triton kernel's, or under ``torch.no_grad``): a double backward drops every
-    second-order term through it without a word, symmetric ones included (a fused loss at the
-    end of the graph loses the whole Gauss-Newton term), where the symmetry check of ``"auto"``
-    sees only one-sided drops. A linear custom Function fed a constant gradient is refused too
-    (nothing is dropped there; the products then take another route). Walks the graph once,
-    hooking each custom Function's node for the block.
+    passed through a custom autograd Function (Python's ``autograd.Function`` or a C++
+    extension's) whose backward returned a nonzero gradient without a graph for an input that
+    needs one. Such a backward ran outside autograd (a CUDA extension's or a Triton kernel's, or
+    under ``torch.no_grad``): a double backward drops every second-order term through it
+    without a word, symmetric ones included (a fused loss at the end of the graph loses the
+    whole Gauss-Newton term), where the symmetry check of ``"auto"`` sees only one-sided drops.
+    A linear custom Function fed a constant gradient is refused too (nothing is dropped there,
+    but it cannot be told apart); one whose backward runs outside autograd but is fed a
+    gradient with a graph (a loss weighted by a learnable factor) is not seen. Walks the graph
+    once, hooking each custom Function's node for the block.
 
     Raises:
         RuntimeError: naming the Function, if one is found.
     """
     found: list[str] = []
-    handles, seen, stack = [], set(), [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            handles.append(node.register_hook(_outside_autograd(node, found)))
-        stack.extend(f for f, _ in node.next_functions)
+    handles = []
     try:
+        for node in _nodes(root):
+            if isinstance(node, BackwardCFunction) or type(node).__name__ == "CppFunction":
+                handles.append(node.register_hook(_outside_autograd(node, found)))
         yield
     finally:
         for handle in handles:
             handle.remove()
     if found:
         raise RuntimeError(
-            f"no double backward: the backward of {found[0]} (a custom autograd.Function) "
+            f"no double backward: the backward of {found[0]} (a custom autograd Function) "
             "returns gradients outside autograd, so their derivatives would be dropped"
         )
 
@@ -102,9 +92,25 @@ def _outside_autograd(node: Any, found: list[str]) -> Callable:
         if not torch.is_grad_enabled():  # a backward without create_graph
             return
         for g, need in zip(grad_inputs, needed, strict=False):
-            if need and g is not None and not g.requires_grad and g.is_floating_point():
+            if need and g is not None and not g.requires_grad and not _integral(g):
                 if bool(g.any()):
                     found.append(node.name())
                     return
 
     return hook
+
+
+def _integral(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
+
+
+def _nodes(root: Tensor) -> Iterator[Any]:
+    """Every node of ``root``'s graph, once."""
+    seen, stack = set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(f for f, _ in node.next_functions)

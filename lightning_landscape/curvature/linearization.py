@@ -16,7 +16,6 @@ tensors a linearization holds besides (the output, u, the output Hessian's proba
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +69,6 @@ class Linearized:
         params: Sequence[Tensor],
         batch: Any,
         counter: SavedBytes | None = None,
-        checked: bool = False,
     ) -> None:
         with torch.enable_grad():
             output, target = split_output(model_fn(batch))
@@ -80,22 +78,34 @@ class Linearized:
             self.output = output.reshape(-1)
             self.reaches = output.requires_grad
             if self.reaches:
-                # any u: Jᵀu is linear in it; not 0, so that a backward outside autograd
-                # shows (it returns a nonzero gradient without a graph)
-                self.u = torch.ones_like(self.output, requires_grad=True)
-                watch = outside_autograd_refused if checked else lambda _: contextlib.nullcontext()
-                with watch(self.output):
-                    jtu = torch.autograd.grad(
-                        self.output, params, self.u, create_graph=True, allow_unused=True
-                    )
+                self.u = torch.zeros_like(self.output, requires_grad=True)
+                jtu = torch.autograd.grad(
+                    self.output, params, self.u, create_graph=True, allow_unused=True
+                )
                 self.jtu = flatten(
                     [
                         torch.zeros_like(p) if g is None else g
                         for g, p in zip(jtu, params, strict=True)
                     ]
                 )
-                if checked:  # J v differentiates Jᵀu again
-                    check_twice_differentiable(self.jtu)
+
+    def check(self, params: Sequence[Tensor]) -> None:
+        """Raise where J v cannot be computed: it differentiates Jᵀu again
+        (:mod:`~.differentiable`). A backward of its own from the output, with u = 1 (through a
+        backward outside autograd, a nonzero gradient without a graph shows; the kept graph's
+        u = 0 would hide it, and a backward that is not linear in its incoming gradient, a
+        clipping one, is linearized at 0 as it should be). One backward more, once per
+        operator."""
+        if not self.reaches:
+            return
+        probe = torch.ones_like(self.output, requires_grad=True)
+        with torch.enable_grad(), outside_autograd_refused(self.output):
+            parts = torch.autograd.grad(
+                self.output, params, probe, create_graph=True, retain_graph=True, allow_unused=True
+            )
+        for part in parts:
+            if part is not None:
+                check_twice_differentiable(part)
 
     def product(
         self, params: Sequence[Tensor], Vt: Tensor, retain: bool, out: Tensor, alpha: float
@@ -165,11 +175,12 @@ class Linearizations:
         """Drop the kept linearizations (the next product rebuilds them with :meth:`build`)."""
         self.kept, self.rng = [], None
 
-    def _linearize(self, batch: Any, counter: SavedBytes | None = None) -> Linearized:
-        """One batch's linearization; the first of the operator is checked
-        (:mod:`~.differentiable`)."""
-        checked, self.checked = not self.checked, True
-        return Linearized(self.model_fn, self.loss, self.params, batch, counter, checked)
+    def _checked(self, lin: Linearized) -> Linearized:
+        """``lin``, checked (:meth:`Linearized.check`) if it is the operator's first."""
+        if not self.checked:
+            lin.check(self.params)
+            self.checked = True  # only once it passed: a retry checks again
+        return lin
 
     def build(self) -> None:
         """Linearize batch by batch until the next one would not fit the budget beside a
@@ -185,8 +196,8 @@ class Linearizations:
         for i, batch in enumerate(self.batches):
             self.rng = rng_state(self.cuda)
             with SavedBytes(exclude=self.params) as counter:
-                lin = self._linearize(batch, counter)
-            nbytes = counter.bytes
+                lin = Linearized(self.model_fn, self.loss, self.params, batch, counter)
+            lin, nbytes = self._checked(lin), counter.bytes
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
                 self.budget = budget_bytes(
@@ -211,7 +222,7 @@ class Linearizations:
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
             for n, batch in zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True):
-                lin = self._linearize(batch)
+                lin = self._checked(Linearized(self.model_fn, self.loss, self.params, batch))
                 for lo in range(0, len(Vt), step):
                     last = lo + step >= len(Vt)
                     chunk = Vt[lo : lo + step]

@@ -83,6 +83,10 @@ class FunctionObjective:
             self.num_hvp += op.num_matvecs
 
 
+#: The product kinds of :meth:`BatchObjective.hessian_at` (the func kinds need a module).
+HVP_KINDS = ("auto", "cached", "double_backward", "finite_difference")
+
+
 class BatchObjective:
     """The batch-size-weighted mean loss of fixed batches at moved parameters, over all ranks.
 
@@ -132,7 +136,7 @@ class BatchObjective:
         seed: int = 0,
         hvp: str = "cached",
     ) -> None:
-        check_choice("hvp", hvp, ("auto", "cached", "double_backward", "finite_difference"))
+        check_choice("hvp", hvp, HVP_KINDS)
         self.loss_fn = loss_fn
         self.params = params
         self.batches = list(batches)

@@ -118,3 +118,104 @@ def test_gauss_newton_products_refuse_such_kernels(kernel, cache):
         G @ torch.ones(G.dim, dtype=torch.float64)
     plain = GGNOperator(lambda b: (last(torch.tanh(first(b[0]))), b[1]), model, batches)
     plain @ torch.ones(G.dim, dtype=torch.float64)  # passes
+
+
+class FusedCrossEntropyWithJvp(torch.autograd.Function):
+    """FusedCrossEntropy in the new style, with a jvp, so that torch.func runs it: forward over
+    reverse differentiates the same backward and is as wrong as the graph kinds would be."""
+
+    @staticmethod
+    def forward(logits, target):
+        p = torch.softmax(logits, -1)
+        grad = (p - torch.nn.functional.one_hot(target, p.shape[-1])) / len(p)
+        return torch.nn.functional.cross_entropy(logits, target), grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None
+
+    @staticmethod
+    def jvp(ctx, t, _):
+        (grad,) = ctx.saved_tensors
+        return (grad * t).sum(), None
+
+
+def test_auto_drops_forward_over_reverse_with_the_graph_kinds():
+    """Where the graph kinds are refused for a backward outside autograd, "func" (which the
+    check cannot see) was chosen alone and silently 63 % off; it is dropped with them now."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    v = torch.randn(51, dtype=torch.float64)
+    fused = lambda b: FusedCrossEntropyWithJvp.apply(model(b[0]), b[1])[0]  # noqa: E731
+    plain = lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    Hv = dense_hessian(plain, model, batches) @ v
+    wrong = HessianOperator(fused, model, batches, hvp="func") @ v  # asked for by name
+    assert float((wrong - Hv).norm() / Hv.norm()) > 0.3
+    op = HessianOperator(fused, model, batches, hvp="auto")
+    op.warn = lambda kind, message: None
+    assert torch.allclose(op @ v, Hv, rtol=1e-8, atol=1e-10)
+    assert op.hvp_choice == "finite_difference" and "outside autograd" in op.choice.failures["func"]
+
+
+def test_a_refused_gauss_newton_operator_stays_refused():
+    """The first linearization's check marked the operator checked before it passed: a second
+    product went through, silently wrong."""
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    for cache in (True, False):
+        G = GGNOperator(
+            lambda b: (last(OutsideAutogradTanh.apply(first(b[0]))), b[1]),
+            torch.nn.Sequential(first, last),
+            batches,
+            cache=cache,
+        )
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="outside autograd"):
+                G @ torch.ones(G.dim, dtype=torch.float64)
+
+
+_TF32_PROBE = """
+import torch
+from torch import nn
+from lightning_landscape.curvature.auto import symmetry_tolerance
+cuda, f32 = torch.device("cuda"), torch.float32
+mlp, cnn = nn.Linear(2, 2), nn.Sequential(nn.Conv2d(1, 1, 3))
+out = [symmetry_tolerance(f32, torch.device("cpu"), cnn), symmetry_tolerance(torch.float64, cuda)]
+out += [symmetry_tolerance(f32, cuda, m) for m in (mlp, cnn, None)]  # defaults: cuDNN's TF32
+torch.set_float32_matmul_precision("high")
+out.append(symmetry_tolerance(f32, cuda, mlp))
+torch.backends.cuda.matmul.fp32_precision = "ieee"  # the new API: the old flags then raise
+torch.backends.cudnn.conv.fp32_precision = "ieee"
+out.append(symmetry_tolerance(f32, cuda, cnn))
+torch.backends.cudnn.conv.fp32_precision = "tf32"
+out += [symmetry_tolerance(f32, cuda, m) for m in (mlp, cnn)]
+print(" ".join(f"{t:.3g}" for t in out))
+"""
+
+
+def test_symmetry_tolerance_reads_both_tf32_apis():
+    """Reading torch.backends' old TF32 flags raises once the new ``fp32_precision`` API is in
+    use: every trial of "auto" failed, on CPU too. TF32 widens the tolerance (to 2e-2) only on
+    CUDA in float32, for matrix products, or for cuDNN convolutions in a module that has some.
+    In a fresh process (the new API's setting outlives the test)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _TF32_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [
+        "0.00345", "0.0001", "0.00345", "0.02", "0.02", "0.02", "0.00345", "0.00345", "0.02"
+    ]  # fmt: skip
