@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature.cache import PRODUCT_FACTOR
+from lightning_landscape.curvature.differentiable import NotTwiceDifferentiable
 from lightning_landscape.curvature.finite_difference import relative_error
 
 if TYPE_CHECKING:
@@ -256,10 +257,9 @@ def _tf32(module) -> bool:
     try:
         matmul, conv = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
     except RuntimeError:  # the fp32_precision API is in use (torch >= 2.9), which refuses these
-        try:
-            default = b.fp32_precision == "tf32"
-            precision = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision)
-            matmul, conv = (p == "tf32" or (p == "none" and default) for p in precision)
+        try:  # each getter resolves "none" through its parents (cuda, cudnn, the global one)
+            matmul = b.cuda.matmul.fp32_precision == "tf32"
+            conv = b.cudnn.conv.fp32_precision == "tf32"
         except (AttributeError, RuntimeError):
             return True
     if matmul or not conv:
@@ -283,23 +283,21 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             f"{op.graphs.largest:.3g} bytes)"
         )
 
-    outside: list[str] = []  # graph kinds refused for a backward outside autograd
+    refused: list[str] = []  # graph kinds refused: a backward not twice differentiable
 
     def local(kind: str, V: Tensor) -> Tensor:
+        if kind == "func" and refused:  # tried after the graph kinds
+            raise NotTwiceDifferentiable(
+                "forward over reverse differentiates the same backward (not twice differentiable)"
+            )
         try:
             return op.local_products(kind, V)
-        except RuntimeError as err:
-            if "outside autograd" in str(err):
-                outside.append(kind)
+        except NotTwiceDifferentiable:
+            refused.append(kind)
             raise
 
-    def skip(kind: str) -> str | None:
-        if kind == "func" and outside:  # tried after the graph kinds
-            return "differentiates the same backward outside autograd (forward over reverse)"
-        return nothing_cached(kind)
-
     u = gaussian(tuple(v.shape), make_generator(op.seed, "symmetry"), v.dtype, v.device)
-    choice, product = choose(local, kinds, v, u=u, skip=skip, distributed=op.distributed)
+    choice, product = choose(local, kinds, v, u=u, skip=nothing_cached, distributed=op.distributed)
     tol = symmetry_tolerance(v.dtype, v.device, op.module)
     if choice.exact and choice.asymmetry is not None and choice.asymmetry > tol:
         wrong = (

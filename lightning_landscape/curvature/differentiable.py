@@ -21,20 +21,26 @@ from torch.autograd.function import BackwardCFunction
 
 from lightning_landscape._core.batches import flat_grad
 
+_CPP = "torch::autograd::CppNode<"  # the nodes of C++ extensions' autograd Functions
 
-def check_twice_differentiable(grad: Tensor) -> None:
-    """Raise if a gradient's graph passes through a backward marked ``@once_differentiable``.
+
+class NotTwiceDifferentiable(RuntimeError):
+    """A gradient's graph passes through a backward that cannot be differentiated again."""
+
+
+def check_twice_differentiable(*grads: Tensor) -> None:
+    """Raise if the gradients' graphs pass through a backward marked ``@once_differentiable``.
 
     Such a backward runs without a graph and hands autograd an error node on fake leaves; a
     second backward towards the parameters never visits that node, so it would silently drop
     every second-order term through it (torch 2.13) instead of raising. Walks the graph once.
 
     Raises:
-        RuntimeError: naming the node, if one is found.
+        NotTwiceDifferentiable: if one is found.
     """
-    for node in _nodes(grad):
+    for node in _nodes(*grads):
         if node.name() == "torch::autograd::Error":
-            raise RuntimeError(
+            raise NotTwiceDifferentiable(
                 "no double backward: the gradient passes through a backward marked "
                 "@once_differentiable (a custom autograd.Function)"
             )
@@ -66,20 +72,20 @@ def outside_autograd_refused(root: Tensor) -> Iterator[None]:
     once, hooking each custom Function's node for the block.
 
     Raises:
-        RuntimeError: naming the Function, if one is found.
+        NotTwiceDifferentiable: naming the Function, if one is found.
     """
     found: list[str] = []
     handles = []
     try:
         for node in _nodes(root):
-            if isinstance(node, BackwardCFunction) or type(node).__name__ == "CppFunction":
+            if isinstance(node, BackwardCFunction) or node.name().startswith(_CPP):
                 handles.append(node.register_hook(_outside_autograd(node, found)))
         yield
     finally:
         for handle in handles:
             handle.remove()
     if found:
-        raise RuntimeError(
+        raise NotTwiceDifferentiable(
             f"no double backward: the backward of {found[0]} (a custom autograd Function) "
             "returns gradients outside autograd, so their derivatives would be dropped"
         )
@@ -92,10 +98,13 @@ def _outside_autograd(node: Any, found: list[str]) -> Callable:
         if not torch.is_grad_enabled():  # a backward without create_graph
             return
         for g, need in zip(grad_inputs, needed, strict=False):
-            if need and g is not None and not g.requires_grad and not _integral(g):
-                if bool(g.any()):
-                    found.append(node.name())
-                    return
+            if g is None or not need or g.requires_grad or _integral(g):
+                continue
+            if any(g is o for o in grad_outputs):  # passed through (module hooks): nothing lost
+                continue
+            if bool(g.any()):
+                found.append(node.name())
+                return
 
     return hook
 
@@ -104,9 +113,9 @@ def _integral(t: Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex())
 
 
-def _nodes(root: Tensor) -> Iterator[Any]:
-    """Every node of ``root``'s graph, once."""
-    seen, stack = set(), [root.grad_fn]
+def _nodes(*roots: Tensor) -> Iterator[Any]:
+    """Every node of the roots' graphs, once."""
+    seen, stack = set(), [root.grad_fn for root in roots]
     while stack:
         node = stack.pop()
         if node is None or node in seen:

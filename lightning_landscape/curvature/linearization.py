@@ -103,9 +103,7 @@ class Linearized:
             parts = torch.autograd.grad(
                 self.output, params, probe, create_graph=True, retain_graph=True, allow_unused=True
             )
-        for part in parts:
-            if part is not None:
-                check_twice_differentiable(part)
+        check_twice_differentiable(*(part for part in parts if part is not None))
 
     def product(
         self, params: Sequence[Tensor], Vt: Tensor, retain: bool, out: Tensor, alpha: float

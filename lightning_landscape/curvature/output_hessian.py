@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_landscape.curvature.differentiable import (
+    check_twice_differentiable,
+    outside_autograd_refused,
+)
+
 LossKind = Literal["cross_entropy", "mse"]
 OutputLoss = Callable[[Tensor, Tensor], Tensor]
 LOSS_KINDS = ("cross_entropy", "mse")
@@ -112,7 +117,10 @@ def _autograd(loss: OutputLoss, out: Tensor, target: Tensor) -> Callable[[Tensor
         value = loss(o, target)
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError("`loss(output, target)` must return a scalar tensor.")
-        (g,) = torch.autograd.grad(value.reshape(()), o, create_graph=True, allow_unused=True)
+        with outside_autograd_refused(value):  # a fused loss's H_out would read as 0
+            (g,) = torch.autograd.grad(value.reshape(()), o, create_graph=True, allow_unused=True)
+        if g is not None:
+            check_twice_differentiable(g)
 
     def apply(W: Tensor) -> Tensor:
         if g is None or not g.requires_grad:  # linear (or constant) in the output: H_out = 0

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from torch.autograd.function import once_differentiable
 
 from lightning_landscape.curvature import GGNOperator, HessianOperator, dense_hessian
 from lightning_landscape.curvature.differentiable import (
@@ -147,24 +148,55 @@ class FusedCrossEntropyWithJvp(torch.autograd.Function):
         return (grad * t).sum(), None
 
 
-def test_auto_drops_forward_over_reverse_with_the_graph_kinds():
-    """Where the graph kinds are refused for a backward outside autograd, "func" (which the
-    check cannot see) was chosen alone and silently 63 % off; it is dropped with them now."""
+class OnceTanhWithJvp(torch.autograd.Function):
+    """tanh in the new style with a jvp and a ``@once_differentiable`` backward: forward over
+    reverse runs it and returns zeros for the terms through it."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+@pytest.mark.parametrize("where", ["loss", "inside"])
+def test_auto_drops_forward_over_reverse_with_the_graph_kinds(where):
+    """Where the graph kinds are refused (a backward outside autograd, or
+    ``@once_differentiable``), "func" (which those checks cannot see) was chosen alone and
+    silently wrong (63 % off, 77 % inside an MLP); it is dropped with them now."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
-    ).double()
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+    model = torch.nn.Sequential(first, last)
     batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
     v = torch.randn(51, dtype=torch.float64)
-    fused = lambda b: FusedCrossEntropyWithJvp.apply(model(b[0]), b[1])[0]  # noqa: E731
-    plain = lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+
+    def fused(b):
+        if where == "loss":
+            return FusedCrossEntropyWithJvp.apply(last(torch.tanh(first(b[0]))), b[1])[0]
+        return torch.nn.functional.cross_entropy(last(OnceTanhWithJvp.apply(first(b[0]))), b[1])
+
+    plain = lambda b: torch.nn.functional.cross_entropy(last(torch.tanh(first(b[0]))), b[1])  # noqa: E731
     Hv = dense_hessian(plain, model, batches) @ v
     wrong = HessianOperator(fused, model, batches, hvp="func") @ v  # asked for by name
     assert float((wrong - Hv).norm() / Hv.norm()) > 0.3
     op = HessianOperator(fused, model, batches, hvp="auto")
     op.warn = lambda kind, message: None
     assert torch.allclose(op @ v, Hv, rtol=1e-8, atol=1e-10)
-    assert op.hvp_choice == "finite_difference" and "outside autograd" in op.choice.failures["func"]
+    assert op.hvp_choice == "finite_difference" and "same backward" in op.choice.failures["func"]
 
 
 def test_a_refused_gauss_newton_operator_stays_refused():
@@ -219,3 +251,70 @@ def test_symmetry_tolerance_reads_both_tf32_apis():
     assert run.stdout.split() == [
         "0.00345", "0.0001", "0.00345", "0.02", "0.02", "0.02", "0.00345", "0.00345", "0.02"
     ]  # fmt: skip
+
+
+def test_module_hooks_pass_through():
+    """A module's full backward hook passes its incoming gradient through a custom Function
+    node: constant where the module returns the loss (Hugging Face style), yet nothing is
+    dropped; it was refused."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x, y):
+            return torch.nn.functional.cross_entropy(self.body(x), y)
+
+    net = WithLoss()
+    net.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    with pytest.warns(UserWarning, match="Full backward hook"):  # torch's, about create_graph
+        checked_gradient(net(*batches[0]), list(net.parameters()))
+        H = dense_hessian(lambda b: net(*b), net, batches)
+        v = torch.randn(51, dtype=torch.float64)
+        hv = HessianOperator(lambda b: net(*b), net, batches, hvp="double_backward") @ v
+    assert torch.allclose(hv, H @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_gauss_newton_refuses_a_fused_loss_and_linearizes_at_zero():
+    """A fused loss given as the GGN's loss read as linear (no graph in its gradient): the GGN
+    was exactly 0. A backward that is not linear in its incoming gradient (gradient clipping)
+    is linearized at u = 0, where it is the identity: J v equals the unclipped model's."""
+    from lightning_landscape.curvature import hvp as hvp_module
+    from lightning_landscape.curvature.linearization import Linearized
+
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+    model = torch.nn.Sequential(first, last)
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    fn = lambda b: (last(torch.tanh(first(b[0]))), b[1])  # noqa: E731
+    fused = GGNOperator(fn, model, batches, loss=lambda o, t: FusedCrossEntropy.apply(o, t))
+    with pytest.raises(RuntimeError, match="outside autograd"):
+        fused @ torch.ones(51, dtype=torch.float64)
+    params = list(model.parameters())
+    V = torch.randn(3, 51, dtype=torch.float64)
+    jv = []
+    for clip in (False, True):
+        wrap = ClippedGradient.apply if clip else (lambda h: h)
+        lin = Linearized(lambda b, wrap=wrap: (last(wrap(torch.tanh(first(b[0])))), b[1]),
+                         "cross_entropy", params, batches[0])  # fmt: skip
+        lin.check(params)
+        jv.append(hvp_module.hvp_from_graph(lin.jtu, [lin.u], V, retain=True))
+    assert torch.equal(jv[0], jv[1])
+
+
+class ClippedGradient(torch.autograd.Function):
+    """The identity, its backward clipping the incoming gradient (not linear in it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-0.01, 0.01)
