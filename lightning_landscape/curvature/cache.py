@@ -200,6 +200,7 @@ class GraphCache:
         self.requested_budget, self.cuda, self.distributed = budget, cuda_devices, distributed
         self.grad: Tensor | None = None
         self.cut = 0
+        self.checked: set[int] = set()  # batches whose graph passed :func:`checked_gradient`
         self.rng: tuple[Tensor, list[Tensor]] | None = None
         self.graph_bytes: list[int] = []
         self.largest = 0.0
@@ -220,10 +221,7 @@ class GraphCache:
             with torch.enable_grad(), SavedBytes(exclude=params) as counter:
                 loss = loss_fn(batch)
                 forward = counter.bytes
-                if i == 0:  # raises where it cannot be differentiated again
-                    grad = checked_gradient(loss, params)
-                else:
-                    grad = flat_grad(loss, params, create_graph=True)
+                grad = self._gradient(i, loss)
             if i == 0:
                 self.step_bytes = forward + 2 * numel_bytes
                 self.budget = budget_bytes(
@@ -251,11 +249,20 @@ class GraphCache:
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
             rest = zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True)
-            for n, batch in rest:
+            for i, (n, batch) in enumerate(rest, start=self.cut):
                 with torch.enable_grad():
-                    grad = flat_grad(self.loss_fn(batch), self.params, create_graph=True)
+                    grad = self._gradient(i, self.loss_fn(batch))
                 through(grad, Vt, False, acc, n)
         return acc
+
+    def _gradient(self, i: int, loss: Tensor) -> Tensor:
+        """Batch i's gradient graph; the first of each batch checked (a kernel can be used by
+        some batches only: a mixture of experts' routing)."""
+        if i in self.checked:
+            return flat_grad(loss, self.params, create_graph=True)
+        grad = checked_gradient(loss, self.params)  # raises where it cannot be differentiated
+        self.checked.add(i)
+        return grad
 
     @property
     def cached_bytes(self) -> int:

@@ -1,5 +1,6 @@
 """Whether a gradient graph can be differentiated again: the checks the graph products and the
-GGN's linearizations run on their first graph, and the dense oracle on every batch's.
+GGN's linearizations run on each batch's first graph (a kernel can be reached by some batches
+only), and the dense oracle on every batch's.
 
 Autograd does not always say when it cannot differentiate a backward: through a
 ``@once_differentiable`` backward, or a custom ``autograd.Function`` whose backward runs

@@ -94,7 +94,7 @@ class Linearized:
         (:mod:`~.differentiable`). A backward of its own from the output, with u = 1 (through a
         backward outside autograd, a nonzero gradient without a graph shows; the kept graph's
         u = 0 would hide it, and a backward that is not linear in its incoming gradient, a
-        clipping one, is linearized at 0 as it should be). One backward more, once per
+        clipping one, is linearized at 0 as it should be). One backward more, once per batch and
         operator."""
         if not self.reaches:
             return
@@ -157,7 +157,7 @@ class Linearizations:
         self.largest = 0.0
         self.step_bytes = 0
         self.budget = 0.0
-        self.checked = False
+        self.checked: set[int] = set()  # batches whose linearization passed its check
 
     @property
     def cut(self) -> int:
@@ -173,11 +173,12 @@ class Linearizations:
         """Drop the kept linearizations (the next product rebuilds them with :meth:`build`)."""
         self.kept, self.rng = [], None
 
-    def _checked(self, lin: Linearized) -> Linearized:
-        """``lin``, checked (:meth:`Linearized.check`) if it is the operator's first."""
-        if not self.checked:
+    def _checked(self, i: int, lin: Linearized) -> Linearized:
+        """``lin``, batch i's, checked (:meth:`Linearized.check`) the first time (a kernel can
+        be used by some batches only: a mixture of experts' routing)."""
+        if i not in self.checked:
             lin.check(self.params)
-            self.checked = True  # only once it passed: a retry checks again
+            self.checked.add(i)  # only once it passed: a retry checks again
         return lin
 
     def build(self) -> None:
@@ -195,7 +196,7 @@ class Linearizations:
             self.rng = rng_state(self.cuda)
             with SavedBytes(exclude=self.params) as counter:
                 lin = Linearized(self.model_fn, self.loss, self.params, batch, counter)
-            lin, nbytes = self._checked(lin), counter.bytes
+            lin, nbytes = self._checked(i, lin), counter.bytes
             if i == 0:
                 self.step_bytes = lin.forward_bytes + 2 * numel_bytes
                 self.budget = budget_bytes(
@@ -219,8 +220,9 @@ class Linearizations:
                 lin.product(self.params, Vt[lo : lo + step], True, acc[lo : lo + step], n)
         if self.cut < len(self.batches):
             set_rng_state(self.rng, self.cuda)  # the masks batch `cut` draws in sequence
-            for n, batch in zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True):
-                lin = self._checked(Linearized(self.model_fn, self.loss, self.params, batch))
+            rest = zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True)
+            for i, (n, batch) in enumerate(rest, start=self.cut):
+                lin = self._checked(i, Linearized(self.model_fn, self.loss, self.params, batch))
                 for lo in range(0, len(Vt), step):
                     last = lo + step >= len(Vt)
                     chunk = Vt[lo : lo + step]

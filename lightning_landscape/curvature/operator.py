@@ -188,7 +188,7 @@ class HessianOperator(LinearOperator):
         )
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
-        self._graph_checked = False
+        self._graph_checked: set[int] = set()  # batches checked by the double-backward kind
         self._scripted = _scripted.refusal(self.module)  # the func kinds refuse TorchScript
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
@@ -290,12 +290,12 @@ class HessianOperator(LinearOperator):
             raise RuntimeError(self._scripted)
         vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)  # else a column at a time
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
-            for size, whole in zip(self.batch_sizes, self.batches, strict=True):
+            for b, (size, whole) in enumerate(zip(self.batch_sizes, self.batches, strict=True)):
                 for n, batch in self._parts(whole, size, len(Vt) if vmapped else 1):
                     if graph:
-                        checked = not self._graph_checked
+                        checked = b not in self._graph_checked
                         grad = _hvp.gradient_graph(self.loss_fn, self.params, batch, checked)
-                        self._graph_checked = True
+                        self._graph_checked.add(b)
                         self._through_graph(grad, Vt, False, acc, n, n)
                         continue
                     step = self.plan.width(n, self.graphs.held)  # vmapped; the same masks a part

@@ -318,3 +318,27 @@ class ClippedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.clamp(-0.01, 0.01)
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_every_batch_is_checked(budget):
+    """A kernel that only some batches reach (a mixture of experts' routing): each batch's
+    first graph is checked, cached or not, for the Hessian and the Gauss-Newton products."""
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+    model = torch.nn.Sequential(first, last)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    batches = [(x[:5], y[:5], False), (x[5:], y[5:], True)]  # the second one takes the kernel
+
+    def output(b):
+        return last((OutsideAutogradTanh.apply if b[2] else torch.tanh)(first(b[0]))), b[1]
+
+    loss = lambda b: torch.nn.functional.cross_entropy(*output(b))  # noqa: E731
+    v = torch.ones(51, dtype=torch.float64)
+    for kind in ("cached", "double_backward"):
+        op = HessianOperator(loss, model, batches, hvp=kind, memory_budget=budget)
+        with pytest.raises(RuntimeError, match="outside autograd"):
+            op @ v
+    G = GGNOperator(output, model, batches, memory_budget=budget)
+    with pytest.raises(RuntimeError, match="outside autograd"):
+        G @ v
