@@ -221,7 +221,7 @@ class GraphCache:
             with torch.enable_grad(), SavedBytes(exclude=params) as counter:
                 loss = loss_fn(batch)
                 forward = counter.bytes
-                grad = self._gradient(i, loss)
+                grad = self.gradient(i, loss)
             if i == 0:
                 self.step_bytes = forward + 2 * numel_bytes
                 self.budget = budget_bytes(
@@ -251,13 +251,13 @@ class GraphCache:
             rest = zip(self.sizes[self.cut :], self.batches[self.cut :], strict=True)
             for i, (n, batch) in enumerate(rest, start=self.cut):
                 with torch.enable_grad():
-                    grad = self._gradient(i, self.loss_fn(batch))
+                    grad = self.gradient(i, self.loss_fn(batch))
                 through(grad, Vt, False, acc, n)
         return acc
 
-    def _gradient(self, i: int, loss: Tensor) -> Tensor:
-        """Batch i's gradient graph; the first of each batch checked (a kernel can be used by
-        some batches only: a mixture of experts' routing)."""
+    def gradient(self, i: int, loss: Tensor) -> Tensor:
+        """Batch i's gradient graph (also the double-backward kind's); the first of each batch
+        checked (a kernel can be used by some batches only: a mixture of experts' routing)."""
         if i in self.checked:
             return flat_grad(loss, self.params, create_graph=True)
         grad = checked_gradient(loss, self.params)  # raises where it cannot be differentiated

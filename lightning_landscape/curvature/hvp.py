@@ -28,20 +28,15 @@ from lightning_landscape._core.batches import flat_grad
 from lightning_landscape._core.random import fixed_rng
 from lightning_landscape._core.vectors import flatten, unflatten
 from lightning_landscape.curvature.conv import affine_batch_norms, standard_convolutions
-from lightning_landscape.curvature.differentiable import checked_gradient
 from lightning_landscape.curvature.kernels import twice_differentiable
 
 
 def gradient_graph(
-    loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any, checked: bool = False
+    loss_fn: Callable[[Any], Tensor], params: Sequence[Tensor], batch: Any
 ) -> Tensor:
-    """The flat gradient of one batch's loss with its graph kept for later products;
-    ``checked``: raise where it cannot be differentiated again (:func:`.differentiable.checked_gradient`)."""
+    """The flat gradient of one batch's loss with its graph kept for later products."""
     with torch.enable_grad():
-        loss = loss_fn(batch)
-        if checked:
-            return checked_gradient(loss, params)
-        return flat_grad(loss, params, create_graph=True)
+        return flat_grad(loss_fn(batch), params, create_graph=True)
 
 
 def add_by_parameter(

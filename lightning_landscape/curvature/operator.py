@@ -188,7 +188,6 @@ class HessianOperator(LinearOperator):
         )
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
-        self._graph_checked: set[int] = set()  # batches checked by the double-backward kind
         self._scripted = _scripted.refusal(self.module)  # the func kinds refuse TorchScript
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
@@ -293,9 +292,8 @@ class HessianOperator(LinearOperator):
             for b, (size, whole) in enumerate(zip(self.batch_sizes, self.batches, strict=True)):
                 for n, batch in self._parts(whole, size, len(Vt) if vmapped else 1):
                     if graph:
-                        checked = b not in self._graph_checked
-                        grad = _hvp.gradient_graph(self.loss_fn, self.params, batch, checked)
-                        self._graph_checked.add(b)
+                        with torch.enable_grad():
+                            grad = self.graphs.gradient(b, self.loss_fn(batch))
                         self._through_graph(grad, Vt, False, acc, n, n)
                         continue
                     step = self.plan.width(n, self.graphs.held)  # vmapped; the same masks a part
@@ -313,8 +311,10 @@ class HessianOperator(LinearOperator):
     def differences(self, Vt: Tensor, checked: list[bool]) -> Tensor:
         """This rank's unreduced finite differences of the rows of ``Vt`` (:func:`.differences`)."""
         with _hvp.guard(self.module, self.params, self.seed, first_order=True):
-            return _fd.differences(self.loss_fn, self.params, self.batches, self.batch_sizes,
-                                   Vt, checked, self._fd.rel_step, self._cuda)  # fmt: skip
+            return _fd.differences(
+                self.loss_fn, self.params, self.batches, self.batch_sizes, Vt, checked,
+                self._fd.rel_step, self._cuda,
+            )  # fmt: skip
 
     def _key(self) -> tuple:
         """What the cached graphs depend on: parameter versions and train/eval flags."""

@@ -183,7 +183,7 @@ class BatchObjective:
     @contextlib.contextmanager
     def hessian_at(self, w: Tensor) -> Iterator[LinearOperator]:
         """The Hessian of the batch-weighted loss at ``w`` (over all ranks) as a
-        :class:`~lightning_landscape.curvature.HessianOperator` with cached gradient graphs: the
+        :class:`~lightning_landscape.curvature.HessianOperator` of the kind :attr:`hvp`: the
         parameters hold ``w`` inside the block and are restored bit for bit afterwards. Each
         product visits every batch with the dropout masks of :meth:`value` (seeded by ``seed``);
         the first also builds their gradient graphs. With ``hvp="auto"`` the first product of
