@@ -28,6 +28,17 @@ from lightning_landscape.curvature.linear import LinearOperator
 from lightning_landscape.curvature.operator import FUNC
 
 
+def reset_choice(monitor: Any) -> None:
+    """Forget what ``hvp="auto"`` decided (at construction and at each fit's setup): the kind
+    (``hvp_choice``, ``hvp_reason``), the kind for blocks, and the custom autograd Functions
+    whose backward its comparison with finite differences found exact (:mod:`~lightning_landscape.curvature.crosscheck`)."""
+    auto = monitor.hvp == "auto"
+    monitor.hvp_choice = None if auto else monitor.hvp
+    monitor.hvp_reason = "" if auto else "requested"
+    monitor._block_choice = None
+    monitor._trusted = set()
+
+
 def make_operator(
     monitor: Any,
     ctx: MeasureContext,
@@ -66,6 +77,7 @@ def make_operator(
         batch_size_fn=monitor.batch_size_fn,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
+    op.graphs.trusted = monitor._trusted  # shared: what "auto" clears holds for the whole fit
     return op
 
 

@@ -62,7 +62,7 @@ def objective(monitor: Any, ctx: MeasureContext, seed: int) -> tuple[Any, Tensor
         note = _FD_NOTE if key == "fd_fallback" else ""
         ctx.warn(f"SharpnessMonitor-{key}", f"SharpnessMonitor: {message}{note}")
 
-    obj.warn = warn
+    obj.warn, obj.trusted = warn, monitor._trusted
     return obj, pv.get()
 
 

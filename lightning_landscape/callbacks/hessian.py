@@ -268,9 +268,7 @@ class HessianMonitor(LandscapeMonitor):
         self.micro_batch_size = micro_batch_size
         self.basis_device = basis_device
         self.probe_block = check_positive_int("probe_block", probe_block, allow_none=True)
-        self.hvp_choice: str | None = None if hvp == "auto" else hvp
-        self.hvp_reason = "" if hvp == "auto" else "requested"
-        self._block_choice: str | None = None
+        products.reset_choice(self)  # hvp_choice, hvp_reason; the kind for blocks
         self._block_names: list[str] = []
         self.ggn = ggn
         self.ggn_fn = ggn_fn
@@ -281,8 +279,7 @@ class HessianMonitor(LandscapeMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if self.hvp == "auto":  # decided afresh in every fit, at its first measurement
-            self.hvp_choice, self.hvp_reason, self._block_choice = None, "", None
+        products.reset_choice(self)  # "auto" decides afresh in every fit, at its first measurement
         params = [p for p in pl_module.parameters() if p.requires_grad]  # lazy: checked later
         if not any(map(is_lazy, params)) and self.top_k > (dim := sum(p.numel() for p in params)):
             raise SetupError(f"`top_k`={self.top_k} exceeds the {dim} trainable parameters.")

@@ -17,7 +17,11 @@ whose backward uses tensors computed inside its forward or runs outside autograd
 kernels' do) gives an asymmetric "Hessian": then the exact kinds are wrong, and finite
 differences, which differentiate only gradients, are taken instead (with one warning saying
 why; where they are no better, their own error estimate above a quarter of the asymmetry, the
-exact kind stays, with a warning). Cost: about 3
+exact kind stays, with a warning). Where the graph runs a custom Function that it cannot
+clear (a backward returning gradients without a graph, or scaling the gradient it is fed by a
+factor computed outside autograd: exact if the Function is linear, silently wrong otherwise),
+the chosen product is compared with finite differences instead (:mod:`.crosscheck`; four
+gradients). Cost: about 3
 products of each candidate (plus the cached kind's graphs) and one for the symmetry, once per
 operator; the chosen kind's product of the first vector is kept as that vector's product.
 Finite differences are the fallback when no exact kind works or the exact kinds are wrong,
@@ -37,9 +41,9 @@ from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape.curvature import crosscheck
 from lightning_landscape.curvature.cache import PRODUCT_FACTOR
 from lightning_landscape.curvature.differentiable import NotTwiceDifferentiable
-from lightning_landscape.curvature.finite_difference import relative_error
 
 if TYPE_CHECKING:
     from lightning_landscape.curvature.operator import HessianOperator
@@ -195,19 +199,6 @@ def _finite_on_all(local: Callable[[str, Tensor], Tensor], v: Tensor, distribute
     return float(all_reduce_sum_(flag, distributed)[0]) == 0
 
 
-def _differences_better(op: HessianOperator, v: Tensor, asymmetry: float) -> bool:
-    """Whether finite differences of ``v`` are finite on every rank, with an estimated relative
-    error (steps h and 2h compared, :func:`.finite_difference.relative_error`) below a quarter of
-    the exact kinds' asymmetry: then they are the better products. Four gradients."""
-    try:
-        both = op.differences(v, [True])
-        good = bool(torch.isfinite(both).all()) and relative_error(both[0], both[1]) < asymmetry / 4
-    except Exception:  # noqa: BLE001 - no finite differences here: the exact kind stays
-        good = False
-    flag = torch.tensor([float(not good)], dtype=torch.float64)
-    return float(all_reduce_sum_(flag, op.distributed)[0]) == 0
-
-
 def faster_for_blocks(
     local: Callable[[str, Tensor], Tensor],
     kinds: Sequence[str],
@@ -296,10 +287,13 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             refused.append(kind)
             raise
 
+    if op.graphs.suspects is None:  # custom Functions the graph cannot clear: listed, compared
+        op.graphs.suspects = []
     u = gaussian(tuple(v.shape), make_generator(op.seed, "symmetry"), v.dtype, v.device)
     choice, product = choose(local, kinds, v, u=u, skip=nothing_cached, distributed=op.distributed)
     tol = symmetry_tolerance(v.dtype, v.device, op.module)
-    if choice.exact and choice.asymmetry is not None and choice.asymmetry > tol:
+    symmetric = not (choice.exact and choice.asymmetry is not None and choice.asymmetry > tol)
+    if not symmetric:
         wrong = (
             f"the products of {', '.join(choice.seconds)} are not symmetric (uᵀHv and vᵀHu "
             f"differ by {choice.asymmetry:.1e} of their scale; round-off is below {tol:.1e}): "
@@ -307,7 +301,7 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             "backward runs outside autograd or uses tensors computed inside its forward, as "
             "fused kernels' do, or a PyTorch kernel)"
         )
-        if _differences_better(op, v, choice.asymmetry):
+        if crosscheck.differences_better(op, v, choice.asymmetry):
             dropped = {**choice.failures, **dict.fromkeys(choice.seconds, "not symmetric")}
             choice = Choice("finite_difference", wrong, {}, dropped, choice.asymmetry)
             product = None
@@ -317,6 +311,9 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
                 f"Hessian-vector products are unreliable: {wrong}. Finite differences are "
                 "not accurate enough here to replace them (a kink, or half-precision compute).",
             )
+    names, listed = crosscheck.suspected(op)
+    if listed and symmetric and choice.exact and choice.seconds:  # asymmetric: warned already
+        choice, product = crosscheck.checked(op, v, choice, product, names, tol)
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()

@@ -13,7 +13,7 @@ fails loudly.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,67 +47,106 @@ def check_twice_differentiable(*grads: Tensor) -> None:
             )
 
 
-def checked_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+def checked_gradient(
+    loss: Tensor,
+    params: Sequence[Tensor],
+    found: list[tuple[str, str]] | None = None,
+    trusted: Collection[str] = (),
+) -> Tensor:
     """``flat_grad(loss, params, create_graph=True)``, raising where that gradient cannot be
     differentiated again: through a ``@once_differentiable`` backward
     (:func:`check_twice_differentiable`) or a backward outside autograd
-    (:func:`outside_autograd_refused`)."""
-    with outside_autograd_refused(loss):
+    (:func:`outside_autograd_refused`, with its ``found`` and ``trusted``)."""
+    with outside_autograd_refused(loss, found, trusted):
         grad = flat_grad(loss, params, create_graph=True)
     check_twice_differentiable(grad)
     return grad
 
 
 @contextlib.contextmanager
-def outside_autograd_refused(root: Tensor) -> Iterator[None]:
+def outside_autograd_refused(
+    root: Tensor,
+    found: list[tuple[str, str]] | None = None,
+    trusted: Collection[str] = (),
+) -> Iterator[None]:
     """Raise at the end of the block if a backward with ``create_graph`` from ``root`` inside it
     passed through a custom autograd Function (Python's ``autograd.Function`` or a C++
     extension's) whose backward returned a nonzero gradient without a graph for an input that
-    needs one. Such a backward ran outside autograd (a CUDA extension's or a Triton kernel's, or
-    under ``torch.no_grad``): a double backward drops every second-order term through it
-    without a word, symmetric ones included (a fused loss at the end of the graph loses the
-    whole Gauss-Newton term), where the symmetry check of ``"auto"`` sees only one-sided drops.
-    A linear custom Function fed a constant gradient is refused too (nothing is dropped there,
-    but it cannot be told apart); one whose backward runs outside autograd but is fed a
-    gradient with a graph (a loss weighted by a learnable factor) is not seen. Walks the graph
-    once, hooking each custom Function's node for the block.
+    needs one ("detached"). Such a backward ran outside autograd (a CUDA extension's or a
+    Triton kernel's, or under ``torch.no_grad``): a double backward drops every second-order
+    term through it without a word, symmetric ones included (a fused loss at the end of the
+    graph loses the whole Gauss-Newton term), where the symmetry check of ``"auto"`` sees only
+    one-sided drops. Walks the graph once, hooking each custom Function's node for the block.
+
+    The graph cannot tell such a backward from a linear Function's fed a constant gradient
+    (nothing dropped), nor a backward that multiplies the gradient it is fed by a factor
+    computed outside autograd ("constant": its graph reaches neither the Function's inputs
+    nor its output, only the gradient it was fed; a fused loss weighted by a learnable factor
+    drops terms so, a gradient reversal is exact so). With ``found``, nothing raises: each
+    such Function is listed once, as ``(name, "detached" | "constant")``, for
+    :func:`.auto.resolve` to compare the products with finite differences. Functions named in
+    ``trusted`` (passed that comparison) are not checked.
 
     Raises:
-        NotTwiceDifferentiable: naming the Function, if one is found.
+        NotTwiceDifferentiable: naming the first detached Function, without ``found``.
     """
-    found: list[str] = []
+    seen: list[tuple[str, str]] = [] if found is None else found
     handles = []
     try:
         for node in _nodes(root):
-            if isinstance(node, BackwardCFunction) or node.name().startswith(_CPP):
-                handles.append(node.register_hook(_outside_autograd(node, found)))
+            custom = isinstance(node, BackwardCFunction) or node.name().startswith(_CPP)
+            if custom and node.name() not in trusted:
+                handles.append(node.register_hook(_suspect(node, seen, found is not None)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-    if found:
+    if found is None and seen:
         raise NotTwiceDifferentiable(
-            f"no double backward: the backward of {found[0]} (a custom autograd Function) "
+            f"no double backward: the backward of {seen[0][0]} (a custom autograd Function) "
             "returns gradients outside autograd, so their derivatives would be dropped"
         )
 
 
-def _outside_autograd(node: Any, found: list[str]) -> Callable:
-    needed = [f is not None for f, _ in node.next_functions]  # which inputs need a gradient
+def _suspect(node: Any, found: list[tuple[str, str]], constant: bool) -> Callable:
+    """The hook that lists ``node`` in ``found`` if it is detached, or (with ``constant``)
+    constant (see :func:`outside_autograd_refused`)."""
+    inputs = [f for f, _ in node.next_functions]  # None: an input that needs no gradient
 
     def hook(grad_inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]) -> None:
-        if not torch.is_grad_enabled():  # a backward without create_graph
-            return
-        for g, need in zip(grad_inputs, needed, strict=False):
-            if g is None or not need or g.requires_grad or _integral(g):
+        listed = {how for name, how in found if name == node.name()}
+        if not torch.is_grad_enabled() or "detached" in listed:
+            return  # a backward without create_graph, or listed already
+        fed = {o.grad_fn for o in grad_outputs if o is not None and o.grad_fn is not None}
+        for g, source in zip(grad_inputs, inputs, strict=False):
+            if g is None or source is None or _integral(g):
                 continue
             if any(g is o for o in grad_outputs):  # passed through (module hooks): nothing lost
                 continue
-            if bool(g.any()):
-                found.append(node.name())
+            if not g.requires_grad and bool(g.any()):
+                found.append((node.name(), "detached"))
                 return
+            if g.requires_grad and constant and not listed:
+                if not _reaches(g, {node, *inputs}, fed):
+                    found.append((node.name(), "constant"))
+                    listed = {"constant"}
 
     return hook
+
+
+def _reaches(g: Tensor, targets: set, fed: set) -> bool:
+    """Whether ``g``'s graph reaches one of the nodes ``targets`` other than through the nodes
+    ``fed`` (the graphs of the gradients a backward was fed); stops at the first found."""
+    seen, stack = set(), [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in fed:
+            continue
+        if node in targets:
+            return True
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions)
+    return False
 
 
 def _integral(t: Tensor) -> bool:

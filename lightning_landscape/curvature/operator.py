@@ -107,12 +107,13 @@ class HessianOperator(LinearOperator):
         hvp_reason: why it was chosen.
         block_choice: the kind in use for blocks (None until decided).
         warn: ``warn(kind, message)`` receives the warnings (``kind``: ``"fd_fallback"``,
-            ``"fd_inaccurate"``, ``"whole_batches"``, ``"compile_failed"``, ``"asymmetric"``);
-            default ``warnings.warn``.
+            ``"fd_inaccurate"``, ``"whole_batches"``, ``"compile_failed"``, ``"asymmetric"``,
+            ``"unverified"``); default ``warnings.warn``.
         plan: how the batches were cut (a :class:`~.pieces.Plan`; None before the first product).
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
-            ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step.
+            ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step;
+            its ``trusted`` custom Functions (names) are not checked (:mod:`.crosscheck`).
         fd_errors: the error estimates of the checked finite-difference products.
 
     Raises:

@@ -120,6 +120,9 @@ class BatchObjective:
         hvp, hvp_reason: the kind in use (``"auto"`` until an operator has chosen) and why.
         warn: None (the operators' ``UserWarning``) or ``warn(key, message)``, handed to the
             operators for their fallback and accuracy warnings.
+        trusted: names of custom autograd Functions whose backward ``"auto"``'s comparison
+            with finite differences found exact; shared by the operators
+            (:mod:`~lightning_landscape.curvature.crosscheck`).
 
     Raises:
         TypeError: if ``batch_size_fn`` is not callable or None.
@@ -148,6 +151,7 @@ class BatchObjective:
         self.seed = seed
         self.hvp, self.hvp_reason = hvp, "" if hvp == "auto" else "requested"
         self.warn: Callable[[str, str], None] | None = None
+        self.trusted: set[str] = set()
 
     @property
     def hvp_seed(self) -> int:
@@ -202,6 +206,7 @@ class BatchObjective:
         ):
             if self.warn is not None:
                 op.warn = self.warn
+            op.graphs.trusted = self.trusted
             try:
                 yield op
             finally:

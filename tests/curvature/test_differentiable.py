@@ -14,7 +14,7 @@ from lightning_landscape.curvature.differentiable import (
     checked_gradient,
 )
 
-from ._problems import FusedCrossEntropy, OnceDifferentiableTanh, OutsideAutogradTanh
+from ._problems import FusedCrossEntropy, MeanOfLosses, OnceDifferentiableTanh, OutsideAutogradTanh
 
 
 def test_once_differentiable_backward_is_refused_not_silently_wrong():
@@ -196,7 +196,11 @@ def test_auto_drops_forward_over_reverse_with_the_graph_kinds(where):
     op = HessianOperator(fused, model, batches, hvp="auto")
     op.warn = lambda kind, message: None
     assert torch.allclose(op @ v, Hv, rtol=1e-8, atol=1e-10)
-    assert op.hvp_choice == "finite_difference" and "same backward" in op.choice.failures["func"]
+    assert op.hvp_choice == "finite_difference"
+    # the graph refuses @once_differentiable; a backward outside autograd is listed and the
+    # products (func's among them) compared with finite differences
+    why = "same backward" if where == "inside" else "drops terms"
+    assert why in op.choice.failures["func"]
 
 
 def test_a_refused_gauss_newton_operator_stays_refused():
@@ -342,3 +346,161 @@ def test_every_batch_is_checked(budget):
     G = GGNOperator(output, model, batches, memory_budget=budget)
     with pytest.raises(RuntimeError, match="outside autograd"):
         G @ v
+
+
+def _suspects(loss, params):
+    found = []
+    checked_gradient(loss, params, found)
+    return found
+
+
+class TanhSavingOutput(torch.autograd.Function):
+    """tanh whose backward is plain operations on its saved output: twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class Product(torch.autograd.Function):
+    """x * w with both saved: its backward reaches both inputs."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, g * x
+
+
+def test_the_graph_lists_the_custom_functions_it_cannot_clear():
+    """With a list, the check records instead of raising: "detached" (a gradient without a
+    graph), "constant" (a graph that reaches neither the Function's inputs nor its output,
+    only the gradient it was fed); Functions whose backward reaches them are not listed."""
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True, dtype=torch.float64)
+    s = torch.ones((), requires_grad=True, dtype=torch.float64)  # a learnable loss weight
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    logits = lambda: torch.tanh(x * w)  # noqa: E731
+    ce = lambda z: torch.nn.functional.cross_entropy(z, y, reduction="none")  # noqa: E731
+    assert _suspects(FusedCrossEntropy.apply(logits(), y), [w]) == [
+        ("FusedCrossEntropyBackward", "detached")
+    ]
+    weighted = torch.exp(-s) * FusedCrossEntropy.apply(logits(), y) + s  # learned loss weight
+    assert _suspects(weighted, [w, s]) == [("FusedCrossEntropyBackward", "constant")]
+    assert _suspects(MeanOfLosses.apply(ce(logits())), [w]) == [
+        ("MeanOfLossesBackward", "detached")
+    ]
+    reversed_ = ce(ReversedGradient.apply(logits()) * s).mean()
+    assert _suspects(reversed_, [w, s]) == [("ReversedGradientBackward", "constant")]
+    plain = ce(TanhSavingOutput.apply(Product.apply(x * w, w)) * s).mean() * s
+    assert _suspects(plain, [w, s]) == []
+    with pytest.raises(RuntimeError, match="outside autograd"):  # without a list: refused
+        checked_gradient(MeanOfLosses.apply(ce(logits())), [w])
+    checked_gradient(weighted, [w, s])  # a constant one passes without a list (unchanged)
+
+
+def _problem(loss_of):
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+    scale = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+    model = torch.nn.ModuleDict({"first": first, "last": last})
+    model.register_parameter("scale", scale)
+    batches = [(torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+
+    def loss(b, fused=True):
+        logits = last(torch.tanh(first(b[0])))
+        return loss_of(logits, b[1], scale, fused)
+
+    return model, batches, loss
+
+
+def _weighted(logits, y, s, fused):
+    """A cross-entropy weighted by a learned factor (uncertainty weighting, Kendall et al.)."""
+    ce = (
+        FusedCrossEntropy.apply(logits, y)
+        if fused
+        else torch.nn.functional.cross_entropy(logits, y)
+    )
+    return torch.exp(-s) * ce + s
+
+
+def _mean(logits, y, s, fused):
+    per_sample = torch.nn.functional.cross_entropy(logits * torch.exp(s), y, reduction="none")
+    return MeanOfLosses.apply(per_sample) if fused else per_sample.mean()
+
+
+def test_a_fused_loss_scaled_by_a_learned_weight_is_caught_by_finite_differences():
+    """A fused loss kernel times a learnable weight: its backward scales the gradient it is
+    fed (which has a graph, through the weight) by a factor computed outside autograd, so the
+    graph passed it, and every exact kind dropped the Gauss-Newton term without a word (the
+    Hessian 47 % off in Frobenius norm, its top eigenvalue 9 %). "auto" now compares its
+    product with finite differences and takes them, equal to the differentiable twin's
+    oracle."""
+    model, batches, loss = _problem(_weighted)
+    H = dense_hessian(lambda b: loss(b, fused=False), model, batches)
+    wrong = dense_hessian(loss, model, batches)  # the oracle passes it too: terms dropped
+    assert float((wrong - H).norm() / H.norm()) > 0.4  # 0.47
+    assert abs(float(torch.linalg.eigvalsh(wrong)[-1] / torch.linalg.eigvalsh(H)[-1]) - 1) > 0.05
+    said = []
+    op = HessianOperator(loss, model, batches, hvp="auto")
+    op.warn = lambda kind, message: said.append((kind, message))
+    v = torch.randn(op.dim, dtype=torch.float64)
+    assert torch.allclose(op @ v, H @ v, rtol=1e-7, atol=1e-9)
+    assert op.hvp_choice == "finite_difference" and op.choice.failures["cached"] == "drops terms"
+    assert [k for k, _ in said] == ["fd_fallback"]
+    assert "FusedCrossEntropyBackward" in said[0][1] and "drops second-order terms" in said[0][1]
+    assert not op.graphs.trusted
+
+
+def test_a_linear_custom_function_at_the_loss_keeps_the_exact_products():
+    """A linear custom reduction at the end of the loss, whose backward hands back a gradient
+    without a graph, was refused like a kernel outside autograd: "auto" fell back to finite
+    differences with a warning where the exact kinds were exact. Its products now agree with
+    finite differences, so the exact kind stays, the Function is trusted for the operator's
+    life, and a later operator of the chosen kind given that trust does not refuse it."""
+    model, batches, loss = _problem(_mean)
+    H = dense_hessian(lambda b: loss(b, fused=False), model, batches)
+    said = []
+    op = HessianOperator(loss, model, batches, hvp="auto")
+    op.warn = lambda kind, message: said.append((kind, message))
+    V = torch.randn(3, op.dim, dtype=torch.float64)
+    assert torch.allclose(op @ V[0], H @ V[0], rtol=1e-10, atol=1e-12)
+    assert op.exact and not said and "MeanOfLossesBackward checked" in op.hvp_reason
+    assert op.graphs.trusted == {"MeanOfLossesBackward"}
+    assert torch.allclose(op.matmat(V.T), H @ V.T, rtol=1e-10, atol=1e-12)
+    later = HessianOperator(loss, model, batches, hvp=op.hvp_choice)
+    with pytest.raises(RuntimeError, match="outside autograd"):
+        later @ V[0]  # a kind asked for by name refuses it, unless the trial cleared it
+    later = HessianOperator(loss, model, batches, hvp=op.hvp_choice)
+    later.graphs.trusted = op.graphs.trusted
+    assert torch.allclose(later @ V[0], H @ V[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_of", [_weighted, _mean])
+def test_where_finite_differences_cannot_tell_the_products_are_not_trusted(loss_of):
+    """With finite differences too inaccurate to compare (here a step of the weights' size),
+    a backward that returns gradients without a graph is refused as before (finite
+    differences, with a warning saying why), and one that scales its gradient by a constant
+    keeps the exact kind with a warning that it is unchecked."""
+    model, batches, loss = _problem(loss_of)
+    said = []
+    op = HessianOperator(loss, model, batches, hvp="auto", fd_step=1.0)
+    op.warn = lambda kind, message: said.append((kind, message))
+    op @ torch.randn(op.dim, dtype=torch.float64)
+    if loss_of is _mean:
+        assert op.hvp_choice == "finite_difference" and "too inaccurate" in op.hvp_reason
+        assert [k for k, _ in said][:1] == ["fd_fallback"]
+    else:
+        assert op.exact and [k for k, _ in said] == ["unverified"]
+        assert "FusedCrossEntropyBackward" in said[0][1]
