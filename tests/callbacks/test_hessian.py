@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from curvature._problems import OnceDifferentiableTanh, OutsideAutogradTanh
+from curvature._problems import MeanOfLosses, OnceDifferentiableTanh, OutsideAutogradTanh
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -320,6 +320,52 @@ def test_no_double_backward_falls_back_to_finite_differences(tmp_path, net, why)
     pl.seed_everything(4)
     plain = net()
     make_trainer(tmp_path, [], max_epochs=1, logger=False).fit(
+        plain, DataLoader(data, batch_size=8)
+    )
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+class MeanReducedNet(Classifier):
+    """A custom reduction at the end of the loss (linear; its backward hands back a gradient
+    without a graph)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return MeanOfLosses.apply(F.cross_entropy(self(x), y, reduction="none"))
+
+
+def test_a_linear_custom_reduction_keeps_exact_products_for_the_whole_fit(tmp_path):
+    """Refused before like a kernel outside autograd (finite differences and a warning for
+    the whole fit). Now "auto" compares its product with finite differences once, keeps the
+    exact kind, and the later measurements (the kind asked for by name) trust the Function:
+    no NaN, no warning, values equal to the oracle, training untouched."""
+    data = random_classes()
+    fixed = [(data.tensors[0][:12], data.tensors[1][:12])]
+    mon = HessianMonitor(epochs=[0, 1, 2], tol=1e-8, num_batches=1, dataloader=fixed, trace=False)
+    pl.seed_everything(4)
+    model = MeanReducedNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=2, logger=False).fit(
+            model, DataLoader(data, batch_size=8)
+        )
+    assert not [w for w in caught if "HessianMonitor" in str(w.message)]
+    assert (
+        mon.hvp_choice != "finite_difference" and "MeanOfLossesBackward checked" in mon.hvp_reason
+    )
+    assert len(mon.history) == 3 and all(h["hessian/hvp_exact"] == 1.0 for h in mon.history)
+    twin = Classifier()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    H = dense_hessian(lambda b: F.cross_entropy(twin(b[0]), b[1]), twin, fixed)
+    eig = torch.linalg.eigvalsh(H)
+    last = mon.history[-1]
+    assert last["hessian/eigenvalue_1"] == pytest.approx(float(eig[-1]), rel=1e-6)
+    assert last["hessian/min_eigenvalue"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-7)
+    pl.seed_everything(4)
+    plain = MeanReducedNet()
+    make_trainer(tmp_path, [], max_epochs=2, logger=False).fit(
         plain, DataLoader(data, batch_size=8)
     )
     for k, v in plain.state_dict().items():

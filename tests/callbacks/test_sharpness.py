@@ -7,7 +7,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from curvature._problems import OnceDifferentiableTanh
+from curvature._problems import MeanOfLosses, OnceDifferentiableTanh
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -273,6 +273,40 @@ def test_no_double_backward_takes_finite_differences_and_keeps_every_measure(tmp
     assert quiet == []
     assert len(once) == len(twin) == 2
     for mine, theirs in zip(once, twin, strict=True):
+        for key in ("sam", "adaptive", "keskar", "sam_curvature", "average", "grad_norm"):
+            value = mine[f"sharpness/{key}"]
+            assert math.isfinite(value)
+            assert value == pytest.approx(theirs[f"sharpness/{key}"], rel=1e-6, abs=1e-12), key
+
+
+class MeanNet(Net):
+    """Net with a custom reduction at the end of its loss (linear; its backward hands back a
+    gradient without a graph, like a kernel outside autograd)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return MeanOfLosses.apply(F.mse_loss(self.net(x).squeeze(-1), y, reduction="none"))
+
+
+def test_a_linear_custom_reduction_keeps_exact_products_in_every_measurement(tmp_path):
+    """Its exact products, compared once with finite differences by "auto", stay exact in the
+    later measurements (the Function trusted for the fit): every value equals the plain
+    twin's, without a warning."""
+    x, y = _data()
+    fixed = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    rows = {}
+    for model in (MeanNet(), Net()):
+        monitor = SharpnessMonitor(epochs=[0, 1, 2], num_batches=2, dataloader=fixed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, [monitor], max_epochs=2, logger=False).fit(
+                model, DataLoader(TensorDataset(x, y), batch_size=8)
+            )
+        assert not [w for w in caught if "SharpnessMonitor" in str(w.message)]
+        assert monitor.hvp_choice in ("cached", "double_backward")
+        rows[type(model).__name__] = monitor.history
+    assert len(rows["MeanNet"]) == len(rows["Net"]) == 3
+    for mine, theirs in zip(rows["MeanNet"], rows["Net"], strict=True):
         for key in ("sam", "adaptive", "keskar", "sam_curvature", "average", "grad_norm"):
             value = mine[f"sharpness/{key}"]
             assert math.isfinite(value)
