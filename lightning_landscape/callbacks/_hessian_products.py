@@ -30,13 +30,14 @@ from lightning_landscape.curvature.operator import FUNC
 
 def reset_choice(monitor: Any) -> None:
     """Forget what ``hvp="auto"`` decided (at construction and at each fit's setup): the kind
-    (``hvp_choice``, ``hvp_reason``), the kind for blocks, and the custom autograd Functions
-    whose backward its comparison with finite differences found exact (:mod:`~lightning_landscape.curvature.crosscheck`)."""
+    (``hvp_choice``, ``hvp_reason``), the kind for blocks, and whether its trial listed custom
+    autograd Functions to compare with finite differences in every operator
+    (:mod:`~lightning_landscape.curvature.crosscheck`)."""
     auto = monitor.hvp == "auto"
     monitor.hvp_choice = None if auto else monitor.hvp
     monitor.hvp_reason = "" if auto else "requested"
     monitor._block_choice = None
-    monitor._trusted = set()
+    monitor._checks = False
 
 
 def make_operator(
@@ -77,7 +78,8 @@ def make_operator(
         batch_size_fn=monitor.batch_size_fn,
     )
     op.warn = lambda key, message: ctx.warn(f"HessianMonitor-{key}", f"HessianMonitor: {message}")
-    op.graphs.trusted = monitor._trusted  # shared: what "auto" clears holds for the whole fit
+    if monitor._checks:  # the trial listed custom Functions: each operator compares its own
+        op.graphs.suspects = []
     return op
 
 
@@ -123,6 +125,7 @@ def record_choice(monitor: Any, op: Any) -> None:
         return  # no kind gave finite products (a NaN loss): decide at the next measurement
     monitor.hvp_choice, monitor.hvp_reason = op.hvp_choice, op.hvp_reason
     monitor._block_choice = op.block_choice if op.exact else None
+    monitor._checks = op.graphs.listed
     if op.exact:  # the fallback to finite differences has warned already
         pieces = f"; on {op.plan.reason}" if op.plan is not None and op.plan.reason else ""
         rank_zero_info(

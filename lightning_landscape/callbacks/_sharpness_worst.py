@@ -62,7 +62,7 @@ def objective(monitor: Any, ctx: MeasureContext, seed: int) -> tuple[Any, Tensor
         note = _FD_NOTE if key == "fd_fallback" else ""
         ctx.warn(f"SharpnessMonitor-{key}", f"SharpnessMonitor: {message}{note}")
 
-    obj.warn, obj.trusted = warn, monitor._trusted
+    obj.warn, obj.checks = warn, monitor._checks
     return obj, pv.get()
 
 
@@ -71,7 +71,7 @@ def record_choice(monitor: Any, obj: Any) -> None:
     finite differences has warned already)."""
     if monitor.hvp_choice is not None or getattr(obj, "hvp", "auto") == "auto":
         return
-    monitor.hvp_choice, monitor.hvp_reason = obj.hvp, obj.hvp_reason
+    monitor.hvp_choice, monitor.hvp_reason, monitor._checks = obj.hvp, obj.hvp_reason, obj.checks
     if obj.hvp != "finite_difference":
         rank_zero_info(
             f"SharpnessMonitor: Hessian-vector products by {obj.hvp!r} (hvp='auto': "

@@ -219,7 +219,7 @@ class SharpnessMonitor(LandscapeMonitor):
         self.hvp = hvp
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
-        self._trusted: set[str] = set()  # custom Functions "auto" cleared in this fit
+        self._checks = False  # whether the fit's trial listed custom Functions to compare
         self.ascent_steps = ascent_steps
         self.polish_steps = polish_steps
         self.average_samples = average_samples
@@ -234,7 +234,7 @@ class SharpnessMonitor(LandscapeMonitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.hvp == "auto":  # decided afresh in every fit
-            self.hvp_choice, self.hvp_reason, self._trusted = None, "", set()
+            self.hvp_choice, self.hvp_reason, self._checks = None, "", False
 
     def state_key_extra(self) -> dict[str, Any]:
         return {"grid": repr(self._grid())}

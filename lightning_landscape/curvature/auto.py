@@ -17,16 +17,13 @@ whose backward uses tensors computed inside its forward or runs outside autograd
 kernels' do) gives an asymmetric "Hessian": then the exact kinds are wrong, and finite
 differences, which differentiate only gradients, are taken instead (with one warning saying
 why; where they are no better, their own error estimate above a quarter of the asymmetry, the
-exact kind stays, with a warning). Where the graph runs a custom Function that it cannot
-clear (a backward returning gradients without a graph, or scaling the gradient it is fed by a
-factor computed outside autograd: exact if the Function is linear, silently wrong otherwise),
-the chosen product is compared with finite differences instead (:mod:`.crosscheck`; four
-gradients). Cost: about 3
-products of each candidate (plus the cached kind's graphs) and one for the symmetry, once per
-operator; the chosen kind's product of the first vector is kept as that vector's product.
-Finite differences are the fallback when no exact kind works or the exact kinds are wrong,
-never a silent choice. Under torch.distributed the trial products are local and the verdicts
-and timings are summed over ranks, so every rank chooses the same kind.
+exact kind stays, with a warning). Where the graph runs custom Functions it cannot clear,
+the product is compared with finite differences too (:mod:`.crosscheck`, four gradients).
+Cost: about 3 products of each candidate (plus the cached kind's graphs) and one for the
+symmetry, once per operator; the chosen kind's product of the first vector is kept as that
+vector's product. Finite differences are the fallback when no exact kind works or the exact
+kinds are wrong, never a silent choice. Under torch.distributed the trial products are local
+and the verdicts and timings are summed over ranks, so every rank chooses the same kind.
 """
 
 from __future__ import annotations
@@ -311,9 +308,10 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
                 f"Hessian-vector products are unreliable: {wrong}. Finite differences are "
                 "not accurate enough here to replace them (a kink, or half-precision compute).",
             )
-    names, listed = crosscheck.suspected(op)
-    if listed and symmetric and choice.exact and choice.seconds:  # asymmetric: warned already
+    names = crosscheck.suspected(op)
+    if op.graphs.listed and symmetric and choice.exact and choice.seconds:  # else warned
         choice, product = crosscheck.checked(op, v, choice, product, names, tol)
+    op.graphs.compared = True
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()
@@ -326,6 +324,21 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
             f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
         )
     return product
+
+
+def pending(op: HessianOperator) -> bool:
+    """Whether the operator's next product is its first of ``"auto"``: the trial, or the check
+    of a kind an earlier trial chose (:func:`.crosscheck.recheck`)."""
+    g = op.graphs
+    return op.hvp_choice is None or (g.suspects is not None and not g.compared and op.exact)
+
+
+def first_product(op: HessianOperator, v: Tensor) -> Tensor | None:
+    """:func:`resolve`, or the check of a kind decided earlier; this rank's product of ``v`` by
+    the operator's kind (None where not computed)."""
+    if op.hvp_choice is None:
+        return resolve(op, v)
+    return crosscheck.recheck(op, v, symmetry_tolerance(v.dtype, v.device, op.module))
 
 
 def resolve_blocks(op: HessianOperator, Vt: Tensor) -> Tensor:

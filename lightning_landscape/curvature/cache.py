@@ -201,8 +201,10 @@ class GraphCache:
         self.grad: Tensor | None = None
         self.cut = 0
         self.checked: set[int] = set()  # batches whose graph passed :func:`checked_gradient`
-        self.suspects: list[tuple[str, str]] | None = None  # a list: record, do not raise
-        self.trusted: set[str] = set()  # custom Functions that passed "auto"'s comparison
+        # custom Functions the graphs cannot clear (:mod:`.crosscheck`): with a list, listed
+        # there rather than refused; whether any rank listed one, and whether it was compared
+        self.suspects: list[tuple[str, str]] | None = None
+        self.listed = self.compared = False
         self.rng: tuple[Tensor, list[Tensor]] | None = None
         self.graph_bytes: list[int] = []
         self.largest = 0.0
@@ -262,7 +264,7 @@ class GraphCache:
         checked (a kernel can be used by some batches only: a mixture of experts' routing)."""
         if i in self.checked:
             return flat_grad(loss, self.params, create_graph=True)
-        grad = checked_gradient(loss, self.params, self.suspects, self.trusted)
+        grad = checked_gradient(loss, self.params, self.suspects)  # raises, or lists
         self.checked.add(i)
         return grad
 

@@ -1,24 +1,30 @@
 """Exact products checked against finite differences, where the graph alone cannot tell.
 
-Two checks of ``hvp="auto"``'s trial (:mod:`.auto`) compare the chosen exact kind's product of
-the trial vector v with central differences of gradients at steps h and 2h (four gradients,
-once per operator, :meth:`.HessianOperator.differences`), whose own relative error is
-estimated as e = ‖D_2h − D_h‖ / ‖D_h‖ (:func:`.finite_difference.relative_error`):
+Two checks of ``hvp="auto"`` compare an exact kind's product of a vector v with central
+differences of gradients at steps h and 2h (four gradients, :meth:`.HessianOperator.differences`),
+whose own relative error is estimated as e = ‖D_2h − D_h‖ / ‖D_h‖
+(:func:`.finite_difference.relative_error`):
 
 - :func:`differences_better`: after an asymmetric exact product, whether finite differences
   are better (e below a quarter of the asymmetry).
 - :func:`verdict`: where the model runs a custom autograd Function whose backward the graph
-  cannot clear (:func:`.differentiable.outside_autograd_refused`: a gradient returned
-  without a graph, or one whose graph reaches neither the Function's inputs nor its output).
-  Such a backward is either exact (a linear Function: a gradient reversal, a straight-through
-  estimator) or drops second-order terms silently (a kernel run outside autograd, a fused loss
-  weighted by a learnable factor: 47 % off the top eigenvalue without a word). With
-  d = ‖Hv − D_h‖ / ‖D_h‖ and the resolution r = max(4 e, tol): d > r is "wrong" (the exact
-  kinds drop terms), d ≤ r ≤ 0.1 is "exact", and otherwise (finite differences too inaccurate
-  to tell, across kinks) "undecided".
+  cannot clear (:func:`.differentiable.outside_autograd_refused`: a gradient returned without
+  a graph, one whose graph reaches neither the Function's inputs nor its output, or a tensor
+  saved without a graph). Such a backward is either exact (a linear Function: a custom mean
+  reduction, a gradient reversal) or drops second-order terms silently (a kernel run outside
+  autograd; a fused loss weighted by a learnable factor: the Hessian 47 % off; a
+  memory-efficient Swish that keeps its sigmoid from the forward: 6 %). With
+  d = ‖Hv − D_h‖ / ‖D_h‖ and the resolution r = max(4 e, tol): d > r is "wrong" (finite
+  differences are taken, with one warning naming the Function), d ≤ r ≤ 0.1 "exact", and
+  otherwise (finite differences too inaccurate to tell, across kinks) "undecided": the exact
+  kind stays, with one warning that it is unchecked.
 
-Under torch.distributed each rank compares its own local products (a rank's local Hessian is
-a Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
+The comparison runs in every operator whose graphs list such a Function: in the trial of
+``"auto"`` (:func:`checked`), and in the later operators of a fit whose trial listed one
+(:func:`recheck`; the monitors pass that on), since a term that vanished at one point (a fused
+Huber loss whose residuals all lay beyond δ) need not vanish at the next. Under
+torch.distributed each rank compares its own local products (a rank's local Hessian is a
+Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
 """
 
 from __future__ import annotations
@@ -76,21 +82,38 @@ def verdict(
     return ("undecided" if flags[1] > 0 else "exact"), d, e
 
 
-def suspected(op: HessianOperator) -> tuple[list[str], bool]:
-    """The custom Functions this rank's graphs listed (:attr:`.cache.GraphCache.suspects`),
-    and whether any rank listed one (so that all ranks compare, or none)."""
+def suspected(op: HessianOperator) -> list[str]:
+    """The custom Functions this rank's graphs listed (:attr:`.cache.GraphCache.suspects`); sets
+    the graphs' ``listed``: whether any rank listed one (so that all ranks compare, or none)."""
     names = list(dict.fromkeys(name for name, _ in op.graphs.suspects or ()))
     flag = torch.tensor([float(bool(names))], dtype=torch.float64)
-    return names, float(all_reduce_sum_(flag, op.distributed)[0]) > 0
+    op.graphs.listed = float(all_reduce_sum_(flag, op.distributed)[0]) > 0
+    return names
 
 
-def detached(op: HessianOperator) -> bool:
-    """Whether a rank's graphs listed a Function returning gradients without a graph."""
-    flag = torch.tensor(
-        [float(any(how == "detached" for _, how in op.graphs.suspects or ()))],
-        dtype=torch.float64,
-    )
-    return float(all_reduce_sum_(flag, op.distributed)[0]) > 0
+def _outcome(
+    op: HessianOperator, v: Tensor, kind: str, product: Tensor, names: list[str], tol: float
+) -> tuple[str | None, str]:
+    """Compare and say so: why the products are wrong (None where they stand; a warning if
+    unchecked), and what the comparison found."""
+    op.graphs.compared = True
+    outcome, d, e = verdict(op, v, product, tol)
+    fns = f"the backward of {', '.join(names) or 'a custom autograd Function (on another rank)'}"
+    found = f"{fns} compared with finite differences: {d:.1e} apart (their error {e:.1e})"
+    if outcome == "wrong":
+        return (
+            f"{fns} (a custom autograd Function) drops second-order terms: the exact products "
+            f"differ from finite differences by {d:.1e} (relative; their own error {e:.1e})"
+        ), found
+    if outcome == "undecided":
+        op.warn(
+            "unverified",
+            f"Hessian-vector products by {kind!r} are unchecked: {fns} (a custom autograd "
+            "Function) returns gradients outside autograd, or through factors computed "
+            "outside it, which is exact for a linear Function and drops terms otherwise, and "
+            f"finite differences are too inaccurate here (their error {e:.1e}) to tell.",
+        )
+    return None, found
 
 
 def checked(
@@ -101,36 +124,37 @@ def checked(
     names: list[str],
     tol: float,
 ) -> tuple[Choice, Tensor | None]:
-    """The choice after comparing its product with finite differences (:func:`verdict`)
-    where the graph listed custom Functions it cannot clear: kept (those Functions then trusted
-    for the rest of the operator's life, :attr:`.cache.GraphCache.trusted`), replaced by finite
-    differences, or kept with a warning when neither can be told."""
+    """The trial's choice after comparing its product of ``v`` with finite differences: kept, or
+    replaced by finite differences (the caller warns)."""
     if product is None:
         product = op.local_products(choice.kind, v)
-    outcome, d, e = verdict(op, v, product, tol)
-    fns = f"the backward of {', '.join(names) or 'a custom autograd Function (on another rank)'}"
-    if outcome == "exact":
-        op.graphs.trusted.update(names)
-        note = f"; {fns} checked: {d:.1e} from finite differences (their error {e:.1e})"
-        return replace(choice, reason=choice.reason + note), product
-    if outcome == "wrong" or detached(op):
-        why = (
-            f"{fns} (a custom autograd Function) drops second-order terms: the exact products "
-            f"differ from finite differences by {d:.1e} (relative; their own error {e:.1e})"
-            if outcome == "wrong"
-            else f"{fns} (a custom autograd Function) returns gradients outside autograd, and "
-            f"finite differences are too inaccurate here ({e:.1e}) to check the exact kinds"
-        )
-        failed = "drops terms" if outcome == "wrong" else "unchecked"
-        dropped = {**choice.failures, **dict.fromkeys(choice.seconds, failed)}
-        return replace(
-            choice, kind="finite_difference", reason=why, seconds={}, failures=dropped
-        ), None
+    why, found = _outcome(op, v, choice.kind, product, names, tol)
+    if why is None:
+        return replace(choice, reason=f"{choice.reason}; {found}"), product
+    dropped = {**choice.failures, **dict.fromkeys(choice.seconds, "drops terms")}
+    return replace(choice, kind="finite_difference", reason=why, seconds={}, failures=dropped), None
+
+
+def recheck(op: HessianOperator, v: Tensor, tol: float) -> Tensor | None:
+    """The first product of an operator whose exact kind an earlier trial chose while listing
+    custom Functions (``op.graphs.suspects`` a list): lists this operator's own (through a
+    graph kind's product of ``v``: one product more for the forward-over-reverse kinds) and
+    compares if any rank lists one; where the products are wrong, the operator takes finite
+    differences, with one warning. Returns this rank's product of ``v`` by the operator's kind
+    (None where it is not the one computed)."""
+    kind = op.hvp_choice
+    graph_kind = kind if kind in ("cached", "double_backward") else "double_backward"
+    product = op.local_products(graph_kind, v)
+    names = suspected(op)
+    why = _outcome(op, v, kind, product, names, tol)[0] if op.graphs.listed else None
+    op.graphs.compared = True
+    if why is None:
+        return product if graph_kind == kind else None
+    op.hvp_choice, op.hvp_reason = "finite_difference", why
+    op.release()
     op.warn(
-        "unverified",
-        f"Hessian-vector products by {choice.kind!r} are unchecked: {fns} (a custom autograd "
-        "Function) scales the gradient it is fed by a factor computed outside autograd, which "
-        "is exact for a linear Function (a gradient reversal) and drops terms otherwise, and "
-        f"finite differences are too inaccurate here ({e:.1e}) to tell.",
+        "fd_fallback",
+        f"Hessian-vector products fall back to finite differences: {why}. They are inexact; "
+        "their error estimate is `product_error`.",
     )
-    return choice, product
+    return None

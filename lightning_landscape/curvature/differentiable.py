@@ -6,14 +6,15 @@ Autograd does not always say when it cannot differentiate a backward: through a
 ``@once_differentiable`` backward, or a custom ``autograd.Function`` whose backward runs
 outside autograd (fused kernels of model libraries: CUDA extensions, Triton), a second
 backward silently drops every term through it (torch 2.13). These checks raise instead, so
-that ``hvp="auto"`` takes another route (finite differences) and a kind asked for by name
-fails loudly.
+that a kind asked for by name fails loudly; under ``hvp="auto"`` the Functions that the graph
+cannot clear are listed instead, and the products compared with finite differences
+(:mod:`.crosscheck`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,16 +49,13 @@ def check_twice_differentiable(*grads: Tensor) -> None:
 
 
 def checked_gradient(
-    loss: Tensor,
-    params: Sequence[Tensor],
-    found: list[tuple[str, str]] | None = None,
-    trusted: Collection[str] = (),
+    loss: Tensor, params: Sequence[Tensor], found: list[tuple[str, str]] | None = None
 ) -> Tensor:
     """``flat_grad(loss, params, create_graph=True)``, raising where that gradient cannot be
     differentiated again: through a ``@once_differentiable`` backward
     (:func:`check_twice_differentiable`) or a backward outside autograd
-    (:func:`outside_autograd_refused`, with its ``found`` and ``trusted``)."""
-    with outside_autograd_refused(loss, found, trusted):
+    (:func:`outside_autograd_refused`; with ``found``, listed there instead)."""
+    with outside_autograd_refused(loss, found):
         grad = flat_grad(loss, params, create_graph=True)
     check_twice_differentiable(grad)
     return grad
@@ -65,9 +63,7 @@ def checked_gradient(
 
 @contextlib.contextmanager
 def outside_autograd_refused(
-    root: Tensor,
-    found: list[tuple[str, str]] | None = None,
-    trusted: Collection[str] = (),
+    root: Tensor, found: list[tuple[str, str]] | None = None
 ) -> Iterator[None]:
     """Raise at the end of the block if a backward with ``create_graph`` from ``root`` inside it
     passed through a custom autograd Function (Python's ``autograd.Function`` or a C++
@@ -79,13 +75,14 @@ def outside_autograd_refused(
     one-sided drops. Walks the graph once, hooking each custom Function's node for the block.
 
     The graph cannot tell such a backward from a linear Function's fed a constant gradient
-    (nothing dropped), nor a backward that multiplies the gradient it is fed by a factor
-    computed outside autograd ("constant": its graph reaches neither the Function's inputs
-    nor its output, only the gradient it was fed; a fused loss weighted by a learnable factor
-    drops terms so, a gradient reversal is exact so). With ``found``, nothing raises: each
-    such Function is listed once, as ``(name, "detached" | "constant")``, for
-    :func:`.auto.resolve` to compare the products with finite differences. Functions named in
-    ``trusted`` (passed that comparison) are not checked.
+    (nothing dropped), nor see every drop: a backward that multiplies the gradient it is fed by
+    a factor computed outside autograd ("constant": its graph reaches neither the Function's
+    inputs nor its output, only the gradient it was fed; a fused loss weighted by a learnable
+    factor drops terms so, a gradient reversal is exact so), or one that uses a tensor saved
+    without a graph ("saved": a statistic computed in the forward, as a memory-efficient
+    Swish's sigmoid; or an input that needs no gradient) beside inputs that need one. With
+    ``found``, nothing raises: each such Function is listed once, as ``(name, how)``, for
+    :mod:`.crosscheck` to compare the products with finite differences.
 
     Raises:
         NotTwiceDifferentiable: naming the first detached Function, without ``found``.
@@ -94,8 +91,7 @@ def outside_autograd_refused(
     handles = []
     try:
         for node in _nodes(root):
-            custom = isinstance(node, BackwardCFunction) or node.name().startswith(_CPP)
-            if custom and node.name() not in trusted:
+            if isinstance(node, BackwardCFunction) or node.name().startswith(_CPP):
                 handles.append(node.register_hook(_suspect(node, seen, found is not None)))
         yield
     finally:
@@ -108,9 +104,9 @@ def outside_autograd_refused(
         )
 
 
-def _suspect(node: Any, found: list[tuple[str, str]], constant: bool) -> Callable:
-    """The hook that lists ``node`` in ``found`` if it is detached, or (with ``constant``)
-    constant (see :func:`outside_autograd_refused`)."""
+def _suspect(node: Any, found: list[tuple[str, str]], listing: bool) -> Callable:
+    """The hook that lists ``node`` in ``found`` if it is detached, or (with ``listing``)
+    constant or saved (see :func:`outside_autograd_refused`)."""
     inputs = [f for f, _ in node.next_functions]  # None: an input that needs no gradient
 
     def hook(grad_inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]) -> None:
@@ -118,20 +114,34 @@ def _suspect(node: Any, found: list[tuple[str, str]], constant: bool) -> Callabl
         if not torch.is_grad_enabled() or "detached" in listed:
             return  # a backward without create_graph, or listed already
         fed = {o.grad_fn for o in grad_outputs if o is not None and o.grad_fn is not None}
+        how = None
         for g, source in zip(grad_inputs, inputs, strict=False):
             if g is None or source is None or _integral(g):
                 continue
             if any(g is o for o in grad_outputs):  # passed through (module hooks): nothing lost
                 continue
             if not g.requires_grad and bool(g.any()):
-                found.append((node.name(), "detached"))
-                return
-            if g.requires_grad and constant and not listed:
+                how = "detached"
+                break
+            if listing and not listed and how is None and g.requires_grad:
                 if not _reaches(g, {node, *inputs}, fed):
-                    found.append((node.name(), "constant"))
-                    listed = {"constant"}
+                    how = "constant"
+                elif _saved_without_graph(node):
+                    how = "saved"
+        if how is not None:
+            found.append((node.name(), how))
 
     return hook
+
+
+def _saved_without_graph(node: Any) -> bool:
+    """Whether a Python Function's node saved a floating tensor without a graph (C++
+    extensions' saved tensors cannot be read: False)."""
+    try:
+        saved = node.saved_tensors
+    except (AttributeError, RuntimeError):  # not a Python Function, or freed
+        return False
+    return any(t is not None and not _integral(t) and not t.requires_grad for t in saved)
 
 
 def _reaches(g: Tensor, targets: set, fed: set) -> bool:

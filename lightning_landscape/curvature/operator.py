@@ -113,7 +113,7 @@ class HessianOperator(LinearOperator):
         choice: the trial of ``"auto"`` (an :class:`~.auto.Choice`: timings, failures).
         graphs: the :class:`~.cache.GraphCache`: ``cut`` batches cached, their measured
             ``graph_bytes``, the ``budget`` used and ``step_bytes``, the estimated training step;
-            its ``trusted`` custom Functions (names) are not checked (:mod:`.crosscheck`).
+            its ``suspects`` (a list: custom Functions compared, :mod:`.crosscheck`).
         fd_errors: the error estimates of the checked finite-difference products.
 
     Raises:
@@ -228,8 +228,8 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, Vt: Tensor) -> Tensor:
         self._split()
-        if self.hvp_choice is None:
-            hv = _auto.resolve(self, Vt[:1])  # this rank's product of Vt[:1] by the chosen kind
+        if _auto.pending(self):  # "auto"'s trial, or its check of this operator's graphs
+            hv = _auto.first_product(self, Vt[:1])  # this rank's product of Vt[:1] by its kind
             if hv is not None and len(Vt) == 1:
                 return self._reduce(hv)
         if self.hvp_choice == "finite_difference":

@@ -120,9 +120,9 @@ class BatchObjective:
         hvp, hvp_reason: the kind in use (``"auto"`` until an operator has chosen) and why.
         warn: None (the operators' ``UserWarning``) or ``warn(key, message)``, handed to the
             operators for their fallback and accuracy warnings.
-        trusted: names of custom autograd Functions whose backward ``"auto"``'s comparison
-            with finite differences found exact; shared by the operators
-            (:mod:`~lightning_landscape.curvature.crosscheck`).
+        checks: whether ``"auto"``'s trial listed custom autograd Functions: then every
+            operator compares its products with finite differences where its own graphs list
+            one (:mod:`~lightning_landscape.curvature.crosscheck`).
 
     Raises:
         TypeError: if ``batch_size_fn`` is not callable or None.
@@ -151,7 +151,7 @@ class BatchObjective:
         self.seed = seed
         self.hvp, self.hvp_reason = hvp, "" if hvp == "auto" else "requested"
         self.warn: Callable[[str, str], None] | None = None
-        self.trusted: set[str] = set()
+        self.checks = False
 
     @property
     def hvp_seed(self) -> int:
@@ -206,7 +206,8 @@ class BatchObjective:
         ):
             if self.warn is not None:
                 op.warn = self.warn
-            op.graphs.trusted = self.trusted
+            if self.checks:
+                op.graphs.suspects = []
             try:
                 yield op
             finally:
@@ -214,6 +215,7 @@ class BatchObjective:
                 choice = op.choice  # none where every kind gave NaN: decided next time
                 if self.hvp == "auto" and choice is not None and (choice.seconds or not op.exact):
                     self.hvp, self.hvp_reason = choice.kind, choice.reason
+                    self.checks = op.graphs.listed
 
 
 Objective = FunctionObjective | BatchObjective

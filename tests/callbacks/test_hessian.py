@@ -352,7 +352,7 @@ def test_a_linear_custom_reduction_keeps_exact_products_for_the_whole_fit(tmp_pa
         )
     assert not [w for w in caught if "HessianMonitor" in str(w.message)]
     assert (
-        mon.hvp_choice != "finite_difference" and "MeanOfLossesBackward checked" in mon.hvp_reason
+        mon.hvp_choice != "finite_difference" and "MeanOfLossesBackward compared" in mon.hvp_reason
     )
     assert len(mon.history) == 3 and all(h["hessian/hvp_exact"] == 1.0 for h in mon.history)
     twin = Classifier()
