@@ -25,6 +25,7 @@ On the accelerator, inside a real ``Trainer``, a ``HessianMonitor`` with its def
   CPU dry run a subclass that Lightning lets run on CPU, from ``tests/callbacks/_sharded_checks.py``),
 - the asymmetry ``hvp="auto"``'s trial measures on true Hessians in float32 (a CNN and the
   Transformer, TF32 off and on): the round-off its symmetry tolerance must stay above,
+- a causal attention block through FlexAttention (eager; GPU only: no backward on CPU),
 - a BYOL-style momentum encoder (its frozen target updated in ``training_step`` by
   reassigning ``.data``: forward-mode products used to crash the process there) and a
   DINO-style center buffer updated in ``training_step`` (held during measurements).
@@ -59,6 +60,7 @@ from _models import (  # noqa: E402
     BagModel,
     CenteredTeacher,
     CheckpointedLM,
+    FlexLM,
     MomentumEncoder,
     TinyCausalLM,
     TinyCNN,
@@ -200,6 +202,19 @@ def check_tf32(accelerator: str) -> dict:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def check_flex(accelerator: str) -> dict:
+    """A causal attention block through FlexAttention (eager ``flex_attention``, the kernel of
+    ``torch.nn.attention.flex_attention``): its backward is a custom autograd Function (a
+    higher-order op), whose double backward is unknown here (no backward at all on CPU, torch
+    2.13). The oracle is the twin through ``scaled_dot_product_attention``; head dim 16."""
+    if accelerator == "cpu":
+        return {"model": "flex-attention", "skipped": "FlexAttention has no backward on CPU"}
+    return check_model(
+        "flex-attention", lambda: FlexLM(width=16, heads=1), token_data(), accelerator,
+        twin=lambda: FlexLM(width=16, heads=1, attention="sdpa"),
+    )  # fmt: skip
+
+
 def check_symmetry(accelerator: str) -> dict:
     """The trial's asymmetry |uᵀHv − vᵀHu| (scaled) of true Hessians in float32, with TF32
     off and on (matrix products and cuDNN): the round-off that ``auto.symmetry_tolerance``
@@ -305,6 +320,7 @@ def main(argv=None) -> int:
         ("mlp-fsdp2", lambda: check_fsdp2(accelerator)),
         ("mlp-fsdp1", lambda: check_fsdp1(accelerator)),
         ("symmetry", lambda: check_symmetry(accelerator)),
+        ("flex-attention", lambda: check_flex(accelerator)),
     ]
     results = []
     for name, fn in checks:

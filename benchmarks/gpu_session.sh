@@ -32,7 +32,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&
   || echo "no PyHessian wheel in .whl/: its rows will say so"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/device.txt" 2>&1
 # each step under its own limit, so that the whole fits one device call (BUDGET + 240 s)
-timeout 90 python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1
+timeout 120 python3 benchmarks/gpu_checks.py > "$OUT/checks.log" 2>&1
 echo "gpu_checks exit $?" >> "$OUT/checks.log"
 timeout 50 python3 -m pytest -q -p no:cacheprovider tests/curvature/test_kernels.py \
   tests/curvature/test_basis.py > "$OUT/cuda_tests.log" 2>&1

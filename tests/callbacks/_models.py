@@ -70,6 +70,47 @@ class CheckpointedLM(TinyCausalLM):
         return self.head(self.norm(h))
 
 
+def _causal(score, b, h, q_idx, kv_idx):
+    """FlexAttention's causal score modification."""
+    return torch.where(q_idx >= kv_idx, score, -float("inf"))
+
+
+class FlexLM(_Base):
+    """Token embedding + learned positions, one causal self-attention block (2 heads) through
+    ``torch.nn.attention.flex_attention`` (``attention="flex"``; no backward on CPU, torch
+    2.13) or its twin through ``F.scaled_dot_product_attention`` (``"sdpa"``, the same
+    function: the oracle's), a residual, a final LayerNorm and a linear head; next-token
+    cross-entropy."""
+
+    def __init__(self, width: int = 4, heads: int = 2, attention: str = "flex") -> None:
+        super().__init__()
+        self.heads, self.attention = heads, attention
+        self.embed = nn.Embedding(VOCAB, width)
+        self.pos = nn.Parameter(0.1 * torch.randn(CONTEXT, width))
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, tokens):
+        n, length = tokens.shape
+        h = self.embed(tokens) + self.pos[:length]
+        q, k, v = self.qkv(h).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.attention == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            o = flex_attention(q, k, v, score_mod=_causal)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(o.transpose(1, 2).reshape(n, length, -1))
+        return self.head(self.norm(h))
+
+    def loss(self, batch):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
 class TinyLSTM(_Base):
     """An ``nn.LSTM`` (3 -> 3) over a sequence and a linear head on its last state; 3-class
     cross-entropy. 108 parameters."""
