@@ -80,7 +80,7 @@ def outside_autograd_refused(
     inputs nor its output, only the gradient it was fed; a fused loss weighted by a learnable
     factor drops terms so, a gradient reversal is exact so), or one that uses a tensor saved
     without a graph ("saved": a statistic computed in the forward, as a memory-efficient
-    Swish's sigmoid; or an input that needs no gradient) beside inputs that need one. With
+    Swish's sigmoid; more such tensors than inputs that need no gradient). With
     ``found``, nothing raises: each such Function is listed once, as ``(name, how)``, for
     :mod:`.crosscheck` to compare the products with finite differences.
 
@@ -126,7 +126,7 @@ def _suspect(node: Any, found: list[tuple[str, str]], listing: bool) -> Callable
             if listing and not listed and how is None and g.requires_grad:
                 if not _reaches(g, {node, *inputs}, fed):
                     how = "constant"
-                elif _saved_without_graph(node):
+                elif _saved_without_graph(node, inputs):
                     how = "saved"
         if how is not None:
             found.append((node.name(), how))
@@ -134,14 +134,16 @@ def _suspect(node: Any, found: list[tuple[str, str]], listing: bool) -> Callable
     return hook
 
 
-def _saved_without_graph(node: Any) -> bool:
-    """Whether a Python Function's node saved a floating tensor without a graph (C++
-    extensions' saved tensors cannot be read: False)."""
+def _saved_without_graph(node: Any, inputs: list) -> bool:
+    """Whether a Python Function's node saved more floating tensors without a graph than it has
+    inputs that need no gradient (those may be saved: a convolution's input images, which
+    :mod:`.conv` saves); C++ extensions' saved tensors cannot be read: False."""
     try:
         saved = node.saved_tensors
     except (AttributeError, RuntimeError):  # not a Python Function, or freed
         return False
-    return any(t is not None and not _integral(t) and not t.requires_grad for t in saved)
+    bare = sum(t is not None and not _integral(t) and not t.requires_grad for t in saved)
+    return bare > sum(f is None for f in inputs)
 
 
 def _reaches(g: Tensor, targets: set, fed: set) -> bool:

@@ -591,3 +591,24 @@ def test_a_statistic_saved_without_a_graph_is_compared():
     assert op.graphs.suspects == [("FusedSwishBackward", "saved")]
     assert op.choice.asymmetry < 1e-12 and op.hvp_choice == "finite_difference"
     assert [k for k, _ in said] == ["fd_fallback"] and "FusedSwishBackward" in said[0][1]
+
+
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.ReLU])
+def test_the_convolutions_of_the_products_are_not_listed(act):
+    """The products' own convolutions (:mod:`.conv`, a custom Function) save their input: the
+    images, which need no gradient, were listed as a tensor saved without a graph, so every
+    CNN paid the comparison and a ReLU one (finite differences cannot tell across kinks)
+    warned that its products were unchecked."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), act(), torch.nn.Conv2d(2, 2, 3), act(), torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).double()  # fmt: skip
+    batches = [(torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    said = []
+    op = HessianOperator(
+        lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), model, batches, hvp="auto"
+    )
+    op.warn = lambda kind, message: said.append((kind, message))
+    op @ torch.randn(op.dim, dtype=torch.float64)
+    assert op.graphs.suspects == [] and not op.graphs.listed and not said
