@@ -172,9 +172,11 @@ class HessianMonitor(LandscapeMonitor):
     ``density_steps`` with ``density``) plus ``trace_probes`` products (``probe_block``), each
     product 0.65-3 gradients on the ``num_batches`` batches depending on the kind (finite
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
-    products of each candidate kind, and one for the symmetry check, once per fit. Memory, with T a training step and P the
-    number of parameters: two ``memory_budget`` on a GPU (default 1 T, or a quarter of the
-    free device memory where that is more: half of it in all). One for vectors: the
+    products of each candidate kind, and one for the symmetry check, once per fit; where the
+    model runs custom autograd Functions the graph cannot clear, four gradients per operator
+    (:mod:`~lightning_landscape.curvature.crosscheck`). Memory, with T a training step and P
+    the number of parameters: two ``memory_budget`` on a GPU (default 1 T, or a quarter of
+    the free device memory where that is more: half of it in all). One for vectors: the
     Lanczos basis (its steps, at most ``max_matvecs``, times P numbers, grown as it runs; on
     the device up to the budget, then on the host), then a block of probes (3 P each, 8 or as
     many as fit beside the basis). One for the products: pieces of the batches small enough

@@ -21,8 +21,9 @@ whose own relative error is estimated as e = ‖D_2h − D_h‖ / ‖D_h‖
 
 The comparison runs in every operator whose graphs list such a Function: in the trial of
 ``"auto"`` (:func:`checked`), and in the later operators of a fit whose trial listed one
-(:func:`recheck`; the monitors pass that on), since a term that vanished at one point (a fused
-Huber loss whose residuals all lay beyond δ) need not vanish at the next. Under
+(:func:`recheck`; the monitors pass that on; forward over reverse, which cannot list, compares
+in each), since a term that vanished at one point (a fused Huber loss whose residuals all lay
+beyond δ) need not vanish at the next. Under
 torch.distributed each rank compares its own local products (a rank's local Hessian is a
 Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
 """
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape.curvature.differentiable import NotTwiceDifferentiable
 from lightning_landscape.curvature.finite_difference import relative_error
 
 if TYPE_CHECKING:
@@ -98,7 +100,11 @@ def _outcome(
     unchecked), and what the comparison found."""
     op.graphs.compared = True
     outcome, d, e = verdict(op, v, product, tol)
-    fns = f"the backward of {', '.join(names) or 'a custom autograd Function (on another rank)'}"
+    fns = "the backward of " + (
+        ", ".join(names)
+        or "a custom autograd Function (on another rank, or unnamed: forward "
+        "over reverse cannot name it)"
+    )
     found = f"{fns} compared with finite differences: {d:.1e} apart (their error {e:.1e})"
     if outcome == "wrong":
         return (
@@ -137,19 +143,32 @@ def checked(
 
 def recheck(op: HessianOperator, v: Tensor, tol: float) -> Tensor | None:
     """The first product of an operator whose exact kind an earlier trial chose while listing
-    custom Functions (``op.graphs.suspects`` a list): lists this operator's own (through a
-    graph kind's product of ``v``: one product more for the forward-over-reverse kinds) and
-    compares if any rank lists one; where the products are wrong, the operator takes finite
-    differences, with one warning. Returns this rank's product of ``v`` by the operator's kind
-    (None where it is not the one computed)."""
-    kind = op.hvp_choice
-    graph_kind = kind if kind in ("cached", "double_backward") else "double_backward"
-    product = op.local_products(graph_kind, v)
-    names = suspected(op)
-    why = _outcome(op, v, kind, product, names, tol)[0] if op.graphs.listed else None
-    op.graphs.compared = True
+    custom Functions (``op.graphs.suspects`` a list). The graph kinds list this operator's own
+    and compare where any rank lists one; forward over reverse cannot list, so it compares
+    always. A backward that is refused here (``@once_differentiable``, reached by this
+    operator's batches only) takes finite differences, as the trial would. Where the products
+    are wrong the operator takes finite differences, with one warning. Four gradients where it
+    compares (and, for the cached kind, one build of the graphs more: the parameters the
+    differences moved are new versions). Returns this rank's product of ``v`` by the
+    operator's kind (None after a switch)."""
+    kind, graphs = op.hvp_choice, op.graphs
+    product, why = None, None
+    try:
+        product = op.local_products(kind, v)
+    except NotTwiceDifferentiable as err:
+        why = f"{err} (reached by this measurement's batches)"
+    flag = torch.tensor([float(why is not None)], dtype=torch.float64)
+    refused = float(all_reduce_sum_(flag, op.distributed)[0]) > 0  # every rank switches alike
+    if refused:
+        why = why or "a backward that cannot be differentiated again, on another rank"
+    elif kind in ("cached", "double_backward"):
+        names = suspected(op)
+        why = _outcome(op, v, kind, product, names, tol)[0] if graphs.listed else None
+    else:  # forward over reverse: no graph to list from
+        why = _outcome(op, v, kind, product, [], tol)[0]
+    graphs.compared = True
     if why is None:
-        return product if graph_kind == kind else None
+        return product
     op.hvp_choice, op.hvp_reason = "finite_difference", why
     op.release()
     op.warn(

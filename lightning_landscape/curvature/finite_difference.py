@@ -48,9 +48,12 @@ def is_checked(index: int) -> bool:
 
 @torch.no_grad()
 def _move(params: Sequence[Tensor], saved: Sequence[Tensor], v: Tensor, h: float) -> None:
-    """Set the parameters to ``saved + h v`` in place."""
+    """Set the parameters to ``saved + h v`` in place, through ``.data``: their version
+    counters stay, so gradient graphs kept from before (the cached kind's, "auto"'s trial)
+    remain valid once the parameters are put back bit for bit (else each comparison with
+    finite differences cost one more build of every batch's graph)."""
     for p, s, d in zip(params, saved, unflatten(v, params), strict=True):
-        p.copy_(s).add_(d, alpha=h)
+        p.data.copy_(s).add_(d, alpha=h)
 
 
 def differences(
@@ -96,7 +99,7 @@ def differences(
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+                p.data.copy_(s)  # bit for bit, the version counter untouched (_move)
     return block
 
 

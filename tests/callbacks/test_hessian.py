@@ -337,9 +337,9 @@ class MeanReducedNet(Classifier):
 
 def test_a_linear_custom_reduction_keeps_exact_products_for_the_whole_fit(tmp_path):
     """Refused before like a kernel outside autograd (finite differences and a warning for
-    the whole fit). Now "auto" compares its product with finite differences once, keeps the
-    exact kind, and the later measurements (the kind asked for by name) trust the Function:
-    no NaN, no warning, values equal to the oracle, training untouched."""
+    the whole fit). Now "auto" compares its product with finite differences, keeps the exact
+    kind, and each later operator of the fit compares its own: no NaN, no warning, values
+    equal to the oracle, training untouched."""
     data = random_classes()
     fixed = [(data.tensors[0][:12], data.tensors[1][:12])]
     mon = HessianMonitor(epochs=[0, 1, 2], tol=1e-8, num_batches=1, dataloader=fixed, trace=False)

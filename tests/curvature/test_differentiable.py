@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from functools import partial
 
 import pytest
 import torch
@@ -612,3 +613,125 @@ def test_the_convolutions_of_the_products_are_not_listed(act):
     op.warn = lambda kind, message: said.append((kind, message))
     op @ torch.randn(op.dim, dtype=torch.float64)
     assert op.graphs.suspects == [] and not op.graphs.listed and not said
+
+
+class NewMean(torch.autograd.Function):
+    """MeanOfLosses in the new style, with a jvp: forward over reverse runs it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(losses):
+        return losses.mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n = inputs[0].numel()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.detach().expand(ctx.n).contiguous() / ctx.n
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t.mean()
+
+
+class NoDoubleBackward(torch.autograd.Function):
+    """The identity, with a jvp but a backward that raises as a kernel without a derivative
+    does: forward over reverse works, the graph kinds fail with an ordinary error."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("derivative for fused_square_backward is not implemented")
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+class Square(torch.autograd.Function):
+    """x², whose backward goes through :class:`NoDoubleBackward`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * g * NoDoubleBackward.apply(x)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 2 * x * t
+
+
+def test_later_forward_over_reverse_operators_compare_without_a_graph_kind():
+    """Where "auto" chose forward over reverse because the graph kinds failed, a later
+    operator's check ran a graph kind to list Functions and failed with them: every later
+    measurement NaN. It now compares forward over reverse with finite differences directly:
+    exact here, and where a ``@once_differentiable`` backward (with a jvp, so forward over
+    reverse runs it, 76 % off) is reached by the later batches only, finite differences."""
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 2).double()
+    model = torch.nn.Sequential(first, last)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    v = torch.randn(44, dtype=torch.float64)
+
+    def loss(b, act=torch.tanh):
+        return NewMean.apply(Square.apply(last(act(first(b[0]))) - b[1]).sum(-1))
+
+    plain = lambda b: ((last(torch.tanh(first(b[0]))) - b[1]) ** 2).sum(-1).mean()  # noqa: E731
+    Hv = dense_hessian(plain, model, [(x, y)]) @ v
+    said = []
+    op = HessianOperator(loss, model, [(x, y)], hvp="auto")
+    op.warn = lambda kind, message: said.append((kind, message))
+    assert torch.allclose(op @ v, Hv, rtol=1e-10, atol=1e-12)
+    assert op.hvp_choice == "func" and op.graphs.listed and not said
+    for act, kind in ((torch.tanh, "func"), (OnceTanhWithJvp.apply, "finite_difference")):
+        later = HessianOperator(partial(loss, act=act), model, [(x, y)], hvp="func")
+        later.graphs.suspects = []  # what the monitors do after such a trial
+        later.warn = lambda kind, message: said.append((kind, message))
+        assert torch.allclose(later @ v, Hv, rtol=1e-7, atol=1e-9)
+        assert later.hvp_choice == kind and later.graphs.compared
+    assert [k for k, _ in said] == ["fd_fallback"]
+
+
+def test_a_comparison_does_not_rebuild_the_cached_graphs(monkeypatch):
+    """The finite differences put the parameters back with new version counters, so the
+    graphs the cached kind had built before the comparison were built again at the next
+    product: every operator that compared paid one more build of every batch's graph."""
+    from lightning_landscape.curvature import cache
+
+    model, batches, loss = _problem(_mean)
+    builds = []
+    original = cache.GraphCache.build
+    monkeypatch.setattr(cache.GraphCache, "build", lambda self: builds.append(1) or original(self))
+    V = torch.randn(3, 52, dtype=torch.float64)
+    for hvp in ("auto", "cached"):
+        op = HessianOperator(loss, model, batches, hvp=hvp)
+        op.graphs.suspects = []
+        op.warn = lambda kind, message: None
+        builds.clear()
+        for v in V:
+            op @ v
+        assert op.hvp_choice == "cached" and op.graphs.listed and len(builds) == 1, hvp
