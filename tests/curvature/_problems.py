@@ -101,8 +101,8 @@ def outlier_spectrum(d: int = 200, seed: int = 0) -> torch.Tensor:
     return torch.cat([bulk, torch.logspace(0, 2, 8, dtype=torch.float64)])
 
 
-class OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh whose backward cannot be differentiated again, like a fused kernel's."""
+class SavedOutputTanh(torch.autograd.Function):
+    """tanh whose backward is plain operations on its saved output: twice differentiable."""
 
     @staticmethod
     def forward(ctx, x):
@@ -111,10 +111,18 @@ class OnceDifferentiableTanh(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return g * (1 - y * y)
+
+
+class OnceDifferentiableTanh(SavedOutputTanh):
+    """tanh whose backward cannot be differentiated again, like a fused kernel's."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return SavedOutputTanh.backward(ctx, g)
 
 
 class OutsideAutogradTanh(OnceDifferentiableTanh):

@@ -15,7 +15,13 @@ from lightning_landscape.curvature.differentiable import (
     checked_gradient,
 )
 
-from ._problems import FusedCrossEntropy, MeanOfLosses, OnceDifferentiableTanh, OutsideAutogradTanh
+from ._problems import (
+    FusedCrossEntropy,
+    MeanOfLosses,
+    OnceDifferentiableTanh,
+    OutsideAutogradTanh,
+    SavedOutputTanh,
+)
 
 
 def test_once_differentiable_backward_is_refused_not_silently_wrong():
@@ -355,21 +361,6 @@ def _suspects(loss, params):
     return found
 
 
-class TanhSavingOutput(torch.autograd.Function):
-    """tanh whose backward is plain operations on its saved output: twice differentiable."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 class Product(torch.autograd.Function):
     """x * w with both saved: its backward reaches both inputs."""
 
@@ -404,7 +395,7 @@ def test_the_graph_lists_the_custom_functions_it_cannot_clear():
     ]
     reversed_ = ce(ReversedGradient.apply(logits()) * s).mean()
     assert _suspects(reversed_, [w, s]) == [("ReversedGradientBackward", "constant")]
-    plain = ce(TanhSavingOutput.apply(Product.apply(x * w, w)) * s).mean() * s
+    plain = ce(SavedOutputTanh.apply(Product.apply(x * w, w)) * s).mean() * s
     assert _suspects(plain, [w, s]) == []
     swish = ce(FusedSwish.apply(logits())).mean()  # reaches its input; sigmoid(x) saved
     assert _suspects(swish, [w]) == [("FusedSwishBackward", "saved")]
