@@ -5,6 +5,7 @@ with its residual)."""
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 
 import pytest
@@ -155,3 +156,60 @@ def test_two_ranks_equal_single_process_on_union(tmp_path):
     model = make_cnn(dropout=0.0).train()
     local = top_eigenvalues(HessianOperator(make_loss(model), model, shard0), tol=1e-8, seed=0)
     assert torch.allclose(ranks[0]["local_top"], local.eigenvalues, rtol=1e-8)
+
+
+def _contrastive(model, rank: int, gather):
+    """A SimCLR-style loss: each rank's embeddings against those of every rank, gathered with
+    their gradients (``torch.distributed.nn.functional.all_gather``, a custom autograd
+    Function whose backward is a collective); ``gather=None``: one process on the union."""
+
+    def loss(batch):
+        (x,) = batch
+        z = F.normalize(model(x), dim=-1)
+        every = torch.cat(gather(z), 0) if gather else z
+        return F.cross_entropy(z @ every.T / 0.5, torch.arange(len(z)) + rank * len(z))
+
+    return loss
+
+
+def _contrastive_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a tracer API
+            from torch.distributed.nn.functional import all_gather
+
+            x = make_batches((4,), sizes=(8,))[0][0][4 * rank : 4 * rank + 4]
+            out = {}
+            for hvp in ("auto", "double_backward", "finite_difference"):
+                model = make_mlp(dropout=0.0)
+                op = HessianOperator(_contrastive(model, rank, all_gather), model, [(x,)], hvp=hvp)
+                op.warn = lambda kind, message: None
+                v = torch.randn(
+                    op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+                )
+                out[hvp], out[f"{hvp}_reason"] = op @ v, op.hvp_reason
+        torch.save(out, os.path.join(tmp, f"contrastive{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_loss_gathered_across_ranks_equals_one_process_on_the_union(tmp_path):
+    """Contrastive losses under DDP gather every rank's embeddings with their gradients, so a
+    rank's loss depends on the other ranks' samples: the products (and finite differences)
+    still equal one process's on the union of the samples, and the gather's Function, listed
+    by the graph check, passes the comparison with finite differences."""
+    mp.spawn(_contrastive_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    model = make_mlp(dropout=0.0)
+    x = make_batches((4,), sizes=(8,))[0][0]
+    op = HessianOperator(_contrastive(model, 0, None), model, [(x,)], hvp="double_backward")
+    expected = op @ torch.randn(
+        op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    for r in range(2):
+        got = torch.load(tmp_path / f"contrastive{r}.pt")
+        assert "_AllGatherBackward compared with finite differences" in got["auto_reason"]
+        for hvp, tol in (("auto", 1e-12), ("double_backward", 1e-12), ("finite_difference", 1e-8)):
+            assert float((got[hvp] - expected).norm() / expected.norm()) < tol, (hvp, r)
