@@ -317,12 +317,8 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
         op.release()
     if op.block_choice is None and not (choice.exact and "func" in choice.seconds):
         op.block_choice = choice.kind  # no other candidate for blocks
-    if not choice.exact:
-        op.warn(
-            "fd_fallback",
-            "Hessian-vector products fall back to finite differences: "
-            f"{choice.reason}. They are inexact; their error estimate is `product_error`.",
-        )
+    if not choice.exact:  # with a check that finite differences see a symmetric Jacobian
+        crosscheck.fell_back(op, v, choice.reason, tol)
     return product
 
 

@@ -23,20 +23,27 @@ The comparison runs in every operator whose graphs list such a Function: in the 
 ``"auto"`` (:func:`checked`), and in the later operators of a fit whose trial listed one
 (:func:`recheck`; the monitors pass that on; forward over reverse, which cannot list, compares
 in each), since a term that vanished at one point (a fused Huber loss whose residuals all lay
-beyond δ) need not vanish at the next. Under
+beyond δ) need not vanish at the next. Finite differences see the Jacobian of the gradient, which is not symmetric where the gradient
+is not a scalar's (a stop-gradient on a path the parameters also take: SimSiam, VQ-VAE,
+semi-gradient TD; a straight-through estimator), while the exact kinds hold the detached values
+fixed: there they differ whatever a Function does. So before a "wrong" verdict, and when they
+are a fallback, finite differences are checked for symmetry (:func:`nonconservative`, six
+gradients): a comparison then keeps the exact kind (with a warning), a fallback says so. Under
 torch.distributed each rank compares its own local products (a rank's local Hessian is a
 Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.distributed import all_reduce_sum_
+from lightning_landscape._core.distributed import all_reduce_max_, all_reduce_sum_
+from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature.differentiable import NotTwiceDifferentiable
 from lightning_landscape.curvature.finite_difference import relative_error
 
@@ -84,6 +91,60 @@ def verdict(
     return ("undecided" if flags[1] > 0 else "exact"), d, e
 
 
+STOP_GRADIENT = (
+    "the loss's gradient is not the gradient of a scalar (a detach or stop-gradient on a path "
+    "that the parameters also take: SimSiam's target branch, a VQ-VAE's commitment and codebook "
+    "terms, semi-gradient TD targets; or a backward that is not its forward's derivative, as a "
+    "straight-through estimator's), so finite differences measure the Jacobian of that "
+    "gradient (asymmetric), not the Hessian autograd differentiates with the detached values "
+    "held fixed, which the exact kinds measure"
+)
+
+
+def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool = True) -> None:
+    """Warn (once, ``fd_fallback``) that the products fall back to finite differences, and
+    with ``check`` whether they see an asymmetric Jacobian (:func:`nonconservative`: six
+    gradients), whose Lanczos values are not a Hessian's eigenvalues."""
+    note = ""
+    if check and (asymmetry := nonconservative(op, v, tol)) is not None:
+        note = (
+            f" They see an asymmetric Jacobian here ({asymmetry:.1e}): {STOP_GRADIENT}; its "
+            "Lanczos values are not eigenvalues of a Hessian."
+        )
+    op.warn(
+        "fd_fallback",
+        f"Hessian-vector products fall back to finite differences: {why}. They are inexact; "
+        f"their error estimate is `product_error`.{note}",
+    )
+
+
+def nonconservative(op: HessianOperator, v: Tensor, tol: float) -> float | None:
+    """The asymmetry uᵀDv − vᵀDu of finite differences (scaled as
+    :attr:`.auto.Choice.asymmetry`, a second Gaussian u), where it is above max(4 e, ``tol``)
+    with e their own error estimate (steps h and 2h of v); None where they are symmetric to
+    their accuracy (or fail). Six gradients; the same answer on every rank."""
+    u = gaussian(tuple(v.shape), make_generator(op.seed, "conservative"), v.dtype, v.device)
+    terms = torch.zeros(3, dtype=torch.float64)
+    e = torch.tensor([math.inf], dtype=torch.float64)
+    try:
+        rows = op.differences(torch.cat([v, u]), [True, False])  # v at h, u at h, v at 2h
+        if bool(torch.isfinite(rows).all()):
+            dv, du = rows[0].double(), rows[1].double()
+            u0, v0 = u[0].double(), v[0].double()
+            scale = u0.norm() * dv.norm() + v0.norm() * du.norm()
+            terms = torch.stack([u0 @ dv, v0 @ du, scale]).cpu()
+            e[0] = relative_error(rows[0], rows[2])
+    except Exception:  # noqa: BLE001 - no finite differences here: nothing to say
+        pass
+    all_reduce_sum_(terms, op.distributed)
+    all_reduce_max_(e, op.distributed)
+    a, b, scale = terms.tolist()
+    if not scale > 0 or not math.isfinite(float(e[0])):
+        return None
+    asymmetry = abs(a - b) * v.shape[-1] ** 0.5 / scale
+    return asymmetry if asymmetry > max(4 * float(e[0]), tol) else None
+
+
 def suspected(op: HessianOperator) -> list[str]:
     """The custom Functions this rank's graphs listed (:attr:`.cache.GraphCache.suspects`); sets
     the graphs' ``listed``: whether any rank listed one (so that all ranks compare, or none)."""
@@ -106,6 +167,14 @@ def _outcome(
         "over reverse cannot name it)"
     )
     found = f"{fns} compared with finite differences: {d:.1e} apart (their error {e:.1e})"
+    if outcome == "wrong" and (asymmetry := nonconservative(op, v, tol)) is not None:
+        op.warn(
+            "unverified",
+            f"Hessian-vector products by {kind!r} are unchecked: {fns} (a custom autograd "
+            f"Function) could not be compared with finite differences, which see an "
+            f"asymmetric Jacobian here ({asymmetry:.1e}): {STOP_GRADIENT}.",
+        )
+        return None, found
     if outcome == "wrong":
         return (
             f"{fns} (a custom autograd Function) drops second-order terms: the exact products "
@@ -171,9 +240,5 @@ def recheck(op: HessianOperator, v: Tensor, tol: float) -> Tensor | None:
         return product
     op.hvp_choice, op.hvp_reason = "finite_difference", why
     op.release()
-    op.warn(
-        "fd_fallback",
-        f"Hessian-vector products fall back to finite differences: {why}. They are inexact; "
-        "their error estimate is `product_error`.",
-    )
+    fell_back(op, v, why, tol, check=refused)  # a wrong verdict has checked already
     return None
