@@ -17,7 +17,9 @@ whose own relative error is estimated as e = ‖D_2h − D_h‖ / ‖D_h‖
   d = ‖Hv − D_h‖ / ‖D_h‖ and the resolution r = max(4 e, tol): d > r is "wrong" (finite
   differences are taken, with one warning naming the Function), d ≤ r ≤ 0.1 "exact", and
   otherwise (finite differences too inaccurate to tell, across kinks) "undecided": the exact
-  kind stays, with one warning that it is unchecked.
+  kind stays, with one warning that it is unchecked. A "wrong" verdict is trusted only where
+  finite differences are symmetric themselves (below: a stop-gradient makes them differ
+  whatever a Function does); else the exact kind stays, with that warning.
 
 The comparison runs in every operator whose graphs list such a Function: in the trial of
 ``"auto"`` (:func:`checked`), and in the later operators of a fit whose trial listed one
@@ -27,7 +29,7 @@ beyond δ) need not vanish at the next. Finite differences see the Jacobian of t
 is not a scalar's (a stop-gradient on a path the parameters also take: SimSiam, VQ-VAE,
 semi-gradient TD; a straight-through estimator), while the exact kinds hold the detached values
 fixed: there they differ whatever a Function does. So before a "wrong" verdict, and when they
-are a fallback, finite differences are checked for symmetry (:func:`nonconservative`, six
+are a fallback, finite differences are checked for symmetry (:func:`nonconservative`, eight
 gradients): a comparison then keeps the exact kind (with a warning), a fallback says so. Under
 torch.distributed each rank compares its own local products (a rank's local Hessian is a
 Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
@@ -103,7 +105,7 @@ STOP_GRADIENT = (
 
 def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool = True) -> None:
     """Warn (once, ``fd_fallback``) that the products fall back to finite differences, and
-    with ``check`` whether they see an asymmetric Jacobian (:func:`nonconservative`: six
+    with ``check`` whether they see an asymmetric Jacobian (:func:`nonconservative`: eight
     gradients), whose Lanczos values are not a Hessian's eigenvalues."""
     note = ""
     if check and (asymmetry := nonconservative(op, v, tol)) is not None:
@@ -121,19 +123,20 @@ def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool 
 def nonconservative(op: HessianOperator, v: Tensor, tol: float) -> float | None:
     """The asymmetry uᵀDv − vᵀDu of finite differences (scaled as
     :attr:`.auto.Choice.asymmetry`, a second Gaussian u), where it is above max(4 e, ``tol``)
-    with e their own error estimate (steps h and 2h of v); None where they are symmetric to
-    their accuracy (or fail). Six gradients; the same answer on every rank."""
+    with e their own error estimate, the larger of v's and u's (steps h and 2h: a kink that
+    only u's steps cross looked like an asymmetry); None where they are symmetric to their
+    accuracy (or fail). Eight gradients; the same answer on every rank."""
     u = gaussian(tuple(v.shape), make_generator(op.seed, "conservative"), v.dtype, v.device)
     terms = torch.zeros(3, dtype=torch.float64)
     e = torch.tensor([math.inf], dtype=torch.float64)
     try:
-        rows = op.differences(torch.cat([v, u]), [True, False])  # v at h, u at h, v at 2h
+        rows = op.differences(torch.cat([v, u]), [True, True])  # v, u at h; v, u at 2h
         if bool(torch.isfinite(rows).all()):
             dv, du = rows[0].double(), rows[1].double()
             u0, v0 = u[0].double(), v[0].double()
             scale = u0.norm() * dv.norm() + v0.norm() * du.norm()
             terms = torch.stack([u0 @ dv, v0 @ du, scale]).cpu()
-            e[0] = relative_error(rows[0], rows[2])
+            e[0] = max(relative_error(rows[0], rows[2]), relative_error(rows[1], rows[3]))
     except Exception:  # noqa: BLE001 - no finite differences here: nothing to say
         pass
     all_reduce_sum_(terms, op.distributed)
@@ -172,7 +175,8 @@ def _outcome(
             "unverified",
             f"Hessian-vector products by {kind!r} are unchecked: {fns} (a custom autograd "
             f"Function) could not be compared with finite differences, which see an "
-            f"asymmetric Jacobian here ({asymmetry:.1e}): {STOP_GRADIENT}.",
+            f"asymmetric Jacobian here ({asymmetry:.1e}, beyond their own error estimate): "
+            f"probably {STOP_GRADIENT}.",
         )
         return None, found
     if outcome == "wrong":

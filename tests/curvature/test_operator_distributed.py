@@ -190,6 +190,7 @@ def _contrastive_worker(rank: int, tmp: str) -> None:
                     op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
                 )
                 out[hvp], out[f"{hvp}_reason"] = op @ v, op.hvp_reason
+        dist.barrier()  # no rank leaves while another still runs collectives
         torch.save(out, os.path.join(tmp, f"contrastive{rank}.pt"))
     finally:
         dist.destroy_process_group()
