@@ -1,6 +1,6 @@
 """Exact products checked against finite differences, where the graph alone cannot tell.
 
-Two checks of ``hvp="auto"`` compare an exact kind's product of a vector v with central
+The checks of ``hvp="auto"`` compare an exact kind's product of a vector v with central
 differences of gradients at steps h and 2h (four gradients, :meth:`.HessianOperator.differences`),
 whose own relative error is estimated as e = ‖D_2h − D_h‖ / ‖D_h‖
 (:func:`.finite_difference.relative_error`):
@@ -25,13 +25,17 @@ The comparison runs in every operator whose graphs list such a Function: in the 
 ``"auto"`` (:func:`checked`), and in the later operators of a fit whose trial listed one
 (:func:`recheck`; the monitors pass that on; forward over reverse, which cannot list, compares
 in each), since a term that vanished at one point (a fused Huber loss whose residuals all lay
-beyond δ) need not vanish at the next. Finite differences see the Jacobian of the gradient, which is not symmetric where the gradient
-is not a scalar's (a stop-gradient on a path the parameters also take: SimSiam, VQ-VAE,
-semi-gradient TD; a straight-through estimator), while the exact kinds hold the detached values
-fixed: there they differ whatever a Function does. So before a "wrong" verdict, and when they
-are a fallback, finite differences are checked for symmetry (:func:`nonconservative`, eight
-gradients): a comparison then keeps the exact kind (with a warning), a fallback says so. Under
-torch.distributed each rank compares its own local products (a rank's local Hessian is a
+beyond δ) need not vanish at the next.
+
+- :func:`nonconservative`: finite differences see the Jacobian of the gradient, which is not
+  symmetric where the gradient is not a scalar's (a stop-gradient on a path the parameters
+  also take: SimSiam, VQ-VAE, semi-gradient TD; a straight-through estimator), while the exact
+  kinds hold the detached values fixed: there the two differ whatever a Function does. So
+  before a "wrong" verdict, and when they are a fallback, finite differences are checked for
+  symmetry (eight gradients): a comparison then keeps the exact kind (with a warning), a
+  fallback says so.
+
+Under torch.distributed each rank compares its own local products (a rank's local Hessian is a
 Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
 """
 
