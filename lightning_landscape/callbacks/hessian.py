@@ -174,7 +174,7 @@ class HessianMonitor(LandscapeMonitor):
     differences: 2); the same again per block with ``per_module``. ``"auto"`` adds about 3
     products of each candidate kind, and one for the symmetry check, once per fit; where the
     model runs custom autograd Functions the graph cannot clear, four gradients per operator
-    (eight more for a symmetry check of finite differences, before a verdict or a fallback;
+    (4-8 more for a symmetry check of finite differences, before a verdict or a fallback;
     :mod:`~lightning_landscape.curvature.crosscheck`). Memory, with T a training step and P
     the number of parameters: two ``memory_budget`` on a GPU (default 1 T, or a quarter of
     the free device memory where that is more: half of it in all). One for vectors: the

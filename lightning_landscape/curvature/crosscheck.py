@@ -32,8 +32,8 @@ beyond δ) need not vanish at the next.
   also take: SimSiam, VQ-VAE, semi-gradient TD; a straight-through estimator), while the exact
   kinds hold the detached values fixed: there the two differ whatever a Function does. So
   before a "wrong" verdict, and when they are a fallback, finite differences are checked for
-  symmetry (eight gradients): a comparison then keeps the exact kind (with a warning), a
-  fallback says so.
+  symmetry (four gradients more after a comparison, eight in a fallback): a comparison then
+  keeps the exact kind (with a warning), a fallback says so.
 
 Under torch.distributed each rank compares its own local products (a rank's local Hessian is a
 Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
@@ -76,11 +76,13 @@ def differences_better(op: HessianOperator, v: Tensor, asymmetry: float) -> bool
 
 def verdict(
     op: HessianOperator, v: Tensor, product: Tensor, tol: float
-) -> tuple[Verdict, float, float]:
+) -> tuple[Verdict, float, float, Tensor | None]:
     """Compare this rank's exact product of the ``(1, dim)`` block ``v`` (``product``, local)
     with finite differences (module docstring). Four gradients. Returns the verdict agreed by
-    all ranks, and this rank's d and e (NaN where the differences failed)."""
+    all ranks, this rank's d and e (NaN where the differences failed), and the differences of
+    v at h and 2h (None where they failed: :func:`nonconservative` reuses them)."""
     d = e = float("nan")
+    both = None
     try:
         both = op.differences(v, [True])
         if bool(torch.isfinite(both).all()):
@@ -93,8 +95,8 @@ def verdict(
     flags = torch.tensor([float(wrong), float(undecided)], dtype=torch.float64)
     all_reduce_sum_(flags, op.distributed)
     if flags[0] > 0:
-        return "wrong", d, e
-    return ("undecided" if flags[1] > 0 else "exact"), d, e
+        return "wrong", d, e, both
+    return ("undecided" if flags[1] > 0 else "exact"), d, e, both
 
 
 STOP_GRADIENT = (
@@ -124,23 +126,28 @@ def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool 
     )
 
 
-def nonconservative(op: HessianOperator, v: Tensor, tol: float) -> float | None:
+def nonconservative(
+    op: HessianOperator, v: Tensor, tol: float, at_v: Tensor | None = None
+) -> float | None:
     """The asymmetry uᵀDv − vᵀDu of finite differences (scaled as
     :attr:`.auto.Choice.asymmetry`, a second Gaussian u), where it is above max(4 e, ``tol``)
     with e their own error estimate, the larger of v's and u's (steps h and 2h: a kink that
     only u's steps cross looked like an asymmetry); None where they are symmetric to their
-    accuracy (or fail). Eight gradients; the same answer on every rank."""
+    accuracy (or fail). Eight gradients, four where ``at_v`` holds v's differences at h and 2h
+    already (:func:`verdict`'s); the same answer on every rank."""
     u = gaussian(tuple(v.shape), make_generator(op.seed, "conservative"), v.dtype, v.device)
     terms = torch.zeros(3, dtype=torch.float64)
     e = torch.tensor([math.inf], dtype=torch.float64)
     try:
-        rows = op.differences(torch.cat([v, u]), [True, True])  # v, u at h; v, u at 2h
-        if bool(torch.isfinite(rows).all()):
-            dv, du = rows[0].double(), rows[1].double()
+        if at_v is None:
+            at_v = op.differences(v, [True])
+        at_u = op.differences(u, [True])
+        if bool(torch.isfinite(at_v).all() and torch.isfinite(at_u).all()):
+            dv, du = at_v[0].double(), at_u[0].double()
             u0, v0 = u[0].double(), v[0].double()
             scale = u0.norm() * dv.norm() + v0.norm() * du.norm()
             terms = torch.stack([u0 @ dv, v0 @ du, scale]).cpu()
-            e[0] = max(relative_error(rows[0], rows[2]), relative_error(rows[1], rows[3]))
+            e[0] = max(relative_error(at_v[0], at_v[1]), relative_error(at_u[0], at_u[1]))
     except Exception:  # noqa: BLE001 - no finite differences here: nothing to say
         pass
     all_reduce_sum_(terms, op.distributed)
@@ -167,14 +174,14 @@ def _outcome(
     """Compare and say so: why the products are wrong (None where they stand; a warning if
     unchecked), and what the comparison found."""
     op.graphs.compared = True
-    outcome, d, e = verdict(op, v, product, tol)
+    outcome, d, e, at_v = verdict(op, v, product, tol)
     fns = "the backward of " + (
         ", ".join(names)
         or "a custom autograd Function (on another rank, or unnamed: forward "
         "over reverse cannot name it)"
     )
     found = f"{fns} compared with finite differences: {d:.1e} apart (their error {e:.1e})"
-    if outcome == "wrong" and (asymmetry := nonconservative(op, v, tol)) is not None:
+    if outcome == "wrong" and (asymmetry := nonconservative(op, v, tol, at_v)) is not None:
         op.warn(
             "unverified",
             f"Hessian-vector products by {kind!r} are unchecked: {fns} (a custom autograd "
@@ -225,9 +232,8 @@ def recheck(op: HessianOperator, v: Tensor, tol: float) -> Tensor | None:
     always. A backward that is refused here (``@once_differentiable``, reached by this
     operator's batches only) takes finite differences, as the trial would. Where the products
     are wrong the operator takes finite differences, with one warning. Four gradients where it
-    compares (and, for the cached kind, one build of the graphs more: the parameters the
-    differences moved are new versions). Returns this rank's product of ``v`` by the
-    operator's kind (None after a switch)."""
+    compares (four more before a "wrong" verdict, :func:`nonconservative`). Returns this rank's
+    product of ``v`` by the operator's kind (None after a switch)."""
     kind, graphs = op.hvp_choice, op.graphs
     product, why = None, None
     try:
