@@ -16,13 +16,17 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_landscape._core.checks import check_distinct
+from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.space import space_of
 from lightning_landscape.callbacks.context import MeasureContext
 from lightning_landscape.curvature import (
     HessianOperator,
     ShardedHessianOperator,
     analyze,
+    crosscheck,
     top_eigenvalues,
 )
+from lightning_landscape.curvature.auto import symmetry_tolerance
 from lightning_landscape.curvature.eigen import EigenResult, Which
 from lightning_landscape.curvature.linear import LinearOperator
 from lightning_landscape.curvature.operator import FUNC
@@ -32,12 +36,14 @@ def reset_choice(monitor: Any) -> None:
     """Forget what ``hvp="auto"`` decided (at construction and at each fit's setup): the kind
     (``hvp_choice``, ``hvp_reason``), the kind for blocks, and whether its trial listed custom
     autograd Functions to compare with finite differences in every operator
-    (:mod:`~lightning_landscape.curvature.crosscheck`)."""
+    (:mod:`~lightning_landscape.curvature.crosscheck`), and whether requested or sharded
+    finite differences were checked for symmetry (:func:`check_symmetry`)."""
     auto = monitor.hvp == "auto"
     monitor.hvp_choice = None if auto else monitor.hvp
     monitor.hvp_reason = "" if auto else "requested"
     monitor._block_choice = None
     monitor._checks = False
+    monitor._symmetry_checked = False
 
 
 def make_operator(
@@ -145,6 +151,36 @@ def product_metrics(op: Any) -> dict[str, float]:
     return out
 
 
+def check_symmetry(monitor: Any, ctx: MeasureContext, op: Any) -> None:
+    """Once per fit, where the products are finite differences because they were asked for
+    (``hvp="finite_difference"``) or the model is sharded: warn (``fd_asymmetric``) if they see
+    an asymmetric Jacobian (a stop-gradient loss), whose Lanczos values are no Hessian's
+    eigenvalues (:func:`~lightning_landscape.curvature.crosscheck.nonconservative`; the
+    fallback of ``"auto"`` checks in its own warning). Eight gradients, on every rank."""
+    sharded = isinstance(op, ShardedHessianOperator)
+    if monitor._symmetry_checked or not (sharded or monitor.hvp == "finite_difference"):
+        return
+    monitor._symmetry_checked = True
+    ctx.status("finite differences, symmetry check")
+    gen = make_generator(ctx.seed_for("symmetry"))
+    v = space_of(op).draw(gaussian, (1, op.dim), gen)
+    tol = symmetry_tolerance(op.dtype, op.device, op.module)
+    if (asymmetry := crosscheck.nonconservative(op, v, tol)) is None:
+        return
+    remedy = (
+        "a sharded model has no exact products; measured unsharded (DDP), the exact kinds give "
+        "autograd's Hessian"
+        if sharded
+        else "hvp='auto' or an exact kind measures autograd's Hessian"
+    )
+    ctx.warn(
+        "HessianMonitor-fd_asymmetric",
+        f"HessianMonitor: the finite-difference products see an asymmetric Jacobian here "
+        f"({asymmetry:.1e} of their scale, beyond their own error): {crosscheck.STOP_GRADIENT}. "
+        f"Their Lanczos values are not eigenvalues of a Hessian ({remedy}).",
+    )
+
+
 def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, block: str | None):
     """One :func:`analyze` of the Hessian of ``params`` (the whole spectrum when ``block`` is
     None, else the top eigenvalue and trace of that diagonal block) and, for a sharded
@@ -155,6 +191,8 @@ def analyze_block(monitor: Any, ctx: MeasureContext, params: Any, top_k: int, bl
     what = "full Hessian" if full else f"block {block}"
     op.on_matvec = lambda n: ctx.status(f"{what}, Hessian-vector products", n)
     try:
+        if full:
+            check_symmetry(monitor, ctx, op)
         result = analyze(
             op,
             top_k=top_k,

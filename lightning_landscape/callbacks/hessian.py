@@ -63,8 +63,10 @@ class HessianMonitor(LandscapeMonitor):
     costs k · P / world per rank) and every product is a central difference of two gradients
     taken through FSDP's own forward and backward
     (:class:`~lightning_landscape.curvature.sharded.ShardedHessianOperator`; ``hvp`` is ignored:
-    FSDP allows no exact product). The error the finite differences put on λ_max is estimated
-    and logged (``hessian/fd_error``); on a ReLU network (kinks) it can be large: read it.
+    FSDP allows no exact product). Their error on λ_max is logged (``hessian/fd_error``; large
+    on ReLU networks: read it). Once per fit (eight gradients) they, or finite differences asked
+    for by name, are checked for symmetry: a stop-gradient loss makes them an asymmetric
+    Jacobian (no Hessian), and one warning says so (:mod:`~.curvature.crosscheck`).
 
     Args:
         top_k: number of largest eigenvalues.
@@ -309,10 +311,8 @@ class HessianMonitor(LandscapeMonitor):
         keys += [self.key(k) for k in ("eos_ratio", "eos_threshold", "num_matvecs", "converged")]
         keys += [self.key("hvp_exact")]
         for name in self._block_names:
-            keys += [self.key(f"{name}/eigenvalue_1"), self.key(f"{name}/num_matvecs")]
-            keys += (
-                [self.key(f"{name}/trace"), self.key(f"{name}/trace_stderr")] if self.trace else []
-            )
+            keys += [self.key(f"{name}/{k}") for k in ("eigenvalue_1", "num_matvecs")]
+            keys += [self.key(f"{name}/{k}") for k in ("trace", "trace_stderr") if self.trace]
         if self.ggn:
             keys += _hessian_ggn.metric_keys(self)
         return keys

@@ -33,10 +33,14 @@ beyond δ) need not vanish at the next.
   kinds hold the detached values fixed: there the two differ whatever a Function does. So
   before a "wrong" verdict, and when they are a fallback, finite differences are checked for
   symmetry (four gradients more after a comparison, eight in a fallback): a comparison then
-  keeps the exact kind (with a warning), a fallback says so.
+  keeps the exact kind (with a warning), a fallback says so. HessianMonitor checks finite
+  differences asked for by name, and a sharded model's (always finite differences), once per
+  fit the same way.
 
 Under torch.distributed each rank compares its own local products (a rank's local Hessian is a
-Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike.
+Hessian on its own) and the verdicts are summed over ranks, so every rank decides alike; the
+symmetry check is taken on the products of the union of the ranks' batches, as one process
+would take it.
 """
 
 from __future__ import annotations
@@ -48,14 +52,17 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from lightning_landscape._core.distributed import all_reduce_max_, all_reduce_sum_
+from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.sharding import ShardedSpace
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.differentiable import NotTwiceDifferentiable
 from lightning_landscape.curvature.finite_difference import relative_error
 
 if TYPE_CHECKING:
     from lightning_landscape.curvature.auto import Choice
     from lightning_landscape.curvature.operator import HessianOperator
+    from lightning_landscape.curvature.sharded import ShardedHessianOperator
 
 RESOLUTION = 0.1  # the largest resolution r at which a product counts as checked
 Verdict = Literal["exact", "wrong", "undecided"]
@@ -127,36 +134,53 @@ def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool 
 
 
 def nonconservative(
-    op: HessianOperator, v: Tensor, tol: float, at_v: Tensor | None = None
+    op: HessianOperator | ShardedHessianOperator,
+    v: Tensor,
+    tol: float,
+    at_v: Tensor | None = None,
 ) -> float | None:
     """The asymmetry uᵀDv − vᵀDu of finite differences (scaled as
-    :attr:`.auto.Choice.asymmetry`, a second Gaussian u), where it is above max(4 e, ``tol``)
-    with e their own error estimate, the larger of v's and u's (steps h and 2h: a kink that
-    only u's steps cross looked like an asymmetry); None where they are symmetric to their
-    accuracy (or fail). Eight gradients, four where ``at_v`` holds v's differences at h and 2h
-    already (:func:`verdict`'s); the same answer on every rank."""
-    u = gaussian(tuple(v.shape), make_generator(op.seed, "conservative"), v.dtype, v.device)
-    terms = torch.zeros(3, dtype=torch.float64)
-    e = torch.tensor([math.inf], dtype=torch.float64)
+    :attr:`.auto.Choice.asymmetry`, a second Gaussian u drawn as a probe is), where it is above
+    max(4 e, ``tol``) with e their own error estimate, the larger of v's and u's (steps h and
+    2h: a kink that only u's steps cross looked like an asymmetry); None where they are
+    symmetric to their accuracy (or fail). ``v``: a ``(1, local_dim)`` block. Eight gradients,
+    four where ``at_v`` holds v's differences at h and 2h already (:func:`verdict`'s).
+
+    Taken on the products of every rank's batches (under DDP each rank's differences are
+    summed first: 4 P numbers all-reduced; a sharded operator's are shards of them already),
+    so the answer is the same on every rank and equals one process's on the union."""
+    space = space_of(op)
+    gen = make_generator(op.seed, "conservative")
+    u = space.draw(gaussian, (len(v), space.dim), gen, dtype=v.dtype, device=v.device)
+    both = None
     try:
         if at_v is None:
             at_v = op.differences(v, [True])
-        at_u = op.differences(u, [True])
-        if bool(torch.isfinite(at_v).all() and torch.isfinite(at_u).all()):
-            dv, du = at_v[0].double(), at_u[0].double()
-            u0, v0 = u[0].double(), v[0].double()
-            scale = u0.norm() * dv.norm() + v0.norm() * du.norm()
-            terms = torch.stack([u0 @ dv, v0 @ du, scale]).cpu()
-            e[0] = max(relative_error(at_v[0], at_v[1]), relative_error(at_u[0], at_u[1]))
+        both = torch.stack([at_v, op.differences(u, [True])]).double()  # (v | u, h | 2h, dim)
     except Exception:  # noqa: BLE001 - no finite differences here: nothing to say
         pass
-    all_reduce_sum_(terms, op.distributed)
-    all_reduce_max_(e, op.distributed)
-    a, b, scale = terms.tolist()
-    if not scale > 0 or not math.isfinite(float(e[0])):
+    failed = float(both is None or not bool(torch.isfinite(both).all()))
+    if float(all_reduce_sum_(torch.tensor([failed], dtype=torch.float64), op.distributed)[0]):
         return None
-    asymmetry = abs(a - b) * v.shape[-1] ** 0.5 / scale
-    return asymmetry if asymmetry > max(4 * float(e[0]), tol) else None
+    if not isinstance(space, ShardedSpace):  # each rank's part of the sums over batches
+        all_reduce_sum_(both, op.distributed)
+    (dv, dv2), (du, du2) = both[0], both[1]
+    u0, v0 = u[0].double(), v[0].double()
+    dots = space.reduce(torch.stack([u0 @ dv, v0 @ du]))
+    norms = space.norm(torch.stack([u0, dv, v0, du, dv2 - dv, du2 - du]))
+    scale = float(norms[0] * norms[1] + norms[2] * norms[3])
+    if not scale > 0:
+        return None
+    e = max(_ratio(norms[4], norms[1]), _ratio(norms[5], norms[3]))
+    if not math.isfinite(e):
+        return None
+    asymmetry = float((dots[0] - dots[1]).abs()) * space.dim**0.5 / scale
+    return asymmetry if asymmetry > max(4 * e, tol) else None
+
+
+def _ratio(a: Tensor, b: Tensor) -> float:
+    """a / b, with 0 / 0 = 0 (as :func:`.finite_difference.relative_error`)."""
+    return 0.0 if float(a) == 0.0 else float(a) / float(b) if float(b) > 0 else math.inf
 
 
 def suspected(op: HessianOperator) -> list[str]:

@@ -183,6 +183,16 @@ class ShardedHessianOperator(LinearOperator):
     def _matmat(self, Vt: Tensor) -> Tensor:
         return self._products(Vt, self.step)
 
+    def differences(self, Vt: Tensor, checked: Sequence[bool]) -> Tensor:
+        """The products of the rows of ``Vt`` (``(k, local_dim)``), then those of the rows marked
+        ``checked`` again at step 2h: one ``(k + c, local_dim)`` block of shards, as
+        :meth:`.HessianOperator.differences` gives (for
+        :func:`~.crosscheck.nonconservative`). Two gradients per row, two more per checked
+        one; not counted in ``num_matvecs``."""
+        Vt = Vt.to(dtype=self.dtype, device=self.device)
+        twice = Vt[[i for i, check in enumerate(checked) if check]]
+        return torch.cat([self._products(Vt, self.step), self._products(twice, 2 * self.step)])
+
     def gradient(self) -> Tensor:
         """This rank's shard of the gradient of the batch-averaged loss (over all ranks)."""
         w = self.layout.get()

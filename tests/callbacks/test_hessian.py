@@ -640,3 +640,40 @@ def test_monitors_sharing_a_prefix_get_one_warning(tmp_path):
         t.fit(Classifier(), DataLoader(random_classes(), batch_size=8))
     with pytest.raises(ValueError, match="`prefix` must be a non-empty str without '/'"):
         HessianMonitor(prefix="a/b")
+
+
+class SimSiamNet(Classifier):
+    """SimSiam's loss on two views of each input (a shared encoder, a predictor, a
+    stop-gradient on the target branch, or none with ``stop=False``)."""
+
+    def __init__(self, stop: bool = True):
+        super().__init__()
+        self.stop = stop
+        self.pred = torch.nn.Linear(3, 3, dtype=torch.float64)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        z1, z2 = self(x), self(0.8 * x + 0.1)
+        t1, t2 = (z1.detach(), z2.detach()) if self.stop else (z1, z2)
+        per = F.cosine_similarity(self.pred(z1), t2, dim=-1)
+        return -0.5 * (per + F.cosine_similarity(self.pred(z2), t1, dim=-1)).mean()
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_requested_finite_differences_say_once_when_they_see_an_asymmetric_jacobian(tmp_path, stop):
+    """Finite differences asked for by name measured the Jacobian of a stop-gradient loss's
+    gradient (asymmetric: no Hessian's eigenvalues) without a word, while the fallback of
+    "auto" said so. They are checked once per fit now (eight gradients)."""
+    data = random_classes()
+    mon = HessianMonitor(
+        epochs=[0, 1], hvp="finite_difference", num_batches=1, top_k=1, trace=False, tol=1e-3
+    )
+    pl.seed_everything(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=2, logger=False).fit(
+            SimSiamNet(stop), DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "asymmetric Jacobian" in str(w.message)]
+    assert len(said) == (1 if stop else 0) and len(mon.history) == 2
+    assert not stop or ("stop-gradient" in said[0] and "hvp='auto'" in said[0])

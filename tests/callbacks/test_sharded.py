@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import types
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -25,9 +26,11 @@ from lightning_landscape import (
     TrajectoryMonitor,
 )
 from lightning_landscape._core.random import gaussian, make_generator
+from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature import (
     HessianOperator,
     ShardedHessianOperator,
+    crosscheck,
     spectral_density,
     top_eigenvalues,
     trace,
@@ -98,11 +101,19 @@ def _engine(model, rank):
     loss = lambda b: F.cross_entropy(model.net(b[0]), b[1])  # noqa: E731
     op = ShardedHessianOperator(loss, model, checks.share(rank))
     record, _ = checks.engine(op, 2)
+    semi = ShardedHessianOperator(partial(_semi_gradient, model.net), model, checks.share(rank))
+    v = space_of(semi).draw(gaussian, (1, semi.dim), make_generator(6))
     return record | {
         "hutch++": trace(op, num_matvecs=9, method="hutch++", seed=4).estimate,
         "hutchinson": trace(op, num_matvecs=4, method="hutchinson", seed=4).estimate,
         "density": spectral_density(op, num_probes=2, num_steps=5, seed=5).nodes,
+        "asymmetry": crosscheck.nonconservative(semi, v, 1e-4),
     }
+
+
+def _semi_gradient(net, batch):
+    """A loss whose target, the output at another input, is detached (semi-gradient TD)."""
+    return ((net(batch[0]) - net(0.8 * batch[0] + 0.1).detach()) ** 2).mean()
 
 
 @pytest.mark.distributed
@@ -129,6 +140,11 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
         expected = spectral_density(exact, num_probes=2, num_steps=5, seed=5).nodes
         assert torch.allclose(e["density"], expected, rtol=1e-6, atol=1e-9)
         assert torch.allclose(e["basis"][1], run.alphas, rtol=1e-7, atol=1e-10)
+    # the symmetry check of finite differences on a stop-gradient loss, on uneven shards
+    semi = HessianOperator(partial(_semi_gradient, model), model, union, hvp="finite_difference")
+    v = gaussian((1, semi.dim), make_generator(6), semi.dtype, semi.device)
+    expected = crosscheck.nonconservative(semi, v, 1e-4)
+    assert expected > 0.01 and [e["asymmetry"] for e in eng] == pytest.approx([expected] * 2)
 
     # the float64 dense oracle of the unsharded model, single-process replays, on the union
     hessian = checks.check_hessian(out)

@@ -19,6 +19,7 @@ from lightning_landscape.curvature import (
     HessianOperator,
     ResidualOperator,
     analyze,
+    crosscheck,
     spectral_density,
     top_eigenvalues,
     trace,
@@ -93,7 +94,18 @@ def _measure(batches) -> dict:
         )  # fmt: skip
         later.graphs.suspects, later.warn = [], lambda kind, message: None
         out[f"later_{key}"], out[f"later_{key}_kind"] = later @ u, later.hvp_choice
+    # the symmetry check of finite differences on a stop-gradient loss: taken on the products
+    # of the union (each rank's differences summed first), not rank by rank
+    semi = HessianOperator(partial(_semi_gradient, mlp), mlp, flat, hvp="finite_difference")
+    w = torch.randn(1, semi.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out["asymmetry_fd"] = torch.tensor([crosscheck.nonconservative(semi, w, 1e-4)])
     return out
+
+
+def _semi_gradient(mlp, batch):
+    """A semi-gradient TD-style loss: its target, the output at another input, detached."""
+    x = batch[0]
+    return ((mlp(x) - mlp(0.8 * x + 0.1).detach()) ** 2).mean()
 
 
 def _custom_loss(holder, key, custom, batch):
@@ -140,7 +152,7 @@ def test_two_ranks_equal_single_process_on_union(tmp_path):
         for r in range(2):
             got = ranks[r][key]
             if isinstance(expected, torch.Tensor):
-                tol = 1e-7 if key.endswith("auto_fused") else 1e-10  # finite differences
+                tol = 1e-7 if key.endswith(("auto_fused", "_fd")) else 1e-10  # finite differences
                 assert torch.allclose(got, expected, rtol=tol, atol=tol * 1e-2), (key, r)
             else:
                 assert got == expected, (key, r)
@@ -149,6 +161,7 @@ def test_two_ranks_equal_single_process_on_union(tmp_path):
         and single["auto_fused_kind"] == "finite_difference"
         and single["later_auto_linear_kind"] == "cached"
         and single["later_auto_fused_kind"] == "finite_difference"
+        and single["asymmetry_fd"] > 0.01
     )
     # a seed drawn on rank 0 reaches rank 1: both ran the same Lanczos
     assert torch.equal(ranks[0]["fresh_seed"], ranks[1]["fresh_seed"])

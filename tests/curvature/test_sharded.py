@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_landscape._core.fsdp import local_part
+from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape._core.sharding import ShardLayout, is_fsdp2, is_sharded
 from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature import (
     HessianOperator,
     MatrixOperator,
     analyze,
+    crosscheck,
     dense_hessian,
     spectral_density,
     top_eigenvalues,
@@ -130,6 +132,37 @@ def test_nothing_is_disturbed(mesh, kind):
         assert local_part(p).data_ptr() == ptr  # FSDP's sharded storage, resharded
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
     assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+def semi_gradient(model, stop: bool = True):
+    """A semi-gradient TD-style loss: the target, the output at another input, is detached (a
+    gradient that is not a scalar's; with ``stop=False`` the plain loss)."""
+
+    def loss(b):
+        target = model(0.8 * b[0] + 0.1)
+        return ((model(b[0]) - (target.detach() if stop else target)) ** 2).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_a_stop_gradient_loss_is_caught_on_shards_as_on_whole_vectors(mesh, kind, stop):
+    """Sharded products are always finite differences, which see the Jacobian of a
+    stop-gradient loss's gradient (asymmetric): the symmetry check runs on shards (eight
+    gradients through FSDP) and finds what it finds on whole vectors."""
+    ref, model = make_net(), sharded(mesh, make_net(), kind=kind)
+    op = ShardedHessianOperator(semi_gradient(model, stop), model, batches(), seed=3)
+    exact = HessianOperator(semi_gradient(ref, stop), ref, batches(), seed=3, hvp="cached")
+    v = space_of(op).draw(gaussian, (1, op.dim), make_generator(0))
+    found = crosscheck.nonconservative(op, v, 1e-4)
+    assert op.num_gradients == 8 and op.num_matvecs == 0
+    if not stop:
+        assert found is None
+        return
+    assert found == pytest.approx(crosscheck.nonconservative(exact, v, 1e-4), rel=1e-6)
+    assert found > 0.05  # autograd's Hessian, which holds the target fixed, is symmetric:
+    H = dense_hessian(semi_gradient(ref), ref, batches())
+    assert float((H - H.T).abs().max()) < 1e-12
 
 
 def test_a_block_of_parameters_equals_the_exact_block(mesh, kind):
