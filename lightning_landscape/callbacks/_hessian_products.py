@@ -156,16 +156,18 @@ def check_symmetry(monitor: Any, ctx: MeasureContext, op: Any) -> None:
     (``hvp="finite_difference"``) or the model is sharded: warn (``fd_asymmetric``) if they see
     an asymmetric Jacobian (a stop-gradient loss), whose Lanczos values are no Hessian's
     eigenvalues (:func:`~lightning_landscape.curvature.crosscheck.nonconservative`; the
-    fallback of ``"auto"`` checks in its own warning). Eight gradients, on every rank."""
+    fallback of ``"auto"`` checks in its own warning). Eight gradients, on every rank; a check
+    that failed (a NaN loss) is taken again at the next measurement."""
     sharded = isinstance(op, ShardedHessianOperator)
     if monitor._symmetry_checked or not (sharded or monitor.hvp == "finite_difference"):
         return
-    monitor._symmetry_checked = True
     ctx.status("finite differences, symmetry check")
     gen = make_generator(ctx.seed_for("symmetry"))
     v = space_of(op).draw(gaussian, (1, op.dim), gen)
     tol = symmetry_tolerance(op.dtype, op.device, op.module)
-    if (asymmetry := crosscheck.nonconservative(op, v, tol)) is None:
+    asymmetry = crosscheck.nonconservative(op, v, tol)
+    monitor._symmetry_checked = asymmetry is None or not math.isnan(asymmetry)  # else: again
+    if not crosscheck.asymmetric(asymmetry):
         return
     remedy = (
         "a sharded model has no exact products; measured unsharded (DDP), the exact kinds give "

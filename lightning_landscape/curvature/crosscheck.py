@@ -121,7 +121,7 @@ def fell_back(op: HessianOperator, v: Tensor, why: str, tol: float, check: bool 
     with ``check`` whether they see an asymmetric Jacobian (:func:`nonconservative`: eight
     gradients), whose Lanczos values are not a Hessian's eigenvalues."""
     note = ""
-    if check and (asymmetry := nonconservative(op, v, tol)) is not None:
+    if check and asymmetric(asymmetry := nonconservative(op, v, tol)):
         note = (
             f" They see an asymmetric Jacobian here ({asymmetry:.1e}): {STOP_GRADIENT}; its "
             "Lanczos values are not eigenvalues of a Hessian."
@@ -143,44 +143,76 @@ def nonconservative(
     :attr:`.auto.Choice.asymmetry`, a second Gaussian u drawn as a probe is), where it is above
     max(4 e, ``tol``) with e their own error estimate, the larger of v's and u's (steps h and
     2h: a kink that only u's steps cross looked like an asymmetry); None where they are
-    symmetric to their accuracy (or fail). ``v``: a ``(1, local_dim)`` block. Eight gradients,
-    four where ``at_v`` holds v's differences at h and 2h already (:func:`verdict`'s).
+    symmetric to their accuracy, NaN where they failed (an exception or a non-finite value on
+    some rank). ``v``: a ``(1, local_dim)`` block. Eight gradients, four where ``at_v`` holds
+    v's differences at h and 2h already (:func:`verdict`'s; spent: reduced and overwritten in
+    place). Memory: u and u's differences (3 P in the model's dtype) beside v's; float64 sums
+    are taken chunk by chunk.
 
     Taken on the products of every rank's batches (under DDP each rank's differences are
     summed first: 4 P numbers all-reduced; a sharded operator's are shards of them already),
-    so the answer is the same on every rank and equals one process's on the union."""
+    so the answer is the same on every rank and equals one process's on the union. A sharded
+    operator's differences are collectives (FSDP passes), which one rank cannot leave alone:
+    there an exception propagates instead of being answered with NaN.
+
+    Raises:
+        ValueError: if ``v`` is not one row.
+    """
+    if v.dim() != 2 or v.shape[0] != 1:
+        raise ValueError(f"`v` must be one row, shape (1, local_dim); got {tuple(v.shape)}.")
     space = space_of(op)
-    gen = make_generator(op.seed, "conservative")
-    u = space.draw(gaussian, (len(v), space.dim), gen, dtype=v.dtype, device=v.device)
-    both = None
+    sharded = isinstance(space, ShardedSpace)
+    u = space.draw(gaussian, (1, space.dim), make_generator(op.seed, "conservative"))
+    u = u.to(dtype=v.dtype, device=v.device)
+    at_u = None
     try:
-        if at_v is None:
-            at_v = op.differences(v, [True])
-        both = torch.stack([at_v, op.differences(u, [True])]).double()  # (v | u, h | 2h, dim)
+        at_v = op.differences(v, [True]) if at_v is None else at_v
+        at_u = op.differences(u, [True])
+        failed = not (bool(torch.isfinite(at_v).all()) and bool(torch.isfinite(at_u).all()))
     except Exception:  # noqa: BLE001 - no finite differences here: nothing to say
-        pass
-    failed = float(both is None or not bool(torch.isfinite(both).all()))
-    if float(all_reduce_sum_(torch.tensor([failed], dtype=torch.float64), op.distributed)[0]):
+        if sharded:
+            raise
+        failed = True
+    flag = torch.tensor([float(failed)], dtype=torch.float64)
+    if float(all_reduce_sum_(flag, op.distributed)[0]):
+        return math.nan
+    if not sharded:  # each rank's part of the sums over batches
+        all_reduce_sum_(at_v, op.distributed)
+        all_reduce_sum_(at_u, op.distributed)
+    (dv, dv2), (du, du2) = at_v, at_u
+    dv2.sub_(dv), du2.sub_(du)  # D_2h − D_h, in place
+    pairs = [(u[0], dv), (v[0], du), (u[0], u[0]), (dv, dv), (v[0], v[0]), (du, du)]
+    sums = space.reduce(_sums([*pairs, (dv2, dv2), (du2, du2)]))
+    a, b, uu, dvdv, vv, dudu, ev, eu = sums.tolist()
+    scale = math.sqrt(uu * dvdv) + math.sqrt(vv * dudu)
+    e = max(_ratio(ev, dvdv), _ratio(eu, dudu))
+    if not scale > 0 or not math.isfinite(e):
         return None
-    if not isinstance(space, ShardedSpace):  # each rank's part of the sums over batches
-        all_reduce_sum_(both, op.distributed)
-    (dv, dv2), (du, du2) = both[0], both[1]
-    u0, v0 = u[0].double(), v[0].double()
-    dots = space.reduce(torch.stack([u0 @ dv, v0 @ du]))
-    norms = space.norm(torch.stack([u0, dv, v0, du, dv2 - dv, du2 - du]))
-    scale = float(norms[0] * norms[1] + norms[2] * norms[3])
-    if not scale > 0:
-        return None
-    e = max(_ratio(norms[4], norms[1]), _ratio(norms[5], norms[3]))
-    if not math.isfinite(e):
-        return None
-    asymmetry = float((dots[0] - dots[1]).abs()) * space.dim**0.5 / scale
+    asymmetry = abs(a - b) * space.dim**0.5 / scale
     return asymmetry if asymmetry > max(4 * e, tol) else None
 
 
-def _ratio(a: Tensor, b: Tensor) -> float:
-    """a / b, with 0 / 0 = 0 (as :func:`.finite_difference.relative_error`)."""
-    return 0.0 if float(a) == 0.0 else float(a) / float(b) if float(b) > 0 else math.inf
+def asymmetric(found: float | None) -> bool:
+    """Whether :func:`nonconservative` found an asymmetry (not None, not NaN)."""
+    return found is not None and not math.isnan(found)
+
+
+CHUNK = 1 << 22  # entries converted to float64 at a time (32 MiB)
+
+
+def _sums(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Σ a·b in float64 for each pair of flat vectors (on the host), converting ``CHUNK``
+    entries at a time: no float64 copy of a whole vector."""
+    out = torch.zeros(len(pairs), dtype=torch.float64, device=pairs[0][0].device)
+    for i in range(0, pairs[0][0].numel(), CHUNK):
+        for j, (x, y) in enumerate(pairs):
+            out[j] += x[i : i + CHUNK].double() @ y[i : i + CHUNK].double()
+    return out.cpu()
+
+
+def _ratio(squared: float, base: float) -> float:
+    """√(squared / base), with 0 / 0 = 0 (as :func:`.finite_difference.relative_error`)."""
+    return 0.0 if squared == 0.0 else math.sqrt(squared / base) if base > 0 else math.inf
 
 
 def suspected(op: HessianOperator) -> list[str]:
@@ -205,7 +237,7 @@ def _outcome(
         "over reverse cannot name it)"
     )
     found = f"{fns} compared with finite differences: {d:.1e} apart (their error {e:.1e})"
-    if outcome == "wrong" and (asymmetry := nonconservative(op, v, tol, at_v)) is not None:
+    if outcome == "wrong" and asymmetric(asymmetry := nonconservative(op, v, tol, at_v)):
         op.warn(
             "unverified",
             f"Hessian-vector products by {kind!r} are unchecked: {fns} (a custom autograd "

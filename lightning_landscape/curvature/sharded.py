@@ -185,9 +185,10 @@ class ShardedHessianOperator(LinearOperator):
 
     def differences(self, Vt: Tensor, checked: Sequence[bool]) -> Tensor:
         """The products of the rows of ``Vt`` (``(k, local_dim)``), then those of the rows marked
-        ``checked`` again at step 2h: one ``(k + c, local_dim)`` block of shards, as
-        :meth:`.HessianOperator.differences` gives (for
-        :func:`~.crosscheck.nonconservative`). Two gradients per row, two more per checked
+        ``checked`` again at step 2h: one ``(k + c, local_dim)`` block laid out as
+        :meth:`.HessianOperator.differences`'s, but of shards of the products over every
+        rank's batches (that one's are a rank's unreduced sums), for
+        :func:`~.crosscheck.nonconservative`. Two gradients per row, two more per checked
         one; not counted in ``num_matvecs``."""
         Vt = Vt.to(dtype=self.dtype, device=self.device)
         twice = Vt[[i for i, check in enumerate(checked) if check]]

@@ -659,21 +659,43 @@ class SimSiamNet(Classifier):
         return -0.5 * (per + F.cosine_similarity(self.pred(z2), t1, dim=-1)).mean()
 
 
-@pytest.mark.parametrize("stop", [True, False])
-def test_requested_finite_differences_say_once_when_they_see_an_asymmetric_jacobian(tmp_path, stop):
+@pytest.mark.parametrize("case", ["stop", "plain", "failed first"])
+def test_requested_finite_differences_say_once_when_they_see_an_asymmetric_jacobian(
+    tmp_path, monkeypatch, case
+):
     """Finite differences asked for by name measured the Jacobian of a stop-gradient loss's
     gradient (asymmetric: no Hessian's eigenvalues) without a word, while the fallback of
-    "auto" said so. They are checked once per fit now (eight gradients)."""
+    "auto" said so. They are checked once per fit now (eight gradients); a check that failed
+    (a NaN loss at the first measurement) is taken again at the next."""
+    from lightning_landscape.callbacks._isolation import is_measuring
+    from lightning_landscape.curvature import crosscheck
+
+    found, check = [], crosscheck.nonconservative
+    monkeypatch.setattr(
+        crosscheck, "nonconservative", lambda *a: found.append(check(*a)) or found[-1]
+    )
+
+    class Net(SimSiamNet):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            failing = case == "failed first" and is_measuring(self) and self.global_step == 0
+            return loss * math.nan if failing else loss
+
     data = random_classes()
     mon = HessianMonitor(
-        epochs=[0, 1], hvp="finite_difference", num_batches=1, top_k=1, trace=False, tol=1e-3
+        epochs=[0, 1, 2], hvp="finite_difference", num_batches=1, top_k=1, trace=False, tol=1e-3
     )
     pl.seed_everything(4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, [mon], max_epochs=2, logger=False).fit(
-            SimSiamNet(stop), DataLoader(data, batch_size=8)
+        make_trainer(tmp_path, [mon], max_epochs=3, logger=False).fit(
+            Net(stop=case != "plain"), DataLoader(data, batch_size=8)
         )
     said = [str(w.message) for w in caught if "asymmetric Jacobian" in str(w.message)]
-    assert len(said) == (1 if stop else 0) and len(mon.history) == 2
-    assert not stop or ("stop-gradient" in said[0] and "hvp='auto'" in said[0])
+    assert len(mon.history) == 3 and len(said) == (case != "plain")
+    if case == "plain":
+        assert found == [None]
+        return
+    assert len(found) == (2 if case == "failed first" else 1)
+    assert math.isnan(found[0]) == (case == "failed first")
+    assert found[-1] > 0.01 and "stop-gradient" in said[0] and "hvp='auto'" in said[0]

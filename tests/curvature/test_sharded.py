@@ -5,6 +5,8 @@ whole (NO_SHARD); every product through FSDP's own backward) against the exact o
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,6 +165,33 @@ def test_a_stop_gradient_loss_is_caught_on_shards_as_on_whole_vectors(mesh, kind
     assert found > 0.05  # autograd's Hessian, which holds the target fixed, is symmetric:
     H = dense_hessian(semi_gradient(ref), ref, batches())
     assert float((H - H.T).abs().max()) < 1e-12
+
+
+def test_a_failed_symmetry_check_raises_on_shards_and_is_nan_on_whole_vectors(mesh):
+    """Sharded differences are collectives that one rank cannot leave alone: an exception there
+    propagates (under DDP the monitors then stop the run) instead of being answered while the
+    other ranks still wait in FSDP's passes; an unsharded operator's answer is NaN."""
+
+    def failing(model):
+        calls = iter(range(100))
+        return lambda b: semi_gradient(model)(b) / (next(calls) < 7)  # 1/0: inf from the 8th
+
+    model, ref = sharded(mesh, make_net()), make_net()
+    op = ShardedHessianOperator(failing(model), model, batches())
+    v = space_of(op).draw(gaussian, (1, op.dim), make_generator(0))
+    assert math.isnan(crosscheck.nonconservative(op, v, 1e-4))  # non-finite: NaN on every rank
+
+    def raising(model):
+        calls = iter(range(100))
+        return lambda b: semi_gradient(model)(b) if next(calls) < 7 else 1 / 0
+
+    op = ShardedHessianOperator(raising(model), model, batches())
+    with pytest.raises(ZeroDivisionError):
+        crosscheck.nonconservative(op, v, 1e-4)
+    plain = HessianOperator(raising(ref), ref, batches(), hvp="finite_difference")
+    assert math.isnan(crosscheck.nonconservative(plain, v, 1e-4))
+    with pytest.raises(ValueError, match="one row"):
+        crosscheck.nonconservative(plain, torch.cat([v, v]), 1e-4)
 
 
 def test_a_block_of_parameters_equals_the_exact_block(mesh, kind):
