@@ -58,20 +58,49 @@ def measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> 
     top eigenvector with the Hessian's, and the residual's most negative eigenvalue. Where the
     Gauss-Newton products fail (a kernel whose backward cannot be differentiated again: J v
     differentiates Jᵀu), its metrics are NaN with one warning and the Hessian's are kept;
-    under torch.distributed the failure ends the measurement, as every failure does there."""
+    where only the residual's run fails, its two metrics are NaN and the GGN's kept; under
+    torch.distributed the failure ends the measurement, as every failure does there."""
+    return _failed("Gauss-Newton part", None, monitor, ctx, _measure_ggn, monitor, ctx, hessian_top)
+
+
+def _failed(
+    what: str, names: list[str] | None, monitor: Any, ctx: MeasureContext, run: Any, *args: Any
+) -> dict[str, float]:
+    """``run(*args)``, or where it raises (alone: under torch.distributed the failure ends the
+    measurement, as every failure does there) NaN for the metrics ``names`` (None: all of the
+    GGN's) with one warning: the Hessian's values, and the GGN's where the residual failed,
+    stand."""
     try:
-        return _measure_ggn(monitor, ctx, hessian_top)
-    except Exception as err:  # noqa: BLE001 - the Hessian's values stand without the GGN's
+        return run(*args)
+    except Exception as err:  # noqa: BLE001 - the values measured before stand
         if is_distributed():
             raise
-        keys = metric_keys(monitor)
+        keys = metric_keys(monitor) if names is None else [monitor.key(n) for n in names]
         ctx.explained.update(keys)
         ctx.warn(
-            f"ggn-failed-{type(err).__name__}",
-            f"HessianMonitor: the Gauss-Newton part failed ({type(err).__name__}: "
-            f"{str(err)[:300]}); its metrics are NaN, the Hessian's are logged.",
+            f"ggn-failed-{what}-{type(err).__name__}",
+            f"HessianMonitor: the {what} failed ({type(err).__name__}: {str(err)[:300]}); its "
+            "metrics are NaN, the Hessian's" + (" and the GGN's" if names else "") + " are logged.",
         )
         return dict.fromkeys(keys, math.nan)
+
+
+def _residual(monitor: Any, ctx: MeasureContext, ggn: GGNOperator) -> dict[str, float]:
+    """The most negative eigenvalue of the residual H − G."""
+    low = products.derived_eigenvalues(
+        monitor,
+        ctx,
+        lambda hessian: ResidualOperator(hessian, ggn),
+        "residual H − G, products",
+        "residual",
+        which="smallest",
+        loss_fn=ggn.loss_fn,
+        cache=False,  # the GGN keeps its linearizations within the budget already
+    )
+    return {
+        monitor.key("residual/min_eigenvalue"): float(low.eigenvalues[0]),
+        monitor.key("residual/num_matvecs"): float(low.num_matvecs),
+    }
 
 
 def _measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) -> dict[str, float]:
@@ -117,18 +146,8 @@ def _measure_ggn(monitor: Any, ctx: MeasureContext, hessian_top: EigenResult) ->
         out[key("ggn_overlap")] = _overlap(hessian_top.eigenvectors, result.top.eigenvectors)
         out[key("ggn/num_matvecs")] = float(result.num_matvecs)
         if monitor.min_eigenvalue:
-            low = products.derived_eigenvalues(
-                monitor,
-                ctx,
-                lambda hessian: ResidualOperator(hessian, ggn),
-                "residual H − G, products",
-                "residual",
-                which="smallest",
-                loss_fn=ggn.loss_fn,
-                cache=False,  # the GGN keeps its linearizations within the budget already
-            )
-            out[key("residual/min_eigenvalue")] = float(low.eigenvalues[0])
-            out[key("residual/num_matvecs")] = float(low.num_matvecs)
+            out.update(_failed("residual", ["residual/min_eigenvalue", "residual/num_matvecs"],
+                               monitor, ctx, _residual, monitor, ctx, ggn))  # fmt: skip
     finally:
         ggn.release()
     if result.density is not None and ctx.draw_figures:

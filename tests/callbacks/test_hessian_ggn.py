@@ -177,6 +177,32 @@ def test_failed_gauss_newton_part_keeps_the_hessian(tmp_path):
     assert mon.history[-1]["hessian/hvp_exact"] == 0.0
 
 
+def test_a_failed_residual_keeps_the_gauss_newton_values(tmp_path, monkeypatch):
+    """The residual's run failing (out of memory, say) made every GGN metric NaN, though the
+    GGN's own run had succeeded; now only the residual's two are NaN, with one warning."""
+    from lightning_landscape.callbacks import _hessian_ggn
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(_hessian_ggn.products, "derived_eigenvalues", out_of_memory)
+    pl.seed_everything(0)
+    data = dataset()
+    mon = HessianMonitor(epochs=[0], ggn=True, tol=1e-8, trace=False, num_batches=2,
+                         dataloader=_fixed(data))  # fmt: skip
+    with pytest.warns(UserWarning, match="the residual failed .*simulated.* and the GGN's"):
+        trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            Net(), DataLoader(data, batch_size=8)
+        )
+    (row,) = mon.history
+    assert math.isnan(row["hessian/residual/min_eigenvalue"])
+    assert math.isnan(row["hessian/residual/num_matvecs"])
+    assert math.isfinite(row["hessian/ggn/eigenvalue_1"]) and math.isfinite(
+        row["hessian/ggn_overlap"]
+    )
+    assert math.isfinite(row["hessian/min_eigenvalue"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
