@@ -131,6 +131,7 @@ if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):  # none i
 _I6, _PM = torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor([1.0, -1, 1, -1, 1, -1], dtype=D)
 _EYE = torch.eye(3, dtype=D)
 X5 = (1, 2, 4, 4, 4)
+_MASK = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
 # pooling, resampling, losses, sorting, linear algebra and special functions of vision, speech,
 # metric-learning and scientific models (added 2026-11-30: all right in torch 2.13)
 FUNCTIONS.update({
@@ -219,6 +220,12 @@ FUNCTIONS.update({
     "stft": (lambda x: torch.stft(x, 8, return_complex=True).abs(), (32,)),
     "fft2": (lambda x: torch.fft.fft2(x).abs(), (4, 4)),
     "conv_transpose3d": (F.conv_transpose3d, (1, 2, 2, 2, 2), (2, 2, 2, 2, 2)),
+    "sdpa fully masked row": (  # a padded query: the math kernel gives it 0, as the fused ones
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_MASK),
+        (1, 2, 3, 4),
+        (1, 2, 3, 4),
+        (1, 2, 3, 4),
+    ),
     "conv1d grouped dilated": (lambda x, w: F.conv1d(x, w, groups=2, dilation=2), (1, 4, 8), (4, 2, 2)),
 })  # fmt: skip
 RAISE = {
