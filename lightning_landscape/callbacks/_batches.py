@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_landscape.callbacks._compat import COMBINED_LOADERS
@@ -74,6 +75,16 @@ def draw_batches(
     batch_samplers = [getattr(one, "batch_sampler", None) for one in loaders]
     owned = [getattr(x, "generator", None) for x in [*loaders, *samplers, *batch_samplers]]
     generators = {id(g): (g, g.get_state()) for g in owned if isinstance(g, torch.Generator)}
+    for one in loaders:
+        if _stateful(one, rebuilt=False):  # a DataLoader is rebuilt instead (:func:`_detached`)
+            rank_zero_warn(
+                f"The monitors draw their fixed batches by iterating the train loader, a "
+                f"{type(one).__name__} whose position Lightning saves in checkpoints "
+                "(`state_dict`): where that position is the last iterator's, a resume from a "
+                "checkpoint may replay or skip batches. Pass the monitors a `dataloader=` of "
+                "their own (a list of batches will do) to leave it alone.",
+                category=UserWarning,
+            )
     try:
         for sampler in epochs:
             if hasattr(sampler, "set_epoch"):
@@ -107,16 +118,36 @@ def _prepared(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) ->
     return trainer.strategy.batch_to_device(batch, pl_module.device)
 
 
+def _stateful(loader: Any, rebuilt: bool) -> bool:
+    """Whether Lightning saves the loader's position in checkpoints (its ``_Stateful``
+    protocol: ``state_dict`` and ``load_state_dict``), for a DataLoader (which
+    :func:`_detached` rebuilds) or not (``rebuilt=False``)."""
+    has = callable(getattr(loader, "state_dict", None))
+    return (
+        has
+        and callable(getattr(loader, "load_state_dict", None))
+        and (isinstance(loader, DataLoader) == rebuilt)
+    )
+
+
 def _detached(loader: Iterable) -> Iterable:
-    """A loader whose iteration cannot touch the training's: a DataLoader with workers is
-    rebuilt without them over the same dataset, sampler and collate function (with
-    ``persistent_workers`` a second ``iter`` would reset and share the fit loop's live iterator).
-    """
-    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+    """A loader whose iteration cannot touch the training's: a DataLoader with workers, or with
+    a saved position (torchdata's ``StatefulDataLoader``, whose ``state_dict`` describes the
+    last iterator handed out: a checkpoint saved the monitor's, and a resume replayed batches),
+    is rebuilt as a plain one without workers over the same dataset, sampler and collate
+    function (with ``persistent_workers`` a second ``iter`` would reset and share the fit
+    loop's live iterator)."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    if loader.num_workers == 0 and not _stateful(loader, rebuilt=True):
         return loader
     if isinstance(loader.dataset, IterableDataset):
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn
+        )
+    if loader.batch_sampler is None:  # batch_size=None: the dataset's items are the batches
+        return DataLoader(
+            loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn
         )
     return DataLoader(
         loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn

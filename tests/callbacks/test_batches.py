@@ -73,6 +73,86 @@ class Bucketed(torch.utils.data.Sampler):
         return self.n // 4
 
 
+class _Counting:
+    """An iterator that counts the batches it handed out."""
+
+    def __init__(self, loader, start):
+        self.inner, self.n = DataLoader.__iter__(loader), 0
+        for _ in range(start):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.n += 1
+        return batch
+
+
+class StatefulLoader(DataLoader):
+    """torchdata's ``StatefulDataLoader`` in miniature: ``state_dict`` is the position of the
+    last iterator handed out, ``load_state_dict`` the start of the next one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last, self.resume = None, 0
+
+    def __iter__(self):
+        self.last, self.resume = _Counting(self, self.resume), 0
+        return self.last
+
+    def state_dict(self):
+        return {"n": self.last.n if self.last else 0}
+
+    def load_state_dict(self, state):
+        self.resume = state["n"]
+
+
+def test_a_stateful_loaders_saved_position_is_the_trainings(tmp_path):
+    """Drawing the fixed batches from torchdata's StatefulDataLoader handed it a second
+    iterator, whose position the next checkpoint saved (1 batch instead of 4): a resume
+    replayed three batches and training diverged. The loader is rebuilt for the draw now."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def fit(monitors, ckpt=None, where=None):
+        torch.manual_seed(0)
+        model = Classifier()
+        saving = [ModelCheckpoint(dirpath=where, every_n_train_steps=4, save_top_k=-1)]
+        trainer = make_trainer(
+            tmp_path, [*monitors, *saving], max_epochs=2, logger=False, enable_checkpointing=True
+        )
+        trainer.fit(model, StatefulLoader(random_classes(n=48), batch_size=8), ckpt_path=ckpt)
+        return model
+
+    whole = fit([TrajectoryMonitor(num_batches=1, every_n_steps=3)], where=tmp_path / "a")
+    plain = fit([], where=tmp_path / "b")
+    first = sorted((tmp_path / "a").iterdir())[0]  # at step 4
+    loops = torch.load(first, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert loops["combined_loader"] == [{"n": 4}]
+    resumed = fit([TrajectoryMonitor(num_batches=1, every_n_steps=3)], ckpt=str(first))
+    for a, b, c in zip(whole.parameters(), plain.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_stateful_iterable_that_is_no_dataloader_is_drawn_with_a_warning():
+    """It cannot be rebuilt: iterated as it is, with a warning naming the remedy."""
+    inner = DataLoader(random_classes(n=16), batch_size=4)
+
+    class Stream:
+        def __iter__(self):
+            return iter(inner)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.warns(UserWarning, match="Stream whose position .* `dataloader=`"):
+        assert len(draw_batches(_trainer(Stream()), Classifier(), 2)) == 2
+
+
 def test_a_loaders_own_generators_are_untouched():
     """``DataLoader(..., generator=g)``: the draw advanced ``g`` (the sampler's shuffle and the
     loader's base seed), so the training's data order changed with a monitor; so did a batch
