@@ -226,6 +226,22 @@ def func_products(
     return torch.func.vmap(one, randomness="same")(Vt)
 
 
+def shared_module(module: nn.Module | None) -> str | None:
+    """Why ``torch.func`` cannot run ``module``: a submodule under two names (T5's shared
+    embedding), whose parameters ``functional_call`` puts back wrong (a fit crashed: "Cannot
+    access data pointer of Tensor that doesn't have storage"); or None. Tied parameters pass."""
+    seen: dict[int, str] = {}
+    for name, sub in [] if module is None else module.named_modules(remove_duplicate=False):
+        if id(sub) in seen:
+            return (
+                f"torch.func's functional_call cannot run a module registered under two names "
+                f"({seen[id(sub)] or 'the root'!r} and {name!r}: it leaves a transformed tensor "
+                "in its parameters); use the 'double_backward' or 'cached' products ('auto' does)."
+            )
+        seen[id(sub)] = name
+    return None
+
+
 def _checked_data(tensor: Tensor, value: Tensor) -> None:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor(value)
     if wrapped or torch._C._functorch.is_batchedtensor(value):

@@ -189,7 +189,8 @@ class HessianOperator(LinearOperator):
         )
         self._cache_key: tuple | None = None
         self._forward_over_reverse = True
-        self._scripted = _scripted.refusal(self.module)  # the func kinds refuse TorchScript
+        # the func kinds refuse TorchScript and a submodule under two names
+        self._func_refused = _scripted.refusal(self.module) or _hvp.shared_module(self.module)
         self.hvp_choice: str | None = None if hvp == "auto" else hvp
         self.hvp_reason = "" if hvp == "auto" else "requested"
         self.choice: _auto.Choice | None = None
@@ -286,8 +287,8 @@ class HessianOperator(LinearOperator):
         acc = torch.zeros_like(Vt)
         graph = kind == "double_backward"
         fn = _hvp.hvp_func if kind == "func" else partial(_compiled.hvp_compiled, warn=self.warn)
-        if not graph and self._scripted is not None:
-            raise RuntimeError(self._scripted)
+        if not graph and self._func_refused is not None:
+            raise RuntimeError(self._func_refused)
         vmapped = not graph or _hvp.vmaps_graphs(self.device, self.dim)  # else a column at a time
         with _hvp.guard(self.module, self.params, self.seed, graph_kernels=graph):
             for b, (size, whole) in enumerate(zip(self.batch_sizes, self.batches, strict=True)):

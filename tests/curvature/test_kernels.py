@@ -281,6 +281,41 @@ def test_torchscript_keeps_the_products_off_torch_func(make):
             HessianOperator(loss, model, data, hvp=kind) @ v
 
 
+class _Shared(_MLP):
+    """A submodule under two names, as T5's and BART's shared embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.first = self.a
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.encoder.first(x)) * torch.tanh(self.a(x)))
+
+
+def test_a_submodule_under_two_names_keeps_the_products_off_torch_func():
+    """functional_call puts such a module's parameters back wrong: "auto"'s trial of func left
+    a transformed tensor in them and the fit crashed ("Cannot access data pointer of Tensor
+    that doesn't have storage"). The func kinds refuse it; "auto" takes a graph kind, exact,
+    and the parameters stay themselves."""
+    torch.manual_seed(0)
+    model = _Shared().double()
+    params = [(p, p.data_ptr()) for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 3, generator=g, dtype=D), torch.randint(0, 2, (6,), generator=g))]
+    loss = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    H = dense_hessian(loss, model, data)
+    v = torch.randn(H.shape[0], dtype=D, generator=g)
+    with HessianOperator(loss, model, data, hvp="auto") as op:
+        torch.testing.assert_close(op @ v, H @ v, rtol=1e-10, atol=1e-12)
+        assert op.hvp_choice != "func" and "two names" in op.choice.failures["func"]
+    for kind in ("func", "compiled"):
+        with pytest.raises(RuntimeError, match="'a' and 'encoder.first'"):
+            HessianOperator(loss, model, data, hvp=kind) @ v
+    assert [(p, p.data_ptr()) for p in model.parameters()] == params
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
 def test_torchscript_would_be_silently_wrong(monkeypatch):
     """Why the refusal: without it, func products through the scripted activation are off. A
     canary: when a torch release fixes this, it fails, and the refusal can go."""
