@@ -24,12 +24,13 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from lightning_landscape.callbacks._precision import HALF, autocast_off
+from lightning_landscape.callbacks._precision import default_dtype as _default_dtype
 from lightning_landscape.callbacks._side_effects import (
     MARKER,
     HeldState,
@@ -39,7 +40,6 @@ from lightning_landscape.curvature import kernels
 from lightning_landscape.curvature.hvp import guarding
 
 Mode = Literal["eval", "train"]
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def is_measuring(module: torch.nn.Module) -> bool:
@@ -79,79 +79,6 @@ def _silence_logging(module: pl.LightningModule) -> Callable[[], None]:
     return undo
 
 
-def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
-    """Cast the floating tensors of a batch to ``dtype``, through the collections Lightning
-    moves between devices (lists, tuples, named tuples, dicts, dataclasses)."""
-    try:
-        return apply_to_collection(
-            batch, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t
-        )
-    except ValueError:  # a frozen dataclass (which Lightning cannot move either): as it is
-        return batch
-
-
-def measurement_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of a measurement: the parameters' own, never below float32."""
-    for p in module.parameters():
-        if not is_lazy(p) and p.is_floating_point():
-            return torch.float32 if p.dtype in _HALF else p.dtype
-    return torch.float32
-
-
-def forward_dtype(trainer: pl.Trainer, module: torch.nn.Module) -> torch.dtype | None:
-    """The default dtype of a measurement's forwards: with Lightning's "true" precisions
-    (``64-true``, ``bf16-true``, ``16-true``), whose plugins set the default dtype around every
-    training step, the measurement dtype (float64, or float32 for upcast half parameters), so
-    that tensors the module creates in its forward match its parameters as in training; ``None``
-    (left as it is) otherwise."""
-    precision = str(getattr(trainer.precision_plugin, "precision", "32-true"))
-    if precision.endswith("-true") and precision != "32-true":
-        return measurement_dtype(module)
-    return None
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    prior = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(prior)
-
-
-_AUTOCAST = torch.amp.autocast_mode.autocast
-
-
-def _disable_autocast(device_type: str) -> None:
-    try:
-        torch.set_autocast_enabled(device_type, False)
-    except TypeError:  # pragma: no cover - torch < 2.4: one flag per device kind
-        (torch.set_autocast_cpu_enabled if device_type == "cpu" else torch.set_autocast_enabled)(
-            False
-        )
-
-
-@contextlib.contextmanager
-def autocast_off(device_type: str) -> Iterator[None]:
-    """Autocast off while inside, including the user's own: a ``torch.autocast`` entered inside
-    (in a ``training_step`` or ``forward``, as a context or a decorator) keeps its dtype and
-    cache settings but computes in full precision, as Lightning's mixed precisions are measured.
-    Its exit restores what was there before it, as usual."""
-    enter = _AUTOCAST.__enter__
-
-    def entered_off(self):
-        out = enter(self)
-        if not torch.jit.is_scripting():
-            _disable_autocast(self.device)
-        return out
-
-    with torch.autocast(device_type=device_type, enabled=False):
-        with kernels.attributes_swapped([(_AUTOCAST, "__enter__", entered_off)]):
-            yield
-
-
 def _frozen_call(self, module, inputs):
     """Stands for the old ``nn.utils.spectral_norm`` hook: the weight from the current singular
     vectors, without a power-iteration step."""
@@ -176,12 +103,6 @@ def frozen_spectral_norms(module: nn.Module | None) -> Iterator[None]:
     finally:
         for m in touched:
             m.training = True
-
-
-def needs_upcast(module: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether some floating-point parameter is not of the measurement's ``dtype``."""
-    params = [p for p in module.parameters() if not is_lazy(p)]
-    return any(p.is_floating_point() and p.dtype != dtype for p in params)
 
 
 def _saved_buffers(module: nn.Module) -> tuple[Callable[[], None], dict[int, Tensor]]:
@@ -240,7 +161,7 @@ def measuring(
     undo_buffers, saved = _saved_buffers(module)
     saved.update(zip(map(id, params), saved_params, strict=True))
     hold = HeldState(nn.Module(), {}, guarding)  # holds nothing, until the measurement starts
-    half_data = {t: t.data for t in [*params, *buffers] if t.dtype in _HALF}  # upcast inside
+    half_data = {t: t.data for t in [*params, *buffers] if t.dtype in HALF}  # upcast inside
     storage = {p: p.data for p in params if type(p.data) is Tensor and p not in half_data}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     device_type = params[0].device.type if params else "cpu"
@@ -249,7 +170,7 @@ def measuring(
     marked = {name: module.__dict__[name] for name in (MARKER,) if name in module.__dict__}
     module.__dict__[MARKER] = True
     try:
-        module.train(mode == "train")  # first: the contexts below set some modules' flags
+        _set_mode(module, mode)  # first: the contexts below set some modules' flags
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
             stack.enter_context(_default_dtype(default_dtype))
@@ -287,6 +208,19 @@ def measuring(
                 p.grad = g
         for m, training in flags.items():
             m.training = training
+
+
+def _set_mode(module: nn.Module, mode: str) -> None:
+    """Eval mode by the flags alone: a ``train`` override can act (loralib's LoRA layers merge
+    their adapters into the weight in ``train(False)`` and set ``merged``, which the restore of
+    the flags did not undo: the adapters stopped training). Train mode is the training's own,
+    overrides included (a backbone whose BatchNorm stays frozen in ``train()``)."""
+    if mode == "train":
+        if not module.training:
+            module.train(True)
+        return
+    for m in module.modules():
+        m.training = False
 
 
 def module_loss(

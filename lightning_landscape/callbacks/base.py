@@ -26,15 +26,11 @@ from lightning_landscape.callbacks import _logging, _progress, _summary, _traine
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._errors import SetupError
-from lightning_landscape.callbacks._isolation import (
-    MARKER,
-    Mode,
+from lightning_landscape.callbacks._isolation import MARKER, Mode, counted, measuring, module_loss
+from lightning_landscape.callbacks._precision import (
     cast_batch,
-    counted,
     forward_dtype,
     measurement_dtype,
-    measuring,
-    module_loss,
     needs_upcast,
 )
 from lightning_landscape.callbacks._refusals import module_refusal
@@ -57,7 +53,8 @@ class LandscapeMonitor(Callback):
         loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default the module's ``training_step``,
             which is then called once per fixed batch at every weight point a measurement
             evaluates (see :func:`~lightning_landscape.is_measuring` for its side effects).
-        mode: ``"eval"`` (BatchNorm running statistics, no dropout) or ``"train"``.
+        mode: ``"eval"`` (BatchNorm running statistics, no dropout; by the flags alone) or
+            ``"train"`` (the training's own flags).
         seed: seed of every random probe and direction (identical on all ranks); each
             measurement's streams come from (seed, step, purpose) (:class:`MeasureContext`).
         prefix: the first part of every logged key (``"<prefix>/eigenvalue_1"``); default the
@@ -286,7 +283,7 @@ class LandscapeMonitor(Callback):
         batches = self.fixed_batches(trainer, pl_module)
         wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
-        upcast = needs_upcast(pl_module, dtype)
+        upcast = needs_upcast(pl_module)
         name = type(self).__name__
         refusal = module_refusal(pl_module) or sharded_refusal(wrapper, pl_module, name, upcast)
         before = plain_attributes(pl_module) if self.loss_fn is None else None

@@ -618,3 +618,73 @@ def test_a_model_that_cannot_be_measured_warns_once_and_trains_on(tmp_path):
     assert all(math.isnan(h["hessian/eigenvalue_1"]) for h in mon.history)
     for a, b in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class MergingLoRA(nn.Linear):
+    """A LoRA layer as loralib writes it: a frozen weight, trainable adapters A and B, merged
+    into the weight by ``train(False)`` (and out again by ``train(True)``) for inference."""
+
+    def __init__(self, fan_in: int, fan_out: int, rank: int = 2) -> None:
+        super().__init__(fan_in, fan_out)
+        self.weight.requires_grad_(False)
+        self.lora_a = nn.Parameter(0.3 * torch.randn(rank, fan_in))
+        self.lora_b = nn.Parameter(0.3 * torch.randn(fan_out, rank))
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode == self.merged:  # merge going to eval, unmerge going back
+            with torch.no_grad():
+                self.weight += (1 if not mode else -1) * (self.lora_b @ self.lora_a)
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.merged else out + x @ self.lora_a.T @ self.lora_b.T
+
+
+class LoRAMLP(TinyMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(MergingLoRA(6, 8), nn.Tanh(), MergingLoRA(8, 3))
+
+
+def test_lora_layers_that_merge_in_eval_mode_are_measured_unmerged(tmp_path):
+    """The measurement's eval mode called ``train(False)``, which merged the adapters: their
+    Hessian came out as the model's without them, and ``merged`` stayed set, so the adapters
+    never trained again. Eval mode is set by the flags now: the adapters' Hessian, training
+    bit-identical (the oracle: the same function, unmerged)."""
+    data = vector_data()
+    fixed = [data[:8]]
+    mon = HessianMonitor(epochs=[0, 2], top_k=1, tol=1e-10, num_batches=1, dataloader=fixed)
+    plain, _, _ = fit(tmp_path / "plain", lambda: LoRAMLP().double(), data)
+    model, _, caught = fit(tmp_path / "watched", lambda: LoRAMLP().double(), data, [mon])
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    assert not any(m.merged for m in model.net if isinstance(m, MergingLoRA))
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # training is bit-identical
+    H = dense_hessian(plain.loss, [p for p in plain.parameters() if p.requires_grad], fixed)
+    top = float(torch.linalg.eigvalsh(H)[-1])  # no dropout: train and eval modes agree
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-6)
+
+
+class MixedDtypeMLP(TinyMLP):
+    """A float64 network whose output is scaled by a frozen float32 constant, registered
+    first (the measurement dtype was the first parameter's, and every batch was cast to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = self.net
+        del self.net
+        self.scale = nn.Parameter(torch.tensor([1.5], dtype=torch.float32), requires_grad=False)
+        self.net = net.double()
+
+    def forward(self, x):
+        return self.net(x) * self.scale.double()
+
+
+def test_a_model_mixing_float32_and_float64_is_measured_as_it_trains(tmp_path):
+    """Its batches were cast to float32: every value NaN ("mat1 and mat2 must have the same
+    dtype") while training ran. Only half-precision parameters are upcast now."""
+    check_against_oracle(tmp_path, MixedDtypeMLP, vector_data(), "auto")
