@@ -26,15 +26,15 @@ def measure_eos(
     """``<prefix>/eos_threshold``, ``<prefix>/eos_ratio`` and, for an adaptive optimizer,
     ``<prefix>/preconditioned_eigenvalue_1``; and the Hessian-vector products spent.
 
-    ``sharpness`` is λ_max(H), already measured. The context's optimizer (the fit's first) is the
-    one read. Before an adaptive optimizer's first step there is no preconditioner yet: only the
-    threshold is logged.
+    ``sharpness`` is λ_max(H), already measured. The fit's optimizer is read (with several, the
+    one that steps every measured parameter: else NaN, as for a GAN's generator and
+    discriminator, whose thresholds differ). Before an adaptive optimizer's first step there is
+    no preconditioner yet: only the threshold is logged.
     """
     key = monitor.key
     try:
-        if ctx.optimizer is None:
-            raise ValueError("the trainer holds no optimizer.")
-        rule = stability_rule(ctx.optimizer)
+        optimizer = _stepping(ctx)
+        rule = stability_rule(optimizer)
     except ValueError as err:
         ctx.warn(
             f"HessianMonitor-{key('eos-threshold')}",
@@ -50,7 +50,7 @@ def measure_eos(
     if not monitor.preconditioned:
         ctx.warn(
             f"HessianMonitor-{key('eos-preconditioned')}",
-            f"HessianMonitor: with {type(ctx.optimizer).__name__} the edge of stability bounds "
+            f"HessianMonitor: with {type(optimizer).__name__} the edge of stability bounds "
             "the preconditioned sharpness λ_max(P⁻¹H), which `preconditioned=False` skips; "
             f"`{key('eos_ratio')}` is logged as NaN.",
         )
@@ -60,7 +60,7 @@ def measure_eos(
     if ctx.sharded_module is not None:  # the preconditioned operator needs whole vectors
         ctx.warn(
             f"HessianMonitor-{key('eos-sharded')}",
-            f"HessianMonitor: the preconditioned sharpness of {type(ctx.optimizer).__name__} is "
+            f"HessianMonitor: the preconditioned sharpness of {type(optimizer).__name__} is "
             f"not measured on sharded (FSDP) models; `{key('eos_ratio')}` is logged as NaN.",
         )
         out[key("eos_ratio")] = math.nan
@@ -80,3 +80,26 @@ def measure_eos(
     out[key("preconditioned_eigenvalue_1")] = value
     out[key("eos_ratio")] = value / rule.threshold
     return out, top.num_matvecs
+
+
+def _stepping(ctx: MeasureContext) -> Any:
+    """The optimizer whose threshold applies: the fit's only one, or of several the first that
+    steps every measured parameter.
+
+    Raises:
+        ValueError: without an optimizer, or where none of several steps them all.
+    """
+    if ctx.optimizer is None:
+        raise ValueError("the trainer holds no optimizer.")
+    if len(ctx.optimizers) <= 1:
+        return ctx.optimizer
+    for optimizer in ctx.optimizers:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if all(id(p) in stepped for p in ctx.params):
+            return optimizer
+    names = ", ".join(type(o).__name__ for o in ctx.optimizers)
+    raise ValueError(
+        f"the fit has {len(ctx.optimizers)} optimizers ({names}) and none steps all "
+        f"{len(ctx.params)} measured parameters (a GAN's generator and discriminator, say): "
+        "each has its own threshold, and the Hessian spans them all."
+    )

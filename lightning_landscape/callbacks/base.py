@@ -313,6 +313,7 @@ class LandscapeMonitor(Callback):
                 log_figure=partial(_logging.log_figure, trainer, step=step),
                 log_histogram=partial(_logging.log_histogram, trainer, step=step),
                 optimizer=trainer.optimizers[0] if trainer.optimizers else None,
+                optimizers=tuple(trainer.optimizers),
                 warn=partial(_logging.warn_once, trainer),
                 wrapper=wrapper,
             )

@@ -64,6 +64,8 @@ class MeasureContext:
             edges and ``n`` counts (TensorBoard only); a no-op without one.
         optimizer: the first optimizer of the fit (None without one), read by measurements
             that depend on it (the edge-of-stability threshold, Adam's preconditioner).
+        optimizers: all of the fit's optimizers (with several, the edge of stability reads the
+            one that steps every measured parameter).
         warn: ``warn(key, message)``: one warning per fit and key, on rank zero.
         explained: metric keys a measurement logs as NaN on purpose, having warned why (no
             stability threshold for this optimizer, say): the monitor's warning about
@@ -96,6 +98,7 @@ class MeasureContext:
     log_figure: Callable[[str, Any], None] = _no_figure
     log_histogram: Callable[[str, Tensor, Tensor], None] = _no_histogram
     optimizer: Any = None
+    optimizers: tuple = ()
     warn: Callable[[str, str], None] = _warn
     wrapper: nn.Module | None = None
     explained: set[str] = field(default_factory=set)

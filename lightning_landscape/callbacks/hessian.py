@@ -43,8 +43,9 @@ class HessianMonitor(LandscapeMonitor):
     2022; :mod:`lightning_landscape.curvature.stability`): λ_max(H) against 2/η for SGD,
     (2 + 2β)/((1−d)η) for heavy-ball and (2 + 2β)/((1 + 2β)η) for Nesterov momentum; for Adam and
     AdamW the preconditioned sharpness λ_max(P⁻¹H), P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) from the
-    optimizer's state, against (2 + 2β₁)/((1 − β₁)η), from its first step on. The first
-    optimizer is read. Other optimizers get NaN and one warning, and so does Entropy-SGD: its
+    optimizer's state, against (2 + 2β₁)/((1 − β₁)η), from its first step on. The optimizer
+    read is the one stepping every measured parameter; other optimizers, or none stepping them
+    all (a GAN's two), get NaN and one warning, and so does Entropy-SGD: its
     outer step descends the local entropy, and the loss Hessian enters only its inner Langevin
     steps, at the sample x' rather than the anchor measured here.
 

@@ -699,3 +699,51 @@ def test_requested_finite_differences_say_once_when_they_see_an_asymmetric_jacob
     assert len(found) == (2 if case == "failed first" else 1)
     assert math.isnan(found[0]) == (case == "failed first")
     assert found[-1] > 0.01 and "stop-gradient" in said[0] and "hvp='auto'" in said[0]
+
+
+class TwoOptimizers(Classifier):
+    """Manual optimization with one optimizer per layer (a GAN's generator and discriminator,
+    in miniature), or ``whole=True``: the second optimizer steps everything."""
+
+    def __init__(self, whole: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.whole = whole
+
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(self.loss(batch))
+            opt.step()
+
+    def loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        first = torch.optim.SGD(self.net[0].parameters(), lr=1e-3)
+        last = self.parameters() if self.whole else self.net[-1].parameters()
+        return [first, torch.optim.SGD(last, lr=0.1)]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_the_edge_of_stability_reads_the_optimizer_that_steps_the_measured_parameters(
+    tmp_path, whole
+):
+    """With several optimizers the threshold was the first's (2/η of a generator's learning
+    rate for a discriminator's Hessian: 100x off, without a word). Now it is that of the
+    optimizer that steps every measured parameter, or NaN with one warning."""
+    mon = HessianMonitor(epochs=[0], top_k=1, trace=False, num_batches=1,
+                         loss_fn=lambda module, batch: module.loss(batch))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            TwoOptimizers(whole), DataLoader(random_classes(), batch_size=8)
+        )
+    (row,) = mon.history
+    said = [str(w.message) for w in caught if "none steps all" in str(w.message)]
+    if whole:
+        assert row["hessian/eos_threshold"] == pytest.approx(20.0) and not said
+        assert row["hessian/eos_ratio"] == pytest.approx(row["hessian/eigenvalue_1"] / 20)
+    else:
+        assert math.isnan(row["hessian/eos_threshold"]) and math.isnan(row["hessian/eos_ratio"])
+        assert len(said) == 1 and "2 optimizers (SGD, SGD)" in said[0]
