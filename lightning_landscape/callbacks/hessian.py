@@ -45,9 +45,8 @@ class HessianMonitor(LandscapeMonitor):
     AdamW the preconditioned sharpness λ_max(P⁻¹H), P = (1 − β₁ᵗ)(diag(√v̂ₜ) + ε) from the
     optimizer's state, against (2 + 2β₁)/((1 − β₁)η), from its first step on. The optimizer
     read is the one stepping every measured parameter; other optimizers, or none stepping them
-    all (a GAN's two), get NaN and one warning, and so does Entropy-SGD: its
-    outer step descends the local entropy, and the loss Hessian enters only its inner Langevin
-    steps, at the sample x' rather than the anchor measured here.
+    all (a GAN's two), get NaN and one warning, and so does Entropy-SGD: its outer step descends
+    the local entropy; the loss Hessian enters only its inner steps, at the sample x'.
 
     **Gauss-Newton decomposition** (``ggn=True``). H = G + R with G = Σ_b n_b J_bᵀ ∇²_f ℓ_b J_b
     / Σ_b n_b the generalized Gauss-Newton matrix (PSD for a convex loss; it carries the
