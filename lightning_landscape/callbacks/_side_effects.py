@@ -211,26 +211,39 @@ def saved_metric_states(module: nn.Module) -> Callable[[], None]:
 
 
 class Fingerprint(dict):
-    """:func:`plain_attributes`' result: name → value or ``("length", n)``, and in ``objects``
-    the containers themselves (to put them back)."""
+    """:func:`plain_attributes`' result: key → value, ``("length", n)`` for a container,
+    ``("tensor", id)`` for a tensor; in ``objects`` the containers and tensors themselves (to
+    put them back), in ``owners`` the module and attribute name of each key."""
 
     objects: dict[str, Any]
+    owners: dict[str, tuple[nn.Module, str]]
 
 
 def plain_attributes(module: nn.Module) -> Fingerprint:
-    """A cheap fingerprint of the module's public plain attributes: numbers, strings and bools
-    by value, lists, tuples, dicts and sets by length (tensors and submodules are left out)."""
+    """A cheap fingerprint of the public plain attributes of the module and its submodules
+    (keyed ``name`` and ``path.name``): numbers, strings, bools and None by value, lists,
+    tuples, dicts and sets by length, tensors that are no parameter or buffer by identity (a
+    stateful RNN's ``self.h = h.detach()`` on a submodule; a counter a forward hook advances)."""
     out = Fingerprint()
-    out.objects = {}
-    for name, value in vars(module).items():
-        if name.startswith("_") or name == MARKER:
-            continue
-        if isinstance(value, bool | int | float | str):
-            out[name] = value
-        elif isinstance(value, list | tuple | dict | set):
-            out[name] = ("length", len(value))
-            out.objects[name] = value
+    out.objects, out.owners = {}, {}
+    for path, m in module.named_modules():
+        for name, value in vars(m).items():
+            if name.startswith("_") or name in (MARKER, "training"):
+                continue
+            key = f"{path}.{name}" if path else name
+            if value is None or isinstance(value, bool | int | float | str):
+                out[key] = value
+            elif isinstance(value, list | tuple | dict | set):
+                out[key], out.objects[key] = ("length", len(value)), value
+            elif isinstance(value, Tensor):
+                out[key], out.objects[key] = ("tensor", id(value)), value
+            else:
+                continue
+            out.owners[key] = (m, name)
     return out
+
+
+_ABSENT = object()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -238,36 +251,45 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and (a == b or (a != a and b != b))
 
 
-def changed_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def changed_attributes(before: Fingerprint, after: Fingerprint) -> list[str]:
     """``"name (before → after)"`` for every attribute whose fingerprint changed."""
 
-    def show(v: Any) -> str:
-        return "absent" if v is None else (f"length {v[1]}" if isinstance(v, tuple) else repr(v))
+    def show(k: str, fingerprint: Fingerprint) -> str:
+        if k not in fingerprint:
+            return "absent"
+        v = fingerprint[k]
+        if isinstance(v, tuple):
+            return "a tensor" if v[0] == "tensor" else f"length {v[1]}"
+        return repr(v)
 
-    names = [k for k in {**before, **after} if not _same(before.get(k), after.get(k))]
-    return [f"{k} ({show(before.get(k))} → {show(after.get(k))})" for k in names]
+    keys = {**before, **after}
+    names = [k for k in keys if not _same(before.get(k, _ABSENT), after.get(k, _ABSENT))]
+    return [f"{k} ({show(k, before)} → {show(k, after)})" for k in names]
 
 
 def put_back(module: nn.Module, before: Fingerprint, after: Fingerprint) -> None:
-    """Undo what a measurement's calls of ``training_step`` did to the plain attributes: lists
-    cut back to their length (appends undone: ``self.training_step_outputs.append(loss)``),
-    numbers, strings and rebound containers set back, attributes it created removed. Dicts and
-    sets that grew in place stay as they are."""
-    for name, value in before.items():
-        current = vars(module).get(name)
+    """Undo what a measurement's calls of ``training_step`` did to the plain attributes of the
+    module and its submodules: lists cut back to their length (appends undone:
+    ``self.training_step_outputs.append(loss)``), numbers, strings, tensors and rebound
+    containers set back, attributes it created removed. Dicts and sets that grew in place stay
+    as they are."""
+    for key, value in before.items():
+        owner, name = before.owners[key]
+        current = vars(owner).get(name)
         try:  # a name that became a parameter or submodule refuses a plain value: left as is
-            if name in before.objects:
-                obj = before.objects[name]
+            if key in before.objects:
+                obj = before.objects[key]
                 if current is not obj:
-                    setattr(module, name, obj)
+                    setattr(owner, name, obj)
                 if isinstance(obj, list) and len(obj) > value[1]:
                     del obj[value[1] :]
             elif not _same(current, value):  # a tensor or an array: a different type
-                setattr(module, name, value)
+                setattr(owner, name, value)
         except (TypeError, ValueError, RuntimeError):
             continue
-    for name in after.keys() - before.keys():
-        vars(module).pop(name, None)
+    for key in after.keys() - before.keys():
+        owner, name = after.owners[key]
+        vars(owner).pop(name, None)
 
 
 def warn_side_effects(
@@ -286,8 +308,8 @@ def warn_side_effects(
             "training-step-side-effects",
             f"{owner} called the module's training_step {calls} times as the loss of a "
             f"measurement, and it changed {', '.join(changed[:3])}. Put back what could be "
-            "(appended lists cut to their length, numbers and strings restored, new attributes "
-            "removed); other changes (items popped, dicts and sets updated, in-place edits) "
+            "(appended lists cut to their length, numbers, strings and tensors restored, new "
+            "attributes removed; on submodules too); other changes (items popped, dicts and sets updated, in-place edits) "
             "stay. Side effects in training_step run during measurements: "
             "skip them while `lightning_landscape.is_measuring(self)` (or "
             "`self.landscape_measuring`) is True, or pass the monitor "

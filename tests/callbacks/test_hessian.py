@@ -747,3 +747,42 @@ def test_the_edge_of_stability_reads_the_optimizer_that_steps_the_measured_param
     else:
         assert math.isnan(row["hessian/eos_threshold"]) and math.isnan(row["hessian/eos_ratio"])
         assert len(said) == 1 and "2 optimizers (SGD, SGD)" in said[0]
+
+
+class CarriedState(Classifier):
+    """A submodule that keeps a detached hidden state across batches (a stateful RNN) and a
+    counter a forward pre-hook advances (an annealed temperature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = torch.nn.RNNCell(6, 6, dtype=torch.float64)
+        self.cell.h, self.cell.calls = None, 0
+        self.cell.register_forward_pre_hook(lambda m, args: setattr(m, "calls", m.calls + 1))
+
+    def forward(self, x):
+        h = self.cell(x, self.cell.h)
+        self.cell.h = h.detach()
+        return self.net(h / (1 + 0.01 * self.cell.calls))
+
+
+def test_state_kept_on_a_submodule_is_put_back(tmp_path):
+    """Only the LightningModule's own attributes were put back: a measurement left its last
+    piece's 2-row hidden state (the next training step crashed: "Input batch size 8 doesn't
+    match hidden0 batch size 2") and the counter 40 calls ahead (training changed)."""
+    runs = []
+    for monitors in ([], [HessianMonitor(epochs=[0, 1], top_k=1, trace=False, num_batches=1)]):
+        pl.seed_everything(4)
+        model = CarriedState()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, monitors, max_epochs=2, logger=False).fit(
+                model, DataLoader(random_classes(), batch_size=8)
+            )
+        runs.append((model, [str(w.message) for w in caught]))
+    (plain, _), (watched, said) = runs
+    assert watched.cell.calls == plain.cell.calls == 10
+    assert torch.equal(watched.cell.h, plain.cell.h)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    named = [m for m in said if "changed cell.h (None → a tensor)" in m]
+    assert len(named) == 1 and "cell.calls (0 → " in named[0]

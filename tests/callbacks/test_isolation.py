@@ -231,7 +231,7 @@ def test_changed_plain_attributes_are_named():
     before = plain_attributes(model)
     model.counts = model.counts + torch.ones(3)  # a number became a tensor: no crash
     after = plain_attributes(model)
-    assert changed_attributes(before, after) == ["counts (0 → absent)"]  # NaN is NaN
+    assert changed_attributes(before, after) == ["counts (0 → a tensor)"]  # NaN is NaN
     put_back(model, before, after)
     assert model.counts == 0
 
