@@ -212,8 +212,8 @@ def saved_metric_states(module: nn.Module) -> Callable[[], None]:
 
 class Fingerprint(dict):
     """:func:`plain_attributes`' result: key → value, ``("length", n)`` for a container,
-    ``("tensor", id)`` for a tensor; in ``objects`` the containers and tensors themselves (to
-    put them back), in ``owners`` the module and attribute name of each key."""
+    ``("tensor", shape, dtype)`` for a tensor; in ``objects`` the containers and tensors
+    themselves (to put them back), in ``owners`` the module and attribute name of each key."""
 
     objects: dict[str, Any]
     owners: dict[str, tuple[nn.Module, str]]
@@ -222,8 +222,10 @@ class Fingerprint(dict):
 def plain_attributes(module: nn.Module) -> Fingerprint:
     """A cheap fingerprint of the public plain attributes of the module and its submodules
     (keyed ``name`` and ``path.name``): numbers, strings, bools and None by value, lists,
-    tuples, dicts and sets by length, tensors that are no parameter or buffer by identity (a
-    stateful RNN's ``self.h = h.detach()`` on a submodule; a counter a forward hook advances)."""
+    tuples, dicts and sets by length, tensors that are no parameter or buffer by shape and dtype
+    (a stateful RNN's ``self.h = h.detach()`` on a submodule; a counter a forward hook
+    advances). A tensor a forward recomputes in place of another alike (the old
+    ``nn.utils.spectral_norm``'s and ``weight_norm``'s weights) is no change to name."""
     out = Fingerprint()
     out.objects, out.owners = {}, {}
     for path, m in module.named_modules():
@@ -235,8 +237,9 @@ def plain_attributes(module: nn.Module) -> Fingerprint:
                 out[key] = value
             elif isinstance(value, list | tuple | dict | set):
                 out[key], out.objects[key] = ("length", len(value)), value
-            elif isinstance(value, Tensor):
-                out[key], out.objects[key] = ("tensor", id(value)), value
+            elif isinstance(value, Tensor):  # put back by identity, named if its kind changed
+                out[key] = ("tensor", tuple(value.shape), str(value.dtype))
+                out.objects[key] = value
             else:
                 continue
             out.owners[key] = (m, name)
@@ -301,8 +304,8 @@ def warn_side_effects(
 
     after = plain_attributes(module)
     changed = changed_attributes(before, after)
+    put_back(module, before, after)  # also tensors replaced by others alike, without a word
     if changed:
-        put_back(module, before, after)
         _logging.warn_once(
             trainer,
             "training-step-side-effects",
