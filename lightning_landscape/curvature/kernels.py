@@ -184,18 +184,24 @@ def decomposed_ops() -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def dense_embeddings(module: nn.Module | None) -> Iterator[None]:
-    """Embeddings of ``module`` built with ``sparse=True`` give dense gradients while inside
-    (the flag is put back on exit)."""
-    sparse = (nn.Embedding, nn.EmbeddingBag)
-    modules = [] if module is None else module.modules()
-    touched = [m for m in modules if isinstance(m, sparse) and m.sparse]
+    """Embeddings of ``module`` built with ``sparse=True`` give dense gradients while inside,
+    and those built with ``scale_grad_by_freq=True`` the loss's own: that option scales the
+    gradient the kernel returns by the inverse frequency of each index in the batch, which is
+    no function's gradient (its Jacobian is not symmetric: ``"auto"`` took finite differences
+    and warned of a stop-gradient; 3 % off the loss's Hessian on a small model). The flags are
+    put back on exit; ``F.embedding`` called with the option directly is not seen."""
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    found = [m for m in ([] if module is None else module.modules()) if isinstance(m, kinds)]
+    flags = [
+        (m, name) for m in found for name in ("sparse", "scale_grad_by_freq") if getattr(m, name)
+    ]
     try:
-        for m in touched:
-            m.sparse = False
+        for m, name in flags:
+            setattr(m, name, False)
         yield
     finally:
-        for m in touched:
-            m.sparse = True
+        for m, name in flags:
+            setattr(m, name, True)
 
 
 @contextlib.contextmanager

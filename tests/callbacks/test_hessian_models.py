@@ -688,3 +688,26 @@ def test_a_model_mixing_float32_and_float64_is_measured_as_it_trains(tmp_path):
     """Its batches were cast to float32: every value NaN ("mat1 and mat2 must have the same
     dtype") while training ran. Only half-precision parameters are upcast now."""
     check_against_oracle(tmp_path, MixedDtypeMLP, vector_data(), "auto")
+
+
+class FrequencyScaledMLP(SparseEmbeddingMLP):
+    """Its embedding's gradient scaled by the inverse frequency of each index in the batch."""
+
+    def __init__(self, scale: bool = True):
+        super().__init__()
+        self.emb = nn.Embedding(4, 3, scale_grad_by_freq=scale)
+
+
+def test_an_embedding_that_scales_its_gradient_by_frequency_is_measured_exactly(tmp_path):
+    """That scaled gradient is no function's gradient: "auto" found its Jacobian asymmetric,
+    took finite differences and warned of a stop-gradient (3 % off). The option is off while
+    measuring: the loss's own Hessian, exact; the training keeps it."""
+    fixed = [vector_data()[:8]]
+    mon = HessianMonitor(epochs=[2], top_k=1, tol=1e-10, num_batches=1, dataloader=fixed)
+    model, _, caught = fit(tmp_path, lambda: FrequencyScaledMLP().double(), vector_data(), [mon])
+    assert not [m for m in caught if "HessianMonitor" in m], caught
+    assert model.emb.scale_grad_by_freq and mon.history[-1]["hessian/hvp_exact"] == 1.0
+    twin = FrequencyScaledMLP(scale=False).double()
+    twin.load_state_dict(model.state_dict())
+    top = float(torch.linalg.eigvalsh(dense_hessian(twin.loss, twin.eval(), fixed))[-1])
+    assert mon.history[-1]["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-8)
