@@ -11,6 +11,11 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   ``nn.utils.weight_norm``): the fused ``_weight_norm_interface`` holds the norms fixed in its
   double backward (wrong, silently) and has no forward AD. Runs as
   ``v * (g / norm_except_dim(v, 2, dim))``, PyTorch's own fallback.
+- ``torch.embedding`` with a padding index (``nn.Embedding(padding_idx=...)``, most text
+  models): the forward AD of its backward ignores the padding, so forward over reverse was
+  57 % off, silently. Runs as the lookup with the padding positions detached.
+- ``torch._C._nn.huber_loss`` (``F.huber_loss``, ``nn.HuberLoss``; DQN, robust regression): no
+  forward AD of its backward. Runs as ``where(|d| <= δ, d² / 2, δ (|d| − δ / 2))``.
 - ``F.hardsigmoid`` (MobileNetV3): "derivative for aten::hardsigmoid_backward is not
   implemented". Runs as ``relu6(x + 3) / 6``.
 - ``torch.embedding_bag`` (``nn.EmbeddingBag``, ``F.embedding_bag``; fastText-style text
@@ -70,6 +75,41 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
 def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
     out = F.relu6(input + 3) / 6
     return input.copy_(out) if inplace else out
+
+
+_EMBEDDING = torch.embedding
+
+
+def _embedding(
+    weight: Tensor,
+    indices: Tensor,
+    padding_idx: int = -1,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    """``torch.embedding`` (what ``F.embedding`` and ``nn.Embedding`` call) with a padding
+    index: the lookup, its padding positions detached (no gradient to that row, as in the
+    kernel). The kernel's forward-mode derivative of its backward ignores the padding: func
+    products were 57 % off, silently. Without one the kernel runs."""
+    if padding_idx < 0:  # F.embedding has made a negative padding_idx positive: -1 means none
+        return _EMBEDDING(weight, indices, padding_idx, scale_grad_by_freq, sparse)
+    out = weight[indices]
+    return torch.where((indices == padding_idx).unsqueeze(-1), out.detach(), out)
+
+
+_HUBER = torch._C._nn.huber_loss
+
+
+def _huber_loss(input: Tensor, target: Tensor, reduction: int = 1, delta: float = 1.0) -> Tensor:
+    """``torch._C._nn.huber_loss`` (what ``F.huber_loss`` and ``nn.HuberLoss`` call; DQN,
+    robust regression): "Trying to use forward AD with huber_loss_backward that does not
+    support it", so the func products raised. ½ d² where |d| ≤ δ, else δ (|d| − ½ δ), with the
+    kernel's slope at the joint (they agree there)."""
+    d = input - target
+    small = d.abs() <= delta
+    loss = torch.where(small, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
+    how = _REDUCTIONS[int(reduction)]
+    return loss if how == "none" else loss.sum() if how == "sum" else loss.mean()
 
 
 def _embedding_bag(
@@ -264,6 +304,8 @@ DECOMPOSED = (
     (torch, "_weight_norm", _weight_norm),
     (sys.modules["torch.nn.utils.weight_norm"], "_weight_norm", _weight_norm),
     (F, "hardsigmoid", _hardsigmoid),
+    (torch, "embedding", _embedding),
+    (torch._C._nn, "huber_loss", _huber_loss),
     (torch, "embedding_bag", _embedding_bag),
     (torch, "ctc_loss", _ctc_loss),
     (F, "multi_margin_loss", _multi_margin_loss),

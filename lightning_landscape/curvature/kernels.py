@@ -41,8 +41,8 @@ during a whole measurement):
   plain operations: weight normalization (the fused kernel's double backward is wrong,
   silently), the hard sigmoid, embedding bags (``nn.EmbeddingBag``), the CTC loss
   (``nn.CTCLoss``), the multi-class margin loss and pairwise distances (``torch.cdist``,
-  ``F.pdist``, for p in {1, 2, inf}) run through those compositions during exact
-  products (:mod:`~lightning_landscape.curvature.decompositions`: each one, its cost, and the
+  ``F.pdist``, for p in {1, 2, inf}), and without a right forward AD (padded embeddings, the
+  Huber loss) run through those compositions during exact products (:mod:`~lightning_landscape.curvature.decompositions`: each one, its cost, and the
   measurements); first-order work keeps the kernels.
 - **TorchScript** (scripted submodules or functions): ``torch.func`` through optimized
   TorchScript is silently wrong; the ``func`` kinds refuse such modules
