@@ -260,7 +260,10 @@ def _inputs(specs):
     return out
 
 
-def _check(fn, specs, module=None):
+def _check(fn, specs, module=None, forward_over_reverse=False):
+    """gradgradcheck of ``fn`` (or of ``module``'s forward, its parameters as inputs) inside
+    the products' context: reverse over reverse, or forward over reverse (no exception: False
+    where it disagrees)."""
     inputs = _inputs(specs)
     params = [p.detach().clone().requires_grad_() for p in module.parameters()] if module else []
     names = [n for n, _ in module.named_parameters()] if module else []
@@ -272,8 +275,14 @@ def _check(fn, specs, module=None):
         out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), tuple(xs))
         return out[0] if isinstance(out, tuple) else out
 
+    how = {"check_fwd_over_rev": True, "check_rev_over_rev": False, "raise_exception": False}
     with twice_differentiable(module):
-        return gradgradcheck(f, (*inputs, *params), check_undefined_grad=False)
+        return gradgradcheck(
+            f,
+            (*inputs, *params),
+            check_undefined_grad=False,
+            **(how if forward_over_reverse else {}),
+        )
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -304,29 +313,6 @@ NO_FORWARD_AD = {"grid_sample", "soft_margin", "index_reduce amax"}
 WRONG_FORWARD_AD = {"scatter_reduce prod"}
 
 
-def _check_forward_over_reverse(fn, specs, module=None):
-    inputs = _inputs(specs)
-    params = [p.detach().clone().requires_grad_() for p in module.parameters()] if module else []
-    names = [n for n, _ in module.named_parameters()] if module else []
-
-    def f(*args):
-        xs, ps = args[: len(inputs)], args[len(inputs) :]
-        if module is None:
-            return fn(*xs)
-        out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), tuple(xs))
-        return out[0] if isinstance(out, tuple) else out
-
-    with twice_differentiable(module):
-        return gradgradcheck(
-            f,
-            (*inputs, *params),
-            check_undefined_grad=False,
-            check_fwd_over_rev=True,
-            check_rev_over_rev=False,
-            raise_exception=False,
-        )
-
-
 @pytest.mark.parametrize("name", [*MODULES, *FUNCTIONS])
 def test_forward_over_reverse_is_correct_or_refused(name):
     """What the func kinds differentiate: forward AD of each backward, inside the products'
@@ -335,10 +321,10 @@ def test_forward_over_reverse_is_correct_or_refused(name):
     if name in MODULES:
         make, *specs = MODULES[name]
         torch.manual_seed(0)
-        check = lambda: _check_forward_over_reverse(None, specs, make().double())  # noqa: E731
+        check = lambda: _check(None, specs, make().double(), True)  # noqa: E731
     else:
         fn, *specs = FUNCTIONS[name]
-        check = lambda: _check_forward_over_reverse(fn, specs)  # noqa: E731
+        check = lambda: _check(fn, specs, forward_over_reverse=True)  # noqa: E731
     if name in NO_FORWARD_AD:
         with pytest.raises(NotImplementedError, match="forward AD"):
             check()
