@@ -73,7 +73,7 @@ class HessianMonitor(LandscapeMonitor):
         min_eigenvalue: also the most negative eigenvalue.
         trace: also the trace (with its standard error).
         density: also the spectral density (a TensorBoard figure on a log scale and a histogram).
-        tol: residual tolerance of the eigenvalues, relative to the spectral scale.
+        tol: residual tolerance of each eigenvalue, relative to it (min. λ_max/100; λ_min: λ_max).
         max_matvecs: cap on the Lanczos run.
         trace_probes: Hutchinson probes of the deflated remainder.
         density_steps: Lanczos steps of each density probe (the run lasts at least this long

@@ -89,7 +89,8 @@ def analyze(
         density: also the spectral density (the run lasts at least ``density_steps``).
         density_steps: Lanczos steps per density probe.
         density_probes: density probes; the first is the shared run, the others run batched.
-        tol: residual tolerance of the eigenvalues, relative to the spectral scale.
+        tol: residual tolerance of the eigenvalues, relative to each (at least a hundredth of
+            the largest; the most negative's relative to the largest).
         max_steps: cap on the shared run; default ``min(dim, max(100, 20·top_k, density_steps))``.
         seed: seed of every probe (identical on every rank); ``None`` draws one.
         basis_device: where the Lanczos bases are kept (default the operator's device;

@@ -40,7 +40,14 @@ from lightning_landscape._core.checks import check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import Space, space_of
 from lightning_landscape.curvature.basis import Basis, check_basis_device
-from lightning_landscape.curvature.eigen import EigenResult, Which, _validate, wanted, within
+from lightning_landscape.curvature.eigen import (
+    EigenResult,
+    Which,
+    _validate,
+    min_steps,
+    wanted,
+    within,
+)
 from lightning_landscape.curvature.lanczos import RESTART, new_basis
 from lightning_landscape.curvature.linear import LinearOperator, writable
 
@@ -251,7 +258,8 @@ def block_top_eigenvalues(
 
     :func:`~.eigen.top_eigenvalues` with blocks of ``block`` products (opt-in: faster where a
     block of products costs less than its products one at a time, e.g. vmapped on a GPU). It
-    stops when each wanted Ritz pair has residual ‖Hx − θx‖ = ‖B s_last‖ ≤ ``tol`` · max|θ|.
+    stops when each wanted Ritz pair has residual ‖Hx − θx‖ = ‖B s_last‖ within ``tol`` (as
+    :func:`.top_eigenvalues`: relative to each eigenvalue, after at least 2k + 1 products).
 
     Args:
         op: the operator (e.g. :class:`HessianOperator`).
@@ -310,9 +318,10 @@ def block_top_eigenvalues(
 
 
 def _converged(T: Tensor, B: Tensor, k: int, which: str, tol: float, dim: int) -> bool:
-    """True when the k wanted Ritz pairs have residual ≤ tol · max|θ| (or the space is exhausted,
-    or a product was not finite)."""
-    if T.shape[0] < min(k, dim):
+    """True when the k wanted Ritz pairs are :func:`.eigen.within` tolerance after at least
+    :func:`.eigen.min_steps` products (or the space is exhausted, or a product was not
+    finite)."""
+    if T.shape[0] < min_steps(k, dim):
         return False
     if not torch.isfinite(T).all() or not torch.isfinite(B).all() or T.shape[0] >= dim:
         return True
