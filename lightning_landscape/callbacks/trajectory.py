@@ -21,7 +21,7 @@ from lightning_landscape.callbacks._snapshots import (
     tracked_parameters,
 )
 from lightning_landscape.callbacks._trainer_state import epochs_done
-from lightning_landscape.callbacks._trajectory_checks import check_arguments
+from lightning_landscape.callbacks._trajectory_checks import check_arguments, nonfinite_picture
 from lightning_landscape.callbacks.base import LandscapeMonitor, MeasureContext
 from lightning_landscape.callbacks.schedule import describe
 from lightning_landscape.landscape import plots
@@ -316,6 +316,10 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.last_picture = {}
         here = describe(ctx.epoch, ctx.step, self.schedule.by_step)
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
+        if (
+            nan := nonfinite_picture(self, ctx, [theta, *self.snapshots.tensors], others)
+        ) is not None:
+            return nan
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]
             scalars, self.last_picture = pca_picture(

@@ -371,3 +371,24 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
             want = loss_at(model, final + x * d[0] + y * d[1], union)
             assert float(pic["loss"][i, j]) == pytest.approx(want, rel=1e-10)
     assert got["history"][-1]["trajectory/loss"] == pytest.approx(loss_at(model, final, union), rel=1e-10)  # fmt: skip
+
+
+class NaNAfterFirstStep(Classifier):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step == 1:  # a NaN in training: every weight after it is NaN
+            with torch.no_grad():
+                self.net[0].weight.fill_(math.nan)
+
+
+def test_non_finite_weights_give_no_picture_and_no_failure(tmp_path):
+    """The picture's eigendecomposition raised on NaN snapshots: under DDP, where every
+    failure ends the run, the fit died at its end. Now the picture's values are NaN with one
+    warning naming the cause, on every rank alike."""
+    mon = TrajectoryMonitor(num_batches=1, every_n_steps=2, slices=True)
+    with pytest.warns(UserWarning, match="not finite .* no landscape picture"):
+        make_trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(
+            NaNAfterFirstStep(), DataLoader(learnable_classes(), batch_size=8)
+        )
+    (picture,) = mon.pictures
+    assert math.isnan(picture["trajectory/pca_explained_variance"])
+    assert math.isnan(picture["trajectory/off_plane_distance"])
