@@ -1,29 +1,27 @@
 """``hvp="auto"``: the fastest exact product kind that works for this model, decided by trial.
 
-Which kind is fastest depends on the model and the device (measured, per product over a
-gradient: on CPU cached 0.65-1.7x, double backward 2.2-2.7x, forward-over-reverse 3.4-3.5x; on an
-H200 with ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x alone and 2.1x in
-vmapped blocks of 8), and whether a kind works at all depends on the model's kernels (fused
-attention and cuDNN RNN backwards are not differentiable; ``jvp`` is missing for some ops; a
-``@once_differentiable`` backward, or one that runs outside autograd, would silently lose terms
-and is detected in the graph kinds, :mod:`.differentiable`; forward over reverse, which
-differentiates the same backward where it runs at all, is then dropped too). So each candidate
-computes the first product three times (the first call warms up; the cached kind builds its
-graphs within the memory budget), the faster of the other two counts, and a candidate is
-dropped if it raises, returns NaN/inf, or disagrees with the others. The reference kind's
-product is also checked for symmetry, uᵀ(Hv) = vᵀ(Hu) with a second, Gaussian u: a double
-backward that drops terms (PyTorch's fused weight norm did; a custom ``autograd.Function``
-whose backward uses tensors computed inside its forward or runs outside autograd, as fused
-kernels' do) gives an asymmetric "Hessian": then the exact kinds are wrong, and finite
-differences, which differentiate only gradients, are taken instead (with one warning saying
-why; where they are no better, their own error estimate above a quarter of the asymmetry, the
-exact kind stays, with a warning). Where the graph runs custom Functions it cannot clear,
-the product is compared with finite differences too (:mod:`.crosscheck`, four gradients).
-Cost: about 3 products of each candidate (plus the cached kind's graphs) and one for the
-symmetry, once per operator; the chosen kind's product of the first vector is kept as that
-vector's product. Finite differences are the fallback when no exact kind works or the exact
-kinds are wrong, never a silent choice. Under torch.distributed the trial products are local
-and the verdicts and timings are summed over ranks, so every rank chooses the same kind.
+Which kind is fastest depends on the model and the device (per product over a gradient: on
+CPU cached 0.65-1.7x, double backward 2.2-2.7x, forward-over-reverse 3.4-3.5x; on an H200 with
+ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x alone and 2.1x in vmapped
+blocks of 8), and whether a kind works at all on the model's kernels (fused attention and cuDNN
+RNN backwards are not differentiable; ``jvp`` is missing for some ops; a backward that runs
+outside autograd silently loses terms, detected in the graph kinds by :mod:`.differentiable`,
+and forward over reverse is then dropped too). So each candidate computes the first product
+three times (warm-up; the cached kind builds its graphs within the memory budget), the faster
+of the other two counts, and a candidate is dropped if it raises, returns NaN/inf, or disagrees
+with the others. The reference kind's product is also checked for symmetry, uᵀ(Hv) = vᵀ(Hu)
+with a Gaussian u: a double backward that drops terms (the fused weight norm; a custom
+``autograd.Function`` whose backward uses tensors of its forward or runs outside autograd)
+gives an asymmetric "Hessian", and finite differences are taken instead, with one warning (where
+they are no better, their error above a quarter of the asymmetry, the exact kind stays, with a
+warning). Where the graph runs custom Functions it cannot clear, the product is compared with
+finite differences too (:mod:`.crosscheck`, four gradients). Cost: about 3 products of each
+candidate (plus the cached kind's graphs) and one for the symmetry, once per operator; the
+chosen kind's first product is kept. Finite differences are never a silent choice. Under
+torch.distributed the trial products are local and the verdicts and timings are summed over
+ranks, so every rank chooses alike; blocks are not tried where the graph runs a collective
+(:func:`.crosscheck.collective_listed`; a kind failing inside one on one rank only left the
+others waiting): one vector at a time.
 """
 
 from __future__ import annotations
@@ -86,8 +84,7 @@ def _sync(device: torch.device) -> None:
 def _timed(run: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
     _sync(device)
     start = time.perf_counter()
-    out = run()
-    _sync(device)
+    out, _ = run(), _sync(device)
     return out, time.perf_counter() - start
 
 
@@ -202,13 +199,11 @@ def faster_for_blocks(
     Vt: Tensor,
     *,
     distributed: bool = False,
-) -> tuple[str, Tensor | None]:
-    """Time each kind once on the block ``Vt``; return the fastest and its (local) product
-    when it was the last kind timed (else None, and the caller computes it: one block more,
-    once per operator). No block of products is kept while the next kind runs: the trial
-    holds one kind's memory at a time, not the sum (on a CPU ResNet-18 the first trace
-    block's trial was the measurement's peak). Used once per operator on its first block of
-    several vectors (vmapped forward-over-reverse against the kind chosen for single vectors)."""
+) -> tuple[str | None, Tensor | None]:
+    """Time each kind once on the block ``Vt``; return the fastest (None where none runs) and
+    its (local) product when it was the last kind timed (else None: the caller computes it).
+    One kind's block at a time is held, not the sum (on a CPU ResNet-18 the first trace
+    block's trial was the measurement's peak). Once per operator, on its first block."""
     kept, seconds = None, {}
     for kind in kinds:
         kept = None  # freed before the next kind's products
@@ -221,6 +216,8 @@ def faster_for_blocks(
         del out
     stats = torch.tensor([seconds[k] for k in kinds], dtype=torch.float64)
     all_reduce_sum_(stats, distributed)
+    if not bool(torch.isfinite(stats).any()):  # none works on blocks (a collective in the loss)
+        return None, None
     best = kinds[int(torch.argmin(stats))]
     return best, kept[1] if kept is not None and kept[0] == best else None
 
@@ -315,8 +312,8 @@ def resolve(op: HessianOperator, v: Tensor) -> Tensor | None:
     op.choice, op.hvp_choice, op.hvp_reason = choice, choice.kind, choice.reason
     if choice.kind != "cached":
         op.release()
-    if op.block_choice is None and not (choice.exact and "func" in choice.seconds):
-        op.block_choice = choice.kind  # no other candidate for blocks
+    if op.block_choice is None and not choice.exact:
+        op.block_choice = choice.kind
     if not choice.exact:  # checked for a symmetric Jacobian, unless a comparison did
         compared = "drops terms" in choice.failures.values()
         crosscheck.fell_back(op, v, choice.reason, tol, check=not compared)
@@ -338,10 +335,16 @@ def first_product(op: HessianOperator, v: Tensor) -> Tensor | None:
     return crosscheck.recheck(op, v, symmetry_tolerance(v.dtype, v.device, op.module))
 
 
+COLUMNS = "columns"  # blocks one vector at a time, where no kind runs on them
+
+
 def resolve_blocks(op: HessianOperator, Vt: Tensor) -> Tensor:
-    """Set ``op.block_choice`` to the faster of its kind and ``"func"`` on the block ``Vt``;
-    return this rank's (unreduced) product of the block."""
-    kinds = list(dict.fromkeys([op.hvp_choice, "func"]))  # "func" last: it wins on GPUs
-    best, out = faster_for_blocks(op.local_products, kinds, Vt, distributed=op.distributed)
-    op.block_choice = best
-    return op.local_products(best, Vt) if out is None else out
+    """Set ``op.block_choice`` to the faster of its kind and ``"func"`` on the block ``Vt``
+    (:data:`COLUMNS` where none runs); return this rank's (unreduced) product."""
+    func = op.choice is None or "func" in op.choice.seconds  # it ran single vectors in the trial
+    kinds = list(dict.fromkeys([op.hvp_choice, *(["func"] if func else [])]))  # func wins on GPUs
+    best, out = None, None
+    if not (op.distributed and crosscheck.collective_listed(op)):  # else vmap can hang the ranks
+        best, out = faster_for_blocks(op.local_products, kinds, Vt, distributed=op.distributed)
+    op.block_choice = best or COLUMNS
+    return op.local_products(op.block_choice, Vt) if out is None else out

@@ -215,6 +215,29 @@ def _ratio(squared: float, base: float) -> float:
     return 0.0 if squared == 0.0 else math.sqrt(squared / base) if base > 0 else math.inf
 
 
+def _collective_nodes() -> frozenset[str]:
+    """The backward nodes of PyTorch's differentiable collectives (``torch.distributed.nn``:
+    a gathered contrastive loss) and of SyncBatchNorm."""
+    names = {"SyncBatchNormBackward"}
+    try:
+        from torch.distributed.nn import functional as collectives
+    except ImportError:  # pragma: no cover - a build without torch.distributed
+        return frozenset(names)
+    for value in vars(collectives).values():
+        if isinstance(value, type) and issubclass(value, torch.autograd.Function):
+            names.add(f"{value.__name__}Backward")
+    return frozenset(names)
+
+
+def collective_listed(op: HessianOperator) -> bool:
+    """Whether this rank's graphs listed a collective's backward (:func:`_collective_nodes`),
+    on any rank (the same answer on all). Blocks are then computed a vector at a time: a
+    vmapped backward failed inside the collective on one rank only, and the ranks hung."""
+    names = {name for name, _ in op.graphs.suspects or ()}
+    flag = torch.tensor([float(bool(names & _collective_nodes()))], dtype=torch.float64)
+    return float(all_reduce_sum_(flag, op.distributed)[0]) > 0
+
+
 def suspected(op: HessianOperator) -> list[str]:
     """The custom Functions this rank's graphs listed (:attr:`.cache.GraphCache.suspects`); sets
     the graphs' ``listed``: whether any rank listed one (so that all ranks compare, or none)."""

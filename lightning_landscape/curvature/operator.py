@@ -83,9 +83,10 @@ class HessianOperator(LinearOperator):
             inexact, its error estimated (:attr:`product_error`), for kernels without a double
             backward; ``"auto"``: the fastest exact kind that works here, by trial
             (:mod:`.auto`), finite differences only if no exact kind works, with a warning why.
-        block_hvp: the kind for blocks of several vectors (trace and density probes); default
-            ``hvp``, or with ``"auto"`` the faster of the chosen kind and ``"func"`` (vmapped
-            forward-over-reverse), timed on the first block.
+        block_hvp: the kind for blocks of several vectors (trace and density probes), or
+            ``"columns"`` (one at a time); default ``hvp``, or with ``"auto"`` the faster of the
+            chosen kind and ``"func"`` (vmapped), timed on the first block ("columns" if neither
+            runs on blocks: a collective in the loss, which vmap refuses).
         memory_budget: bytes a product's working memory and the cached graphs may hold
             (:func:`~.cache.fits`). ``None``: :func:`~.cache.budget_bytes` (a training step; on a
             GPU at least a quarter of its free memory); ``0``: nothing kept; ``math.inf``: all.
@@ -152,8 +153,8 @@ class HessianOperator(LinearOperator):
         check_callable("loss_fn", loss_fn)
         if hvp not in KINDS:
             raise ValueError(f"`hvp` must be one of {', '.join(map(repr, KINDS))}, got {hvp!r}.")
-        if block_hvp not in (None, *EXACT):
-            raise ValueError(f"`block_hvp` must be None or one of {EXACT}, got {block_hvp!r}.")
+        if block_hvp not in (None, *EXACT, _auto.COLUMNS):
+            raise ValueError(f"`block_hvp` must be None, 'columns' or in {EXACT}: {block_hvp!r}.")
         check_batches(batches)
         check_int("seed", seed)
         check_callable("batch_size_fn", batch_size_fn, allow_none=True)
@@ -199,13 +200,11 @@ class HessianOperator(LinearOperator):
 
     @property
     def local_size(self) -> int:
-        """Number of samples on this rank."""
-        return sum(self.batch_sizes)
+        return sum(self.batch_sizes)  # samples on this rank
 
     @property
     def product_error(self) -> float:  # type: ignore[override]
-        """Largest estimated relative error of the checked products: 0 for exact kinds, NaN
-        for finite differences before the first product."""
+        """Largest estimated relative error of the checked products (exact: 0; NaN: none yet)."""
         return 0.0 if self.exact else max(self._fd.errors, default=math.nan)
 
     @property
@@ -251,6 +250,8 @@ class HessianOperator(LinearOperator):
         self._split()
         if kind == "cached":
             return self._cached(Vt)
+        if kind == _auto.COLUMNS:  # no kind runs on blocks: one vector at a time
+            return torch.cat([self.local_products(self.hvp_choice, v[None]) for v in Vt])
         if kind in FUNC and self._forward_over_reverse:
             try:
                 return self._batch_by_batch(kind, Vt)
@@ -262,8 +263,8 @@ class HessianOperator(LinearOperator):
 
     def _through_graph(self, grad: Tensor, Vt: Tensor, retain: bool, out: Tensor, alpha, n=0):
         """``out += alpha`` times a block through a gradient graph of ``n`` samples (0: the
-        largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows beside the
-        kept graphs; on CPU above 5,000 parameters one at a time (vmapped backwards are slower)."""
+        largest batch), as many vectors at a time as :meth:`.pieces.Plan.width` allows beside
+        the kept graphs; on CPU above 5,000 parameters one at a time (vmap is slower there)."""
         step = self.plan.width(n or max(self.batch_sizes), self.graphs.held)
         step = step if _hvp.vmaps_graphs(self.device, self.dim) else 1
         return _hvp.hvp_from_graph_in_blocks(grad, self.params, Vt, retain, step, out, alpha)

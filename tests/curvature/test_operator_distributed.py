@@ -185,6 +185,10 @@ def _contrastive(model, rank: int, gather):
     return loss
 
 
+_DIM = sum(p.numel() for p in make_mlp().parameters())
+_BLOCK = torch.randn(_DIM, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
 def _contrastive_worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
@@ -203,6 +207,8 @@ def _contrastive_worker(rank: int, tmp: str) -> None:
                     op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
                 )
                 out[hvp], out[f"{hvp}_reason"] = op @ v, op.hvp_reason
+                if hvp == "auto":  # a block (trace probes): vmap inside the gather hung the ranks
+                    out["block"], out["block_kind"] = op @ _BLOCK, op.block_choice
         torch.save(out, os.path.join(tmp, f"contrastive{rank}.pt"))
     except BaseException:
         dist.destroy_process_group()
@@ -225,8 +231,10 @@ def test_a_loss_gathered_across_ranks_equals_one_process_on_the_union(tmp_path):
     expected = op @ torch.randn(
         op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
     )
+    block = op @ _BLOCK
     for r in range(2):
         got = torch.load(tmp_path / f"contrastive{r}.pt")
         assert "_AllGatherBackward compared with finite differences" in got["auto_reason"]
+        assert got["block_kind"] == "columns" and torch.allclose(got["block"], block, rtol=1e-12)
         for hvp, tol in (("auto", 1e-12), ("double_backward", 1e-12), ("finite_difference", 1e-8)):
             assert float((got[hvp] - expected).norm() / expected.norm()) < tol, (hvp, r)
