@@ -29,6 +29,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from lightning_landscape._core.distributed import broadcast, is_distributed
 from lightning_landscape.callbacks._precision import HALF, autocast_off
 from lightning_landscape.callbacks._precision import default_dtype as _default_dtype
 from lightning_landscape.callbacks._side_effects import (
@@ -221,6 +222,30 @@ def _set_mode(module: nn.Module, mode: str) -> None:
         return
     for m in module.modules():
         m.training = False
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(trainer: pl.Trainer, module: nn.Module) -> Iterator[None]:
+    """Under DDP with ``broadcast_buffers`` (its default) every training forward starts from
+    rank 0's buffers, but between steps each rank holds its own (BatchNorm running statistics
+    drift apart): an eval-mode measurement mixed every rank's (1.2 % off the model DDP trains
+    and checkpoints, silently). Rank 0's are broadcast for the measurement, and each rank's put
+    back after. One broadcast per buffer and measurement, on every rank."""
+    ddp = getattr(trainer.strategy, "model", None)
+    buffers = [b for b in module.buffers() if not is_lazy(b)]
+    if not (getattr(ddp, "broadcast_buffers", False) and is_distributed() and buffers):
+        yield
+        return
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(broadcast(b))
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
 
 
 def module_loss(

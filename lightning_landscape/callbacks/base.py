@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_landscape._core.checks import check_callable, check_int, check_positive_int
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp1 import through
-from lightning_landscape.callbacks import _logging, _progress, _summary, _trainer_state
+from lightning_landscape.callbacks import _isolation, _logging, _progress, _summary, _trainer_state
 from lightning_landscape.callbacks._batches import draw_batches
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._errors import SetupError
@@ -293,6 +293,7 @@ class LandscapeMonitor(Callback):
         # landscape is measured at the anchor x, the iterate of the algorithm.
         with (
             anchor_in_parameters(trainer.optimizers),
+            _isolation.rank_zero_buffers(trainer, pl_module),
             measuring(pl_module, self.mode, forward_dtype(trainer, pl_module), wrapper) as hold,
         ):
             used = [cast_batch(b, dtype) for b in batches] if upcast else batches

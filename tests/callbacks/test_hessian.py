@@ -786,3 +786,41 @@ def test_state_kept_on_a_submodule_is_put_back(tmp_path):
         assert torch.equal(a, b), name
     named = [m for m in said if "changed cell.h (None → a tensor)" in m]
     assert len(named) == 1 and "cell.calls (0 → " in named[0]
+
+
+class SavedStates(pl.Callback):
+    """Each rank's state after each step, before the monitors measure (ddp_spawn children)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, f"{self.out}.state{trainer.global_rank}")
+
+
+@pytest.mark.distributed
+def test_eval_mode_under_ddp_measures_rank_zeros_buffers(tmp_path):
+    """Between steps each rank holds its own BatchNorm statistics (DDP broadcasts rank 0's at
+    the start of every forward): an eval-mode measurement mixed both ranks' (1.2 % off the
+    model DDP trains and checkpoints). Rank 0's are broadcast for the measurement now."""
+    out = str(tmp_path / "rank0.pt")
+    mon = RecordingHessianMonitor(out, every_n_steps=2, top_k=1, num_batches=2, tol=1e-10,
+                                  trace=False, min_eigenvalue=False)  # fmt: skip
+    t = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn",
+        callbacks=[SavedStates(out), mon], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    pl.seed_everything(5)
+    t.fit(Classifier(bn=True), DataLoader(random_classes(n=32), batch_size=8, shuffle=False))
+    states = [torch.load(f"{out}.state{r}") for r in range(2)]
+    mean = "net.1.running_mean"
+    assert not torch.equal(states[0][mean], states[1][mean])  # the ranks' statistics differ
+    single = Classifier(bn=True)
+    single.load_state_dict(states[0])
+    single.eval()
+    union = [b for rank in range(2) for b in torch.load(f"{out}.batches{rank}")]
+    H = dense_hessian(lambda b: F.cross_entropy(single(b[0]), b[1]), single, union)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    assert torch.load(out)["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-8)
