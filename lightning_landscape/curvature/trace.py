@@ -87,10 +87,9 @@ class TraceResult:
 
 
 def _probe_block(op: LinearOperator, n: int, gen: torch.Generator, block: int) -> Iterator[Tensor]:
-    """Rademacher probes as the rows of ``(k, dim)`` blocks of at most ``block``, drawn probe
-    after probe (the same probes whatever the block size) and block after block, when the caller
-    asks for the next: one block is held at a time, not the n · P numbers of all of them. Rows,
-    so that the operator takes a block (``rows.T``) without copying it."""
+    """Rademacher probes as the rows of ``(k, dim)`` blocks of at most ``block``, the same
+    whatever the block size, one block held at a time (not n · P numbers); rows, so that the
+    operator takes a block (``rows.T``) without copying it."""
     left = n
     while left > 0:
         k = min(block, left)
@@ -253,11 +252,12 @@ def deflated_auto(
         variance = max(rem - c * (c * d - 2 * seen[j][1]), 0.0)
         return gain <= 0.5 * window * variance / max(probes_max - j, 1)
 
-    # Start from H Σz (paid for already): one power step towards the outliers, so the first
-    # Lanczos vector deflates something. The final probes are fresh, so any start is unbiased.
+    # Start from H Σz (paid for; a Gaussian where it is 0, as for a zero Hessian: 0/0 gave NaN):
+    # a power step towards the outliers. The final probes are fresh: any start is unbiased.
     start = U.sum(dim=1)[None]
     if not sp.all_finite(U):
         return TraceResult(math.nan, math.nan, p, "auto", 0)
+    start = start if float(sp.norm(start.double())[0]) > 0 else sp.draw(gaussian, (1, d), gen)
     run = lanczos(
         op,
         start,

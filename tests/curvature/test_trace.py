@@ -298,3 +298,14 @@ def test_the_lanczos_residual_replaces_a_pass_over_the_basis(monkeypatch, spectr
         3,
     )  # 3 blocks: 2 projections a block, now 1 (and the deflation of the probes)
     assert m1 == pytest.approx(m0, rel=1e-12) and s1 == pytest.approx(s0, rel=1e-8)
+
+
+@pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++"])
+def test_a_zero_hessian_has_trace_zero(method):
+    """A loss linear in the parameters: "auto" started Lanczos from H Σz = 0 and returned NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 1).double()
+    batches = [(torch.randn(6, 10, dtype=torch.float64),)]
+    op = HessianOperator(lambda b: model(b[0]).mean(), model, batches)
+    r = trace(op, num_matvecs=8, method=method, seed=0)
+    assert r.estimate == 0.0 and r.stderr == 0.0
