@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
 from lightning_landscape.callbacks._compat import COMBINED_LOADERS
 
 
@@ -102,6 +104,26 @@ def draw_batches(
                 sampler.set_epoch(epoch)
         for generator, state in generators.values():
             generator.set_state(state)
+
+
+def drawn_everywhere(draw: Callable[[], list[Any]]) -> tuple[list[Any], ValueError | None]:
+    """``draw()``'s batches, or, where it raised a ValueError on some rank (a loader that yields
+    none there), an error naming the ranks, the same on every rank: the measurement then logs
+    NaN with one warning on all of them. Before, that rank alone raised, its fit died, and the
+    others were left in their next collective."""
+    try:
+        batches, err = draw(), None
+    except ValueError as failure:
+        batches, err = [], failure
+    if not is_distributed():
+        return batches, err
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    flags[dist.get_rank()] = float(err is not None)
+    ranks = [r for r, bad in enumerate(all_reduce_sum_(flags).tolist()) if bad]
+    if not ranks:
+        return batches, None
+    why = f" ({err})" if err is not None else ""
+    return batches, ValueError(f"no fixed batches on rank(s) {ranks}{why}.")
 
 
 def _sampler(loader: Any) -> Any:

@@ -23,7 +23,7 @@ from lightning_landscape._core.checks import check_callable, check_int, check_po
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp1 import through
 from lightning_landscape.callbacks import _isolation, _logging, _progress, _summary, _trainer_state
-from lightning_landscape.callbacks._batches import draw_batches
+from lightning_landscape.callbacks._batches import draw_batches, drawn_everywhere
 from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._errors import SetupError
 from lightning_landscape.callbacks._isolation import MARKER, Mode, counted, measuring, module_loss
@@ -280,12 +280,13 @@ class LandscapeMonitor(Callback):
         """Measure now (whatever the schedule), log, and return the scalars."""
         status = _progress.Status(trainer, type(self).__name__)
         status("drawing batches" if self._batches is None else "starting")
-        batches = self.fixed_batches(trainer, pl_module)
+        batches, no_batches = drawn_everywhere(lambda: self.fixed_batches(trainer, pl_module))
         wrapper = fsdp_wrapper(trainer, pl_module)  # FSDPStrategy: the forward runs inside it
         dtype = measurement_dtype(pl_module)
         upcast = needs_upcast(pl_module)
         name = type(self).__name__
-        refusal = module_refusal(pl_module) or sharded_refusal(wrapper, pl_module, name, upcast)
+        refusal = no_batches or module_refusal(pl_module)
+        refusal = refusal or sharded_refusal(wrapper, pl_module, name, upcast)
         before = plain_attributes(pl_module) if self.loss_fn is None else None
         calls = [0]
         start = time.perf_counter()

@@ -824,3 +824,44 @@ def test_eval_mode_under_ddp_measures_rank_zeros_buffers(tmp_path):
     H = dense_hessian(lambda b: F.cross_entropy(single(b[0]), b[1]), single, union)
     top = float(torch.linalg.eigvalsh(H)[-1])
     assert torch.load(out)["hessian/eigenvalue_1"] == pytest.approx(top, rel=1e-8)
+
+
+class OnRankZeroOnly:
+    """Fixed batches for rank 0 only: rank 1's loader yields none."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches if torch.distributed.get_rank() == 0 else [])
+
+
+class SavingMonitor(HessianMonitor):
+    """Each rank saves what it measured and at which step (ddp_spawn children)."""
+
+    def __init__(self, out, **kw):
+        super().__init__(**kw)
+        self.out = out
+
+    def run_measurement(self, trainer, pl_module, epoch, step):
+        metrics = super().run_measurement(trainer, pl_module, epoch, step)
+        torch.save((metrics, trainer.global_step), f"{self.out}/rank{trainer.global_rank}")
+        return metrics
+
+
+@pytest.mark.distributed
+def test_a_rank_without_fixed_batches_logs_nan_on_every_rank(tmp_path):
+    """That rank alone raised, its fit died, and the other was left in a collective (gloo:
+    "Connection closed by peer"; NCCL would wait for its timeout). Every rank logs NaN now,
+    with one warning naming the rank, and training goes on."""
+    data = random_classes(n=32)
+    mon = SavingMonitor(str(tmp_path), every_n_steps=2, dataloader=OnRankZeroOnly([data[:8]]))
+    t = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[mon],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    t.fit(Classifier(), DataLoader(data, batch_size=8))
+    for rank in range(2):
+        metrics, step = torch.load(tmp_path / f"rank{rank}")
+        assert step == 2 and math.isnan(metrics["hessian/eigenvalue_1"])
