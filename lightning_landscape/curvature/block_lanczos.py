@@ -44,6 +44,7 @@ from lightning_landscape.curvature.eigen import (
     EigenResult,
     Which,
     _validate,
+    floored,
     min_steps,
     wanted,
     within,
@@ -311,9 +312,12 @@ def block_top_eigenvalues(
         vecs = torch.full((run.vectors.dim, k), math.nan, dtype=op.dtype, device=op.device)
         return EigenResult(nan, vecs, nan.clone(), run.num_matvecs, False, op.product_error)
     theta, S, res = run.ritz()
+    res = floored(res, theta, op.dtype)
     idx = wanted(theta, k, which)
     vecs = run.vectors.combine(S[:, idx], device=op.device)
+    exhausted = run.T.shape[0] >= op.dim
     converged = _converged(run.T, run.coupling, k, which, tol, op.dim)
+    converged = converged and (exhausted or within(theta, res, k, which, tol))
     return EigenResult(theta[idx], vecs, res[idx], run.num_matvecs, converged, op.product_error)
 
 
