@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_landscape._core.checks import check_loss
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.vectors import flatten
 
@@ -79,9 +80,14 @@ def flat_grad(
     create_graph: bool = False,
     retain_graph: bool | None = None,
 ) -> Tensor:
-    """Flat gradient of ``loss``; parameters the loss does not reach get zeros."""
+    """Flat gradient of ``loss`` (:func:`~.checks.check_loss`); parameters the loss does not
+    reach get zeros."""
     grads = torch.autograd.grad(
-        loss, params, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+        check_loss(loss),
+        params,
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        allow_unused=True,
     )
     return flatten(
         [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]

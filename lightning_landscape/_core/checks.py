@@ -190,3 +190,38 @@ def check_batches(batches: Any) -> Sequence[Any]:
     if len(batches) == 0:
         raise ValueError("`batches` is empty.")
     return batches
+
+
+class LossTypeError(TypeError):
+    """A ``loss_fn`` returned no tensor (:func:`check_loss`)."""
+
+
+class LossValueError(ValueError):
+    """A ``loss_fn`` returned a tensor that is no differentiable scalar (:func:`check_loss`)."""
+
+
+#: What :func:`check_loss` raises: a broken loss, which no product kind can fix.
+LOSS_ERRORS = (LossTypeError, LossValueError)
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """What a ``loss_fn`` returned, checked before it is differentiated: a one-element tensor
+    with a graph (a float, a vector or a detached loss gave an autograd error many frames deep,
+    an AttributeError, or, through ``torch.func``, a silent zero Hessian).
+
+    Raises:
+        TypeError: if it is not a tensor.
+        ValueError: if it has other than one element, or does not require grad.
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise LossTypeError(f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise LossValueError(
+            f"`loss_fn` must return a scalar tensor, got shape {tuple(loss.shape)}."
+        )
+    if not loss.requires_grad:
+        raise LossValueError(
+            "`loss_fn` returned a loss that does not require grad (computed under "
+            "torch.no_grad, detached, or of no parameter that requires grad)."
+        )
+    return loss

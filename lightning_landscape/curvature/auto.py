@@ -2,26 +2,25 @@
 
 Which kind is fastest depends on the model and the device (per product over a gradient: on
 CPU cached 0.65-1.7x, double backward 2.2-2.7x, forward-over-reverse 3.4-3.5x; on an H200 with
-ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x alone and 2.1x in vmapped
-blocks of 8), and whether a kind works at all on the model's kernels (fused attention and cuDNN
-RNN backwards are not differentiable; ``jvp`` is missing for some ops; a backward that runs
-outside autograd silently loses terms, detected in the graph kinds by :mod:`.differentiable`,
-and forward over reverse is then dropped too). So each candidate computes the first product
-three times (warm-up; the cached kind builds its graphs within the memory budget), the faster
-of the other two counts, and a candidate is dropped if it raises, returns NaN/inf, or disagrees
-with the others. The reference kind's product is also checked for symmetry, uᵀ(Hv) = vᵀ(Hu)
-with a Gaussian u: a double backward that drops terms (the fused weight norm; a custom
-``autograd.Function`` whose backward uses tensors of its forward or runs outside autograd)
-gives an asymmetric "Hessian", and finite differences are taken instead, with one warning (where
-they are no better, their error above a quarter of the asymmetry, the exact kind stays, with a
-warning). Where the graph runs custom Functions it cannot clear, the product is compared with
-finite differences too (:mod:`.crosscheck`, four gradients). Cost: about 3 products of each
-candidate (plus the cached kind's graphs) and one for the symmetry, once per operator; the
-chosen kind's first product is kept. Finite differences are never a silent choice. Under
-torch.distributed the trial products are local and the verdicts and timings are summed over
-ranks, so every rank chooses alike; blocks are not tried where the graph runs a collective
-(:func:`.crosscheck.collective_listed`; a kind failing inside one on one rank only left the
-others waiting): one vector at a time.
+ResNet-18 cached 5.2x, double backward 6.2x, forward-over-reverse 4.3x, 2.1x in vmapped blocks
+of 8), and whether a kind works at all on the model's kernels (fused attention and cuDNN RNN
+backwards are not differentiable; ``jvp`` is missing for some ops; a backward run outside
+autograd silently loses terms: :mod:`.differentiable` detects it, forward over reverse is then
+dropped too). Each candidate computes the first product three times (warm-up; the cached kind
+builds its graphs), the faster of the other two counts, and a candidate is dropped if it
+raises, returns NaN/inf, or disagrees with the others. The reference's product is checked for
+symmetry, uᵀ(Hv) = vᵀ(Hu) for a Gaussian u: a double backward that drops terms (the fused
+weight norm; a custom ``autograd.Function`` whose backward uses its forward's tensors or runs
+outside autograd) gives an asymmetric "Hessian", and finite differences are taken instead,
+with a warning (unless no better: their error above a quarter of the asymmetry). Where the
+graph runs custom Functions it cannot clear, the product is compared with finite differences
+(:mod:`.crosscheck`, four gradients). Cost: about 3 products of each candidate (plus the
+cached kind's graphs) and one for the symmetry, once per operator; the chosen kind's first
+product is kept. Finite differences are never a silent choice; a broken loss (no scalar, no
+graph) raises. Under torch.distributed the trial products are local and the verdicts and
+timings summed over ranks, so every rank chooses alike; blocks are not tried where the graph
+runs a collective (:func:`.crosscheck.collective_listed`; a kind failing inside one on one
+rank only left the others waiting): one vector at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape._core.checks import LOSS_ERRORS
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature import crosscheck
@@ -54,9 +54,8 @@ class Choice:
         seconds: trial time of one product for each kind that worked (summed over ranks).
         failures: why each dropped kind was dropped.
         asymmetry: |uᵀHv − vᵀHu| √dim / (‖u‖‖Hv‖ + ‖v‖‖Hu‖) for the trial's v and a Gaussian
-            u (each rank's terms summed): about the products' relative round-off (1e-7 in
-            float32, 1e-16 in float64) for a true Hessian, about the relative size of the
-            asymmetric part otherwise; None when not checked.
+            u (ranks' terms summed): the round-off (1e-7 in float32, 1e-16 in float64) for a
+            true Hessian, else the asymmetric part's relative size; None if not checked.
     """
 
     kind: str
@@ -71,8 +70,7 @@ class Choice:
 
 
 def why(err: BaseException) -> str:
-    """The first line of an exception, as a short reason."""
-    first = (str(err).strip().splitlines() or [""])[0]
+    first = (str(err).strip().splitlines() or [""])[0]  # the first line: a short reason
     return f"{type(err).__name__}: {first[:200]}"
 
 
@@ -84,7 +82,8 @@ def _sync(device: torch.device) -> None:
 def _timed(run: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
     _sync(device)
     start = time.perf_counter()
-    out, _ = run(), _sync(device)
+    out = run()
+    _sync(device)
     return out, time.perf_counter() - start
 
 
@@ -119,6 +118,8 @@ def choose(
             out, first = _timed(lambda k=kind: local(k, v), v.device)
             out, second = _timed(lambda k=kind: local(k, v), v.device)
             seconds[kind] = min(first, second)
+        except LOSS_ERRORS:  # the loss itself is broken: no kind can help
+            raise
         except Exception as err:  # any failure of a candidate only drops it
             failures[kind], raised = why(err), True
             continue
@@ -170,8 +171,7 @@ def _symmetry_terms(
     hv: Tensor | None,
     u: Tensor | None,
 ) -> list[float]:
-    """This rank's uᵀHv, vᵀHu and ‖u‖‖Hv‖ + ‖v‖‖Hu‖ by ``kind`` (zeros when not checked). A
-    rank's local Hessian is symmetric on its own, so the sums over ranks are too."""
+    """This rank's uᵀHv, vᵀHu and ‖u‖‖Hv‖ + ‖v‖‖Hu‖ by ``kind`` (zeros when not checked)."""
     if u is None or hv is None:
         return [0.0, 0.0, 0.0]
     try:

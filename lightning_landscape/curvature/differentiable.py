@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import BackwardCFunction
 
 from lightning_landscape._core.batches import flat_grad
+from lightning_landscape._core.checks import check_loss
 
 _CPP = "torch::autograd::CppNode<"  # the nodes of C++ extensions' autograd Functions
 
@@ -55,7 +56,7 @@ def checked_gradient(
     differentiated again: through a ``@once_differentiable`` backward
     (:func:`check_twice_differentiable`) or a backward outside autograd
     (:func:`outside_autograd_refused`; with ``found``, listed there instead)."""
-    with outside_autograd_refused(loss, found):
+    with outside_autograd_refused(check_loss(loss), found):
         grad = flat_grad(loss, params, create_graph=True)
     check_twice_differentiable(grad)
     return grad

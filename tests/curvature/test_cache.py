@@ -207,7 +207,11 @@ def test_saved_bytes_counts_distinct_storages_without_parameters():
         ({"memory_budget": -1}, ValueError, "`memory_budget` must be a number of bytes"),
         ({"memory_budget": "1GB"}, TypeError, "`memory_budget` must be a number of bytes"),
         ({"memory_budget": math.nan}, ValueError, "`memory_budget` must be a number of bytes"),
-        ({"block_hvp": "finite_difference"}, ValueError, "`block_hvp` must be None, 'columns' or in"),
+        (
+            {"block_hvp": "finite_difference"},
+            ValueError,
+            "`block_hvp` must be None, 'columns' or in",
+        ),
         ({"fd_step": 0.0}, ValueError, "`fd_step` must be a positive number"),
         ({"fd_tolerance": -1.0}, ValueError, "`fd_tolerance` must be a positive number"),
         ({"fd_tolerance": "x"}, TypeError, "`fd_tolerance` must be a positive number"),

@@ -266,3 +266,27 @@ def test_shapes_and_matrix_raise():
         MatrixOperator(torch.ones(2, 3))
     with pytest.raises(ValueError, match="square 2-D tensor"):
         MatrixOperator([[1.0]])
+
+
+@pytest.mark.parametrize(
+    ("loss", "error", "match"),
+    [
+        (lambda m, b: m(b[0]).sum(0), ValueError, r"scalar tensor, got shape \(2,\)"),
+        (lambda m, b: 1.0, TypeError, "scalar tensor, got float"),
+        (lambda m, b: m(b[0]).pow(2).mean().detach(), ValueError, "does not require grad"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["auto", "cached", "double_backward", "finite_difference"])
+def test_a_broken_loss_is_an_error_naming_it(loss, error, match, kind):
+    """A vector, a float or a detached loss gave an autograd error many frames deep, an
+    AttributeError, or ("auto" choosing forward over reverse) a silent zero Hessian."""
+    from lightning_landscape.curvature import dense_hessian
+
+    model = torch.nn.Linear(3, 2).double()
+    batches = [(torch.randn(4, 3, dtype=torch.float64),)]
+    with pytest.raises(error, match=match):
+        HessianOperator(functools.partial(loss, model), model, batches, hvp=kind) @ torch.ones(
+            8
+        ).double()
+    with pytest.raises(error, match=match):
+        dense_hessian(functools.partial(loss, model), model, batches)
