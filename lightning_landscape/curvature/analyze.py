@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lightning_landscape._core.checks import check_positive_int
+from lightning_landscape._core.checks import check_bool, check_positive_int
 from lightning_landscape._core.random import gaussian, make_generator, resolve_seed
 from lightning_landscape._core.space import space_of
 from lightning_landscape.curvature.basis import check_basis_device
@@ -120,6 +120,10 @@ def analyze(
     _validate(top_k, "largest", tol, max_steps, names=("top_k", "max_steps"))
     if top_k > op.dim:
         raise ValueError(f"`top_k` must be at most the dimension {op.dim}, got {top_k}.")
+    if max_steps is not None and max_steps < top_k:
+        raise ValueError(f"`max_steps` must be at least `top_k` = {top_k}, got {max_steps}.")
+    for name, flag in (("smallest", smallest), ("trace", trace), ("density", density)):
+        check_bool(name, flag)
     check_positive_int("trace_probes", trace_probes)
     check_positive_int("density_steps", density_steps)
     check_positive_int("density_probes", density_probes)

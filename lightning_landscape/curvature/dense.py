@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.batches import default_batch_size, flat_grad
+from lightning_landscape._core.checks import check_batches
 from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature.differentiable import checked_gradient
 from lightning_landscape.curvature.hvp import guard
@@ -37,12 +38,14 @@ def dense_hessian(
 
     Raises:
         TypeError: if ``params`` is not a module or a sequence of tensors.
-        ValueError: if ``params`` is empty or holds a tensor that does not require grad.
+        ValueError: if ``params`` or ``batches`` is empty (a NaN matrix before), or ``params``
+            holds a tensor that does not require grad.
         RuntimeError: if the gradient cannot be differentiated again
             (:func:`~lightning_landscape.curvature.differentiable.checked_gradient`).
     """
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)
+    batches = check_batches(batches if isinstance(batches, Sequence | Tensor) else list(batches))
     size_fn = batch_size_fn or default_batch_size
     d = sum(p.numel() for p in plist)
     H = torch.zeros(d, d, dtype=plist[0].dtype, device=plist[0].device)

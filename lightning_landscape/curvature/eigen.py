@@ -7,6 +7,7 @@ ends of the spectrum from one run (Dauphin et al. 2014 for the negative end).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -57,8 +58,8 @@ def _validate(
     check_positive_int(names[0], k)
     if which not in ("largest", "smallest"):
         raise ValueError(f"`which` must be 'largest' or 'smallest', got {which!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
-        raise ValueError(f"`tol` must be a positive number, got {tol!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < math.inf:
+        raise ValueError(f"`tol` must be a positive number (finite), got {tol!r}.")
     check_positive_int(names[1], max_matvecs, allow_none=True)
 
 

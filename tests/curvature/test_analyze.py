@@ -119,6 +119,10 @@ def test_products_turning_nan_mid_run_give_nan_not_an_exception():
         ({"density_probes": "2"}, TypeError, "`density_probes` must be a positive int"),
         ({"tol": -1.0}, ValueError, "`tol` must be a positive number"),
         ({"seed": 1.0}, TypeError, "`seed` must be an int or None"),
+        ({"tol": math.inf}, ValueError, "`tol` must be a positive number"),
+        ({"density": "no"}, TypeError, "`density` must be a bool"),  # was read as True
+        ({"smallest": 1}, TypeError, "`smallest` must be a bool"),
+        ({"top_k": 3, "max_steps": 2}, ValueError, "`max_steps` must be at least `top_k`"),
     ],
 )
 def test_raises(kwargs, error, match):

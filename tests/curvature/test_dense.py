@@ -48,6 +48,8 @@ def test_raises_on_bad_params():
         dense_hessian(lambda b: b, 7, [1])
     with pytest.raises(ValueError, match="does not require grad"):
         dense_hessian(lambda b: b, [torch.ones(2)], [1])
+    with pytest.raises(ValueError, match="`batches` is empty"):  # a NaN matrix before
+        dense_hessian(lambda b: b, [torch.ones(2, requires_grad=True)], [])
 
 
 def test_refuses_a_once_differentiable_backward():
