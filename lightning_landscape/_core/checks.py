@@ -206,22 +206,17 @@ LOSS_ERRORS = (LossTypeError, LossValueError)
 
 def check_loss(loss: Any) -> torch.Tensor:
     """What a ``loss_fn`` returned, checked before it is differentiated: a one-element tensor
-    with a graph (a float, a vector or a detached loss gave an autograd error many frames deep,
-    an AttributeError, or, through ``torch.func``, a silent zero Hessian).
+    (a float or a vector gave an autograd error many frames deep, or an AttributeError). A
+    loss without a graph is a constant (a rank whose batch has nothing to score), not refused.
 
     Raises:
         TypeError: if it is not a tensor.
-        ValueError: if it has other than one element, or does not require grad.
+        ValueError: if it has other than one element.
     """
     if not isinstance(loss, torch.Tensor):
         raise LossTypeError(f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}.")
     if loss.numel() != 1:
         raise LossValueError(
             f"`loss_fn` must return a scalar tensor, got shape {tuple(loss.shape)}."
-        )
-    if not loss.requires_grad:
-        raise LossValueError(
-            "`loss_fn` returned a loss that does not require grad (computed under "
-            "torch.no_grad, detached, or of no parameter that requires grad)."
         )
     return loss

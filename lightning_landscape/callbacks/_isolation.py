@@ -232,20 +232,24 @@ def rank_zero_buffers(trainer: pl.Trainer, module: nn.Module) -> Iterator[None]:
     and checkpoints, silently). Rank 0's are broadcast for the measurement, and each rank's put
     back after. One broadcast per buffer and measurement, on every rank."""
     ddp = getattr(trainer.strategy, "model", None)
-    buffers = [b for b in module.buffers() if not is_lazy(b)]
-    if not (getattr(ddp, "broadcast_buffers", False) and is_distributed() and buffers):
+    if not (getattr(ddp, "broadcast_buffers", False) and is_distributed()):
         yield
         return
+    ignored = getattr(ddp, "parameters_to_ignore", set())  # as DDP: those it leaves alone
+    named = getattr(ddp, "module", module).named_buffers()
+    buffers = [b for name, b in named if name not in ignored and not is_lazy(b)]
     saved = [b.detach().clone() for b in buffers]
     try:
         with torch.no_grad():
             for b in buffers:
-                b.copy_(broadcast(b))
+                if not torch.equal(new := broadcast(b), b):  # else its version counter stays
+                    b.copy_(new)
         yield
     finally:
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
+                if not torch.equal(b, s):
+                    b.copy_(s)
 
 
 def module_loss(

@@ -228,7 +228,11 @@ def plain_attributes(module: nn.Module) -> Fingerprint:
     ``nn.utils.spectral_norm``'s and ``weight_norm``'s weights) is no change to name."""
     out = Fingerprint()
     out.objects, out.owners = {}, {}
-    for path, m in module.named_modules():
+    metrics: list[str] = []  # their states are put back by saved_metric_states, not here (a
+    for path, m in module.named_modules():  # tensor updated in place would undo that restore)
+        if _is_metric(m) or any(path.startswith(f"{p}.") for p in metrics):
+            metrics.append(path)
+            continue
         for name, value in vars(m).items():
             if name.startswith("_") or name in (MARKER, "training"):
                 continue

@@ -140,16 +140,16 @@ def analyze(
             return True
         if alphas.shape[1] < min_steps:
             return False
-        done = is_converged(alphas[0], betas[0], top_k, "largest", tol, d)
+        done = is_converged(alphas[0], betas[0], top_k, "largest", tol, d, cap)
         if smallest:
-            done = done and is_converged(alphas[0], betas[0], 1, "smallest", tol, d)
+            done = done and is_converged(alphas[0], betas[0], 1, "smallest", tol, d, cap)
         return done
 
     start = space_of(op).draw(gaussian, (density_probes, d), gen)
     run = lanczos(op, start[:1], cap, generator=gen, should_stop=stop, basis_device=basis_device)
     steps, finite = run.num_steps, run.finite
-    top = extract(run, top_k, "largest", tol, steps, d, op.device)
-    low = extract(run, 1, "smallest", tol, steps, d, op.device) if smallest else None
+    top = extract(run, top_k, "largest", tol, steps, d, op.device, cap)
+    low = extract(run, 1, "smallest", tol, steps, d, op.device, cap) if smallest else None
 
     trace_result = None
     if trace:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.checks import LOSS_ERRORS
+from lightning_landscape._core.checks import LOSS_ERRORS, LossValueError
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape.curvature import crosscheck
@@ -97,17 +97,16 @@ def choose(
     distributed: bool = False,
 ) -> tuple[Choice, Tensor | None]:
     """Try each exact kind on the ``(1, dim)`` block ``v`` with ``local(kind, v)`` (this rank's
-    unreduced product) and choose the fastest that works; fall back to ``"finite_difference"``
-    only when every exact kind raised or gave non-finite products while finite differences give
-    finite ones. ``skip(kind)`` after the first call may return a reason to drop a kind that
-    works but offers nothing (the cached kind with nothing cached). With ``u`` (a second
-    ``(1, dim)`` block) the reference kind's products are checked for symmetry
-    (:attr:`Choice.asymmetry`). Returns the choice and the chosen kind's local product of
-    ``v`` (None for finite differences)."""
+    unreduced product), choose the fastest that works; ``"finite_difference"`` only when every
+    exact kind raised or gave non-finite products while finite differences are finite.
+    ``skip(kind)`` may drop a kind that offers nothing (the cached kind with nothing cached).
+    With ``u`` the reference kind is checked for symmetry (:attr:`Choice.asymmetry`). Returns
+    the choice and its local product of ``v`` (None for finite differences); a broken loss
+    (:func:`~lightning_landscape._core.checks.check_loss`) raises, on every rank."""
     outs: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     failures: dict[str, str] = {}
-    raised = False
+    raised, broken = False, None
     for kind in kinds:
         try:
             local(kind, v)
@@ -118,8 +117,9 @@ def choose(
             out, first = _timed(lambda k=kind: local(k, v), v.device)
             out, second = _timed(lambda k=kind: local(k, v), v.device)
             seconds[kind] = min(first, second)
-        except LOSS_ERRORS:  # the loss itself is broken: no kind can help
-            raise
+        except LOSS_ERRORS as err:  # the loss itself is broken: raised below, on every rank
+            failures[kind], broken = why(err), err
+            continue
         except Exception as err:  # any failure of a candidate only drops it
             failures[kind], raised = why(err), True
             continue
@@ -138,13 +138,15 @@ def choose(
     terms = _symmetry_terms(local, ref, v, outs.get(ref), u)
     stats = torch.tensor(
         [[float(k not in outs), seconds.get(k, 0.0)] for k in kinds]
-        + [[float(raised), 0.0], terms[:2], [terms[2], 0.0]],
+        + [[float(broken is not None), 0.0], [float(raised), 0.0], terms[:2], [terms[2], 0.0]],
         dtype=torch.float64,
     )
     all_reduce_sum_(stats, distributed)
     (a, b), scale = stats[-2].tolist(), float(stats[-1, 0])
     asymmetry = abs(a - b) * v.shape[-1] ** 0.5 / scale if scale > 0 else None
     stats = stats[:-2]
+    if stats[-2, 0] > 0:
+        raise broken or LossValueError("`loss_fn` returned no differentiable scalar on a rank.")
     works = {k: float(stats[i, 1]) for i, k in enumerate(kinds) if stats[i, 0] == 0}
     for k in kinds:
         if k not in works and k not in failures:
@@ -172,13 +174,11 @@ def _symmetry_terms(
     u: Tensor | None,
 ) -> list[float]:
     """This rank's uᵀHv, vᵀHu and ‖u‖‖Hv‖ + ‖v‖‖Hu‖ by ``kind`` (zeros when not checked)."""
-    if u is None or hv is None:
-        return [0.0, 0.0, 0.0]
     try:
-        hu = local(kind, u)
+        hu = None if u is None or hv is None else local(kind, u)
     except Exception:  # noqa: BLE001 - it worked on v: leave the check out rather than fail
-        return [0.0, 0.0, 0.0]
-    if not torch.isfinite(hu).all():
+        hu = None
+    if hu is None or not torch.isfinite(hu).all():
         return [0.0, 0.0, 0.0]
     scale = u.norm() * hv.norm() + v.norm() * hu.norm()
     return [float((u * hv).sum()), float((v * hu).sum()), float(scale)]
@@ -189,8 +189,7 @@ def _finite_on_all(local: Callable[[str, Tensor], Tensor], v: Tensor, distribute
         bad = float(not torch.isfinite(local("finite_difference", v)).all())
     except Exception:  # the loss itself cannot be differentiated: nothing works
         bad = 1.0
-    flag = torch.tensor([bad], dtype=torch.float64)
-    return float(all_reduce_sum_(flag, distributed)[0]) == 0
+    return float(all_reduce_sum_(torch.tensor([bad], dtype=torch.float64), distributed)[0]) == 0
 
 
 def faster_for_blocks(

@@ -303,7 +303,8 @@ def block_top_eigenvalues(
             f"min(dim, max_matvecs) = {limit}."
         )
     start = space_of(op).draw(gaussian, (block, op.dim), gen)
-    stop = lambda T, B: _converged(T, B, k, which, tol, op.dim)  # noqa: E731
+    whole = (limit // block) * block  # the most products whole blocks allow
+    stop = lambda T, B: _converged(T, B, k, which, tol, op.dim, whole)  # noqa: E731
     run = block_lanczos(
         op, start, limit // block, generator=gen, should_stop=stop, basis_device=basis_device
     )
@@ -316,16 +317,18 @@ def block_top_eigenvalues(
     idx = wanted(theta, k, which)
     vecs = run.vectors.combine(S[:, idx], device=op.device)
     exhausted = run.T.shape[0] >= op.dim
-    converged = _converged(run.T, run.coupling, k, which, tol, op.dim)
+    converged = _converged(run.T, run.coupling, k, which, tol, op.dim, whole)
     converged = converged and (exhausted or within(theta, res, k, which, tol))
     return EigenResult(theta[idx], vecs, res[idx], run.num_matvecs, converged, op.product_error)
 
 
-def _converged(T: Tensor, B: Tensor, k: int, which: str, tol: float, dim: int) -> bool:
+def _converged(
+    T: Tensor, B: Tensor, k: int, which: str, tol: float, dim: int, cap: int | None = None
+) -> bool:
     """True when the k wanted Ritz pairs are :func:`.eigen.within` tolerance after at least
     :func:`.eigen.min_steps` products (or the space is exhausted, or a product was not
     finite)."""
-    if T.shape[0] < min_steps(k, dim):
+    if T.shape[0] < min(min_steps(k, dim), cap or dim):
         return False
     if not torch.isfinite(T).all() or not torch.isfinite(B).all() or T.shape[0] >= dim:
         return True

@@ -103,10 +103,9 @@ _HUBER = torch._C._nn.huber_loss
 def _huber_loss(input: Tensor, target: Tensor, reduction: int = 1, delta: float = 1.0) -> Tensor:
     """``torch._C._nn.huber_loss`` (what ``F.huber_loss`` and ``nn.HuberLoss`` call; DQN,
     robust regression): "Trying to use forward AD with huber_loss_backward that does not
-    support it", so the func products raised. ½ d² where |d| ≤ δ, else δ (|d| − ½ δ), with the
-    kernel's slope at the joint (they agree there)."""
+    support it", so the func products raised. ½ d² where |d| < δ, else δ (|d| − ½ δ)."""
     d = input - target
-    small = d.abs() <= delta
+    small = d.abs() < delta  # as the kernel: the linear piece at |d| = δ (curvature 0 there)
     loss = torch.where(small, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
     how = _REDUCTIONS[int(reduction)]
     return loss if how == "none" else loss.sum() if how == "sum" else loss.mean()

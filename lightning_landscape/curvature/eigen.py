@@ -70,10 +70,12 @@ def wanted(theta: Tensor, k: int, which: str) -> Tensor:
     return idx.flip(0)[:k] if which == "largest" else idx[:k]
 
 
-def is_converged(alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, dim: int) -> bool:
+def is_converged(
+    alphas: Tensor, betas: Tensor, k: int, which: str, tol: float, dim: int, cap: int | None = None
+) -> bool:
     """True when the k wanted Ritz pairs are :func:`within` tolerance, after at least
-    :func:`min_steps` steps (or the space is exhausted)."""
-    if alphas.numel() < min_steps(k, dim):
+    :func:`min_steps` steps, or all the ``cap`` allows (or the space is exhausted)."""
+    if alphas.numel() < min(min_steps(k, dim), cap or dim):
         return False
     if not torch.isfinite(alphas).all() or not torch.isfinite(betas).all():
         return True
@@ -115,6 +117,7 @@ def extract(
     num_matvecs: int,
     dim: int,
     device: torch.device | None = None,
+    cap: int | None = None,
 ) -> EigenResult:
     """Ritz pairs of chain 0 of a run, as an :class:`EigenResult` (vectors on ``device``,
     default where the basis lives)."""
@@ -128,7 +131,7 @@ def extract(
     res = floored(res, theta, run.vectors.dtype)
     idx = wanted(theta, k, which)
     vecs = run.vectors.combine(S[:, idx], device=device)
-    converged = is_converged(run.alphas[0], run.betas[0], k, which, tol, dim)
+    converged = is_converged(run.alphas[0], run.betas[0], k, which, tol, dim, cap)
     converged = converged and (run.alphas[0].numel() >= dim or within(theta, res, k, which, tol))
     return EigenResult(theta[idx], vecs, res[idx], num_matvecs, converged)
 
@@ -197,8 +200,8 @@ def top_eigenvalues(
     before = op.num_matvecs
 
     def stop(alphas: Tensor, betas: Tensor) -> bool:
-        return is_converged(alphas[0], betas[0], k, which, tol, op.dim)
+        return is_converged(alphas[0], betas[0], k, which, tol, op.dim, limit)
 
     run = lanczos(op, start, limit, generator=gen, should_stop=stop, basis_device=basis_device)
-    res = extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device)
+    res = extract(run, k, which, tol, op.num_matvecs - before, op.dim, op.device, limit)
     return replace(res, product_error=op.product_error)
