@@ -15,7 +15,7 @@ correct second one. Measured in torch 2.13 (``gradgradcheck``, float64):
   models): the forward AD of its backward ignores the padding, so forward over reverse was
   57 % off, silently. Runs as the lookup with the padding positions detached.
 - ``torch._C._nn.huber_loss`` (``F.huber_loss``, ``nn.HuberLoss``; DQN, robust regression): no
-  forward AD of its backward. Runs as ``where(|d| <= δ, d² / 2, δ (|d| − δ / 2))``.
+  forward AD of its backward. Runs as ``where(|d| < δ, d² / 2, δ (|d| − δ / 2))``.
 - ``F.hardsigmoid`` (MobileNetV3): "derivative for aten::hardsigmoid_backward is not
   implemented". Runs as ``relu6(x + 3) / 6``.
 - ``torch.embedding_bag`` (``nn.EmbeddingBag``, ``F.embedding_bag``; fastText-style text
