@@ -63,14 +63,16 @@ def batch_sizes(
     """The size of each batch (``batch_size_fn`` or :func:`default_batch_size`).
 
     Raises:
-        ValueError: if a size is not positive (or cannot be inferred).
+        ValueError: if a size is not a positive whole number (or cannot be inferred).
     """
     size_fn = batch_size_fn or default_batch_size
-    sizes = [int(size_fn(b)) for b in batches]
+    sizes = [size_fn(b) for b in batches]
     for i, n in enumerate(sizes):
-        if n < 1:
+        if isinstance(n, float) and not n.is_integer():  # 2.5 was truncated to 2
+            raise ValueError(f"`batch_size_fn` gave batch {i} the size {n}: not a whole number.")
+        if int(n) < 1:
             raise ValueError(f"batch {i} has size {n}; sizes must be positive.")
-    return sizes
+    return [int(n) for n in sizes]
 
 
 def flat_grad(

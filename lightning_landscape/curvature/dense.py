@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape._core.batches import default_batch_size, flat_grad
+from lightning_landscape._core.batches import batch_sizes, flat_grad
 from lightning_landscape._core.checks import check_batches
 from lightning_landscape._core.vectors import resolve_params
 from lightning_landscape.curvature.differentiable import checked_gradient
@@ -46,13 +46,11 @@ def dense_hessian(
     module = params if isinstance(params, nn.Module) else None
     plist = resolve_params(params)
     batches = check_batches(batches if isinstance(batches, Sequence | Tensor) else list(batches))
-    size_fn = batch_size_fn or default_batch_size
     d = sum(p.numel() for p in plist)
     H = torch.zeros(d, d, dtype=plist[0].dtype, device=plist[0].device)
     total = 0
     with guard(module, plist, seed):
-        for batch in batches:
-            n = int(size_fn(batch))
+        for batch, n in zip(batches, batch_sizes(batches, batch_size_fn), strict=True):
             g = checked_gradient(loss_fn(batch), plist)  # else rows through it would be lost
             for i in range(d):
                 if g[i].requires_grad:

@@ -49,7 +49,15 @@ class DensityResult:
         return float((self.weights * self.nodes**power).sum(dim=1).mean())
 
     def grid(self, num_points: int = 1000, margin: float = 0.05) -> Tensor:
-        """An evaluation grid spanning the nodes, widened by ``margin`` of their range."""
+        """An evaluation grid spanning the nodes, widened by ``margin`` of their range.
+
+        Raises:
+            ValueError: if ``num_points`` < 2 or ``margin`` is negative (a reversed grid).
+        """
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+            raise ValueError(f"`num_points` must be an int of at least 2, got {num_points!r}.")
+        if not margin >= 0:
+            raise ValueError(f"`margin` must be non-negative, got {margin!r}.")
         lo, hi = float(self.nodes.min()), float(self.nodes.max())
         pad = margin * max(hi - lo, abs(hi), 1e-12)
         return torch.linspace(lo - pad, hi + pad, num_points, dtype=torch.float64)

@@ -118,6 +118,8 @@ def _sgd_rule(optimizer: Optimizer) -> StabilityRule:
     lr, beta, damp, nesterov = _shared(optimizer, "lr", "momentum", "dampening", "nesterov")
     if beta != 0 and damp >= 1:
         raise ValueError("SGD with dampening 1 takes no step: it has no edge of stability.")
+    if beta >= 1:  # its velocity never decays: no step size is stable (50 was reported)
+        raise ValueError(f"SGD with momentum {beta} >= 1 is stable at no step size.")
     if beta == 0:
         return StabilityRule(2.0 / lr, "2/η")
     if nesterov:

@@ -60,3 +60,13 @@ def test_refuses_a_once_differentiable_backward():
     x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         dense_hessian(lambda b: OnceDifferentiableTanh.apply(b @ w).sum() ** 2, [w], [x])
+
+
+def test_a_fractional_batch_size_is_refused():
+    """2.5 was truncated to 2: the batch weighed less than its samples, silently."""
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="`batch_size_fn` gave batch 0 the size 2.5"):
+        dense_hessian(lambda b: (b @ w).pow(2).mean(), [w], [x], batch_size_fn=lambda b: 2.5)
+    H = dense_hessian(lambda b: (b @ w).pow(2).mean(), [w], [x], batch_size_fn=lambda b: 4.0)
+    torch.testing.assert_close(H, 2 * x.T @ x / 4)

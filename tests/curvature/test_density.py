@@ -86,6 +86,10 @@ def test_evaluate_integrates_to_one():
         assert abs(float(torch.trapezoid(density, grid)) - 1.0) < 1e-3
     with pytest.raises(ValueError, match="`sigma` must be positive"):
         res.evaluate(grid, sigma=0.0)
+    with pytest.raises(ValueError, match="`margin` must be non-negative"):
+        res.grid(100, margin=-1.0)  # a reversed grid before
+    with pytest.raises(ValueError, match="`num_points` must be an int of at least 2"):
+        res.grid(1)
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,8 @@ def test_rules_refuse_what_has_no_threshold_and_accept_registered_ones():
         stability_rule(torch.optim.Adam([a], maximize=True))
     with pytest.raises(ValueError, match="dampening 1"):
         stability_rule(torch.optim.SGD([a], lr=0.1, momentum=0.5, dampening=1.0))
+    with pytest.raises(ValueError, match="momentum 1.5 >= 1 is stable at no step size"):
+        stability_rule(torch.optim.SGD([a], lr=0.1, momentum=1.5))  # a threshold 50 before
     with pytest.raises(ValueError, match="no stability threshold is known for RMSprop"):
         stability_rule(torch.optim.RMSprop([a]))
     register_stability_rule(torch.optim.RMSprop, lambda opt: StabilityRule(1.0, "1"))
