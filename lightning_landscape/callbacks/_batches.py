@@ -78,7 +78,7 @@ def draw_batches(
     owned = [getattr(x, "generator", None) for x in [*loaders, *samplers, *batch_samplers]]
     generators = {id(g): (g, g.get_state()) for g in owned if isinstance(g, torch.Generator)}
     for one in loaders:
-        if _stateful(one, rebuilt=False):  # a DataLoader is rebuilt instead (:func:`_detached`)
+        if _stateful(one) and not isinstance(one, DataLoader):  # else rebuilt (:func:`_detached`)
             rank_zero_warn(
                 f"The monitors draw their fixed batches by iterating the train loader, a "
                 f"{type(one).__name__} whose position Lightning saves in checkpoints "
@@ -140,16 +140,10 @@ def _prepared(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) ->
     return trainer.strategy.batch_to_device(batch, pl_module.device)
 
 
-def _stateful(loader: Any, rebuilt: bool) -> bool:
+def _stateful(loader: Any) -> bool:
     """Whether Lightning saves the loader's position in checkpoints (its ``_Stateful``
-    protocol: ``state_dict`` and ``load_state_dict``), for a DataLoader (which
-    :func:`_detached` rebuilds) or not (``rebuilt=False``)."""
-    has = callable(getattr(loader, "state_dict", None))
-    return (
-        has
-        and callable(getattr(loader, "load_state_dict", None))
-        and (isinstance(loader, DataLoader) == rebuilt)
-    )
+    protocol: ``state_dict`` and ``load_state_dict``)."""
+    return all(callable(getattr(loader, m, None)) for m in ("state_dict", "load_state_dict"))
 
 
 def _detached(loader: Iterable) -> Iterable:
@@ -161,7 +155,7 @@ def _detached(loader: Iterable) -> Iterable:
     loop's live iterator)."""
     if not isinstance(loader, DataLoader):
         return loader
-    if loader.num_workers == 0 and not _stateful(loader, rebuilt=True):
+    if loader.num_workers == 0 and not _stateful(loader):
         return loader
     if isinstance(loader.dataset, IterableDataset):
         return DataLoader(

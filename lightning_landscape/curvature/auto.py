@@ -340,8 +340,9 @@ COLUMNS = "columns"  # blocks one vector at a time, where no kind runs on them
 def resolve_blocks(op: HessianOperator, Vt: Tensor) -> Tensor:
     """Set ``op.block_choice`` to the faster of its kind and ``"func"`` on the block ``Vt``
     (:data:`COLUMNS` where none runs); return this rank's (unreduced) product."""
-    func = op.choice is None or "func" in op.choice.seconds  # it ran single vectors in the trial
-    kinds = list(dict.fromkeys([op.hvp_choice, *(["func"] if func else [])]))  # func wins on GPUs
+    kinds = [op.hvp_choice]
+    if op.hvp_choice != "func" and (op.choice is None or "func" in op.choice.seconds):
+        kinds.append("func")  # it ran single vectors in the trial; last: it wins on GPUs
     best, out = None, None
     if not (op.distributed and crosscheck.collective_listed(op)):  # else vmap can hang the ranks
         best, out = faster_for_blocks(op.local_products, kinds, Vt, distributed=op.distributed)

@@ -45,6 +45,7 @@ would take it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
@@ -215,6 +216,7 @@ def _ratio(squared: float, base: float) -> float:
     return 0.0 if squared == 0.0 else math.sqrt(squared / base) if base > 0 else math.inf
 
 
+@functools.cache
 def _collective_nodes() -> frozenset[str]:
     """The backward nodes of PyTorch's differentiable collectives (``torch.distributed.nn``:
     a gathered contrastive loss) and of SyncBatchNorm."""
