@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.curvature.auto import why
 from lightning_landscape.landscape.noise import temperature
@@ -83,6 +84,21 @@ def temperatures(
             if momentum[i] is not None:
                 out[f"{prefix}/temperature_momentum/group_{i}"] = momentum[i]
     return out, per_group
+
+
+def global_batch(sizes: list[int] | None, world_size: int, accumulate: int) -> float | None:
+    """B of one optimizer step over all ranks: W · A · the harmonic mean of the micro-batch sizes
+    of every rank (each rank's mean loss weighs 1/W, so ranks that see different sizes, as with
+    token-bucketed batches, give the union's harmonic mean, not this rank's). None when a rank
+    could not tell its sizes (``sizes`` None or not positive). A collective when distributed:
+    every rank runs it at every measured step."""
+    known = bool(sizes) and all(b > 0 for b in sizes)
+    inv = sum(1.0 / b for b in sizes) if known else 0.0
+    sums = torch.tensor([inv, len(sizes) if known else 0, not known], dtype=torch.float64)
+    inv, count, unknown = all_reduce_sum_(sums, enabled=world_size > 1).tolist()
+    if unknown > 0:
+        return None
+    return world_size * accumulate * count / inv
 
 
 class _NoiseSums(Metric):

@@ -18,6 +18,7 @@ from lightning_landscape.callbacks._compat import Callback
 from lightning_landscape.callbacks._noise_sharded import FlatGradientHooks, ShardedGradientSteps
 from lightning_landscape.callbacks._noise_step import (
     GradientHooks,
+    global_batch,
     hook_failed,
     loss_scale,
     temperatures,
@@ -27,11 +28,7 @@ from lightning_landscape.callbacks._sharded import fsdp_wrapper
 from lightning_landscape.callbacks._trainer_state import check_prefix, check_shared_prefix
 from lightning_landscape.callbacks.base import refuse_sharded
 from lightning_landscape.callbacks.schedule import Schedule
-from lightning_landscape.landscape.noise import (
-    NoiseScaleEMA,
-    effective_batch_size,
-    micro_batch_estimates,
-)
+from lightning_landscape.landscape.noise import NoiseScaleEMA, micro_batch_estimates
 
 
 class NoiseTemperatureMonitor(Callback):
@@ -44,8 +41,8 @@ class NoiseTemperatureMonitor(Callback):
     step: B = b · W · A, b the per-device batch actually seen (short last batches included; the
     harmonic mean of the micro-batch sizes when they differ within one step, which keeps η/(2B)
     exact), W the world size and A ``accumulate_grad_batches`` (Lightning divides each
-    micro-batch loss by A, even in a short last accumulation window). Ranks are assumed to see
-    equal batch sizes (Lightning's ``DistributedSampler`` pads the shards).
+    micro-batch loss by A, even in a short last accumulation window). When ranks see different
+    sizes (token-bucketed batches), b is the harmonic mean over every rank's micro-batches.
 
     **Gradient noise scale** (McCandlish et al. 2018, "An Empirical Model of Large-Batch
     Training", appendix A): B_simple = tr(Σ)/|G|², the batch size beyond which larger batches
@@ -290,13 +287,13 @@ class NoiseTemperatureMonitor(Callback):
         self._closed = True
         if not self.schedule.due_step(step):  # the same on every rank
             return
-        if self._skip or not self._sizes:
-            if self._hooks.attached and is_distributed():
-                self._hooks.reduce(-1)  # this rank is not measured, but joins the collective
-            return
         automatic = pl_module.automatic_optimization
         accumulate = trainer.accumulate_grad_batches if automatic else 1
-        batch = effective_batch_size(self._sizes, trainer.world_size, accumulate)
+        batch = global_batch(None if self._skip else self._sizes, trainer.world_size, accumulate)
+        if batch is None:  # a rank could not tell its batch size
+            if self._hooks.attached and is_distributed():
+                self._hooks.reduce(-1)  # not measured, but joins the collective
+            return
         temps, self.per_group = temperatures(
             optimizer.param_groups, batch, self.per_group, self.prefix
         )

@@ -89,7 +89,8 @@ def effective_batch_size(
     """B = b_h · W · A, b_h the harmonic mean of the micro-batch sizes of one optimizer step.
 
     See the module docstring: with this B, η / (2B) is the temperature of a step whose gradient
-    is Σⱼ mean-loss-gradient(bⱼ) / A, averaged over W ranks (ranks assumed to see equal sizes).
+    is Σⱼ mean-loss-gradient(bⱼ) / A, averaged over W ranks. When the ranks see different sizes,
+    pass the sizes of all ranks (their union has the right harmonic mean; the monitor does this).
 
     Raises:
         ValueError: if there is no micro-batch, a size is not positive, or W, A < 1.

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_landscape import NoiseTemperatureMonitor, SharpnessMonitor
-from lightning_landscape.landscape.noise import exact_noise_scale
+from lightning_landscape.callbacks._noise_step import global_batch
+from lightning_landscape.landscape.noise import effective_batch_size, exact_noise_scale
 from lightning_landscape.landscape.sharpness import (
     FunctionObjective,
     adaptive_sharpness,
@@ -240,6 +241,14 @@ def test_errors():
     fake = types.SimpleNamespace(strategy=DeepSpeedStrategy())
     with pytest.raises(ValueError, match="does not support the DeepSpeedStrategy strategy"):
         NoiseTemperatureMonitor().setup(fake, Regression(), "fit")
+
+
+def test_global_batch_on_one_process():
+    """The 2-rank collective (ranks of different sizes) is tested in test_sharded.py."""
+    assert global_batch([4, 2], 1, 3) == pytest.approx(effective_batch_size([4, 2], 1, 3))
+    assert global_batch([4, 2], 1, 3) == pytest.approx(3 * 2 / (1 / 4 + 1 / 2))
+    for unknown in (None, [], [4, 0]):  # the batch size could not be read: nothing logged
+        assert global_batch(unknown, 1, 1) is None
 
 
 # ------------------------------------------------------------------------------------- DDP

@@ -27,6 +27,7 @@ from lightning_landscape import (
 )
 from lightning_landscape._core.random import gaussian, make_generator
 from lightning_landscape._core.space import space_of
+from lightning_landscape.callbacks._noise_step import global_batch
 from lightning_landscape.curvature import (
     HessianOperator,
     ShardedHessianOperator,
@@ -36,6 +37,7 @@ from lightning_landscape.curvature import (
     trace,
 )
 from lightning_landscape.curvature.lanczos import lanczos
+from lightning_landscape.landscape.noise import effective_batch_size
 
 from . import _sharded_checks as checks
 from ._sharded_checks import WORLD
@@ -108,6 +110,7 @@ def _engine(model, rank):
         "hutchinson": trace(op, num_matvecs=4, method="hutchinson", seed=4).estimate,
         "density": spectral_density(op, num_probes=2, num_steps=5, seed=5).nodes,
         "asymmetry": crosscheck.nonconservative(semi, v, 1e-4),
+        "global_batch": global_batch([8, 8] if rank == 0 else [2, 6], WORLD, 3),
     }
 
 
@@ -145,6 +148,10 @@ def test_monitors_under_fsdp2_equal_single_process_on_the_union(tmp_path):
     v = gaussian((1, semi.dim), make_generator(6), semi.dtype, semi.device)
     expected = crosscheck.nonconservative(semi, v, 1e-4)
     assert expected > 0.01 and [e["asymmetry"] for e in eng] == pytest.approx([expected] * 2)
+    # B of ranks that see different batch sizes: the union's harmonic mean, on every rank
+    union_b = effective_batch_size([8, 8, 2, 6], WORLD, 3)
+    assert union_b == pytest.approx(2 * 3 * 4 / (1 / 8 + 1 / 8 + 1 / 2 + 1 / 6))
+    assert [e["global_batch"] for e in eng] == pytest.approx([union_b] * 2, rel=1e-12)
 
     # the float64 dense oracle of the unsharded model, single-process replays, on the union
     hessian = checks.check_hessian(out)
