@@ -11,7 +11,8 @@ first cumulant is −β times the average-case sharpness with σ = 1/√γ.
 
 The estimate is a log-mean-exp over antithetic pairs w ± ξ/√γ, ξ ~ N(0, I):
 zᵢ = ½ (exp(−βΔL(w + ξᵢ/√γ)) + exp(−βΔL(w − ξᵢ/√γ))), F̂ = log mean z, computed after subtracting
-the largest exponent. Its standard error is the delta method's, std(z) / (√n · mean z), and the
+the largest exponent. Its standard error is the delta method's, std(z) / (√n · mean z) (times
+Student's t factor for n − 1 degrees of freedom, as for the average-case sharpness), and the
 second-order delta method's bias −std(z)² / (2n · mean z²) is added back. The relative variance
 Var(z)/E[z]² is Πᵢ (1 + tᵢ)/√(1 + 2tᵢ) − 1 at a quadratic's minimum, tᵢ = βλᵢ/γ: it grows
 exponentially with the number of directions where βλᵢ ≳ γ, and with it the samples needed.
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from lightning_landscape._core.checks import check_int, check_positive
 from lightning_landscape._core.random import gaussian
+from lightning_landscape._core.stats import ONE_SIGMA, student_t_quantile
 from lightning_landscape.landscape._objectives import Objective
 
 
@@ -124,4 +126,5 @@ def local_entropy(
     rel = float(z.std()) / (mean * math.sqrt(samples))  # delta method: sd(log z̄)
     estimate = top + math.log(mean) + rel**2 / 2  # second-order bias correction
     effective = float(z.sum() ** 2 / (z * z).sum())
-    return LocalEntropyResult(estimate, rel, loss0, gamma, beta, samples, effective, cost)
+    stderr = student_t_quantile(ONE_SIGMA, samples - 1) * rel  # ±1 stderr: 68 % from few pairs
+    return LocalEntropyResult(estimate, stderr, loss0, gamma, beta, samples, effective, cost)
