@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 
 MiB = 2**20
 
@@ -47,7 +47,7 @@ class LiveStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
+        for t in tree_flatten(out)[0]:  # tree_leaves: torch >= 2.2
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
             storage = t.untyped_storage()

@@ -31,11 +31,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-FLOP_OPS = frozenset(str(op).removeprefix("aten.") for op in flop_registry)
+_REGISTRY = getattr(flop_counter, "flop_registry", None) or flop_counter.flop_mapping  # torch 2.1
+FLOP_OPS = frozenset(str(op).removeprefix("aten.") for op in _REGISTRY)
 ALLOCATORS = frozenset(
     {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
      "_efficientzerotensor", "resize_"}

@@ -45,8 +45,7 @@ def _signature(t: Tensor) -> tuple[int, int]:
 
 def _transforming() -> bool:
     """Whether a torch.func transform runs (the engine's forward-mode products)."""
-    level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
-    return level() is not None
+    return torch._C._functorch.peek_interpreter_stack() is not None  # torch 2.1 to 2.13
 
 
 class _Held:

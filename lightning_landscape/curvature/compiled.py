@@ -117,7 +117,7 @@ def _compiles() -> int:
 
 def _signature(loss_fn: Callable, batch: Any, Vt: Tensor, forward_over_reverse: bool) -> tuple:
     """What makes dynamo compile a new variant, as far as it can be seen from here."""
-    leaves = pytree.tree_leaves(batch)
+    leaves, _ = pytree.tree_flatten(batch)  # tree_leaves: torch >= 2.2
     batch_key = tuple(
         (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__ for t in leaves
     )

@@ -253,7 +253,7 @@ def _checked_data(tensor: Tensor, value: Tensor) -> None:
     _DATA.__set__(tensor, value)
 
 
-_DATA = torch._C.TensorBase.data
+_DATA = getattr(torch._C, "TensorBase", getattr(torch._C, "_TensorBase", None)).data
 
 
 @contextlib.contextmanager

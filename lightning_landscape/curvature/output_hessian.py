@@ -60,8 +60,17 @@ def loss_value(loss: LossKind | OutputLoss, output: Tensor, target: Tensor) -> T
     if loss == "cross_entropy":
         return F.cross_entropy(output, target)
     if loss == "mse":
+        _check_mse(output, target)
         return F.mse_loss(output, target)
     return loss(output, target)
+
+
+def _check_mse(output: Tensor, target: Tensor) -> None:
+    if target.shape != output.shape:  # torch 2.1 raises a dtype error from the loss first
+        raise ValueError(
+            f"the MSE target must have the output's shape {tuple(output.shape)}, got "
+            f"{tuple(target.shape)}."
+        )
 
 
 def output_hessian(
@@ -80,11 +89,7 @@ def output_hessian(
     if loss == "cross_entropy":
         return _cross_entropy(out, target)
     if loss == "mse":
-        if target.shape != out.shape:
-            raise ValueError(
-                f"the MSE target must have the output's shape {tuple(out.shape)}, got "
-                f"{tuple(target.shape)}."
-            )
+        _check_mse(out, target)
         scale = 2.0 / out.numel()
         return lambda W: W * scale
     return _autograd(loss, out, target)

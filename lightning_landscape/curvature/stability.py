@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.optim import SGD, Adam, Optimizer
+from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from lightning_landscape.curvature.operator import LinearOperator
 
@@ -147,7 +147,8 @@ def _adam_rule(optimizer: Optimizer) -> StabilityRule:
 
 
 register_stability_rule(SGD, _sgd_rule)
-register_stability_rule(Adam, _adam_rule)  # AdamW subclasses Adam in torch ≥ 2.5
+register_stability_rule(Adam, _adam_rule)
+register_stability_rule(AdamW, _adam_rule)  # a subclass of Adam only from torch 2.5
 
 
 def inverse_sqrt_preconditioner(rule: StabilityRule, params: Sequence[Tensor]) -> Tensor | None:

@@ -855,7 +855,8 @@ def test_a_rank_without_fixed_batches_logs_nan_on_every_rank(tmp_path):
     "Connection closed by peer"; NCCL would wait for its timeout). Every rank logs NaN now,
     with one warning naming the rank, and training goes on."""
     data = random_classes(n=32)
-    mon = SavingMonitor(str(tmp_path), every_n_steps=2, dataloader=OnRankZeroOnly([data[:8]]))
+    fixed = tuple(t.clone() for t in data[:8])  # torch 2.1's spawn fails on a storage sent twice
+    mon = SavingMonitor(str(tmp_path), every_n_steps=2, dataloader=OnRankZeroOnly([fixed]))
     t = pl.Trainer(
         max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[mon],
         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMonitor
 from lightning_landscape.curvature import dense_hessian
+from lightning_landscape.curvature.kernels import math_attention
 
+from ._helpers import compiled_products
 from ._models import (
     BagModel,
     CenteredTeacher,
@@ -74,7 +75,7 @@ def reference(key, tmp_path, make_model, data, fixed, oracle_dtype, **trainer_kw
                 tuple(x.to(oracle_dtype) if x.is_floating_point() else x for x in b) for b in fixed
             ]
         dtype = oracle_dtype or torch.get_default_dtype()
-        with sdpa_kernel(SDPBackend.MATH), default_dtype(dtype):
+        with math_attention(), default_dtype(dtype):
             H = dense_hessian(plain.loss, plain, fixed)
         _REFERENCE[key] = plain.state_dict(), torch.linalg.eigvalsh(H)
     return _REFERENCE[key]
@@ -120,6 +121,7 @@ def test_causal_transformer_equals_oracle_and_training_is_unchanged(tmp_path, hv
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 
+@compiled_products
 def test_compiled_products_on_a_causal_transformer(tmp_path):
     """``hvp="compiled"``: the product compiled by inductor (math attention; the monitor's
     eval mode) logs the oracle's eigenvalues, and training stays bit-identical. One fixed batch
@@ -138,7 +140,7 @@ def test_compiled_products_on_a_causal_transformer(tmp_path):
     for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     plain.eval()
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         eig = torch.linalg.eigvalsh(dense_hessian(plain.loss, plain, fixed))
     logged = mon.history[-1]
     for i in range(TOP_K):
@@ -151,7 +153,9 @@ def test_lstm_equals_oracle_and_training_is_unchanged(tmp_path):
     check_against_oracle(tmp_path, lambda: TinyLSTM().double(), sequence_data(), "cached")
 
 
-@pytest.mark.parametrize("hvp", ["double_backward", "cached", "compiled"])
+@pytest.mark.parametrize(
+    "hvp", ["double_backward", "cached", pytest.param("compiled", marks=compiled_products)]
+)
 def test_compiled_mlp_equals_oracle_and_training_is_unchanged(tmp_path, hvp):
     # aot_eager: the aot_autograd of the default (inductor) backend, which refuses double
     # backward alike, without inductor's code generation (tens of seconds on this CPU).

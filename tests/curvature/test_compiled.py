@@ -12,7 +12,7 @@ from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature import compiled as C
 from lightning_landscape.curvature import hvp as H
 
-from ._problems import make_problem
+from ._problems import compiled_products, make_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script")
 
@@ -29,6 +29,7 @@ def products(op: HessianOperator, V: torch.Tensor) -> tuple[torch.Tensor, torch.
     return out
 
 
+@compiled_products
 @pytest.mark.parametrize("loss", ["ce_mean", "mse"])
 def test_inductor_products_equal_the_dense_hessian(loss):
     """Train mode (Dropout: the same masks as the eager kinds), single vectors and blocks, on
@@ -52,6 +53,7 @@ def test_inductor_products_equal_the_dense_hessian(loss):
     assert rel(again.matvec(V[:, 0]), Hd @ V[:, 0]) < 1e-10
 
 
+@compiled_products
 def test_later_operators_reuse_the_compiled_code(monkeypatch):
     """A second measurement (a new operator, a new loss closure, updated weights) compiles
     nothing new; a new block width does, and is checked against the eager product once."""
@@ -90,6 +92,7 @@ def _spy(fn, calls):
     return wrapped
 
 
+@compiled_products
 @pytest.mark.parametrize("fault", ["raises", "wrong"])
 def test_a_failed_compile_warns_once_and_products_run_eagerly(monkeypatch, fault):
     """Compiling fails (or gives another matrix): the eager product is returned, one warning
@@ -116,6 +119,7 @@ def test_a_failed_compile_warns_once_and_products_run_eagerly(monkeypatch, fault
     assert reason in warned[0][1] and reason in C.failure(p.model)
 
 
+@compiled_products
 def test_a_loss_that_recompiles_at_every_measurement_is_given_up(monkeypatch):
     """A loss reading a Python value that changes (here a step counter) makes dynamo compile
     again for shapes it knows: the first such variant is checked after the fact, the second

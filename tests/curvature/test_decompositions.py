@@ -15,6 +15,8 @@ from torch.autograd import gradgradcheck
 from lightning_landscape.curvature import HessianOperator, decompositions, dense_hessian, kernels
 from lightning_landscape.curvature.kernels import twice_differentiable
 
+from ._problems import compiled_products
+
 D = torch.float64
 
 
@@ -196,7 +198,7 @@ def test_reentrant_checkpoint_refuses_grad_with_inputs_outside_only():
     model = Model().double()
     x, y = batches()[0]
     params = list(model.parameters())
-    with pytest.raises(RuntimeError, match="checkpoint"):
+    with pytest.raises(RuntimeError, match="(?i)checkpoint"):
         torch.autograd.grad(F.cross_entropy(model(x), y), params)
     with kernels.non_reentrant_checkpoints():
         g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
@@ -391,7 +393,9 @@ def test_edges_impossible_alignments_no_frames_the_hinge_a_bad_last_offset():
     kernel = F.ctc_loss(x, targets, *no_frames, reduction="none")
     with kernels.decomposed_ops():
         rewrite = F.ctc_loss(x, targets, *no_frames, reduction="none")
-    assert rewrite.tolist() == kernel.tolist() == [0.0, math.inf]
+    assert rewrite.tolist() == [0.0, math.inf]
+    if torch.__version__ >= "2.2":  # torch 2.1's kernel returns uninitialized memory for 0 frames
+        assert kernel.tolist() == [0.0, math.inf]
     z = torch.zeros(2, 6, dtype=D, requires_grad=True)  # on the hinge: the kernel's slope is 0
     kernel = torch.autograd.grad(F.multi_margin_loss(z, _Y, margin=0.0), z)[0]
     with kernels.decomposed_ops():
@@ -509,6 +513,7 @@ def test_products_through_ctc_and_bags_equal_differences_of_the_kernels(make):
                 assert not op.choice.failures, op.choice.failures
 
 
+@compiled_products
 def test_compiled_products_through_bags():
     """``hvp="compiled"`` traces the rewrites too. Sum and mean bags reduce by ``scatter_add``:
     with ``index_add`` inductor's forward-AD code was wrong for one tangent (caught by the eager

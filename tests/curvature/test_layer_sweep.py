@@ -232,6 +232,9 @@ FUNCTIONS.update({
     ),
     "conv1d grouped dilated": (lambda x, w: F.conv1d(x, w, groups=2, dilation=2), (1, 4, 8), (4, 2, 2)),
 })  # fmt: skip
+_q = torch.ones(1, 2, 3, 4, dtype=D)
+if F.scaled_dot_product_attention(_q, _q, _q, attn_mask=_MASK).isnan().any():  # torch 2.1
+    del FUNCTIONS["sdpa fully masked row"]  # the math kernel gave a padded query NaN there
 RAISE = {
     "cdist p=3": (lambda a, b: torch.cdist(a, b, p=3), X2, X2),
     "multilabel_margin_loss": (
@@ -311,6 +314,8 @@ NO_FORWARD_AD = {"grid_sample", "soft_margin", "index_reduce amax"}
 # ... and silently wrong for this one (func products 200 % off on a pooled MLP; "auto"'s trial
 # catches the disagreement with double backward; hvp="func" asked for by name does not)
 WRONG_FORWARD_AD = {"scatter_reduce prod"}
+if torch.__version__ < "2.2":  # torch 2.1 (versions between 2.1 and 2.13 not checked)
+    NO_FORWARD_AD.add("affine_grid")
 
 
 @pytest.mark.parametrize("name", [*MODULES, *FUNCTIONS])
