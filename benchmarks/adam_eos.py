@@ -69,7 +69,7 @@ class Repeat:
 
 def run(steps: int, every: int, seed: int, dtype=torch.float32, **monitor_kw) -> list[dict]:
     """Train ``steps`` full-batch steps, measure every ``every``; return the monitor's history."""
-    pl.seed_everything(seed, verbose=False)
+    pl.seed_everything(seed)
     model = TanhMLP().to(dtype)
     batch = full_batch(dtype=dtype)
     mon = HessianMonitor(every_n_steps=every, dataloader=[batch], num_batches=1, trace=False,

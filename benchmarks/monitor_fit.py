@@ -79,7 +79,7 @@ def timed_fit(
 ) -> tuple[float, int]:
     """Fit ``DigitsMLP(width)`` on the digits with ``callbacks`` from seed 0: the wall time of the
     fit (model and data included) and the optimizer steps taken."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     trainer = quiet_trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
     start = time.perf_counter()
     trainer.fit(DigitsMLP(width), digits_loader(batch_size))

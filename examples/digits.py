@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    pl.seed_everything(args.seed, verbose=False)
+    pl.seed_everything(args.seed)  # (verbose=False needs Lightning 2.2)
     gpu = torch.cuda.is_available()
     callbacks: list[pl.Callback] = [] if args.no_monitors else monitors(args.max_epochs)
     if args.optimizer == "entropy-sgd":

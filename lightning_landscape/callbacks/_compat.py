@@ -47,7 +47,10 @@ TENSORBOARD_LOGGERS = classes("loggers", "TensorBoardLogger")
 TQDM_PROGRESS_BARS = classes("callbacks", "TQDMProgressBar")
 MODEL_CHECKPOINTS = classes("callbacks", "ModelCheckpoint")
 COMBINED_LOADERS = classes("utilities", "CombinedLoader")
-MIXED_PRECISION = classes("plugins.precision", "MixedPrecision")
+MIXED_PRECISION = classes("plugins.precision", "MixedPrecision") + classes(
+    "plugins.precision",
+    "MixedPrecisionPlugin",  # its name in Lightning 2.1
+)
 FSDP_STRATEGIES = classes("strategies", "FSDPStrategy")
 DEEPSPEED_STRATEGIES = classes("strategies", "DeepSpeedStrategy")
 

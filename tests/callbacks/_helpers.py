@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -41,6 +42,8 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
+
+LIGHTNING_2_1 = Version(pl.__version__) < Version("2.2")  # the oldest that pyproject.toml allows
 
 # torch 2.1's dynamo cannot trace the compiled product ("call_function wraps in skip_files
 # functools.py": the torch.func transforms), so hvp="compiled" runs eagerly there with one

@@ -41,6 +41,20 @@ N = 42  # 21 samples a rank: batches of 8, 8, 5
 ACCUMULATE = 2
 
 
+try:
+    from pytorch_lightning.plugins.precision import FSDPPrecision
+except ImportError:  # Lightning 2.1
+    from pytorch_lightning.plugins.precision import FSDPMixedPrecisionPlugin as FSDPPrecision
+
+
+def fsdp_precision(precision: str):
+    """Lightning's ``FSDPPrecision(precision)`` (Lightning 2.1's also asked for a device)."""
+    try:
+        return FSDPPrecision(precision)
+    except TypeError:
+        return FSDPPrecision(precision, "cuda")
+
+
 def plain_net(dtype=torch.float64) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
@@ -182,7 +196,6 @@ def cpu_fsdp_strategy(**kwargs):
 def float64_precision():
     """An ``FSDPPrecision`` in float64 (Lightning's stop at "32-true"): float64 parameters and
     inputs, no FSDP mixed precision; single-process answers are then matched to round-off."""
-    from pytorch_lightning.plugins.precision import FSDPPrecision
 
     class Float64(FSDPPrecision):
         def __init__(self) -> None:

@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.plugins.precision import MixedPrecision
+
+try:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+except ImportError:  # Lightning 2.1
+    from pytorch_lightning.plugins.precision import MixedPrecisionPlugin as MixedPrecision
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.func import functional_call
@@ -232,8 +236,8 @@ def test_resume_from_a_mid_cycle_checkpoint_continues_bit_identically(tmp_path):
     kwargs = {**BASE, "momentum": 0.9, "nesterov": True}
     x, y = _data(n=40)
     train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    full = Tiny(kwargs)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1)  # Lightning
+    full = Tiny(kwargs)  # 2.1 saved a Path as given, which weights_only refuses
     trainer = _trainer(
         max_epochs=3, enable_checkpointing=True, callbacks=[EntropySGDCallback(), ckpt]
     )

@@ -1,12 +1,13 @@
 """What the callbacks read from the Trainer: the epochs done, under resumes and early ends."""
 
+import pytest
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_landscape.callbacks._trainer_state import epochs_done
 
-from ._helpers import Classifier, make_trainer, random_classes
+from ._helpers import LIGHTNING_2_1, Classifier, make_trainer, random_classes
 
 
 class _Epochs(Callback):
@@ -28,6 +29,9 @@ class _Epochs(Callback):
         self.rows.append(("end", trainer.global_step, epochs_done(trainer, "fit_end")))
 
 
+@pytest.mark.skipif(
+    LIGHTNING_2_1, reason="Lightning 2.1 resumed there into epoch 0 again (16 steps, not 15)"
+)
 def test_epochs_done_after_a_resume_at_an_epochs_last_batch(tmp_path):
     """A checkpoint saved at the last batch of epoch 0 (step 5 of 5): the resumed fit counts the
     epochs as the uninterrupted one does (Lightning's `started` count is one short there)."""
