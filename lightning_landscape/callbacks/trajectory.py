@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,9 +59,8 @@ class TrajectoryMonitor(LandscapeMonitor):
     Gram matrix, coordinates and off-plane distances are reduced across ranks, and the random
     slice directions are the shards of the single-process ones (filter norms summed across ranks
     where FSDP (v1) cuts a filter): every value equals the single-process one on the union of the
-    ranks' batches. Snapshots restored from a checkpoint are dropped with
-    a warning (a checkpoint holds one rank's shards), so a resumed sharded fit starts its
-    trajectory afresh.
+    ranks' batches. Snapshots restored from a checkpoint are dropped with a warning (a checkpoint
+    holds one rank's shards), so a resumed sharded fit starts its trajectory afresh.
 
     Args:
         num_points: α values per interpolation curve (and t values of the 1-D slice).
@@ -150,17 +150,15 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.alphas = interpolation_alphas(num_points, alpha_margin)  # validates `num_points`
         self.num_points, self.alpha_margin = num_points, float(alpha_margin)
         self.metric_fn, self.metric_name = metric_fn, metric_name
-        self.grid_size, self.slices = grid_size, slices
-        self.picture_at_end = picture_at_end
+        self.grid_size, self.slices, self.picture_at_end = grid_size, slices, picture_at_end
         self.pictures_every_measurement = pictures_every_measurement
         self.max_snapshots, self.snapshot_dtype = max_snapshots, dtype
         self.snapshots = Snapshots(dtype)
         self.tracked: list[str] | None = None  # names of the parameters followed
         self.last_curves: dict[str, Any] = {}
         self.last_picture: dict[str, Any] = {}
-        self._final = False
+        self._final = self._warned_thin = False
         self.pictures: list[dict[str, float]] = []  # the fit-end pictures' scalars
-        self._warned_thin = False
         self._space = self._passes = self._layout = None  # set per measurement when sharded
         self._points = self._forward = 0
 
@@ -205,6 +203,9 @@ class TrajectoryMonitor(LandscapeMonitor):
 
     def summary_rows(self) -> list[dict[str, float]]:
         return self.history + self.pictures
+
+    def nan_metrics(self) -> dict[str, float]:  # a failed fit-end picture: its own keys only
+        return dict.fromkeys(self.metric_keys(), math.nan) if self._final else super().nan_metrics()
 
     def metric_keys(self) -> list[str]:
         picture = ["pca_explained_variance", "off_plane_distance"]
@@ -316,9 +317,8 @@ class TrajectoryMonitor(LandscapeMonitor):
         self.last_picture = {}
         here = describe(ctx.epoch, ctx.step, self.schedule.by_step)
         others = [i for i, s in enumerate(self.snapshots.steps) if s != ctx.step]
-        if (
-            nan := nonfinite_picture(self, ctx, [theta, *self.snapshots.tensors], others)
-        ) is not None:
+        nan = nonfinite_picture(self, ctx, [theta, *self.snapshots.tensors], others)
+        if nan is not None:
             return nan
         if others:
             snaps = [self.snapshots.tensors[i] for i in others]

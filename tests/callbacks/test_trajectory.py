@@ -392,3 +392,25 @@ def test_non_finite_weights_give_no_picture_and_no_failure(tmp_path):
     (picture,) = mon.pictures
     assert math.isnan(picture["trajectory/pca_explained_variance"])
     assert math.isnan(picture["trajectory/off_plane_distance"])
+
+
+class BrokenPicture(TrajectoryMonitor):
+    def _picture(self, ctx, pv, theta):
+        raise RuntimeError("picture broke")
+
+
+def test_a_failed_fit_end_picture_logs_nan_for_its_own_keys_only(tmp_path):
+    """Its NaN row took every key an earlier measurement had logged: `trajectory/loss` got a NaN
+    at the last step after its value there."""
+    mon = BrokenPicture(num_batches=1, every_n_epochs=1)
+    with pytest.warns(UserWarning, match="picture broke"):
+        make_trainer(tmp_path, [mon], max_epochs=2).fit(
+            Classifier(), DataLoader(learnable_classes(), batch_size=8)
+        )
+    (run,) = (tmp_path / "tb").glob("*")
+    acc = events(run)
+    loss = [(e.step, e.value) for e in acc.Scalars("trajectory/loss")]
+    assert [s for s, _ in loss] == [0, 5, 10] and all(math.isfinite(v) for _, v in loss)
+    (picture,) = mon.pictures
+    assert math.isnan(picture["trajectory/pca_explained_variance"])
+    assert "trajectory/loss" not in picture
