@@ -307,6 +307,16 @@ class NoiseTemperatureMonitor(Callback):
         small_sq, inv_size, num, num_bad = self._hooks.reduce(len(self._sizes))
         if hook_failed(trainer, self._hooks, small_sq):
             return {}
+        if num_bad > 0:
+            _logging.warn_once(
+                trainer,
+                "noise-mismatch",
+                "NoiseTemperatureMonitor: the backward passes of a step do not match its batches "
+                "(several backward passes per batch, or a skipped one), so the gradient noise "
+                "scale is skipped at such steps; it needs one backward pass of the batch's mean "
+                "loss per batch.",
+            )
+            return {}
         if num < 2:  # one backward on one device: a short last accumulation window, or manual
             if trainer.lightning_module.automatic_optimization:
                 return {}
@@ -316,16 +326,6 @@ class NoiseTemperatureMonitor(Callback):
                 "NoiseTemperatureMonitor: one backward pass per optimizer step on one device, so "
                 "there is no second batch size for the gradient noise scale; only the "
                 "temperature is logged.",
-            )
-            return {}
-        if num_bad > 0:
-            _logging.warn_once(
-                trainer,
-                "noise-mismatch",
-                "NoiseTemperatureMonitor: the backward passes of a step do not match its batches "
-                "(several backward passes per batch, or a skipped one), so the gradient noise "
-                "scale is skipped at such steps; it needs one backward pass of the batch's mean "
-                "loss per batch.",
             )
             return {}
         big_sq = self._hooks.grad_norm_sq()

@@ -202,6 +202,24 @@ def test_batch_size_fn_and_unreadable_batches(tmp_path):
     assert monitor.ema.count == 0
 
 
+class SkipsSecondBatches(Regression):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 4 == 1 else super().training_step(batch, batch_idx)
+
+
+def test_a_skipped_micro_batch_is_named_and_its_step_left_out(tmp_path):
+    """A step whose accumulation window had a batch skipped (training_step returned None) left
+    out the noise scale silently, as if it were a short last window."""
+    x, y = _data(32)
+    monitor = NoiseTemperatureMonitor()
+    trainer = make_trainer(tmp_path, [monitor], accumulate_grad_batches=2, max_epochs=1)
+    with pytest.warns(UserWarning, match="do not match its batches"):
+        trainer.fit(SkipsSecondBatches(), DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = scalars(tmp_path)
+    assert sorted(logged["noise/temperature"]) == [0, 1, 2, 3]
+    assert sorted(logged["noise/gradient_noise_scale"]) == [1, 3]  # not the windows with a skip
+
+
 def test_resume_continues_steps_and_ema(tmp_path):
     x, y = _data(16)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
