@@ -84,7 +84,9 @@ class MatrixOperator(LinearOperator):
     """Wrap a dense symmetric matrix as an operator (for tests and small problems).
 
     Raises:
-        ValueError: if ``matrix`` is not a square 2-D tensor.
+        ValueError: if ``matrix`` is not a square 2-D tensor, or not symmetric (beyond 1000
+            round-offs of its largest entry: Lanczos would return numbers that are no
+            eigenvalues, silently).
 
     Example::
 
@@ -99,6 +101,14 @@ class MatrixOperator(LinearOperator):
             or matrix.shape[0] != matrix.shape[1]
         ):
             raise ValueError("`matrix` must be a square 2-D tensor.")
+        floating = matrix.is_floating_point() or matrix.is_complex()
+        if floating and matrix.numel() and bool(torch.isfinite(matrix).all()):  # NaN: products tell
+            gap, top = float((matrix - matrix.T).abs().amax()), float(matrix.abs().amax())
+            if not gap <= 1000 * torch.finfo(matrix.dtype).eps * top:
+                raise ValueError(
+                    f"`matrix` must be symmetric: it differs from its transpose by {gap:.3g} "
+                    f"(largest entry {top:.3g})."
+                )
         self.matrix = matrix
         self.dim = matrix.shape[0]
         self.dtype = matrix.dtype

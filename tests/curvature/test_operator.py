@@ -266,6 +266,11 @@ def test_shapes_and_matrix_raise():
         MatrixOperator(torch.ones(2, 3))
     with pytest.raises(ValueError, match="square 2-D tensor"):
         MatrixOperator([[1.0]])
+    jordan = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # eigenvalues 1, 1: Lanczos gave 0.71, 1.29
+    with pytest.raises(ValueError, match="`matrix` must be symmetric: it differs .* by 1"):
+        MatrixOperator(jordan)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(0)))
+    MatrixOperator(q @ torch.diag(torch.arange(30.0)) @ q.T)  # symmetric to round-off: fine
 
 
 @pytest.mark.parametrize(
