@@ -46,6 +46,7 @@ CALLBACKS = classes("callbacks", "Callback")
 TENSORBOARD_LOGGERS = classes("loggers", "TensorBoardLogger")
 TQDM_PROGRESS_BARS = classes("callbacks", "TQDMProgressBar")
 MODEL_CHECKPOINTS = classes("callbacks", "ModelCheckpoint")
+ACCUMULATION_SCHEDULERS = classes("callbacks", "GradientAccumulationScheduler")
 COMBINED_LOADERS = classes("utilities", "CombinedLoader")
 MIXED_PRECISION = classes("plugins.precision", "MixedPrecision") + classes(
     "plugins.precision",

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from lightning_landscape.callbacks._compat import (
+    ACCUMULATION_SCHEDULERS,
     DEEPSPEED_STRATEGIES,
     FSDP_STRATEGIES,
     MIXED_PRECISION,
@@ -81,11 +82,19 @@ class EntropySGDCallback(Callback):
             opt.swap_out_anchor()  # a reused optimizer left on x by a previous fit
             if opt.mode != "closure":
                 continue
-            if trainer.accumulate_grad_batches > 1:
+            scheduled = [
+                factor
+                for cb in trainer.callbacks
+                if isinstance(cb, ACCUMULATION_SCHEDULERS)
+                for factor in cb.scheduling.values()
+            ]  # a GradientAccumulationScheduler turns accumulation on at a later epoch
+            accumulate = max([trainer.accumulate_grad_batches, *scheduled])
+            if accumulate > 1:
                 raise SetupError(
-                    "EntropySGD(mode='closure') cannot be used with `accumulate_grad_batches="
-                    f"{trainer.accumulate_grad_batches}`: its inner gradients would pile up. "
-                    "Use mode='batches'."
+                    "EntropySGD(mode='closure') cannot be used with gradient accumulation (up "
+                    f"to {accumulate} batches a step, by `accumulate_grad_batches` or a "
+                    "GradientAccumulationScheduler): its inner gradients would pile up. Use "
+                    "mode='batches'."
                 )
             precision = trainer.precision_plugin
             if isinstance(precision, MIXED_PRECISION) and precision.scaler is not None:

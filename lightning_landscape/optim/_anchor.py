@@ -44,6 +44,15 @@ class AnchorState(Optimizer):
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """All of it (torch's keeps only ``defaults``, ``state`` and ``param_groups``: a deep copy
+        or an unpickled optimizer could not step); the noise generator goes as its state."""
+        state = dict(self.__dict__)
+        if self._generator is not None:
+            state["_pending_generator"] = (self._generator.get_state(), self._generator.device.type)
+            state["_generator"] = None
+        return state
+
     # ------------------------------------------------------------------ swapping x and x'
     def swap_in_anchor(self) -> bool:
         """Put the anchor x into the parameters, keeping x' aside; undo with :meth:`swap_out_anchor`.

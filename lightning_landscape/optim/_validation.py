@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from lightning_landscape._core.checks import check_bool, check_choice, check_int, check_real
@@ -80,3 +82,13 @@ def check_arguments(
     check_bool("outer_gamma", outer_gamma)
     check_choice("mode", mode, ("batches", "closure"))
     check_int("seed", seed)
+
+
+def does_nothing(closure: Callable[[], Any]) -> bool:
+    """Whether ``closure`` is Lightning's ``do_nothing_closure`` (wrapped in partials by its
+    precision plugins), which manual optimization passes for ``opt.step()``."""
+    while isinstance(closure, functools.partial):
+        if any(getattr(a, "__name__", "") == "do_nothing_closure" for a in closure.args):
+            return True
+        closure = closure.func
+    return getattr(closure, "__name__", "") == "do_nothing_closure"

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import SGD
 
 from lightning_landscape.optim._anchor import AnchorState
-from lightning_landscape.optim._validation import check_arguments
+from lightning_landscape.optim._validation import check_arguments, does_nothing
 from lightning_landscape.optim.functional import (
     AlphaWeights,
     NoiseScale,
@@ -228,8 +228,12 @@ class EntropySGD(AnchorState):
 
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
-    def _langevin_step(self) -> None:
+    def _langevin_step(self) -> bool:
+        """One Langevin step; False, doing nothing, when no parameter has a gradient (a skipped
+        batch: torch optimizers skip such steps, and so no Langevin step is counted)."""
         params = self._params()
+        if all(p.grad is None for p in params):
+            return False
         for p in params:  # start of an outer step (or a parameter new to it): x', μ ← x
             state = self.state[p]
             if "anchor" not in state:
@@ -238,6 +242,8 @@ class EntropySGD(AnchorState):
             elif self._inner_step == 0:
                 state["anchor"].copy_(p)
                 state["mean"].copy_(p)
+            if self._inner_step == 0:
+                state["stepped"] = False
         gamma = self._scope()
         momentum = self.langevin_momentum
         std = langevin_noise_std(self.sgld_lr, self.noise, self.noise_scale)
@@ -255,10 +261,12 @@ class EntropySGD(AnchorState):
                     noise_std=std, generator=generator, momentum_buffer=buffer,
                     momentum=momentum, nesterov=self.langevin_nesterov,
                 )  # fmt: skip
+                state["stepped"] = True
             average_step_(state["mean"], p, alpha=self.alpha, alpha_weights=self.alpha_weights)
         self._inner_step += 1
         if self._inner_step == self.L:
             self._outer_update(gamma)
+        return True
 
     @torch.no_grad()
     def _outer_update(self, gamma: float) -> None:
@@ -272,7 +280,10 @@ class EntropySGD(AnchorState):
             grad = local_entropy_grad(anchor, mean, gamma=gamma, outer_gamma=self.outer_gamma)
             p.copy_(anchor)
             state.pop("langevin_buffer", None)
-            if p.grad is None:
+            if not state.pop("stepped", True):  # no gradient all cycle (frozen): SGD skips it,
+                borrowed.append(p)  # no weight decay, no momentum, as torch.optim.SGD would
+                p.grad = None
+            elif p.grad is None:
                 p.grad = grad
                 borrowed.append(p)
             else:
@@ -312,12 +323,20 @@ class EntropySGD(AnchorState):
                     "times per step. fp16 GradScaler calls `step()` without one; use "
                     "mode='batches' there."
                 )
+            if does_nothing(closure):
+                raise RuntimeError(
+                    "EntropySGD(mode='closure') got Lightning's closure that does nothing (manual "
+                    "optimization calling `opt.step()`): every Langevin step would reuse one "
+                    "gradient. Pass `opt.step(closure=...)` a closure that runs the forward and "
+                    "backward, or use mode='batches'."
+                )
             loss = None
             for i in range(self.L):
                 with torch.enable_grad():
                     value = closure()
                 loss = value if i == 0 else loss
-                self._langevin_step()
+                if not self._langevin_step():  # a skipped batch: no gradient, no step at all
+                    break
             return loss
         loss = None
         if closure is not None:

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 try:
@@ -419,7 +419,11 @@ def test_callback_refuses_a_fit_without_entropy_sgd():
 @pytest.mark.parametrize(
     ("trainer_kwargs", "match"),
     [
-        ({"accumulate_grad_batches": 2}, r"cannot be used with `accumulate_grad_batches=2`"),
+        ({"accumulate_grad_batches": 2}, r"gradient accumulation \(up to 2 batches a step"),
+        (  # accumulation from epoch 1 on: the inner gradients piled up there, silently
+            {"callbacks": [EntropySGDCallback(), GradientAccumulationScheduler({1: 2})]},
+            r"gradient accumulation \(up to 2 batches a step",
+        ),
         ({"plugins": [MixedPrecision("16-mixed", "cpu")]}, r"cannot be used with fp16 gradient"),
     ],
 )

@@ -302,6 +302,82 @@ def test_parameters_without_gradients_stay_put_and_counters_are_plain_ints():
     assert extra["generator_state"].dtype == torch.uint8
 
 
+def test_frozen_parameters_get_no_weight_decay_or_momentum_as_with_sgd():
+    """They were lent x − μ = 0 as a gradient, so the inner SGD decayed them (a frozen layer's
+    norm fell from 1.67 to 0.52 in 20 steps) and kept moving one whose gradients had stopped."""
+    used, frozen, stopped = _param(2, 1.0), _param(2, 5.0), _param(2, 3.0)
+    frozen.requires_grad_(False)
+    kw = dict(lr=1.0, momentum=0.9, weight_decay=5e-2)
+    opt, sgd = EntropySGD([used, frozen, stopped], L=2, **kw), torch.optim.SGD([stopped], **kw)
+    for step in range(12):
+        used.grad = torch.ones_like(used)
+        stopped.grad = torch.ones_like(stopped) if step < 4 else None
+        opt.step()
+    assert torch.equal(frozen.detach(), torch.full((2,), 5.0, dtype=torch.float64))
+    after_stop = stopped.detach().clone()
+    assert not torch.equal(after_stop, torch.full((2,), 3.0, dtype=torch.float64))
+    for _ in range(4):
+        used.grad = torch.ones_like(used)
+        opt.step()
+    assert torch.equal(stopped.detach(), after_stop) and sgd.state == {}
+
+
+@pytest.mark.parametrize("mode", ["batches", "closure"])
+def test_a_step_without_any_gradient_is_skipped(mode):
+    """A skipped batch (training_step returned None: every .grad is None) counted as a Langevin
+    step and folded x' into μ once more; in closure mode it made a whole outer step."""
+    p = _param(3, 1.0)
+    opt = EntropySGD([p], L=3, noise=0.0, momentum=0.9, mode=mode)
+    ref = copy.deepcopy(opt)  # the same run without the skipped steps
+    q = ref.param_groups[0]["params"][0]
+
+    def step(o, x, grad):
+        x.grad = grad
+        o.step((lambda: None) if mode == "closure" else None)
+
+    for i in range(5):
+        step(opt, p, None)  # skipped
+        step(opt, p, (p.detach() - i).clone())
+        step(ref, q, (q.detach() - i).clone())
+    assert (opt.outer_step, opt.inner_step) == (ref.outer_step, ref.inner_step)
+    assert torch.equal(p.detach(), q.detach())
+
+
+def test_closure_mode_refuses_lightnings_closure_that_does_nothing():
+    """Manual optimization's `opt.step()` hands Lightning's do_nothing_closure (in partials):
+    every Langevin step reused one gradient (weights 0.12 off after 2 epochs)."""
+    import functools
+
+    from pytorch_lightning.core.optimizer import do_nothing_closure
+
+    p = _param()
+    p.grad = torch.ones_like(p)
+    opt = EntropySGD([p], L=2, mode="closure")
+    with pytest.raises(RuntimeError, match="closure that does nothing"):
+        opt.step(functools.partial(lambda model, closure: closure(), None, do_nothing_closure))
+    assert opt.inner_step == 0 and opt.outer_step == 0
+
+
+def test_deep_copies_and_pickles_step_like_the_original():
+    """torch's __getstate__ kept only defaults, state and param_groups: the copy had no L."""
+    import pickle
+
+    p = _param()
+    opt = EntropySGD([p], L=2, noise=0.1)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()  # mid-cycle, the generator drawn
+    runs = [opt, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for o in runs:
+        for _ in range(3):  # through an outer step and into the next cycle, with noise
+            x = o.param_groups[0]["params"][0]
+            x.grad = torch.ones_like(x)
+            o.step()
+    weights = [o.param_groups[0]["params"][0].detach() for o in runs]
+    assert torch.equal(weights[1], weights[0]) and torch.equal(weights[2], weights[0])
+    assert [o.outer_step for o in runs] == [opt.outer_step] * 3
+
+
 def test_generator_state_from_another_device_kind_warns_and_reseeds():
     p = _param(2)
     opt = EntropySGD([p], L=3, noise=0.1)
