@@ -92,3 +92,21 @@ def does_nothing(closure: Callable[[], Any]) -> bool:
             return True
         closure = closure.func
     return getattr(closure, "__name__", "") == "do_nothing_closure"
+
+
+GLOBAL_ONLY = (
+    "L", "gamma", "scoping", "sgld_lr", "noise", "alpha", "gamma_max", "langevin_momentum",
+    "langevin_nesterov", "noise_scale", "alpha_weights", "outer_gamma", "mode", "seed",
+)  # fmt: skip
+
+
+def check_group(group: Any) -> None:
+    """A parameter group may set SGD's settings (``lr``, ``momentum``, ...), not Entropy-SGD's:
+    those are one for all parameters (one Langevin chain, one scope γ, one cycle of L)."""
+    named = sorted(k for k in group if k in GLOBAL_ONLY) if isinstance(group, dict) else []
+    if named:
+        raise ValueError(
+            f"EntropySGD takes {', '.join(named)} for all parameters, not per parameter group "
+            f"(a group sets {', '.join(f'{k}={group[k]!r}' for k in named)}): pass them to "
+            "EntropySGD(...)."
+        )

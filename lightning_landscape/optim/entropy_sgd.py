@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import SGD
 
 from lightning_landscape.optim._anchor import AnchorState
-from lightning_landscape.optim._validation import check_arguments, does_nothing
+from lightning_landscape.optim._validation import check_arguments, check_group, does_nothing
 from lightning_landscape.optim.functional import (
     AlphaWeights,
     NoiseScale,
@@ -184,11 +184,8 @@ class EntropySGD(AnchorState):
 
         self.L, self.gamma, self.scoping = L, float(gamma), float(scoping)
         self.sgld_lr, self.noise, self.alpha = float(sgld_lr), float(noise), float(alpha)
-        self.noise_scale, self.alpha_weights, self.outer_gamma = (
-            noise_scale,
-            alpha_weights,
-            outer_gamma,
-        )
+        self.noise_scale, self.alpha_weights = noise_scale, alpha_weights
+        self.outer_gamma = outer_gamma
         self.gamma_max = stable_gamma_max(self.sgld_lr) if gamma_max is None else float(gamma_max)
         self.langevin_momentum = float(langevin_momentum)
         self.langevin_nesterov = langevin_nesterov
@@ -197,6 +194,11 @@ class EntropySGD(AnchorState):
         self._init_anchor_state()
         self.anchor_distance: Tensor | None = None
         """‖x − μ‖ over all parameters at the last outer step (None before the first)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, refusing Entropy-SGD settings in a group (global: a group's were ignored)."""
+        check_group(param_group)
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ properties
     @property

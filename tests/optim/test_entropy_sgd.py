@@ -69,6 +69,16 @@ def test_invalid_arguments_raise(kwargs, error, match):
         EntropySGD([_param()], **kwargs)
 
 
+def test_entropy_sgd_settings_in_a_parameter_group_are_refused():
+    """They are one for all parameters: a group's sgld_lr was silently ignored."""
+    a, b = _param(), _param()
+    with pytest.raises(ValueError, match=r"takes L, sgld_lr for all .* sets L=5, sgld_lr=0.01"):
+        EntropySGD([{"params": [a], "sgld_lr": 0.01, "L": 5}, {"params": [b]}])
+    opt = EntropySGD([{"params": [a], "lr": 0.5, "weight_decay": 1e-4}], lr=1.0)  # SGD's: fine
+    with pytest.raises(ValueError, match="takes gamma for all"):
+        opt.add_param_group({"params": [b], "gamma": 1.0})
+
+
 def test_closure_mode_refuses_a_missing_closure():
     opt = EntropySGD([_param()], mode="closure")
     with pytest.raises(RuntimeError, match=r"mode='closure'\) needs a closure"):
