@@ -84,7 +84,10 @@ def check_positive_values(name: str, value: Any) -> tuple[float, ...]:
         TypeError: if an item is not a number.
         ValueError: if the sequence is empty or an item is not positive and finite.
     """
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:  # a list, a tuple, a numpy array
+        items = [value] if isinstance(value, str) else list(value)
+    except TypeError:  # a single number
+        items = [value]
     if not items:
         raise ValueError(f"`{name}` is empty.")
     for v in items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from numbers import Integral
 
 
 @dataclass(frozen=True)
@@ -60,20 +61,22 @@ class Schedule:
             if isinstance(epochs, int | str | bytes) or not isinstance(epochs, Iterable):
                 raise TypeError(f"`epochs` must be an iterable of ints, got {epochs!r}.")
             values = list(epochs)
-            for e in values:
-                if isinstance(e, bool) or not isinstance(e, int):
+            for e in values:  # numpy's integers too (np.arange)
+                if isinstance(e, bool) or not isinstance(e, Integral):
                     raise TypeError(f"`epochs` must hold ints, got {e!r} in {values!r}.")
                 if e < 0:
                     raise ValueError(f"`epochs` must be non-negative, got {e!r} in {values!r}.")
+            values = [int(e) for e in values]
             if not values:
                 raise ValueError("`epochs` is empty.")
             object.__setattr__(self, "epochs", tuple(sorted(set(values))))
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, bool) or not isinstance(value, Integral):
                     raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
                 if value < 1:
                     raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+                value = int(value)
             object.__setattr__(self, name, value)
 
     @property

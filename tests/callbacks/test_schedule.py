@@ -25,6 +25,19 @@ def test_every_n_steps():
     assert s.label(3, 8) == 8
 
 
+def test_numpy_integers_are_ints():
+    """`epochs=np.arange(0, 20, 5)` and `every_n_epochs=np.int64(2)` were refused (TypeError);
+    they are stored as ints (the schedule is pickled into checkpoints)."""
+    import numpy as np
+
+    from lightning_landscape._core.checks import check_positive_values
+
+    s = Schedule(epochs=np.arange(0, 20, 5))
+    assert s.epochs == (0, 5, 10, 15) and all(type(e) is int for e in s.epochs)
+    assert type(Schedule(every_n_epochs=np.int64(2)).every_n_epochs) is int
+    assert check_positive_values("rho", np.array([0.05, 0.1])) == (0.05, 0.1)
+
+
 def test_picklable():
     s = Schedule(epochs=[1, 2])
     t = pickle.loads(pickle.dumps(s))
