@@ -34,19 +34,19 @@ class TrajectoryMonitor(LandscapeMonitor):
     """The loss along the training trajectory at chosen epochs, and pictures of the landscape.
 
     At fit start and at each chosen epoch the trainable parameters are copied (flat, on CPU, in
-    ``snapshot_dtype``). At each chosen epoch, on the fixed batches, the loss (and ``metric_fn``)
-    is evaluated along θ(α) = (1 − α) θ_start + α θ_current from the initial and from the previous
-    snapshot (Goodfellow, Vinyals, Saxe 2015), which usually falls monotonically. The barrier is
-    max_{α∈[0,1]} L(α) − ((1 − α) L(0) + α L(1)). At fit end (and at every measurement with
+    ``snapshot_dtype``). At each chosen epoch, on the fixed batches, the loss (and ``metric_fn``) is
+    evaluated along θ(α) = (1 − α) θ_start + α θ_current from the initial and from the previous
+    snapshot (Goodfellow, Vinyals, Saxe 2015); buffers (BatchNorm's statistics) stay current.
+    Barrier: max_{α∈[0,1]} L(α) − ((1 − α) L(0) + α L(1)). At fit end (and at every measurement with
     ``pictures_every_measurement``) the landscape picture (Li, Xu, Taylor, Studer, Goldstein 2018):
     PCA of θ_i − θ_current (section 7; not centered, so the current weights are the origin), the
     trajectory projected on the two first components over the loss on a ``grid_size`` ×
-    ``grid_size`` grid of that plane; and slices along filter-normalized random directions
-    (section 4: each filter of d rescaled to the norm of the weight filter, zero for biases and
-    normalization layers), 1-D on t ∈ [−1, 1] and 2-D on [−1, 1]². The contour is the loss on the
-    plane, not at the snapshots: the explained variance and the off-plane distance say how
-    faithful it is. Under DDP each rank evaluates its own batches and the sums are reduced; the
-    snapshots, directions and planes are identical on every rank.
+    ``grid_size`` grid of that plane; and slices along filter-normalized random directions (section
+    4: each filter of d rescaled to the norm of the weight filter, zero for biases and normalization
+    layers), 1-D on t ∈ [−1, 1] and 2-D on [−1, 1]². The contour is the loss on the plane, not at
+    the snapshots: the explained variance and the off-plane distance say how faithful it is. Under
+    DDP each rank evaluates its own batches and the sums are reduced; the snapshots, directions and
+    planes are identical on every rank.
 
     ``mode="train"``: dropout masks are drawn once per measurement and batch, so the objective is
     one fixed function: every weight point of a measurement (curves, barriers, pictures) and

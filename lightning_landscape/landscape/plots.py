@@ -155,7 +155,7 @@ def trajectory_figure(
     the origin) are left out: the first snapshot's and the latest ones' are kept."""
     explained = pca.explained_variance_ratio.tolist()
     title = (
-        f"Trajectory on its PCA plane ({100 * sum(explained[:2]):.1f}% of variance)\n"
+        f"Trajectory on its PCA plane ({100 * sum(explained[:2]):.1f}% of Σ‖θᵢ − θ‖²)\n"
         f"loss on the plane; largest snapshot distance from it {float(pca.off_plane.max()):.3g}"
     )
     coords = pca.coords
@@ -174,8 +174,8 @@ def trajectory_figure(
             fontsize=8, color="white",
             bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
         )  # fmt: skip
-    ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of variance)")
-    ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
+    ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of Σ‖θᵢ − θ‖²)")
+    ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of Σ‖θᵢ − θ‖²)")
     ax.set_aspect("equal")  # distances and angles as they are in weight space
     ax.locator_params(nbins=6)
     ax.legend(loc="best", fontsize=8)

@@ -217,8 +217,9 @@ def adaptive_sharpness(
 
     With η = 0 the measure is invariant under any rescaling w ↦ Dw (D positive diagonal) that
     leaves the loss unchanged, as scaling a ReLU layer up and the next one down (Dinh et al.
-    2017). ρ²λ_max(T H T)/2 at the minimum of a quadratic, T = diag(|w| + η). See
-    :func:`ball_sharpness`.
+    2017). ρ²λ_max(T H T)/2 at the minimum of a quadratic, T = diag(|w| + η). Every parameter
+    is scaled, biases included (as Andriushchenko et al. 2023 do, with η = 0); Kwon et al.'s
+    code scales only the weights and gives biases T = 1. See :func:`ball_sharpness`.
 
     Raises:
         TypeError, ValueError: on invalid ``rho``, ``steps`` or ``eta`` (must be ≥ 0).

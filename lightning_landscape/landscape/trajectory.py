@@ -220,6 +220,11 @@ def pca_plane(
 ) -> PCAResult:
     """PCA of the differences θ_i − θ_origin (not centered: the plane passes through the origin).
 
+    Li et al.'s code centres the differences (sklearn's ``PCA``) and so fits a plane through
+    their mean, which need not pass through the current weights; here the current weights are
+    the origin of the picture, and the "explained variance" is the share of Σᵢ ‖θ_i − θ_origin‖²
+    (a second moment about the origin, not a variance about the mean).
+
     The directions come from the n × n Gram matrix of the differences (float64, time
     n² · dim); the coordinates and off-plane distances are then measured directly against the
     (re-orthonormalized) directions, so an exactly planar trajectory has off-plane distances at
