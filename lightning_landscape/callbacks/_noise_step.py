@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_landscape._core.batches import default_batch_size
 from lightning_landscape._core.distributed import all_reduce_sum_
 from lightning_landscape.callbacks import _logging
 from lightning_landscape.curvature.auto import why
@@ -84,6 +85,29 @@ def temperatures(
             if momentum[i] is not None:
                 out[f"{prefix}/temperature_momentum/group_{i}"] = momentum[i]
     return out, per_group
+
+
+def read_size(trainer: pl.Trainer, size_fn: Any, batch: Any) -> int | None:
+    """The batch's size (warned once and None when it cannot be read; a batch of 0 samples is
+    warned about too: its step is not logged)."""
+    try:
+        size = int((size_fn or default_batch_size)(batch))
+    except (ValueError, TypeError) as err:
+        _logging.warn_once(
+            trainer,
+            "noise-batch-size",
+            f"NoiseTemperatureMonitor: cannot tell the batch size ({err}); pass "
+            "`batch_size_fn`. Nothing is logged for such steps.",
+        )
+        return None
+    if size <= 0:
+        _logging.warn_once(
+            trainer,
+            "noise-empty-batch",
+            f"NoiseTemperatureMonitor: a batch of {size} samples; the steps that hold one are "
+            "not logged (on any rank).",
+        )
+    return size
 
 
 def global_batch(sizes: list[int] | None, world_size: int, accumulate: int) -> float | None:

@@ -8,7 +8,6 @@ from typing import Any
 import pytorch_lightning as pl
 from torch import Tensor
 
-from lightning_landscape._core.batches import default_batch_size
 from lightning_landscape._core.checks import check_bool, check_callable, check_real
 from lightning_landscape._core.distributed import is_distributed
 from lightning_landscape._core.fsdp1 import flat_parameters_v1
@@ -21,6 +20,7 @@ from lightning_landscape.callbacks._noise_step import (
     global_batch,
     hook_failed,
     loss_scale,
+    read_size,
     temperatures,
     warn_entropy_sgd,
 )
@@ -112,8 +112,8 @@ class NoiseTemperatureMonitor(Callback):
         - ``noise/grad_norm_sq``: smoothed |G|², squared norm of the true gradient.
 
     Cost: at each measured step, one squared norm per parameter per backward pass (in the
-    hooks), one squared norm of ``.grad``, and one synchronization of a 4-number state across
-    ranks; nothing on the other steps. No extra forward or backward pass.
+    hooks), one squared norm of ``.grad``, and across ranks two all-reduces (3 numbers for B, 4
+    for the noise scale); nothing on the other steps. No extra forward or backward pass.
 
     Example::
 
@@ -255,16 +255,8 @@ class NoiseTemperatureMonitor(Callback):
             return
         self._due = self.schedule.due_step(trainer.global_step)
         if self._due:
-            size_fn = self.batch_size_fn or default_batch_size
-            try:
-                self._current_size = int(size_fn(batch))
-            except (ValueError, TypeError) as err:
-                _logging.warn_once(
-                    trainer,
-                    "noise-batch-size",
-                    f"NoiseTemperatureMonitor: cannot tell the batch size ({err}); pass "
-                    "`batch_size_fn`. Nothing is logged for such steps.",
-                )
+            self._current_size = read_size(trainer, self.batch_size_fn, batch)
+            if self._current_size is None:
                 self._due, self._skip, self._sizes = False, True, []
                 return
             self._sizes.append(self._current_size)

@@ -50,7 +50,7 @@ class LocalEntropyResult:
 
     Attributes:
         estimate: F̂(w; γ, β), relative to a flat landscape (≤ 0 near a minimum).
-        stderr: its delta-method standard error.
+        stderr: its delta-method standard error, times Student's t factor for samples − 1.
         loss: L(w).
         gamma, beta: γ and β.
         samples: antithetic pairs drawn.

@@ -87,10 +87,9 @@ def check_arguments(
 def does_nothing(closure: Callable[[], Any]) -> bool:
     """Whether ``closure`` is Lightning's ``do_nothing_closure`` (wrapped in partials by its
     precision plugins), which manual optimization passes for ``opt.step()``."""
-    while isinstance(closure, functools.partial):
-        if any(getattr(a, "__name__", "") == "do_nothing_closure" for a in closure.args):
-            return True
-        closure = closure.func
+    if isinstance(closure, functools.partial):  # nested: XLA's plugin wraps a partial in one
+        inner = (closure.func, *closure.args, *closure.keywords.values())
+        return any(does_nothing(a) for a in inner if callable(a))
     return getattr(closure, "__name__", "") == "do_nothing_closure"
 
 

@@ -127,8 +127,8 @@ class EntropySGD(AnchorState):
         TypeError: if a numeric argument is not a real number, ``L``/``seed`` is not an int, or
             a flag is not a bool.
         ValueError: if an argument is out of range, ``nesterov`` (or ``langevin_nesterov``) is
-            set without momentum or with dampening, ``gamma`` exceeds ``gamma_max``, or a string
-            option is not one of its choices.
+            set without momentum or with dampening, ``gamma`` exceeds ``gamma_max``, a string
+            option is not one of its choices, or a parameter group sets an Entropy-SGD setting.
 
     Example::
 
@@ -182,15 +182,12 @@ class EntropySGD(AnchorState):
         self.base_optimizer.state = self.state
         self.defaults.update(self.base_optimizer.defaults)
 
-        self.L, self.gamma, self.scoping = L, float(gamma), float(scoping)
+        self.L, self.gamma, self.scoping, self._cap_warned = L, float(gamma), float(scoping), False
         self.sgld_lr, self.noise, self.alpha = float(sgld_lr), float(noise), float(alpha)
         self.noise_scale, self.alpha_weights = noise_scale, alpha_weights
-        self.outer_gamma = outer_gamma
         self.gamma_max = stable_gamma_max(self.sgld_lr) if gamma_max is None else float(gamma_max)
-        self.langevin_momentum = float(langevin_momentum)
-        self.langevin_nesterov = langevin_nesterov
-        self.mode, self.seed = mode, seed
-        self._cap_warned = False
+        self.langevin_momentum, self.langevin_nesterov = float(langevin_momentum), langevin_nesterov
+        self.mode, self.seed, self.outer_gamma = mode, seed, outer_gamma
         self._init_anchor_state()
         self.anchor_distance: Tensor | None = None
         """‖x − μ‖ over all parameters at the last outer step (None before the first)."""
@@ -241,10 +238,10 @@ class EntropySGD(AnchorState):
             if "anchor" not in state:
                 state["anchor"] = p.detach().clone()
                 state["mean"] = p.detach().clone()
+                state["stepped"] = False  # no gradient yet in this cycle (or ever: frozen)
             elif self._inner_step == 0:
                 state["anchor"].copy_(p)
                 state["mean"].copy_(p)
-            if self._inner_step == 0:
                 state["stepped"] = False
         gamma = self._scope()
         momentum = self.langevin_momentum
@@ -304,14 +301,17 @@ class EntropySGD(AnchorState):
             closure: re-evaluates the model and fills ``.grad``. Optional in ``"batches"`` mode
                 (the gradients already in ``.grad`` are used, as fp16 GradScaler does);
                 required in ``"closure"`` mode, which calls it ``L`` times: there it must zero
-                the gradients before its backward, as Lightning's closure does.
+                the gradients before its backward, as Lightning's closure does. A step with no
+                gradient at all (a skipped batch) is skipped; in ``"closure"`` mode a later
+                call without one ends the cycle on the Langevin steps taken.
 
         Returns:
             The closure's loss (the first call's in ``"closure"`` mode), or None.
 
         Raises:
-            RuntimeError: in ``"closure"`` mode without a closure, if the parameters hold the
-                anchor after :meth:`swap_in_anchor`, or on sparse gradients.
+            RuntimeError: in ``"closure"`` mode without a closure or with Lightning's closure
+                that does nothing (manual optimization's ``opt.step()``), if the parameters
+                hold the anchor after :meth:`swap_in_anchor`, or on sparse gradients.
         """
         if self._swapped:
             raise RuntimeError(
@@ -337,8 +337,10 @@ class EntropySGD(AnchorState):
                 with torch.enable_grad():
                     value = closure()
                 loss = value if i == 0 else loss
-                if not self._langevin_step():  # a skipped batch: no gradient, no step at all
-                    break
+                if not self._langevin_step() and i == 0:  # a skipped batch: no step at all
+                    return loss
+            if self._inner_step:  # a later call without gradients: the cycle ends on fewer steps
+                self._outer_update(self._scope())
             return loss
         loss = None
         if closure is not None:

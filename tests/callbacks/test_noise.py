@@ -200,6 +200,11 @@ def test_batch_size_fn_and_unreadable_batches(tmp_path):
         trainer.fit(Regression(), loader)
     assert not any(k.startswith("noise/") for k in scalars(tmp_path / "b"))
     assert monitor.ema.count == 0
+    monitor = NoiseTemperatureMonitor(batch_size_fn=lambda batch: 0)  # dropped silently before
+    trainer = make_trainer(tmp_path / "c", [monitor], accumulate_grad_batches=2, max_epochs=1)
+    with pytest.warns(UserWarning, match="a batch of 0 samples; the steps that hold one"):
+        trainer.fit(Regression(), loader)
+    assert not any(k.startswith("noise/") for k in scalars(tmp_path / "c"))
 
 
 class SkipsSecondBatches(Regression):
@@ -261,8 +266,34 @@ def test_errors():
         NoiseTemperatureMonitor().setup(fake, Regression(), "fit")
 
 
+def _global_batch_ranks(rank: int, tmp: str) -> None:
+    import datetime
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        uneven = global_batch([[8, 8], [2, 6]][rank], 2, 2)
+        unknown = global_batch([4] if rank == 0 else None, 2, 1)  # rank 1 cannot tell
+        torch.save((uneven, unknown), f"{tmp}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_global_batch_of_two_ranks_of_different_sizes(tmp_path):
+    """B was W · A · this rank's harmonic mean: rank 0 logged 32 where the union gives 17.45."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_batch_ranks, args=(str(tmp_path),), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    union = effective_batch_size([8, 8, 2, 6], 2, 2)
+    assert results == [(pytest.approx(union, rel=1e-12), None)] * 2
+    assert union == pytest.approx(17.4545, rel=1e-4)
+
+
 def test_global_batch_on_one_process():
-    """The 2-rank collective (ranks of different sizes) is tested in test_sharded.py."""
     assert global_batch([4, 2], 1, 3) == pytest.approx(effective_batch_size([4, 2], 1, 3))
     assert global_batch([4, 2], 1, 3) == pytest.approx(3 * 2 / (1 / 4 + 1 / 2))
     for unknown in (None, [], [4, 0]):  # the batch size could not be read: nothing logged

@@ -271,6 +271,10 @@ def test_shapes_and_matrix_raise():
         MatrixOperator(jordan)
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(0)))
     MatrixOperator(q @ torch.diag(torch.arange(30.0)) @ q.T)  # symmetric to round-off: fine
+    with pytest.raises(ValueError, match="`matrix` must be real, got torch.complex64"):
+        MatrixOperator(torch.eye(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="must be symmetric"):  # bfloat16: 1 %, not 780 %
+        MatrixOperator(jordan.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize(

@@ -315,21 +315,24 @@ def test_parameters_without_gradients_stay_put_and_counters_are_plain_ints():
 def test_frozen_parameters_get_no_weight_decay_or_momentum_as_with_sgd():
     """They were lent x − μ = 0 as a gradient, so the inner SGD decayed them (a frozen layer's
     norm fell from 1.67 to 0.52 in 20 steps) and kept moving one whose gradients had stopped."""
-    used, frozen, stopped = _param(2, 1.0), _param(2, 5.0), _param(2, 3.0)
+    used, frozen, stopped, late = _param(2, 1.0), _param(2, 5.0), _param(2, 3.0), _param(2, 7.0)
     frozen.requires_grad_(False)
-    kw = dict(lr=1.0, momentum=0.9, weight_decay=5e-2)
-    opt, sgd = EntropySGD([used, frozen, stopped], L=2, **kw), torch.optim.SGD([stopped], **kw)
+    opt = EntropySGD([used, frozen, stopped], L=3, lr=1.0, momentum=0.9, weight_decay=5e-2)
     for step in range(12):
         used.grad = torch.ones_like(used)
         stopped.grad = torch.ones_like(stopped) if step < 4 else None
         opt.step()
+        if step == 7:  # mid-cycle: a group that never gets a gradient
+            opt.add_param_group({"params": [late]})
     assert torch.equal(frozen.detach(), torch.full((2,), 5.0, dtype=torch.float64))
+    assert torch.equal(late.detach(), torch.full((2,), 7.0, dtype=torch.float64))
+    assert "momentum_buffer" not in opt.state[late] and "momentum_buffer" not in opt.state[frozen]
     after_stop = stopped.detach().clone()
     assert not torch.equal(after_stop, torch.full((2,), 3.0, dtype=torch.float64))
-    for _ in range(4):
+    for _ in range(6):
         used.grad = torch.ones_like(used)
         opt.step()
-    assert torch.equal(stopped.detach(), after_stop) and sgd.state == {}
+    assert torch.equal(stopped.detach(), after_stop)
 
 
 @pytest.mark.parametrize("mode", ["batches", "closure"])
@@ -353,6 +356,22 @@ def test_a_step_without_any_gradient_is_skipped(mode):
     assert torch.equal(p.detach(), q.detach())
 
 
+def test_closure_mode_ends_the_cycle_when_a_later_call_has_no_gradient():
+    """It broke off mid-cycle: the parameters held x' after `step()` (the callback's promise in
+    closure mode is x), and later cycles straddled calls."""
+    p = _param(3, 1.0)
+    opt = EntropySGD([p], L=4, noise=0.0, mode="closure")
+    calls = []
+
+    def closure():
+        calls.append(1)
+        p.grad = None if len(calls) == 3 else p.detach().clone()  # a skipped third call
+        return len(calls)
+
+    assert opt.step(closure) == 1 and len(calls) == 4
+    assert (opt.outer_step, opt.inner_step) == (1, 0) and opt.holds_anchor
+
+
 def test_closure_mode_refuses_lightnings_closure_that_does_nothing():
     """Manual optimization's `opt.step()` hands Lightning's do_nothing_closure (in partials):
     every Langevin step reused one gradient (weights 0.12 off after 2 epochs)."""
@@ -365,6 +384,9 @@ def test_closure_mode_refuses_lightnings_closure_that_does_nothing():
     opt = EntropySGD([p], L=2, mode="closure")
     with pytest.raises(RuntimeError, match="closure that does nothing"):
         opt.step(functools.partial(lambda model, closure: closure(), None, do_nothing_closure))
+    xla = functools.partial(lambda opt, closure: closure(), opt, do_nothing_closure)
+    with pytest.raises(RuntimeError, match="closure that does nothing"):  # XLA's: nested
+        opt.step(functools.partial(lambda model, closure: closure(), None, xla))
     assert opt.inner_step == 0 and opt.outer_step == 0
 
 
