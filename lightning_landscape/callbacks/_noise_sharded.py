@@ -107,7 +107,8 @@ class ShardedGradientSteps:
         if self.recording and self.before is not None:
             self.recording = False
             self.small_sq += float((self._shards() - self.before).square().sum())
-            self.inv_size += 1.0 / (size * self.world) if size > 0 else math.nan
+            # the union's micro-batch j averages the ranks' means: 1/b_j = Σ_r 1/b_rj / W²
+            self.inv_size += 1.0 / (size * self.world**2) if size > 0 else math.nan
             self.num_small += 1
             self.before = None
 
@@ -115,9 +116,9 @@ class ShardedGradientSteps:
         """``[Σ|gⱼ|², Σ 1/bⱼ, n, ranks not measured]``, the small batches being the micro-batches
         of every rank together (a collective: every rank runs it)."""
         bad = self.num_small != num_batches or not math.isfinite(self.inv_size)
-        sums = torch.tensor([self.small_sq, float(bad)], dtype=torch.float64)
+        sums = torch.tensor([self.small_sq, self.inv_size, float(bad)], dtype=torch.float64)
         all_reduce_sum_(sums, is_distributed())
-        return [float(sums[0]), self.inv_size, self.num_small, float(sums[1])]
+        return [float(sums[0]), float(sums[1]), self.num_small, float(sums[2])]
 
     def grad_norm_sq(self) -> float | None:
         """|.grad|² over the parameters, reduced across ranks (a collective)."""
