@@ -9,10 +9,10 @@ which makes loss slices comparable across layers, networks and scale-invariant
 reparametrizations ("Visualizing the loss landscape of neural nets", section 4). A filter is one
 slice along the first dimension of a weight tensor: an output unit of a linear layer (a row of its
 ``(out, in)`` weight), an output channel of a convolution, but an *input* channel of a transposed
-convolution (its weight is ``(in, out / groups, ...)``), as in the authors' code. Biases (any tensor with at most one
-dimension) and the parameters of normalization layers (BatchNorm, LayerNorm, GroupNorm, ...) get a
-zero direction, as in the authors' code (``ignore='biasbn'``): moving them along random directions
-gives misleading pictures.
+convolution (its weight is ``(in, out / groups, ...)``), as in the authors' code. Biases (any
+tensor with at most one dimension) and the parameters of normalization layers (BatchNorm,
+LayerNorm, GroupNorm, ...) get a zero direction, as in the authors' code (``ignore='biasbn'``):
+moving them along random directions gives misleading pictures.
 
 The random numbers come from a CPU generator seeded with ``seed`` in float64, so every rank and
 every device draws the same directions.

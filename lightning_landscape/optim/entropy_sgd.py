@@ -276,13 +276,12 @@ class EntropySGD(AnchorState):
             diff = anchor - mean
             wide = torch.promote_types(diff.dtype, torch.float32)  # bf16/fp16 sum in float32
             squares.append(torch.linalg.vector_norm(diff, dtype=wide).square())
-            grad = local_entropy_grad(anchor, mean, gamma=gamma, outer_gamma=self.outer_gamma)
             p.copy_(anchor)
             state.pop("langevin_buffer", None)
-            if not state.pop("stepped", True):  # no gradient all cycle (frozen): SGD skips it,
-                borrowed.append(p)  # no weight decay, no momentum, as torch.optim.SGD would
-                p.grad = None
-            elif p.grad is None:
+            if not state.pop("stepped", True):  # no gradient all cycle (frozen): no gradient
+                continue  # lent, so SGD skips it (no weight decay, no momentum)
+            grad = local_entropy_grad(anchor, mean, gamma=gamma, outer_gamma=self.outer_gamma)
+            if p.grad is None:
                 p.grad = grad
                 borrowed.append(p)
             else:
