@@ -13,6 +13,8 @@ next forward gathers the restored ones.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,13 +27,38 @@ from lightning_landscape._core.fsdp1 import flat_parameters_v1, reshard_fsdp1
 from lightning_landscape._core.vectors import flatten
 
 
+def _first(attr: str, *modules: str) -> Any:
+    for name in modules:
+        try:
+            return getattr(importlib.import_module(name), attr)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+@functools.cache
+def fsdp2_api() -> tuple[Any, Any, Any]:
+    """FSDP2's ``FSDPModule``, ``DTensor`` and ``Shard`` classes, each None where this torch has
+    none. Public from torch 2.6 (``torch.distributed.fsdp``) and 2.5 (``torch.distributed.tensor``)
+    on; before, private (``torch.distributed._composable.fsdp``, ``torch.distributed._tensor``),
+    where users of Lightning's ``ModelParallelStrategy`` (torch >= 2.4) import them from."""
+    return (
+        _first("FSDPModule", "torch.distributed.fsdp", "torch.distributed._composable.fsdp"),
+        _first("DTensor", "torch.distributed.tensor", "torch.distributed._tensor"),
+        _first("Shard", "torch.distributed.tensor", "torch.distributed._tensor"),
+    )
+
+
+def is_fsdp2_module(m: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``m`` itself."""
+    cls = fsdp2_api()[0]
+    return cls is not None and isinstance(m, cls)
+
+
 def is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter shard)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 parameter shard)."""
+    cls = fsdp2_api()[1]
+    return cls is not None and isinstance(t, cls)
 
 
 def local_part(t: Tensor) -> Tensor:
@@ -44,10 +71,8 @@ def local_part(t: Tensor) -> Tensor:
 def reshard_all(module: nn.Module) -> None:
     """Reshard every FSDP2 module and free every FSDP (v1) unit's gathered parameters in
     ``module`` (no collective)."""
-    from torch.distributed.fsdp import FSDPModule
-
     for m in module.modules():
-        if isinstance(m, FSDPModule):
+        if is_fsdp2_module(m):
             m.reshard()
     reshard_fsdp1(module)
 
@@ -60,11 +85,9 @@ def fsdp2_policies(module: nn.Module) -> list[Any]:
     its ``FSDPParamGroup`` (``_fsdp_param_groups``, one ``_fsdp_param_group`` in older torch);
     whichever of them this torch has is read, and a module without ``_get_fsdp_state`` gives none.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     policies = []
     for m in module.modules():
-        get_state = getattr(m, "_get_fsdp_state", None) if isinstance(m, FSDPModule) else None
+        get_state = getattr(m, "_get_fsdp_state", None) if is_fsdp2_module(m) else None
         state = get_state() if get_state is not None else None
         groups = getattr(state, "_fsdp_param_groups", None) or [
             getattr(state, "_fsdp_param_group", None)

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape._core.distributed import all_reduce_sum_, is_distributed
-from lightning_landscape._core.fsdp import is_dtensor, local_part, reshard_all
+from lightning_landscape._core.fsdp import (
+    fsdp2_api,
+    is_dtensor,
+    is_fsdp2_module,
+    local_part,
+    reshard_all,
+)
 from lightning_landscape._core.fsdp1 import Piece, is_fsdp1, shard_pieces
 from lightning_landscape._core.space import Space
 from lightning_landscape._core.vectors import ParamVector, flatten
@@ -40,11 +46,7 @@ def is_fsdp2(module: nn.Module) -> bool:
     (Its parameters are not always DTensors: after a forward, FSDP2 keeps the root's
     parameters unsharded, registered as plain tensors, until a backward or a reshard.)
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+    return any(is_fsdp2_module(m) for m in module.modules())
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -59,8 +61,7 @@ def check_dtensors(params: Sequence[Tensor], names: Sequence[str]) -> Any:
         ValueError: for a plain tensor, another placement (tensor parallelism), a mesh with
             several dimensions or not spanning the world, or parameters on different meshes.
     """
-    from torch.distributed.tensor import Shard
-
+    Shard = fsdp2_api()[2]
     mesh = None
     for p, name in zip(params, names, strict=True):
         if not is_dtensor(p):

@@ -5,6 +5,8 @@ whole (NO_SHARD); every product through FSDP's own backward) against the exact o
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.functional as F
+from packaging.version import Version
 from torch import nn
 
 from lightning_landscape._core.fsdp import local_part
@@ -30,9 +33,18 @@ from lightning_landscape.curvature import (
 )
 from lightning_landscape.curvature.sharded import ShardedHessianOperator
 
+# FSDP2 is public, and runs on CPU, from torch 2.6. Torch 2.4 and 2.5 (ModelParallelStrategy's
+# first) keep it private and need CUDA for its forward: there only FSDP (v1) and what needs no
+# forward (recognising FSDP2 modules, the refusals) are tested.
+FSDP2_ON_CPU = hasattr(torch.distributed.fsdp, "fully_shard")
+FSDP2 = torch.distributed.fsdp if FSDP2_ON_CPU else None
+PUBLIC_DTENSOR = Version(torch.__version__).release >= (2, 5)
+DT = importlib.import_module(f"torch.distributed.{'tensor' if PUBLIC_DTENSOR else '_tensor'}")
+if FSDP2 is None and Version(torch.__version__).release >= (2, 4):
+    with contextlib.suppress(ImportError):
+        FSDP2 = importlib.import_module("torch.distributed._composable.fsdp")
 pytestmark = pytest.mark.skipif(
-    not hasattr(torch.distributed.fsdp, "fully_shard"),
-    reason="FSDP2's fully_shard is public from torch 2.6 on; FSDP (v1) on CPU fails in torch 2.1",
+    FSDP2 is None, reason="FSDP2 starts at torch 2.4; FSDP (v1) on CPU fails in torch 2.1"
 )
 
 
@@ -61,7 +73,7 @@ def kind(request):
 
 
 def sharded(mesh, net: nn.Module, children: bool = True, kind: str = "fsdp2") -> nn.Module:
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     if kind == "fsdp1":  # the whole module wrapped, each Linear a unit of its own
@@ -71,10 +83,12 @@ def sharded(mesh, net: nn.Module, children: bool = True, kind: str = "fsdp2") ->
             sharding_strategy=ShardingStrategy.NO_SHARD,  # what FSDP picks on one rank anyway
         )  # fmt: skip
 
+    if not FSDP2_ON_CPU:
+        pytest.skip("FSDP2's forward needs CUDA streams before torch 2.6")
     for layer in net if children else ():
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(net, mesh=mesh)
+            FSDP2.fully_shard(layer, mesh=mesh)
+    return FSDP2.fully_shard(net, mesh=mesh)
 
 
 def batches():
@@ -229,23 +243,21 @@ def test_half_precision_fsdp2_policies_are_refused_at_the_measurement(mesh):
     """FSDP2's MixedPrecisionPolicy is set in configure_model, after the callbacks' setup: the
     finite-difference monitors refuse a float16/bfloat16 param_dtype or reduce_dtype at their
     first measurement (check_sharded), as FSDPStrategy's at setup; float32 policies pass."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     from lightning_landscape._core.fsdp import fsdp2_policies
     from lightning_landscape.callbacks._errors import SetupError
     from lightning_landscape.callbacks._sharded import check_sharded, sharded_refusal
 
     def policed(**policy):
         net = make_net().float()
-        fully_shard(net[0], mesh=mesh, mp_policy=MixedPrecisionPolicy(**policy))
-        return fully_shard(net, mesh=mesh)
+        FSDP2.fully_shard(net[0], mesh=mesh, mp_policy=FSDP2.MixedPrecisionPolicy(**policy))
+        return FSDP2.fully_shard(net, mesh=mesh)
 
     for policy, match in (
         ({"param_dtype": torch.bfloat16}, r"param_dtype=torch\.bfloat16\) drowns"),
         ({"reduce_dtype": torch.float16}, r"\(reduce_dtype=torch\.float16\) drowns"),
     ):
         model = policed(**policy)
-        assert MixedPrecisionPolicy(**policy) in fsdp2_policies(model)
+        assert FSDP2.MixedPrecisionPolicy(**policy) in fsdp2_policies(model)
         with pytest.raises(ValueError, match="HessianMonitor cannot measure under FSDP2's "
                            f"MixedPrecisionPolicy: a half-precision .*{match}.*mp_policy"):  # fmt: skip
             check_sharded(model, "HessianMonitor", upcast=False)
@@ -338,26 +350,23 @@ def test_parameters_fsdp2_cannot_measure_are_refused_at_the_measurement(mesh):
     """A parameter left out of ``fully_shard``, or one placed otherwise than Shard(0) (tensor
     parallelism: here Replicate), is refused by check_sharded with its name, the same verdict on
     every rank: the monitors log NaN with one warning instead of stopping the fit."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
-
     from lightning_landscape.callbacks._errors import SetupError
     from lightning_landscape.callbacks._sharded import check_sharded, sharded_refusal
 
     partial = make_net()
-    fully_shard(partial[0], mesh=mesh)  # the last Linear stays a plain module
+    FSDP2.fully_shard(partial[0], mesh=mesh)  # the last Linear stays a plain module
     with pytest.raises(ValueError, match=r"cannot measure this FSDP2 model: parameter '3\.weight' "
                        "is not sharded"):  # fmt: skip
         check_sharded(partial, "HessianMonitor", upcast=False)
 
     def replicate(name, module, device_mesh):
         for key, p in list(module.named_parameters(recurse=False)):
-            dt = distribute_tensor(p.detach(), device_mesh, [Replicate()])
+            dt = DT.distribute_tensor(p.detach(), device_mesh, [DT.Replicate()])
             module.register_parameter(key, nn.Parameter(dt))
 
     tp = make_net()
-    distribute_module(tp[3], mesh, replicate)
-    fully_shard(tp[0], mesh=mesh)
+    DT.distribute_module(tp[3], mesh, replicate)
+    FSDP2.fully_shard(tp[0], mesh=mesh)
     refusal = sharded_refusal(None, tp, "HessianMonitor", upcast=False)
     assert isinstance(refusal, SetupError)
     assert "'3.weight' has placements (Replicate(),)" in str(refusal)
