@@ -149,8 +149,8 @@ def through(
             return fn(batch)
 
         module.__dict__["forward"] = inner
-        try:
-            return wrapper()
+        try:  # one (ignored) input: FSDP's pre-forward before torch 2.6 indexes the first
+            return wrapper(None)
         finally:
             restore()
 
