@@ -21,6 +21,7 @@ from lightning_landscape.landscape.sharpness import (
     sam_sharpness,
 )
 
+from . import end_process_group
 from ._helpers import make_trainer, scalars
 from ._models import Fourier, fourier_data
 
@@ -278,7 +279,7 @@ def _global_batch_ranks(rank: int, tmp: str) -> None:
         unknown = global_batch([4] if rank == 0 else None, 2, 1)  # rank 1 cannot tell
         torch.save((uneven, unknown), f"{tmp}/rank{rank}.pt")
     finally:
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 @pytest.mark.distributed

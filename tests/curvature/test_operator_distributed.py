@@ -25,6 +25,7 @@ from lightning_landscape.curvature import (
     trace,
 )
 
+from . import end_process_group
 from ._problems import (
     FusedCrossEntropy,
     MeanOfLosses,
@@ -137,7 +138,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         dist.barrier()
         torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 @pytest.mark.distributed
@@ -211,7 +212,7 @@ def _contrastive_worker(rank: int, tmp: str) -> None:
                     out["block"], out["block_kind"] = op @ _BLOCK, op.block_choice
         torch.save(out, os.path.join(tmp, f"contrastive{rank}.pt"))
     except BaseException:
-        dist.destroy_process_group()
+        end_process_group()
         raise
     from callbacks._sharded_checks import leave
 

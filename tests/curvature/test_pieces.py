@@ -18,6 +18,7 @@ from lightning_landscape.curvature.pieces import COLUMNS, FLOOR, Plan, split_bat
 from lightning_landscape.curvature.probes import default_probe_block
 from lightning_landscape.curvature.trace import deflated_hutchinson
 
+from . import end_process_group
 from ._problems import make_batches, make_loss, make_problem
 
 KINDS = ("cached", "double_backward", "func", "finite_difference", "auto")
@@ -426,7 +427,7 @@ def _uneven_ranks(rank: int, tmp: str) -> None:
         V = torch.randn(8, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         torch.save((op.matmat(V.T), op.plan.block_piece), f"{tmp}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 @pytest.mark.distributed
