@@ -314,7 +314,7 @@ NO_FORWARD_AD = {"grid_sample", "soft_margin", "index_reduce amax"}
 # ... and silently wrong for this one (func products 200 % off on a pooled MLP; "auto"'s trial
 # catches the disagreement with double backward; hvp="func" asked for by name does not)
 WRONG_FORWARD_AD = {"scatter_reduce prod"}
-if torch.__version__ < "2.2":  # torch 2.1 (versions between 2.1 and 2.13 not checked)
+if torch.__version__ < "2.6":  # torch 2.1, 2.4, 2.5 (2.6 has it)
     NO_FORWARD_AD.add("affine_grid")
 
 
