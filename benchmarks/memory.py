@@ -237,7 +237,8 @@ def run_fresh(config: str, model: str, size: str, warmup: bool, where: bool = Fa
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(config=config, error=" / ".join(tail) or f"exit code {proc.returncode}")
+        code = f"exit code {proc.returncode}" + (" (a signal)" if proc.returncode < 0 else "")
+        return dict(config=config, error=" / ".join([code, *tail[::-1]]))
     return json.loads(lines[-1])
 
 
