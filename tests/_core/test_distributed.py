@@ -4,6 +4,7 @@
 import pytest
 import torch
 import torch.distributed as dist
+from _gloo import end_process_group
 
 from lightning_landscape._core.distributed import (
     all_reduce_max_,
@@ -24,7 +25,7 @@ def one_rank_group(tmp_path):
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     yield
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def _hands_back_what_it_got():

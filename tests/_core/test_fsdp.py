@@ -1,6 +1,6 @@
 """Where FSDP2's classes are found: public from torch 2.6 (``FSDPModule``) and 2.5 (``DTensor``),
-private before (torch 2.4 and 2.5 are where Lightning's ModelParallelStrategy starts). FSDP (v1)
-is reached through the same functions, so a failed import there broke FSDP (v1) too."""
+private before; Lightning's ModelParallelStrategy needs torch 2.4, so users of 2.4 and 2.5 import
+them privately. FSDP (v1) goes through the same functions (a failed import broke it too)."""
 
 import pytest
 import torch

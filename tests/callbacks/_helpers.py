@@ -7,7 +7,6 @@ import glob
 import math
 import os
 
-import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -44,15 +43,6 @@ class Classifier(pl.LightningModule):
 
 
 LIGHTNING_2_1 = Version(pl.__version__) < Version("2.2")  # the oldest that pyproject.toml allows
-
-# Where torch.compile fails on a product, hvp="compiled" runs eagerly with one warning (tested
-# on every torch); these tests need it to compile. It does not always before torch 2.9: dynamo
-# cannot trace the torch.func transforms (2.1, 2.4), breaks the graph under MSE and EmbeddingBag
-# (2.5 to 2.8), inductor fails on the Transformer (2.6, 2.8) or miscompiles (2.6, caught by the
-# eager check). 2.13 compiles all; 2.9 to 2.12 are not checked.
-compiled_products = pytest.mark.skipif(
-    torch.__version__ < "2.9", reason="torch.compile fails on some products before torch 2.9"
-)
 
 
 def random_classes(n: int = 40, dtype=torch.float64, seed: int = 0) -> TensorDataset:

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _versions import compiled_products
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -17,7 +18,6 @@ from lightning_landscape import HessianMonitor, SharpnessMonitor, TrajectoryMoni
 from lightning_landscape.curvature import dense_hessian
 from lightning_landscape.curvature.kernels import math_attention
 
-from ._helpers import compiled_products
 from ._models import (
     BagModel,
     CenteredTeacher,

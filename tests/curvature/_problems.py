@@ -8,22 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from lightning_landscape.curvature import LinearOperator
-
-# Where torch.compile fails on a product, hvp="compiled" runs eagerly with one warning (tested
-# on every torch); these tests need it to compile. It does not always before torch 2.9: dynamo
-# cannot trace the torch.func transforms (2.1, 2.4), breaks the graph under MSE and EmbeddingBag
-# (2.5 to 2.8), inductor fails on the Transformer (2.6, 2.8) or miscompiles (2.6, caught by the
-# eager check). 2.13 compiles all; 2.9 to 2.12 are not checked.
-compiled_products = pytest.mark.skipif(
-    torch.__version__ < "2.9", reason="torch.compile fails on some products before torch 2.9"
-)
 
 SIZES = (5, 3, 7)  # unequal batches
 NUM_CLASSES = 3

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _versions import compiled_products
 from torch._dynamo.testing import CompileCounter
 
 from lightning_landscape.curvature import HessianOperator, dense_hessian
 from lightning_landscape.curvature import compiled as C
 from lightning_landscape.curvature import hvp as H
 
-from ._problems import compiled_products, make_problem
+from ._problems import make_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script")
 

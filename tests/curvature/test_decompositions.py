@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
+from _versions import compiled_products
 from torch import nn
 from torch.autograd import gradgradcheck
 
 from lightning_landscape.curvature import HessianOperator, decompositions, dense_hessian, kernels
 from lightning_landscape.curvature.kernels import twice_differentiable
-
-from ._problems import compiled_products
 
 D = torch.float64
 
