@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--where", default=None,
                         help="an operation (e.g. aten.cat): its storages named by their callers")  # fmt: skip
     args = parser.parse_args(argv)
+    if torch.__version__ < "2.2":
+        parser.error("torch 2.1 segfaults on its weak references to storages (torch 2.4 runs)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import memory
     import monitor_fit
